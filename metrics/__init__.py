@@ -1,0 +1,1 @@
+"""Shared counters and the Prometheus exporter."""

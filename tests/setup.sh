@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One-time set-up of a fresh Debian machine (run as root): system packages and the venv.
+# Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+APT_PKGS=(libnetfilter-queue-dev libnfnetlink-dev libpcap-dev nginx-light iptables iproute2
+          redis-server redis-tools apache2-utils wrk tcpdump procps psmisc)
+missing=()
+for p in "${APT_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Debian starts nginx/redis on install; our tests run their own instances in namespaces.
+systemctl stop nginx redis-server >/dev/null 2>&1 || true
+pkill -x nginx >/dev/null 2>&1 || true
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/pip install -q --upgrade pip >/dev/null
+.venv/bin/pip install -q -e '.[live,test]'
+echo "setup: ok ($(.venv/bin/python --version))"
