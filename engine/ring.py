@@ -1,0 +1,163 @@
+"""Single-producer single-consumer packet ring in shared memory (design §3).
+
+Theory of operation
+-------------------
+The capture process (the only producer) hands packets to one worker (the only consumer)
+through a ring of fixed-size slots in a ``multiprocessing.shared_memory`` block:
+
+    [ head u64 | pad ][ tail u64 | pad ][ slot 0 ][ slot 1 ] ... [ slot N-1 ]
+    slot = [ length u32 | flags u32 | timestamp f64 | data (RING_SLOT_BYTES - 16) ]
+
+``head`` counts slots ever written, ``tail`` slots ever read; both only grow, so
+``head - tail`` is the fill level and ``index = counter % slots``.  Only the producer
+writes ``head`` and only the consumer writes ``tail``; an aligned 8-byte store is atomic on
+the platforms we run on, and each side publishes its counter only after the slot data.
+
+The producer never blocks: when the ring is full the packet is dropped and counted
+(``dropped``), which is what the capture must do at line rate (design §3).
+
+Wake-ups: an eventfd is rung when the producer finds the ring empty before its batch
+(empty -> non-empty), so a busy consumer costs no syscalls.  Because Python gives us no
+memory fence between "publish my counter" and "read the other's", a wake-up can in rare
+interleavings be missed; the consumer therefore never sleeps longer than
+``RING_IDLE_POLL_S`` (the safety net costs one wake-up per idle interval).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from multiprocessing import shared_memory
+
+__all__ = ["Ring", "RING_SLOT_BYTES", "RING_SLOTS", "RING_IDLE_POLL_S"]
+
+RING_SLOT_BYTES = 2048
+RING_SLOTS = 8192
+RING_IDLE_POLL_S = 0.05
+_COUNTER = struct.Struct("=Q")
+_SLOT_HEADER = struct.Struct("=IId")
+_HEADER_BYTES = 128  # head and tail on separate cache lines
+_TAIL_OFFSET = 64
+
+
+class Ring:
+    """One SPSC ring.  Create in the parent (``Ring.create``), attach in children by name."""
+
+    def __init__(
+        self, shm: shared_memory.SharedMemory, slots: int, slot_bytes: int, efd: int, owner: bool
+    ) -> None:
+        self._shm = shm
+        self._buf = shm.buf
+        self.slots = slots
+        self.slot_bytes = slot_bytes
+        self.max_packet_bytes = slot_bytes - _SLOT_HEADER.size
+        self.efd = efd
+        self._owner = owner
+        self.dropped = 0  # producer side: full ring
+        self.oversize = 0  # producer side: packet larger than a slot
+
+    @classmethod
+    def create(cls, slots: int = RING_SLOTS, slot_bytes: int = RING_SLOT_BYTES) -> Ring:
+        if slots < 2 or slot_bytes < 64 or slot_bytes % 8:
+            raise ValueError(f"ring: bad geometry slots={slots} slot_bytes={slot_bytes}")
+        shm = shared_memory.SharedMemory(create=True, size=_HEADER_BYTES + slots * slot_bytes)
+        shm.buf[:_HEADER_BYTES] = bytes(_HEADER_BYTES)
+        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        return cls(shm, slots, slot_bytes, efd, owner=True)
+
+    def spec(self) -> tuple[str, int, int, int]:
+        """What a child needs to attach (the eventfd is inherited through fork)."""
+        return (self._shm.name, self.slots, self.slot_bytes, self.efd)
+
+    @classmethod
+    def attach(cls, spec: tuple[str, int, int, int]) -> Ring:
+        name, slots, slot_bytes, efd = spec
+        # Workers are forked, so they share the creator's resource tracker: attaching
+        # re-registers the same name (a no-op) and the creator alone unlinks the block.
+        shm = shared_memory.SharedMemory(name=name)
+        return cls(shm, slots, slot_bytes, efd, owner=False)
+
+    # -- counters --------------------------------------------------------------------------
+    def _head(self) -> int:
+        return _COUNTER.unpack_from(self._buf, 0)[0]
+
+    def _tail(self) -> int:
+        return _COUNTER.unpack_from(self._buf, _TAIL_OFFSET)[0]
+
+    def __len__(self) -> int:
+        return self._head() - self._tail()
+
+    # -- producer --------------------------------------------------------------------------
+    def push_batch(self, packets: list[tuple[bytes, float]]) -> int:
+        """Append packets; return how many were written.  Never blocks."""
+        buf = self._buf
+        head = self._head()
+        tail = self._tail()
+        was_empty = head == tail
+        free = self.slots - (head - tail)
+        slot_bytes = self.slot_bytes
+        limit = self.max_packet_bytes
+        written = 0
+        for data, ts in packets:
+            n = len(data)
+            if n > limit:
+                self.oversize += 1
+                continue
+            if free == 0:
+                self.dropped += 1
+                continue
+            off = _HEADER_BYTES + (head % self.slots) * slot_bytes
+            _SLOT_HEADER.pack_into(buf, off, n, 0, ts)
+            start = off + _SLOT_HEADER.size
+            buf[start : start + n] = data
+            head += 1
+            free -= 1
+            written += 1
+        if written:
+            _COUNTER.pack_into(buf, 0, head)
+            if was_empty or self._tail() == head - written:
+                self._ring()
+        return written
+
+    def _ring(self) -> None:
+        try:
+            os.eventfd_write(self.efd, 1)
+        except BlockingIOError:  # counter saturated: the consumer is awake anyway
+            pass
+
+    # -- consumer --------------------------------------------------------------------------
+    def pop_batch(self, max_items: int = 256) -> list[tuple[bytes, float]]:
+        """Take up to ``max_items`` packets (oldest first)."""
+        buf = self._buf
+        tail = self._tail()
+        head = self._head()
+        count = min(head - tail, max_items)
+        out = []
+        slot_bytes = self.slot_bytes
+        for _ in range(count):
+            off = _HEADER_BYTES + (tail % self.slots) * slot_bytes
+            n, _flags, ts = _SLOT_HEADER.unpack_from(buf, off)
+            start = off + _SLOT_HEADER.size
+            out.append((bytes(buf[start : start + n]), ts))
+            tail += 1
+        if count:
+            _COUNTER.pack_into(buf, _TAIL_OFFSET, tail)
+        return out
+
+    def clear_wakeup(self) -> None:
+        """Consume the eventfd after it polled readable."""
+        try:
+            os.eventfd_read(self.efd)
+        except BlockingIOError:
+            pass
+
+    # -- lifetime --------------------------------------------------------------------------
+    def close(self) -> None:
+        self._buf = None  # type: ignore[assignment]
+        self._shm.close()
+        if self._owner:
+            try:
+                self._shm.unlink()
+            except FileNotFoundError:
+                pass
+            os.close(self.efd)

@@ -1,0 +1,554 @@
+"""intercept-mp's event loop: the compat server for tcpcopy connections + the capture sources.
+
+Theory of operation
+-------------------
+One process, one ``selectors`` loop, nothing blocks (design §3; C uses one epoll loop, spec
+§2.3).  The loop watches:
+
+* the listening socket (``-b``/``-p``, spec §1.1) and every accepted tcpcopy connection
+  (a ``Channel``): bytes in go through ``ClientStreamDecoder``; each CLIENT_ADD becomes a
+  route (``Router.add_route``) and the SYN/RST records that were waiting for it are queued
+  to that channel straight away (spec §1.5);
+* the packet sources (NFQUEUE or pcap, ``PacketSource``): every captured response is turned
+  into a 64-byte record (spec §1.3), routed, and queued to its channel;
+* a self-pipe for signals (SIGTERM/SIGINT stop the loop; the handlers only set a flag).
+
+Batching (spec §2.4).  C keeps one aggregation buffer per fd, flushes it from a 2 ms timer
+or when it holds ``cur_combined_num`` records, and adapts that threshold so that records of
+one loop pass travel together.  We get the same effect more directly: records queued during
+a loop pass wait in the channel's ``pending`` list; a full list (``combine`` records, at most
+COMB_MAX = 16) becomes a frame at once (C's NUM_DRIVEN), and whatever is left becomes a
+frame at the end of the pass.  So a record never waits longer than the pass that produced it
+(well under C's 2 ms), frames are as large as the burst allows, and no timer or adaptive
+threshold is needed; ``-n`` only caps the frame size.
+
+Slow peers.  Frames go into the channel's output buffer and are written with non-blocking
+``send``; what the kernel does not take waits for EVENT_WRITE.  The buffer is bounded
+(``OUT_BUFFER_MAX_BYTES``): records for a channel whose buffer is full are dropped and
+counted (``responses_dropped_slow``), so one stuck tcpcopy never blocks the loop or grows
+memory without bound.  Frames are whole in the buffer, so dropping never breaks framing.
+A read/write error or EOF closes the channel and forgets its routes.  intercept never sends
+anything but frames (spec §1.1).
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from engine import wire
+from engine.errors import DecodeError
+from engine.packet import ip_to_str
+from intercept.router import Router
+
+__all__ = [
+    "DEFAULT_PORT",
+    "OUT_BUFFER_MAX_BYTES",
+    "STATS_INTERVAL_S",
+    "Channel",
+    "InterceptServer",
+    "PacketSource",
+    "new_counters",
+]
+
+log = logging.getLogger("intercept.server")
+
+NOTICE = 25  # C's [notice]; the stats and start-up lines use it
+logging.addLevelName(NOTICE, "NOTICE")
+
+DEFAULT_PORT = 36524  # SERVER_PORT (spec §1.1)
+LISTEN_BACKLOG = 128  # C uses 5; a burst of -C connections from many workers needs more
+RECV_CHUNK_BYTES = 65536
+#: Per-channel output bound: ~64 k records (~4 s of a busy target) before we drop.
+OUT_BUFFER_MAX_BYTES = 4 * 1024 * 1024
+STATS_INTERVAL_S = 30.0  # OUTPUT_INTERVAL (spec §2.3)
+EXPIRE_INTERVAL_S = 1.0  # how often the delay table drops lists older than 30 s
+POLL_MAX_S = 0.5  # C's poll fallback (spec §2.3)
+_SYN_RST = 0x02 | 0x04
+_RECORD_FLAGS_OFFSET = 20 + 13  # TCP is at offset 20 in a record (spec §1.3)
+
+
+def new_counters() -> dict[str, int]:
+    """The counter dict (exported to Prometheus elsewhere; names are stable)."""
+    return {
+        "packets_captured": 0,  # every packet a source handed in (C "all")
+        "packets_invalid": 0,  # not IPv4/TCP or a broken header (spec §2.2 steps 3-4)
+        "responses_total": 0,  # valid responses (C "total resp packs")
+        "responses_forwarded": 0,  # records queued to a channel
+        "responses_unrouted": 0,  # no route and not SYN/RST: dropped
+        "responses_delayed": 0,  # no route yet, SYN/RST: kept for a CLIENT_ADD
+        "responses_delayed_flushed": 0,  # delayed records sent after their CLIENT_ADD
+        "responses_dropped_slow": 0,  # channel's output buffer full
+        "pass_accepted": 0,  # NFQUEUE: daddr in -x, ACCEPTed and not routed
+        "docker_rewritten": 0,  # -D daddr rewrites
+        "frames_sent": 0,  # frames handed to a channel (C "sock write cnt")
+        "records_sent": 0,
+        "bytes_sent": 0,  # bytes the kernel accepted on channels
+        "routes_added": 0,  # CLIENT_ADD records (C "route")
+        "client_records": 0,  # every 14-byte record after the handshake
+        "channels_connected": 0,  # gauge
+        "channels_accepted": 0,
+        "channels_closed": 0,
+        "channels_old_client": 0,  # first record from a pre-version tcpcopy: closed
+        "queue_dropped": 0,  # NFQUEUE: kernel queue_dropped + user_dropped (/proc)
+        "queue_overruns": 0,  # NFQUEUE: ENOBUFS episodes on the netlink socket
+        "capture_dropped": 0,  # pcap: reader thread backlog full
+    }
+
+
+class PacketSource(Protocol):
+    """A capture source the loop polls (nfqueue.NfqueueSource, pcap.PcapSource)."""
+
+    name: str
+
+    def fileno(self) -> int:
+        """The fd that becomes readable when packets wait."""
+        ...
+
+    def on_readable(self, now: float) -> None:
+        """Handle a bounded batch of packets (call ``server.receive_ip_packet`` for each)."""
+        ...
+
+    @property
+    def has_backlog(self) -> bool:
+        """True when the last batch stopped at its bound with packets still waiting."""
+        ...
+
+    def poll_stats(self) -> None:
+        """Refresh source counters (e.g. kernel queue drops) before a stats line."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Channel:
+    """One accepted tcpcopy connection."""
+
+    __slots__ = (
+        "sock",
+        "fd",
+        "peer",
+        "decoder",
+        "outbuf",
+        "pending",
+        "want_write",
+        "closed",
+        "version_checked",
+    )
+
+    def __init__(self, sock: socket.socket, peer: str) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.peer = peer
+        self.decoder = wire.ClientStreamDecoder()
+        self.outbuf = bytearray()
+        self.pending: list[bytes] = []
+        self.want_write = False
+        self.closed = False
+        self.version_checked = False
+
+    def __repr__(self) -> str:
+        return f"Channel({self.peer}, fd={self.fd})"
+
+
+class InterceptServer:
+    """The loop; see the module docstring.  Not thread-safe: everything runs in ``run``."""
+
+    def __init__(
+        self,
+        router: Router | None = None,
+        *,
+        bind_ip: str = "0.0.0.0",
+        port: int = DEFAULT_PORT,
+        combine: int = wire.COMB_MAX,
+        docker_map: tuple[int, int] | None = None,
+        stats_interval_s: float = STATS_INTERVAL_S,
+        out_buffer_max_bytes: int = OUT_BUFFER_MAX_BYTES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.router = router if router is not None else Router()
+        self.bind_ip = bind_ip
+        self.port = port
+        # -n caps the frame size; C accepts 0 <= n < 16 (spec §2.4); 0 would mean "send
+        # every record alone", which is what 1 does.
+        self.combine = max(1, min(combine, wire.COMB_MAX))
+        self._docker_from = docker_map[0].to_bytes(4, "big") if docker_map else None
+        self._docker_to = docker_map[1].to_bytes(4, "big") if docker_map else None
+        self.stats_interval_s = stats_interval_s
+        self.out_buffer_max_bytes = out_buffer_max_bytes
+        self.clock = clock
+        self.counters = new_counters()
+        self.channels: dict[int, Channel] = {}
+        self.sources: list[PacketSource] = []
+        self._sel = selectors.DefaultSelector()
+        self._listener: socket.socket | None = None
+        self._dirty: dict[Channel, None] = {}  # channels with pending records this pass
+        self._stop_reason: str | None = None
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+
+    # --- set-up ------------------------------------------------------------------------------
+
+    def listen(self) -> tuple[str, int]:
+        """Open the listening socket (raises OSError); returns the bound address."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # spec §1.1
+            sock.bind((self.bind_ip, self.port))
+            sock.listen(LISTEN_BACKLOG)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._listener = sock
+        self._sel.register(sock, selectors.EVENT_READ, self._on_accept)
+        return sock.getsockname()
+
+    def add_source(self, source: PacketSource) -> None:
+        self.sources.append(source)
+        self._sel.register(source.fileno(), selectors.EVENT_READ, source)
+
+    def request_stop(self, reason: str = "stop requested") -> None:
+        """Make ``run`` return after the current pass (safe from a signal handler)."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+        if self._wake_w is not None:
+            try:
+                self._wake_w.send(b"\0")
+            except OSError:
+                pass
+
+    # --- captured responses (spec §2.2) ------------------------------------------------------
+
+    def receive_ip_packet(self, packet: bytes, now: float) -> None:
+        """One captured response, starting at its IPv4 header (maybe cut by the snaplen)."""
+        c = self.counters
+        c["packets_captured"] += 1
+        if self._docker_from is not None and packet[16:20] == self._docker_from:
+            # -D A-B (spec §2.2 step 6): daddr rewritten before routing, visible in the
+            # record; the checksum is not fixed (tcpcopy never checks it).
+            packet = packet[:16] + self._docker_to + packet[20:]
+            c["docker_rewritten"] += 1
+        try:
+            record = wire.encode_response_record(packet)
+        except DecodeError:
+            c["packets_invalid"] += 1
+            return
+        c["responses_total"] += 1
+        conn = self.router.route(record, now)
+        if conn is None:
+            if record[_RECORD_FLAGS_OFFSET] & _SYN_RST:
+                c["responses_delayed"] += 1
+            else:
+                # C logs "fd is null after session is created" per packet; at debug level
+                # here because a busy target would flood the log (the counter tells).
+                c["responses_unrouted"] += 1
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("fd is null after session is created: %s", _describe(record))
+            return
+        self._queue_record(conn, record)
+
+    def _queue_record(self, ch: Channel, record: bytes) -> None:
+        c = self.counters
+        if ch.closed:
+            c["responses_unrouted"] += 1
+            return
+        pending = ch.pending
+        if len(ch.outbuf) + (len(pending) + 1) * len(record) > self.out_buffer_max_bytes:
+            c["responses_dropped_slow"] += 1
+            return
+        pending.append(record)
+        c["responses_forwarded"] += 1
+        if len(pending) >= self.combine:
+            self._frame_pending(ch)  # NUM_DRIVEN (spec §2.4)
+        self._dirty[ch] = None
+
+    def _frame_pending(self, ch: Channel) -> None:
+        pending = ch.pending
+        step = self.combine
+        for i in range(0, len(pending), step):
+            chunk = pending[i : i + step]
+            ch.outbuf += wire.encode_frame(chunk)
+            self.counters["frames_sent"] += 1
+            self.counters["records_sent"] += len(chunk)
+        pending.clear()
+
+    def _flush(self) -> None:
+        """End of a loop pass: frame what is pending and write what the kernel takes."""
+        dirty = self._dirty
+        if not dirty:
+            return
+        self._dirty = {}
+        for ch in dirty:
+            if ch.closed:
+                continue
+            if ch.pending:
+                self._frame_pending(ch)  # TIME_DRIVEN, at the end of the pass
+            if ch.outbuf and not ch.want_write:
+                self._write(ch)
+
+    def _write(self, ch: Channel) -> None:
+        try:
+            sent = ch.sock.send(ch.outbuf)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as e:
+            self._close_channel(ch, f"send error: {e.strerror or e}")
+            return
+        if sent:
+            del ch.outbuf[:sent]
+            self.counters["bytes_sent"] += sent
+        want = bool(ch.outbuf)
+        if want != ch.want_write:
+            ch.want_write = want
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if want else 0)
+            self._sel.modify(ch.sock, events, ch)
+
+    # --- tcpcopy connections (spec §1.1, §1.2, §1.7) -----------------------------------------
+
+    def _on_accept(self, mask: int, now: float) -> None:
+        assert self._listener is not None
+        for _ in range(64):  # bounded: a connection storm must not starve the loop
+            try:
+                sock, addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                # EMFILE and friends: log and let the loop go on; the peer will retry.
+                log.error("accept failed: %s", e.strerror or e)
+                return
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # spec §1.1
+            self.attach_channel(sock, f"{addr[0]}:{addr[1]}")
+
+    def attach_channel(self, sock: socket.socket, peer: str) -> Channel:
+        """Serve an already connected stream socket as a tcpcopy connection (accept path;
+        tests hand in one end of a socketpair)."""
+        sock.setblocking(False)
+        ch = Channel(sock, peer)
+        self.channels[ch.fd] = ch
+        self._sel.register(sock, selectors.EVENT_READ, ch)
+        self.counters["channels_accepted"] += 1
+        self.counters["channels_connected"] = len(self.channels)
+        log.info("tcpcopy connected from %s (fd %d)", ch.peer, ch.fd)
+        return ch
+
+    def _on_channel(self, ch: Channel, mask: int, now: float) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._write(ch)
+            if ch.closed:
+                return
+        if not mask & selectors.EVENT_READ:
+            return
+        try:
+            data = ch.sock.recv(RECV_CHUNK_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._close_channel(ch, f"recv error: {e.strerror or e}")
+            return
+        if not data:
+            self._close_channel(ch, "closed by peer")
+            return
+        try:
+            records = ch.decoder.feed(data)
+        except DecodeError as e:
+            if not ch.decoder.handshake_done:
+                self.counters["channels_old_client"] += 1
+                log.error("client too old for intercept: %s", ch.peer)
+            self._close_channel(ch, str(e))
+            return
+        if not ch.version_checked and ch.decoder.version is not None:
+            ch.version_checked = True
+            if ch.decoder.version != wire.INTERNAL_VERSION:
+                # Spec §1.2 step 3: no hard version check, only a warning.
+                log.warning(
+                    "not compatible,client:%d,intercept:%d (%s)",
+                    ch.decoder.version,
+                    wire.INTERNAL_VERSION,
+                    ch.peer,
+                )
+        if records:
+            self._receive_client_records(ch, records, now)
+
+    def _receive_client_records(
+        self, ch: Channel, records: list[wire.ClientRecord], now: float
+    ) -> None:
+        c = self.counters
+        c["client_records"] += len(records)
+        for rec in records:
+            if rec.type == wire.TYPE_CLIENT_ADD:
+                c["routes_added"] += 1
+                delayed = self.router.add_route(
+                    rec.client_ip, rec.client_port, rec.target_ip, rec.target_port, ch, now
+                )
+                for record in delayed:
+                    c["responses_delayed_flushed"] += 1
+                    self._queue_record(ch, record)
+            elif rec.type == wire.TYPE_CLIENT_DEL:
+                log.debug(
+                    "CLIENT_DEL %s:%d from %s", ip_to_str(rec.client_ip), rec.client_port, ch.peer
+                )
+            else:
+                log.warning("unknown msg type:%u from %s", rec.type, ch.peer)
+
+    def _close_channel(self, ch: Channel, why: str) -> None:
+        if ch.closed:
+            return
+        ch.closed = True
+        try:
+            self._sel.unregister(ch.sock)
+        except (KeyError, ValueError):
+            pass
+        ch.sock.close()
+        self.channels.pop(ch.fd, None)
+        self._dirty.pop(ch, None)
+        routes = self.router.remove_connection(ch)
+        ch.pending.clear()
+        ch.outbuf.clear()
+        self.counters["channels_closed"] += 1
+        self.counters["channels_connected"] = len(self.channels)
+        log.info("tcpcopy connection %s closed (%s); %d routes forgotten", ch.peer, why, routes)
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> str:
+        """Serve until ``request_stop`` or SIGTERM/SIGINT; returns the stop reason."""
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+        old_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        old_handlers = {
+            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
+        clock = self.clock
+        now = clock()
+        next_stats = now + self.stats_interval_s
+        next_expire = now + EXPIRE_INTERVAL_S
+        try:
+            while self._stop_reason is None:
+                if any(src.has_backlog for src in self.sources):
+                    timeout = 0.0
+                else:
+                    timeout = min(next_stats, next_expire) - now
+                    timeout = min(max(timeout, 0.0), POLL_MAX_S)
+                events = self._sel.select(timeout)
+                now = clock()
+                for key, mask in events:
+                    data = key.data
+                    if isinstance(data, Channel):
+                        if not data.closed:
+                            self._on_channel(data, mask, now)
+                    elif callable(data):
+                        data(mask, now)
+                    else:
+                        data.on_readable(now)
+                for src in self.sources:
+                    if src.has_backlog:
+                        src.on_readable(now)
+                self._flush()
+                if now >= next_expire:
+                    self.router.expire(now)
+                    next_expire = now + EXPIRE_INTERVAL_S
+                if now >= next_stats:
+                    self.log_stats()
+                    next_stats = now + self.stats_interval_s
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+        return self._stop_reason or "stopped"
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._stop_reason = f"signal {signal.Signals(signum).name}"
+
+    def _on_wake(self, mask: int, now: float) -> None:
+        assert self._wake_r is not None
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    # --- stats and shutdown ------------------------------------------------------------------
+
+    def stats_line(self) -> str:
+        """The C stats line (spec §2.5 names) plus ours."""
+        c = self.counters
+        return (
+            f"total resp packs:{c['responses_total']}, all:{c['packets_captured']}, "
+            f"route:{c['routes_added']}, sock write cnt:{c['frames_sent']}, "
+            f"unrouted:{c['responses_unrouted']}, delayed:{c['responses_delayed']}, "
+            f"forwarded:{c['responses_forwarded']}, dropped slow:{c['responses_dropped_slow']}, "
+            f"pass:{c['pass_accepted']}, queue dropped:{c['queue_dropped']}, "
+            f"channels:{c['channels_connected']}"
+        )
+
+    def log_stats(self) -> None:
+        for src in self.sources:
+            try:
+                src.poll_stats()
+            except OSError:
+                pass
+        log.log(NOTICE, self.stats_line(), extra={"stats": dict(self.counters)})
+
+    def log_final_stats(self) -> None:
+        self.log_stats()
+        r = self.router
+        log.log(
+            NOTICE,
+            "route table: routes:%d, adds:%d, routed:%d, unrouted:%d; delay table: "
+            "delayed:%d, flushed:%d, expired:%d, dropped:%d, waiting:%d",
+            len(r),
+            r.stats.get("adds", 0),
+            r.stats.get("routed", 0),
+            r.stats.get("unrouted", 0),
+            r.stats.get("delayed", 0),
+            r.stats.get("delayed_flushed", 0),
+            r.stats.get("delayed_expired", 0),
+            r.stats.get("delayed_dropped", 0),
+            r.delayed_records,
+            extra={"router": dict(r.stats)},
+        )
+
+    def close(self) -> None:
+        """Close every socket and source (idempotent); a last flush of complete frames."""
+        self._flush()
+        for ch in list(self.channels.values()):
+            if ch.outbuf:
+                try:
+                    ch.sock.send(ch.outbuf)  # best effort, non-blocking
+                except OSError:
+                    pass
+            self._close_channel(ch, "intercept-mp stopping")
+        for src in self.sources:
+            try:
+                self._sel.unregister(src.fileno())
+            except (KeyError, ValueError, OSError):
+                pass
+            src.close()
+        self.sources = []
+        for sock in (self._listener, self._wake_r, self._wake_w):
+            if sock is not None:
+                try:
+                    self._sel.unregister(sock)
+                except (KeyError, ValueError):
+                    pass
+                sock.close()
+        self._listener = self._wake_r = self._wake_w = None
+        self._sel.close()
+
+
+def _describe(record: bytes) -> str:
+    try:
+        pkt = wire.decode_response_record(record)
+    except DecodeError:
+        return "undecodable record"
+    return (
+        f"{ip_to_str(pkt.src)}:{pkt.sport} -> {ip_to_str(pkt.dst)}:{pkt.dport} flags {pkt.flags:#x}"
+    )
