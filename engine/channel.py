@@ -1,0 +1,414 @@
+"""The worker's connections to intercept-mp / C intercept (spec §1.1-§1.4, §1.7).
+
+Theory of operation
+-------------------
+For every intercept in -s we keep -C TCP connections.  Each one walks
+
+    IDLE --connect()--> CONNECTING --writable, SO_ERROR 0--> CONNECTED --EOF/error--> IDLE
+
+and on reaching CONNECTED sends the 14-byte version handshake before anything else (§1.1).
+Every CLIENT_ADD goes to *every* intercept that has a connected connection, on one of its
+connections chosen round-robin (§1.2): intercept routes a flow's responses to the connection
+that delivered its latest CLIENT_ADD, so which one we pick does not matter, spreading them
+does.  Responses arrive as combined frames (`!H count` + 64-byte records, §1.4) and are
+decoded into TcpPackets for the session table.
+
+Differences from C, on purpose (spec §1.7 QUIRKs):
+* A lost or refused connection is retried with exponential backoff (0.5 s doubling to 10 s),
+  always: C exits when every intercept is gone unless -L, and even with -L retries only every
+  12 s.  -L is accepted for compatibility.
+* Sends use MSG_NOSIGNAL: in C a CLIENT_ADD written to a connection the peer closed raises
+  SIGPIPE, which shuts tcpcopy down.
+* A start-up connect failure is not fatal (C exits); the worker logs it and we keep trying.
+* Writes never block the loop: what the kernel does not take waits in a per-connection buffer;
+  a buffer that grows past OUT_BUFFER_MAX_BYTES means the intercept is stuck, and the
+  connection is dropped and re-made.
+
+I/O is driven by the worker's selector: every socket is registered with a callback
+`(mask, now)` as its selector key's data; timers (connect timeouts, reconnects) are exposed as
+`get_timer()` / `handle_timer(now)`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import selectors
+import socket
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+from engine import wire
+from engine.errors import DecodeError
+from engine.logs import LOGGER_NAME, RateLimiter
+
+log = logging.getLogger(LOGGER_NAME)
+
+BACKOFF_MIN_S = 0.5
+BACKOFF_MAX_S = 10.0
+BACKOFF_RESET_AFTER_S = 10.0
+"""A connection that stayed up this long resets the backoff when it later fails."""
+CONNECT_TIMEOUT_S = 3.0
+"""A connect that has not completed by then is abandoned and retried (a silent peer would
+otherwise hold it for the kernel's ~2 minutes of SYN retries)."""
+OUT_BUFFER_MAX_BYTES = 4 * 1024 * 1024
+READ_BYTES = 65536
+READS_PER_EVENT_MAX = 64
+CONNECT_FAIL_LOG_INTERVAL_S = 30.0
+KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 30, 10, 3
+
+IDLE, CONNECTING, CONNECTED = "idle", "connecting", "connected"
+
+ResponseHandler = Callable[[object, float], None]
+
+
+class _Conn:
+    """One TCP connection to one intercept (one of its -C slots)."""
+
+    __slots__ = (
+        "owner",
+        "slot",
+        "sock",
+        "state",
+        "out",
+        "decoder",
+        "deadline",
+        "backoff_s",
+        "up_since",
+        "registered_mask",
+    )
+
+    def __init__(self, owner: _Intercept, slot: int) -> None:
+        self.owner = owner
+        self.slot = slot
+        self.sock: socket.socket | None = None
+        self.state = IDLE
+        self.out = bytearray()
+        self.decoder: wire.FrameDecoder | None = None
+        self.deadline: float | None = 0.0  # IDLE: reconnect time; CONNECTING: connect timeout
+        self.backoff_s = BACKOFF_MIN_S
+        self.up_since: float | None = None
+        self.registered_mask = 0
+
+
+class _Intercept:
+    def __init__(self, host: str, port: int, connections: int) -> None:
+        self.host = host
+        self.port = port
+        self.conns = [_Conn(self, i) for i in range(connections)]
+        self.rr = 0  # round-robin cursor for CLIENT_ADD (spec §1.2)
+        self.was_connected = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def connected(self) -> int:
+        return sum(1 for c in self.conns if c.state == CONNECTED)
+
+
+class InterceptChannels:
+    """All connections of one worker to all intercepts.
+
+    `on_response(pkt, now)` receives every decoded response record (a packet.TcpPacket).
+
+    counters: channel_connects, channel_disconnects, channel_connect_failures,
+    channel_frame_errors, channel_overflows, route_announced, route_unannounced,
+    route_records_sent, responses_received, response_decode_errors.
+    """
+
+    def __init__(
+        self,
+        intercepts: Sequence[tuple[str, int]],
+        connections: int,
+        selector: selectors.BaseSelector,
+        on_response: ResponseHandler,
+        *,
+        record_bytes: int = 64,  # wire.RESPONSE_RECORD_BYTES (192 with payload)
+        combined: bool = True,
+    ) -> None:
+        if not intercepts:
+            raise ValueError("no intercept")
+        self.intercepts = [_Intercept(h, p, max(1, connections)) for h, p in intercepts]
+        self.selector = selector
+        self.on_response = on_response
+        self.record_bytes = record_bytes
+        self.combined = combined
+        self.counters: Counter[str] = Counter()
+        self._fail_log = RateLimiter(CONNECT_FAIL_LOG_INTERVAL_S)
+
+    # -- public -----------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> int:
+        """Number of connections (over all intercepts) that are up."""
+        return sum(i.connected() for i in self.intercepts)
+
+    @property
+    def intercepts_connected(self) -> int:
+        return sum(1 for i in self.intercepts if i.connected())
+
+    def start(self, now: float) -> None:
+        for icpt in self.intercepts:
+            for conn in icpt.conns:
+                self._connect(conn, now)
+
+    def announce(self, route: object, now: float) -> bool:
+        """Send CLIENT_ADD for `route` (client_ip, client_port, target_ip, target_port)."""
+        record = wire.client_add(
+            route.client_ip,  # type: ignore[attr-defined]
+            route.client_port,  # type: ignore[attr-defined]
+            route.target_ip,  # type: ignore[attr-defined]
+            route.target_port,  # type: ignore[attr-defined]
+        )
+        return self.announce_record(record, now)
+
+    def announce_record(self, record: bytes, now: float) -> bool:
+        """Send one client record to every connected intercept; True if at least one took it."""
+        delivered = False
+        for icpt in self.intercepts:
+            n = len(icpt.conns)
+            for step in range(n):
+                conn = icpt.conns[(icpt.rr + step) % n]
+                if conn.state != CONNECTED:
+                    continue
+                icpt.rr = (conn.slot + 1) % n
+                if self._send(conn, record, now):
+                    delivered = True
+                    self.counters["route_records_sent"] += 1
+                break
+        self.counters["route_announced" if delivered else "route_unannounced"] += 1
+        return delivered
+
+    def get_timer(self) -> float | None:
+        deadlines = [
+            c.deadline
+            for i in self.intercepts
+            for c in i.conns
+            if c.state != CONNECTED and c.deadline is not None
+        ]
+        return min(deadlines) if deadlines else None
+
+    def handle_timer(self, now: float) -> None:
+        for icpt in self.intercepts:
+            for conn in icpt.conns:
+                if conn.deadline is None or conn.deadline > now:
+                    continue
+                if conn.state == IDLE:
+                    self._connect(conn, now)
+                elif conn.state == CONNECTING:
+                    self._fail(conn, now, "connect timed out", was_connect=True)
+
+    def close(self) -> None:
+        for icpt in self.intercepts:
+            for conn in icpt.conns:
+                self._close_socket(conn)
+                conn.state = IDLE
+                conn.deadline = None
+
+    # -- connection state machine -----------------------------------------------------------
+
+    def _connect(self, conn: _Conn, now: float) -> None:
+        icpt = conn.owner
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        conn.sock = sock
+        conn.state = CONNECTING
+        conn.deadline = now + CONNECT_TIMEOUT_S
+        err = sock.connect_ex((icpt.host, icpt.port))
+        if err not in (0, errno.EINPROGRESS):
+            self._fail(conn, now, errno.errorcode.get(err, str(err)), was_connect=True)
+            return
+        self._register(conn, selectors.EVENT_WRITE)
+
+    def _on_connected(self, conn: _Conn, now: float) -> None:
+        sock = conn.sock
+        assert sock is not None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _set_keepalive(sock)
+        conn.state = CONNECTED
+        conn.deadline = None
+        conn.up_since = now
+        conn.decoder = wire.FrameDecoder(record_bytes=self.record_bytes, combined=self.combined)
+        conn.out.clear()
+        self.counters["channel_connects"] += 1
+        icpt = conn.owner
+        if icpt.connected() == 1:
+            log.info("intercept %s: connected", icpt.name)
+        icpt.was_connected = True
+        # The version handshake is the first record on every connection (spec §1.1, §1.2).
+        self._send(conn, wire.HANDSHAKE, now)
+
+    def _fail(self, conn: _Conn, now: float, reason: str, *, was_connect: bool = False) -> None:
+        icpt = conn.owner
+        self._close_socket(conn)
+        conn.state = IDLE
+        conn.out.clear()
+        conn.decoder = None
+        if conn.up_since is not None and now - conn.up_since >= BACKOFF_RESET_AFTER_S:
+            conn.backoff_s = BACKOFF_MIN_S
+        conn.up_since = None
+        conn.deadline = now + conn.backoff_s
+        retry_in = conn.backoff_s
+        conn.backoff_s = min(conn.backoff_s * 2, BACKOFF_MAX_S)
+        if was_connect:
+            self.counters["channel_connect_failures"] += 1
+            allowed, suppressed = self._fail_log.allow(icpt.name, now)
+            if allowed:
+                more = f" ({suppressed} more failures)" if suppressed else ""
+                log.warning(
+                    "intercept %s: cannot connect: %s; retrying in %.1f s%s",
+                    icpt.name,
+                    reason,
+                    retry_in,
+                    more,
+                )
+        else:
+            self.counters["channel_disconnects"] += 1
+            left = icpt.connected()
+            log.warning(
+                "intercept %s: connection %d lost: %s; %d of %d left, reconnecting in %.1f s",
+                icpt.name,
+                conn.slot,
+                reason,
+                left,
+                len(icpt.conns),
+                retry_in,
+            )
+
+    def _close_socket(self, conn: _Conn) -> None:
+        if conn.sock is None:
+            return
+        if conn.registered_mask:
+            try:
+                self.selector.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
+            conn.registered_mask = 0
+        conn.sock.close()
+        conn.sock = None
+
+    def _register(self, conn: _Conn, mask: int) -> None:
+        if conn.sock is None or mask == conn.registered_mask:
+            return
+        callback = _Callback(self, conn)
+        if conn.registered_mask:
+            self.selector.modify(conn.sock, mask, callback)
+        else:
+            self.selector.register(conn.sock, mask, callback)
+        conn.registered_mask = mask
+
+    # -- I/O --------------------------------------------------------------------------------
+
+    def _send(self, conn: _Conn, data: bytes, now: float) -> bool:
+        """Queue `data` on a connected connection; False if the connection failed meanwhile."""
+        sock = conn.sock
+        assert sock is not None
+        if conn.out:
+            conn.out += data
+        else:
+            try:
+                sent = sock.send(data, socket.MSG_NOSIGNAL)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:
+                self._fail(conn, now, _err_name(exc))
+                return False
+            if sent < len(data):
+                conn.out += data[sent:]
+        if len(conn.out) > OUT_BUFFER_MAX_BYTES:
+            self.counters["channel_overflows"] += 1
+            self._fail(conn, now, f"intercept not reading ({len(conn.out)} bytes queued)")
+            return False
+        self._register(conn, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0))
+        return True
+
+    def _flush(self, conn: _Conn, now: float) -> None:
+        sock = conn.sock
+        assert sock is not None
+        while conn.out:
+            try:
+                sent = sock.send(conn.out, socket.MSG_NOSIGNAL)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                self._fail(conn, now, _err_name(exc))
+                return
+            del conn.out[:sent]
+        self._register(conn, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0))
+
+    def _read(self, conn: _Conn, now: float) -> None:
+        sock, decoder = conn.sock, conn.decoder
+        assert sock is not None and decoder is not None
+        for _ in range(READS_PER_EVENT_MAX):
+            try:
+                data = sock.recv(READ_BYTES)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._fail(conn, now, _err_name(exc))
+                return
+            if not data:
+                self._fail(conn, now, "closed by intercept")
+                return
+            try:
+                records = decoder.feed(data)
+            except DecodeError as exc:
+                # spec §1.4: a bad frame count is fatal for that connection in C too.
+                self.counters["channel_frame_errors"] += 1
+                self._fail(conn, now, f"bad frame: {exc}")
+                return
+            for rec in records:
+                try:
+                    pkt = wire.decode_response_record(rec)
+                except DecodeError:
+                    self.counters["response_decode_errors"] += 1
+                    continue
+                self.counters["responses_received"] += 1
+                self.on_response(pkt, now)
+            if len(data) < READ_BYTES:
+                return
+
+    def _on_event(self, conn: _Conn, mask: int, now: float) -> None:
+        if conn.state == CONNECTING:
+            assert conn.sock is not None
+            err = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._fail(conn, now, errno.errorcode.get(err, str(err)), was_connect=True)
+            else:
+                self._on_connected(conn, now)
+            return
+        if conn.state != CONNECTED:
+            return
+        if mask & selectors.EVENT_WRITE:
+            self._flush(conn, now)
+        if conn.state == CONNECTED and mask & selectors.EVENT_READ:
+            self._read(conn, now)
+
+
+class _Callback:
+    """Selector key data: `key.data(mask, now)` dispatches to the owning connection."""
+
+    __slots__ = ("channels", "conn")
+
+    def __init__(self, channels: InterceptChannels, conn: _Conn) -> None:
+        self.channels = channels
+        self.conn = conn
+
+    def __call__(self, mask: int, now: float) -> None:
+        self.channels._on_event(self.conn, mask, now)
+
+
+def _err_name(exc: OSError) -> str:
+    return errno.errorcode.get(exc.errno or 0, str(exc))
+
+
+def _set_keepalive(sock: socket.socket) -> None:
+    """Detect a dead intercept host even when no responses flow (C has no heartbeat, §1.1)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+    except OSError:
+        pass

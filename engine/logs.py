@@ -1,0 +1,147 @@
+"""Logging set-up for tcpcopy-mp (and intercept-mp): the classic text line or JSON lines.
+
+Text lines keep the C tools' shape (`2025/06/18 12:00:01 +123 [notice] msg`, spec §3.18) so C
+users' log greps keep working; JSON lines (orjson) carry the same message plus any `extra`
+fields, one object per line, for log shippers.  `reopen_logs()` is called on SIGHUP so
+logrotate's "move then HUP" works.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import orjson
+
+LOGGER_NAME = "tcpcopy"
+
+# C TCPCopy's level names, so a text line reads like the C log.
+_LEVEL_NAMES = {
+    logging.DEBUG: "debug",
+    logging.INFO: "info",
+    logging.WARNING: "warn",
+    logging.ERROR: "error",
+    logging.CRITICAL: "crit",
+}
+
+# LogRecord attributes that are not user `extra` fields (JSON output copies the rest).
+_STANDARD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message",
+    "asctime",
+}
+
+
+def _level_name(levelno: int) -> str:
+    return _LEVEL_NAMES.get(levelno, logging.getLevelName(levelno).lower())
+
+
+class TextFormatter(logging.Formatter):
+    """`YYYY/MM/DD HH:MM:SS +mmm [level] msg` (local time, milliseconds after the +)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y/%m/%d %H:%M:%S", time.localtime(record.created))
+        millis = int(record.msecs)
+        line = f"{stamp} +{millis:03d} [{_level_name(record.levelno)}] {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts (epoch seconds), level, logger, msg, plus extra fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj: dict[str, object] = {
+            "ts": round(record.created, 3),
+            "level": _level_name(record.levelno),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD_ATTRS and not key.startswith("_"):
+                obj[key] = value
+        if record.exc_info:
+            obj["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(obj, default=str).decode()
+
+
+class _ReopenableFileHandler(logging.StreamHandler):
+    """A file handler whose file can be reopened (SIGHUP after logrotate moved it)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        super().__init__(open(path, "a", encoding="utf-8", buffering=1))  # noqa: SIM115
+
+    def reopen(self) -> None:
+        self.acquire()
+        try:
+            new = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+            old, self.stream = self.stream, new
+            old.close()
+        finally:
+            self.release()
+
+    def close(self) -> None:
+        self.acquire()
+        try:
+            if self.stream and not self.stream.closed:
+                self.stream.close()
+        finally:
+            self.release()
+        super().close()
+
+
+def setup_logging(
+    path: str | None = None,
+    fmt: str = "text",
+    level: int = logging.INFO,
+    name: str = LOGGER_NAME,
+) -> logging.Logger:
+    """Configure the `name` logger: to `path` (appended) or stderr, in `fmt` text|json.
+
+    Raises OSError when the file cannot be opened (spec §4.1: a bad -l is fatal at start-up);
+    the CLI turns it into a one-line error.
+    """
+    logger = logging.getLogger(name)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    handler: logging.Handler
+    handler = _ReopenableFileHandler(path) if path else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    return logger
+
+
+def reopen_logs(name: str = LOGGER_NAME) -> None:
+    """Reopen file handlers of the `name` logger (SIGHUP); stderr handlers are left alone."""
+    for handler in logging.getLogger(name).handlers:
+        if isinstance(handler, _ReopenableFileHandler):
+            try:
+                handler.reopen()
+            except OSError:
+                # Keep logging to the old file rather than dying on a rotation mishap.
+                pass
+
+
+class RateLimiter:
+    """Allows one event per key every `interval_s` seconds (send-error and loss log lines).
+
+    `allow(key, now)` returns (allowed, suppressed_since_last_allowed) so the line that does
+    get logged can say how many were swallowed.
+    """
+
+    def __init__(self, interval_s: float = 5.0) -> None:
+        self.interval_s = interval_s
+        self._next: dict[object, float] = {}
+        self._suppressed: dict[object, int] = {}
+
+    def allow(self, key: object, now: float) -> tuple[bool, int]:
+        if now >= self._next.get(key, float("-inf")):
+            self._next[key] = now + self.interval_s
+            return True, self._suppressed.pop(key, 0)
+        self._suppressed[key] = self._suppressed.get(key, 0) + 1
+        return False, 0

@@ -1,0 +1,435 @@
+"""The worker loop: the thin I/O shell around one SessionTable (design §3, §5).
+
+Theory of operation
+-------------------
+One `selectors` loop owns every file descriptor of the worker:
+
+* capture fds (live sources) -> parse (packet.parse_ip) -> table.receive_client(pkt, now);
+  an offline source has no fd: its next due time is one more timer;
+* intercept connections (channel.py) -> decoded response records -> table.receive_response;
+* a self-pipe woken by signals (signal.set_wakeup_fd), so SIGTERM/SIGINT/SIGHUP interrupt the
+  wait at once instead of at the next timer;
+* timers: the table's next deadline, the channel's reconnects, the offline pacing, the stats
+  line and the memory check -> one select timeout.
+
+After every input batch and every timer pass the table is drained: routes first (CLIENT_ADD
+to every intercept, spec §1.2: before the SYN they announce), then packets (raw send).
+`now` is time.monotonic() read once per wake-up.  Nothing here decides TCP behaviour; that
+is the pure core's job, which this loop only feeds and drains.
+
+Later (the multi-process engine) the capture side moves to its own process and the worker's
+capture fd becomes a ring's eventfd; `_on_ip_packets` is the seam.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import signal
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+
+from engine import packet
+from engine.channel import InterceptChannels
+from engine.config import ReplayConfig
+from engine.errors import DecodeError
+from engine.logs import LOGGER_NAME, reopen_logs
+
+log = logging.getLogger(LOGGER_NAME)
+
+STARTUP_CONNECT_WAIT_S = 3.0
+"""Capture starts once an intercept is connected or after this long (then routes are counted
+as unannounced until one connects)."""
+MEMORY_CHECK_INTERVAL_S = 60.0
+"""spec §3.17: the resource check runs every 60 s."""
+BYTES_PER_MB = 1024 * 1024
+
+
+class Worker:
+    """Runs one SessionTable against capture sources, intercept channels and a sender.
+
+    `table` follows the shard.SessionTable contract; `sources` the capture.py interface;
+    `sender` has send(bytes) -> bool and counters; `channels` is built here unless given (a
+    factory `channels(selector, on_response)` lets tests inject a fake).
+    """
+
+    def __init__(
+        self,
+        cfg: ReplayConfig,
+        table: object,
+        sources: Sequence[object],
+        sender: object,
+        *,
+        prefilter_counters: Counter[str] | None = None,
+        channels: Callable[[selectors.BaseSelector, Callable], object] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        memory_rss: Callable[[], int] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.table = table
+        self.sources = list(sources)
+        self.sender = sender
+        self.clock = clock
+        self.sel = selectors.DefaultSelector()
+        if channels is None:
+            self.channels = InterceptChannels(
+                cfg.intercepts, cfg.connections, self.sel, self._on_response
+            )
+        else:
+            self.channels = channels(self.sel, self._on_response)
+        self.counters: Counter[str] = Counter()
+        self.prefilter_counters = (
+            prefilter_counters if prefilter_counters is not None else Counter()
+        )
+        self.memory_rss = memory_rss or _rss_bytes
+        self.exit_reason = ""
+        self.exit_code = 0
+        self._stop = False
+        self._pending_signals: list[int] = []
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self.started_at = 0.0
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def stop(self, reason: str, code: int = 0) -> None:
+        if not self._stop:
+            self._stop = True
+            self.exit_reason = reason
+            self.exit_code = code
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT: graceful stop; SIGHUP: reopen logs; all woken through a self-pipe."""
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+        # spec §1.7 QUIRK: C dies on SIGPIPE; channel sends use MSG_NOSIGNAL, and a stray
+        # SIGPIPE from anything else must not kill the replay either.
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._pending_signals.append(signum)
+
+    def _on_wakeup(self, mask: int, now: float) -> None:
+        assert self._wake_r is not None
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _handle_signals(self) -> None:
+        while self._pending_signals:
+            signum = self._pending_signals.pop(0)
+            if signum == signal.SIGHUP:
+                reopen_logs()
+                log.info("SIGHUP: log file reopened")
+            else:
+                self.stop(f"stopped by {signal.Signals(signum).name}")
+
+    def run(self) -> int:
+        """The loop; returns the exit code (0 after a graceful stop)."""
+        now = self.clock()
+        self.started_at = now
+        self.channels.start(now)
+        self._wait_for_intercept(now)
+        now = self.clock()
+        for src in self.sources:
+            fd = src.fileno()
+            if fd is not None:
+                self.sel.register(fd, selectors.EVENT_READ, _SourceCallback(self, src))
+            elif hasattr(src, "start"):
+                src.start(now)
+        next_stats = now + self.cfg.stats_interval_s
+        next_memory = now + MEMORY_CHECK_INTERVAL_S
+        while not self._stop:
+            deadline = min(
+                d
+                for d in (
+                    self.table.get_timer(),
+                    self.channels.get_timer(),
+                    next_stats,
+                    next_memory,
+                    *(src.next_deadline() for src in self.sources),
+                )
+                if d is not None
+            )
+            timeout = max(0.0, deadline - now)
+            events = self.sel.select(timeout)
+            now = self.clock()
+            self._handle_signals()
+            for key, mask in events:
+                key.data(mask, now)
+                self._flush(now)
+            for src in self.sources:
+                due = src.next_deadline()
+                if due is not None and due <= now:
+                    self._on_ip_packets(src.read_batch(now), now)
+                    self._flush(now)
+            timer = self.table.get_timer()
+            if timer is not None and timer <= now:
+                self.table.handle_timer(now)
+                self._flush(now)
+            timer = self.channels.get_timer()
+            if timer is not None and timer <= now:
+                self.channels.handle_timer(now)
+            if now >= next_stats:
+                next_stats = now + self.cfg.stats_interval_s
+                self.log_stats(now)
+            if now >= next_memory:
+                next_memory = now + MEMORY_CHECK_INTERVAL_S
+                self._check_memory()
+            if self._offline_done():
+                self.stop("offline replay is complete")
+        self.log_stats(self.clock(), final=True)
+        log.info("tcpcopy-mp exits: %s", self.exit_reason)
+        return self.exit_code
+
+    def close(self) -> None:
+        self.channels.close()
+        for src in self.sources:
+            src.close()
+        close = getattr(self.sender, "close", None)
+        if close is not None:
+            close()
+        if self._wake_r is not None:
+            signal.set_wakeup_fd(-1)
+            self._wake_r.close()
+            assert self._wake_w is not None
+            self._wake_w.close()
+        self.sel.close()
+
+    def _wait_for_intercept(self, start: float) -> None:
+        """Give the intercepts a moment to accept us before the first SYN needs a route."""
+        deadline = start + STARTUP_CONNECT_WAIT_S
+        now = start
+        while not self._stop and not self.channels.connected and now < deadline:
+            timer = self.channels.get_timer()
+            wake = deadline if timer is None else min(deadline, timer)
+            for key, mask in self.sel.select(max(0.0, wake - now)):
+                key.data(mask, now)
+            now = self.clock()
+            self._handle_signals()
+            timer = self.channels.get_timer()
+            if timer is not None and timer <= now:
+                self.channels.handle_timer(now)
+        if not self.channels.connected and not self._stop:
+            names = ", ".join(f"{h}:{p}" for h, p in self.cfg.intercepts)
+            log.warning(
+                "no intercept reachable at %s after %.0f s; capturing anyway and still "
+                "retrying; sessions started meanwhile are counted as route_unannounced",
+                names,
+                STARTUP_CONNECT_WAIT_S,
+            )
+
+    def _offline_done(self) -> bool:
+        if not self.sources or not all(getattr(s, "exhausted", False) for s in self.sources):
+            return False
+        return self.table.active == 0
+
+    # -- data path --------------------------------------------------------------------------
+
+    def _on_ip_packets(self, batch: Iterable[tuple[float, bytes]], now: float) -> None:
+        """Captured IPv4 packets (already past the -x pre-filter) into the session table."""
+        receive, counters = self.table.receive_client, self.counters
+        for _ts, ip in batch:
+            try:
+                pkt = packet.parse_ip(ip)
+            except DecodeError:
+                counters["capture_parse_errors"] += 1
+                continue
+            receive(pkt, now)
+
+    def _on_response(self, pkt: object, now: float) -> None:
+        self.table.receive_response(pkt, now)
+
+    def _flush(self, now: float) -> None:
+        routes, packets = self.table.drain()
+        for route in routes:
+            # If no intercept takes the CLIENT_ADD, the SYN still goes out: C would not start
+            # the session at all (spec §1.2), but a target that sees the SYN is more useful
+            # (its SYN-ACK may still reach an intercept that reconnects); channel.py counts
+            # route_unannounced so the loss is visible.
+            self.channels.announce(route, now)
+        send = self.sender.send
+        for pkt in packets:
+            send(pkt)
+
+    # -- reporting --------------------------------------------------------------------------
+
+    def _check_memory(self) -> None:
+        """spec §3.17, on the current RSS (C checks the peak, which never comes back down)."""
+        limit = self.cfg.memory_limit_mb * BYTES_PER_MB
+        rss = self.memory_rss()
+        if rss > limit:
+            log.error(
+                "occupies too much memory, limit:%d MB, rss:%d MB",
+                self.cfg.memory_limit_mb,
+                rss // BYTES_PER_MB,
+            )
+            self.stop("memory limit exceeded (-m)", code=1)
+
+    def summary(self, now: float | None = None) -> dict[str, object]:
+        """The final counters as one flat JSON-able object (--summary-json)."""
+        if now is None:
+            now = self.clock()
+        out: dict[str, object] = {}
+        for key, value in self.table.counters.items():
+            out[_key(key)] = value
+        out["active"] = self.table.active
+        out["unsend"] = self.table.unsend
+        out.update(self.prefilter_counters)
+        for src in self.sources:
+            for key, value in src.counters.items():
+                out[key] = out.get(key, 0) + value  # type: ignore[operator]
+        out.update(self.counters)
+        out.update(self.sender.counters)
+        out.update(self.channels.counters)
+        out["channels_connected"] = self.channels.connected
+        out["uptime_s"] = round(now - self.started_at, 3)
+        out["exit_reason"] = self.exit_reason
+        return out
+
+    def log_stats(self, now: float, final: bool = False) -> None:
+        values = self.summary(now)
+        if any(isinstance(h, logging.Handler) and _is_json(h) for h in log.handlers):
+            log.info("stats", extra={"stats": values, "final": final})
+            return
+        for line in stats_lines(values):
+            log.info("%s", line)
+
+
+class _SourceCallback:
+    __slots__ = ("worker", "src")
+
+    def __init__(self, worker: Worker, src: object) -> None:
+        self.worker = worker
+        self.src = src
+
+    def __call__(self, mask: int, now: float) -> None:
+        self.worker._on_ip_packets(self.src.read_batch(now), now)
+
+
+def _key(key: object) -> str:
+    name = getattr(key, "name", None)  # DropReason enums
+    return str(name if isinstance(name, str) else key)
+
+
+def _is_json(handler: logging.Handler) -> bool:
+    from engine.logs import JsonFormatter
+
+    return isinstance(handler.formatter, JsonFormatter)
+
+
+# spec §3.18: the C statistics lines, labels unchanged so C users can read them, plus unsend.
+# Each value is looked up under the C label, its snake_case form, then the listed aliases.
+_STATS_LAYOUT: tuple[tuple[tuple[str, tuple[str, ...]], ...], ...] = (
+    (("active", ()), ("rel", ("released",)), ("obs del", ("obsolete",)), ("tw", ("linger",))),
+    (("conns", ()), ("resp", ("responses",)), ("c-resp", ("resp_cont",))),
+    (("resp fin", ()), ("resp rst", ())),
+    (("send", ("sent",)), ("send content", ())),
+    (("send syn", ()), ("fin", ("send_fin",)), ("reset", ("send_rst",))),
+    (("reconnect", ()), ("for no syn", ("fake_syn",))),
+    (("retransmit", ()),),
+    (("recv packs after retransmission", ()),),
+    (("syn cnt", ()), ("all clt", ()), ("clt cont", ())),
+    (("total cont retransmit", ()), ("frag", ("capture_fragment",))),
+    (("total captured packets", ("capture_packets",)),),
+    (
+        ("unsend", ()),
+        ("route unannounced", ()),
+        ("send errors", ()),
+        ("intercept conns", ("channels_connected",)),
+    ),
+)
+
+
+def _lookup(values: dict[str, object], label: str, aliases: tuple[str, ...]) -> object:
+    snake = label.replace(" ", "_").replace("-", "_")
+    for name in (label, snake, *aliases):
+        if name in values:
+            return values[name]
+    return 0
+
+
+def stats_lines(values: dict[str, object]) -> list[str]:
+    """The periodic statistics block (spec §3.18) from a summary() mapping."""
+    return [
+        ",".join(f"{label}:{_lookup(values, label, aliases)}" for label, aliases in line)
+        for line in _STATS_LAYOUT
+    ]
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def build_sources(cfg: ReplayConfig, prefilter: object) -> list[object]:
+    """The capture sources cfg asks for (sockets need root or CAP_NET_RAW)."""
+    from engine import capture
+
+    if cfg.capture == "offline":
+        pacer = capture.ReplayPacer(cfg.accelerate, cfg.idle_threshold_s)
+        return [capture.PcapFileSource(cfg.pcap_files, pacer, cfg.replays, prefilter)]
+    if cfg.capture == "packet":
+        ports = sorted({t.online_port for t in cfg.session.transfers})
+        devices = [d for d in cfg.interfaces if d != "any"] or [None]
+        if "any" in cfg.interfaces:
+            devices = [None]
+        return [
+            capture.PacketSource(dev, prefilter, cfg.capture_buffer_bytes, bpf_ports=ports)
+            for dev in devices
+        ]
+    return [capture.RawTcpSource(prefilter, cfg.capture_buffer_bytes)]
+
+
+def write_summary(path: str, values: dict[str, object]) -> None:
+    """One JSON object, written to a temporary file and renamed so readers never see half."""
+    import os
+
+    import orjson
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(orjson.dumps(values, default=str, option=orjson.OPT_SORT_KEYS) + b"\n")
+    os.replace(tmp, path)
+
+
+def run(cfg: ReplayConfig) -> int:
+    """Build the real table, sources, sender and channels from cfg and run until stopped."""
+    from engine import capture, send
+    from engine.shard import SessionTable
+
+    prefilter = capture.TransferFilter.for_transfers(cfg.session.transfers)
+    table = SessionTable(cfg.session)
+    sources = build_sources(cfg, prefilter)
+    sender = send.RawSender()
+    worker = Worker(cfg, table, sources, sender, prefilter_counters=prefilter.counters)
+    worker.install_signal_handlers()
+    log.info(
+        "tcpcopy-mp starts: capture %s, %d intercept(s) x %d connection(s), -x %d entr%s",
+        cfg.capture,
+        len(cfg.intercepts),
+        cfg.connections,
+        len(cfg.session.transfers),
+        "y" if len(cfg.session.transfers) == 1 else "ies",
+    )
+    try:
+        code = worker.run()
+    finally:
+        summary = worker.summary()
+        worker.close()
+        if cfg.summary_json:
+            try:
+                write_summary(cfg.summary_json, summary)
+            except OSError as exc:
+                log.error("--summary-json %s: %s", cfg.summary_json, exc.strerror or exc)
+    return code
