@@ -12,4 +12,1388 @@ CONTRACT (design §5):
     s.finished -> bool                      # may be removed from the table (linger over)
     s.unsend -> int                         # captured client segments not yet sent
     s.counters: collections.Counter         # spec §3.18 names + drops by DropReason
+
+Additions to the contract (used by shard.SessionTable):
+    TcpSession(..., counters=Counter)  # share one Counter between the sessions of a shard
+    s.state -> State; s.lingering -> bool; s.outcome -> str | None
+    s.owns_syn(seq) -> bool            # a captured SYN with this seq belongs to this session
+    s.is_later_data(pkt) -> bool       # lingering, and pkt is client data beyond the stream
+    Counter keys: the spec §3.18 labels ("conns", "resp", "send content", ...), plus
+    "drop_<DropReason value>", "ended_<outcome>", "client_bytes_captured",
+    "client_bytes_acked", "gate_<rule>", "requests", "requests_held" (see the names below).
+    The session never reads the addresses of a captured packet (it sends from its own client
+    to its own target), so one captured packet may be fed unchanged to every replica.
+
+THEORY OF OPERATION
+
+Sequence numbers are never translated (spec §3.10): the target sees the online client's seq
+numbers, so a captured segment can be sent as captured; only the ack (what *we* received from
+the target), the addresses, the TS values, the window of faked handshakes and the checksums are
+rewritten.  Internally the client's seq space is unwrapped into plain integers ("offsets")
+relative to ``_base`` (the captured ISN, or first data seq - 1 for a mid-stream start), so
+ordering never needs modular comparisons; ``_coff`` unwraps a captured or acked seq near
+``_snd_nxt``.  A (re)connection starts at offset ``_iss``; ``_snd_una``/``_snd_nxt`` are the
+usual send variables.
+
+Captured data segments wait in ``_pending`` (ordered by offset; captured packets may arrive
+reordered); sent ones move to ``_unacked`` until the target acknowledges them.  The captured
+FIN and RST are kept apart (``_fin_seg``, ``_rst_seg``): they are sent only after the data in
+front of them.  ``receive_*`` and ``handle_timer`` only change state (deadlines, due flags, the
+``_ctl`` queue of small control packets described as tuples); every packet is built in
+``packets_to_send``, which walks: queued control packets, the handshake, retransmission,
+window probe, new data (through the request gate, flow control and gap/overlap checks), then
+FIN/RST, then a pure ACK if one is still owed.
+
+The request gate (replaces C's "response complete" timer heuristic, spec §3.7 step 6c, §6
+item 6).  A captured client segment's ack says how many response bytes the *online* server
+had sent when the client sent it: ``online_bytes = ack - online_base``, where online_base is
+the ack of the first ACK-bearing client packet of the connection (the handshake ACK: online
+ISN + 1).  ``_rcv_data`` counts the response bytes the *target* has sent on this connection.
+A data segment whose ack differs from the previous one's is a new request (the client read
+something in between); it is released when (a) the target has sent at least as much as the
+online server had, or (b) -W, or (c) response data arrived since the previous request and then
+nothing for a quiet interval (the target sent less than online), or (d) it has been held for
+response_wait_max_s.  Continuations (same ack) go out at once.  A FIN or RST whose ack moved
+uses the same gate (never rule (b)), and a FIN also waits until all data is acknowledged.
 """
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections import Counter, deque
+from typing import NamedTuple
+
+from engine.config import SessionConfig
+from engine.packet import (
+    ACK,
+    CWR,
+    ECE,
+    FIN,
+    PSH,
+    RST,
+    SYN,
+    URG,
+    TcpPacket,
+    build,
+    build_options,
+    parse_options,
+    set_timestamp,
+    split_mtu,
+)
+
+__all__ = [
+    "TcpSession",
+    "State",
+    "DropReason",
+    "Outcome",
+    "RouteNeeded",
+    "SessionEnded",
+    "Event",
+    "drop_key",
+]
+
+SEQ_MASK = 0xFFFFFFFF
+SEQ_HALF = 1 << 31
+SEQ_SPACE = 1 << 32
+IP_ID_MASK = 0xFFFF
+
+RTO_INITIAL_S = 0.2
+"""Retransmission timeout before an RTT was measured (RFC 6298 says 1 s; a replay toward a
+test server on the same LAN wants faster recovery; the backoff makes it safe)."""
+RTO_MIN_S = 0.05
+RTO_MAX_S = 3.0
+RTO_GRANULARITY_S = 0.001
+RETRIES_MAX = 6
+"""Consecutive RTO expiries without progress before the session gives up."""
+SYN_RTO_INITIAL_S = 0.5
+"""QUIRK fixed (spec §3.9 retrans_pack, §5.2): C never retransmits a SYN."""
+DELAYED_ACK_S = 0.04
+RESPONSE_QUIET_MIN_S = 0.02
+"""Rule (c) of the request gate: the response is over after max(2*rtt, this) of silence."""
+DUP_ACK_THRESHOLD = 3
+RECONNECTS_MAX = 3
+"""Reconnects in a row without the target acknowledging any data (a target that resets every
+attempt would otherwise loop forever)."""
+FAKED_WINDOW = 65535
+FAKED_TTL = 64
+DEFAULT_MSS = 536
+"""RFC 9293 §3.7.1: the MSS assumed when the SYN carried none."""
+WINDOW_MAX_BYTES = 65535
+WSCALE_MAX = 14
+
+_TS_OPTION = struct.Struct("!BBBBII")  # NOP, NOP, kind 8, len 10, TSval, TSecr (spec §3.10)
+_TS_PREFIX = b"\x01\x01\x08\x0a"
+_TS_VALUES = struct.Struct("!I")
+
+_DATA_FLAGS = ACK | PSH | URG | ECE | CWR
+_SYN_FLAGS = SYN | ECE | CWR
+
+
+class State(enum.IntEnum):
+    """Session states; legal moves are in ``_TRANSITIONS`` and checked by ``_set_state``."""
+
+    CLOSED = 0
+    """Nothing sent on the current connection (new session, or reset for a reconnect)."""
+    SYN_SENT = 1
+    ESTABLISHED = 2
+    FIN_WAIT = 3
+    """The client's FIN was sent: waiting for the target's ACK and FIN."""
+    LINGER = 4
+    """Ended: stray responses get a RST (spec §3.9 sess_post_disp)."""
+    FINISHED = 5
+    """Linger over: the table may forget the session."""
+
+
+_TRANSITIONS: dict[State, frozenset[State]] = {
+    State.CLOSED: frozenset({State.SYN_SENT, State.LINGER}),
+    State.SYN_SENT: frozenset({State.ESTABLISHED, State.LINGER}),
+    State.ESTABLISHED: frozenset({State.FIN_WAIT, State.CLOSED, State.LINGER}),
+    State.FIN_WAIT: frozenset({State.LINGER}),
+    State.LINGER: frozenset({State.FINISHED}),
+    State.FINISHED: frozenset(),
+}
+
+
+class DropReason(enum.Enum):
+    """Why an input was not used; the value is the Prometheus label ``reason``."""
+
+    NO_TRANSFER = "no_transfer"  # table: no -x entry matches the destination
+    SAMPLED_OUT = "sampled_out"  # table: -r decided against this flow
+    NO_SESSION = "no_session"  # table: a packet without payload and no session (spec §3.6)
+    NO_SYN = "no_syn"  # table: -O and the flow's SYN was not captured
+    SESSION_LIMIT = "session_limit"  # table: max_sessions reached
+    NO_TUPLE = "no_tuple"  # table: every (client ip, port) toward the target is in use
+    CLIENT_SYN_ACK = "client_syn_ack"  # table: a SYN-ACK from the client side
+    UNKNOWN_RESPONSE = "unknown_response"  # table: a response for no session
+    PURE_ACK = "pure_ack"  # captured pure ACK of an established session (spec §3.3 step 8)
+    CLIENT_RETRANSMIT = "client_retransmit"  # captured data already sent or stored
+    SYN_RETRANSMIT = "syn_retransmit"  # the captured SYN again
+    SYN_CONFLICT = "syn_conflict"  # a SYN with another seq reached this session
+    OLD_SEGMENT = "old_segment"  # captured before the connection's ISN
+    AFTER_FIN = "after_fin"  # captured data beyond the client's FIN
+    SESSION_CLOSED = "session_closed"  # a client packet after the session ended
+    UNEXPECTED_RESPONSE = "unexpected_response"  # before the handshake completed (gets RST)
+    STRAY_RESPONSE = "stray_response"  # after the session ended (gets RST unless harmless)
+    BAD_ACK = "bad_ack"  # a response acking data never sent
+    OUT_OF_WINDOW = "out_of_window"  # response data far beyond anything we could receive
+    INTERNAL_ERROR = "internal_error"  # a bug: the input was dropped, the session aborted
+
+
+_DROP_KEYS = {reason: "drop_" + reason.value for reason in DropReason}
+
+
+def drop_key(reason: DropReason) -> str:
+    """The Counter key under which drops for ``reason`` are counted."""
+    return _DROP_KEYS[reason]
+
+
+class Outcome(enum.StrEnum):
+    """How a session ended (SessionEnded.outcome; counted as ``ended_<value>``)."""
+
+    CLOSED = "closed"  # FINs exchanged
+    TARGET_CLOSED = "target_closed"  # the target closed first; we ACKed and sent RST (§3.8)
+    TARGET_RESET = "target_reset"
+    CLIENT_RESET = "client_reset"
+    REFUSED = "refused"  # RST in answer to our SYN
+    HANDSHAKE_TIMEOUT = "handshake_timeout"
+    RETRANSMIT_LIMIT = "retransmit_limit"
+    RECONNECT_LIMIT = "reconnect_limit"
+    TIMEOUT = "timeout"  # -t: no response while work was pending
+    IDLE = "idle"  # -k: idle keepalive session
+    FIN_WAIT_TIMEOUT = "fin_wait_timeout"
+    ABORTED = "aborted"  # internal error
+
+
+_OBSOLETE = frozenset(
+    {
+        Outcome.HANDSHAKE_TIMEOUT,
+        Outcome.RETRANSMIT_LIMIT,
+        Outcome.TIMEOUT,
+        Outcome.IDLE,
+        Outcome.FIN_WAIT_TIMEOUT,
+    }
+)
+
+
+class RouteNeeded(NamedTuple):
+    """Announce (CLIENT_ADD) this client->target route before the SYN goes out (§6 item 1)."""
+
+    client_ip: int
+    client_port: int
+    target_ip: int
+    target_port: int
+
+
+class SessionEnded(NamedTuple):
+    outcome: str
+
+
+Event = RouteNeeded | SessionEnded
+
+# Gate kinds: a FIN/RST is never released by -W (spec §3.14: FIN/RST stay held).
+_GATE_DATA, _GATE_CLOSE = 0, 1
+
+
+class _Seg:
+    """A captured client segment: [off, end) of the unwrapped client stream."""
+
+    __slots__ = ("off", "end", "ack", "flags", "payload", "pkt", "tsval", "sent_at", "retx")
+
+    def __init__(self, off: int, end: int, pkt: TcpPacket, flags: int, payload: bytes) -> None:
+        self.off = off
+        self.end = end
+        self.ack = pkt.ack
+        self.flags = flags
+        self.payload = payload
+        self.pkt = pkt  # never mutated: it may be shared with other replicas
+        self.tsval = _tsval(pkt.options)
+        self.sent_at = 0.0
+        self.retx = False
+
+
+def _tsval(options: bytes) -> int | None:
+    """TSval of a TS option, fast path for Linux's NOP,NOP,TS layout (spec §3.10)."""
+    if not options:
+        return None
+    if options[:4] == _TS_PREFIX and len(options) >= 12:
+        return _TS_VALUES.unpack_from(options, 4)[0]
+    ts = parse_options(options).timestamp
+    return None if ts is None else ts[0]
+
+
+def _after(a: int, b: int) -> bool:
+    """a is later than b in 32-bit sequence space (spec conventions)."""
+    return 0 < ((a - b) & SEQ_MASK) < SEQ_HALF
+
+
+class TcpSession:
+    """One replayed connection (possibly reconnected); see the module docstring."""
+
+    strict = False
+    """Tests set this: internal errors raise instead of aborting the session quietly."""
+
+    __slots__ = (
+        "config", "client", "target", "online", "counters", "state", "outcome", "created_at",
+        # client stream
+        "_base", "_iss", "_snd_una", "_snd_nxt", "_cap_end", "_pending", "_unacked", "_syn_pkt",
+        "_third_pkt", "_fin_seg", "_rst_seg", "_fin_sent", "_fake_syn", "_fake_wnd", "_ip_id",
+        "_gap_held", "_reconnects",
+        # handshake
+        "_syn_bytes", "_syn_sent_at", "_syn_retx", "_syn_rto", "_syn_at", "_handshake_at",
+        "_syn_due", "_need_third", "_syn_ts", "_syn_wscale", "_rcv_mss", "_rcv_wnd_max",
+        # receive side
+        "_rcv_nxt", "_rcv_data", "_rcv_unacked", "_ack_at", "_ack_due", "_last_resp_at",
+        "_last_resp_data_at",
+        # timestamps and window
+        "_ts_ok", "_ts_val", "_ts_recent", "_snd_wscale", "_snd_wnd",
+        # retransmission
+        "_srtt", "_rttvar", "_backoff", "_retries", "_rto_at", "_retx_due", "_dupacks", "_recover",
+        "_persist_at", "_persist_backoff", "_probe_due", "_retx_answered",
+        # request gate
+        "_online_base", "_last_data_ack", "_gate_ack", "_held_since", "_gate_at",
+        "_last_req_sent_at", "_rcv_data_at_req",
+        # end
+        "_fin_wait_at", "_linger_at", "_graceful", "_ctl", "_events",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        config: SessionConfig,
+        client: tuple[int, int],
+        target: tuple[int, int],
+        online: tuple[int, int] = (0, 0),
+        now: float = 0.0,
+        *,
+        counters: Counter | None = None,
+    ) -> None:
+        self.config = config
+        self.client = client
+        self.target = target
+        self.online = online
+        self.counters: Counter = Counter() if counters is None else counters
+        self.state = State.CLOSED
+        self.outcome: str | None = None
+        self.created_at = now
+        self._base: int | None = None
+        self._iss = 0
+        self._snd_una = 0
+        self._snd_nxt = 0
+        self._cap_end = 1
+        self._pending: deque[_Seg] = deque()
+        self._unacked: deque[_Seg] = deque()
+        self._syn_pkt: TcpPacket | None = None
+        self._third_pkt: TcpPacket | None = None
+        self._fin_seg: _Seg | None = None
+        self._rst_seg: _Seg | None = None
+        self._fin_sent = False
+        self._fake_syn = False
+        self._fake_wnd = False
+        self._ip_id = 0
+        self._gap_held = False
+        self._reconnects = 0
+        self._syn_bytes = b""
+        self._syn_sent_at = 0.0
+        self._syn_retx = False
+        self._syn_rto = SYN_RTO_INITIAL_S
+        self._syn_at: float | None = None
+        self._handshake_at: float | None = None
+        self._syn_due = False
+        self._need_third = False
+        self._syn_ts = False
+        self._syn_wscale: int | None = None  # our SYN's window scale option
+        self._rcv_mss = DEFAULT_MSS
+        self._rcv_wnd_max = WINDOW_MAX_BYTES
+        self._rcv_nxt = 0
+        self._rcv_data = 0
+        self._rcv_unacked = 0
+        self._ack_at: float | None = None
+        self._ack_due = False
+        self._last_resp_at = now
+        self._last_resp_data_at = now
+        self._ts_ok = False
+        self._ts_val: int | None = None
+        self._ts_recent = 0
+        self._snd_wscale = 0
+        self._snd_wnd = 0
+        self._srtt: float | None = None
+        self._rttvar = 0.0
+        self._backoff = 0
+        self._retries = 0
+        self._rto_at: float | None = None
+        self._retx_due = False
+        self._dupacks = 0
+        self._recover: int | None = None
+        self._persist_at: float | None = None
+        self._persist_backoff = 0
+        self._probe_due = False
+        self._retx_answered = True
+        self._online_base: int | None = None
+        self._last_data_ack: int | None = None
+        self._gate_ack: int | None = None
+        self._held_since: float | None = None
+        self._gate_at: float | None = None
+        self._last_req_sent_at = now
+        self._rcv_data_at_req = 0
+        self._fin_wait_at: float | None = None
+        self._linger_at: float | None = None
+        self._graceful = False
+        # Control packets owed: (flags, seq, ack, options, captured segment or None).
+        self._ctl: list[tuple[int, int, int, bytes, _Seg | None]] = []
+        self._events: deque[Event] = deque()
+
+    # -- public properties ------------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        return self.state is State.FINISHED
+
+    @property
+    def lingering(self) -> bool:
+        return self.state is State.LINGER
+
+    @property
+    def unsend(self) -> int:
+        n = len(self._pending)
+        if self._fin_seg is not None and not self._fin_sent:
+            n += 1
+        if self._rst_seg is not None:
+            n += 1
+        return n
+
+    @property
+    def syn_seq(self) -> int | None:
+        """The seq of the captured SYN, or None (mid-stream start)."""
+        return None if self._syn_pkt is None else self._syn_pkt.seq
+
+    def owns_syn(self, seq: int) -> bool:
+        """Whether a captured SYN with ``seq`` belongs to this session's connection: its SYN
+        again, or the SYN of a mid-stream start that has not sent anything yet (reorder)."""
+        if self._syn_pkt is not None:
+            return self._syn_pkt.seq == seq
+        return self._base == seq and self.state is State.CLOSED
+
+    def is_later_data(self, pkt: TcpPacket) -> bool:
+        """Lingering, and ``pkt`` is client data beyond everything captured: new traffic on
+        this client tuple, which starts a new session (spec §3.6, §3.13)."""
+        if self.state is not State.LINGER or not pkt.data_len or self._base is None:
+            return False
+        return self._coff(pkt.seq) >= self._cap_end
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def get_timer(self) -> float | None:
+        st = self.state
+        if st >= State.LINGER:
+            return self._linger_at
+        best = self._handshake_at
+        for t in (
+            self._syn_at,
+            self._rto_at,
+            self._ack_at,
+            self._persist_at,
+            self._gate_at,
+            self._fin_wait_at,
+        ):
+            if t is not None and (best is None or t < best):
+                best = t
+        idle = self._idle_deadline()
+        return idle if best is None or idle < best else best
+
+    # -- inputs -----------------------------------------------------------------------------
+
+    def receive_client(self, pkt: TcpPacket, now: float) -> None:
+        try:
+            self._receive_client(pkt, now)
+        except Exception:
+            if self.strict:
+                raise
+            self._internal_error(now)
+
+    def receive_response(self, pkt: TcpPacket, now: float) -> None:
+        try:
+            self._receive_response(pkt, now)
+        except Exception:
+            if self.strict:
+                raise
+            self._internal_error(now)
+
+    def handle_timer(self, now: float) -> None:
+        try:
+            self._handle_timer(now)
+        except Exception:
+            if self.strict:
+                raise
+            self._internal_error(now)
+
+    def packets_to_send(self, now: float) -> list[bytes]:
+        out: list[bytes] = []
+        try:
+            self._packets_to_send(now, out)
+        except Exception:
+            if self.strict:
+                raise
+            self._internal_error(now)
+        return out
+
+    # -- client side ------------------------------------------------------------------------
+
+    def _drop(self, reason: DropReason) -> None:
+        self.counters[_DROP_KEYS[reason]] += 1
+
+    def _coff(self, seq: int) -> int:
+        """Unwrap a client-space seq into an offset, taking the nearest one to _snd_nxt."""
+        nxt = self._snd_nxt
+        d = (seq - self._base - nxt) & SEQ_MASK  # type: ignore[operator]
+        if d >= SEQ_HALF:
+            d -= SEQ_SPACE
+        return nxt + d
+
+    def _receive_client(self, pkt: TcpPacket, now: float) -> None:
+        if self.state >= State.LINGER:
+            self._drop(DropReason.SESSION_CLOSED)
+            return
+        flags = pkt.flags
+        if flags & SYN:
+            self._client_syn(pkt)
+            return
+        dlen = pkt.data_len
+        if self._base is None:
+            # spec §3.6: only a packet with payload starts a session without a SYN.
+            if not dlen:
+                self._drop(DropReason.NO_SESSION)
+                return
+            if not self.config.fake_handshake:
+                self._drop(DropReason.NO_SYN)
+                return
+            self._base = (pkt.seq - 1) & SEQ_MASK
+        off = self._coff(pkt.seq)
+        if flags & RST:
+            if self._rst_seg is not None:
+                self._drop(DropReason.CLIENT_RETRANSMIT)
+                return
+            self._rst_seg = _Seg(off, off, pkt, flags & (RST | ACK), b"")
+            return
+        if not dlen and not flags & FIN:
+            self._client_pure_ack(pkt, off)
+            return
+        if off <= self._iss:
+            self._drop(DropReason.OLD_SEGMENT)
+            return
+        fin = self._fin_seg
+        if fin is not None and (flags & FIN or off + dlen > fin.off):
+            self._drop(DropReason.CLIENT_RETRANSMIT if flags & FIN else DropReason.AFTER_FIN)
+            return
+        if dlen:
+            self._store_data(pkt, off, dlen)
+        if flags & FIN:
+            end = off + dlen
+            self._fin_seg = _Seg(end, end + 1, pkt, FIN | (flags & ACK), b"")
+
+    def _client_syn(self, pkt: TcpPacket) -> None:
+        if pkt.flags & ACK:
+            self._drop(DropReason.SYN_CONFLICT)
+            return
+        if self._base is None:
+            self._base = pkt.seq
+            self._syn_pkt = pkt
+            return
+        if self._syn_pkt is not None:
+            same = self._syn_pkt.seq == pkt.seq
+            self._drop(DropReason.SYN_RETRANSMIT if same else DropReason.SYN_CONFLICT)
+            return
+        if self.owns_syn(pkt.seq):
+            # The SYN of a flow whose data was captured first: a real handshake after all.
+            self._syn_pkt = pkt
+            return
+        self._drop(DropReason.SYN_CONFLICT)
+
+    def _client_pure_ack(self, pkt: TcpPacket, off: int) -> None:
+        base = self._online_base
+        if (
+            off == 1
+            and self._syn_pkt is not None
+            and self._last_data_ack is None
+            and (base is None or _after(base, pkt.ack))
+        ):
+            # The handshake's ACK: online ISN + 1, the origin of the request gate's byte
+            # count.  Later pure ACKs (the client reading responses) must not move it; without
+            # a captured handshake the first data segment's ack is the origin instead.
+            self._online_base = pkt.ack
+        if (
+            self._syn_pkt is not None
+            and self._third_pkt is None
+            and off == 1
+            and not self._fake_syn
+            and (self.state <= State.SYN_SENT or self._need_third)
+        ):
+            self._third_pkt = pkt  # the handshake's third packet: sent as captured
+            return
+        self._drop(DropReason.PURE_ACK)
+
+    def _store_data(self, pkt: TcpPacket, off: int, dlen: int) -> None:
+        c = self.counters
+        end = off + dlen
+        if end <= self._snd_nxt:
+            c["total cont retransmit"] += 1
+            self._drop(DropReason.CLIENT_RETRANSMIT)
+            return
+        payload = pkt.payload
+        if len(payload) < dlen:
+            # A truncated capture (snaplen): the missing bytes cannot be replayed; zeros keep
+            # the stream's shape so the session goes on instead of stalling on a gap.
+            c["client_truncated"] += 1
+            payload = payload + bytes(dlen - len(payload))
+        flags = pkt.flags & _DATA_FLAGS
+        mtu = self.config.mtu
+        if 40 + len(pkt.options) + dlen > mtu:  # spec §3.4: GRO/TSO aggregates
+            pieces = split_mtu(pkt if payload is pkt.payload else _with_payload(pkt, payload), mtu)
+            segs = []
+            for p in pieces:
+                o = off + ((p.seq - pkt.seq) & SEQ_MASK)
+                segs.append(_Seg(o, o + p.data_len, pkt, p.flags & _DATA_FLAGS, p.payload))
+        else:
+            segs = [_Seg(off, end, pkt, flags, payload)]
+        if end > self._cap_end:
+            # Bytes of the client's stream, gaps included: what the client sent, the
+            # denominator of the replay fidelity (client_bytes_acked / this).
+            c["client_bytes_captured"] += end - self._cap_end
+            self._cap_end = end
+        pend = self._pending
+        for seg in segs:
+            if not pend or pend[-1].off <= seg.off:
+                pend.append(seg)
+                continue
+            # Reordered capture: insert in offset order (rare; scan from the tail).
+            i = len(pend) - 1
+            while i > 0 and pend[i - 1].off > seg.off:
+                i -= 1
+            prev = pend[i - 1] if i else None
+            if prev is not None and prev.off == seg.off and prev.end >= seg.end:
+                c["total cont retransmit"] += 1
+                self._drop(DropReason.CLIENT_RETRANSMIT)
+                continue
+            pend.insert(i, seg)
+
+    # -- responses --------------------------------------------------------------------------
+
+    def _receive_response(self, pkt: TcpPacket, now: float) -> None:
+        c = self.counters
+        c["resp"] += 1
+        st = self.state
+        flags = pkt.flags
+        if flags & RST:
+            c["resp rst"] += 1
+        if st >= State.LINGER:
+            self._linger_response(pkt)
+            return
+        if st < State.ESTABLISHED:
+            self._handshake_response(pkt, now)
+            return
+        self._last_resp_at = now
+        if flags & RST:
+            self._target_reset(now)
+            return
+        if flags & SYN:
+            # The SYN-ACK again: our third packet was lost.
+            self._ack_due = True
+            return
+        if self._ts_ok and pkt.options:
+            tsv = _tsval(pkt.options)
+            if tsv is not None and not _after(self._ts_recent, tsv):
+                self._ts_recent = tsv
+        if flags & ACK and not self._process_ack(pkt, now):
+            return
+        dlen = pkt.data_len
+        if dlen or flags & FIN:
+            if self._rcv_wnd_max < (pkt.seq - self._rcv_nxt) & SEQ_MASK < SEQ_HALF:
+                # Beyond any window we ever offered: not this connection's data (a late
+                # record from before a reconnect).  RFC 9293 §3.10.7.4: ACK and drop.
+                self._ack_due = True
+                self._drop(DropReason.OUT_OF_WINDOW)
+                return
+        if dlen:
+            c["c-resp"] += 1
+            if not self._retx_answered:
+                self._retx_answered = True
+                c["recv packs after retransmission"] += 1  # spec §3.18
+            self._process_data(pkt.seq, dlen, now)
+        if flags & FIN:
+            self._target_fin(pkt, now)
+
+    def _handshake_response(self, pkt: TcpPacket, now: float) -> None:
+        flags = pkt.flags
+        if self.state is State.SYN_SENT:
+            ack_ok = bool(flags & ACK) and self._coff(pkt.ack) == self._snd_nxt
+            if flags & SYN and ack_ok and not flags & RST:
+                self._establish(pkt, now)
+                return
+            if flags & RST:
+                if ack_ok or not flags & ACK:
+                    self._end(Outcome.REFUSED, now)
+                else:
+                    self._drop(DropReason.UNEXPECTED_RESPONSE)
+                return
+        elif flags & RST:
+            self._drop(DropReason.UNEXPECTED_RESPONSE)
+            return
+        # spec §3.8: a response before the handshake completed that is not our SYN-ACK (an
+        # older connection on this tuple, or a SYN-ACK for another SYN) gets a RST; the SYN
+        # retransmission then gets through.
+        self._queue_rst_for(pkt)
+        self._drop(DropReason.UNEXPECTED_RESPONSE)
+
+    def _queue_rst_for(self, pkt: TcpPacket) -> None:
+        flags = pkt.flags
+        end = pkt.seq + pkt.data_len + (1 if flags & SYN else 0) + (1 if flags & FIN else 0)
+        seq = pkt.ack if flags & ACK else 0
+        self._ctl.append((RST | ACK, seq, end & SEQ_MASK, b"", None))
+
+    def _establish(self, pkt: TcpPacket, now: float) -> None:
+        opts = parse_options(pkt.options) if pkt.options else None
+        self._rcv_nxt = (pkt.seq + 1) & SEQ_MASK
+        self._rcv_data = 0
+        self._rcv_unacked = 0
+        self._rcv_data_at_req = 0
+        ts = opts.timestamp if opts is not None else None
+        self._ts_ok = self._syn_ts and ts is not None
+        if self._ts_ok:
+            self._ts_recent = ts[0]  # type: ignore[index]
+        # RFC 7323 §2.2: both SYNs must carry the option for scaling to be in effect; the
+        # SYN-ACK's own window is never scaled.
+        ws = opts.wscale if opts is not None else None
+        ours = self._syn_wscale
+        scaling = ours is not None and ws is not None
+        self._snd_wscale = ws if scaling else 0  # type: ignore[assignment]
+        # The largest window we can have offered (ours is scaled only if scaling is in effect).
+        self._rcv_wnd_max = WINDOW_MAX_BYTES << (ours if scaling else 0)  # type: ignore[operator]
+        self._snd_wnd = pkt.window
+        self._snd_una = self._snd_nxt
+        if not self._syn_retx:
+            self._rtt_sample(now - self._syn_sent_at)
+        self._syn_at = None
+        self._handshake_at = None
+        self._syn_due = False
+        self._set_state(State.ESTABLISHED)
+        self.counters["conns"] += 1
+        self._need_third = True
+        self._last_req_sent_at = now
+        self._last_resp_at = now
+        self._last_resp_data_at = now
+
+    def _process_ack(self, pkt: TcpPacket, now: float) -> bool:
+        """ACK processing; False if the segment is to be dropped."""
+        a = self._coff(pkt.ack)
+        una, nxt = self._snd_una, self._snd_nxt
+        if a > nxt:
+            # RFC 9293 §3.10.7.4: an ACK for something not yet sent: ACK and drop.
+            self._ack_due = True
+            self._drop(DropReason.BAD_ACK)
+            return False
+        wnd = pkt.window << self._snd_wscale
+        if a > una:
+            self._acked(a, now)
+            self._snd_wnd = wnd
+            self._dupacks = 0
+        elif a == una:
+            if wnd != self._snd_wnd:
+                self._snd_wnd = wnd  # a window update, not a duplicate
+            elif not pkt.data_len and not pkt.flags & FIN and una != nxt:
+                self._dupacks += 1
+                if self._dupacks == DUP_ACK_THRESHOLD and self._recover is None:
+                    # RFC 5681 §3.2 fast retransmit (once per recovery episode)
+                    self._retx_due = True
+                    self._recover = nxt
+                    self.counters["fast retransmit"] += 1
+        if self._snd_wnd > 0 and self._persist_at is not None:
+            # QUIRK fixed (spec §3.8 check_bak_ack): any window update reopens the window.
+            self._persist_at = None
+            self._persist_backoff = 0
+        return True
+
+    def _acked(self, a: int, now: float) -> None:
+        una = self._snd_una
+        unacked = self._unacked
+        sample: float | None = None
+        while unacked and unacked[0].end <= a:
+            seg = unacked.popleft()
+            # Karn's rule: no RTT sample from a retransmitted segment.
+            sample = None if seg.retx else now - seg.sent_at
+        acked = a - una
+        fin = self._fin_seg
+        if self._fin_sent and fin is not None and una <= fin.off < a:
+            acked -= 1
+        c = self.counters
+        if acked > 0:
+            c["client_bytes_acked"] += acked
+        self._snd_una = a
+        self._retries = 0
+        self._backoff = 0
+        self._reconnects = 0
+        if sample is not None:
+            self._rtt_sample(sample)
+        if self._recover is not None:
+            if a < self._recover:
+                self._retx_due = True  # NewReno partial ack: the next hole (RFC 6582)
+            else:
+                self._recover = None
+        self._rto_at = now + self._rto() if a < self._snd_nxt else None
+
+    def _process_data(self, seq: int, dlen: int, now: float) -> None:
+        end = (seq + dlen) & SEQ_MASK
+        d = (end - self._rcv_nxt) & SEQ_MASK
+        if 0 < d < SEQ_HALF:
+            # New response bytes.  Like C (spec §3.8 step 2) a gap is acked over: the target
+            # did send those bytes (intercept just did not see them), and we need no payload.
+            self._rcv_nxt = end
+            self._rcv_data += d
+            self._rcv_unacked += d
+            self._last_resp_data_at = now
+            if self._rcv_unacked >= 2 * self._rcv_mss:
+                self._ack_due = True  # RFC 9293 §3.8.6.3: at least every second full segment
+            elif self._ack_at is None:
+                self._ack_at = now + DELAYED_ACK_S
+        else:
+            # Old data again: the target missed our ACK; a real stack ACKs at once.
+            self._ack_due = True
+            self.counters["resp retransmitted"] += 1
+
+    def _target_fin(self, pkt: TcpPacket, now: float) -> None:
+        # Every branch below ends or reconnects the connection, so a FIN is seen only once
+        # per connection here; its retransmissions reach _linger_response.
+        fin_end = (pkt.seq + pkt.data_len + 1) & SEQ_MASK
+        self._rcv_nxt = fin_end
+        c = self.counters
+        c["resp fin"] += 1
+        ack_ctl = (ACK, self._seq(self._snd_nxt), fin_end, self._faked_options(), None)
+        if self.state is State.FIN_WAIT:
+            self._ctl.append(ack_ctl)
+            self._end(Outcome.CLOSED, now, graceful=True)
+        elif self._pending:
+            # spec §3.8 proc_bak_fin: unsent client data remains: reconnect and send it.
+            self._ctl.append(ack_ctl)
+            self._reconnect(now, send_rst=True)
+        elif self._fin_seg is not None:
+            # The client has closed too: our FIN answers theirs (and acks it).
+            fin = self._fin_seg
+            fin.off = self._snd_nxt
+            fin.end = fin.off + 1
+            self._ctl.append((fin.flags | ACK, self._seq(fin.off), fin_end, b"", fin))
+            self._snd_nxt = fin.end
+            self._fin_sent = True
+            c["fin"] += 1
+            self._end(Outcome.CLOSED, now, graceful=True)
+        else:
+            # spec §3.8 proc_bak_fin: tcpcopy never waits for the client's FIN: ACK, then RST.
+            self._ctl.append(ack_ctl)
+            self._end(Outcome.TARGET_CLOSED, now, rst_off=self._snd_nxt)
+
+    def _target_reset(self, now: float) -> None:
+        if self._pending:
+            if self._reconnects >= RECONNECTS_MAX:
+                self._end(Outcome.RECONNECT_LIMIT, now)
+            else:
+                self._reconnect(now, send_rst=False)
+        else:
+            self._end(Outcome.TARGET_RESET, now)
+
+    def _linger_response(self, pkt: TcpPacket) -> None:
+        flags = pkt.flags
+        if flags & RST:
+            self._drop(DropReason.STRAY_RESPONSE)
+            return
+        if self._graceful and not pkt.data_len and not flags & SYN:
+            if flags & FIN:
+                # Its FIN again (our ACK was lost): ACK it, as TIME_WAIT does.
+                self._ctl.append(
+                    (ACK, self._seq(self._snd_nxt), self._rcv_nxt, self._faked_options(), None)
+                )
+            return  # the ACK of our FIN: the expected end of a clean close
+        self._queue_rst_for(pkt)
+        self._drop(DropReason.STRAY_RESPONSE)
+
+    # -- timers -----------------------------------------------------------------------------
+
+    def _busy(self) -> bool:
+        """Work is pending: captured segments unsent or sent ones unacknowledged."""
+        return bool(self._pending or self._unacked or self._rst_seg is not None) or (
+            self._fin_seg is not None and not self._fin_sent
+        )
+
+    def _idle_deadline(self) -> float:
+        cfg = self.config
+        limit = cfg.session_timeout_s if self._busy() else cfg.keepalive_timeout_s
+        return self._last_resp_at + limit
+
+    def _handle_timer(self, now: float) -> None:
+        st = self.state
+        if st >= State.LINGER:
+            if self._linger_at is not None and now >= self._linger_at:
+                self._linger_at = None
+                self._set_state(State.FINISHED)
+            return
+        if self._handshake_at is not None and now >= self._handshake_at:
+            self._end(Outcome.HANDSHAKE_TIMEOUT, now)
+            return
+        if self._syn_at is not None and now >= self._syn_at:
+            self._syn_due = True
+            self._syn_rto *= 2
+            self._syn_at = now + self._syn_rto
+        if self._rto_at is not None and now >= self._rto_at:
+            if not self._unacked:
+                self._rto_at = None
+            else:
+                self._retries += 1
+                if self._retries > RETRIES_MAX:
+                    self._end(Outcome.RETRANSMIT_LIMIT, now, rst_off=self._snd_una)
+                    return
+                self._backoff += 1
+                self._retx_due = True
+                self._dupacks = 0
+                # After a timeout every hole is retransmitted as the acks come (RFC 6582).
+                self._recover = self._snd_nxt
+                self._rto_at = now + self._rto()
+                self.counters["rto"] += 1
+        if self._persist_at is not None and now >= self._persist_at:
+            self._probe_due = True
+            self._persist_backoff += 1
+            self._persist_at = now + self._persist_interval()
+        if self._ack_at is not None and now >= self._ack_at:
+            self._ack_at = None
+            self._ack_due = True
+        if self._fin_wait_at is not None and now >= self._fin_wait_at:
+            self._end(Outcome.FIN_WAIT_TIMEOUT, now, rst_off=self._snd_nxt)
+            return
+        if now >= self._idle_deadline():
+            # spec §3.9 sess_obso: -t while work is pending, -k when idle.
+            outcome = Outcome.TIMEOUT if self._busy() else Outcome.IDLE
+            has_conn = st is State.ESTABLISHED or st is State.FIN_WAIT
+            self._end(outcome, now, rst_off=self._snd_una if has_conn else None)
+
+    def _rtt_sample(self, r: float) -> None:
+        """RFC 6298 §2 smoothing."""
+        if r < 0:
+            return
+        if self._srtt is None:
+            self._srtt = r
+            self._rttvar = r / 2
+        else:
+            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - r)
+            self._srtt = 0.875 * self._srtt + 0.125 * r
+
+    def _rto(self) -> float:
+        """The current RTO with exponential backoff (QUIRK fixed, spec §3.9: C's fixed 100 ms
+        RTO with no backoff, effectively disabled after the first fast response)."""
+        if self._srtt is None:
+            base = RTO_INITIAL_S
+        else:
+            base = self._srtt + max(RTO_GRANULARITY_S, 4 * self._rttvar)
+            base = min(max(base, RTO_MIN_S), RTO_MAX_S)
+        return min(base * (1 << self._backoff), RTO_MAX_S)
+
+    def _persist_interval(self) -> float:
+        base = RTO_INITIAL_S if self._srtt is None else max(self._rto(), RTO_MIN_S)
+        return min(base * (1 << min(self._persist_backoff, 16)), RTO_MAX_S)
+
+    def _rtt(self) -> float:
+        return self.config.rtt_initial_s if self._srtt is None else self._srtt
+
+    # -- state changes ----------------------------------------------------------------------
+
+    def _set_state(self, new: State) -> None:
+        if new not in _TRANSITIONS[self.state]:
+            raise RuntimeError(f"illegal session transition {self.state.name} -> {new.name}")
+        self.state = new
+
+    def _end(
+        self,
+        outcome: Outcome,
+        now: float,
+        rst_off: int | None = None,
+        graceful: bool = False,
+    ) -> None:
+        c = self.counters
+        if rst_off is not None:
+            # spec §3.9 sess_post_disp: a passive RST frees the target's side.
+            self._ctl.append((RST | ACK, self._seq(rst_off), self._rcv_nxt, b"", None))
+        if self.unsend:
+            c["unsend dropped"] += self.unsend
+        self._pending.clear()
+        self._unacked.clear()
+        self._rst_seg = None
+        if not self._fin_sent:
+            self._fin_seg = None
+        self._syn_at = self._handshake_at = self._rto_at = self._ack_at = None
+        self._persist_at = self._gate_at = self._fin_wait_at = None
+        self._syn_due = self._retx_due = self._probe_due = self._ack_due = False
+        self._need_third = False
+        self._graceful = graceful
+        self._set_state(State.LINGER)
+        self._linger_at = now + self.config.linger_s
+        self.outcome = str(outcome)
+        c["ended_" + outcome.value] += 1
+        if outcome in _OBSOLETE:
+            c["obs del"] += 1
+        c["tw"] += 1  # a gauge: the table takes it back when the session is forgotten
+        self._events.append(SessionEnded(self.outcome))
+
+    def _reconnect(self, now: float, send_rst: bool) -> None:
+        """spec §3.8 reconstruct_sess: RST the target's side, then a faked handshake from the
+        next unsent captured segment on the same client tuple (spec §3.13)."""
+        self.counters["reconnect"] += 1
+        self._reconnects += 1
+        if send_rst:
+            self._ctl.append((RST | ACK, self._seq(self._snd_nxt), self._rcv_nxt, b"", None))
+        self._unacked.clear()
+        self._set_state(State.CLOSED)
+        self._fake_syn = True
+        self._need_third = False
+        self._rto_at = self._ack_at = self._persist_at = self._gate_at = None
+        self._retx_due = self._probe_due = self._ack_due = False
+        self._recover = None
+        self._dupacks = self._retries = self._backoff = self._persist_backoff = 0
+        self._ts_ok = False
+        self._snd_wscale = 0
+        # The gate starts over: the new connection's first request goes at once.
+        self._online_base = None
+        self._last_data_ack = None
+        self._gate_ack = None
+        self._held_since = None
+        self._gap_held = False
+
+    def _internal_error(self, now: float) -> None:
+        self._drop(DropReason.INTERNAL_ERROR)
+        if self.state < State.LINGER:
+            try:
+                self._end(Outcome.ABORTED, now)
+            except Exception:
+                self.state = State.LINGER
+                self._linger_at = now + self.config.linger_s
+
+    # -- output -----------------------------------------------------------------------------
+
+    def _seq(self, off: int) -> int:
+        return (self._base + off) & SEQ_MASK  # type: ignore[operator]
+
+    def _faked_options(self) -> bytes:
+        if not self._ts_ok:
+            return b""
+        return _TS_OPTION.pack(1, 1, 8, 10, self._ts_val or 0, self._ts_recent)
+
+    def _emit(
+        self,
+        out: list[bytes],
+        flags: int,
+        seq: int,
+        ack: int,
+        payload: bytes,
+        seg: _Seg | None,
+        options: bytes | None = None,
+    ) -> None:
+        """Build one packet toward the target (spec §3.10 rewrite rules)."""
+        cip, cport = self.client
+        tip, tport = self.target
+        if seg is not None:
+            pkt = seg.pkt
+            opts = pkt.options if options is None else options
+            if self._ts_ok and seg.tsval is not None:
+                # TSval monotonic (PAWS at the target), TSecr = the target's latest TSval.
+                v = self._ts_val
+                if v is None or not _after(v, seg.tsval):
+                    v = seg.tsval
+                self._ts_val = v
+                opts = set_timestamp(opts, v, self._ts_recent)
+            # A captured zero window (the online client's buffer was full) is not ours to
+            # repeat: we consume every response at once, and a 0 would stall the target.
+            window = FAKED_WINDOW if self._fake_wnd else (pkt.window or FAKED_WINDOW)
+            ip_id, ttl, tos, df = pkt.ip_id, pkt.ttl, pkt.tos, pkt.df
+        else:
+            opts = self._faked_options() if options is None else options
+            window = FAKED_WINDOW
+            ip_id = (self._ip_id + 1) & IP_ID_MASK
+            ttl, tos, df = FAKED_TTL, 0, True
+        self._ip_id = ip_id
+        if not flags & ACK:
+            ack = 0
+        out.append(
+            build(
+                TcpPacket(
+                    cip,
+                    tip,
+                    cport,
+                    tport,
+                    seq,
+                    ack,
+                    flags,
+                    window,
+                    opts,
+                    payload,
+                    -1,
+                    ip_id,
+                    ttl,
+                    tos,
+                    df,
+                )
+            )
+        )
+        if flags & ACK and ack == self._rcv_nxt:
+            self._ack_at = None
+            self._ack_due = False
+            self._rcv_unacked = 0
+
+    def _packets_to_send(self, now: float, out: list[bytes]) -> None:
+        c = self.counters
+        if self._ctl:
+            self._emit_ctl(out)
+        st = self.state
+        if st is State.ESTABLISHED or st is State.FIN_WAIT:
+            if self._need_third:
+                self._send_third(out)
+            if self._retx_due:
+                self._retransmit(now, out)
+            if self._probe_due:
+                # A zero-window probe: an old seq makes the target answer with its window.
+                self._probe_due = False
+                self._emit(out, ACK, self._seq(self._snd_una - 1), self._rcv_nxt, b"", None)
+                c["window probe"] += 1
+            self._send_new(now, out)
+            st = self.state
+            if (st is State.ESTABLISHED or st is State.FIN_WAIT) and (
+                self._ack_due or (self._ack_at is not None and now >= self._ack_at)
+            ):
+                self._emit(out, ACK, self._seq(self._snd_nxt), self._rcv_nxt, b"", None)
+                c["send"] += 1
+                c["send ack"] += 1
+        elif st is State.CLOSED:
+            if self._base is not None and (self._syn_pkt is not None or self._pending):
+                self._send_syn(now, out)
+        elif st is State.SYN_SENT:
+            if self._syn_due:
+                self._syn_due = False
+                self._syn_retx = True
+                out.append(self._syn_bytes)
+                c["retransmit"] += 1
+                c["syn retransmit"] += 1
+        if self._ctl:
+            self._emit_ctl(out)
+
+    def _emit_ctl(self, out: list[bytes]) -> None:
+        c = self.counters
+        for flags, seq, ack, opts, seg in self._ctl:
+            self._emit(out, flags, seq, ack, b"", seg, opts if seg is None else None)
+            c["send"] += 1
+            if flags & RST:
+                c["reset"] += 1
+        self._ctl.clear()
+
+    def _send_syn(self, now: float, out: list[bytes]) -> None:
+        c = self.counters
+        syn = self._syn_pkt
+        if syn is not None and not self._fake_syn:
+            opts = parse_options(syn.options) if syn.options else None
+            self._syn_ts = opts is not None and opts.timestamp is not None
+            ws = opts.wscale if opts is not None else None
+            self._syn_wscale = WSCALE_MAX if ws is not None and ws > WSCALE_MAX else ws
+            self._rcv_mss = (opts.mss if opts is not None else None) or DEFAULT_MSS
+            if self._syn_ts:
+                self._ts_val = opts.timestamp[0]  # type: ignore[union-attr,index]
+            self._iss = 0
+            self._fake_wnd = False
+            self._ip_id = syn.ip_id
+            pkt = TcpPacket(
+                self.client[0],
+                self.target[0],
+                self.client[1],
+                self.target[1],
+                self._seq(0),
+                0,
+                syn.flags & _SYN_FLAGS,
+                syn.window,
+                syn.options,
+                b"",
+                -1,
+                syn.ip_id,
+                syn.ttl,
+                syn.tos,
+                syn.df,
+            )
+        else:
+            # spec §3.7 step 4, §3.11 send_faked_syn: seq = first data seq - 1, MSS = -D only,
+            # window 65535, IP ID = the captured id - 2, TTL 64, DF.
+            head = self._pending[0]
+            self._fake_syn = True
+            self._iss = head.off - 1
+            self._syn_ts = False
+            self._syn_wscale = None
+            self._ts_val = None
+            self._rcv_mss = self.config.mss
+            self._fake_wnd = True
+            self._ip_id = (head.pkt.ip_id - 2) & IP_ID_MASK
+            pkt = TcpPacket(
+                self.client[0],
+                self.target[0],
+                self.client[1],
+                self.target[1],
+                self._seq(self._iss),
+                0,
+                SYN,
+                FAKED_WINDOW,
+                build_options(mss=self.config.mss),
+                b"",
+                -1,
+                self._ip_id,
+                FAKED_TTL,
+                0,
+                True,
+            )
+            if self._reconnects == 0:
+                c["for no syn"] += 1
+        self._snd_una = self._iss
+        self._snd_nxt = self._iss + 1
+        self._rcv_nxt = 0
+        self._syn_bytes = build(pkt)
+        # spec §1.2, §6 item 1: the route goes out before the SYN.
+        self._events.append(RouteNeeded(self.client[0], self.client[1], *self.target))
+        out.append(self._syn_bytes)
+        c["send"] += 1
+        c["send syn"] += 1
+        self._set_state(State.SYN_SENT)
+        self._syn_sent_at = now
+        self._syn_retx = False
+        self._syn_rto = SYN_RTO_INITIAL_S
+        self._syn_at = now + SYN_RTO_INITIAL_S
+        self._handshake_at = now + self.config.handshake_timeout_s
+
+    def _send_third(self, out: list[bytes]) -> None:
+        self._need_third = False
+        third = self._third_pkt
+        seq = self._seq(self._snd_nxt)
+        if third is not None and not self._fake_syn:
+            seg = _Seg(self._snd_nxt, self._snd_nxt, third, ACK, b"")
+            self._emit(out, (third.flags & _DATA_FLAGS) | ACK, seq, self._rcv_nxt, b"", seg)
+        else:
+            # spec §3.11 send_faked_third_handshake
+            self._emit(out, ACK, seq, self._rcv_nxt, b"", None)
+        self.counters["send"] += 1
+
+    def _retransmit(self, now: float, out: list[bytes]) -> None:
+        self._retx_due = False
+        if not self._unacked:
+            return
+        seg = self._unacked[0]
+        una = self._snd_una
+        payload = seg.payload
+        off = seg.off
+        if off < una:  # partly acked: only the rest
+            payload = payload[una - off :]
+            off = una
+        self._emit(out, seg.flags, self._seq(off), self._rcv_nxt, payload, seg)
+        seg.retx = True
+        self._retx_answered = False
+        self.counters["retransmit"] += 1
+        self._rto_at = now + self._rto()
+
+    def _send_new(self, now: float, out: list[bytes]) -> None:
+        """The pump: captured segments in order, through gap, gate and window checks."""
+        c = self.counters
+        pend = self._pending
+        if self.state is State.ESTABLISHED:
+            while pend:
+                seg = pend[0]
+                nxt = self._snd_nxt
+                if seg.end <= nxt:
+                    pend.popleft()  # all of it was sent already (a captured retransmission)
+                    c["total cont retransmit"] += 1
+                    self._drop(DropReason.CLIENT_RETRANSMIT)
+                    continue
+                if seg.off > nxt:
+                    # spec §3.7 step 6d: a gap in the captured stream holds the session.
+                    if not self._gap_held:
+                        self._gap_held = True
+                        c["client gap"] += 1
+                    break
+                self._gap_held = False
+                if seg.off < nxt:  # overlap: send only the new part
+                    seg.payload = seg.payload[nxt - seg.off :]
+                    seg.off = nxt
+                    c["client overlap"] += 1
+                ack = seg.ack
+                new_req = ack != self._last_data_ack
+                if new_req and ack != self._gate_ack and not self._gate_open(ack, now, _GATE_DATA):
+                    break
+                size = seg.end - seg.off
+                room = self._snd_una + self._snd_wnd - nxt
+                if size > room:
+                    if nxt != self._snd_una:
+                        break  # wait for acks to open the window
+                    if room <= 0:
+                        # Zero window: stop; probe until it reopens (spec §3.8, QUIRK fixed).
+                        if self._persist_at is None:
+                            self._persist_at = now + self._persist_interval()
+                        break
+                    # Nothing in flight and a window smaller than the segment: send what fits.
+                    head = _Seg(seg.off, seg.off + room, seg.pkt, seg.flags & ~PSH, b"")
+                    head.payload = seg.payload[:room]
+                    seg.payload = seg.payload[room:]
+                    seg.off += room
+                    seg = head
+                else:
+                    pend.popleft()
+                self._emit(out, seg.flags, self._seq(seg.off), self._rcv_nxt, seg.payload, seg)
+                seg.sent_at = now
+                seg.retx = False
+                self._unacked.append(seg)
+                self._snd_nxt = seg.end
+                if self._rto_at is None:
+                    self._rto_at = now + self._rto()
+                c["send"] += 1
+                c["send content"] += 1
+                if new_req:
+                    c["requests"] += 1
+                    self._last_req_sent_at = now
+                    self._rcv_data_at_req = self._rcv_data
+                self._last_data_ack = ack
+            if not pend:
+                self._send_fin(now, out)
+        rst = self._rst_seg
+        if rst is not None and (not pend or pend[0].off > self._snd_nxt):
+            if self.state < State.LINGER and (
+                rst.ack == self._last_data_ack
+                or rst.ack == self._gate_ack
+                or self._gate_open(rst.ack, now, _GATE_CLOSE)
+            ):
+                # spec §3.7 step 1: seq clamped to what the target expects.
+                flags = rst.flags
+                self._emit(out, flags, self._seq(self._snd_nxt), self._rcv_nxt, b"", rst)
+                c["send"] += 1
+                c["reset"] += 1
+                self._rst_seg = None
+                self._end(Outcome.CLIENT_RESET, now)
+
+    def _send_fin(self, now: float, out: list[bytes]) -> None:
+        fin = self._fin_seg
+        if fin is None or self._fin_sent or fin.off > self._snd_nxt:
+            return
+        if self._snd_una != self._snd_nxt:
+            return  # spec §3.13: the FIN waits until the target has acked all data
+        ack = fin.ack
+        if (
+            ack != self._last_data_ack
+            and ack != self._gate_ack
+            and not self._gate_open(ack, now, _GATE_CLOSE)
+        ):
+            return
+        fin.off = self._snd_nxt
+        fin.end = fin.off + 1
+        self._emit(out, fin.flags, self._seq(fin.off), self._rcv_nxt, b"", fin)
+        fin.sent_at = now
+        fin.retx = False
+        self._unacked.append(fin)
+        self._snd_nxt = fin.end
+        self._fin_sent = True
+        if self._rto_at is None:
+            self._rto_at = now + self._rto()
+        c = self.counters
+        c["send"] += 1
+        c["fin"] += 1
+        self._set_state(State.FIN_WAIT)
+        self._fin_wait_at = now + self.config.fin_wait_timeout_s
+
+    def _gate_open(self, ack: int, now: float, kind: int) -> bool:
+        """The request gate (module docstring); counts the rule that released."""
+        base = self._online_base
+        if base is None:
+            base = self._online_base = ack
+        online = (ack - base) & SEQ_MASK
+        if online >= SEQ_HALF:
+            online = 0
+        c = self.counters
+        if self._rcv_data >= online:
+            rule = "gate_bytes"  # (a)
+        elif kind == _GATE_DATA and not self.config.wait_response:
+            rule = "gate_nowait"  # (b) -W
+        else:
+            held = self._held_since
+            if held is None:
+                held = self._held_since = now
+                c["requests_held"] += 1
+            quiet_at: float | None = None
+            rule = ""
+            if self._rcv_data > self._rcv_data_at_req:
+                quiet_at = self._last_resp_data_at + max(2 * self._rtt(), RESPONSE_QUIET_MIN_S)
+                if now >= quiet_at:
+                    rule = "gate_quiet"  # (c)
+            if not rule:
+                max_at = held + self.config.response_wait_max_s
+                if now >= max_at:
+                    rule = "gate_max_wait"  # (d)
+                else:
+                    self._gate_at = max_at if quiet_at is None else min(max_at, quiet_at)
+                    return False
+        c[rule] += 1
+        self._held_since = None
+        self._gate_at = None
+        self._gate_ack = ack
+        return True
+
+
+def _with_payload(pkt: TcpPacket, payload: bytes) -> TcpPacket:
+    return TcpPacket(
+        pkt.src,
+        pkt.dst,
+        pkt.sport,
+        pkt.dport,
+        pkt.seq,
+        pkt.ack,
+        pkt.flags,
+        pkt.window,
+        pkt.options,
+        payload,
+        -1,
+        pkt.ip_id,
+        pkt.ttl,
+        pkt.tos,
+        pkt.df,
+        pkt.urgent,
+    )

@@ -9,4 +9,339 @@ CONTRACT:
         # routes to announce (CLIENT_ADD), then packets to send; the shell sends all routes
         # of one drain before any packet of it.
     t.counters: Counter; t.active: int; t.unsend: int
+
+Additions: ``ClientRoute`` is ``session.RouteNeeded`` (client_ip, client_port, target_ip,
+target_port); ``t.lingering`` (sessions ended and lingering); ``t.allocator`` (the
+rewrite.TupleAllocator).  ``counters`` is shared with every session of the table, so it holds
+the session counters (spec §3.18 labels, ``drop_<reason>``, ``ended_<outcome>``, fidelity
+bytes, gate rules) plus the table's own: "all clt", "clt cont", "syn cnt", "rel", "port reuse",
+"sessions refused", and the gauge "tw".
+
+THEORY OF OPERATION
+
+Flows are keyed by the *original* 4-tuple (client ip, port, online ip, port) -> a list of
+replica entries; responses are looked up by (fake client ip, port, target ip, port), which the
+TupleAllocator guarantees unique among live and recently ended flows (design §9: C keys by the
+rewritten client only, and refuses a port-reusing SYN; that loses up to 28 % of short
+connections at 10 k conn/s from one address).  A SYN with a new seq on a live original key is
+a new connection: the old sessions are detached from the key (they finish on their own and
+still get their responses through their fake tuple) and fresh ones start.
+
+Timers: a heap of (deadline, seq, entry) with lazy invalidation.  An entry records the
+deadline it is scheduled at; a new heap item is pushed only when the session's deadline moved
+*earlier*, so a session whose idle deadline moves later on every packet does not flood the
+heap: its old item fires early, the session finds nothing due, and it is rescheduled.
+Sessions touched by an input are queued once (``_touched``) and handled by ``drain``, which
+is O(touched).
 """
+
+from __future__ import annotations
+
+import heapq
+from collections import Counter
+
+from engine.config import SessionConfig
+from engine.packet import ACK, SYN, TcpPacket
+from engine.rewrite import (
+    TransferEntry,
+    TupleAllocator,
+    choose_client_ip,
+    match_transfer,
+    replica_port,
+    sample_keep,
+    shift_port,
+)
+from engine.session import DropReason, RouteNeeded, TcpSession, drop_key
+
+__all__ = ["SessionTable", "ClientRoute"]
+
+ClientRoute = RouteNeeded
+
+_DROP_NO_TRANSFER = drop_key(DropReason.NO_TRANSFER)
+_DROP_SAMPLED_OUT = drop_key(DropReason.SAMPLED_OUT)
+_DROP_NO_SESSION = drop_key(DropReason.NO_SESSION)
+_DROP_NO_SYN = drop_key(DropReason.NO_SYN)
+_DROP_SESSION_LIMIT = drop_key(DropReason.SESSION_LIMIT)
+_DROP_NO_TUPLE = drop_key(DropReason.NO_TUPLE)
+_DROP_CLIENT_SYN_ACK = drop_key(DropReason.CLIENT_SYN_ACK)
+_DROP_UNKNOWN_RESPONSE = drop_key(DropReason.UNKNOWN_RESPONSE)
+
+
+def _key4(ip_a: int, port_a: int, ip_b: int, port_b: int) -> int:
+    """One int for a 4-tuple: cheaper to hash than a tuple and no allocation of one."""
+    return (((((ip_a << 16) | port_a) << 32) | ip_b) << 16) | port_b
+
+
+class _Entry:
+    """A session plus the table's bookkeeping for it."""
+
+    __slots__ = ("session", "flow_key", "flow", "resp_key", "sched", "touched", "unsend", "gone")
+
+    def __init__(self, session: TcpSession, flow_key: int, flow: list, resp_key: int) -> None:
+        self.session = session
+        self.flow_key = flow_key
+        self.flow = flow  # the replica list this entry belongs to (shared)
+        self.resp_key = resp_key
+        self.sched: float | None = None
+        self.touched = False
+        self.unsend = 0
+        self.gone = False
+
+
+class SessionTable:
+    """The sessions of one worker; see the module docstring."""
+
+    def __init__(self, config: SessionConfig) -> None:
+        self.config = config
+        self.counters: Counter = Counter()
+        self.allocator = TupleAllocator(
+            config.time_wait_s, config.worker_index, config.worker_count
+        )
+        self._flows: dict[int, list[_Entry]] = {}
+        self._by_resp: dict[int, _Entry] = {}
+        self._heap: list[tuple[float, int, _Entry]] = []
+        self._heap_seq = 0
+        self._touched: list[_Entry] = []
+        self._now = 0.0
+        self._unsend = 0
+
+    # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def active(self) -> int:
+        """Sessions in the table (lingering ones included, like C's ``active``)."""
+        return len(self._by_resp)
+
+    @property
+    def lingering(self) -> int:
+        return self.counters["tw"]
+
+    @property
+    def unsend(self) -> int:
+        """Captured client segments not yet sent, over all sessions (as of the last drain)."""
+        return self._unsend
+
+    # -- client side ----------------------------------------------------------------------------
+
+    def receive_client(self, pkt: TcpPacket, now: float) -> None:
+        self._now = now
+        c = self.counters
+        fkey = _key4(pkt.src, pkt.sport, pkt.dst, pkt.dport)
+        flow = self._flows.get(fkey)
+        flags = pkt.flags
+        if flags & SYN:
+            if flags & ACK:
+                c[_DROP_CLIENT_SYN_ACK] += 1
+                return
+            c["syn cnt"] += 1
+        if flow is not None:
+            if flags & SYN and not flow[0].session.owns_syn(pkt.seq):
+                # spec §3.6 drops this SYN; it is a new connection reusing the port.  The old
+                # sessions run on by their fake tuples until they end.
+                c["port reuse"] += 1
+                del self._flows[fkey]
+                self._new_flow(fkey, pkt, now, None)
+                return
+            c["all clt"] += 1
+            if pkt.data_len:
+                c["clt cont"] += 1
+            touched = self._touched
+            for i, e in enumerate(flow):
+                s = e.session
+                if s.lingering and pkt.data_len and s.is_later_data(pkt):
+                    # spec §3.6: new traffic on a lingering tuple starts a new (faked)
+                    # session; per replica, as each replica is its own session in C.
+                    fresh = self._replace(flow, i, pkt, now)
+                    if fresh is None:
+                        continue
+                    e, s = fresh, fresh.session
+                s.receive_client(pkt, now)
+                if not e.touched:
+                    e.touched = True
+                    touched.append(e)
+            return
+        entry = match_transfer(self.config.transfers, pkt.dst, pkt.dport)
+        if entry is None:
+            c[_DROP_NO_TRANSFER] += 1
+            return
+        if not flags & SYN:
+            if not pkt.data_len:
+                # spec §3.6: only a SYN or a packet with payload starts a session.
+                c[_DROP_NO_SESSION] += 1
+                return
+            if not self.config.fake_handshake:
+                c[_DROP_NO_SYN] += 1  # -O
+                return
+        self._new_flow(fkey, pkt, now, entry)
+
+    def _new_flow(self, fkey: int, pkt: TcpPacket, now: float, entry: TransferEntry | None) -> None:
+        cfg = self.config
+        c = self.counters
+        if entry is None:
+            entry = match_transfer(cfg.transfers, pkt.dst, pkt.dport)
+            if entry is None:
+                c[_DROP_NO_TRANSFER] += 1
+                return
+        pool = cfg.client_pool
+        if cfg.sample_percent < 100:
+            # spec §3.3 step 7: the rewritten address and the original port, once per flow.
+            ip0 = choose_client_ip(pkt.src, pool) if pool else pkt.src
+            if not sample_keep(ip0, pkt.sport, cfg.sample_percent):
+                c[_DROP_SAMPLED_OUT] += 1
+                return
+        replicas = max(1, cfg.replicas)
+        if cfg.max_sessions and len(self._by_resp) + replicas > cfg.max_sessions:
+            c["sessions refused"] += 1
+            c[_DROP_SESSION_LIMIT] += 1
+            return
+        flow: list[_Entry] = []
+        for i in range(replicas):
+            e = self._create(fkey, flow, i, pkt, now, entry)
+            if e is not None:
+                flow.append(e)
+        if not flow:
+            return
+        self._flows[fkey] = flow
+        c["all clt"] += 1
+        if pkt.data_len:
+            c["clt cont"] += 1
+        for e in flow:
+            e.session.receive_client(pkt, now)
+            e.touched = True
+            self._touched.append(e)
+
+    def _replace(self, flow: list[_Entry], i: int, pkt: TcpPacket, now: float) -> _Entry | None:
+        """A new session in replica slot i of ``flow``; the lingering one is detached."""
+        old = flow[i]
+        cfg = self.config
+        if cfg.max_sessions and len(self._by_resp) >= cfg.max_sessions:
+            self.counters["sessions refused"] += 1
+            self.counters[_DROP_SESSION_LIMIT] += 1
+            return None
+        entry = match_transfer(cfg.transfers, pkt.dst, pkt.dport)
+        e = None if entry is None else self._create(old.flow_key, flow, i, pkt, now, entry)
+        if e is None:
+            return None
+        old.flow = [old]  # its removal must not touch the live flow
+        flow[i] = e
+        return e
+
+    def _create(
+        self, fkey: int, flow: list, i: int, pkt: TcpPacket, now: float, entry: TransferEntry
+    ) -> _Entry | None:
+        """Allocate replica i's fake client tuple and make its session (not yet fed)."""
+        cfg = self.config
+        pool = cfg.client_pool
+        shift, rand = cfg.port_shift, cfg.rand_shift
+        ip = choose_client_ip(pkt.src, pool, i) if pool else pkt.src
+        port = shift_port(pkt.sport, shift, rand) if shift else pkt.sport
+        if i:
+            # spec §3.4: replica i's port (the -f shift applies again on top).  These are only
+            # preferences: the allocator moves them off any tuple in use or in TIME_WAIT.
+            port = replica_port(port, i, rand)
+            if shift:
+                port = shift_port(port, shift, rand)
+        tip, tport = entry.target_ip, entry.target_port
+        got = self.allocator.allocate(ip, port, tip, tport, now)
+        if got is None:
+            self.counters[_DROP_NO_TUPLE] += 1
+            return None
+        s = TcpSession(cfg, got, (tip, tport), (pkt.dst, pkt.dport), now, counters=self.counters)
+        rkey = _key4(got[0], got[1], tip, tport)
+        e = _Entry(s, fkey, flow, rkey)
+        self._by_resp[rkey] = e
+        return e
+
+    # -- responses ------------------------------------------------------------------------------
+
+    def receive_response(self, pkt: TcpPacket, now: float) -> None:
+        self._now = now
+        e = self._by_resp.get(_key4(pkt.dst, pkt.dport, pkt.src, pkt.sport))
+        if e is None:
+            self.counters[_DROP_UNKNOWN_RESPONSE] += 1
+            return
+        e.session.receive_response(pkt, now)
+        if not e.touched:
+            e.touched = True
+            self._touched.append(e)
+
+    # -- timers ---------------------------------------------------------------------------------
+
+    def handle_timer(self, now: float) -> None:
+        self._now = now
+        heap = self._heap
+        touched = self._touched
+        while heap and heap[0][0] <= now:
+            t, _, e = heapq.heappop(heap)
+            if e.sched != t or e.gone:
+                continue  # stale: rescheduled earlier meanwhile, or removed
+            e.sched = None
+            e.session.handle_timer(now)
+            if not e.touched:
+                e.touched = True
+                touched.append(e)
+
+    def get_timer(self) -> float | None:
+        if self._touched:
+            return self._now  # work is waiting for drain()
+        heap = self._heap
+        while heap:
+            t, _, e = heap[0]
+            if e.sched == t and not e.gone:
+                return t
+            heapq.heappop(heap)
+        return None
+
+    def _schedule(self, e: _Entry) -> None:
+        t = e.session.get_timer()
+        if t is not None and (e.sched is None or t < e.sched):
+            e.sched = t
+            self._heap_seq += 1
+            heapq.heappush(self._heap, (t, self._heap_seq, e))
+
+    # -- output ---------------------------------------------------------------------------------
+
+    def drain(self) -> tuple[list[RouteNeeded], list[bytes]]:
+        routes: list[RouteNeeded] = []
+        packets: list[bytes] = []
+        now = self._now
+        touched = self._touched
+        if not touched:
+            return routes, packets
+        self._touched = []
+        for e in touched:
+            e.touched = False
+            s = e.session
+            out = s.packets_to_send(now)
+            if out:
+                packets += out
+            while (ev := s.next_event()) is not None:
+                # SessionEnded is counted by the session itself ("ended_<outcome>", "tw").
+                if type(ev) is RouteNeeded:
+                    routes.append(ev)
+            u = s.unsend
+            if u != e.unsend:
+                self._unsend += u - e.unsend
+                e.unsend = u
+            if s.finished:
+                self._remove(e, now)
+            else:
+                self._schedule(e)
+        return routes, packets
+
+    def _remove(self, e: _Entry, now: float) -> None:
+        e.gone = True
+        c = self.counters
+        c["rel"] += 1
+        c["tw"] -= 1
+        self._unsend -= e.unsend
+        e.unsend = 0
+        if self._by_resp.get(e.resp_key) is e:
+            del self._by_resp[e.resp_key]
+        flow = e.flow
+        flow.remove(e)
+        if not flow and self._flows.get(e.flow_key) is flow:
+            del self._flows[e.flow_key]
+        s = e.session
+        # The target keeps the tuple in TIME_WAIT: quarantine it (design §9).
+        self.allocator.release(s.client[0], s.client[1], s.target[0], s.target[1], now)

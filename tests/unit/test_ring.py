@@ -2,6 +2,7 @@
 
 import multiprocessing as mp
 import select
+import time
 
 import pytest
 
@@ -58,11 +59,10 @@ def test_wakeup_rung_on_empty_to_nonempty_only(ring):
 def _consumer(spec, total, conn):
     r = Ring.attach(spec)
     got = []
-    deadline = 200  # idle wake-ups at most: the test ends by itself
-    while len(got) < total and deadline:
+    deadline = time.monotonic() + 20  # the test ends by itself
+    while len(got) < total and time.monotonic() < deadline:
         batch = r.pop_batch(64)
         if not batch:
-            deadline -= 1
             select.select([r.efd], [], [], 0.05)
             r.clear_wakeup()
             continue
@@ -79,9 +79,8 @@ def test_across_processes_in_order():
     proc.start()
     sent = []
     i = 0
-    for _ in range(total * 100):  # bounded: the consumer drains far faster than this
-        if i == total:
-            break
+    deadline = time.monotonic() + 20  # bounded in time: a dead consumer fails the test
+    while i < total and time.monotonic() < deadline:
         data = i.to_bytes(4, "big")
         if ring.push_batch([(data, 0.0)]):
             sent.append(data)
