@@ -659,7 +659,8 @@ def test_allocator_against_model(worker_index, ops):
     class_ports = CLASS_PORTS[worker_index]
     targets = [(TARGET, 8080), (TARGET, 8080), (TARGET2, 8080)]
     model: dict[tuple[int, int, int, int], float | None] = {}
-    clock = now = 0.0
+    now = 0.0
+    clock = float("-inf")  # like the allocator: the largest `now` seen in a call so far
 
     def free(key):
         state = model.get(key, "absent")
