@@ -109,8 +109,13 @@ RETRIES_MAX = 6
 SYN_RTO_INITIAL_S = 0.5
 """QUIRK fixed (spec §3.9 retrans_pack, §5.2): C never retransmits a SYN."""
 DELAYED_ACK_S = 0.04
-RESPONSE_QUIET_MIN_S = 0.02
-"""Rule (c) of the request gate: the response is over after max(2*rtt, this) of silence."""
+RESPONSE_QUIET_MIN_S = 0.05
+"""Rule (c) of the request gate: the response is over after max(2*rtt, this) of silence,
+counted from the later of its last data and our last ACK (silence we caused by not acking
+is not the target's)."""
+CLOSE_QUIET_MIN_S = 0.5
+"""Rule (c) for a client FIN/RST: a close that cuts a still-streaming response short makes the
+target abort it (nginx logs a short body), so a close waits for a longer silence."""
 DUP_ACK_THRESHOLD = 3
 RECONNECTS_MAX = 3
 """Reconnects in a row without the target acknowledging any data (a target that resets every
@@ -284,7 +289,7 @@ class TcpSession:
         "_syn_due", "_need_third", "_syn_ts", "_syn_wscale", "_rcv_mss", "_rcv_wnd_max",
         # receive side
         "_rcv_nxt", "_rcv_data", "_rcv_unacked", "_ack_at", "_ack_due", "_last_resp_at",
-        "_last_resp_data_at",
+        "_last_resp_data_at", "_last_ack_at", "_now",
         # timestamps and window
         "_ts_ok", "_ts_val", "_ts_recent", "_snd_wscale", "_snd_wnd",
         # retransmission
@@ -351,6 +356,8 @@ class TcpSession:
         self._ack_due = False
         self._last_resp_at = now
         self._last_resp_data_at = now
+        self._last_ack_at = now
+        self._now = now  # the `now` of the packets_to_send call in progress (for _emit)
         self._ts_ok = False
         self._ts_val: int | None = None
         self._ts_recent = 0
@@ -469,6 +476,7 @@ class TcpSession:
 
     def packets_to_send(self, now: float) -> list[bytes]:
         out: list[bytes] = []
+        self._now = now
         try:
             self._packets_to_send(now, out)
         except Exception:
@@ -1081,6 +1089,7 @@ class TcpSession:
             self._ack_at = None
             self._ack_due = False
             self._rcv_unacked = 0
+            self._last_ack_at = self._now
 
     def _packets_to_send(self, now: float, out: list[bytes]) -> None:
         c = self.counters
@@ -1361,9 +1370,18 @@ class TcpSession:
             quiet_at: float | None = None
             rule = ""
             if self._rcv_data > self._rcv_data_at_req:
-                quiet_at = self._last_resp_data_at + max(2 * self._rtt(), RESPONSE_QUIET_MIN_S)
-                if now >= quiet_at:
-                    rule = "gate_quiet"  # (c)
+                quiet_s = max(
+                    2 * self._rtt(),
+                    RESPONSE_QUIET_MIN_S if kind == _GATE_DATA else CLOSE_QUIET_MIN_S,
+                )
+                if self._rcv_unacked:
+                    # We owe the target an ACK: its silence may be ours.  Look again once
+                    # the delayed ACK has gone out.
+                    quiet_at = (self._ack_at if self._ack_at is not None else now) + quiet_s
+                else:
+                    quiet_at = max(self._last_resp_data_at, self._last_ack_at) + quiet_s
+                    if now >= quiet_at:
+                        rule = "gate_quiet"  # (c)
             if not rule:
                 max_at = held + self.config.response_wait_max_s
                 if now >= max_at:

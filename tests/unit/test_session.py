@@ -10,6 +10,7 @@ from engine import packet
 from engine.config import SessionConfig
 from engine.packet import ACK, FIN, PSH, RST, SYN
 from engine.session import (
+    CLOSE_QUIET_MIN_S,
     DELAYED_ACK_S,
     DUP_ACK_THRESHOLD,
     FAKED_TTL,
@@ -222,16 +223,41 @@ def test_held_request_released_after_quiet_response_rule_c():
     c = Client()
     link = mk(cfg)
     t = link.target
-    establish(link, c, rtt=0.004)  # measured RTT 4 ms -> quiet = max(8 ms, 20 ms)
+    establish(link, c, rtt=0.004)  # measured RTT 4 ms -> quiet = max(8 ms, 50 ms)
     link.client(c.data(REQ1))
     link.now = 0.010
     link.client(c.data(REQ2, read=300))
     link.now = 0.020
     assert link.respond(t.send(200)) == []  # the target's answer is shorter than online's
-    out = link.run(0.020 + RESPONSE_QUIET_MIN_S - 0.0005)
+    # Silence is counted from our delayed ACK (we owed one), not from the response data:
+    # until that ACK went out, the target's silence could be our doing.
+    out = link.run(0.020 + DELAYED_ACK_S)
+    acks = [p for p in out if not p.payload]
+    assert [p.ack for p in acks] == [t.isn + 1 + 200]
+    quiet_from = 0.020 + DELAYED_ACK_S
+    out = link.run(quiet_from + RESPONSE_QUIET_MIN_S - 0.0005)
     assert [p.payload for p in out if p.payload] == []
-    out = link.run(0.020 + RESPONSE_QUIET_MIN_S)
+    out = link.run(quiet_from + RESPONSE_QUIET_MIN_S)
     assert [p.payload for p in out if p.payload] == [REQ2]
+    assert counters(link)["gate_quiet"] == 1
+
+
+def test_client_fin_waits_for_long_silence_not_a_pause_mid_response():
+    """A FIN must not cut a streaming response short (nginx aborts it): a close needs
+    CLOSE_QUIET_MIN_S of silence after our last ACK, far longer than a scheduling pause."""
+    cfg = SessionConfig(rtt_initial_s=0.001)
+    c = Client()
+    link = mk(cfg)
+    t = link.target
+    establish(link, c, rtt=0.004)
+    link.client(c.data(REQ1))
+    link.now = 0.010
+    assert link.respond(t.send(1000)) == []
+    link.client(c.fin(read=5000))  # online had sent 5000 bytes before the client closed
+    out = link.run(0.010 + DELAYED_ACK_S + RESPONSE_QUIET_MIN_S + 0.01)
+    assert not [p for p in out if p.flags & FIN]  # a data-sized pause does not release it
+    out = link.run(0.010 + DELAYED_ACK_S + CLOSE_QUIET_MIN_S)
+    assert [p.flags & FIN for p in out if p.flags & FIN] == [FIN]
     assert counters(link)["gate_quiet"] == 1
 
 
