@@ -19,12 +19,13 @@ import orjson
 import pytest
 
 import engine
+from tests.paths import ONLINE_HTTP_PCAP
 
 BIN = Path(sys.executable).with_name("tcpcopy-mp")
 if not BIN.exists():
     BIN = Path(shutil.which("tcpcopy-mp") or "tcpcopy-mp")
 GOOD = ["-x", "80-198.18.2.3:8080", "-s", "198.18.2.4"]
-PCAP = "/work/shared/data/online-http.pcap"
+PCAP = str(ONLINE_HTTP_PCAP)
 
 
 def run(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:

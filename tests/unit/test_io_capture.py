@@ -14,8 +14,9 @@ from engine.capture import (
     TransferFilter,
     tcp_dst_ports_program,
 )
+from tests.paths import ONLINE_HTTP_PCAP
 
-PCAP = Path("/work/shared/data/online-http.pcap")
+PCAP = ONLINE_HTTP_PCAP
 ONLINE_IP = 0xC6120102  # 198.18.1.2, the online nginx in the reference capture
 ONLINE_PORT = 80
 

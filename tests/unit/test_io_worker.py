@@ -11,8 +11,9 @@ from engine import packet
 from engine.capture import PcapFileSource, ReplayPacer, TransferFilter
 from engine.config import ReplayConfig, SessionConfig
 from engine.worker import Worker, stats_lines
+from tests.paths import ONLINE_HTTP_PCAP
 
-PCAP = Path("/work/shared/data/online-http.pcap")
+PCAP = ONLINE_HTTP_PCAP
 ONLINE = (0xC6120102, 80)
 
 

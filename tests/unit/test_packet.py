@@ -37,8 +37,9 @@ from engine.packet import (
     split_mtu,
     tcp_checksum,
 )
+from tests.paths import SHARED_DATA
 
-DATA = Path("/work/shared/data")
+DATA = SHARED_DATA
 CAPTURES = ("online-http.pcap", "target-side.pcap")
 
 

@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 
 from engine.errors import DecodeError
 from engine.pcapfile import PcapReader, open_pcap
+from tests.paths import SHARED_DATA
 
-DATA = "/work/shared/data"
+DATA = str(SHARED_DATA)
 
 
 def make_pcap(records, order="<", nano=False, linktype=1):

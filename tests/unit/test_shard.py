@@ -10,6 +10,7 @@ from engine.packet import ACK, FIN, PSH, RST, SYN
 from engine.rewrite import TransferEntry, sample_keep, shift_port
 from engine.session import DropReason, RouteNeeded, TcpSession, drop_key
 from engine.shard import ClientRoute, SessionTable
+from tests.paths import ONLINE_HTTP_PCAP
 from tests.unit.link import ONLINE, ORIG_CLIENT, TARGET, Client, TableLink
 
 POOL = (packet.ip_from_str("198.19.1.10"), packet.ip_from_str("198.19.1.11"))
@@ -323,7 +324,7 @@ def test_stale_heap_entries_are_skipped():
 def _online_capture():
     from engine.pcapfile import open_pcap
 
-    r = open_pcap("/work/shared/data/online-http.pcap")
+    r = open_pcap(str(ONLINE_HTTP_PCAP))
     pkts = []
     for ts, _, frame in r:
         pkts.append((ts, packet.parse_ip(frame[packet.l2_offset(frame, r.linktype) :])))

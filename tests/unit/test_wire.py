@@ -35,8 +35,9 @@ from engine.wire import (
     encode_frame,
     encode_response_record,
 )
+from tests import paths
 
-CONTROL_PCAP = Path("/work/shared/data/control-36524.pcap")
+CONTROL_PCAP = paths.CONTROL_PCAP
 INTERCEPT_PORT = 36524
 
 
