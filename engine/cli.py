@@ -39,6 +39,7 @@ KEEPALIVE_EXTRA_S = 120
 RAND_SHIFT_RANGE = 512
 """spec §3.1: rand_port_shifted is drawn once in 0..511."""
 PCAP_SUFFIXES = (".pcap", ".cap", ".pcapng", ".dmp")
+WORKERS_MAX = 1024
 
 
 class _UsageError(Exception):
@@ -147,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("-I", "--idle-threshold", metavar="MS", help="skip gaps longer than MS")
     o.add_argument("-T", "--replays", metavar="N", help="passes over the file(s) (1)")
     r = p.add_argument_group("process and reporting")
-    r.add_argument("--workers", metavar="N", help="worker processes (this version: 1)")
+    r.add_argument("--workers", metavar="N", help="worker processes (default: the number of CPUs)")
     r.add_argument("--config", metavar="FILE", help="TOML file of flag values (flags win)")
     r.add_argument("--metrics", metavar="ADDR:PORT", help="Prometheus endpoint")
     r.add_argument("-l", "--log", metavar="FILE", help="log file (stderr)")
@@ -319,7 +320,10 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
     idle_ms = 0 if args.idle_threshold is None else parse_int("-I", args.idle_threshold, 0)
     replays = 1 if args.replays is None else parse_int("-T", args.replays, 1)
 
-    workers = 1 if args.workers is None else parse_int("--workers", args.workers, 1, 1024)
+    # design §3: one capture process feeds N workers; the default uses every CPU.
+    workers = min(os.cpu_count() or 1, WORKERS_MAX)
+    if args.workers is not None:
+        workers = parse_int("--workers", args.workers, 1, WORKERS_MAX)
     metrics = None if args.metrics is None else parse_host_port("--metrics", args.metrics)
     stats_s = 30.0
     if args.stats_interval is not None:
@@ -435,7 +439,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _usage_error(f"-P: cannot write {args.pid_file}: {exc.strerror or exc}")
     _log_ignored(logger, cfg, args)
 
-    from engine.worker import run
+    # Every worker count, 1 included, runs the supervisor's multi-process engine: one code path.
+    from engine.supervisor import run
 
     try:
         return run(cfg)
@@ -451,8 +456,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _log_ignored(logger: logging.Logger, cfg: ReplayConfig, args: argparse.Namespace) -> None:
     """Say which compatibility flags have no effect, so nobody tunes a dead knob."""
-    if cfg.workers > 1:
-        logger.warning("--workers %d: this version runs a single worker process", cfg.workers)
     if cfg.metrics is not None:
         logger.warning("--metrics: the Prometheus endpoint is not available in this version")
     if cfg.capture_filter:

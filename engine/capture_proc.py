@@ -1,0 +1,284 @@
+"""The capture process: packets in, one ring per worker out (design §3).
+
+Theory of operation
+-------------------
+One process owns the capture sources (capture.RawTcpSource / PacketSource, or
+PcapFileSource with its offline pacing) and their -x pre-filter.  Every accepted packet is
+
+1. split when it is larger than -M (GRO/TSO aggregates, spec §3.4: packet.split_mtu), so each
+   piece fits a ring slot (slots are sized from -M, ``ring_slot_bytes``);
+2. given to worker ``flow_worker(client ip, client port, N)``: a stable hash of the *original*
+   client, so every packet of a flow, and therefore every -n replica made of it (replicas are
+   created inside the owning worker's session table), lives on one worker;
+3. appended to that worker's ring with ``Ring.push_batch`` once per input batch.  A full ring
+   drops the packet and counts it for that worker (``ring_dropped``); capture never blocks
+   on a worker (design §3).
+
+Offline, when the file(s) are exhausted the process marks ``capture_done`` in the shared
+ControlBlock and exits 0: workers finish once their ring is empty and their sessions are
+gone, and the supervisor ends the replay when every worker did.
+
+Counters go to the capture row of the shared CounterBlock (flushed periodically and at
+exit); the drops of ring i go into worker i's row (``ring_dropped``, the ring outlives its
+consumer).  A restarted capture process continues those counts from what is in the block.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import signal
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+
+from engine import packet
+from engine.errors import DecodeError
+from engine.logs import LOGGER_NAME, reopen_logs
+from engine.ring import RING_SLOT_BYTES, RING_SLOTS, Ring
+
+log = logging.getLogger(LOGGER_NAME)
+
+FLOW_HASH_MULTIPLIER = 0x9E3779B97F4A7C15
+"""Fibonacci hashing: 2^64 / golden ratio, odd."""
+_U64 = (1 << 64) - 1
+HEARTBEAT_INTERVAL_S = 0.5
+"""The loop wakes at least this often to write its heartbeat."""
+COUNTER_FLUSH_INTERVAL_S = 0.2
+"""How stale the capture row of the counter block may get."""
+RING_BYTES_PER_WORKER = RING_SLOTS * RING_SLOT_BYTES
+"""Target size of one ring (16 MiB): larger slots (a large -M) mean fewer of them."""
+RING_SLOTS_MIN = 1024
+_SLOT_HEADER_BYTES = 16  # ring.py: length u32, flags u32, timestamp f64
+_SLOT_ALIGN_BYTES = 64
+
+
+def flow_worker(client_ip: int, client_port: int, workers: int) -> int:
+    """The worker that owns the flow of this original client (ip, port): stable across
+    processes and runs (no salted hash()), so it can be recomputed by tests and tools.
+
+    The 48-bit key is multiplied and the *high* 32 bits of the product are used, so every
+    bit of ip and port moves the result.  A low-bit mix such as ((ip * K) ^ port) % N would
+    send all flows of one client to half the workers when N is even: Linux hands out
+    connect() ephemeral ports of one parity (even), so port % 2 is constant per client.
+    """
+    return ((((client_ip << 16 | client_port) * FLOW_HASH_MULTIPLIER) & _U64) >> 32) % workers
+
+
+def ring_slot_bytes(mtu: int) -> int:
+    """Slot size that holds any packet of at most `mtu` bytes (never below RING_SLOT_BYTES)."""
+    need = mtu + _SLOT_HEADER_BYTES
+    need = -(-need // _SLOT_ALIGN_BYTES) * _SLOT_ALIGN_BYTES
+    return max(RING_SLOT_BYTES, need)
+
+
+def ring_slots(slot_bytes: int) -> int:
+    return max(RING_SLOTS_MIN, RING_BYTES_PER_WORKER // slot_bytes)
+
+
+class CaptureProcess:
+    """The capture loop.  `rings[i]` is worker i's ring (producer side).
+
+    `counters` is a metrics.counters.CounterBlock (or None in tests); `control` an
+    engine.control.ControlBlock (or None).  counters (capture row): the sources' and the
+    pre-filter's, plus capture_split (packets split at -M), capture_parse_errors (an
+    oversized packet that could not be split), ring_oversize.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[object],
+        rings: Sequence[Ring],
+        mtu: int,
+        *,
+        prefilter_counters: Counter[str] | None = None,
+        counters: object | None = None,
+        control: object | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not rings:
+            raise ValueError("capture: no ring")
+        self.sources = list(sources)
+        self.rings = list(rings)
+        self.mtu = mtu
+        self.prefilter_counters = (
+            prefilter_counters if prefilter_counters is not None else Counter()
+        )
+        self.block = counters
+        self.control = control
+        self.clock = clock
+        self.counters: Counter[str] = Counter()
+        self.exit_reason = ""
+        self._stop = False
+        self._pending_signals: list[int] = []
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self.sel = selectors.DefaultSelector()
+        # A restarted capture process continues the per-ring drop counts of its predecessor.
+        self._dropped_base = [0] * len(self.rings)
+        if self.block is not None:
+            from metrics.counters import RING_DROPPED
+
+            for i in range(len(self.rings)):
+                row = self.block.worker_row(i)  # type: ignore[attr-defined]
+                self._dropped_base[i] = self.block.writer(row).get(RING_DROPPED)  # type: ignore[attr-defined]
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def stop(self, reason: str) -> None:
+        if not self._stop:
+            self._stop = True
+            self.exit_reason = reason
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT stop, SIGHUP reopens the log; handlers only queue (self-pipe)."""
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, None)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._pending_signals.append(signum)
+
+    def _handle_signals(self) -> None:
+        while self._pending_signals:
+            signum = self._pending_signals.pop(0)
+            if signum == signal.SIGHUP:
+                reopen_logs()
+            elif signum == signal.SIGINT:
+                # A terminal's Ctrl-C reaches the whole process group: the supervisor decides.
+                continue
+            else:
+                self.stop(f"stopped by {signal.Signals(signum).name}")
+
+    def run(self) -> int:
+        now = self.clock()
+        for i, src in enumerate(self.sources):
+            fd = src.fileno()  # type: ignore[attr-defined]
+            if fd is not None:
+                self.sel.register(fd, selectors.EVENT_READ, i)
+            elif hasattr(src, "start"):
+                src.start(now)
+        next_flush = now
+        while not self._stop:
+            self._beat(now)
+            if now >= next_flush:
+                next_flush = now + COUNTER_FLUSH_INTERVAL_S
+                self.flush()
+            if self._offline_done():
+                if self.control is not None:
+                    self.flush()  # the counts first: whoever sees "done" may read them
+                    self.control.mark_capture_done()  # type: ignore[attr-defined]
+                self.stop("offline capture is complete")
+                break
+            deadline = min(
+                [now + HEARTBEAT_INTERVAL_S, next_flush]
+                + [
+                    d
+                    for d in (src.next_deadline() for src in self.sources)  # type: ignore[attr-defined]
+                    if d is not None
+                ]
+            )
+            events = self.sel.select(max(0.0, deadline - now))
+            now = self.clock()
+            self._handle_signals()
+            for key, _mask in events:
+                if key.data is None:
+                    self._drain_wakeup()
+                    continue
+                src = self.sources[key.data]
+                self.dispatch(src.read_batch(now))  # type: ignore[attr-defined]
+            for src in self.sources:
+                due = src.next_deadline()  # type: ignore[attr-defined]
+                if due is not None and due <= now:
+                    self.dispatch(src.read_batch(now))  # type: ignore[attr-defined]
+        self.flush()
+        log.info("capture exits: %s", self.exit_reason)
+        return 0
+
+    def close(self) -> None:
+        for src in self.sources:
+            src.close()  # type: ignore[attr-defined]
+        if self._wake_r is not None:
+            signal.set_wakeup_fd(-1)
+            self._wake_r.close()
+            assert self._wake_w is not None
+            self._wake_w.close()
+        self.sel.close()
+
+    def _drain_wakeup(self) -> None:
+        assert self._wake_r is not None
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _offline_done(self) -> bool:
+        return bool(self.sources) and all(getattr(s, "exhausted", False) for s in self.sources)
+
+    def _beat(self, now: float) -> None:
+        if self.control is not None:
+            from engine.control import CAPTURE_SLOT
+
+            self.control.beat(CAPTURE_SLOT, now)  # type: ignore[attr-defined]
+
+    # -- data path --------------------------------------------------------------------------
+
+    def dispatch(self, batch: Sequence[tuple[float, bytes]]) -> None:
+        """Hash each (already pre-filtered) IPv4/TCP packet to its worker's ring."""
+        if not batch:
+            return
+        rings = self.rings
+        n = len(rings)
+        mtu = self.mtu
+        out: list[list[tuple[bytes, float]]] = [[] for _ in range(n)]
+        counters = self.counters
+        for ts, ip in batch:
+            # The pre-filter has checked: IPv4, TCP, not a non-first fragment, ports present.
+            ihl = (ip[0] & 0x0F) * 4
+            src_ip = int.from_bytes(ip[12:16], "big")
+            src_port = ip[ihl] << 8 | ip[ihl + 1]
+            # flow_worker(), inlined: this line runs for every captured packet.
+            dest = out[((((src_ip << 16 | src_port) * FLOW_HASH_MULTIPLIER) & _U64) >> 32) % n]
+            if len(ip) <= mtu:
+                dest.append((ip, ts))
+                continue
+            try:
+                pieces = packet.split_mtu(packet.parse_ip(ip), mtu)
+            except (DecodeError, ValueError):
+                counters["capture_parse_errors"] += 1
+                continue
+            counters["capture_split"] += 1
+            for piece in pieces:
+                dest.append((packet.build(piece), ts))
+        for ring, packets in zip(rings, out, strict=True):
+            if packets:
+                ring.push_batch(packets)
+
+    def flush(self) -> None:
+        """Publish the counters (capture row) and per-ring drops (worker rows)."""
+        if self.block is None:
+            return
+        from metrics.counters import RING_DROPPED
+
+        block = self.block
+        oversize = sum(r.oversize for r in self.rings)
+        block.from_counter(  # type: ignore[attr-defined]
+            block.capture_row,  # type: ignore[attr-defined]
+            self.prefilter_counters,
+            *(src.counters for src in self.sources),  # type: ignore[attr-defined]
+            self.counters,
+            {"ring_oversize": oversize},
+        )
+        for i, ring in enumerate(self.rings):
+            row = block.worker_row(i)  # type: ignore[attr-defined]
+            block.writer(row).set(RING_DROPPED, self._dropped_base[i] + ring.dropped)  # type: ignore[attr-defined]
+
+    def ring_dropped(self) -> list[int]:
+        return [r.dropped for r in self.rings]

@@ -1,0 +1,719 @@
+"""The supervisor: forks the capture process and N workers, and keeps them running (design §3).
+
+Theory of operation
+-------------------
+A gunicorn-style arbiter.  ``Supervisor.run`` builds everything the children share before it
+forks: the counter block (metrics.counters.CounterBlock: one row per process), the control
+block (engine/control.py: heartbeats, "capture done", "shed"), one ring per worker
+(engine/ring.py, slots sized from -M), the capture sources and one raw send socket per worker
+(so a missing CAP_NET_RAW is one clear error at start, and a restarted child inherits the same
+socket).  Then it forks the capture process (engine/capture_proc.py) and the workers
+(engine/worker_proc.py) with os.fork and runs one loop:
+
+* signal handlers only queue (signal.set_wakeup_fd wakes the loop): SIGTERM/SIGINT stop
+  gracefully, SIGHUP reopens the log and is forwarded to the children, SIGCHLD reaps;
+* reaping: a dead worker is restarted at once (after a backoff if it died young); its row of
+  the counter block is retired first, which adds the sessions it still held (its last
+  published ``active``) to ``sessions_lost`` and keeps every counter sum monotonic.  A dead
+  live capture process is restarted too; an offline one is not (it would replay the file
+  from the start again): the replay ends with what was read, status 1;
+* heartbeats: every child writes time.monotonic() at least every ~0.5 s; one silent for more
+  than HEARTBEAT_TIMEOUT_S is SIGKILLed (and then restarted by the reaper);
+* memory watchdog (-m): the tree's memory is measured every WATCHDOG_INTERVAL_S; above
+  SHED_FRACTION of the limit workers refuse new sessions (counted as "sessions refused"), below
+  SHED_RESUME_FRACTION they accept again, above the limit the replay stops with one line on
+  stderr and status 1;
+* the periodic stats line (spec §3.18 names) is printed from the counter block's totals;
+* offline, the replay is complete when the capture process is done and every worker has
+  finished (its ring empty, no session left);
+* stop: SIGTERM to every child, SIGKILL to those still there after STOP_DEADLINE_S; then the
+  final stats line and --summary-json (the block's totals, same keys as the single-process
+  summary, plus per-process rows).
+
+Memory measure.  The sum of the processes' PSS (proportional set size), which counts a page
+shared by k processes as 1/k in each: forked children share the parent's pages copy-on-write
+and map the same rings, so summing their RSS would count the interpreter N+2 times (about
+25 MB each) and each touched ring page up to twice.  PSS includes the touched pages of the
+shared-memory blocks, so those are counted once.  Where PSS is unreadable, RSS is used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from engine.config import ReplayConfig
+from engine.control import CAPTURE_SLOT, ControlBlock
+from engine.logs import LOGGER_NAME, reopen_logs
+
+log = logging.getLogger(LOGGER_NAME)
+
+PROG = "tcpcopy-mp"
+HEARTBEAT_TIMEOUT_S = 10.0
+"""A child whose heartbeat is older than this is killed and restarted."""
+STOP_DEADLINE_S = 5.0
+"""After SIGTERM, children get this long to write their last counters and exit."""
+WATCHDOG_INTERVAL_S = 2.0
+"""Memory check period (C checks every 60 s, spec §3.17; shedding needs to react sooner)."""
+SHED_FRACTION = 0.90
+SHED_RESUME_FRACTION = 0.80
+LOOP_WAKE_S = 0.5
+"""The loop looks at heartbeats at least this often."""
+RESTART_YOUNG_S = 1.0
+"""A child that dies sooner than this after its start is restarted after a backoff..."""
+RESTART_BACKOFF_MIN_S = 0.1
+RESTART_BACKOFF_MAX_S = 10.0
+"""...doubling from MIN to MAX, so a child that cannot start does not spin the CPU."""
+BYTES_PER_MB = 1024 * 1024
+EXIT_RUNTIME = 1
+
+_PR_SET_NAME = 15
+_PR_SET_PDEATHSIG = 1
+
+CAPTURE = "capture"
+WORKER = "worker"
+
+
+@dataclasses.dataclass
+class _Child:
+    role: str
+    index: int  # worker index; 0 for the capture process
+    slot: int  # control block slot = counter block row (capture 0, worker i -> 1 + i)
+    pid: int = 0
+    started_at: float = 0.0
+    alive: bool = False
+    finished: bool = False  # offline: done for good, not to be restarted
+    restart_at: float | None = None
+    backoff_s: float = 0.0
+    killed_silent: bool = False
+
+    @property
+    def name(self) -> str:
+        return "capture" if self.role == CAPTURE else f"worker {self.index}"
+
+
+class Supervisor:
+    """Runs the multi-process engine for `cfg` until stopped; ``run()`` returns the status.
+
+    Test seams: `sender_factory(worker_index)` makes a worker's sender (default: a RawSender),
+    `sources_factory(cfg, prefilter)` the capture sources (default: worker.build_sources),
+    `channels_factory(selector, on_response)` a worker's intercept channels, `counters` an
+    existing CounterBlock with cfg.workers worker rows (the caller then owns it),
+    `memory_usage()` the bytes the watchdog compares with -m.
+    """
+
+    def __init__(
+        self,
+        cfg: ReplayConfig,
+        *,
+        sender_factory: Callable[[int], object] | None = None,
+        sources_factory: Callable[[ReplayConfig, object], list] | None = None,
+        channels_factory: Callable[..., object] | None = None,
+        counters: Any = None,
+        memory_usage: Callable[[], int] | None = None,
+        heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
+        stop_deadline_s: float = STOP_DEADLINE_S,
+        watchdog_interval_s: float = WATCHDOG_INTERVAL_S,
+        ring_slots: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cfg = cfg
+        self.workers = max(1, cfg.workers)
+        self.sender_factory = sender_factory
+        self.sources_factory = sources_factory
+        self.channels_factory = channels_factory
+        self.block = counters
+        self._own_block = counters is None
+        if counters is not None and counters.workers != self.workers:
+            raise ValueError(
+                f"counter block has {counters.workers} worker rows, not {self.workers}"
+            )
+        self.memory_usage = memory_usage or tree_memory_bytes
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.stop_deadline_s = stop_deadline_s
+        self.watchdog_interval_s = watchdog_interval_s
+        self.ring_slots = ring_slots
+        self.clock = clock
+        self.control: ControlBlock | None = None
+        self.rings: list = []
+        self.sources: list = []
+        self.senders: list = []
+        self.prefilter: Any = None
+        self.children: list[_Child] = []
+        self.exit_reason = ""
+        self.exit_code = 0
+        self.capture_restarts = 0
+        self._capture_lost = False
+        self.started_at = 0.0
+        self._stopping = False
+        self._kill_at: float | None = None
+        self._pending_signals: list[int] = []
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._sel: selectors.BaseSelector | None = None
+        self._pid = os.getpid()
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        from engine import capture
+        from engine.capture_proc import ring_slot_bytes, ring_slots
+        from engine.ring import Ring
+        from engine.worker import build_sources
+        from metrics.counters import CounterBlock
+
+        cfg = self.cfg
+        self._pid = os.getpid()
+        if self.block is None:
+            self.block = CounterBlock.create(workers=self.workers)
+        self.control = ControlBlock(self.workers)
+        slot_bytes = ring_slot_bytes(cfg.session.mtu)
+        slots = self.ring_slots or ring_slots(slot_bytes)
+        self.rings = [Ring.create(slots, slot_bytes) for _ in range(self.workers)]
+        self.prefilter = capture.TransferFilter.for_transfers(cfg.session.transfers)
+        make_sources = self.sources_factory or build_sources
+        self.sources = list(make_sources(cfg, self.prefilter))
+        if self.sender_factory is None:
+            from engine.send import RawSender
+
+            self.senders = [RawSender() for _ in range(self.workers)]
+        else:
+            self.senders = [self.sender_factory(i) for i in range(self.workers)]
+        self.children = [_Child(CAPTURE, 0, CAPTURE_SLOT)] + [
+            _Child(WORKER, i, ControlBlock.worker_slot(i)) for i in range(self.workers)
+        ]
+
+    def _teardown(self) -> None:
+        for sender in self.senders:
+            close = getattr(sender, "close", None)
+            if close is not None:
+                close()
+        for src in self.sources:
+            src.close()
+        for ring in self.rings:
+            ring.close()
+        self.rings = []
+        if self.block is not None and self._own_block:
+            self.block.close()
+            self.block.unlink()
+        if self._wake_r is not None:
+            signal.set_wakeup_fd(-1)
+            self._wake_r.close()
+            assert self._wake_w is not None
+            self._wake_w.close()
+            self._wake_r = self._wake_w = None
+        if self._sel is not None:
+            self._sel.close()
+
+    def _install_signal_handlers(self) -> None:
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(signum, self._on_signal)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._wake_r, selectors.EVENT_READ)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._pending_signals.append(signum)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self) -> int:
+        cfg = self.cfg
+        try:
+            self._setup()
+        except BaseException:
+            self._teardown()
+            raise
+        try:
+            self._install_signal_handlers()
+            now = self.clock()
+            self.started_at = now
+            log.info(
+                "tcpcopy-mp starts: capture %s, %d worker(s), %d intercept(s) x %d "
+                "connection(s), -x %d entr%s",
+                cfg.capture,
+                self.workers,
+                len(cfg.intercepts),
+                cfg.connections,
+                len(cfg.session.transfers),
+                "y" if len(cfg.session.transfers) == 1 else "ies",
+            )
+            for child in self.children:
+                self._spawn(child, now)
+            self._loop()
+        finally:
+            self._stop_children()
+            summary = self.summary()
+            self.log_stats(final=True)
+            log.info("tcpcopy-mp exits: %s", self.exit_reason)
+            if cfg.summary_json:
+                from engine.worker import write_summary
+
+                try:
+                    write_summary(cfg.summary_json, summary)
+                except OSError as exc:
+                    log.error("--summary-json %s: %s", cfg.summary_json, exc.strerror or exc)
+            self._teardown()
+        return self.exit_code
+
+    def _loop(self) -> None:
+        assert self._sel is not None
+        now = self.clock()
+        next_stats = now + self.cfg.stats_interval_s
+        next_watchdog = now
+        while True:
+            self._handle_signals()
+            self._reap(now)
+            if self._stopping:
+                return
+            if self._offline_complete():
+                if self._capture_lost:
+                    self.stop("offline capture died; the replay is incomplete", EXIT_RUNTIME)
+                else:
+                    self.stop("offline replay is complete")
+                return
+            for child in self.children:
+                if child.restart_at is not None and child.restart_at <= now:
+                    self._spawn(child, now)
+            self._check_heartbeats(now)
+            if now >= next_watchdog:
+                next_watchdog = now + self.watchdog_interval_s
+                self._watchdog()
+                if self._stopping:
+                    return
+            if now >= next_stats:
+                next_stats = now + self.cfg.stats_interval_s
+                self.log_stats()
+            wake = min(
+                [now + LOOP_WAKE_S, next_stats, next_watchdog]
+                + [c.restart_at for c in self.children if c.restart_at is not None]
+            )
+            for _key, _mask in self._sel.select(max(0.0, wake - now)):
+                self._drain_wakeup()
+            now = self.clock()
+
+    def stop(self, reason: str, code: int = 0) -> None:
+        if not self._stopping:
+            self._stopping = True
+            self.exit_reason = reason
+            self.exit_code = code
+
+    def _drain_wakeup(self) -> None:
+        assert self._wake_r is not None
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _handle_signals(self) -> None:
+        while self._pending_signals:
+            signum = self._pending_signals.pop(0)
+            if signum == signal.SIGHUP:
+                reopen_logs()
+                log.info("SIGHUP: log file reopened")
+                self._signal_children(signal.SIGHUP)
+            elif signum in (signal.SIGTERM, signal.SIGINT):
+                self.stop(f"stopped by {signal.Signals(signum).name}")
+            # SIGCHLD only wakes the loop; _reap looks at every child.
+
+    def _signal_children(self, signum: int) -> None:
+        for child in self.children:
+            if child.alive:
+                try:
+                    os.kill(child.pid, signum)
+                except ProcessLookupError:
+                    pass
+
+    def _offline_complete(self) -> bool:
+        capture, workers = self.children[0], self.children[1:]
+        return capture.finished and all(w.finished for w in workers)
+
+    # -- children ---------------------------------------------------------------------------
+
+    def _spawn(self, child: _Child, now: float) -> None:
+        assert self.control is not None
+        child.restart_at = None
+        child.killed_silent = False
+        self.control.beat(child.slot, now)  # start-up time counts against the heartbeat
+        pid = os.fork()
+        if pid == 0:
+            code = EXIT_RUNTIME
+            try:
+                code = self._child_main(child)
+            except BaseException:  # noqa: BLE001 - the child must never return into run()
+                try:
+                    log.exception("%s crashed", child.name)
+                except BaseException:  # noqa: BLE001
+                    pass
+            finally:
+                os._exit(code)
+        child.pid = pid
+        child.alive = True
+        child.started_at = now
+        log.info("%s started (pid %d)", child.name, pid)
+
+    def _reap(self, now: float) -> None:
+        for child in self.children:
+            if not child.alive:
+                continue
+            try:
+                pid, status = os.waitpid(child.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid, status = child.pid, 0
+            if pid == 0:
+                continue
+            child.alive = False
+            self._on_child_exit(child, os.waitstatus_to_exitcode(status), now)
+
+    def _on_child_exit(self, child: _Child, code: int, now: float) -> None:
+        assert self.control is not None and self.block is not None
+        how = f"exited with status {code}" if code >= 0 else f"killed by {_signame(-code)}"
+        if self._stopping:
+            log.info("%s (pid %d) %s", child.name, child.pid, how)
+            return
+        done = self.control.capture_done
+        if child.role == CAPTURE:
+            if code == 0 and done:
+                child.finished = True
+                log.info("capture (pid %d) finished: offline capture is complete", child.pid)
+                return
+            self.block.retire(self.block.capture_row)
+            if self.cfg.capture == "offline":
+                # Restarting would replay the file from its first packet again.
+                log.error(
+                    "capture (pid %d) %s; the offline replay ends with the packets read so far",
+                    child.pid,
+                    how,
+                )
+                self.control.mark_capture_done()
+                child.finished = True
+                self._capture_lost = True
+                return
+            self.capture_restarts += 1
+            log.warning("capture (pid %d) %s; restarting it", child.pid, how)
+            self._schedule_restart(child, now)
+            return
+        if code == 0 and done:
+            child.finished = True
+            log.info("%s (pid %d) finished", child.name, child.pid)
+            return
+        from metrics.counters import WORKER_RESTARTS
+
+        row = self.block.worker_row(child.index)
+        dead = self.block.retire(row)
+        lost = max(0, int(dead.get("active", 0)))
+        self.block.writer(self.block.supervisor_row).add(WORKER_RESTARTS)
+        log.warning(
+            "%s (pid %d) %s; restarting it (%d session%s lost)",
+            child.name,
+            child.pid,
+            how,
+            lost,
+            "" if lost == 1 else "s",
+        )
+        self._schedule_restart(child, now)
+
+    def _schedule_restart(self, child: _Child, now: float) -> None:
+        if now - child.started_at < RESTART_YOUNG_S:
+            child.backoff_s = min(
+                max(child.backoff_s * 2, RESTART_BACKOFF_MIN_S), RESTART_BACKOFF_MAX_S
+            )
+        else:
+            child.backoff_s = 0.0
+        child.restart_at = now + child.backoff_s
+
+    def _check_heartbeats(self, now: float) -> None:
+        assert self.control is not None
+        for child in self.children:
+            if not child.alive or child.killed_silent:
+                continue
+            silent_s = now - max(self.control.last_beat(child.slot), child.started_at)
+            if silent_s > self.heartbeat_timeout_s:
+                log.warning(
+                    "%s (pid %d) silent for %.1f s (heartbeat timeout %.1f s): killing it",
+                    child.name,
+                    child.pid,
+                    silent_s,
+                    self.heartbeat_timeout_s,
+                )
+                child.killed_silent = True
+                try:
+                    os.kill(child.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def _stop_children(self) -> None:
+        """SIGTERM every child, SIGKILL what is left after the deadline, reap all."""
+        self._stopping = True
+        if not self.children:
+            return
+        self._signal_children(signal.SIGTERM)
+        deadline = self.clock() + self.stop_deadline_s
+        while any(c.alive for c in self.children):
+            now = self.clock()
+            self._reap(now)
+            if not any(c.alive for c in self.children):
+                break
+            if now >= deadline:
+                for child in self.children:
+                    if child.alive:
+                        log.warning(
+                            "%s (pid %d) still running %.1f s after SIGTERM: SIGKILL",
+                            child.name,
+                            child.pid,
+                            self.stop_deadline_s,
+                        )
+                        try:
+                            os.kill(child.pid, signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+                for child in self.children:
+                    if child.alive:
+                        try:
+                            os.waitpid(child.pid, 0)
+                        except ChildProcessError:
+                            pass
+                        child.alive = False
+                break
+            if self._sel is not None:
+                for _ in self._sel.select(min(LOOP_WAKE_S, max(0.0, deadline - now))):
+                    self._drain_wakeup()
+            else:
+                time.sleep(0.01)  # no wake-up fd (set-up failed): a plain reap poll
+
+    # -- what runs in a child ---------------------------------------------------------------
+
+    def _child_main(self, child: _Child) -> int:
+        # Back to default dispositions: the child installs its own handlers.
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(signum, signal.SIG_DFL)
+        if self._wake_r is not None:
+            self._wake_r.close()
+        if self._wake_w is not None:
+            self._wake_w.close()
+        self._wake_r = self._wake_w = None
+        if self._sel is not None:
+            self._sel.close()
+            self._sel = None
+        _prctl_pdeathsig(signal.SIGTERM)
+        if os.getppid() != self._pid:  # the supervisor died before the prctl took effect
+            return EXIT_RUNTIME
+        short = "tcmp-capture" if child.role == CAPTURE else f"tcmp-worker{child.index}"
+        _prctl_set_name(short)
+        log.addFilter(_Prefix(f"{child.name}: "))
+        if child.role == CAPTURE:
+            return self._capture_main()
+        return self._worker_main(child.index)
+
+    def _capture_main(self) -> int:
+        from engine.capture_proc import CaptureProcess
+        from engine.ring import Ring
+
+        for sender in self.senders:
+            close = getattr(sender, "close", None)
+            if close is not None:
+                close()
+        rings = [Ring.attach(r.spec()) for r in self.rings]
+        proc = CaptureProcess(
+            self.sources,
+            rings,
+            self.cfg.session.mtu,
+            prefilter_counters=self.prefilter.counters,
+            counters=self.block,
+            control=self.control,
+            clock=self.clock,
+        )
+        proc.install_signal_handlers()
+        return proc.run()
+
+    def _worker_main(self, index: int) -> int:
+        from engine.ring import Ring
+        from engine.shard import SessionTable
+        from engine.worker_proc import RingSource, WorkerProcess
+
+        for src in self.sources:
+            src.close()
+        for i, sender in enumerate(self.senders):
+            close = getattr(sender, "close", None)
+            if i != index and close is not None:
+                close()
+        cfg = self.cfg
+        session = dataclasses.replace(cfg.session, worker_index=index, worker_count=self.workers)
+        table = SessionTable(session)
+        source = RingSource(Ring.attach(self.rings[index].spec()), self.control)
+        kw: dict[str, Any] = {"clock": self.clock}
+        if self.channels_factory is not None:
+            kw["channels"] = self.channels_factory
+        worker = WorkerProcess(
+            index,
+            cfg,
+            table,
+            source,
+            self.senders[index],
+            counters=self.block,
+            control=self.control,
+            **kw,
+        )
+        worker.install_signal_handlers()
+        # Ctrl-C reaches the whole process group; the supervisor decides and sends SIGTERM.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            return worker.run()
+        finally:
+            worker.flush_counters()
+            worker.close()
+
+    # -- memory watchdog --------------------------------------------------------------------
+
+    def _watchdog(self) -> None:
+        from metrics.counters import RSS_BYTES
+
+        assert self.control is not None and self.block is not None
+        limit_mb = self.cfg.memory_limit_mb
+        limit = limit_mb * BYTES_PER_MB
+        used = int(self.memory_usage())
+        self.block.writer(self.block.supervisor_row).set(RSS_BYTES, used)
+        if used > limit:
+            message = (
+                f"memory limit exceeded: {used // BYTES_PER_MB} MB in use by "
+                f"{1 + sum(c.alive for c in self.children)} processes, limit -m {limit_mb} MB; "
+                "stopping"
+            )
+            log.error("%s", message)
+            print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+            self.stop("memory limit exceeded (-m)", EXIT_RUNTIME)
+        elif used > SHED_FRACTION * limit:
+            if not self.control.shed:
+                self.control.shed = True
+                log.warning(
+                    "memory %d MB is above %d %% of -m %d MB: new sessions are refused",
+                    used // BYTES_PER_MB,
+                    round(SHED_FRACTION * 100),
+                    limit_mb,
+                )
+        elif used < SHED_RESUME_FRACTION * limit and self.control.shed:
+            self.control.shed = False
+            log.info(
+                "memory %d MB is below %d %% of -m %d MB: new sessions are accepted again",
+                used // BYTES_PER_MB,
+                round(SHED_RESUME_FRACTION * 100),
+                limit_mb,
+            )
+
+    # -- reporting --------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, object]:
+        """The merged counters of every process (the single-process summary's keys) plus
+        per-process rows (non-zero values only) under per_worker / capture / supervisor."""
+        out: dict[str, object] = {}
+        if self.block is not None:
+            snap = self.block.snapshot()
+            out.update(snap["totals"])
+            out["per_worker"] = [_nonzero(row) for row in snap["workers"]]
+            out["capture"] = _nonzero(snap["capture"])
+            out["supervisor"] = _nonzero(snap["supervisor"])
+        out["workers"] = self.workers
+        out["capture_restarts"] = self.capture_restarts
+        out["shedding"] = bool(self.control is not None and self.control.shed)
+        out["uptime_s"] = round(self.clock() - self.started_at, 3) if self.started_at else 0.0
+        out["exit_reason"] = self.exit_reason
+        return out
+
+    def log_stats(self, final: bool = False) -> None:
+        if self.block is None:
+            return
+        from engine.worker import _is_json, stats_lines
+
+        values = self.summary()
+        if any(_is_json(h) for h in log.handlers):
+            log.info("stats", extra={"stats": values, "final": final})
+            return
+        for line in stats_lines(values):
+            log.info("%s", line)
+
+
+def run(cfg: ReplayConfig) -> int:
+    """The CLI's entry point: the multi-process engine for cfg (OSError at set-up escapes)."""
+    return Supervisor(cfg).run()
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def tree_memory_bytes(pid: int | None = None) -> int:
+    """PSS (RSS where unreadable) summed over a process and all its descendants."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for proc in procs:
+        try:
+            try:
+                total += int(proc.memory_full_info().pss)
+            except (psutil.AccessDenied, AttributeError):
+                total += int(proc.memory_info().rss)
+        except psutil.Error:
+            continue  # it exited meanwhile
+    return total
+
+
+def _nonzero(row: dict[str, int]) -> dict[str, int]:
+    return {k: v for k, v in row.items() if v}
+
+
+def _signame(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class _Prefix(logging.Filter):
+    """Prefixes a child's log messages with its role ("worker 2: ...")."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = f"{self.prefix}{record.msg}"
+        return True
+
+
+def _libc() -> Any:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _prctl_pdeathsig(signum: int) -> None:
+    """The kernel sends `signum` to this child when the supervisor dies (even by SIGKILL)."""
+    try:
+        _libc().prctl(_PR_SET_PDEATHSIG, int(signum), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _prctl_set_name(name: str) -> None:
+    """The process name `ps`/`top` show (15 bytes at most)."""
+    try:
+        _libc().prctl(_PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass

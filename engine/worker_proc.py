@@ -1,0 +1,166 @@
+"""A worker process of the multi-process engine: engine.worker.Worker fed from a ring.
+
+Theory of operation
+-------------------
+The worker loop itself is engine/worker.py's Worker, unchanged: its capture source is a
+``RingSource`` (the consumer side of this worker's shared-memory ring, see engine/ring.py),
+which offers the capture.py source interface:
+
+* ``fileno()`` is the ring's eventfd, rung by the producer on empty -> non-empty;
+* ``next_deadline()`` is never more than ``RING_IDLE_POLL_S`` away (a wake-up can be missed,
+  ring.py explains why), and is "now" while a backlog remains (the eventfd is only rung on
+  empty -> non-empty, so a consumer that stopped early must come back by itself);
+* ``read_batch(now)`` pops a batch;
+* ``exhausted`` is true once the capture process marked an offline replay done and the ring
+  is empty: Worker then stops by itself when its table has no session left.
+
+Every ``read_batch`` (so at least every RING_IDLE_POLL_S) also calls ``tick(now)``:
+``WorkerProcess`` uses it to write its heartbeat, to follow the watchdog's "shed" flag, and
+to flush its counters into its row of the shared CounterBlock every
+COUNTER_FLUSH_INTERVAL_S.  The row's ``active`` gauge is what the supervisor counts as lost
+if this process dies.  The stats line is the supervisor's job, so ``log_stats`` only flushes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from collections.abc import Callable
+
+from engine.logs import LOGGER_NAME
+from engine.ring import RING_IDLE_POLL_S, Ring
+from engine.worker import Worker
+
+log = logging.getLogger(LOGGER_NAME)
+
+RING_BATCH_MAX_PACKETS = 1024
+"""Packets taken from the ring per read_batch (timers and responses are not starved)."""
+COUNTER_FLUSH_INTERVAL_S = 0.2
+"""How stale this worker's row (and so the supervisor's count of lost sessions) may get."""
+SHED_MAX_SESSIONS = -1
+"""SessionConfig.max_sessions while shedding: a negative limit refuses every new session
+(0 means unlimited and any positive limit would still admit some)."""
+
+
+class RingSource:
+    """The capture-source interface (engine/capture.py) over a ring's consumer side."""
+
+    def __init__(
+        self,
+        ring: Ring,
+        control: object | None = None,
+        tick: Callable[[float], None] | None = None,
+        batch_max: int = RING_BATCH_MAX_PACKETS,
+    ) -> None:
+        self.ring = ring
+        self.control = control
+        self.tick = tick
+        self.batch_max = batch_max
+        self.counters: Counter[str] = Counter()
+        self._last_read = float("-inf")
+        self._backlog = False
+
+    def fileno(self) -> int | None:
+        return self.ring.efd
+
+    def next_deadline(self) -> float | None:
+        if self._backlog:
+            return self._last_read
+        return self._last_read + RING_IDLE_POLL_S
+
+    @property
+    def exhausted(self) -> bool:
+        control = self.control
+        return (
+            control is not None
+            and control.capture_done  # type: ignore[attr-defined]
+            and len(self.ring) == 0
+        )
+
+    def read_batch(self, now: float) -> list[tuple[float, bytes]]:
+        ring = self.ring
+        # Clear first: a push after our pop rings again, so nothing is slept through.
+        ring.clear_wakeup()
+        items = ring.pop_batch(self.batch_max)
+        self._last_read = now
+        self._backlog = len(items) == self.batch_max and len(ring) > 0
+        if self.tick is not None:
+            self.tick(now)
+        return [(ts, data) for data, ts in items]
+
+    def close(self) -> None:
+        self.ring.close()
+
+
+class WorkerProcess(Worker):
+    """Worker plus the shared-memory duties of a worker process (see the module docstring)."""
+
+    def __init__(
+        self,
+        index: int,
+        cfg: object,
+        table: object,
+        source: RingSource,
+        sender: object,
+        *,
+        counters: object | None = None,
+        control: object | None = None,
+        **kw: object,
+    ) -> None:
+        kw.setdefault("memory_rss", _no_rss)  # -m is the supervisor's (the tree's RSS)
+        super().__init__(cfg, table, [source], sender, **kw)  # type: ignore[arg-type]
+        self.index = index
+        self.block = counters
+        self.control = control
+        self.row = counters.worker_row(index) if counters is not None else None  # type: ignore[attr-defined]
+        self.slot = 1 + index
+        self._base_session_cfg = table.config  # type: ignore[attr-defined]
+        self._shedding = False
+        self._next_flush = float("-inf")
+        source.tick = self.tick
+
+    def tick(self, now: float) -> None:
+        control = self.control
+        if control is not None:
+            control.beat(self.slot, now)  # type: ignore[attr-defined]
+            shed = control.shed  # type: ignore[attr-defined]
+            if shed != self._shedding:
+                self._set_shedding(shed)
+        if now >= self._next_flush:
+            self._next_flush = now + COUNTER_FLUSH_INTERVAL_S
+            self.flush_counters()
+
+    def _set_shedding(self, shed: bool) -> None:
+        self._shedding = shed
+        base = self._base_session_cfg
+        limit = SHED_MAX_SESSIONS if shed else base.max_sessions
+        self.table.config = dataclasses.replace(base, max_sessions=limit)  # type: ignore[attr-defined]
+        log.info(
+            "worker %d: %s", self.index, "shedding new sessions" if shed else "accepting again"
+        )
+
+    def flush_counters(self) -> None:
+        if self.block is None:
+            return
+        table = self.table
+        self.block.from_counter(  # type: ignore[attr-defined]
+            self.row,
+            table.counters,  # type: ignore[attr-defined]
+            self.sender.counters,  # type: ignore[attr-defined]
+            self.channels.counters,  # type: ignore[attr-defined]
+            self.counters,
+            {
+                "active": table.active,  # type: ignore[attr-defined]
+                "unsend": table.unsend,  # type: ignore[attr-defined]
+                "channels_connected": self.channels.connected,  # type: ignore[attr-defined]
+            },
+        )
+
+    def log_stats(self, now: float, final: bool = False) -> None:
+        # The supervisor logs the aggregated stats line; a worker only publishes its row.
+        self.flush_counters()
+
+
+def _no_rss() -> int:
+    return 0

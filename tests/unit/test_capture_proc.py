@@ -1,0 +1,173 @@
+"""engine/capture_proc.py and engine/worker_proc.RingSource: capture -> rings, in one process."""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from engine import packet
+from engine.capture import PcapFileSource, ReplayPacer, TransferFilter
+from engine.capture_proc import CaptureProcess, flow_worker, ring_slot_bytes, ring_slots
+from engine.control import ControlBlock
+from engine.ring import RING_IDLE_POLL_S, RING_SLOT_BYTES, Ring
+from engine.worker_proc import RingSource
+from metrics.counters import RING_DROPPED, CounterBlock
+from tests.paths import ONLINE_HTTP_PCAP
+
+PCAP = ONLINE_HTTP_PCAP
+ONLINE = (0xC6120102, 80)
+
+
+def client_packets(path: Path) -> list[tuple[int, int]]:
+    """(src ip, src port) of every client->online:80 packet, decoded here with struct."""
+    data = path.read_bytes()
+    off, out = 24, []
+    while off + 16 <= len(data):
+        caplen = struct.unpack_from("<I", data, off + 8)[0]
+        ip = data[off + 16 + 14 : off + 16 + caplen]
+        ihl = (ip[0] & 0x0F) * 4
+        src, dst = struct.unpack_from("!II", ip, 12)
+        sport, dport = struct.unpack_from("!HH", ip, ihl)
+        if (dst, dport) == ONLINE:
+            out.append((src, sport))
+        off += 16 + caplen
+    return out
+
+
+def make_capture(rings, **kw) -> tuple[CaptureProcess, TransferFilter, PcapFileSource]:
+    flt = TransferFilter(lambda ip, port: object() if (ip, port) == ONLINE else None)
+    src = PcapFileSource([str(PCAP)], ReplayPacer(accelerate=1000.0), 1, flt)
+    proc = CaptureProcess([src], rings, 1500, prefilter_counters=flt.counters, **kw)
+    return proc, flt, src
+
+
+@pytest.fixture
+def rings_factory():
+    made: list[Ring] = []
+
+    def make(n: int, slots: int = 4096) -> list[Ring]:
+        rings = [Ring.create(slots, RING_SLOT_BYTES) for _ in range(n)]
+        made.extend(rings)
+        return rings
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def test_flow_worker_is_stable_in_range_and_uses_every_worker():
+    flows = set(client_packets(PCAP))
+    assert len(flows) == 25  # README: ab -n 20, then ab -k -c 5
+    for n in (1, 2, 3, 8):
+        owners = {f: flow_worker(*f, n) for f in flows}
+        assert all(0 <= w < n for w in owners.values())
+        assert owners == {f: flow_worker(*f, n) for f in flows}  # no per-run salt
+    assert len({flow_worker(*f, 2) for f in flows}) == 2
+
+
+def test_slots_sized_from_mtu():
+    assert ring_slot_bytes(1500) == RING_SLOT_BYTES
+    big = ring_slot_bytes(9000)
+    assert big - 16 >= 9000 and big % 64 == 0
+    assert ring_slots(big) * big <= ring_slots(RING_SLOT_BYTES) * RING_SLOT_BYTES
+
+
+def test_every_flow_lands_on_exactly_one_ring_the_hashed_one(rings_factory):
+    rings = rings_factory(3)
+    control = ControlBlock(3)
+    block = CounterBlock.create(workers=3)
+    try:
+        proc, flt, src = make_capture(rings, counters=block, control=control)
+        assert proc.run() == 0
+        proc.close()
+        assert control.capture_done and src.exhausted
+        seen: dict[tuple[int, int], set[int]] = {}
+        per_ring = Counter()
+        for i, ring in enumerate(rings):
+            for data, _ts in ring.pop_batch(10_000):
+                pkt = packet.parse_ip(data)
+                seen.setdefault((pkt.src, pkt.sport), set()).add(i)
+                per_ring[i] += 1
+        expected = Counter(flow_worker(ip, port, 3) for ip, port in client_packets(PCAP))
+        assert per_ring == expected
+        assert all(owners == {flow_worker(*f, 3)} for f, owners in seen.items())
+        assert sum(per_ring.values()) == flt.counters["capture_accepted"]
+        totals = block.snapshot()["totals"]
+        assert totals["capture_accepted"] == flt.counters["capture_accepted"]
+        assert totals["ring_dropped"] == 0
+    finally:
+        block.close()
+        block.unlink()
+
+
+def test_tiny_ring_drops_are_counted_per_worker_and_capture_never_blocks(rings_factory):
+    rings = rings_factory(2, slots=2)
+    control = ControlBlock(2)
+    block = CounterBlock.create(workers=2)
+    try:
+        proc, flt, _src = make_capture(rings, counters=block, control=control)
+        assert proc.run() == 0  # returns although nobody consumes: drops, no hang
+        proc.close()
+        expected = Counter(flow_worker(ip, port, 2) for ip, port in client_packets(PCAP))
+        snap = block.snapshot()
+        for i, ring in enumerate(rings):
+            assert len(ring) == 2
+            assert ring.dropped == expected[i] - 2
+            assert snap["workers"][i]["ring_dropped"] == ring.dropped
+        assert snap["totals"]["ring_dropped"] == flt.counters["capture_accepted"] - 4
+        # A restarted capture process (fresh producer objects, rings still full) continues
+        # the per-ring counts: the second pass drops every packet.
+        attached = [Ring.attach(r.spec()) for r in rings]
+        again, _, _ = make_capture(attached, counters=block, control=control)
+        again.run()
+        again.close()
+        for i in range(2):
+            assert block.writer(block.worker_row(i)).get(RING_DROPPED) == 2 * expected[i] - 2
+        for r in attached:
+            r.close()
+    finally:
+        block.close()
+        block.unlink()
+
+
+def test_oversized_packet_is_split_at_mtu_onto_one_ring(rings_factory):
+    rings = rings_factory(2)
+    proc = CaptureProcess([], rings, 1500)
+    payload = bytes(range(256)) * 16  # 4096 bytes: a GRO aggregate
+    big = packet.TcpPacket(
+        0xC6120A05, ONLINE[0], 40000, 80, seq=1000, ack=5, flags=packet.ACK | packet.PSH,
+        payload=payload,
+    )  # fmt: skip
+    proc.dispatch([(1.0, packet.build(big))])
+    ring = rings[flow_worker(0xC6120A05, 40000, 2)]
+    assert len(rings[1 - rings.index(ring)]) == 0
+    pieces = [packet.parse_ip(d) for d, _ in ring.pop_batch()]
+    assert len(pieces) == 3 and all(len(packet.build(p)) <= 1500 for p in pieces)
+    assert b"".join(p.payload for p in pieces) == payload
+    assert [p.seq for p in pieces] == [1000, 1000 + len(pieces[0].payload),
+                                        1000 + len(pieces[0].payload) + len(pieces[1].payload)]  # fmt: skip
+    assert proc.counters["capture_split"] == 1
+
+
+def test_ring_source_reads_batches_wakes_and_reports_exhaustion(rings_factory):
+    (ring,) = rings_factory(1)
+    control = ControlBlock(1)
+    ticks: list[float] = []
+    src = RingSource(Ring.attach(ring.spec()), control, tick=ticks.append, batch_max=4)
+    assert src.fileno() == ring.efd
+    ring.push_batch([(bytes([i]) * 40, float(i)) for i in range(6)])
+    assert not src.exhausted  # capture not done
+    first = src.read_batch(10.0)
+    assert [ts for ts, _ in first] == [0.0, 1.0, 2.0, 3.0]
+    assert src.next_deadline() == 10.0  # backlog: come back at once, no eventfd will ring
+    rest = src.read_batch(10.5)
+    assert [data for _, data in rest] == [bytes([4]) * 40, bytes([5]) * 40]
+    assert src.next_deadline() == pytest.approx(10.5 + RING_IDLE_POLL_S)
+    assert ticks == [10.0, 10.5]
+    control.mark_capture_done()
+    assert src.exhausted
+    ring.push_batch([(b"late", 11.0)])
+    assert not src.exhausted  # a packet is still in the ring
