@@ -43,6 +43,14 @@ SHORT_RATE_PER_S = 200
 REPLICATION_DEADLINE_S = 60.0
 
 
+# Issue acceptance: every live test passes with one worker and with four (more workers than
+# CPUs here: flows of one client spread over shards, rings and channels of their own).
+@pytest.fixture(params=[1, 4], ids=lambda n: f"workers{n}", autouse=True)
+def workers(request: pytest.FixtureRequest, testbed: tbm.Testbed) -> int:
+    testbed.tcpcopy_workers = request.param
+    return request.param
+
+
 # -- helpers ----------------------------------------------------------------------------------
 
 

@@ -729,6 +729,8 @@ class Testbed:
         self.tag = f"tc{os.getpid()}-{next(_seq)}"
         self.namespaces: dict[str, str] = {role: f"{self.tag}-{role}" for role in ROLES}
         self.procs: list[Proc] = []
+        self.tcpcopy_workers: int | None = None
+        """--workers given to every tcpcopy-mp this testbed starts (None: the default)."""
         self.nginx: dict[str, Server] = {}
         self.redis: dict[str, Server] = {}
         self.mode: str | None = None
@@ -1035,6 +1037,8 @@ class Testbed:
         argv = [str(TCPCOPY_BIN), *args]
         if "-s" not in args and "--intercepts" not in args:
             argv += ["-s", self.intercept_address()]
+        if "--workers" not in args and self.tcpcopy_workers is not None:
+            argv += ["--workers", str(self.tcpcopy_workers)]
         if summary is not None:
             argv += ["--summary-json", str(summary)]
         proc = self.spawn("online", name, argv)
