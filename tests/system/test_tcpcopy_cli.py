@@ -144,10 +144,10 @@ def test_config_file_supplies_values_and_flags_win(tmp_path):
     assert_usage_error(run("--config", str(conf)), "--config")
 
 
-def test_doctor_is_a_stub_for_now():
+def test_doctor_takes_the_run_flags_and_names_a_missing_one():
     proc = run("doctor")
-    assert proc.returncode != 0
-    assert "not yet" in proc.stderr
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and "-x" in proc.stderr, proc.stderr
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,979 @@
+"""``tcpcopy-mp doctor``: check the online host's setup and name the exact fix.
+
+Theory of operation
+-------------------
+C TCPCopy's users mostly fail on routing, not on the program: the target has no route for the
+fake clients, the NFQUEUE rule is missing, rp_filter drops spoofed SYNs, the assistant forwards
+responses.  No C tool says which.  A doctor is a list of checks; each reads the host (files
+under /proc, ``ip route get``, ``iptables -S``, ``ss``) through a ``Host`` object and returns
+``Finding`` s: a severity, what is wrong and the command that fixes it.  Parsing of every
+command's output is done by small pure functions below, so the unit tests feed them text.
+
+``--live SECONDS`` walks C TCPCopy's troubleshooting tree for real (its README: "does the SYN
+reach the target? does the SYN-ACK reach intercept? is there a RST right after the SYN?"):
+announce one fake client with CLIENT_ADD on a compat connection to each ``-s`` intercept
+(spec §1.2), send one SYN from a ``-c`` pool address to each ``-x`` target on a raw socket,
+and wait for the response record (spec §1.3/§1.4).  SYN-ACK = the whole path works (the probe
+connection is then reset); RST = nothing listens on the target port; nothing = the target's
+route/NFQUEUE rule/intercept is wrong, and the finding says what to run on the target.
+
+The intercept side (``intercept-mp doctor``) lives in intercept/doctor.py and shares the
+Finding type, the Host and the parsers here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import random
+import re
+import select
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+from engine import wire
+from engine.errors import ConfigError, DecodeError
+from engine.packet import ACK, RST, SYN, TcpPacket, build, build_options, ip_to_str
+
+__all__ = [
+    "Finding",
+    "Host",
+    "SystemHost",
+    "CommandResult",
+    "Route",
+    "NfqueueRule",
+    "Listener",
+    "TcpcopyInputs",
+    "exit_status",
+    "render_text",
+    "render_json",
+    "parse_cap_eff",
+    "parse_route_get",
+    "parse_addr_show",
+    "parse_link_mtu",
+    "parse_nfqueue_rules",
+    "parse_ss_listeners",
+    "parse_int_text",
+    "covering_network",
+    "sysctl_key",
+    "check_capabilities",
+    "check_conntrack",
+    "tcpcopy_checks",
+    "probe_intercept",
+    "live_probe",
+    "main",
+]
+
+PROG = "tcpcopy-mp doctor"
+EXIT_OK = 0
+EXIT_FAIL = 1
+EXIT_USAGE = 2
+
+OK, INFO, WARN, FAIL = "ok", "info", "warn", "fail"
+_LABELS = {OK: "[ok]", INFO: "[info]", WARN: "[warn]", FAIL: "[FAIL]"}
+
+CAP_NET_ADMIN = 12  # linux/capability.h
+CAP_NET_RAW = 13
+CAP_NAMES = {CAP_NET_ADMIN: "CAP_NET_ADMIN", CAP_NET_RAW: "CAP_NET_RAW"}
+
+CONNTRACK_WARN_RATIO = 0.8
+"""conntrack table fuller than this: new replayed connections will soon be dropped."""
+CONNTRACK_FAIL_RATIO = 0.95
+CONNECT_TIMEOUT_S = 2.0
+"""-s probe: a connect() to the intercept port that takes longer is a firewall or wrong IP."""
+HANDSHAKE_HOLD_S = 0.3
+"""After our version handshake a compat intercept stays silent and keeps the connection open
+(spec §1.2: it closes only clients too old for it); a non-intercept server usually answers or
+closes within this time."""
+COMMAND_TIMEOUT_S = 10.0
+LIVE_TARGETS_MAX = 8
+"""--live probes at most this many distinct -x targets (one SYN each: bounded by design)."""
+PROBE_PORT_RANGE = (32768, 60999)
+"""Client ports of the probe: Linux's ephemeral range, like a real client's."""
+PROBE_WINDOW = 64240
+PROBE_MSS_MAX = 1460
+PROBE_WSCALE = 7
+
+
+# ---------------------------------------------------------------------------------------------
+# findings
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Finding:
+    """One check's verdict: ``severity`` is ok | info | warn | fail."""
+
+    severity: str
+    check: str
+    message: str
+    fix: str = ""
+
+    def line(self) -> str:
+        text = f"{_LABELS[self.severity]} {self.check}: {self.message}"
+        return f"{text} — fix: {self.fix}" if self.fix else text
+
+    def as_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+
+def exit_status(findings: Iterable[Finding]) -> int:
+    """0 when no finding failed, 1 otherwise (warnings do not fail the doctor)."""
+    return EXIT_FAIL if any(f.severity == FAIL for f in findings) else EXIT_OK
+
+
+def render_text(findings: Sequence[Finding]) -> str:
+    return "".join(f.line() + "\n" for f in findings)
+
+
+def render_json(findings: Sequence[Finding], tool: str = PROG) -> str:
+    return json.dumps(
+        {
+            "tool": tool,
+            "status": exit_status(findings),
+            "findings": [f.as_dict() for f in findings],
+        },
+        sort_keys=True,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# reading the host
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CommandResult:
+    rc: int
+    out: str
+    err: str
+
+
+class Host:
+    """What a check may read.  ``SystemHost`` reads this machine; unit tests pass a fake."""
+
+    def read(self, path: str) -> str | None:
+        """The text of ``path``, or None if it does not exist or cannot be read."""
+        raise NotImplementedError
+
+    def run(self, argv: Sequence[str]) -> CommandResult:
+        """Run a command to completion (rc 127 with the reason in ``err`` if it cannot run)."""
+        raise NotImplementedError
+
+    def pid_cmdline(self, pid: int) -> str:
+        text = self.read(f"/proc/{pid}/cmdline") or ""
+        return text.replace("\0", " ").strip()
+
+
+class SystemHost(Host):
+    def read(self, path: str) -> str | None:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def run(self, argv: Sequence[str]) -> CommandResult:
+        try:
+            proc = subprocess.run(
+                list(argv), capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=False
+            )
+        except FileNotFoundError:
+            return CommandResult(127, "", f"{argv[0]}: command not found")
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return CommandResult(127, "", f"{argv[0]}: {exc}")
+        return CommandResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# pure parsers of what the host says
+
+
+def parse_int_text(text: str | None) -> int | None:
+    """A /proc/sys value such as ``"1\\n"``; None if absent or not an integer."""
+    if text is None:
+        return None
+    try:
+        return int(text.split()[0])
+    except (ValueError, IndexError):
+        return None
+
+
+def parse_cap_eff(status_text: str) -> int | None:
+    """The CapEff bit mask of a /proc/PID/status text."""
+    m = re.search(r"^CapEff:\s*([0-9a-fA-F]+)\s*$", status_text, re.M)
+    return int(m.group(1), 16) if m else None
+
+
+def sysctl_key(*parts: str) -> str:
+    """The sysctl(8) name of /proc/sys/net/ipv4/conf/<dev>/... : a '.' inside a device name
+    (eth0.100) is written '/' there, because '.' separates the levels."""
+    return ".".join(p.replace(".", "/") for p in parts)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Route:
+    """What ``ip route get ADDR`` answered."""
+
+    kind: str
+    """unicast | local | broadcast | multicast | unreachable"""
+    dev: str = ""
+    via: str = ""
+    src: str = ""
+    reason: str = ""
+    """For ``unreachable``: the kernel's words (``Network is unreachable`` ...)."""
+
+    @property
+    def reachable(self) -> bool:
+        return self.kind != "unreachable"
+
+    def describe(self) -> str:
+        if not self.reachable:
+            return self.reason or "no route"
+        hop = f"via {self.via} " if self.via else ""
+        return f"{self.kind} {hop}dev {self.dev}".replace("unicast ", "")
+
+
+_UNREACHABLE_TYPES = ("unreachable", "blackhole", "prohibit", "throw")
+
+
+def parse_route_get(rc: int, out: str, err: str) -> Route:
+    """``ip route get ADDR``: a non-zero status (``RTNETLINK answers: Network is unreachable``)
+    or an unreachable/blackhole/prohibit route type means packets to ADDR cannot leave."""
+    if rc != 0:
+        reason = err.strip().splitlines()[-1] if err.strip() else f"exit status {rc}"
+        return Route("unreachable", reason=reason.removeprefix("RTNETLINK answers: "))
+    tokens = out.split()
+    if not tokens:
+        return Route("unreachable", reason="empty answer from ip route get")
+    kind = "unicast"
+    if tokens[0] in _UNREACHABLE_TYPES:
+        return Route("unreachable", reason=f"{tokens[0]} route")
+    if tokens[0] in ("local", "broadcast", "multicast", "anycast"):
+        kind = tokens[0]
+    fields = {}
+    for key in ("dev", "via", "src"):
+        if key in tokens:
+            i = tokens.index(key)
+            if i + 1 < len(tokens):
+                fields[key] = tokens[i + 1]
+    return Route(kind, **fields)
+
+
+def parse_addr_show(text: str) -> list[tuple[str, int, int]]:
+    """``ip -o -4 addr show`` → [(device, address, prefix length)]."""
+    out = []
+    for line in text.splitlines():
+        tokens = line.split()
+        if len(tokens) < 4 or tokens[2] != "inet":
+            continue
+        dev = tokens[1].rstrip(":").split("@", 1)[0]
+        try:
+            iface = ipaddress.ip_interface(tokens[3])
+        except ValueError:
+            continue
+        out.append((dev, int(iface.ip), iface.network.prefixlen))
+    return out
+
+
+def parse_link_mtu(text: str) -> int | None:
+    """The ``mtu N`` of ``ip -o link show dev DEV``."""
+    m = re.search(r"\bmtu (\d+)\b", text)
+    return int(m.group(1)) if m else None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NfqueueRule:
+    """One ``-j NFQUEUE`` (or legacy ``-j QUEUE``) rule of an ``iptables -S`` listing."""
+
+    chain: str
+    sports: tuple[tuple[int, int], ...] | None
+    """Source port ranges it matches; None = any source port."""
+    negated: bool
+    """``! --sport``: matches every port *but* these."""
+    protocol: str
+    """``tcp``, or ``""`` when the rule matches every protocol."""
+    queue_lo: int
+    queue_hi: int
+    """``--queue-balance lo:hi`` spreads over a range; otherwise lo == hi."""
+    text: str
+
+    def matches_port(self, port: int) -> bool:
+        if self.protocol not in ("", "tcp", "6"):
+            return False
+        if self.sports is None:
+            return True
+        inside = any(lo <= port <= hi for lo, hi in self.sports)
+        return inside != self.negated
+
+    def uses_queue(self, queue_num: int) -> bool:
+        return self.queue_lo <= queue_num <= self.queue_hi
+
+
+def _port_ranges(text: str) -> tuple[tuple[int, int], ...] | None:
+    ranges = []
+    for part in text.split(","):
+        lo, _, hi = part.partition(":")
+        try:
+            a = int(lo) if lo else 0
+            b = int(hi) if hi else (65535 if _ else a)
+        except ValueError:
+            return None
+        ranges.append((a, b))
+    return tuple(ranges)
+
+
+def parse_nfqueue_rules(text: str, chain: str = "OUTPUT") -> list[NfqueueRule]:
+    """The NFQUEUE rules of ``chain``, in order, from ``iptables -S`` output."""
+    rules = []
+    for line in text.splitlines():
+        try:
+            tokens = shlex.split(line)
+        except ValueError:
+            continue
+        if len(tokens) < 2 or tokens[0] != "-A" or tokens[1] != chain:
+            continue
+        if "-j" not in tokens:
+            continue
+        target = tokens[tokens.index("-j") + 1] if tokens.index("-j") + 1 < len(tokens) else ""
+        if target not in ("NFQUEUE", "QUEUE"):
+            continue
+        sports: tuple[tuple[int, int], ...] | None = None
+        negated = False
+        protocol = ""
+        queue_lo = queue_hi = 0
+        i = 2
+        while i < len(tokens):
+            tok = tokens[i]
+            nxt = tokens[i + 1] if i + 1 < len(tokens) else ""
+            if tok == "!" and nxt in ("--sport", "--source-port", "--sports", "--source-ports"):
+                negated = True
+            elif tok == "-p":
+                protocol = nxt.lower()
+            elif tok in ("--sport", "--source-port", "--sports", "--source-ports"):
+                sports = _port_ranges(nxt)
+            elif tok == "--queue-num":
+                queue_lo = queue_hi = int(nxt) if nxt.isdigit() else 0
+            elif tok == "--queue-balance":
+                lo, _, hi = nxt.partition(":")
+                if lo.isdigit() and hi.isdigit():
+                    queue_lo, queue_hi = int(lo), int(hi)
+            i += 1
+        rules.append(NfqueueRule(chain, sports, negated, protocol, queue_lo, queue_hi, line))
+    return rules
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Listener:
+    """One listening TCP socket from ``ss -Hltnp``."""
+
+    address: str
+    port: int
+    users: tuple[tuple[str, int], ...]
+    """(process name, pid) of every process holding it."""
+
+
+_SS_USER = re.compile(r'\("([^"]*)",pid=(\d+),fd=\d+\)')
+
+
+def parse_ss_listeners(text: str) -> list[Listener]:
+    out = []
+    for line in text.splitlines():
+        tokens = line.split()
+        # State Recv-Q Send-Q Local:Port Peer:Port [users:(...)]; -H drops the header.
+        if len(tokens) < 5:
+            continue
+        local = tokens[3]
+        addr, sep, port = local.rpartition(":")
+        if not sep or not port.isdigit():
+            continue
+        users = tuple((name, int(pid)) for name, pid in _SS_USER.findall(line))
+        out.append(Listener(addr.strip("[]"), int(port), users))
+    return out
+
+
+def covering_network(addresses: Iterable[int]) -> str:
+    """The smallest CIDR block holding every address (``198.19.1.x`` → 198.19.1.0/24)."""
+    ips = sorted(set(addresses))
+    if not ips:
+        raise ValueError("no address")
+    lo, hi = ips[0], ips[-1]
+    for prefix in range(32, -1, -1):
+        net = ipaddress.ip_network((lo, prefix), strict=False)
+        if ipaddress.ip_address(hi) in net:
+            return str(net)
+    return "0.0.0.0/0"
+
+
+# ---------------------------------------------------------------------------------------------
+# checks shared by both doctors
+
+
+def capabilities(host: Host) -> int | None:
+    return parse_cap_eff(host.read("/proc/self/status") or "")
+
+
+def check_capabilities(host: Host, needed: dict[int, str], prog: str) -> Finding:
+    """``needed``: capability bit → why.  Root without the bits (a container) fails too."""
+    eff = capabilities(host)
+    if eff is None:
+        return Finding(WARN, "capabilities", "cannot read CapEff from /proc/self/status")
+    missing = [bit for bit in needed if not eff >> bit & 1]
+    have = ", ".join(CAP_NAMES[b] for b in needed if eff >> b & 1)
+    if not missing:
+        return Finding(OK, "capabilities", f"{have} present")
+    names = ",".join(CAP_NAMES[b].lower() for b in needed)
+    why = "; ".join(f"{CAP_NAMES[b]} ({needed[b]})" for b in missing)
+    return Finding(
+        FAIL,
+        "capabilities",
+        f"missing {why}",
+        f"run {prog} as root, or: setcap {names}+ep $(readlink -f $(command -v python3))",
+    )
+
+
+def route_get(host: Host, address: str) -> Route:
+    res = host.run(["ip", "route", "get", address])
+    return parse_route_get(res.rc, res.out, res.err)
+
+
+def sysctl_int(host: Host, *parts: str) -> int | None:
+    return parse_int_text(host.read("/proc/sys/" + "/".join(parts)))
+
+
+def local_addresses(host: Host) -> list[tuple[str, int, int]]:
+    return parse_addr_show(host.run(["ip", "-o", "-4", "addr", "show"]).out)
+
+
+def device_mtu(host: Host, dev: str) -> int | None:
+    res = host.run(["ip", "-o", "link", "show", "dev", dev])
+    return parse_link_mtu(res.out) if res.rc == 0 else None
+
+
+def check_conntrack(host: Host) -> Finding:
+    count = sysctl_int(host, "net", "netfilter", "nf_conntrack_count")
+    limit = sysctl_int(host, "net", "netfilter", "nf_conntrack_max")
+    if count is None or not limit:
+        return Finding(OK, "conntrack", "not loaded (no table to fill)")
+    ratio = count / limit
+    text = f"{count} of {limit} entries in use ({ratio:.0%})"
+    fix = f"sysctl -w net.netfilter.nf_conntrack_max={max(limit * 2, count * 2)}"
+    if ratio >= CONNTRACK_FAIL_RATIO:
+        return Finding(FAIL, "conntrack", f"{text}: new connections are being dropped", fix)
+    if ratio >= CONNTRACK_WARN_RATIO:
+        return Finding(WARN, "conntrack", f"{text}: close to full", fix)
+    return Finding(OK, "conntrack", text)
+
+
+# ---------------------------------------------------------------------------------------------
+# tcpcopy-mp doctor: the static checks
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TcpcopyInputs:
+    """What the checks need from a run's command line."""
+
+    targets: tuple[tuple[int, int], ...]
+    """-x: (target ip, target port), distinct, in order."""
+    intercepts: tuple[tuple[str, int], ...]
+    """-s: (ip text, port)."""
+    pool: tuple[int, ...] = ()
+    """-c as given (target IPs *not* removed, so the doctor can say they are there)."""
+    pool_spec: str = ""
+    mtu: int = 1500
+    mss: int = 1460
+
+
+def _check_rp_filter_online(host: Host, devs: Sequence[str]) -> Finding:
+    all_v = sysctl_int(host, "net", "ipv4", "conf", "all", "rp_filter")
+    parts = [f"all={all_v}"]
+    for dev in devs:
+        parts.append(f"{dev}={sysctl_int(host, 'net', 'ipv4', 'conf', dev, 'rp_filter')}")
+    # Sending spoofed sources is not filtered by rp_filter (it applies to received packets);
+    # what matters is the target's setting: intercept-mp doctor checks it there.
+    return Finding(
+        OK,
+        "rp_filter",
+        f"{', '.join(parts)} (only the target's rp_filter can drop the replayed SYNs; "
+        "run intercept-mp doctor there)",
+    )
+
+
+def _check_target_route(host: Host, ip: int, port: int) -> tuple[Finding, Route]:
+    name = f"route to target {ip_to_str(ip)}:{port}"
+    route = route_get(host, ip_to_str(ip))
+    if not route.reachable:
+        return (
+            Finding(
+                FAIL,
+                name,
+                f"{route.describe()}: replayed packets cannot be sent",
+                f"ip route add {ip_to_str(ip)}/32 via GATEWAY dev DEVICE "
+                "(the gateway/device that reaches the target)",
+            ),
+            route,
+        )
+    if route.kind == "local":
+        return (
+            Finding(
+                WARN,
+                name,
+                "the target is an address of this host: replayed packets and their responses "
+                "never leave it, and the responses reach this host's TCP stack",
+                "replay to a separate test server",
+            ),
+            route,
+        )
+    return Finding(OK, name, route.describe()), route
+
+
+def _check_mtu(host: Host, mtu: int, devs: Sequence[str]) -> Finding:
+    mtus = {dev: device_mtu(host, dev) for dev in devs}
+    known = {d: m for d, m in mtus.items() if m}
+    if not known:
+        return Finding(WARN, "mtu", f"-M {mtu}: cannot read the MTU of {', '.join(devs) or '-'}")
+    low = {d: m for d, m in known.items() if m < mtu}
+    if low:
+        dev, dev_mtu = min(low.items(), key=lambda kv: kv[1])
+        return Finding(
+            FAIL,
+            "mtu",
+            f"-M {mtu} is larger than the MTU {dev_mtu} of {dev}, the way to the target: "
+            "full-size replayed segments are refused (EMSGSIZE, DF set)",
+            f"tcpcopy-mp -M {dev_mtu} ...  (or: ip link set dev {dev} mtu {mtu})",
+        )
+    listing = ", ".join(f"{d} {m}" for d, m in known.items())
+    return Finding(OK, "mtu", f"-M {mtu} fits the device MTU ({listing})")
+
+
+def _check_pool(host: Host, inp: TcpcopyInputs) -> list[Finding]:
+    if not inp.pool:
+        return [
+            Finding(
+                INFO,
+                "client pool",
+                "no -c: replayed connections keep the real client addresses, so the target "
+                "must route responses for every real client to intercept (or NFQUEUE-drop them)",
+                "",
+            )
+        ]
+    out = []
+    targets = {ip for ip, _ in inp.targets}
+    clash = sorted(set(inp.pool) & targets)
+    if clash:
+        out.append(
+            Finding(
+                WARN,
+                "client pool",
+                f"-c {inp.pool_spec} contains the target address(es) "
+                f"{', '.join(ip_to_str(i) for i in clash)}; they are skipped",
+                f"-c {_pool_without(inp.pool, clash)}",
+            )
+        )
+    own = {addr: dev for dev, addr, _ in local_addresses(host)}
+    mine = sorted(a for a in inp.pool if a in own)
+    if mine:
+        out.append(
+            Finding(
+                WARN,
+                "client pool",
+                f"-c {inp.pool_spec} contains this host's own address(es) "
+                f"{', '.join(ip_to_str(a) for a in mine)}: that works only in traditional "
+                "mode (intercept drops the responses on the target); in advanced mode the "
+                "target's route for them would also divert this host's own traffic",
+                "use fake addresses, e.g. -c 198.19.1.x (from 198.18.0.0/15, never used)",
+            )
+        )
+    if not out:
+        out.append(
+            Finding(
+                OK,
+                "client pool",
+                f"-c {inp.pool_spec}: {len(inp.pool)} address(es), none a target or local",
+            )
+        )
+    return out
+
+
+def _pool_without(pool: Sequence[int], drop: Iterable[int]) -> str:
+    gone = set(drop)
+    kept = [ip_to_str(a) for a in pool if a not in gone]
+    if len(kept) > 4:
+        return f"{','.join(kept[:3])},...  (or another /24)"
+    return ",".join(kept) or "198.19.1.x"
+
+
+def probe_intercept(ip: str, port: int, timeout: float = CONNECT_TIMEOUT_S) -> Finding:
+    """Connect, send the compat version handshake, and check the peer keeps quiet and open."""
+    name = f"intercept {ip}:{port}"
+    start_fix = (
+        f"on {ip}: intercept-mp --queue-num 0 --install-rule TARGET_PORT (traditional) "
+        f"or intercept-mp -i DEV -F 'tcp and src port TARGET_PORT' (advanced); "
+        f"check with: intercept-mp doctor"
+    )
+    try:
+        sock = socket.create_connection((ip, port), timeout=timeout)
+    except ConnectionRefusedError:
+        return Finding(FAIL, name, "connection refused: intercept-mp is not running", start_fix)
+    except TimeoutError:
+        return Finding(
+            FAIL,
+            name,
+            f"no answer within {timeout:.0f} s (a firewall drops port {port}, or wrong address)",
+            f"on {ip}: iptables -I INPUT -p tcp --dport {port} -j ACCEPT; and check -s",
+        )
+    except OSError as exc:
+        return Finding(FAIL, name, f"cannot connect: {exc.strerror or exc}", start_fix)
+    with sock:
+        try:
+            sock.sendall(wire.HANDSHAKE)
+            readable, _, _ = select.select([sock], [], [], HANDSHAKE_HOLD_S)
+            data = sock.recv(4096) if readable else None
+        except OSError as exc:
+            return Finding(
+                FAIL, name, f"the connection broke after the handshake: {exc}", start_fix
+            )
+    if data is None:
+        return Finding(OK, name, "accepts the compat handshake (version 6) and stays open")
+    if data == b"":
+        return Finding(
+            FAIL,
+            name,
+            "closed the connection after our version-6 (compat) handshake: not a compatible "
+            "intercept, or one started with --secret-file that refuses compat peers",
+            f"run intercept-mp (or C intercept 1.0) on {ip}:{port}; with --secret-file, "
+            "also --allow-compat for this check",
+        )
+    return Finding(
+        FAIL,
+        name,
+        f"answered our handshake with {len(data)} bytes ({data[:16]!r}): another service "
+        f"listens there, not intercept",
+        f"point -s at the intercept's address:port (intercept-mp -p {port})",
+    )
+
+
+def tcpcopy_checks(
+    host: Host,
+    inp: TcpcopyInputs,
+    probe: Callable[[str, int], Finding] = probe_intercept,
+) -> list[Finding]:
+    findings = [
+        check_capabilities(host, {CAP_NET_RAW: "raw sockets to capture and send"}, "tcpcopy-mp")
+    ]
+    devs: list[str] = []
+    route_findings = []
+    for ip, port in inp.targets:
+        finding, route = _check_target_route(host, ip, port)
+        route_findings.append(finding)
+        if route.reachable and route.dev and route.dev not in devs:
+            devs.append(route.dev)
+    findings.append(_check_rp_filter_online(host, devs))
+    findings += route_findings
+    findings += [probe(ip, port) for ip, port in inp.intercepts]
+    findings += _check_pool(host, inp)
+    findings.append(check_conntrack(host))
+    if devs:
+        findings.append(_check_mtu(host, inp.mtu, devs))
+    return findings
+
+
+# ---------------------------------------------------------------------------------------------
+# --live: one real replay connection attempt per target
+
+
+def _raw_send(pkt: bytes, dst: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as s:
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
+        s.sendto(pkt, (dst, 0))
+
+
+def _target_fix(tport: int, pool_spec: str) -> str:
+    return (
+        f"on the target: intercept-mp doctor --queue-num 0 --target-port {tport} "
+        f"-c {pool_spec}  (traditional; it checks the pool route, the NFQUEUE rule and "
+        f"rp_filter); or on the assistant: intercept-mp doctor -i DEV -F 'tcp and src port "
+        f"{tport}' -c {pool_spec} (advanced; and on the target: ip route get <pool address> "
+        f"must go via the assistant)"
+    )
+
+
+def live_probe(
+    inp: TcpcopyInputs,
+    seconds: float,
+    rng: random.Random | None = None,
+    send: Callable[[bytes, str], None] = _raw_send,
+) -> list[Finding]:
+    """Announce + SYN + wait for the response record, once per -x target (see the header)."""
+    if not inp.pool:
+        return [
+            Finding(
+                FAIL,
+                "live probe",
+                "needs a -c pool: the probe SYN must come from a fake client address, never "
+                "from a real client",
+                "add -c 198.19.1.x (or your pool) to the doctor command",
+            )
+        ]
+    rng = rng or random.SystemRandom()
+    targets = {ip for ip, _ in inp.targets}
+    pool = [a for a in inp.pool if a not in targets] or list(inp.pool)
+    findings = []
+    for tip, tport in list(dict.fromkeys(inp.targets))[:LIVE_TARGETS_MAX]:
+        findings.append(_probe_target(inp, tip, tport, rng.choice(pool), rng, seconds, send))
+    return findings
+
+
+def _probe_target(
+    inp: TcpcopyInputs,
+    tip: int,
+    tport: int,
+    cip: int,
+    rng: random.Random,
+    seconds: float,
+    send: Callable[[bytes, str], None],
+) -> Finding:
+    name = f"live probe {ip_to_str(tip)}:{tport}"
+    cport = rng.randint(*PROBE_PORT_RANGE)
+    isn = rng.getrandbits(32)
+    who = f"{ip_to_str(cip)}:{cport}"
+    # Step 1: announce (spec §1.2: CLIENT_ADD goes to every intercept before the SYN).
+    conns: dict[socket.socket, tuple[str, int]] = {}
+    problems = []
+    announce = wire.HANDSHAKE + wire.client_add(cip, cport, tip, tport)
+    for ip, port in inp.intercepts:
+        try:
+            sock = socket.create_connection((ip, port), timeout=CONNECT_TIMEOUT_S)
+            sock.sendall(announce)
+            conns[sock] = (ip, port)
+        except OSError as exc:
+            problems.append(f"{ip}:{port} {exc.strerror or exc}")
+    try:
+        if not conns:
+            return Finding(
+                FAIL,
+                name,
+                f"step 1 (announce the fake client): no intercept reachable "
+                f"({'; '.join(problems)})",
+                "start intercept-mp on the -s host(s); check with: intercept-mp doctor",
+            )
+        # Step 2: the SYN, as a replayed client's (spec §3.11: MSS, SACK, window scale).
+        syn = TcpPacket(
+            src=cip,
+            dst=tip,
+            sport=cport,
+            dport=tport,
+            seq=isn,
+            flags=SYN,
+            window=PROBE_WINDOW,
+            options=build_options(
+                mss=min(inp.mss, PROBE_MSS_MAX, inp.mtu - 40),
+                sack_permitted=True,
+                wscale=PROBE_WSCALE,
+            ),
+            ip_id=rng.getrandbits(16),
+        )
+        try:
+            send(build(syn), ip_to_str(tip))
+        except OSError as exc:
+            return Finding(
+                FAIL,
+                name,
+                f"step 2 (send the SYN from {who}): {exc.strerror or exc}",
+                "run as root (CAP_NET_RAW); an EPERM with root means this host's iptables "
+                "OUTPUT rejects spoofed sources: iptables -S OUTPUT",
+            )
+        # Step 3: the response record (spec §1.3), from whichever intercept captured it.
+        rec, src, closed = _wait_record(conns, cip, cport, tip, tport, seconds)
+        reset = rec is None or not rec.flags & RST
+        if reset:
+            _send_reset(send, cip, cport, tip, tport, isn, rng)
+        if rec is None:
+            extra = f"; {', '.join(closed)} closed the connection" if closed else ""
+            return Finding(
+                FAIL,
+                name,
+                f"CLIENT_ADD sent, SYN {who} → {ip_to_str(tip)}:{tport} sent, but no SYN-ACK "
+                f"record within {seconds:g} s{extra}: either the SYN does not reach the target "
+                "(its rp_filter/firewall), or the target has no route for the pool to the "
+                "intercept host, or the NFQUEUE rule / the intercept's capture is missing",
+                _target_fix(tport, inp.pool_spec or ip_to_str(cip)),
+            )
+        via = f"{src[0]}:{src[1]}"
+        if rec.flags & RST:
+            return Finding(
+                FAIL,
+                name,
+                f"the target answered the SYN with RST (record via {via}): nothing listens on "
+                f"{ip_to_str(tip)}:{tport}, or a firewall there rejects it",
+                f"on the target: ss -ltn 'sport = :{tport}' must list the service; start it "
+                "or correct -x",
+            )
+        if rec.flags & (SYN | ACK) == SYN | ACK and rec.ack == (isn + 1) & 0xFFFFFFFF:
+            return Finding(
+                OK,
+                name,
+                f"SYN from {who} answered by SYN-ACK, record delivered by intercept {via} "
+                "(probe connection reset)",
+            )
+        return Finding(
+            WARN,
+            name,
+            f"unexpected response record (flags {rec.flags:#04x}, ack {rec.ack}, expected "
+            f"SYN-ACK ack {(isn + 1) & 0xFFFFFFFF}) via {via}: a stale connection on the "
+            f"target for {who}?",
+            "run the probe again (it uses a new port)",
+        )
+    finally:
+        for sock in conns:
+            sock.close()
+
+
+def _wait_record(
+    conns: dict[socket.socket, tuple[str, int]],
+    cip: int,
+    cport: int,
+    tip: int,
+    tport: int,
+    seconds: float,
+) -> tuple[TcpPacket | None, tuple[str, int], list[str]]:
+    decoders = {s: wire.ResponseStreamDecoder() for s in conns}
+    open_socks = list(conns)
+    closed: list[str] = []
+    deadline = time.monotonic() + seconds
+    while open_socks:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        readable, _, _ = select.select(open_socks, [], [], left)
+        for sock in readable:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                open_socks.remove(sock)
+                closed.append("{}:{}".format(*conns[sock]))
+                continue
+            try:
+                records = decoders[sock].feed(data)
+            except DecodeError:
+                open_socks.remove(sock)
+                closed.append("{}:{} (bad frame)".format(*conns[sock]))
+                continue
+            for rec in records:
+                # spec §1.5: a record is routed by the tuple we announced.
+                if (rec.src, rec.sport, rec.dst, rec.dport) == (tip, tport, cip, cport):
+                    return rec, conns[sock], closed
+    return None, ("", 0), closed
+
+
+def _send_reset(
+    send: Callable[[bytes, str], None],
+    cip: int,
+    cport: int,
+    tip: int,
+    tport: int,
+    isn: int,
+    rng: random.Random,
+) -> None:
+    """Tear the probe down on the target (a half-open connection would linger there)."""
+    rst = TcpPacket(
+        src=cip,
+        dst=tip,
+        sport=cport,
+        dport=tport,
+        seq=(isn + 1) & 0xFFFFFFFF,
+        flags=RST,
+        window=0,
+        ip_id=rng.getrandbits(16),
+    )
+    try:
+        send(build(rst), ip_to_str(tip))
+    except OSError:
+        pass  # nothing more to do: the target's SYN-ACK retries time out by themselves
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def _split_doctor_flags(argv: Sequence[str]) -> tuple[list[str], bool, float | None]:
+    """Take --json and --live SECONDS out; the rest is a run's command line."""
+    rest: list[str] = []
+    as_json = False
+    live: float | None = None
+    it = iter(argv)
+    for arg in it:
+        if arg == "--json":
+            as_json = True
+        elif arg == "--live" or arg.startswith("--live="):
+            value = arg.split("=", 1)[1] if "=" in arg else next(it, None)
+            try:
+                live = float(value) if value is not None else None
+            except ValueError:
+                live = None
+            if live is None or not 0 < live <= 60:
+                raise ConfigError("--live", f"{value!r}: give seconds in (0, 60]")
+        else:
+            rest.append(arg)
+    return rest, as_json, live
+
+
+USAGE = (
+    "usage: tcpcopy-mp doctor -x SPEC -s IP[:PORT],... [-c POOL] [-M MTU] [other run flags] "
+    "[--live SECONDS] [--json]"
+)
+
+
+def inputs_from_args(argv: Sequence[str]) -> TcpcopyInputs:
+    """Validate a run's command line with the run's own parser (ConfigError on a mistake)."""
+    from engine import cli, rewrite
+
+    parser = cli.build_parser()
+    try:
+        config_path = cli._config_path(argv)  # noqa: SLF001 - the run's own --config logic
+        if config_path:
+            cli._apply_config_file(parser, config_path)  # noqa: SLF001
+        args = parser.parse_args(list(argv))
+    except cli._UsageError as exc:  # noqa: SLF001
+        raise ConfigError("doctor", str(exc)) from None
+    cfg = cli.build_config(args)
+    pool: tuple[int, ...] = ()
+    if args.clients:
+        pool = rewrite.parse_client_pool(args.clients)  # targets kept: the doctor reports them
+    targets = tuple(dict.fromkeys((t.target_ip, t.target_port) for t in cfg.session.transfers))
+    return TcpcopyInputs(
+        targets=targets,
+        intercepts=tuple(cfg.intercepts),
+        pool=pool,
+        pool_spec=args.clients or "",
+        mtu=cfg.session.mtu,
+        mss=cfg.session.mss,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("-h", "--help"):
+        print(USAGE)
+        return EXIT_OK
+    try:
+        rest, as_json, live = _split_doctor_flags(args)
+        inp = inputs_from_args(rest)
+    except ConfigError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    findings = tcpcopy_checks(SystemHost(), inp)
+    if live is not None:
+        findings += live_probe(inp, live)
+    sys.stdout.write(render_json(findings) + "\n" if as_json else render_text(findings))
+    sys.stdout.flush()
+    return exit_status(findings)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
