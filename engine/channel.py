@@ -24,6 +24,14 @@ Differences from C, on purpose (spec §1.7 QUIRKs):
   a buffer that grows past OUT_BUFFER_MAX_BYTES means the intercept is stuck, and the
   connection is dropped and re-made.
 
+Authentication (design §6, docs/protocol.md).  With a secret (--secret-file) a connection
+opens with the extended hello instead of the version record and walks
+CONNECTING -> AUTHENTICATING -> CONNECTED: it is used (CLIENT_ADDs, frames) only once the
+intercept answered our challenge response with its own valid proof, so both ends hold the
+secret.  A refusal, a wrong proof, an answer that is not the protocol (a C intercept) or no
+answer within AUTH_TIMEOUT_S is logged plainly and retried with the usual backoff; we never
+fall back to the unauthenticated compat handshake, which would let anyone downgrade us.
+
 I/O is driven by the worker's selector: every socket is registered with a callback
 `(mask, now)` as its selector key's data; timers (connect timeouts, reconnects) are exposed as
 `get_timer()` / `handle_timer(now)`.
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import selectors
 import socket
 from collections import Counter
@@ -56,8 +65,10 @@ READ_BYTES = 65536
 READS_PER_EVENT_MAX = 64
 CONNECT_FAIL_LOG_INTERVAL_S = 30.0
 KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES = 30, 10, 3
+AUTH_TIMEOUT_S = 5.0
+"""The extended handshake must complete within this (a C intercept never answers it)."""
 
-IDLE, CONNECTING, CONNECTED = "idle", "connecting", "connected"
+IDLE, CONNECTING, AUTHENTICATING, CONNECTED = "idle", "connecting", "authenticating", "connected"
 
 ResponseHandler = Callable[[object, float], None]
 
@@ -72,6 +83,7 @@ class _Conn:
         "state",
         "out",
         "decoder",
+        "handshake",
         "deadline",
         "backoff_s",
         "up_since",
@@ -85,7 +97,9 @@ class _Conn:
         self.state = IDLE
         self.out = bytearray()
         self.decoder: wire.FrameDecoder | None = None
-        self.deadline: float | None = 0.0  # IDLE: reconnect time; CONNECTING: connect timeout
+        self.handshake: wire.ExtendedClientHandshake | None = None  # AUTHENTICATING only
+        # IDLE: reconnect time; CONNECTING: connect timeout; AUTHENTICATING: handshake timeout
+        self.deadline: float | None = 0.0
         self.backoff_s = BACKOFF_MIN_S
         self.up_since: float | None = None
         self.registered_mask = 0
@@ -114,7 +128,12 @@ class InterceptChannels:
 
     counters: channel_connects, channel_disconnects, channel_connect_failures,
     channel_frame_errors, channel_overflows, route_announced, route_unannounced,
-    route_records_sent, responses_received, response_decode_errors.
+    route_records_sent, responses_received, response_decode_errors; with a secret also
+    channel_auth_ok, channel_auth_refused, channel_auth_bad_proof, channel_auth_failures
+    (no answer in time, or not the extended protocol).
+
+    `secret`: the --secret-file bytes (None = compat handshake, as C); `nonce_source(n)`
+    returns n random bytes (tests may pin it).
     """
 
     def __init__(
@@ -126,6 +145,8 @@ class InterceptChannels:
         *,
         record_bytes: int = 64,  # wire.RESPONSE_RECORD_BYTES (192 with payload)
         combined: bool = True,
+        secret: bytes | None = None,
+        nonce_source: Callable[[int], bytes] = os.urandom,
     ) -> None:
         if not intercepts:
             raise ValueError("no intercept")
@@ -134,6 +155,8 @@ class InterceptChannels:
         self.on_response = on_response
         self.record_bytes = record_bytes
         self.combined = combined
+        self.secret = secret or None
+        self.nonce_source = nonce_source
         self.counters: Counter[str] = Counter()
         self._fail_log = RateLimiter(CONNECT_FAIL_LOG_INTERVAL_S)
 
@@ -198,6 +221,16 @@ class InterceptChannels:
                     self._connect(conn, now)
                 elif conn.state == CONNECTING:
                     self._fail(conn, now, "connect timed out", was_connect=True)
+                elif conn.state == AUTHENTICATING:
+                    self.counters["channel_auth_failures"] += 1
+                    self._fail(
+                        conn,
+                        now,
+                        f"did not answer the extended hello within {AUTH_TIMEOUT_S:g} s (a C "
+                        "intercept, or one without --secret-file support?); not falling back "
+                        "to the unauthenticated protocol",
+                        auth=logging.WARNING,
+                    )
 
     def close(self) -> None:
         for icpt in self.intercepts:
@@ -226,6 +259,22 @@ class InterceptChannels:
         assert sock is not None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         _set_keepalive(sock)
+        if self.secret is not None:
+            # design §6: the extended hello replaces the version record; the connection is
+            # used only once the intercept proved the secret as well (_authenticate).
+            conn.out.clear()
+            conn.state = AUTHENTICATING
+            conn.deadline = now + AUTH_TIMEOUT_S
+            nonce = self.nonce_source(wire.EXT_NONCE_BYTES)
+            conn.handshake = wire.ExtendedClientHandshake(self.secret, nonce)
+            self._send(conn, wire.EXT_HELLO, now)
+            return
+        self._open(conn, now)
+        # The version handshake is the first record on every connection (spec §1.1, §1.2).
+        self._send(conn, wire.HANDSHAKE, now)
+
+    def _open(self, conn: _Conn, now: float) -> None:
+        """The connection is usable: CLIENT_ADDs go out on it, frames come in."""
         conn.state = CONNECTED
         conn.deadline = None
         conn.up_since = now
@@ -236,22 +285,38 @@ class InterceptChannels:
         if icpt.connected() == 1:
             log.info("intercept %s: connected", icpt.name)
         icpt.was_connected = True
-        # The version handshake is the first record on every connection (spec §1.1, §1.2).
-        self._send(conn, wire.HANDSHAKE, now)
 
-    def _fail(self, conn: _Conn, now: float, reason: str, *, was_connect: bool = False) -> None:
+    def _fail(
+        self,
+        conn: _Conn,
+        now: float,
+        reason: str,
+        *,
+        was_connect: bool = False,
+        auth: int = 0,
+    ) -> None:
+        """Close and schedule a reconnect.  ``auth``: a failed extended handshake, logged
+        (at that level) as "intercept X <reason>", rate-limited like connect failures."""
         icpt = conn.owner
         self._close_socket(conn)
         conn.state = IDLE
         conn.out.clear()
         conn.decoder = None
+        conn.handshake = None
         if conn.up_since is not None and now - conn.up_since >= BACKOFF_RESET_AFTER_S:
             conn.backoff_s = BACKOFF_MIN_S
         conn.up_since = None
         conn.deadline = now + conn.backoff_s
         retry_in = conn.backoff_s
         conn.backoff_s = min(conn.backoff_s * 2, BACKOFF_MAX_S)
-        if was_connect:
+        if auth:
+            allowed, suppressed = self._fail_log.allow((icpt.name, "auth"), now)
+            if allowed:
+                more = f" ({suppressed} more)" if suppressed else ""
+                log.log(
+                    auth, "intercept %s %s; retrying in %.1f s%s", icpt.name, reason, retry_in, more
+                )
+        elif was_connect:
             self.counters["channel_connect_failures"] += 1
             allowed, suppressed = self._fail_log.allow(icpt.name, now)
             if allowed:
@@ -337,9 +402,49 @@ class InterceptChannels:
             del conn.out[:sent]
         self._register(conn, selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0))
 
+    def _authenticate(self, conn: _Conn, data: bytes, now: float) -> bytes | None:
+        """Feed the extended handshake; returns the bytes past it once the connection is
+        open (the start of the frame stream), None while handshaking or after a failure."""
+        hs = conn.handshake
+        assert hs is not None
+        try:
+            reply = hs.feed(data)
+        except wire.HandshakeRefused as exc:
+            if exc.code == wire.REFUSE_BAD_PROOF:
+                self.counters["channel_auth_refused"] += 1
+                self._fail(conn, now, "refused our secret", auth=logging.ERROR)
+            elif exc.code == wire.REFUSE_NO_SECRET:
+                self.counters["channel_auth_refused"] += 1
+                why = "refused the extended hello: it has no --secret-file"
+                self._fail(conn, now, why, auth=logging.ERROR)
+            else:
+                self.counters["channel_auth_failures"] += 1
+                self._fail(conn, now, str(exc), auth=logging.ERROR)
+            return None
+        except wire.ProofMismatch:
+            self.counters["channel_auth_bad_proof"] += 1
+            why = "did not prove the secret (its proof does not verify)"
+            self._fail(conn, now, why, auth=logging.ERROR)
+            return None
+        except DecodeError as exc:
+            self.counters["channel_auth_failures"] += 1
+            self._fail(
+                conn, now, f"does not speak the extended protocol: {exc}", auth=logging.ERROR
+            )
+            return None
+        if reply:
+            if not self._send(conn, reply, now):
+                return None
+        if not hs.done:
+            return None
+        conn.handshake = None
+        self.counters["channel_auth_ok"] += 1
+        self._open(conn, now)
+        return hs.take_leftover()
+
     def _read(self, conn: _Conn, now: float) -> None:
-        sock, decoder = conn.sock, conn.decoder
-        assert sock is not None and decoder is not None
+        sock = conn.sock
+        assert sock is not None
         for _ in range(READS_PER_EVENT_MAX):
             try:
                 data = sock.recv(READ_BYTES)
@@ -349,8 +454,23 @@ class InterceptChannels:
                 self._fail(conn, now, _err_name(exc))
                 return
             if not data:
-                self._fail(conn, now, "closed by intercept")
+                if conn.state == AUTHENTICATING:
+                    self.counters["channel_auth_failures"] += 1
+                    why = "closed the connection during the extended handshake"
+                    self._fail(conn, now, why, auth=logging.WARNING)
+                else:
+                    self._fail(conn, now, "closed by intercept")
                 return
+            drained = len(data) < READ_BYTES
+            if conn.handshake is not None:
+                rest = self._authenticate(conn, data, now)
+                if rest is None:
+                    if conn.state != AUTHENTICATING or drained:
+                        return  # failed, or waiting for the rest of the handshake
+                    continue
+                data = rest
+            decoder = conn.decoder
+            assert decoder is not None
             try:
                 records = decoder.feed(data)
             except DecodeError as exc:
@@ -366,7 +486,7 @@ class InterceptChannels:
                     continue
                 self.counters["responses_received"] += 1
                 self.on_response(pkt, now)
-            if len(data) < READ_BYTES:
+            if drained:
                 return
 
     def _on_event(self, conn: _Conn, mask: int, now: float) -> None:
@@ -378,11 +498,11 @@ class InterceptChannels:
             else:
                 self._on_connected(conn, now)
             return
-        if conn.state != CONNECTED:
+        if conn.state != CONNECTED and conn.state != AUTHENTICATING:
             return
         if mask & selectors.EVENT_WRITE:
             self._flush(conn, now)
-        if conn.state == CONNECTED and mask & selectors.EVENT_READ:
+        if conn.state in (CONNECTED, AUTHENTICATING) and mask & selectors.EVENT_READ:
             self._read(conn, now)
 
 

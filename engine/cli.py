@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         "TCPCopy 1.0 compatible.",
         allow_abbrev=False,
         add_help=False,
-        epilog="tcpcopy-mp doctor  (setup checks; not yet implemented)",
+        epilog="tcpcopy-mp doctor [run flags] [--live SECONDS] [--json]  (setup checks)",
     )
     a = p.add_argument
     a("-h", "--help", action="help", help="show this help and exit")
@@ -82,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"default intercept port ({INTERCEPT_PORT_DEFAULT})",
     )
     g.add_argument("-C", "--connections", metavar="N", help="connections per intercept, 1-16 (2)")
+    g.add_argument(
+        "--secret-file",
+        metavar="FILE",
+        help="shared secret (first line; mode 600): authenticate every intercept channel "
+        "(extended protocol; intercept-mp --secret-file)",
+    )
     g.add_argument("-c", "--clients", metavar="LIST", help="fake client addresses, e.g. 198.19.1.x")
     g.add_argument("-n", "--replicas", metavar="N", help="copies of every session (1-1023)")
     g.add_argument("-r", "--sample", metavar="PCT", help="percentage of sessions replicated (100)")
@@ -244,6 +250,12 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
         # spec §4.1: C clamps (0 -> 1, > 11 -> 11); we clamp to 1..16 and reject non-numbers.
         connections = min(max(parse_int("-C", args.connections), 1), CONNECTIONS_MAX)
 
+    intercept_secret = None
+    if args.secret_file is not None:
+        from engine.secret import load_secret_file
+
+        intercept_secret = load_secret_file("--secret-file", args.secret_file)
+
     pool: tuple[int, ...] = ()
     if args.clients is not None:
         pool = rewrite.parse_client_pool(args.clients, exclude=[t.target_ip for t in transfers])
@@ -380,6 +392,7 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
         lonely=bool(args.lonely),
         gradual=bool(args.gradual),
         localhost_ip=localhost_ip,
+        intercept_secret=intercept_secret,
     )
 
 
@@ -409,8 +422,9 @@ def _daemonize() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list and args_list[0] == "doctor":
-        print(f"{PROG}: doctor: not yet implemented", file=sys.stderr)
-        return EXIT_RUNTIME
+        from engine.doctor import main as doctor_main
+
+        return doctor_main(args_list[1:])
     parser = build_parser()
     try:
         config_path = _config_path(args_list)
@@ -444,6 +458,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return run(cfg)
+    except ConfigError as exc:  # raised at start-up: --metrics cannot listen
+        logger.error("%s", exc)
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
     except PermissionError as exc:
         logger.error("%s (tcpcopy-mp needs root or CAP_NET_RAW)", exc)
         print(f"{PROG}: {exc.strerror or exc}: needs root or CAP_NET_RAW", file=sys.stderr)
@@ -456,8 +474,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _log_ignored(logger: logging.Logger, cfg: ReplayConfig, args: argparse.Namespace) -> None:
     """Say which compatibility flags have no effect, so nobody tunes a dead knob."""
-    if cfg.metrics is not None:
-        logger.warning("--metrics: the Prometheus endpoint is not available in this version")
     if cfg.capture_filter:
         logger.info("-F is accepted for compatibility; the -x map selects the packets")
     if cfg.capture == "raw" and cfg.interfaces:

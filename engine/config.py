@@ -124,6 +124,9 @@ class ReplayConfig:
     """-g: ramp sampling up by 1 %/s (spec §3.14)."""
     localhost_ip: int = 0
     """-H: replaces a 127.0.0.1 client source (spec §3.3 step 3); 0 = off."""
+    intercept_secret: bytes | None = field(default=None, repr=False)
+    """--secret-file's secret: every intercept channel uses the authenticated extended
+    handshake (design §6); None = the compat handshake."""
 
 
 def parse_int(where: str, text: object, lo: int | None = None, hi: int | None = None) -> int:
@@ -161,7 +164,8 @@ def parse_float(where: str, text: object, lo_exclusive: float | None = None) -> 
 def parse_ipv4(where: str, text: str) -> int:
     """A dotted-quad IPv4 address as the int of its 4 network-order bytes."""
     parts = text.strip().split(".")
-    if len(parts) != 4 or not all(p.isdigit() and len(p) <= 3 for p in parts):
+    # isascii: str.isdigit() also accepts digits int() refuses ("²"), and other scripts.
+    if len(parts) != 4 or not all(p.isascii() and p.isdigit() and len(p) <= 3 for p in parts):
         raise ConfigError(where, f"{text!r} is not a dotted-quad IPv4 address")
     octets = [int(p) for p in parts]
     if any(o > 255 for o in octets):
@@ -190,7 +194,7 @@ def parse_intercepts(spec: str, default_port: int = INTERCEPT_PORT_DEFAULT) -> t
             ) from None
         port = default_port
         if sep:
-            if not port_text.isdigit() or int(port_text) > 65535:
+            if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
                 raise ConfigError("-s", f"{item!r}: port {port_text!r} is not in 0..65535")
             port = int(port_text) or default_port
         if (host, port) not in out:
@@ -205,7 +209,7 @@ def parse_host_port(where: str, text: str) -> tuple[str, int]:
     host, sep, port_text = text.strip().rpartition(":")
     if not sep:
         host, port_text = "", text.strip()
-    if not port_text.isdigit() or not 0 < int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) <= 65535:
         raise ConfigError(where, f"{text!r}: expected ADDR:PORT with a port in 1..65535")
     if host:
         parse_ipv4(where, host)
@@ -227,6 +231,8 @@ def load_config_file(path: str) -> dict:
         raise ConfigError("--config", f"cannot read {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("--config", f"{path}: {exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8; tomllib lets this one through
+        raise ConfigError("--config", f"{path}: not UTF-8 text (byte {exc.start})") from None
     section = data.get("tcpcopy", data)
     if not isinstance(section, dict):
         raise ConfigError("--config", f"{path}: [tcpcopy] must be a table")

@@ -19,6 +19,12 @@ CONTRACT (spec §1.2-§1.4):
 - ``encode_frame(records: Sequence[bytes]) -> bytes`` = ``!H count`` + records.
 - ``FrameDecoder(record_bytes=64, combined=True).feed(data) -> list[bytes]`` (records);
   raises ``DecodeError`` on count 0 or count > COMB_MAX (6 for 192-byte records).
+- Extended (ours, design §6, docs/protocol.md): ``EXT_HELLO`` (14 bytes, type 0x4558);
+  ``ExtendedClientHandshake(secret, client_nonce)`` (tcpcopy: ``feed(data) -> bytes to
+  send``, ``done``, ``take_leftover()``; raises ``HandshakeRefused``/``ProofMismatch``/
+  ``DecodeError``); ``InterceptStreamDecoder(secret, server_nonce, allow_compat=False)``
+  (intercept: compat or extended, ``feed(data) -> list[ClientRecord]``, ``take_output()``,
+  ``mode``, ``refused``, ``refuse_code``).  Nonces come from the caller (pure module).
 
 Theory of operation
 -------------------
@@ -39,6 +45,8 @@ every later ``feed``: the caller closes the connection (as C tcpcopy does, spec 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,6 +74,34 @@ __all__ = [
     "client_add",
     "client_del",
     "ClientStreamDecoder",
+    "EXT_HELLO_TYPE",
+    "EXT_MAGIC",
+    "EXT_VERSION",
+    "EXT_NONCE_BYTES",
+    "EXT_MAC_BYTES",
+    "EXT_HELLO",
+    "EXT_SERVER_MSG",
+    "EXT_PROOF_MSG",
+    "EXT_KIND_CHALLENGE",
+    "EXT_KIND_PROOF",
+    "EXT_KIND_ACCEPT",
+    "EXT_KIND_REFUSE",
+    "REFUSE_BAD_PROOF",
+    "REFUSE_NO_SECRET",
+    "REFUSE_VERSION",
+    "REFUSE_MALFORMED",
+    "REFUSE_REASONS",
+    "EXT_TCPCOPY_CONTEXT",
+    "EXT_INTERCEPT_CONTEXT",
+    "HandshakeRefused",
+    "ProofMismatch",
+    "ext_mac",
+    "encode_challenge",
+    "encode_proof",
+    "encode_accept",
+    "encode_refuse",
+    "ExtendedClientHandshake",
+    "InterceptStreamDecoder",
     "encode_response_record",
     "decode_response_record",
     "encode_frame",
@@ -153,10 +189,12 @@ class ClientStreamDecoder:
 
     __slots__ = ("_buf", "_error", "version")
 
-    def __init__(self) -> None:
+    def __init__(self, version: int | None = None) -> None:
+        # ``version`` given: the handshake was already consumed (the extended handshake's
+        # InterceptStreamDecoder hands over the stream after it), records start at once.
         self._buf = bytearray()
         self._error: DecodeError | None = None
-        self.version: int | None = None
+        self.version: int | None = version
 
     @property
     def handshake_done(self) -> bool:
@@ -194,6 +232,345 @@ class ClientStreamDecoder:
         out = [ClientRecord(*t) for t in CLIENT_RECORD.iter_unpack(memoryview(buf)[:usable])]
         del buf[:usable]
         return out
+
+
+# --- the extended handshake (ours; design §6, docs/protocol.md) -----------------------------
+#
+# Theory of operation
+# -------------------
+# tcpcopy-mp with --secret-file opens every channel with an *extended hello* instead of the
+# version record.  The hello is a 14-byte client record like the compat handshake, so a C
+# intercept reads it as one (zero ip/port, "version" EXT_HELLO_TYPE: it only logs
+# "not compatible" and waits for 14-byte records, spec §1.2 step 3), while intercept-mp sees
+# the type and runs a mutual challenge/response:
+#
+#   tcpcopy   -> intercept  HELLO      14 B  record(0, 0, 0x4558 'EX', 'TCMP', EXT_VERSION)
+#   intercept -> tcpcopy    CHALLENGE  40 B  'TCMP' 1 EXT_VERSION 0 | server nonce (32)
+#   tcpcopy   -> intercept  PROOF      72 B  'TCMP' 2 0 0 | client nonce (32) | client MAC (32)
+#   intercept -> tcpcopy    ACCEPT     40 B  'TCMP' 3 0 0 | intercept MAC (32)
+#                       or  REFUSE     40 B  'TCMP' 4 code 0 | 32 zero bytes, then close
+#
+# MAC = HMAC-SHA256(secret, server nonce || client nonce || context), with one context string
+# per direction so one side's proof can never be replayed as the other's; fresh random nonces
+# on both sides make every proof single-use.  The nonces are drawn by the I/O layer and passed
+# in (this module stays pure).  After ACCEPT both directions are exactly the compat streams
+# (14-byte client records; frames of response records), so the router and the framing code
+# are shared.  A C intercept never answers the hello: tcpcopy-mp's handshake deadline expires
+# and it says so; it never falls back to compat, which would let anyone downgrade the channel.
+
+#: The hello's ``type`` (the field that carries the version in the compat handshake).
+EXT_HELLO_TYPE = 0x4558  # 'EX'
+EXT_MAGIC = b"TCMP"
+EXT_VERSION = 1
+EXT_NONCE_BYTES = 32
+EXT_MAC_BYTES = 32  # SHA-256
+#: tcpcopy's first record: clt_ip 0, clt_port 0, type 'EX', target_ip 'TCMP', target_port 1.
+EXT_HELLO = CLIENT_RECORD.pack(0, 0, EXT_HELLO_TYPE, int.from_bytes(EXT_MAGIC, "big"), EXT_VERSION)
+#: intercept -> tcpcopy: magic, kind, code, reserved (0), body (nonce, MAC or zeros).
+EXT_SERVER_MSG = struct.Struct("!4sBBH32s")  # 40 bytes
+#: tcpcopy -> intercept: magic, kind (PROOF), flags (0), reserved (0), client nonce, MAC.
+EXT_PROOF_MSG = struct.Struct("!4sBBH32s32s")  # 72 bytes
+EXT_KIND_CHALLENGE = 1
+EXT_KIND_PROOF = 2
+EXT_KIND_ACCEPT = 3
+EXT_KIND_REFUSE = 4
+REFUSE_BAD_PROOF = 1
+REFUSE_NO_SECRET = 2
+REFUSE_VERSION = 3
+REFUSE_MALFORMED = 4
+REFUSE_REASONS = {
+    REFUSE_BAD_PROOF: "wrong secret (the proof does not verify)",
+    REFUSE_NO_SECRET: "the intercept has no secret configured",
+    REFUSE_VERSION: "unsupported extended protocol version",
+    REFUSE_MALFORMED: "malformed handshake",
+}
+EXT_TCPCOPY_CONTEXT = b"tcpcopy-mp ext1 tcpcopy proof"
+EXT_INTERCEPT_CONTEXT = b"tcpcopy-mp ext1 intercept proof"
+_EXT_MAGIC_INT = int.from_bytes(EXT_MAGIC, "big")
+_ZERO_BODY = bytes(EXT_MAC_BYTES)
+
+
+class HandshakeRefused(DecodeError):
+    """The intercept answered the extended hello or proof with REFUSE (``code``)."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+        reason = REFUSE_REASONS.get(code, f"unknown refusal code {code}")
+        super().__init__(f"refused by the intercept: {reason}")
+
+
+class ProofMismatch(DecodeError):
+    """The intercept's ACCEPT does not carry a valid proof: it does not hold the secret."""
+
+
+def ext_mac(secret: bytes, server_nonce: bytes, client_nonce: bytes, context: bytes) -> bytes:
+    """HMAC-SHA256(secret, server_nonce || client_nonce || context) (fixed-size nonces, so
+    the concatenation is unambiguous)."""
+    return hmac.new(secret, server_nonce + client_nonce + context, hashlib.sha256).digest()
+
+
+def encode_challenge(server_nonce: bytes) -> bytes:
+    _check_len("server nonce", server_nonce, EXT_NONCE_BYTES)
+    return EXT_SERVER_MSG.pack(EXT_MAGIC, EXT_KIND_CHALLENGE, EXT_VERSION, 0, server_nonce)
+
+
+def encode_proof(client_nonce: bytes, mac: bytes) -> bytes:
+    _check_len("client nonce", client_nonce, EXT_NONCE_BYTES)
+    _check_len("MAC", mac, EXT_MAC_BYTES)
+    return EXT_PROOF_MSG.pack(EXT_MAGIC, EXT_KIND_PROOF, 0, 0, client_nonce, mac)
+
+
+def encode_accept(mac: bytes) -> bytes:
+    _check_len("MAC", mac, EXT_MAC_BYTES)
+    return EXT_SERVER_MSG.pack(EXT_MAGIC, EXT_KIND_ACCEPT, 0, 0, mac)
+
+
+def encode_refuse(code: int) -> bytes:
+    return EXT_SERVER_MSG.pack(EXT_MAGIC, EXT_KIND_REFUSE, code, 0, _ZERO_BODY)
+
+
+def _check_len(what: str, value: bytes, size: int) -> None:
+    if len(value) != size:
+        raise ValueError(f"{what} of {len(value)} bytes (expected {size})")
+
+
+class ExtendedClientHandshake:
+    """tcpcopy's side of the extended handshake (send ``EXT_HELLO`` first).
+
+    ``feed(data) -> bytes`` returns what to send back (the PROOF once the CHALLENGE is in,
+    else ``b""``).  ``done`` turns True on a valid ACCEPT; the bytes that followed it are the
+    start of the frame stream (``take_leftover``).  Raises ``HandshakeRefused`` (REFUSE),
+    ``ProofMismatch`` (ACCEPT without the right intercept MAC) or ``DecodeError`` (anything
+    that is not this protocol, e.g. a C intercept's frame); every later ``feed`` raises again.
+    Any split.
+    """
+
+    __slots__ = ("secret", "client_nonce", "server_nonce", "done", "_buf", "_error")
+
+    def __init__(self, secret: bytes, client_nonce: bytes) -> None:
+        if not secret:
+            raise ValueError("empty secret")
+        _check_len("client nonce", client_nonce, EXT_NONCE_BYTES)
+        self.secret = bytes(secret)
+        self.client_nonce = bytes(client_nonce)
+        self.server_nonce: bytes | None = None
+        self.done = False
+        self._buf = bytearray()
+        self._error: DecodeError | None = None
+
+    hello = EXT_HELLO
+
+    def feed(self, data: bytes) -> bytes:
+        if self._error is not None:
+            raise self._error
+        buf = self._buf
+        buf += data
+        if self.done:
+            return b""
+        try:
+            return self._advance()
+        except DecodeError as e:
+            self._error = e
+            raise
+
+    def _advance(self) -> bytes:
+        buf = self._buf
+        out = b""
+        size = EXT_SERVER_MSG.size
+        if self.server_nonce is None:
+            if len(buf) < size:
+                return out
+            nonce = self._take(EXT_KIND_CHALLENGE)
+            self.server_nonce = nonce
+            mac = ext_mac(self.secret, nonce, self.client_nonce, EXT_TCPCOPY_CONTEXT)
+            out = encode_proof(self.client_nonce, mac)
+        if len(buf) < size:
+            return out
+        mac = self._take(EXT_KIND_ACCEPT)
+        expected = ext_mac(self.secret, self.server_nonce, self.client_nonce, EXT_INTERCEPT_CONTEXT)
+        if not hmac.compare_digest(mac, expected):
+            raise ProofMismatch(
+                "the intercept's proof does not verify: it does not hold our secret"
+            )
+        self.done = True
+        return out
+
+    def _take(self, want_kind: int) -> bytes:
+        buf = self._buf
+        magic, kind, code, _reserved, body = EXT_SERVER_MSG.unpack_from(buf, 0)
+        if magic != EXT_MAGIC:
+            raise DecodeError(
+                f"not an extended intercept answer (starts {bytes(buf[:8]).hex()}; "
+                "a C intercept or an intercept-mp without extended support?)"
+            )
+        if kind == EXT_KIND_REFUSE:
+            raise HandshakeRefused(code)
+        if kind != want_kind:
+            raise DecodeError(f"extended handshake message of kind {kind}, expected {want_kind}")
+        if kind == EXT_KIND_CHALLENGE and code != EXT_VERSION:
+            raise DecodeError(f"the intercept speaks extended version {code}, we {EXT_VERSION}")
+        del buf[: EXT_SERVER_MSG.size]
+        return body
+
+    def take_leftover(self) -> bytes:
+        """After ``done``: the bytes received past the ACCEPT (the frame stream's start)."""
+        data = bytes(self._buf)
+        self._buf.clear()
+        return data
+
+
+class InterceptStreamDecoder:
+    """intercept-mp's reader of one tcpcopy connection: compat or extended handshake, then
+    the 14-byte client records (spec §1.2, design §6).
+
+    ``secret`` None: every peer is compat (C behaviour; an extended hello is REFUSEd with
+    REFUSE_NO_SECRET).  With a secret: extended peers must prove it; compat peers (which cannot
+    authenticate) are accepted only with ``allow_compat``.  ``server_nonce`` is this
+    connection's fresh 32 random bytes.
+
+    ``feed(data) -> list[ClientRecord]`` (records only once the handshake succeeded);
+    ``take_output()`` returns what to send the peer (CHALLENGE, ACCEPT or REFUSE).  After a
+    refusal ``refused`` holds the reason (``refuse_code`` the wire code, None for a compat
+    peer, which gets nothing), later input is ignored, and the caller closes the connection.
+    ``mode`` is "compat" or "extended" once the first record tells; ``version`` is the compat
+    handshake's version.  An old (pre-version) client raises ``DecodeError`` as in
+    ``ClientStreamDecoder``.  Extended peers may pipeline records after the proof; they are
+    only returned once it verified.  The outcome does not depend on how input is split.
+    """
+
+    __slots__ = (
+        "secret",
+        "allow_compat",
+        "server_nonce",
+        "client_nonce",
+        "mode",
+        "refused",
+        "refuse_code",
+        "_phase",
+        "_buf",
+        "_out",
+        "_records",
+        "_error",
+    )
+
+    _FIRST, _HELLO, _PROOF, _OPEN, _REFUSED = range(5)
+
+    def __init__(
+        self, secret: bytes | None, server_nonce: bytes, allow_compat: bool = False
+    ) -> None:
+        if secret is not None and not secret:
+            raise ValueError("empty secret")
+        _check_len("server nonce", server_nonce, EXT_NONCE_BYTES)
+        self.secret = secret
+        self.allow_compat = allow_compat or secret is None
+        self.server_nonce = bytes(server_nonce)
+        self.client_nonce: bytes | None = None
+        self.mode: str | None = None
+        self.refused: str | None = None
+        self.refuse_code: int | None = None
+        self._phase = self._FIRST
+        self._buf = bytearray()
+        self._out = bytearray()
+        self._records: ClientStreamDecoder | None = None
+        self._error: DecodeError | None = None
+
+    @property
+    def handshake_done(self) -> bool:
+        """True once records flow (compat handshake read, or extended proof verified)."""
+        return self._records is not None and self._records.version is not None
+
+    @property
+    def version(self) -> int | None:
+        """The compat handshake's version (None before it, and for extended peers)."""
+        if self.mode != "compat" or self._records is None:
+            return None
+        return self._records.version
+
+    @property
+    def pending_bytes(self) -> int:
+        return len(self._buf) + (self._records.pending_bytes if self._records else 0)
+
+    def take_output(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def feed(self, data: bytes) -> list[ClientRecord]:
+        if self._error is not None:
+            raise self._error
+        if self._phase == self._REFUSED:
+            return []  # a refused peer's further bytes are read and dropped
+        if self._records is not None:
+            return self._records.feed(data)
+        buf = self._buf
+        buf += data
+        if self._phase == self._FIRST:
+            if len(buf) < CLIENT_RECORD_MIN_BYTES:
+                return []
+            clt_ip, clt_port, kind = _HANDSHAKE_HEAD.unpack_from(buf, 0)
+            if clt_ip or clt_port:  # §1.2 step 2: an old client, same as compat
+                self._error = DecodeError(
+                    f"client too old for intercept (first record ip={clt_ip:#x} port={clt_port})"
+                )
+                raise self._error
+            if kind != EXT_HELLO_TYPE:
+                self.mode = "compat"
+                if not self.allow_compat:
+                    self._refuse(None, "compat (unauthenticated) tcpcopy while a secret is set")
+                    return []
+                self._records = ClientStreamDecoder()
+                rest = bytes(buf)
+                buf.clear()
+                return self._records.feed(rest)
+            self.mode = "extended"
+            self._phase = self._HELLO
+        if self._phase == self._HELLO:
+            if len(buf) < CLIENT_RECORD_BYTES:
+                return []
+            _ip, _port, _kind, magic, ext_version = CLIENT_RECORD.unpack_from(buf, 0)
+            del buf[:CLIENT_RECORD_BYTES]
+            if magic != _EXT_MAGIC_INT:
+                self._refuse(REFUSE_MALFORMED, "extended hello without the TCMP magic")
+                return []
+            if ext_version != EXT_VERSION:
+                self._refuse(REFUSE_VERSION, f"extended version {ext_version} (we speak 1)")
+                return []
+            if self.secret is None:
+                self._refuse(REFUSE_NO_SECRET, "extended hello but no --secret-file here")
+                return []
+            self._out += encode_challenge(self.server_nonce)
+            self._phase = self._PROOF
+        if self._phase == self._PROOF:
+            if len(buf) < EXT_PROOF_MSG.size:
+                return []
+            magic, kind, _flags, _reserved, client_nonce, mac = EXT_PROOF_MSG.unpack_from(buf, 0)
+            del buf[: EXT_PROOF_MSG.size]
+            if magic != EXT_MAGIC or kind != EXT_KIND_PROOF:
+                self._refuse(REFUSE_MALFORMED, "the message after the challenge is no proof")
+                return []
+            assert self.secret is not None
+            expected = ext_mac(self.secret, self.server_nonce, client_nonce, EXT_TCPCOPY_CONTEXT)
+            if not hmac.compare_digest(mac, expected):
+                self._refuse(REFUSE_BAD_PROOF, "wrong secret (HMAC does not verify)")
+                return []
+            self.client_nonce = client_nonce
+            self._out += encode_accept(
+                ext_mac(self.secret, self.server_nonce, client_nonce, EXT_INTERCEPT_CONTEXT)
+            )
+            self._phase = self._OPEN
+            self._records = ClientStreamDecoder(version=INTERNAL_VERSION)
+            rest = bytes(buf)
+            buf.clear()
+            return self._records.feed(rest)
+        return []
+
+    def _refuse(self, code: int | None, reason: str) -> None:
+        self.refused = reason
+        self.refuse_code = code
+        self._phase = self._REFUSED
+        self._buf.clear()
+        if code is not None:
+            self._out += encode_refuse(code)
 
 
 # --- response records ------------------------------------------------------------------------

@@ -75,7 +75,11 @@ class Worker:
         self.sel = selectors.DefaultSelector()
         if channels is None:
             self.channels = InterceptChannels(
-                cfg.intercepts, cfg.connections, self.sel, self._on_response
+                cfg.intercepts,
+                cfg.connections,
+                self.sel,
+                self._on_response,
+                secret=cfg.intercept_secret,
             )
         else:
             self.channels = channels(self.sel, self._on_response)

@@ -17,10 +17,10 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from engine import wire
-from engine.errors import DecodeError
+from engine import notify, wire
+from engine.errors import ConfigError, DecodeError
 from engine.logs import reopen_logs, setup_logging
 from engine.packet import ip_from_str
 
@@ -33,6 +33,7 @@ MAX_DEVICES = 32  # spec §4.2 -i
 FILTER_MAX_CHARS = 4095  # spec §4.2: < 4096
 DEFAULT_DAEMON_LOG = "error_intercept.log"  # C: <prefix>logs/error_intercept.log
 MISSING_FILTER = "please set filter (-F param) for capturing packets"  # spec §2.1
+MAX_ROUTES_PER_CONN_DEFAULT = 1_000_000  # a hostile client cannot grow the table past this
 
 
 def version_string() -> str:
@@ -68,6 +69,10 @@ class InterceptOptions:
     daemon: bool = False
     pid_file: str | None = None
     summary_json: str | None = None
+    secret: bytes | None = field(default=None, repr=False)  # --secret-file (design §6)
+    allow_compat: bool = False
+    max_routes_per_conn: int | None = MAX_ROUTES_PER_CONN_DEFAULT  # None = no limit
+    metrics: str | None = None  # --metrics HOST:PORT (Prometheus endpoint)
 
 
 # --- argument types: each raises ArgumentTypeError with a message argparse prefixes ------------
@@ -131,6 +136,16 @@ def _filter(text: str) -> str:
         raise argparse.ArgumentTypeError("empty filter")
     if len(text) > FILTER_MAX_CHARS:
         raise argparse.ArgumentTypeError(f"filter of {len(text)} characters (max 4095)")
+    return text
+
+
+def _metrics_addr(text: str) -> str:
+    from metrics.exporter import parse_metrics_addr
+
+    try:
+        parse_metrics_addr(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(e.message) from None
     return text
 
 
@@ -246,6 +261,26 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="accepted for C compatibility (single builds only; no effect)",
     )
+    g.add_argument(
+        "--secret-file",
+        metavar="FILE",
+        help="shared secret (first line; mode 600): tcpcopy-mp must prove it (extended "
+        "protocol, docs/protocol.md); unauthenticated peers are refused",
+    )
+    g.add_argument(
+        "--allow-compat",
+        action="store_true",
+        help="with --secret-file: still accept C-format (compat) tcpcopy, which cannot "
+        "authenticate",
+    )
+    g.add_argument(
+        "--max-routes-per-conn",
+        type=_int_in(0, 2**31 - 1, "route count"),
+        default=MAX_ROUTES_PER_CONN_DEFAULT,
+        metavar="N",
+        help="routes kept per tcpcopy connection, least recently used evicted "
+        f"(default {MAX_ROUTES_PER_CONN_DEFAULT:,}; 0 = no limit)",
+    )
     g = p.add_argument_group("process")
     g.add_argument(
         "-l",
@@ -264,6 +299,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "--summary-json",
         metavar="FILE",
         help="write the final counters there as one JSON object on exit",
+    )
+    g.add_argument(
+        "--metrics",
+        type=_metrics_addr,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics (intercept_*) on this address, e.g. 127.0.0.1:9101",
     )
     return p
 
@@ -291,6 +332,14 @@ def parse_args(argv: Sequence[str] | None = None) -> InterceptOptions:
         mode = "nfqueue" if nfqueue_flags else "pcap"
     if mode == "pcap" and a.filter is None:
         parser.exit(2, f"{MISSING_FILTER}\n")
+    secret = None
+    if a.secret_file is not None:
+        from engine.secret import load_secret_file
+
+        try:
+            secret = load_secret_file("--secret-file", a.secret_file)
+        except ConfigError as e:
+            parser.exit(2, f"{PROG}: {e}\n")
     return InterceptOptions(
         mode=mode,
         devices=a.interfaces or (),
@@ -312,6 +361,10 @@ def parse_args(argv: Sequence[str] | None = None) -> InterceptOptions:
         # Absolute: the daemon chdirs to / before it writes them.
         pid_file=os.path.abspath(a.pid_file) if a.pid_file else None,
         summary_json=os.path.abspath(a.summary_json) if a.summary_json else None,
+        secret=secret,
+        allow_compat=a.allow_compat,
+        max_routes_per_conn=a.max_routes_per_conn or None,
+        metrics=a.metrics,
     )
 
 
@@ -341,7 +394,12 @@ def _daemonize() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    opts = parse_args(argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "doctor":
+        from intercept.doctor import main as doctor_main
+
+        return doctor_main(args[1:])
+    opts = parse_args(args)
     log_path = opts.log_path
     if opts.daemon and log_path is None:
         log_path = DEFAULT_DAEMON_LOG
@@ -366,14 +424,17 @@ def _run(opts: InterceptOptions, log: logging.Logger) -> int:
     from intercept.server import InterceptServer
 
     server = InterceptServer(
-        Router(),
+        Router(max_routes_per_conn=opts.max_routes_per_conn),
         bind_ip=opts.bind,
         port=opts.port,
         combine=opts.combine,
         docker_map=opts.docker_map,
+        secret=opts.secret,
+        allow_compat=opts.allow_compat,
     )
     installed: list[int] = []
     pid_written = False
+    exporter = None
     # Until the loop installs its own handlers, a SIGTERM/SIGINT still ends us cleanly (the
     # iptables rule removed): the stop is remembered and run() returns at once.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -426,25 +487,41 @@ def _run(opts: InterceptOptions, log: logging.Logger) -> int:
                 pid_written = True
             except OSError as e:
                 return _fail(log, f"-P: cannot write {opts.pid_file}: {e.strerror or e}")
+        if opts.metrics:
+            # After the daemon fork: a thread does not survive fork().
+            from intercept.exporter import start_intercept_exporter
+
+            try:
+                exporter = start_intercept_exporter(
+                    opts.metrics, server, opts.queue_num if opts.mode == "nfqueue" else None
+                )
+            except ConfigError as e:
+                return _fail(log, str(e))
         if hasattr(source, "start"):
             source.start()
         _install_sighup()
         log.log(
             25,
-            "%s started: %s mode on %s, listening on %s:%d",
+            "%s started: %s mode on %s, listening on %s:%d, %s",
             version_string(),
             opts.mode,
             source.name if source else "-",
             host,
             port,
+            _auth_mode(opts),
         )
+        notify.ready(f"{opts.mode} mode on {source.name if source else '-'}, port {port}")
         reason = server.run()
+        notify.stopping(f"stopping ({reason})")
         log.log(25, "%s stopping (%s)", PROG, reason)
         server.log_final_stats()
         if opts.summary_json:
             _write_summary(opts.summary_json, server, log)
         return 0
     finally:
+        if exporter is not None:
+            exporter.shutdown()
+            exporter.server_close()
         if installed:
             from intercept import nfqueue
 
@@ -455,6 +532,14 @@ def _run(opts: InterceptOptions, log: logging.Logger) -> int:
                 os.unlink(opts.pid_file)
             except OSError:
                 pass
+
+
+def _auth_mode(opts: InterceptOptions) -> str:
+    if opts.secret is None:
+        return "no authentication (compat peers only)"
+    if opts.allow_compat:
+        return "extended peers must prove --secret-file; compat peers allowed (--allow-compat)"
+    return "extended peers must prove --secret-file; compat peers refused"
 
 
 def _write_summary(path: str, server, log: logging.Logger) -> None:  # noqa: ANN001

@@ -28,12 +28,24 @@ Slow peers.  Frames go into the channel's output buffer and are written with non
 counted (``responses_dropped_slow``), so one stuck tcpcopy never blocks the loop or grows
 memory without bound.  Frames are whole in the buffer, so dropping never breaks framing.
 A read/write error or EOF closes the channel and forgets its routes.  intercept never sends
-anything but frames (spec §1.1).
+anything but frames (spec §1.1) to a compat peer.
+
+Authentication (design §6, docs/protocol.md).  Every channel reads through
+``wire.InterceptStreamDecoder``: a compat peer (the 14-byte version record) is served as C
+does, unless a secret is configured and ``allow_compat`` is off; a peer opening with the
+extended hello must answer our challenge with an HMAC of the shared secret, and gets our own
+proof back.  A refused peer gets the refusal code (extended) or nothing (compat), then we
+shut our side and wait at most REFUSAL_LINGER_S for its EOF, reading and dropping its bytes,
+so the refusal is not lost to a RST.  A channel that has not finished its handshake within
+HANDSHAKE_TIMEOUT_S is closed, so an idle unauthenticated peer cannot hold a slot.  No record
+of a channel is acted on before its handshake succeeded.  Refusals are counted and logged at
+most once per peer address per AUTH_LOG_INTERVAL_S.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import selectors
 import signal
 import socket
@@ -43,6 +55,7 @@ from typing import Protocol
 
 from engine import wire
 from engine.errors import DecodeError
+from engine.logs import RateLimiter
 from engine.packet import ip_to_str
 from intercept.router import Router
 
@@ -69,6 +82,9 @@ OUT_BUFFER_MAX_BYTES = 4 * 1024 * 1024
 STATS_INTERVAL_S = 30.0  # OUTPUT_INTERVAL (spec §2.3)
 EXPIRE_INTERVAL_S = 1.0  # how often the delay table drops lists older than 30 s
 POLL_MAX_S = 0.5  # C's poll fallback (spec §2.3)
+HANDSHAKE_TIMEOUT_S = 5.0  # ours: C waits forever for the version record
+REFUSAL_LINGER_S = 1.0  # after a refusal: how long we wait for the peer's EOF
+AUTH_LOG_INTERVAL_S = 60.0  # refusals are logged once per peer address per interval
 _SYN_RST = 0x02 | 0x04
 _RECORD_FLAGS_OFFSET = 20 + 13  # TCP is at offset 20 in a record (spec §1.3)
 
@@ -95,6 +111,11 @@ def new_counters() -> dict[str, int]:
         "channels_accepted": 0,
         "channels_closed": 0,
         "channels_old_client": 0,  # first record from a pre-version tcpcopy: closed
+        "auth_ok": 0,  # extended peers that proved the secret
+        "auth_refused": 0,  # extended peers refused (wrong secret, none here, malformed)
+        "compat_accepted": 0,  # compat (C-format) peers served
+        "compat_refused": 0,  # compat peers refused: a secret is set, no --allow-compat
+        "handshake_timeouts": 0,  # no complete handshake within HANDSHAKE_TIMEOUT_S
         "queue_dropped": 0,  # NFQUEUE: kernel queue_dropped + user_dropped (/proc)
         "queue_overruns": 0,  # NFQUEUE: ENOBUFS episodes on the netlink socket
         "capture_dropped": 0,  # pcap: reader thread backlog full
@@ -139,18 +160,34 @@ class Channel:
         "want_write",
         "closed",
         "version_checked",
+        "opened",
+        "refused",
+        "deadline",
     )
 
-    def __init__(self, sock: socket.socket, peer: str) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        peer: str,
+        decoder: wire.InterceptStreamDecoder | None = None,
+        deadline: float | None = None,
+    ) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer
-        self.decoder = wire.ClientStreamDecoder()
+        self.decoder = decoder or wire.InterceptStreamDecoder(None, bytes(wire.EXT_NONCE_BYTES))
         self.outbuf = bytearray()
         self.pending: list[bytes] = []
         self.want_write = False
         self.closed = False
         self.version_checked = False
+        self.opened = False  # handshake done: records are acted on
+        self.refused = False  # refused: our side is shut, waiting for the peer's EOF
+        self.deadline = deadline  # handshake (or refusal linger) deadline; None when open
+
+    @property
+    def host(self) -> str:
+        return self.peer.rpartition(":")[0] or self.peer
 
     def __repr__(self) -> str:
         return f"Channel({self.peer}, fd={self.fd})"
@@ -170,6 +207,10 @@ class InterceptServer:
         stats_interval_s: float = STATS_INTERVAL_S,
         out_buffer_max_bytes: int = OUT_BUFFER_MAX_BYTES,
         clock: Callable[[], float] = time.monotonic,
+        secret: bytes | None = None,
+        allow_compat: bool = False,
+        handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+        nonce_source: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self.router = router if router is not None else Router()
         self.bind_ip = bind_ip
@@ -182,6 +223,12 @@ class InterceptServer:
         self.stats_interval_s = stats_interval_s
         self.out_buffer_max_bytes = out_buffer_max_bytes
         self.clock = clock
+        # design §6: with a secret, peers must authenticate (compat ones only if allowed).
+        self.secret = secret or None
+        self.allow_compat = allow_compat
+        self.handshake_timeout_s = handshake_timeout_s
+        self.nonce_source = nonce_source
+        self._auth_log = RateLimiter(AUTH_LOG_INTERVAL_S)
         self.counters = new_counters()
         self.channels: dict[int, Channel] = {}
         self.sources: list[PacketSource] = []
@@ -329,7 +376,10 @@ class InterceptServer:
         """Serve an already connected stream socket as a tcpcopy connection (accept path;
         tests hand in one end of a socketpair)."""
         sock.setblocking(False)
-        ch = Channel(sock, peer)
+        decoder = wire.InterceptStreamDecoder(
+            self.secret, self.nonce_source(wire.EXT_NONCE_BYTES), self.allow_compat
+        )
+        ch = Channel(sock, peer, decoder, self.clock() + self.handshake_timeout_s)
         self.channels[ch.fd] = ch
         self._sel.register(sock, selectors.EVENT_READ, ch)
         self.counters["channels_accepted"] += 1
@@ -354,6 +404,8 @@ class InterceptServer:
         if not data:
             self._close_channel(ch, "closed by peer")
             return
+        if ch.refused:
+            return  # read and dropped until the peer's EOF (or REFUSAL_LINGER_S)
         try:
             records = ch.decoder.feed(data)
         except DecodeError as e:
@@ -362,6 +414,10 @@ class InterceptServer:
                 log.error("client too old for intercept: %s", ch.peer)
             self._close_channel(ch, str(e))
             return
+        if not ch.opened:
+            self._handshake_progress(ch, now)
+            if not ch.opened:
+                return
         if not ch.version_checked and ch.decoder.version is not None:
             ch.version_checked = True
             if ch.decoder.version != wire.INTERNAL_VERSION:
@@ -374,6 +430,89 @@ class InterceptServer:
                 )
         if records:
             self._receive_client_records(ch, records, now)
+
+    def _handshake_progress(self, ch: Channel, now: float) -> None:
+        """After a feed before the channel opened: send what the handshake wants sent, and
+        note a success or a refusal (design §6)."""
+        dec = ch.decoder
+        out = dec.take_output()
+        c = self.counters
+        if dec.refused is not None:
+            if dec.mode == "compat":
+                c["compat_refused"] += 1
+                self._log_peer(ch, "refused", logging.WARNING,
+                               "refused compat (unauthenticated) tcpcopy %s: a secret is set "
+                               "and --allow-compat is not", ch.peer)  # fmt: skip
+            else:
+                c["auth_refused"] += 1
+                self._log_peer(ch, "refused", logging.WARNING, "refused tcpcopy %s: %s",
+                               ch.peer, dec.refused)  # fmt: skip
+            self._refuse(ch, out, now)
+            return
+        if out:
+            ch.outbuf += out  # CHALLENGE or ACCEPT: always before any frame
+            self._write(ch)
+            if ch.closed:
+                return
+        if not dec.handshake_done:
+            return
+        ch.opened = True
+        ch.deadline = None
+        if dec.mode == "extended":
+            c["auth_ok"] += 1
+            log.info("tcpcopy %s authenticated (extended protocol %d)", ch.peer, wire.EXT_VERSION)
+        else:
+            c["compat_accepted"] += 1
+            if self.secret is not None:
+                self._log_peer(
+                    ch,
+                    "compat",
+                    logging.WARNING,
+                    "unauthenticated compat tcpcopy accepted from %s (--allow-compat)",
+                    ch.peer,
+                )
+
+    def _log_peer(self, ch: Channel, kind: str, level: int, msg: str, *args: object) -> None:
+        """One line per peer address and kind per AUTH_LOG_INTERVAL_S (a refused peer that
+        retries every second must not flood the log)."""
+        allowed, suppressed = self._auth_log.allow((ch.host, kind), self.clock())
+        if allowed:
+            if suppressed:
+                msg += f" ({suppressed} more from {ch.host} not logged)"
+            log.log(level, msg, *args)
+
+    def _refuse(self, ch: Channel, refusal: bytes, now: float) -> None:
+        """Send the refusal (if any), shut our side, and wait a little for the peer's EOF:
+        closing with its bytes unread would send a RST that can destroy the refusal."""
+        ch.refused = True
+        ch.pending.clear()
+        ch.outbuf.clear()
+        ch.deadline = now + REFUSAL_LINGER_S
+        try:
+            if refusal:
+                ch.sock.send(refusal)  # 40 bytes into an empty socket buffer
+            ch.sock.shutdown(socket.SHUT_WR)
+        except OSError as e:
+            self._close_channel(ch, f"refused ({e.strerror or e})")
+
+    def _expire_handshakes(self, now: float) -> None:
+        """Close channels whose handshake (or refusal linger) deadline passed."""
+        for ch in list(self.channels.values()):
+            if ch.deadline is None or ch.deadline > now or ch.closed:
+                continue
+            if ch.refused:
+                self._close_channel(ch, "refused")
+                continue
+            self.counters["handshake_timeouts"] += 1
+            self._log_peer(
+                ch,
+                "timeout",
+                logging.WARNING,
+                "tcpcopy %s sent no complete handshake within %.0f s: closed",
+                ch.peer,
+                self.handshake_timeout_s,
+            )
+            self._close_channel(ch, "handshake timeout")
 
     def _receive_client_records(
         self, ch: Channel, records: list[wire.ClientRecord], now: float
@@ -454,6 +593,7 @@ class InterceptServer:
                 self._flush()
                 if now >= next_expire:
                     self.router.expire(now)
+                    self._expire_handshakes(now)
                     next_expire = now + EXPIRE_INTERVAL_S
                 if now >= next_stats:
                     self.log_stats()
@@ -487,6 +627,12 @@ class InterceptServer:
             f"forwarded:{c['responses_forwarded']}, dropped slow:{c['responses_dropped_slow']}, "
             f"pass:{c['pass_accepted']}, queue dropped:{c['queue_dropped']}, "
             f"channels:{c['channels_connected']}"
+            + (
+                f", auth ok:{c['auth_ok']}, auth refused:{c['auth_refused']}, "
+                f"compat refused:{c['compat_refused']}"
+                if self.secret is not None
+                else ""
+            )
         )
 
     def log_stats(self) -> None:

@@ -174,6 +174,8 @@ _SCHEMA: list[Slot] = [
         "offline_packets",
         "offline_passes",
         "offline_idle_gaps",
+        "offline_records",  # records read from the pcap file(s), replayed or filtered out
+        "offline_bytes_read",  # file bytes consumed (the progress display's numerator)
     ),
     Slot("ring_dropped", PER_RING, "packets the capture dropped: this worker's ring was full"),
     # session table and sessions (engine/shard.py, engine/session.py; spec §3.18 labels)
@@ -237,6 +239,10 @@ _SCHEMA: list[Slot] = [
         "route_records_sent",
         "responses_received",
         "response_decode_errors",
+        "channel_auth_ok",
+        "channel_auth_refused",
+        "channel_auth_bad_proof",
+        "channel_auth_failures",
     ),
     # supervisor
     *_counters("supervisor", "worker_restarts", "sessions_lost"),
@@ -246,6 +252,11 @@ _SCHEMA: list[Slot] = [
     Slot("tw", GAUGE, "ended sessions still lingering (the session's 'tw' key)"),
     Slot("channels_connected", GAUGE, "intercept connections up"),
     Slot("rss_bytes", GAUGE, "resident memory (the supervisor writes the tree's sum)"),
+    Slot(
+        "offline_bytes_total",
+        GAUGE,
+        "offline: bytes the whole replay will read (file sizes x -T); progress denominator",
+    ),
     Slot("unmapped_keys", GAUGE, "distinct Counter keys of the last flush outside the schema"),
 ]
 
