@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from engine import packet
 from engine.errors import DecodeError
 from engine.logs import LOGGER_NAME
+from engine.pcapfile import PCAP_GLOBAL_HEADER_BYTES, PCAP_RECORD_HEADER_BYTES
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -386,6 +387,14 @@ class ReplayPacer:
         return self.start + offset / self.accelerate
 
 
+def _files_bytes(paths: Sequence[str]) -> int:
+    """Sum of the files' sizes; 0 (progress unknown) if any size cannot be read."""
+    try:
+        return sum(os.path.getsize(p) for p in paths)
+    except OSError:
+        return 0
+
+
 class PcapFileSource:
     """Replays pcap files in order, `replays` times (-T), paced by `ReplayPacer`.
 
@@ -396,7 +405,10 @@ class PcapFileSource:
     (OFFLINE_TAIL_TIMEOUT in C).
 
     counters: capture_truncated, capture_l2_error, offline_packets (emitted),
-    offline_passes (completed file passes), offline_idle_gaps.
+    offline_passes (completed file passes), offline_idle_gaps; for the progress display
+    (the supervisor renders it from the counter block): offline_records (records read),
+    offline_bytes_read (file bytes consumed) and offline_bytes_total (the sum of the file
+    sizes times -T; 0 when a size is unknown).
     """
 
     def __init__(
@@ -419,6 +431,7 @@ class PcapFileSource:
         self.keep = prefilter.keep if prefilter is not None else _keep_all
         self.opener = opener
         self.counters: Counter[str] = Counter()
+        self.counters["offline_bytes_total"] = _files_bytes(self.paths) * self.replays_left
         self.exhausted = False
         self._file_index = -1
         self._reader: object | None = None
@@ -477,6 +490,7 @@ class PcapFileSource:
             self._file_index = 0
         reader = self.opener(self.paths[self._file_index])
         self._reader = reader
+        self.counters["offline_bytes_read"] += PCAP_GLOBAL_HEADER_BYTES
         self._linktype = reader.linktype  # type: ignore[attr-defined]
         self._iter = iter(reader)  # type: ignore[call-overload]
         self.pacer.restart(now)
@@ -505,6 +519,8 @@ class PcapFileSource:
                 )
                 self._iter = None
                 continue
+            self.counters["offline_records"] += 1
+            self.counters["offline_bytes_read"] += PCAP_RECORD_HEADER_BYTES + len(frame)
             if len(frame) < wire_len:
                 self.counters["capture_truncated"] += 1
                 continue

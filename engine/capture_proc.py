@@ -150,6 +150,7 @@ class CaptureProcess:
             signum = self._pending_signals.pop(0)
             if signum == signal.SIGHUP:
                 reopen_logs()
+                log.info("SIGHUP: log file reopened")
             elif signum == signal.SIGINT:
                 # A terminal's Ctrl-C reaches the whole process group: the supervisor decides.
                 continue

@@ -27,8 +27,26 @@ socket).  Then it forks the capture process (engine/capture_proc.py) and the wor
 * offline, the replay is complete when the capture process is done and every worker has
   finished (its ring empty, no session left);
 * stop: SIGTERM to every child, SIGKILL to those still there after STOP_DEADLINE_S; then the
-  final stats line and --summary-json (the block's totals, same keys as the single-process
-  summary, plus per-process rows).
+  final stats line, the one-line summary (engine/report.py) and --summary-json (the block's
+  totals, same keys as the single-process summary, plus per-process rows);
+* systemd (Type=notify, engine/notify.py): READY=1 once the capture process and every worker
+  have written their first heartbeat of their own (so they booted, and the workers tried
+  their intercept connections), STATUS= with each stats line, STOPPING=1 at the stop;
+* offline, the progress display (engine/report.py Progress) from the capture's file counters;
+* --metrics: a Prometheus endpoint served from a thread of this process (see "Metrics and
+  fork" below).
+
+Metrics and fork.  The exporter's HTTP thread reads the counter block (TcpcopyCollector over
+``CounterBlock.snapshot``) while this process keeps forking (restarts).  fork() copies only
+the forking thread: a lock the HTTP thread held at that instant would stay held forever in
+the child.  Every snapshot therefore runs under ``_scrape_lock``, and ``_spawn`` holds that
+lock across fork(), so no child is ever born in the middle of a scrape; the locks the HTTP
+thread takes outside it (the registry's, the socket server's) are never used by a child, and
+the logging module re-initialises its own locks at fork.  The child closes its copy of the
+listening socket at once, so a port is never held by a process that does not serve it.  A
+separate exporter process would avoid the thread but need its own supervision (heartbeat,
+restart, memory accounting) and its reads of a row being retired would race with the fold
+that the block's in-process lock makes atomic; the thread is the simpler safe choice.
 
 Memory measure.  The sum of the processes' PSS (proportional set size), which counts a page
 shared by k processes as 1/k in each: forked children share the parent's pages copy-on-write
@@ -47,10 +65,12 @@ import selectors
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from engine import notify
 from engine.config import ReplayConfig
 from engine.control import CAPTURE_SLOT, ControlBlock
 from engine.logs import LOGGER_NAME, reopen_logs
@@ -68,6 +88,8 @@ SHED_FRACTION = 0.90
 SHED_RESUME_FRACTION = 0.80
 LOOP_WAKE_S = 0.5
 """The loop looks at heartbeats at least this often."""
+READY_POLL_S = 0.05
+"""Until every child reported in, the loop looks this often (READY=1 is sent promptly)."""
 RESTART_YOUNG_S = 1.0
 """A child that dies sooner than this after its start is restarted after a backoff..."""
 RESTART_BACKOFF_MIN_S = 0.1
@@ -95,6 +117,7 @@ class _Child:
     restart_at: float | None = None
     backoff_s: float = 0.0
     killed_silent: bool = False
+    spawn_beat: float = 0.0  # the heartbeat value the supervisor wrote at the fork
 
     @property
     def name(self) -> str:
@@ -161,6 +184,10 @@ class Supervisor:
         self._wake_w: socket.socket | None = None
         self._sel: selectors.BaseSelector | None = None
         self._pid = os.getpid()
+        self.exporter: Any = None  # the --metrics HTTP server (server_address: bound address)
+        self._scrape_lock = threading.Lock()  # see "Metrics and fork" in the module docstring
+        self.ready = False  # READY=1 was sent (every child reported in)
+        self.progress: Any = None  # engine.report.Progress for an offline replay
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -175,6 +202,7 @@ class Supervisor:
         self._pid = os.getpid()
         if self.block is None:
             self.block = CounterBlock.create(workers=self.workers)
+        self._start_exporter()  # first: a busy --metrics port fails before anything is built
         self.control = ControlBlock(self.workers)
         slot_bytes = ring_slot_bytes(cfg.session.mtu)
         slots = self.ring_slots or ring_slots(slot_bytes)
@@ -192,7 +220,32 @@ class Supervisor:
             _Child(WORKER, i, ControlBlock.worker_slot(i)) for i in range(self.workers)
         ]
 
+    def _start_exporter(self) -> None:
+        """--metrics: serve the counter block (ConfigError naming --metrics if it cannot bind)."""
+        if self.cfg.metrics is None:
+            return
+        from metrics.exporter import TcpcopyCollector, make_registry, start_exporter
+
+        host, port = self.cfg.metrics
+        registry = make_registry(TcpcopyCollector(self._scrape_snapshot))
+        self.exporter = start_exporter(f"{host}:{port}", registry)
+        bound = self.exporter.server_address
+        log.info("Prometheus metrics on http://%s:%d/metrics", bound[0], bound[1])
+
+    def _scrape_snapshot(self) -> dict[str, Any]:
+        """The HTTP thread's read of the counter block (under the fork guard)."""
+        assert self.block is not None
+        with self._scrape_lock:
+            return self.block.snapshot()
+
+    def _stop_exporter(self) -> None:
+        if self.exporter is not None:
+            self.exporter.shutdown()
+            self.exporter.server_close()
+            self.exporter = None
+
     def _teardown(self) -> None:
+        self._stop_exporter()
         for sender in self.senders:
             close = getattr(sender, "close", None)
             if close is not None:
@@ -251,13 +304,24 @@ class Supervisor:
                 len(cfg.session.transfers),
                 "y" if len(cfg.session.transfers) == 1 else "ies",
             )
+            if cfg.capture == "offline":
+                from engine.report import PLAIN_INTERVAL_S, Progress
+
+                self.progress = Progress(
+                    log, plain_interval_s=min(PLAIN_INTERVAL_S, cfg.stats_interval_s)
+                )
+                self.progress.attach()
             for child in self.children:
                 self._spawn(child, now)
             self._loop()
         finally:
+            notify.stopping(f"stopping: {self.exit_reason or 'start-up failed'}")
             self._stop_children()
             summary = self.summary()
+            if self.progress is not None and self.block is not None:
+                self.progress.finish(self.block.snapshot()["totals"], self.clock())
             self.log_stats(final=True)
+            self.log_final_summary()
             log.info("tcpcopy-mp exits: %s", self.exit_reason)
             if cfg.summary_json:
                 from engine.worker import write_summary
@@ -297,9 +361,16 @@ class Supervisor:
             if now >= next_stats:
                 next_stats = now + self.cfg.stats_interval_s
                 self.log_stats()
+            if not self.ready and self._all_reported_in():
+                self._notify_ready()
+            if self.progress is not None and self.progress.due(now):
+                assert self.block is not None
+                self.progress.update(self.block.snapshot()["totals"], now)
             wake = min(
                 [now + LOOP_WAKE_S, next_stats, next_watchdog]
                 + [c.restart_at for c in self.children if c.restart_at is not None]
+                + ([self.progress.next_due()] if self.progress is not None else [])
+                + ([now + READY_POLL_S] if not self.ready else [])
             )
             for _key, _mask in self._sel.select(max(0.0, wake - now)):
                 self._drain_wakeup()
@@ -330,6 +401,20 @@ class Supervisor:
                 self.stop(f"stopped by {signal.Signals(signum).name}")
             # SIGCHLD only wakes the loop; _reap looks at every child.
 
+    def _all_reported_in(self) -> bool:
+        """Every child wrote a heartbeat of its own since its fork (or has finished)."""
+        assert self.control is not None
+        return all(
+            c.finished or (c.alive and self.control.last_beat(c.slot) > c.spawn_beat)
+            for c in self.children
+        )
+
+    def _notify_ready(self) -> None:
+        self.ready = True
+        text = f"replicating: capture and {self.workers} worker(s) up"
+        log.info("ready: %s", text)
+        notify.ready(text)
+
     def _signal_children(self, signum: int) -> None:
         for child in self.children:
             if child.alive:
@@ -349,7 +434,13 @@ class Supervisor:
         child.restart_at = None
         child.killed_silent = False
         self.control.beat(child.slot, now)  # start-up time counts against the heartbeat
-        pid = os.fork()
+        child.spawn_beat = self.control.last_beat(child.slot)
+        # No fork in the middle of a scrape ("Metrics and fork"); released on both sides.
+        self._scrape_lock.acquire()
+        try:
+            pid = os.fork()
+        finally:
+            self._scrape_lock.release()
         if pid == 0:
             code = EXIT_RUNTIME
             try:
@@ -510,6 +601,11 @@ class Supervisor:
         if self._sel is not None:
             self._sel.close()
             self._sel = None
+        if self.exporter is not None:
+            # The HTTP thread did not survive the fork; its listening socket must not either.
+            self.exporter.socket.close()
+            self.exporter = None
+        self.progress = None
         _prctl_pdeathsig(signal.SIGTERM)
         if os.getppid() != self._pid:  # the supervisor died before the prctl took effect
             return EXIT_RUNTIME
@@ -640,11 +736,26 @@ class Supervisor:
         from engine.worker import _is_json, stats_lines
 
         values = self.summary()
+        if self.ready and not final:
+            notify.status(_status_text(values))
         if any(_is_json(h) for h in log.handlers):
             log.info("stats", extra={"stats": values, "final": final})
             return
         for line in stats_lines(values):
             log.info("%s", line)
+
+    def log_final_summary(self) -> None:
+        """One line (text) or one JSON object (json): sessions, requests, fidelity, drops."""
+        if self.block is None:
+            return
+        from engine.report import final_summary, summary_text
+        from engine.worker import _is_json
+
+        summary = final_summary(self.block.snapshot()["totals"])
+        if any(_is_json(h) for h in log.handlers):
+            log.info("summary", extra={"summary": summary})
+        else:
+            log.info("%s", summary_text(summary))
 
 
 def run(cfg: ReplayConfig) -> int:
@@ -674,6 +785,18 @@ def tree_memory_bytes(pid: int | None = None) -> int:
         except psutil.Error:
             continue  # it exited meanwhile
     return total
+
+
+def _status_text(values: dict[str, object]) -> str:
+    """systemd's STATUS= line: what `systemctl status tcpcopy-mp` shows."""
+    from engine.report import fidelity_percent
+
+    fidelity = fidelity_percent(values)  # type: ignore[arg-type]
+    return (
+        f"active {values.get('active', 0)}, sessions {values.get('conns', 0)}, "
+        f"requests {values.get('requests', 0)}, fidelity "
+        + ("n/a" if fidelity is None else f"{fidelity:.1f} %")
+    )
 
 
 def _nonzero(row: dict[str, int]) -> dict[str, int]:

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 APT_PKGS=(libnetfilter-queue-dev libnfnetlink-dev libpcap-dev nginx-light iptables iproute2
-          redis-server redis-tools apache2-utils wrk tcpdump procps psmisc)
+          redis-server redis-tools apache2-utils wrk tcpdump procps psmisc prometheus systemd)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -16,7 +16,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 # Debian starts nginx/redis on install; our tests run their own instances in namespaces.
-systemctl stop nginx redis-server >/dev/null 2>&1 || true
+systemctl stop nginx redis-server prometheus >/dev/null 2>&1 || true
 pkill -x nginx >/dev/null 2>&1 || true
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
