@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The live benchmark: set up (apt + venv + the bench extras), then measure replication ratio and
+# CPU cost of tcpcopy-mp per scenario and worker count inside private network namespaces.
+#   sudo bash bench/run.sh [--quick] [--no-setup] [bench_live.py options, see --help]
+# --no-setup skips tests/setup.sh (it stops every nginx on the machine: do not use it while
+# other netns tests run).  Results: bench/results/latest.{json,md,png}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "$(id -u)" -ne 0 ]; then
+  echo "bench: needs root (network namespaces, raw sockets, NFQUEUE): sudo bash bench/run.sh" >&2
+  exit 2
+fi
+setup=1
+args=()
+for a in "$@"; do
+  if [ "$a" = "--no-setup" ]; then setup=0; else args+=("$a"); fi
+done
+if [ "$setup" -eq 1 ]; then
+  bash tests/setup.sh
+fi
+if ! .venv/bin/python -c 'import matplotlib' >/dev/null 2>&1 || [ ! -x .venv/bin/py-spy ]; then
+  echo "bench: installing the bench extras (matplotlib, py-spy)"
+  .venv/bin/pip install -q -e '.[bench]'
+fi
+exec .venv/bin/python bench/bench_live.py "${args[@]}"
