@@ -15,9 +15,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# Debian starts nginx/redis on install; our tests run their own instances in namespaces.
+# Debian may start nginx/redis/prometheus on install; our tests run their own instances in
+# namespaces, so the host copies are only stopped (never pkill: a running test owns its own).
 systemctl stop nginx redis-server prometheus >/dev/null 2>&1 || true
-pkill -x nginx >/dev/null 2>&1 || true
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
