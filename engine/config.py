@@ -1,72 +1,34 @@
 """Configuration: one schema of frozen dataclasses (TOML keys + flags -> these objects).
 
 ``SessionConfig`` is what the pure core (session.py, shard.py, rewrite.py) reads.  It imports
-nothing but the standard library's data helpers so pure modules may import it.
-The CLI/TOML layer (``ReplayConfig`` and the parsers) lives below it in this file.
+nothing but the standard library's data helpers (and engine.errors) so pure modules may import
+it.  The CLI/TOML layer (``ReplayConfig``, the parsers, the TOML loader, the reference
+generator) lives below it in this file.
+
+Theory of operation (design §8): the schema is the dataclass fields themselves.  Every
+user-facing field carries ``dataclasses.field(metadata=...)`` made by ``option()``: its short
+flag (C letter), long flag, TOML key, value parser (a ``Value``), flag-unit default and unit,
+help text and section; its docstring (read from the source with ``ast``) is the meaning shown
+in docs/config.md.  From that one place:
+
+* ``add_schema_arguments`` generates the argparse options of both programs;
+* ``read_config_file`` loads a TOML file's ``[tcpcopy]`` / ``[intercept]`` table, checks every
+  key and the TOML type of its value, and remembers the line of each key (tomllib gives none);
+* ``reference()`` (``python -m engine.config --reference``) writes docs/config.md.
+
+TOML key rule: the long flag without its leading ``--``, every ``-`` replaced by ``_``
+(``--keepalive-timeout`` -> ``keepalive_timeout``).  Values from the file go through the same
+validation as the flag's text; the command line overrides the file.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import MISSING, Field, dataclass, field, fields
+from typing import Any
 
-
-@dataclass(frozen=True, slots=True)
-class SessionConfig:
-    """Behaviour of the simulated client TCP stack (spec §3, design §5)."""
-
-    transfers: tuple = ()
-    """-x: tuple of rewrite.TransferEntry; the first entry matching (dst ip, dst port) wins."""
-    client_pool: tuple[int, ...] = ()
-    """-c: fake client addresses (ints); empty = keep the captured client address."""
-    replicas: int = 1
-    """-n: copies of every session (1 = just the session itself)."""
-    port_shift: int = 0
-    """-f: port shift factor (0 = off)."""
-    sample_percent: int = 100
-    """-r: percentage of flows replicated (decided once per flow)."""
-    rand_shift: int = 0
-    """The 0..511 random offset of -f/-n port formulas (drawn once at start by the CLI)."""
-    mtu: int = 1500
-    """-M: packets larger than this are split before sending."""
-    mss: int = 1460
-    """-D: MSS option of a faked SYN."""
-    wait_response: bool = True
-    """Not -W: hold a new request until the previous response is complete."""
-    fake_handshake: bool = True
-    """Not -O: a flow whose SYN was not captured starts with a faked handshake."""
-    session_timeout_s: float = 600.0
-    """-t: a session with no response for this long while work is pending is obsolete."""
-    keepalive_timeout_s: float = 720.0
-    """-k: an idle session (nothing pending) with no response for this long is obsolete."""
-    handshake_timeout_s: float = 3.0
-    """A connection attempt not established after this long fails (SYN retransmitted inside)."""
-    linger_s: float = 6.0
-    """A finished session lingers this long to RST stray responses (spec §3.9)."""
-    rtt_initial_s: float = 0.001
-    """-R (ms in the flag): RTT assumed before one is measured."""
-    response_wait_max_s: float = 3.0
-    """A held request is released after this long even if its response never completed."""
-    time_wait_s: float = 60.0
-    """A (client ip, port, target) tuple is not reused for this long after its session ends."""
-    worker_index: int = 0
-    """This shard's index (for port allocation that never collides across workers)."""
-    worker_count: int = 1
-    """Number of shards."""
-    max_sessions: int = 0
-    """0 = unlimited; otherwise new sessions beyond this are refused and counted."""
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
-    """Free-form knobs for experiments; not part of the stable schema."""
-    fin_wait_timeout_s: float = 60.0
-    """After the client's FIN was sent, wait this long for the target's FIN (Linux's
-    tcp_fin_timeout); then the session ends with a RST."""
-
-
-# --------------------------------------------------------------------------------------------
-# The replay process's configuration (CLI + TOML layer), design §8.  Everything below is
-# built by engine/cli.py; the pure core only ever sees SessionConfig above.
-# --------------------------------------------------------------------------------------------
-
-from engine.errors import ConfigError  # noqa: E402  (kept below SessionConfig on purpose)
+from engine.errors import ConfigError
 
 INTERCEPT_PORT_DEFAULT = 36524
 """spec §1.1: intercept's default listen port (`-p`)."""
@@ -76,57 +38,8 @@ CONNECTIONS_MAX = 16
 """-C upper bound (C: 11, MAX_CONN_NUM); intercept keeps up to 16 per tcpcopy (spec §1.6)."""
 
 
-@dataclass(frozen=True, slots=True)
-class ReplayConfig:
-    """Everything one tcpcopy-mp run needs besides the session engine's own SessionConfig."""
-
-    session: SessionConfig
-    """What the session table (pure core) reads."""
-    intercepts: tuple[tuple[str, int], ...]
-    """-s: (dotted-quad IPv4, port) of every intercept, in the order given."""
-    connections: int = 2
-    """-C: connections per intercept (1..16)."""
-    capture: str = "raw"
-    """raw (IPPROTO_TCP raw socket, the C default) | packet (AF_PACKET on -i) | offline."""
-    interfaces: tuple[str, ...] = ()
-    """-i: capture devices for `packet` capture (empty or "any" = every device)."""
-    pcap_files: tuple[str, ...] = ()
-    """--pcap / -i FILE: files replayed in order (offline)."""
-    accelerate: float = 1.0
-    """-a: offline replay speed factor."""
-    idle_threshold_s: float = 0.0
-    """-I (ms in the flag): offline gaps longer than this are skipped; 0 = off."""
-    replays: int = 1
-    """-T: offline passes over the file(s)."""
-    capture_buffer_bytes: int = 64 * 1024 * 1024
-    """-B (MB in the flag): kernel receive buffer of the capture socket."""
-    capture_filter: str = ""
-    """-F: accepted for C compatibility; the -x pre-filter decides what is replayed."""
-    workers: int = 1
-    """--workers: worker processes (this version runs one)."""
-    metrics: tuple[str, int] | None = None
-    """--metrics ADDR:PORT for the Prometheus endpoint."""
-    log_path: str | None = None
-    """-l: log file (None = stderr)."""
-    log_format: str = "text"
-    """--log-format text|json."""
-    stats_interval_s: float = 30.0
-    """--stats-interval: period of the statistics log line (spec §3.18)."""
-    summary_json: str | None = None
-    """--summary-json: the final counters are written there as one JSON object on exit."""
-    memory_limit_mb: int = 2048
-    """-m: RSS limit checked every 60 s (spec §3.17)."""
-    daemon: bool = False
-    """-d: run in the background."""
-    lonely: bool = False
-    """-L: accepted; intercept connections are always re-made."""
-    gradual: bool = False
-    """-g: ramp sampling up by 1 %/s (spec §3.14)."""
-    localhost_ip: int = 0
-    """-H: replaces a 127.0.0.1 client source (spec §3.3 step 3); 0 = off."""
-    intercept_secret: bytes | None = field(default=None, repr=False)
-    """--secret-file's secret: every intercept channel uses the authenticated extended
-    handshake (design §6); None = the compat handshake."""
+# --------------------------------------------------------------------------------------------
+# Value parsers: text of a flag (or a TOML value made text) -> value, ConfigError(where, ...)
 
 
 def parse_int(where: str, text: object, lo: int | None = None, hi: int | None = None) -> int:
@@ -216,24 +129,1009 @@ def parse_host_port(where: str, text: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port_text)
 
 
-def load_config_file(path: str) -> dict:
-    """Read a TOML file of flag values (keys = long flag names, `-` or `_`).
+class Value:
+    """How one flag's text becomes a value; ``toml`` is the TOML shape a file must give.
 
-    Keys may sit at the top level or under a `[tcpcopy]` table.  Returns the raw mapping;
-    unknown keys are reported by the CLI, which knows the flags.  ConfigError("--config").
+    toml: "text" (a string), "list" (a string or an array, joined with ","), "int",
+    "number" (int or float), "bool", "paths" (a string or an array of strings, repeatable flag).
+    """
+
+    toml = "text"
+    doc = "text"
+
+    def __call__(self, where: str, text: Any) -> Any:
+        return text
+
+
+class Text(Value):
+    def __init__(self, doc: str = "text", toml: str = "text") -> None:
+        self.doc, self.toml = doc, toml
+
+
+class Flag(Value):
+    toml, doc = "bool", "true/false"
+
+    def __call__(self, where: str, text: Any) -> Any:
+        return bool(text)
+
+
+class Int(Value):
+    toml = "int"
+
+    def __init__(self, lo: int | None = None, hi: int | None = None) -> None:
+        self.lo, self.hi = lo, hi
+        self.doc = "integer" + (
+            f" {lo}..{hi}" if hi is not None else f" ≥ {lo}" if lo is not None else ""
+        )
+
+    def __call__(self, where: str, text: Any) -> int:
+        return parse_int(where, text, self.lo, self.hi)
+
+
+class Number(Value):
+    toml = "number"
+
+    def __init__(self, gt: float | None = None) -> None:
+        self.gt = gt
+        self.doc = "number" + (f" > {gt:g}" if gt is not None else "")
+
+    def __call__(self, where: str, text: Any) -> float:
+        return parse_float(where, text, self.gt)
+
+
+class Choice(Value):
+    def __init__(self, *choices: str) -> None:
+        self.choices = choices
+        self.doc = "one of " + ", ".join(choices)
+
+    def __call__(self, where: str, text: Any) -> str:
+        if text not in self.choices:
+            wanted = ", ".join(repr(c) for c in self.choices)
+            raise ConfigError(where, f"invalid choice: {text!r} (choose from {wanted})")
+        return text
+
+
+class IPv4(Value):
+    doc = "IPv4 address"
+
+    def __call__(self, where: str, text: Any) -> int:
+        return parse_ipv4(where, text)
+
+
+class HostPort(Value):
+    doc = "ADDR:PORT"
+
+    def __call__(self, where: str, text: Any) -> tuple[str, int]:
+        return parse_host_port(where, text)
+
+
+class Converter(Value):
+    """An argparse ``type=`` callable (intercept-mp's converters, which word their own errors)
+    used for a TOML value too: its ArgumentTypeError becomes ConfigError(where, message)."""
+
+    def __init__(self, conv: Callable[[str], Any], doc: str, toml: str = "text") -> None:
+        self.conv, self.doc, self.toml = conv, doc, toml
+
+    def __call__(self, where: str, text: Any) -> Any:
+        import argparse
+
+        try:
+            return self.conv(text)
+        except (argparse.ArgumentTypeError, ValueError) as exc:
+            raise ConfigError(where, str(exc)) from None
+
+
+def option(
+    default: Any = MISSING,
+    *,
+    long: str,
+    short: str | None = None,
+    parse: Value | None = None,
+    help: str = "",  # noqa: A002 - argparse's word
+    section: str,
+    unit: str | None = None,
+    shown_default: Any = MISSING,
+    metavar: str | None = None,
+    dest: str | None = None,
+    action: str | None = None,
+    cli_default: Any = None,
+    factory: Any = MISSING,
+    repr: bool = True,  # noqa: A002
+) -> Any:
+    """A dataclass field that is also a flag and a TOML key (the schema entry).
+
+    ``shown_default`` is the default in the flag's unit for docs/config.md (the field's own
+    default when not given); ``cli_default`` is what argparse stores when the flag is absent
+    (None = "not given", which the program resolves).
+    """
+    parse = parse if parse is not None else Flag() if action == "store_true" else Text()
+    meta = {
+        "short": short,
+        "long": long,
+        "key": long.removeprefix("--").replace("-", "_"),
+        "dest": dest or long.removeprefix("--").replace("-", "_"),
+        "parse": parse,
+        "unit": unit,
+        "section": section,
+        "help": help,
+        "metavar": metavar,
+        "action": action,
+        "cli_default": cli_default,
+        "default": default if shown_default is MISSING else shown_default,
+    }
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=meta, repr=repr)
+    return field(default=default, metadata=meta, repr=repr)
+
+
+# --------------------------------------------------------------------------------------------
+# The session engine's configuration (pure core)
+
+
+_REPL = "replication"
+_CAPT = "capture"
+_OFFL = "offline"
+_PROC = "process and reporting"
+TCPCOPY_SECTIONS = (_REPL, _CAPT, _OFFL, _PROC)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    """Behaviour of the simulated client TCP stack (spec §3, design §5)."""
+
+    transfers: tuple = option(
+        (),
+        short="-x",
+        long="--transfer",
+        parse=Text("[srcIP:]srcPort-targetIP:targetPort[,...]", "list"),
+        metavar="SPEC",
+        help="[srcIP:]srcPort-targetIP:targetPort[,...] (required)",
+        section=_REPL,
+        shown_default="required",
+    )
+    """-x: the transfer map; a tuple of rewrite.TransferEntry, the first entry matching the
+    captured packet's (dst ip, dst port) wins and names the target ip:port."""
+    client_pool: tuple[int, ...] = option(
+        (),
+        short="-c",
+        long="--clients",
+        parse=Text("IPv4 list, `x` = 1..254", "list"),
+        metavar="LIST",
+        help="fake client addresses, e.g. 198.19.1.x",
+        section=_REPL,
+        shown_default="captured address",
+    )
+    """-c: fake client addresses (ints); empty = keep the captured client address."""
+    replicas: int = option(
+        1,
+        short="-n",
+        long="--replicas",
+        parse=Int(0, 1023),
+        metavar="N",
+        help="copies of every session (1-1023)",
+        section=_REPL,
+    )
+    """-n: copies of every session (1 = just the session itself; 0 also means 1)."""
+    port_shift: int = option(
+        0,
+        short="-f",
+        long="--port-shift",
+        parse=Int(0, 255),
+        metavar="F",
+        help="client port shift factor (0-255)",
+        section=_REPL,
+    )
+    """-f: port shift factor (0 = off)."""
+    sample_percent: int = option(
+        100,
+        short="-r",
+        long="--sample",
+        parse=Int(0, 100),
+        unit="%",
+        metavar="PCT",
+        help="percentage of sessions replicated (100)",
+        section=_REPL,
+    )
+    """-r: percentage of flows replicated (decided once per flow; 0 means 100)."""
+    rand_shift: int = 0
+    """The 0..511 random offset of -f/-n port formulas (drawn once at start by the CLI)."""
+    mtu: int = option(
+        1500,
+        short="-M",
+        long="--mtu",
+        parse=Int(576, 65535),
+        unit="bytes",
+        metavar="BYTES",
+        help="MTU (1500)",
+        section=_REPL,
+    )
+    """-M: packets larger than this are split before sending."""
+    mss: int = option(
+        1460,
+        short="-D",
+        long="--mss",
+        parse=Int(88, 65495),
+        unit="bytes",
+        metavar="BYTES",
+        help="MSS of faked SYNs (1460)",
+        section=_REPL,
+    )
+    """-D: MSS option of a faked SYN."""
+    wait_response: bool = option(
+        True,
+        short="-W",
+        long="--no-wait",
+        action="store_true",
+        help="do not wait for responses before sending the next request",
+        section=_REPL,
+        shown_default=False,
+    )
+    """Not -W: hold a new request until the previous response is complete."""
+    fake_handshake: bool = option(
+        True,
+        short="-O",
+        long="--only-syn",
+        action="store_true",
+        help="only replay sessions whose SYN was captured",
+        section=_REPL,
+        shown_default=False,
+    )
+    """Not -O: a flow whose SYN was not captured starts with a faked handshake."""
+    session_timeout_s: float = option(
+        600.0,
+        short="-t",
+        long="--timeout",
+        parse=Int(),
+        unit="s",
+        metavar="S",
+        help="session timeout in s (600)",
+        section=_REPL,
+        shown_default=600,
+    )
+    """-t: a session with no response for this long while work is pending is obsolete
+    (a negative value means 600)."""
+    keepalive_timeout_s: float = option(
+        720.0,
+        short="-k",
+        long="--keepalive-timeout",
+        parse=Int(),
+        unit="s",
+        metavar="S",
+        help="idle session timeout in s (timeout + 120)",
+        section=_REPL,
+        shown_default="timeout + 120",
+    )
+    """-k: an idle session (nothing pending) with no response for this long is obsolete
+    (a value <= 0 means the default)."""
+    handshake_timeout_s: float = 3.0
+    """A connection attempt not established after this long fails (SYN retransmitted inside)."""
+    linger_s: float = 6.0
+    """A finished session lingers this long to RST stray responses (spec §3.9)."""
+    rtt_initial_s: float = option(
+        0.001,
+        short="-R",
+        long="--rtt",
+        parse=Int(0, 65535),
+        unit="ms",
+        metavar="MS",
+        help="initial RTT in ms",
+        section=_REPL,
+        shown_default="0 (= 1 ms)",
+    )
+    """-R (ms in the flag): RTT assumed before one is measured."""
+    response_wait_max_s: float = 3.0
+    """A held request is released after this long even if its response never completed."""
+    time_wait_s: float = 60.0
+    """A (client ip, port, target) tuple is not reused for this long after its session ends."""
+    worker_index: int = 0
+    """This shard's index (for port allocation that never collides across workers)."""
+    worker_count: int = 1
+    """Number of shards."""
+    max_sessions: int = 0
+    """0 = unlimited; otherwise new sessions beyond this are refused and counted."""
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+    """Free-form knobs for experiments; not part of the stable schema."""
+    fin_wait_timeout_s: float = 60.0
+    """After the client's FIN was sent, wait this long for the target's FIN (Linux's
+    tcp_fin_timeout); then the session ends with a RST."""
+
+
+# --------------------------------------------------------------------------------------------
+# The replay process's configuration (CLI + TOML layer), design §8.  Everything below is
+# built by engine/cli.py; the pure core only ever sees SessionConfig above.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayConfig:
+    """Everything one tcpcopy-mp run needs besides the session engine's own SessionConfig."""
+
+    session: SessionConfig
+    """What the session table (pure core) reads."""
+    intercepts: tuple[tuple[str, int], ...] = option(
+        short="-s",
+        long="--intercepts",
+        parse=Text("ip[:port] list", "list"),
+        metavar="IP[:PORT],...",
+        help="intercept addresses (required)",
+        section=_REPL,
+        shown_default="required",
+    )
+    """-s: (dotted-quad IPv4, port) of every intercept, in the order given (at most 32)."""
+    intercept_port: int = option(
+        INTERCEPT_PORT_DEFAULT,
+        short="-p",
+        long="--intercept-port",
+        parse=Int(1, 65535),
+        metavar="PORT",
+        help=f"default intercept port ({INTERCEPT_PORT_DEFAULT})",
+        section=_REPL,
+    )
+    """-p: port of every -s entry that names none (or port 0)."""
+    connections: int = option(
+        2,
+        short="-C",
+        long="--connections",
+        parse=Int(),
+        metavar="N",
+        help="connections per intercept, 1-16 (2)",
+        section=_REPL,
+    )
+    """-C: connections per intercept (clamped to 1..16)."""
+    secret_file: str | None = option(
+        None,
+        long="--secret-file",
+        parse=Text("path"),
+        metavar="FILE",
+        help="shared secret (first line; mode 600): authenticate every intercept channel "
+        "(extended protocol; intercept-mp --secret-file)",
+        section=_REPL,
+    )
+    """--secret-file: file whose first line is the secret shared with intercept-mp (mode
+    600); every channel then uses the authenticated extended handshake."""
+    capture: str = option(
+        "raw",
+        long="--capture",
+        parse=Choice("raw", "packet"),
+        help="raw socket (default) or AF_PACKET on -i",
+        section=_CAPT,
+        shown_default="raw (packet with -i DEV)",
+    )
+    """raw (IPPROTO_TCP raw socket, the C default) | packet (AF_PACKET on -i) | offline
+    (set by a pcap file)."""
+    interfaces: tuple[str, ...] = option(
+        (),
+        short="-i",
+        long="--interface",
+        parse=Text("device list or pcap file", "list"),
+        metavar="DEV|FILE",
+        help="capture device(s), or a pcap file (offline)",
+        section=_CAPT,
+        shown_default="every device",
+    )
+    """-i: capture devices for `packet` capture (empty or "any" = every device); a pcap
+    file name here means offline replay of that file."""
+    capture_filter: str = option(
+        "",
+        short="-F",
+        long="--filter",
+        metavar="BPF",
+        help="accepted; the -x map selects the packets",
+        section=_CAPT,
+        shown_default=None,
+    )
+    """-F: accepted for C compatibility; the -x pre-filter decides what is replayed."""
+    capture_buffer_bytes: int = option(
+        64 * 1024 * 1024,
+        short="-B",
+        long="--buffer",
+        parse=Int(1, 4096),
+        unit="MB",
+        metavar="MB",
+        help="capture buffer in MB (64)",
+        section=_CAPT,
+        shown_default=64,
+    )
+    """-B (MB in the flag): kernel receive buffer of the capture socket."""
+    snaplen: int | None = option(
+        None,
+        short="-S",
+        long="--snaplen",
+        parse=Int(0),
+        unit="bytes",
+        metavar="BYTES",
+        help="accepted for compatibility; ignored",
+        section=_CAPT,
+    )
+    """-S: accepted for C compatibility (pcap snaplen); no effect."""
+    output_interface: str | None = option(
+        None,
+        short="-o",
+        long="--output-interface",
+        metavar="DEV",
+        help="accepted for compatibility (C pcap-send builds); packets go out through the "
+        "raw IP socket",
+        section=_CAPT,
+    )
+    """-o: accepted for C compatibility (the output device of C's pcap-send builds; it must
+    exist); tcpcopy-mp always sends through a raw IP socket."""
+    pcap_files: tuple[str, ...] = option(
+        (),
+        long="--pcap",
+        parse=Text("path (repeatable; array in TOML)", "paths"),
+        metavar="FILE",
+        action="append",
+        help="replay this pcap file (repeatable)",
+        section=_OFFL,
+        shown_default=None,
+    )
+    """--pcap / -i FILE: files replayed in order (offline)."""
+    accelerate: float = option(
+        1.0,
+        short="-a",
+        long="--accelerate",
+        parse=Number(0.0),
+        metavar="N",
+        help="replay speed factor (1)",
+        section=_OFFL,
+    )
+    """-a: offline replay speed factor."""
+    idle_threshold_s: float = option(
+        0.0,
+        short="-I",
+        long="--idle-threshold",
+        parse=Int(0),
+        unit="ms",
+        metavar="MS",
+        help="skip gaps longer than MS",
+        section=_OFFL,
+        shown_default="0 (off)",
+    )
+    """-I (ms in the flag): offline gaps longer than this are skipped; 0 = off."""
+    replays: int = option(
+        1,
+        short="-T",
+        long="--replays",
+        parse=Int(1),
+        metavar="N",
+        help="passes over the file(s) (1)",
+        section=_OFFL,
+    )
+    """-T: offline passes over the file(s)."""
+    workers: int = option(
+        1,
+        long="--workers",
+        parse=Int(1, 1024),
+        metavar="N",
+        help="worker processes (default: the number of CPUs)",
+        section=_PROC,
+        shown_default="CPU count",
+    )
+    """--workers: worker processes, each owning a shard of the sessions."""
+    metrics: tuple[str, int] | None = option(
+        None,
+        long="--metrics",
+        parse=HostPort(),
+        metavar="ADDR:PORT",
+        help="Prometheus endpoint",
+        section=_PROC,
+    )
+    """--metrics ADDR:PORT for the Prometheus endpoint."""
+    log_path: str | None = option(
+        None,
+        short="-l",
+        long="--log",
+        parse=Text("path"),
+        metavar="FILE",
+        help="log file (stderr)",
+        section=_PROC,
+        shown_default="stderr",
+        dest="log",
+    )
+    """-l: log file (None = stderr)."""
+    log_format: str = option(
+        "text",
+        long="--log-format",
+        parse=Choice("text", "json"),
+        help="log line format (text)",
+        section=_PROC,
+    )
+    """--log-format: text (the classic lines) or json (one object per line)."""
+    stats_interval_s: float = option(
+        30.0,
+        long="--stats-interval",
+        parse=Number(0.0),
+        unit="s",
+        metavar="S",
+        help="statistics log period in s (30)",
+        section=_PROC,
+        shown_default=30,
+    )
+    """--stats-interval: period of the statistics log line (spec §3.18)."""
+    summary_json: str | None = option(
+        None,
+        long="--summary-json",
+        parse=Text("path"),
+        metavar="FILE",
+        help="write the final counters there on exit",
+        section=_PROC,
+    )
+    """--summary-json: the final counters are written there as one JSON object on exit."""
+    memory_limit_mb: int = option(
+        2048,
+        short="-m",
+        long="--memory-limit",
+        parse=Int(1),
+        unit="MB",
+        metavar="MB",
+        help="RSS limit in MB (2048)",
+        section=_REPL,
+    )
+    """-m: RSS limit checked every 60 s (spec §3.17); exceeding it ends the run."""
+    daemon: bool = option(
+        False,
+        short="-d",
+        long="--daemon",
+        action="store_true",
+        help="run in the background",
+        section=_REPL,
+    )
+    """-d: run in the background."""
+    lonely: bool = option(
+        False,
+        short="-L",
+        long="--lonely",
+        action="store_true",
+        help="accepted; intercept connections are always re-made",
+        section=_REPL,
+    )
+    """-L: accepted; intercept connections are always re-made."""
+    gradual: bool = option(
+        False,
+        short="-g",
+        long="--gradual",
+        action="store_true",
+        help="ramp replication up 1%% per second",
+        section=_REPL,
+    )
+    """-g: ramp sampling up by 1 %/s (spec §3.14)."""
+    localhost_ip: int = option(
+        0,
+        short="-H",
+        long="--localhost-ip",
+        parse=IPv4(),
+        metavar="IP",
+        help="replace client source 127.0.0.1 by IP",
+        section=_REPL,
+        shown_default="off",
+    )
+    """-H: replaces a 127.0.0.1 client source (spec §3.3 step 3); 0 = off."""
+    pool_size_kb: int | None = option(
+        None,
+        short="-U",
+        long="--pool-size",
+        parse=Int(0),
+        unit="KB",
+        metavar="KB",
+        help="accepted for compatibility; ignored",
+        section=_REPL,
+    )
+    """-U: accepted for C compatibility (session pool block size); no effect."""
+    pid_file: str | None = option(
+        None,
+        short="-P",
+        long="--pid-file",
+        parse=Text("path"),
+        metavar="FILE",
+        help="write the process id to FILE",
+        section=_REPL,
+    )
+    """-P: the process id is written there at start."""
+    intercept_secret: bytes | None = field(default=None, repr=False)
+    """--secret-file's secret: every intercept channel uses the authenticated extended
+    handshake (design §6); None = the compat handshake."""
+
+
+# --------------------------------------------------------------------------------------------
+# The schema, walked
+
+
+def schema_fields(cls: type) -> list[Field]:
+    """The user-facing fields of a config dataclass, in order; a nested SessionConfig field
+    (ReplayConfig.session) is expanded in place."""
+    out: list[Field] = []
+    for f in fields(cls):
+        if "long" in f.metadata:
+            out.append(f)
+        elif f.name == "session":
+            out.extend(schema_fields(SessionConfig))
+    return out
+
+
+def flag_names(f: Field) -> str:
+    """`-r/--sample` (or `--workers`): how errors and docs name the option."""
+    return "/".join(x for x in (f.metadata["short"], f.metadata["long"]) if x)
+
+
+def add_schema_arguments(
+    parser: Any, options: Sequence[Field], sections: Sequence[str]
+) -> dict[str, Any]:
+    """Generate one argparse option per schema field, in argument groups named by section.
+
+    Returns {section: group} so a program can add its non-schema options (--config).
+    """
+    groups = {s: parser.add_argument_group(s) for s in sections}
+    for f in options:
+        m = f.metadata
+        names = [x for x in (m["short"], m["long"]) if x]
+        kw: dict[str, Any] = {"dest": m["dest"], "help": m["help"] or None}
+        kw["default"] = m["cli_default"]
+        if m["action"]:
+            kw["action"] = m["action"]
+        if m["action"] != "store_true":
+            if isinstance(m["parse"], Choice):
+                kw["choices"] = m["parse"].choices
+            else:
+                kw["metavar"] = m["metavar"]
+            if isinstance(m["parse"], Converter):
+                kw["type"] = m["parse"].conv
+        groups[m["section"]].add_argument(*names, **kw)
+    return groups
+
+
+def config_path(argv: Sequence[str]) -> str | None:
+    """The `--config FILE` of a command line (the last one wins, as argparse would)."""
+    found = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif arg.startswith("--config="):
+            found = arg.split("=", 1)[1]
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# TOML files
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    """The checked values of one program's table of a TOML file.
+
+    values: {argparse dest: value in flag form} (text as on a command line; bool for flags;
+    a list of text for repeatable flags).  where: {dest: "path:LINE: key 'k' (-f)"}, the
+    location errors about that value name.
+    """
+
+    path: str
+    table: str
+    values: dict[str, Any]
+    where: dict[str, str]
+
+    def typed(self, options: Sequence[Field]) -> dict[str, Any]:
+        """Values run through each field's parser now (intercept-mp, whose argparse types
+        are its validators): {dest: value}; ConfigError(file:line: key ..., ...)."""
+        by_dest = {f.metadata["dest"]: f for f in options}
+        out: dict[str, Any] = {}
+        for dest, value in self.values.items():
+            parse = by_dest[dest].metadata["parse"]
+            out[dest] = value if isinstance(parse, Flag) else parse(self.where[dest], value)
+        return out
+
+
+_TOML_TYPE_NAMES = {
+    bool: "a boolean",
+    int: "an integer",
+    float: "a float",
+    str: "a string",
+    list: "an array",
+    dict: "a table",
+}
+
+
+def _toml_type(value: object) -> str:
+    for t, name in _TOML_TYPE_NAMES.items():
+        if isinstance(value, t):
+            return f"{name} ({value!r})" if t in (str, int, float, bool) else name
+    return type(value).__name__  # dates and times
+
+
+def _flag_form(where: str, parse: Value, value: object) -> Any:
+    """A TOML value checked against the field's TOML shape -> the flag's text form."""
+    shape = parse.toml
+    if shape == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(where, f"expected true or false, not {_toml_type(value)}")
+    if shape == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(where, f"expected an integer, not {_toml_type(value)}")
+    if shape == "number":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(where, f"expected a number, not {_toml_type(value)}")
+    if isinstance(value, str):
+        return [value] if shape == "paths" else value
+    if shape in ("list", "paths") and isinstance(value, list):
+        scalar = (str,) if shape == "paths" else (str, int)
+        if all(isinstance(v, scalar) and not isinstance(v, bool) for v in value):
+            items = [str(v) for v in value]
+            return items if shape == "paths" else ",".join(items)
+        what = "strings" if shape == "paths" else "strings or integers"
+        raise ConfigError(where, f"expected an array of {what}, not {_toml_type(value)}")
+    wanted = "a string or an array" if shape in ("list", "paths") else "a string"
+    raise ConfigError(where, f"expected {wanted}, not {_toml_type(value)}")
+
+
+def _scan_lines(text: str) -> dict[tuple[str, str], int]:
+    """{(table, key): line} of the plain `key = ...` lines and {(table, ""): line} of the
+    `[table]` headers, found in the text (tomllib reports no positions).  Best effort:
+    a key not found here is reported at line 1 of its table."""
+    import re
+
+    header = re.compile(r"\s*\[\s*([A-Za-z0-9_\-]+|\"[^\"]*\")\s*\]\s*(#.*)?$")
+    assign = re.compile(r"\s*([A-Za-z0-9_\-]+|\"[^\"]*\"|'[^']*')\s*(\.|=)")
+    out: dict[tuple[str, str], int] = {}
+    table = ""
+    for number, line in enumerate(text.splitlines(), 1):
+        h = header.match(line)
+        if h:
+            table = h.group(1).strip("\"'")
+            out.setdefault((table, ""), number)
+            continue
+        if line.lstrip().startswith("[["):
+            table = "\0"  # arrays of tables: never a known table
+            continue
+        a = assign.match(line)
+        if a:
+            out.setdefault((table, a.group(1).strip("\"'")), number)
+    return out
+
+
+def read_config_file(path: str, table: str, options: Sequence[Field]) -> ConfigFile:
+    """Load `path`: the `[table]` keys (and top-level keys, read as the same table).
+
+    Other programs' tables (`[tcpcopy]`, `[intercept]`) are skipped, so one file may serve
+    both.  Every error is one ConfigError: `path:LINE: unknown key 'foo' in [tcpcopy]`,
+    `path:LINE: key 'workers' (--workers): expected an integer, ...`, or tomllib's own
+    message (which has line and column) for a syntax error.
     """
     import tomllib
 
+    from engine.privileges import check_open_file
+
+    shown = path if path.isprintable() else ascii(path)  # one line, whatever the name holds
+
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            check_open_file("--config", path, f.fileno())  # another user must not edit it
+            raw = f.read()
     except OSError as exc:
-        raise ConfigError("--config", f"cannot read {path}: {exc.strerror or exc}") from None
+        raise ConfigError("--config", f"cannot read {shown}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+        data = tomllib.loads(text)
+    except UnicodeDecodeError as exc:  # TOML is UTF-8
+        raise ConfigError("--config", f"{shown}: not UTF-8 text (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("--config", f"{path}: {exc}") from None
-    except UnicodeDecodeError as exc:  # TOML is UTF-8; tomllib lets this one through
-        raise ConfigError("--config", f"{path}: not UTF-8 text (byte {exc.start})") from None
-    section = data.get("tcpcopy", data)
-    if not isinstance(section, dict):
-        raise ConfigError("--config", f"{path}: [tcpcopy] must be a table")
-    return {k: v for k, v in section.items() if not (k == "tcpcopy" and isinstance(v, dict))}
+        raise ConfigError("--config", f"{shown}: {exc}") from None
+    lines = _scan_lines(text)
+    by_key = {f.metadata["key"]: f for f in options}
+    values: dict[str, Any] = {}
+    where: dict[str, str] = {}
+
+    def line_of(tbl: str, key: str) -> int:
+        return lines.get((tbl, key)) or lines.get((tbl, ""), 1)
+
+    def take(tbl: str, key: str, value: object) -> None:
+        line = line_of(tbl, key)
+        f = by_key.get(key)
+        if f is None:
+            hint = key.replace("-", "_")
+            extra = f" (did you mean {hint!r}?)" if hint in by_key else ""
+            raise ConfigError(f"{shown}:{line}", f"unknown key {key!r} in [{table}]{extra}")
+        m = f.metadata
+        if m["dest"] in values:
+            raise ConfigError(f"{shown}:{line}", f"key {key!r} given twice for [{table}]")
+        label = f"{shown}:{line}: key {key!r} ({m['short'] or m['long']})"
+        values[m["dest"]] = _flag_form(label, m["parse"], value)
+        where[m["dest"]] = label
+
+    own = data.get(table)
+    if own is not None and not isinstance(own, dict):
+        raise ConfigError(f"{shown}:{line_of('', table)}", f"[{table}] must be a table")
+    for key, value in data.items():  # in file order, so the first mistake is reported
+        if isinstance(value, dict):
+            if key == table:
+                for own_key, own_value in value.items():
+                    take(table, own_key, own_value)
+            if key in PROGRAM_TABLES:
+                continue
+            raise ConfigError(
+                f"{shown}:{line_of(key, '')}",
+                f"unknown table [{key}] (expected {' or '.join(f'[{t}]' for t in PROGRAM_TABLES)})",
+            )
+        take("", key, value)
+    return ConfigFile(path, table, values, where)
+
+
+PROGRAM_TABLES = ("tcpcopy", "intercept")
+
+
+class ArgValues:
+    """A parsed command line with a config file's values filled in where no flag was given.
+
+    ``get(name)`` parses the option of schema field `name` with its Value; errors name the
+    flag as given (`-r`), or `file:LINE: key 'sample' (-r)` when the value came from the file.
+    """
+
+    def __init__(self, args: Any, options: Sequence[Field], file: ConfigFile | None) -> None:
+        self.args = args
+        self.by_name = {f.name: f for f in options}
+        self.origin: dict[str, str] = {}
+        if file is not None:
+            for dest, value in file.values.items():
+                if getattr(args, dest, None) is None and value is not False:
+                    setattr(args, dest, value)
+                    self.origin[dest] = file.where[dest]
+
+    def _meta(self, name: str) -> Any:
+        return self.by_name[name].metadata
+
+    def raw(self, name: str) -> Any:
+        return getattr(self.args, self._meta(name)["dest"])
+
+    def where(self, name: str) -> str:
+        m = self._meta(name)
+        return self.origin.get(m["dest"]) or m["short"] or m["long"]
+
+    @contextmanager
+    def located(self, name: str) -> Iterator[None]:
+        """Errors raised inside about a file value are re-worded to name the file line."""
+        try:
+            yield
+        except ConfigError as exc:
+            loc = self.origin.get(self._meta(name)["dest"])
+            if loc is None or exc.where == loc:
+                raise
+            raise ConfigError(loc, exc.message) from None
+
+    def get(self, name: str, default: Any = None) -> Any:
+        raw = self.raw(name)
+        if raw is None:
+            return default
+        with self.located(name):
+            return self._meta(name)["parse"](self.where(name), raw)
+
+
+# --------------------------------------------------------------------------------------------
+# docs/config.md
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """{field: docstring} of a dataclass, read from its source (Python keeps no field
+    docstrings at run time); whitespace folded to single spaces."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = next(n for n in tree.body if isinstance(n, ast.ClassDef)).body
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _cell(text: object) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _shown(value: object, unit: str | None) -> str:
+    if value is None or value == () or value == "":
+        return "–"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value)
+    return f"{text} {unit}" if unit and isinstance(value, (int, float)) else text
+
+
+def _meaning(f: Field, doc: str) -> str:
+    import re
+
+    # "-R (ms in the flag): RTT ..." -> "RTT ...": the flag column already says it.
+    names = {x for x in (f.metadata["short"], f.metadata["long"]) if x}
+    m = re.match(r"(\S+?)(?: \([^)]*\))?: ", doc)
+    if m and set(m.group(1).split("/")) <= names | {"--pcap", "-i FILE"}:
+        doc = doc[m.end() :]
+    return doc[:1].upper() + doc[1:]
+
+
+def _table(cls_docs: dict[str, str], options: Sequence[Field], section: str) -> list[str]:
+    rows = [
+        "| Flag(s) | TOML key | Type | Default | Meaning |",
+        "|---|---|---|---|---|",
+    ]
+    for f in options:
+        m = f.metadata
+        if m["section"] != section:
+            continue
+        flags = ", ".join(f"`{x}`" for x in (m["short"], m["long"]) if x)
+        kind = m["parse"].doc + (f" ({m['unit']})" if m["unit"] else "")
+        doc = _meaning(f, cls_docs.get(f.name, ""))
+        rows.append(
+            f"| {flags} | `{m['key']}` | {_cell(kind)} | {_cell(_shown(m['default'], m['unit']))}"
+            f" | {_cell(doc)} |"
+        )
+    return rows
+
+
+def reference() -> str:
+    """docs/config.md: per program, one table per section (generated; never edit by hand)."""
+    from intercept.cli import INTERCEPT_SECTIONS, InterceptOptions
+
+    out = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated by `python -m engine.config --reference > docs/config.md`; do not edit."
+        " The source is the field metadata and docstrings in engine/config.py and"
+        " intercept/cli.py. -->",
+        "",
+        "Every option is a command-line flag and a TOML key. `--config FILE` reads a TOML"
+        " file; flags given on the command line override the file's values.",
+        "",
+        "* **TOML key rule:** the long flag without `--`, each `-` replaced by `_`"
+        " (`--keepalive-timeout` → `keepalive_timeout`).",
+        "* **Tables:** tcpcopy-mp reads `[tcpcopy]`, intercept-mp reads `[intercept]`; keys"
+        " before any table belong to the program reading the file. One file may hold both"
+        " tables. Any other table, or an unknown key, is an error naming the file line.",
+        "* **Values:** integers and numbers as TOML numbers, flags as `true`/`false`, lists"
+        " as a comma-separated string or an array. A value is checked exactly like the flag's"
+        " text; an error reads `FILE:LINE: key 'workers' (--workers): ...`, exit status 2.",
+        "* Examples: config/example.toml (every key), config/prod.toml, config/intercept.toml.",
+        "",
+    ]
+    programs = (
+        ("tcpcopy-mp", "tcpcopy", ReplayConfig, TCPCOPY_SECTIONS),
+        ("intercept-mp", "intercept", InterceptOptions, INTERCEPT_SECTIONS),
+    )
+    for prog, table, cls, sections in programs:
+        options = schema_fields(cls)
+        docs = {**field_docs(SessionConfig), **field_docs(cls)}
+        out += [f"## {prog} (`[{table}]`)", ""]
+        out += [
+            "Also: `-h/--help`, `-v/--version`, `--config FILE` (command line only).",
+            "",
+        ]
+        for section in sections:
+            out += [f"### {section}", "", *_table(docs, options, section), ""]
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import sys
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args != ["--reference"]:
+        print("usage: python -m engine.config --reference > docs/config.md", file=sys.stderr)
+        return 2
+    sys.stdout.write(reference())
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    from engine import config as _self  # the real module, not this __main__ copy
+
+    sys.exit(_self.main())

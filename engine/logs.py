@@ -3,14 +3,18 @@
 Text lines keep the C tools' shape (`2025/06/18 12:00:01 +123 [notice] msg`, spec §3.18) so C
 users' log greps keep working; JSON lines (orjson) carry the same message plus any `extra`
 fields, one object per line, for log shippers.  `reopen_logs()` is called on SIGHUP so
-logrotate's "move then HUP" works.
+logrotate's "move then HUP" works.  A log file that cannot be written (full disk) never stops
+the program nor floods stderr: see _ReopenableFileHandler.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import sys
 import time
+from collections.abc import Callable
 
 import orjson
 
@@ -66,21 +70,92 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(obj, default=str).decode()
 
 
-class _ReopenableFileHandler(logging.StreamHandler):
-    """A file handler whose file can be reopened (SIGHUP after logrotate moved it)."""
+LOG_WRITE_ERROR_REPORT_INTERVAL_S = 60.0
+"""A log file that cannot be written (disk full, I/O error) is reported on stderr at most this
+often, one line each time, instead of logging's default traceback per record."""
 
-    def __init__(self, path: str) -> None:
+
+class _ReopenableFileHandler(logging.StreamHandler):
+    """A file handler whose file can be reopened (SIGHUP after logrotate moved it).
+
+    Every line is one unbuffered write(2), so a failing write loses exactly that line (no
+    half-flushed buffer that reappears later) and the count of lost lines is exact.  A write
+    error never reaches the caller: the replay must go on when its log disk is full.  The
+    first failure, and then at most one per LOG_WRITE_ERROR_REPORT_INTERVAL_S, prints one
+    line on stderr; when writing works again, the file gets one line saying how many lines
+    were lost.
+    """
+
+    def __init__(self, path: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.path = path
-        super().__init__(open(path, "a", encoding="utf-8", buffering=1))  # noqa: SIM115
+        self.clock = clock
+        self.lost_lines = 0  # since the last successful write
+        self.lost_reason = ""
+        self._torn = False  # a short write left a partial line in the file
+        self._next_report = float("-inf")
+        super().__init__(open(path, "ab", buffering=0))  # noqa: SIM115
 
     def reopen(self) -> None:
         self.acquire()
         try:
-            new = open(self.path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+            new = open(self.path, "ab", buffering=0)  # noqa: SIM115
             old, self.stream = self.stream, new
             old.close()
         finally:
             self.release()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = (self.format(record) + self.terminator).encode("utf-8", "replace")
+        except Exception:  # noqa: BLE001 - a formatting bug: logging's own report
+            self.handleError(record)
+            return
+        try:
+            if self.lost_lines:
+                # After a short write the file ends mid-line: end it before the notice.
+                self._write(b"\n" * self._torn + self._lost_notice(record))
+                self.lost_lines = 0
+                self._torn = False
+            self._write(line)
+        except OSError as exc:
+            self._write_failed(exc)
+
+    def _write(self, data: bytes) -> None:
+        written = self.stream.write(data)
+        if written is not None and written < len(data):
+            # A short write means the disk filled up mid-line; the rest would fail anyway.
+            self._torn = written > 0 or self._torn
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def _lost_notice(self, record: logging.LogRecord) -> bytes:
+        notice = logging.LogRecord(
+            record.name,
+            logging.WARNING,
+            __file__,
+            0,
+            "log file %s: %d line(s) could not be written (%s) and are lost",
+            (self.path, self.lost_lines, self.lost_reason),
+            None,
+        )
+        return (self.format(notice) + self.terminator).encode("utf-8", "replace")
+
+    def _write_failed(self, exc: OSError) -> None:
+        self.lost_lines += 1
+        self.lost_reason = exc.strerror or str(exc)
+        now = self.clock()
+        if now < self._next_report:
+            return
+        self._next_report = now + LOG_WRITE_ERROR_REPORT_INTERVAL_S
+        prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+        try:
+            sys.stderr.write(
+                f"{prog}[{os.getpid()}]: cannot write the log file {self.path}: "
+                f"{self.lost_reason}; {self.lost_lines} line(s) lost so far; still running "
+                f"(reported at most every {LOG_WRITE_ERROR_REPORT_INTERVAL_S:g} s)\n"
+            )
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
 
     def close(self) -> None:
         self.acquire()

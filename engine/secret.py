@@ -17,6 +17,7 @@ import os
 import stat
 
 from engine.errors import ConfigError
+from engine.privileges import check_file_permissions
 
 __all__ = ["SECRET_MIN_BYTES", "SECRET_FILE_MAX_BYTES", "load_secret_file"]
 
@@ -36,17 +37,9 @@ def load_secret_file(where: str, path: str) -> bytes:
         raise ConfigError(where, f"cannot open {path}: {exc.strerror or exc}") from None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(where, f"{path} is not a regular file")
+        # Shared with --config (engine/privileges.py); a secret allows no group write at all.
+        check_file_permissions(where, path, st, group_writable_ok=False)
         mode = stat.S_IMODE(st.st_mode)
-        if st.st_uid not in (0, os.geteuid()):
-            raise ConfigError(
-                where, f"{path} is owned by uid {st.st_uid}, not by root or by us ({os.geteuid()})"
-            )
-        if mode & (stat.S_IWGRP | stat.S_IWOTH):
-            raise ConfigError(
-                where, f"{path} is writable by other users (mode {mode:04o}); chmod 600 it"
-            )
         if mode & stat.S_IROTH:
             raise ConfigError(
                 where, f"{path} is readable by every user (mode {mode:04o}); chmod 600 it"

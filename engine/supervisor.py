@@ -324,7 +324,7 @@ class Supervisor:
             self.log_final_summary()
             log.info("tcpcopy-mp exits: %s", self.exit_reason)
             if cfg.summary_json:
-                from engine.worker import write_summary
+                from engine.privileges import write_summary  # in place if kept at the drop
 
                 try:
                     write_summary(cfg.summary_json, summary)

@@ -17,14 +17,24 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from engine import notify, wire
+from engine.config import (
+    Choice,
+    Converter,
+    Text,
+    add_schema_arguments,
+    config_path,
+    option,
+    read_config_file,
+    schema_fields,
+)
 from engine.errors import ConfigError, DecodeError
 from engine.logs import reopen_logs, setup_logging
 from engine.packet import ip_from_str
 
-__all__ = ["InterceptOptions", "parse_args", "main", "version_string"]
+__all__ = ["InterceptOptions", "parse_args", "main", "version_string", "INTERCEPT_SECTIONS"]
 
 PROG = "intercept-mp"
 LOGGER_NAME = "intercept"
@@ -44,35 +54,6 @@ def version_string() -> str:
     except Exception:  # noqa: BLE001 - not installed: fall back to the source tree's
         from engine import __version__ as ours
     return f"{PROG} version:{ours} (compat 1.0, protocol {wire.INTERNAL_VERSION})"
-
-
-@dataclass(frozen=True)
-class InterceptOptions:
-    """The validated command line."""
-
-    mode: str  # "nfqueue" | "pcap"
-    devices: tuple[str, ...] = ()
-    filter_expr: str | None = None
-    pass_ips: tuple[int, ...] = ()
-    queue_maxlen: int | None = None
-    queue_num: int = 0
-    install_rule: tuple[int, ...] = ()
-    combine: int = wire.COMB_MAX
-    port: int = 36524
-    bind: str = "0.0.0.0"
-    delay_table_size: int = 65536
-    docker_map: tuple[int, int] | None = None
-    protect: bool = False
-    log_path: str | None = None
-    log_format: str = "text"
-    log_level: str = "info"
-    daemon: bool = False
-    pid_file: str | None = None
-    summary_json: str | None = None
-    secret: bytes | None = field(default=None, repr=False)  # --secret-file (design §6)
-    allow_compat: bool = False
-    max_routes_per_conn: int | None = MAX_ROUTES_PER_CONN_DEFAULT  # None = no limit
-    metrics: str | None = None  # --metrics HOST:PORT (Prometheus endpoint)
 
 
 # --- argument types: each raises ArgumentTypeError with a message argparse prefixes ------------
@@ -139,6 +120,14 @@ def _filter(text: str) -> str:
     return text
 
 
+def _out_path(text: str) -> str:
+    """A file we will write later: its directory must exist now (fail before start-up)."""
+    parent = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"directory {parent} does not exist")
+    return text
+
+
 def _metrics_addr(text: str) -> str:
     from metrics.exporter import parse_metrics_addr
 
@@ -156,11 +145,269 @@ def _docker_map(text: str) -> tuple[int, int]:
     return _ipv4(parts[0]), _ipv4(parts[1])
 
 
+_PCAP = "pcap (advanced) mode"
+_NFQ = "NFQUEUE (traditional) mode"
+_SRV = "server"
+_PROC = "process"
+INTERCEPT_SECTIONS = (_PCAP, _NFQ, _SRV, _PROC)
+
+
+@dataclass(frozen=True)
+class InterceptOptions:
+    """The validated command line; every field but ``mode`` is a flag and a TOML key of the
+    ``[intercept]`` table (the schema: engine/config.py ``option()``)."""
+
+    mode: str
+    """Either "nfqueue" or "pcap", chosen from the flags given (module docstring)."""
+    devices: tuple[str, ...] = option(
+        (),
+        short="-i",
+        long="--interfaces",
+        parse=Converter(_device_list, "device list (≤ 32)", "list"),
+        metavar="DEV[,DEV...]",
+        help="capture devices (default: all but 'any'), up to 32",
+        section=_PCAP,
+        shown_default="all but any",
+    )
+    """-i: devices the pcap mode captures responses on."""
+    filter_expr: str | None = option(
+        None,
+        short="-F",
+        long="--filter",
+        parse=Converter(_filter, "BPF (< 4096 chars)"),
+        metavar="BPF",
+        help="BPF filter picking the responses, e.g. 'tcp and src port 8080' "
+        "(required in this mode)",
+        section=_PCAP,
+        shown_default="required (pcap mode)",
+    )
+    """-F: BPF filter picking the target's responses, e.g. `tcp and src port 8080`."""
+    pass_ips: tuple[int, ...] = option(
+        (),
+        short="-x",
+        long="--pass",
+        parse=Converter(_ip_list, "IPv4 list (≤ 32)", "list"),
+        dest="pass_ips",
+        metavar="IP[,IP...]",
+        help="destination IPs whose responses are ACCEPTed, not intercepted",
+        section=_NFQ,
+    )
+    """-x: responses to these destination IPs are ACCEPTed; the others are read and DROPped."""
+    queue_maxlen: int | None = option(
+        None,
+        short="-q",
+        long="--queue-maxlen",
+        parse=Converter(_int_in(0, 2**31 - 1, "queue length"), "integer ≥ 0", "int"),
+        metavar="N",
+        help="NFQUEUE max length (<= 1024 keeps the kernel default)",
+        section=_NFQ,
+        shown_default="kernel default",
+    )
+    """-q: NFQUEUE maximum length; <= 1024 keeps the kernel's default."""
+    queue_num: int = option(
+        0,
+        long="--queue-num",
+        parse=Converter(_int_in(0, 65535, "queue number"), "integer 0..65535", "int"),
+        metavar="N",
+        help="NFQUEUE number to bind (selects this mode; default 0)",
+        section=_NFQ,
+    )
+    """--queue-num: NFQUEUE number to bind; giving it selects the NFQUEUE mode."""
+    install_rule: tuple[int, ...] = option(
+        (),
+        long="--install-rule",
+        parse=Converter(_port_list, "port list", "list"),
+        metavar="SPORT[,SPORT...]",
+        help="add the iptables NFQUEUE rule for these source ports at start and remove it at exit",
+        section=_NFQ,
+    )
+    """--install-rule: the iptables OUTPUT rule sending these source ports to the queue is
+    added at start and removed at exit."""
+    combine: int = option(
+        wire.COMB_MAX,
+        short="-n",
+        long="--combine",
+        parse=Converter(_int_in(0, wire.COMB_MAX, "combine count"), "integer 0..16", "int"),
+        metavar="N",
+        help="max records per frame, 1..16 (0 = 1; default 16)",
+        section=_SRV,
+        cli_default=wire.COMB_MAX,
+    )
+    """-n: most response records per frame sent to tcpcopy (0 = 1)."""
+    port: int = option(
+        36524,
+        short="-p",
+        long="--port",
+        parse=Converter(_int_in(1, 65535, "port"), "integer 1..65535", "int"),
+        help="listen port for tcpcopy (default 36524)",
+        section=_SRV,
+        cli_default=36524,
+    )
+    """-p: TCP port tcpcopy connects to."""
+    bind: str = option(
+        "0.0.0.0",
+        short="-b",
+        long="--bind",
+        parse=Converter(_ipv4_text, "IPv4 address"),
+        metavar="IP",
+        help="listen address (default all)",
+        section=_SRV,
+        cli_default="0.0.0.0",
+    )
+    """-b: address the listen socket binds (0.0.0.0 = all)."""
+    delay_table_size: int = option(
+        65536,
+        short="-s",
+        long="--delay-table-size",
+        parse=Converter(_int_in(0, 2**32 - 1, "size"), "integer 0..2³²-1", "int"),
+        metavar="N",
+        help="accepted for C compatibility (unused)",
+        section=_SRV,
+        cli_default=65536,
+    )
+    """-s: accepted for C compatibility (C's delay-table hash size); no effect."""
+    docker_map: tuple[int, int] | None = option(
+        None,
+        short="-D",
+        long="--docker-map",
+        parse=Converter(_docker_map, "A-B (two IPv4)"),
+        metavar="A-B",
+        help="rewrite response daddr A to B before routing",
+        section=_SRV,
+    )
+    """-D: a response to address A is routed as if sent to B (docker/NAT)."""
+    protect: bool = option(
+        False,
+        short="-c",
+        long="--protect",
+        action="store_true",
+        help="accepted for C compatibility (single builds only; no effect)",
+        section=_SRV,
+        cli_default=False,
+    )
+    """-c: accepted for C compatibility (single builds' connection protection); no effect."""
+    secret: bytes | None = option(
+        None,
+        long="--secret-file",
+        dest="secret_file",
+        parse=Text("path"),
+        metavar="FILE",
+        help="shared secret (first line; mode 600): tcpcopy-mp must prove it (extended "
+        "protocol, docs/protocol.md); unauthenticated peers are refused",
+        section=_SRV,
+        repr=False,
+    )
+    """--secret-file: file whose first line is the shared secret (mode 600); tcpcopy-mp must
+    prove it (extended protocol, design §6), unauthenticated peers are refused."""
+    allow_compat: bool = option(
+        False,
+        long="--allow-compat",
+        action="store_true",
+        help="with --secret-file: still accept C-format (compat) tcpcopy, which cannot "
+        "authenticate",
+        section=_SRV,
+        cli_default=False,
+    )
+    """--allow-compat: with --secret-file, still accept C-format tcpcopy (no authentication)."""
+    max_routes_per_conn: int | None = option(
+        MAX_ROUTES_PER_CONN_DEFAULT,
+        long="--max-routes-per-conn",
+        parse=Converter(_int_in(0, 2**31 - 1, "route count"), "integer ≥ 0", "int"),
+        metavar="N",
+        help="routes kept per tcpcopy connection, least recently used evicted "
+        f"(default {MAX_ROUTES_PER_CONN_DEFAULT:,}; 0 = no limit)",
+        section=_SRV,
+        cli_default=MAX_ROUTES_PER_CONN_DEFAULT,
+    )
+    """--max-routes-per-conn: routes kept per tcpcopy connection, least recently used
+    evicted; 0 = no limit (None in the field)."""
+    log_path: str | None = option(
+        None,
+        short="-l",
+        long="--log",
+        dest="log_path",
+        parse=Text("path"),
+        metavar="FILE",
+        help="log file (default stderr; error_intercept.log with -d)",
+        section=_PROC,
+        shown_default="stderr",
+    )
+    """-l: log file (stderr when not given; error_intercept.log with -d)."""
+    log_format: str = option(
+        "text",
+        long="--log-format",
+        parse=Choice("text", "json"),
+        section=_PROC,
+        cli_default="text",
+    )
+    """--log-format: text (classic lines) or json (one object per line)."""
+    log_level: str = option(
+        "info",
+        long="--log-level",
+        parse=Choice("debug", "info", "notice", "warn", "error"),
+        section=_PROC,
+        cli_default="info",
+    )
+    """--log-level: least severe level logged."""
+    daemon: bool = option(
+        False,
+        short="-d",
+        long="--daemon",
+        action="store_true",
+        help="run in the background",
+        section=_PROC,
+        cli_default=False,
+    )
+    """-d: run in the background."""
+    pid_file: str | None = option(
+        None,
+        short="-P",
+        long="--pid-file",
+        parse=Converter(_out_path, "path"),
+        metavar="FILE",
+        help="write the process id here",
+        section=_PROC,
+    )
+    """-P: the process id is written there (and removed at exit)."""
+    summary_json: str | None = option(
+        None,
+        long="--summary-json",
+        parse=Converter(_out_path, "path"),
+        metavar="FILE",
+        help="write the final counters there as one JSON object on exit",
+        section=_PROC,
+    )
+    """--summary-json: the final counters are written there as one JSON object on exit."""
+    metrics: str | None = option(
+        None,
+        long="--metrics",
+        parse=Converter(_metrics_addr, "HOST:PORT"),
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics (intercept_*) on this address, e.g. 127.0.0.1:9101",
+        section=_PROC,
+    )
+    """--metrics HOST:PORT: Prometheus endpoint (intercept_* metrics)."""
+    user: str | None = None
+    """--user: run as this user after start-up (engine/privileges.py); command line only."""
+    group: str | None = None
+    """--group: with --user, this group."""
+
+
+INTERCEPT_OPTIONS = schema_fields(InterceptOptions)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage block): ``intercept-mp: <flag>: message``."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{PROG}: {message}\n")
+
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> object:
+        # Python 3.11's argparse drops a lone "--" value (`--log=--`) and stores [] as the
+        # value; refuse it the way a missing value is refused.
+        if action.nargs is None and action.option_strings and arg_strings == ["--"]:
+            self.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
+        return super()._get_values(action, arg_strings)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -172,139 +419,18 @@ def _build_parser() -> argparse.ArgumentParser:
         "NFQUEUE mode: intercept-mp --queue-num 0 --install-rule 8080",
     )
     p.add_argument("-v", "--version", action="version", version=version_string())
-    g = p.add_argument_group("pcap (advanced) mode")
-    g.add_argument(
-        "-i",
-        "--interfaces",
-        type=_device_list,
-        metavar="DEV[,DEV...]",
-        help="capture devices (default: all but 'any'), up to 32",
+    groups = add_schema_arguments(p, INTERCEPT_OPTIONS, INTERCEPT_SECTIONS)
+    groups[_PROC].add_argument(
+        "--config", metavar="FILE", help="TOML file: its [intercept] table (flags win)"
     )
-    g.add_argument(
-        "-F",
-        "--filter",
-        type=_filter,
-        metavar="BPF",
-        help="BPF filter picking the responses, e.g. 'tcp and src port 8080' "
-        "(required in this mode)",
+    groups[_PROC].add_argument(
+        "--user",
+        metavar="NAME",
+        help="run as this user after start-up, keeping only CAP_NET_ADMIN and CAP_NET_RAW "
+        "(default when root: tcpcopy if it exists, else nobody; 'root' keeps root)",
     )
-    g = p.add_argument_group("NFQUEUE (traditional) mode")
-    g.add_argument(
-        "--queue-num",
-        type=_int_in(0, 65535, "queue number"),
-        metavar="N",
-        help="NFQUEUE number to bind (selects this mode; default 0)",
-    )
-    g.add_argument(
-        "-x",
-        "--pass",
-        dest="pass_ips",
-        type=_ip_list,
-        metavar="IP[,IP...]",
-        help="destination IPs whose responses are ACCEPTed, not intercepted",
-    )
-    g.add_argument(
-        "-q",
-        "--queue-maxlen",
-        type=_int_in(0, 2**31 - 1, "queue length"),
-        metavar="N",
-        help="NFQUEUE max length (<= 1024 keeps the kernel default)",
-    )
-    g.add_argument(
-        "--install-rule",
-        type=_port_list,
-        metavar="SPORT[,SPORT...]",
-        help="add the iptables NFQUEUE rule for these source ports at start and remove it at exit",
-    )
-    g = p.add_argument_group("server")
-    g.add_argument(
-        "-p",
-        "--port",
-        type=_int_in(1, 65535, "port"),
-        default=36524,
-        help="listen port for tcpcopy (default 36524)",
-    )
-    g.add_argument(
-        "-b",
-        "--bind",
-        type=_ipv4_text,
-        default="0.0.0.0",
-        metavar="IP",
-        help="listen address (default all)",
-    )
-    g.add_argument(
-        "-n",
-        "--combine",
-        type=_int_in(0, wire.COMB_MAX, "combine count"),
-        default=wire.COMB_MAX,
-        metavar="N",
-        help="max records per frame, 1..16 (0 = 1; default 16)",
-    )
-    g.add_argument(
-        "-s",
-        "--delay-table-size",
-        type=_int_in(0, 2**32 - 1, "size"),
-        default=65536,
-        metavar="N",
-        help="accepted for C compatibility (unused)",
-    )
-    g.add_argument(
-        "-D",
-        "--docker-map",
-        type=_docker_map,
-        metavar="A-B",
-        help="rewrite response daddr A to B before routing",
-    )
-    g.add_argument(
-        "-c",
-        "--protect",
-        action="store_true",
-        help="accepted for C compatibility (single builds only; no effect)",
-    )
-    g.add_argument(
-        "--secret-file",
-        metavar="FILE",
-        help="shared secret (first line; mode 600): tcpcopy-mp must prove it (extended "
-        "protocol, docs/protocol.md); unauthenticated peers are refused",
-    )
-    g.add_argument(
-        "--allow-compat",
-        action="store_true",
-        help="with --secret-file: still accept C-format (compat) tcpcopy, which cannot "
-        "authenticate",
-    )
-    g.add_argument(
-        "--max-routes-per-conn",
-        type=_int_in(0, 2**31 - 1, "route count"),
-        default=MAX_ROUTES_PER_CONN_DEFAULT,
-        metavar="N",
-        help="routes kept per tcpcopy connection, least recently used evicted "
-        f"(default {MAX_ROUTES_PER_CONN_DEFAULT:,}; 0 = no limit)",
-    )
-    g = p.add_argument_group("process")
-    g.add_argument(
-        "-l",
-        "--log",
-        dest="log_path",
-        metavar="FILE",
-        help="log file (default stderr; error_intercept.log with -d)",
-    )
-    g.add_argument("--log-format", choices=("text", "json"), default="text")
-    g.add_argument(
-        "--log-level", choices=("debug", "info", "notice", "warn", "error"), default="info"
-    )
-    g.add_argument("-d", "--daemon", action="store_true", help="run in the background")
-    g.add_argument("-P", "--pid-file", metavar="FILE", help="write the process id here")
-    g.add_argument(
-        "--summary-json",
-        metavar="FILE",
-        help="write the final counters there as one JSON object on exit",
-    )
-    g.add_argument(
-        "--metrics",
-        type=_metrics_addr,
-        metavar="HOST:PORT",
-        help="serve Prometheus metrics (intercept_*) on this address, e.g. 127.0.0.1:9101",
+    groups[_PROC].add_argument(
+        "--group", metavar="NAME", help="with --user: this group (default: the user's)"
     )
     return p
 
@@ -312,6 +438,16 @@ def _build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str] | None = None) -> InterceptOptions:
     """Parse and validate; exits 2 with one line on any bad flag (argparse's ``exit``)."""
     parser = _build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = config_path(argv)
+    if path:
+        # The file's values become the parser's defaults, so a flag given overrides them;
+        # each is checked now by the flag's own converter (errors name the file line).
+        try:
+            values = read_config_file(path, "intercept", INTERCEPT_OPTIONS).typed(INTERCEPT_OPTIONS)
+        except ConfigError as e:
+            parser.exit(2, f"{PROG}: {e}\n")
+        parser.set_defaults(**values)
     a = parser.parse_args(argv)
     nfqueue_flags = [
         flag
@@ -332,6 +468,12 @@ def parse_args(argv: Sequence[str] | None = None) -> InterceptOptions:
         mode = "nfqueue" if nfqueue_flags else "pcap"
     if mode == "pcap" and a.filter is None:
         parser.exit(2, f"{MISSING_FILTER}\n")
+    from engine.privileges import resolve_target
+
+    try:
+        resolve_target(a.user, a.group)  # a bad --user/--group is a usage error, now
+    except ConfigError as e:
+        parser.exit(2, f"{PROG}: {e}\n")
     secret = None
     if a.secret_file is not None:
         from engine.secret import load_secret_file
@@ -365,6 +507,8 @@ def parse_args(argv: Sequence[str] | None = None) -> InterceptOptions:
         allow_compat=a.allow_compat,
         max_routes_per_conn=a.max_routes_per_conn or None,
         metrics=a.metrics,
+        user=a.user,
+        group=a.group,
     )
 
 
@@ -487,6 +631,26 @@ def _run(opts: InterceptOptions, log: logging.Logger) -> int:
                 pid_written = True
             except OSError as e:
                 return _fail(log, f"-P: cannot write {opts.pid_file}: {e.strerror or e}")
+        # Least privilege (engine/privileges.py): the listener, the queue or pcap handles and
+        # the rule are in place; before the threads (metrics, pcap readers), which a drop
+        # would not reach (capabilities are per thread).  iptables at exit runs with the
+        # ambient CAP_NET_ADMIN.
+        from engine import privileges
+
+        try:
+            target = privileges.resolve_target(opts.user, opts.group)
+            privileges.keep_files(target, outputs=[opts.summary_json] if opts.summary_json else ())
+            privileges.warn_unreachable_log(log, target, _log_file_of(log))
+            nfq = opts.mode == "nfqueue"
+            privileges.enter_least_privilege(
+                PROG,
+                target,
+                log,
+                needed=1 << (privileges.CAP_NET_ADMIN if nfq else privileges.CAP_NET_RAW),
+                needed_for="NFQUEUE and iptables" if nfq else "pcap capture",
+            )
+        except (OSError, ConfigError) as e:
+            return _fail(log, f"cannot drop privileges: {e}")
         if opts.metrics:
             # After the daemon fork: a thread does not survive fork().
             from intercept.exporter import start_intercept_exporter
@@ -549,13 +713,27 @@ def _write_summary(path: str, server, log: logging.Logger) -> None:  # noqa: ANN
     values: dict[str, object] = dict(server.counters)
     values.update({f"router_{k}": v for k, v in server.router.stats.items()})
     values["router_routes"] = len(server.router)
+    from engine.privileges import write_kept
+
+    data = orjson.dumps(values, option=orjson.OPT_SORT_KEYS) + b"\n"
     tmp = f"{path}.tmp"
     try:
+        if write_kept(path, data):  # kept at the drop: the new user cannot write its directory
+            return
         with open(tmp, "wb") as f:
-            f.write(orjson.dumps(values, option=orjson.OPT_SORT_KEYS) + b"\n")
+            f.write(data)
         os.replace(tmp, path)
     except OSError as e:
         log.error("--summary-json: cannot write %s: %s", path, e.strerror or e)
+
+
+def _log_file_of(log: logging.Logger) -> str | None:
+    """The log file of `log` (engine.logs' file handler), None for stderr."""
+    for handler in log.handlers:
+        path = getattr(handler, "path", None)
+        if path:
+            return str(path)
+    return None
 
 
 def _install_sighup() -> None:

@@ -16,6 +16,7 @@ what is exposed; ``describe()`` and the dashboard test read it.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -391,6 +392,15 @@ def parse_metrics_addr(addr: str) -> tuple[str, int]:
         sep = ""  # an unbracketed IPv6 address: the port is ambiguous
     if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ConfigError("--metrics", f"expected HOST:PORT (e.g. 127.0.0.1:9100), got {addr!r}")
+    if host and all(ch.isdigit() or ch == "." for ch in host):
+        # Looks like an IPv4 literal (a host name has letters): it must be a whole one, or
+        # the bind fails only at start-up ("1.2.3" is not a host anybody meant).
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ConfigError(
+                "--metrics", f"{host!r} is not an IPv4 address (in {addr!r})"
+            ) from None
     return host or "0.0.0.0", int(port_text)
 
 
