@@ -197,9 +197,13 @@ def reopen_logs(name: str = LOGGER_NAME) -> None:
         if isinstance(handler, _ReopenableFileHandler):
             try:
                 handler.reopen()
-            except OSError:
-                # Keep logging to the old file rather than dying on a rotation mishap.
-                pass
+            except OSError as exc:
+                # Keep logging to the old file rather than dying on a rotation mishap (after
+                # the privilege drop the log directory may not be writable), but say so.
+                logging.getLogger(name).warning(
+                    "SIGHUP: cannot reopen the log file (%s); still writing to the old one",
+                    exc.strerror or exc,
+                )
 
 
 class RateLimiter:

@@ -50,6 +50,9 @@ def final_summary(totals: Mapping[str, int]) -> dict[str, Any]:
     """The exit summary as one flat-ish JSON-able object (zero entries left out)."""
     outcomes = {o: int(totals.get("ended_" + o, 0)) for o in OUTCOMES}
     drops = {r: int(totals.get("drop_" + r, 0)) for r in DROP_REASONS}
+    # Packets the capture dropped before any session saw them (a full ring) are loss the
+    # byte fidelity cannot see: name them with the other drops so the summary stays honest.
+    drops["ring_full"] = int(totals.get("ring_dropped", 0))
     fidelity = fidelity_percent(totals)
     return {
         "sessions": sum(outcomes.values()),
@@ -74,6 +77,8 @@ def summary_text(summary: Mapping[str, Any]) -> str:
         f"{summary['client_bytes_captured']} client bytes acked)"
     )
     drops = ", ".join(f"{k} {v}" for k, v in summary["drops"].items()) or "none"
+    if summary["drops"].get("ring_full"):
+        fidelity_text += " of the packets that reached a worker"
     return (
         f"summary: sessions {summary['sessions']}"
         + (f" ({by_outcome})" if by_outcome else "")

@@ -347,6 +347,7 @@ _STATS_LAYOUT: tuple[tuple[tuple[str, tuple[str, ...]], ...], ...] = (
     (("total captured packets", ("capture_packets",)),),
     (
         ("unsend", ()),
+        ("ring dropped", ()),
         ("route unannounced", ()),
         ("send errors", ()),
         ("intercept conns", ("channels_connected",)),
