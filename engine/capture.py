@@ -14,14 +14,21 @@ process that feeds the shared-memory rings, design §3) can drive any of them:
 * `RawTcpSource`: socket(AF_INET, SOCK_RAW, IPPROTO_TCP), the C default (spec §3.2): every TCP
   packet *arriving at* this host, IP header included, read until EAGAIN.
 * `PacketSource`: AF_PACKET/SOCK_RAW/ETH_P_ALL bound to a device (or all): sees mirrored
-  traffic too.  Outgoing frames are skipped, the link header is stripped, and a classic BPF
-  ("tcp dst port P1 or P2 ...", built from -x) keeps the rest of the host's traffic out of
-  user space.
+  traffic too.  Outgoing frames are skipped and the link header is stripped.
 * `PcapFileSource`: offline replay (spec §3.16) paced by `ReplayPacer`, a pure schedule.
 
-Every source runs its packets through a `TransferFilter` first: only packets whose
-(dst ip, dst port) match a -x entry go to the worker; the rest are only counted.  Large
+What a live source hands on is decided by one rule (engine/bpf.py): IPv4 TCP to a -x
+(dst ip, dst port), and not a pure ACK (spec §3.3 steps 1, 2, 8).  Live sockets get it as a
+classic BPF program (SO_ATTACH_FILTER), so the kernel drops the rest before it is queued;
+when the program is attached and exact, nothing is filtered again in Python and each
+received packet costs one recv_into and one copy.  Sockets the program could not be attached
+to run `TransferFilter.keep`, the same rule in Python (the tests hold the two equal on real
+captures).  Offline files run `TransferFilter.keep_with_pure_acks`: the same without the
+pure-ACK step, which the session table then applies as C does (spec §3.3 step 8).  Large
 GRO/TSO aggregates pass untouched; the engine splits them (spec §3.4).
+
+Counting: packets the kernel filter drops are not seen, so with the filter attached
+capture_packets counts only what reached user space (capture_kernel_filtered says so).
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import struct
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 
-from engine import packet
+from engine import bpf, packet
 from engine.errors import DecodeError
 from engine.logs import LOGGER_NAME
 from engine.pcapfile import PCAP_GLOBAL_HEADER_BYTES, PCAP_RECORD_HEADER_BYTES
@@ -72,45 +79,74 @@ Packet = tuple[float, bytes]
 
 
 class TransferFilter:
-    """Keeps IPv4/TCP packets whose (dst ip, dst port) match a -x entry.
+    """Keeps IPv4/TCP packets whose (dst ip, dst port) match a -x entry and that are not pure
+    ACKs: the Python twin of ``bpf.capture_program`` (spec §3.3 steps 1, 2, 8).
 
     `match(dst_ip, dst_port)` is `rewrite.match_transfer` bound to the entries (injected so
-    this module stays testable without the rewrite layer).
+    this module stays testable without the rewrite layer).  `transfers` lists the entries as
+    (online ip, online port) for the kernel program (`for_transfers` fills it); without it
+    live sources cannot attach an exact program and filter here.  `drop_pure_acks=False`
+    keeps pure ACKs (only for callers that need C's exact step 8).
 
     counters: capture_packets (every packet seen, C's "total captured packets"),
     capture_bytes, capture_not_tcp, capture_fragment (non-first IP fragments: no TCP header),
-    capture_not_matched, capture_accepted.
+    capture_not_matched, capture_pure_ack_dropped (also counted as drop_pure_ack, the loss
+    reason the sessions use for the same packets), capture_accepted.
     """
 
-    def __init__(self, match: Callable[[int, int], object], counters: Counter[str] | None = None):
+    def __init__(
+        self,
+        match: Callable[[int, int], object],
+        counters: Counter[str] | None = None,
+        *,
+        transfers: Sequence[tuple[int, int]] = (),
+        drop_pure_acks: bool = True,
+    ):
         self.match = match
         self.counters: Counter[str] = counters if counters is not None else Counter()
+        self.transfers = tuple(transfers)
+        self.drop_pure_acks = drop_pure_acks
 
     @classmethod
     def for_transfers(cls, transfers: Sequence[object]) -> TransferFilter:
         from engine import rewrite
 
         entries = tuple(transfers)
-        return cls(lambda ip, port: rewrite.match_transfer(entries, ip, port))
+        pairs = [(e.online_ip, e.online_port) for e in entries]  # type: ignore[attr-defined]
+        return cls(lambda ip, port: rewrite.match_transfer(entries, ip, port), transfers=pairs)
 
     def keep(self, ip: bytes) -> bool:
+        """The live rule (``drop_pure_acks`` as configured)."""
+        return self._keep(ip, self.drop_pure_acks)
+
+    def keep_with_pure_acks(self, ip: bytes) -> bool:
+        """The offline rule: pure ACKs stay (the session table drops those of established
+        sessions, spec §3.3 step 8, and uses the captured handshake ACK)."""
+        return self._keep(ip, False)
+
+    def _keep(self, ip: bytes, drop_pure_acks: bool) -> bool:
         c = self.counters
         c["capture_packets"] += 1
         c["capture_bytes"] += len(ip)
         if len(ip) < 20 or ip[0] >> 4 != 4 or ip[9] != socket.IPPROTO_TCP:
             c["capture_not_tcp"] += 1
             return False
-        ihl = (ip[0] & 0x0F) * 4
-        if ihl < 20 or len(ip) < ihl + 4:
-            c["capture_not_tcp"] += 1
-            return False
         if (ip[6] << 8 | ip[7]) & 0x1FFF:
             c["capture_fragment"] += 1
+            return False
+        ihl = (ip[0] & 0x0F) * 4
+        # The TCP flags (ihl + 13) must be there: the kernel program drops shorter packets.
+        if ihl < 20 or len(ip) < ihl + 14:
+            c["capture_not_tcp"] += 1
             return False
         dst_ip = int.from_bytes(ip[16:20], "big")
         dst_port = ip[ihl + 2] << 8 | ip[ihl + 3]
         if self.match(dst_ip, dst_port) is None:
             c["capture_not_matched"] += 1
+            return False
+        if drop_pure_acks and bpf.is_pure_ack(ip, ihl):
+            c["capture_pure_ack_dropped"] += 1
+            c["drop_pure_ack"] += 1
             return False
         c["capture_accepted"] += 1
         return True
@@ -126,12 +162,20 @@ def _keep_all(ip: bytes) -> bool:
 
 
 class _LiveSource:
+    """A non-blocking capture socket read in batches into one reused buffer.
+
+    ``kernel_filtered`` is True when the exact program (engine/bpf.py) is attached: every
+    packet received is then one to keep, and ``read_batch`` only copies it out.
+    """
+
     exhausted = False
 
     def __init__(self, sock: socket.socket, prefilter: TransferFilter | None) -> None:
         sock.setblocking(False)
         self.sock = sock
+        self.prefilter = prefilter
         self.keep = prefilter.keep if prefilter is not None else _keep_all
+        self.kernel_filtered = False
         # One receive buffer, reused: a fresh 256 KiB bytes per recv() would cost an
         # mmap/munmap pair per packet (above malloc's mmap threshold).
         self._view = memoryview(bytearray(RECV_BUFFER_BYTES))
@@ -146,6 +190,49 @@ class _LiveSource:
     def close(self) -> None:
         self.sock.close()
 
+    def _attach_filter(self, base: int, ports: Sequence[int] = ()) -> None:
+        """Attach the exact program for the prefilter's -x entries; if it does not fit, the
+        ports-only superset (Python filters again); if attaching fails, nothing (Python
+        filters everything).  Never raises: the capture works without it, only slower."""
+        transfers: Sequence[tuple[int, int]] = ()
+        if self.prefilter is not None:
+            transfers = self.prefilter.transfers
+        if not transfers:
+            transfers = [(0, p) for p in ports]
+        if not transfers:
+            return
+        exact = self.prefilter is not None and bool(self.prefilter.transfers)
+        pure_acks = self.prefilter is not None and not self.prefilter.drop_pure_acks
+        try:
+            try:
+                program = bpf.capture_program(transfers, base, pure_acks=pure_acks)
+            except bpf.ProgramTooLarge:
+                program = bpf.capture_program(transfers, base, ports_only=True, pure_acks=pure_acks)
+                exact = False
+            attach_bpf(self.sock, program)
+        except (OSError, ValueError) as exc:
+            log.warning("capture: no kernel filter (%s); filtering in Python", exc)
+            self.counters["capture_kernel_filter_failed"] += 1
+            return
+        if exact:
+            self.kernel_filtered = True
+            self.counters["capture_kernel_filtered"] = 1
+
+    def _flush_unfiltered(self) -> None:
+        """Drop what was queued before the filter was attached (microseconds' worth)."""
+        recv_into, view = self.sock.recv_into, self._view
+        try:
+            for _ in range(1 << 16):
+                recv_into(view)
+        except OSError:
+            pass
+
+    def _count_batch(self, packets: int, nbytes: int) -> None:
+        c = self.counters
+        c["capture_packets"] += packets
+        c["capture_bytes"] += nbytes
+        c["capture_accepted"] += packets
+
     def _recv_error(self, exc: OSError) -> None:
         # ENETDOWN etc. on a device that went away: count, keep running (the device may return).
         name = errno.errorcode.get(exc.errno or 0, str(exc.errno))
@@ -153,7 +240,12 @@ class _LiveSource:
 
 
 class RawTcpSource(_LiveSource):
-    """Every TCP packet arriving at this host, from an IPPROTO_TCP raw socket (spec §3.2)."""
+    """Every TCP packet arriving at this host, from an IPPROTO_TCP raw socket (spec §3.2).
+
+    The socket's filter sees the IP header at offset 0 (``bpf.IP_BASE``).  ``sock`` is for
+    tests (any datagram socket carrying IPv4 packets); ``kernel_filter=False`` skips the
+    program.
+    """
 
     def __init__(
         self,
@@ -161,13 +253,22 @@ class RawTcpSource(_LiveSource):
         rcvbuf_bytes: int = RAW_RCVBUF_BYTES,
         *,
         sock: socket.socket | None = None,
+        kernel_filter: bool = True,
     ) -> None:
+        own = sock is None
         if sock is None:
             sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
             _set_rcvbuf(sock, rcvbuf_bytes)
         super().__init__(sock, prefilter)
+        if kernel_filter:
+            self._attach_filter(bpf.IP_BASE)
+        if own and self.kernel_filtered:
+            # The socket received from its creation on, before the filter was attached.
+            self._flush_unfiltered()
 
     def read_batch(self, now: float) -> list[Packet]:
+        if self.kernel_filtered:
+            return self._read_filtered(now)
         out: list[Packet] = []
         recv_into, view, keep = self.sock.recv_into, self._view, self.keep
         for _ in range(BATCH_MAX_PACKETS):
@@ -183,9 +284,33 @@ class RawTcpSource(_LiveSource):
                 out.append((now, ip))
         return out
 
+    def _read_filtered(self, now: float) -> list[Packet]:
+        # The hot loop of the capture process: the kernel kept only what the replay needs.
+        out: list[Packet] = []
+        append = out.append
+        recv_into, view = self.sock.recv_into, self._view
+        nbytes = 0
+        try:
+            for _ in range(BATCH_MAX_PACKETS):
+                n = recv_into(view)
+                nbytes += n
+                append((now, view[:n].tobytes()))
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            self._recv_error(exc)
+        self._count_batch(len(out), nbytes)
+        return out
+
 
 class PacketSource(_LiveSource):
-    """AF_PACKET capture on one device (or every device when `device` is None or "any")."""
+    """AF_PACKET capture on one device (or every device when `device` is None or "any").
+
+    The program finds the IP header through the skb's network header (``bpf.NET_BASE``), so
+    one program serves every link type, VLAN-tagged frames and all devices at once, and it
+    drops our own outgoing frames.  ``bpf_ports``: a ports-only program when the prefilter
+    carries no entries.
+    """
 
     def __init__(
         self,
@@ -193,27 +318,35 @@ class PacketSource(_LiveSource):
         prefilter: TransferFilter | None = None,
         rcvbuf_bytes: int = RAW_RCVBUF_BYTES,
         bpf_ports: Sequence[int] = (),
+        *,
+        kernel_filter: bool = True,
     ) -> None:
         if device == "any":
             device = None
         self.device = device
-        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
+        # Protocol 0: nothing is queued before the filter is in place; bind() starts it.
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         try:
             _set_rcvbuf(sock, rcvbuf_bytes)
             if device is not None:
-                hatype = _device_hatype(device)
-                if bpf_ports and hatype in _ARPHRD_ETHERNET_LIKE | _ARPHRD_RAW_IP:
-                    l2_bytes = 14 if hatype in _ARPHRD_ETHERNET_LIKE else 0
-                    attach_bpf(sock, tcp_dst_ports_program(bpf_ports, l2_bytes))
-                sock.bind((device, ETH_P_ALL))
+                _device_hatype(device)  # ENODEV with the device's name
         except OSError:
             sock.close()
             raise
         super().__init__(sock, prefilter)
+        if kernel_filter:
+            self._attach_filter(bpf.NET_BASE, bpf_ports)
+        try:
+            sock.bind((device or "", ETH_P_ALL))  # "": every device
+        except OSError:
+            sock.close()
+            raise
 
     def read_batch(self, now: float) -> list[Packet]:
         out: list[Packet] = []
-        recvfrom_into, view, keep, c = self.sock.recvfrom_into, self._view, self.keep, self.counters
+        recvfrom_into, view, c = self.sock.recvfrom_into, self._view, self.counters
+        keep = None if self.kernel_filtered else self.keep
+        nbytes = 0
         for _ in range(BATCH_MAX_PACKETS):
             try:
                 n, addr = recvfrom_into(view)
@@ -236,14 +369,19 @@ class PacketSource(_LiveSource):
                 except DecodeError:
                     c["capture_l2_error"] += 1
                     continue
-                ip = bytes(frame[off:])
+                ip = frame[off:].tobytes()
             elif hatype in _ARPHRD_RAW_IP:
-                ip = bytes(view[:n])
+                ip = view[:n].tobytes()
             else:
                 c["capture_l2_unsupported"] += 1
                 continue
-            if keep(ip):
+            if keep is None:
+                nbytes += len(ip)
                 out.append((now, ip))
+            elif keep(ip):
+                out.append((now, ip))
+        if keep is None:
+            self._count_batch(len(out), nbytes)
         return out
 
 
@@ -271,67 +409,18 @@ def device_exists(device: str) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Classic BPF: "tcp dst port P1 or P2 ..." for SO_ATTACH_FILTER
+# SO_ATTACH_FILTER (the programs are built by engine/bpf.py)
 # --------------------------------------------------------------------------------------------
 
 _SOCK_FILTER = struct.Struct("HBBI")  # struct sock_filter {u16 code; u8 jt; u8 jf; u32 k}
-_BPF_LD_H_ABS, _BPF_LD_B_ABS, _BPF_LDX_MSH = 0x28, 0x30, 0xB1
-_BPF_LD_H_IND, _BPF_JEQ_K, _BPF_JSET_K, _BPF_RET_K = 0x48, 0x15, 0x45, 0x06
-BPF_ACCEPT_BYTES = 0x40000
-
-
-def tcp_dst_ports_program(ports: Sequence[int], l2_bytes: int = 14) -> list[tuple]:
-    """A classic BPF program accepting IPv4 TCP (first fragments) to any of `ports`.
-
-    `l2_bytes` is 14 for Ethernet-like devices, 0 for raw-IP devices (tun, gre).
-    Returns (code, jt, jf, k) tuples; jumps are relative to the next instruction.
-    """
-    ports = sorted(set(ports))
-    if not ports or len(ports) > 200:
-        raise ValueError("need 1..200 ports for the BPF filter")
-    prog: list[tuple] = []
-    n_ports = len(ports)
-    # Layout: [checks...][port compares...][drop][accept]; "to_drop(i)" is the jump from
-    # instruction i to the drop instruction.
-    head: list[tuple] = []
-    if l2_bytes:
-        head.append(("ld_h", l2_bytes - 2))  # ethertype
-        head.append(("jeq_drop_if_not", ETH_P_IP))
-    head.append(("ld_b", l2_bytes + 9))  # protocol
-    head.append(("jeq_drop_if_not", socket.IPPROTO_TCP))
-    head.append(("ld_h", l2_bytes + 6))  # flags + fragment offset
-    head.append(("jset_drop", 0x1FFF))
-    head.append(("ldx_ihl", l2_bytes))
-    head.append(("ld_h_ind", l2_bytes + 2))  # tcp dest port
-    total = len(head) + n_ports + 2
-    drop_at, accept_at = total - 2, total - 1
-    for i, (op, arg) in enumerate(head):
-        to_drop = drop_at - (i + 1)
-        if op == "ld_h":
-            prog.append((_BPF_LD_H_ABS, 0, 0, arg))
-        elif op == "ld_b":
-            prog.append((_BPF_LD_B_ABS, 0, 0, arg))
-        elif op == "jeq_drop_if_not":
-            prog.append((_BPF_JEQ_K, 0, to_drop, arg))
-        elif op == "jset_drop":
-            prog.append((_BPF_JSET_K, to_drop, 0, arg))
-        elif op == "ldx_ihl":
-            prog.append((_BPF_LDX_MSH, 0, 0, arg))
-        elif op == "ld_h_ind":
-            prog.append((_BPF_LD_H_IND, 0, 0, arg))
-    for j, port in enumerate(ports):
-        i = len(head) + j
-        prog.append((_BPF_JEQ_K, accept_at - (i + 1), 0, port))
-    prog.append((_BPF_RET_K, 0, 0, 0))
-    prog.append((_BPF_RET_K, 0, 0, BPF_ACCEPT_BYTES))
-    return prog
+_SOCK_FPROG = struct.Struct("HL")  # struct sock_fprog {unsigned short len; filter *}
 
 
 def attach_bpf(sock: socket.socket, program: Sequence[tuple]) -> None:
-    """SO_ATTACH_FILTER: struct sock_fprog {unsigned short len; struct sock_filter *filter}."""
+    """SO_ATTACH_FILTER: the kernel copies the program, so the buffer may go right after."""
     raw = b"".join(_SOCK_FILTER.pack(*ins) for ins in program)
     buf = ctypes.create_string_buffer(raw, len(raw))
-    fprog = struct.pack("HL", len(program), ctypes.addressof(buf))
+    fprog = _SOCK_FPROG.pack(len(program), ctypes.addressof(buf))
     sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
@@ -428,7 +517,9 @@ class PcapFileSource:
         self.paths = list(paths)
         self.pacer = pacer
         self.replays_left = max(1, replays)
-        self.keep = prefilter.keep if prefilter is not None else _keep_all
+        # Offline keeps pure ACKs: a file is not read at line rate, and the captured
+        # handshake ACK gives the request gate its exact origin (server-first protocols).
+        self.keep = prefilter.keep_with_pure_acks if prefilter is not None else _keep_all
         self.opener = opener
         self.counters: Counter[str] = Counter()
         self.counters["offline_bytes_total"] = _files_bytes(self.paths) * self.replays_left

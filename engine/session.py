@@ -126,6 +126,12 @@ DEFAULT_MSS = 536
 """RFC 9293 §3.7.1: the MSS assumed when the SYN carried none."""
 WINDOW_MAX_BYTES = 65535
 WSCALE_MAX = 14
+CLIENT_SEQ_JUMP_MAX_BYTES = 64 * 1024 * 1024
+"""A captured client segment starting further than this beyond everything captured of the
+stream is not this connection's (the next connection on the same client tuple whose SYN was
+not captured, a stray packet): a TCP sender stays within the peer's receive window, a few
+MiB in practice (RFC 7323 allows 1 GiB, which no stack offers by default).  Counting such a
+segment would add up to 2 GiB to client_bytes_captured and hold the session on a gap."""
 
 _TS_OPTION = struct.Struct("!BBBBII")  # NOP, NOP, kind 8, len 10, TSval, TSecr (spec §3.10)
 _TS_PREFIX = b"\x01\x01\x08\x0a"
@@ -182,6 +188,7 @@ class DropReason(enum.Enum):
     STRAY_RESPONSE = "stray_response"  # after the session ended (gets RST unless harmless)
     BAD_ACK = "bad_ack"  # a response acking data never sent
     OUT_OF_WINDOW = "out_of_window"  # response data far beyond anything we could receive
+    CLIENT_OUT_OF_WINDOW = "client_out_of_window"  # captured client seq far beyond the stream
     INTERNAL_ERROR = "internal_error"  # a bug: the input was dropped, the session aborted
 
 
@@ -517,6 +524,9 @@ class TcpSession:
                 return
             self._base = (pkt.seq - 1) & SEQ_MASK
         off = self._coff(pkt.seq)
+        if off > self._cap_end + CLIENT_SEQ_JUMP_MAX_BYTES:
+            self._drop(DropReason.CLIENT_OUT_OF_WINDOW)
+            return
         if flags & RST:
             if self._rst_seg is not None:
                 self._drop(DropReason.CLIENT_RETRANSMIT)

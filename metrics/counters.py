@@ -171,6 +171,8 @@ _SCHEMA: list[Slot] = [
         "capture_l2_unsupported",
         "capture_file_error",
         "capture_errors",  # every capture_error_<name>
+        "capture_pure_ack_dropped",  # pure ACKs the Python filter dropped (spec §3.3 step 8)
+        "capture_kernel_filter_failed",  # sources whose BPF program could not be attached
         "offline_packets",
         "offline_passes",
         "offline_idle_gaps",
@@ -256,6 +258,11 @@ _SCHEMA: list[Slot] = [
         "offline_bytes_total",
         GAUGE,
         "offline: bytes the whole replay will read (file sizes x -T); progress denominator",
+    ),
+    Slot(
+        "capture_kernel_filtered",
+        GAUGE,
+        "capture sources whose exact BPF program drops unneeded packets in the kernel, uncounted",
     ),
     Slot("unmapped_keys", GAUGE, "distinct Counter keys of the last flush outside the schema"),
 ]

@@ -22,7 +22,8 @@ ONLINE = (0xC6120102, 80)
 
 
 def client_packets(path: Path) -> list[tuple[int, int]]:
-    """(src ip, src port) of every client->online:80 packet, decoded here with struct."""
+    """(src ip, src port) of every client->online:80 packet, decoded here with struct
+    (offline sources keep pure ACKs)."""
     data = path.read_bytes()
     off, out = 24, []
     while off + 16 <= len(data):

@@ -12,7 +12,6 @@ from engine.capture import (
     PcapFileSource,
     ReplayPacer,
     TransferFilter,
-    tcp_dst_ports_program,
 )
 from tests.paths import ONLINE_HTTP_PCAP
 
@@ -35,11 +34,16 @@ def read_pcap_independently(path: Path) -> list[tuple[float, bytes]]:
     return out
 
 
-def to_online_port(frame: bytes) -> bool:
+def to_online_port(frame: bytes, *, pure_acks: bool = False) -> bool:
+    """A client->online packet the replay needs (pure ACKs only when asked)."""
     ihl = (frame[14] & 0x0F) * 4
-    dport = struct.unpack_from("!H", frame, 14 + ihl + 2)[0]
+    (tot_len,) = struct.unpack_from("!H", frame, 14 + 2)
+    dport, _seq, _ack, doff_byte, flags = struct.unpack_from("!2xHIIBB", frame, 14 + ihl)
     dst = int.from_bytes(frame[14 + 16 : 14 + 20], "big")
-    return dport == ONLINE_PORT and dst == ONLINE_IP
+    if (dport, dst) != (ONLINE_PORT, ONLINE_IP):
+        return False
+    pure_ack = not flags & 0x07 and tot_len == ihl + (doff_byte >> 4) * 4
+    return pure_acks or not pure_ack
 
 
 def online_filter() -> TransferFilter:
@@ -89,9 +93,9 @@ def test_pacer_rejects_non_positive_speed():
 # -- PcapFileSource on the reference capture, with a fake clock --------------------------------
 
 
-def test_file_source_releases_packets_at_their_pcap_offsets():
+def test_file_source_releases_packets_at_their_pcap_offsets_pure_acks_included():
     records = read_pcap_independently(PCAP)
-    wanted = [(ts, f[14:]) for ts, f in records if to_online_port(f)]
+    wanted = [(ts, f[14:]) for ts, f in records if to_online_port(f, pure_acks=True)]
     assert 50 < len(wanted) < len(records)  # the file holds both directions
     first = wanted[0][0]
     accel = 4.0
@@ -112,7 +116,7 @@ def test_file_source_releases_packets_at_their_pcap_offsets():
 
 
 def test_replays_play_the_file_again_right_after_it_ends():
-    wanted = [f for _, f in read_pcap_independently(PCAP) if to_online_port(f)]
+    wanted = [f for _, f in read_pcap_independently(PCAP) if to_online_port(f, pure_acks=True)]
     src = PcapFileSource([str(PCAP)], ReplayPacer(accelerate=1.0), 3, online_filter())
     out, now = [], 0.0
     while not src.exhausted and now < 10.0:
@@ -134,7 +138,7 @@ class FakeReader:
 
 
 def test_truncated_and_non_ip_records_are_dropped_and_counted():
-    frames = [f for _, f in read_pcap_independently(PCAP) if to_online_port(f)][:3]
+    frames = [f for _, f in read_pcap_independently(PCAP) if to_online_port(f, pure_acks=True)][:3]
     records = [
         (1.0, len(frames[0]), frames[0]),
         (1.1, len(frames[1]) + 10, frames[1]),  # caplen < wire length
@@ -155,56 +159,26 @@ def test_truncated_and_non_ip_records_are_dropped_and_counted():
 # -- TransferFilter ----------------------------------------------------------------------------
 
 
-def test_transfer_filter_keeps_only_matching_destinations():
+def test_transfer_filter_keeps_only_matching_destinations_without_pure_acks():
     records = read_pcap_independently(PCAP)
     flt = online_filter()
     kept = [f for _, f in records if flt.keep(f[14:])]
     assert kept == [f for _, f in records if to_online_port(f)]
+    to_online = [f for _, f in records if to_online_port(f, pure_acks=True)]
     c = flt.counters
     assert c["capture_packets"] == len(records)
     assert c["capture_accepted"] == len(kept)
-    assert c["capture_not_matched"] == len(records) - len(kept)
+    assert c["capture_pure_ack_dropped"] == c["drop_pure_ack"] == len(to_online) - len(kept) > 0
+    assert c["capture_not_matched"] == len(records) - len(to_online)
     assert not flt.keep(b"\x45" + b"\x00" * 8 + b"\x11" + b"\x00" * 10)  # UDP
     assert flt.counters["capture_not_tcp"] == 1
 
 
-# -- BPF ---------------------------------------------------------------------------------------
-
-
-def run_bpf(prog, frame: bytes) -> int:
-    """A tiny classic-BPF interpreter for the instructions the builder emits."""
-    a = x = 0
-    pc = 0
-    while True:
-        code, jt, jf, k = prog[pc]
-        pc += 1
-        if code == 0x28:
-            a = struct.unpack_from("!H", frame, k)[0]
-        elif code == 0x30:
-            a = frame[k]
-        elif code == 0xB1:
-            x = (frame[k] & 0x0F) * 4
-        elif code == 0x48:
-            a = struct.unpack_from("!H", frame, x + k)[0]
-        elif code == 0x15:
-            pc += jt if a == k else jf
-        elif code == 0x45:
-            pc += jt if a & k else jf
-        elif code == 0x06:
-            return k
-        else:
-            raise AssertionError(f"unexpected opcode {code:#x}")
-
-
-def test_bpf_program_accepts_exactly_tcp_to_the_ports():
+def test_transfer_filter_can_keep_pure_acks():
     records = read_pcap_independently(PCAP)
-    prog = tcp_dst_ports_program([80, 8080], l2_bytes=14)
-    for _, frame in records:
-        ihl = (frame[14] & 0x0F) * 4
-        dport = struct.unpack_from("!H", frame, 14 + ihl + 2)[0]
-        assert (run_bpf(prog, frame) > 0) == (dport in (80, 8080))
-    raw_prog = tcp_dst_ports_program([12474], l2_bytes=0)  # a client port seen in the file
-    hits = [f for _, f in records if run_bpf(raw_prog, f[14:])]
-    assert hits and all(struct.unpack_from("!H", f, 14 + 22)[0] == 12474 for f in hits)
-    arp = b"\xff" * 12 + b"\x08\x06" + b"\x00" * 46
-    assert run_bpf(prog, arp) == 0
+    flt = TransferFilter(
+        lambda ip, port: object() if (ip, port) == (ONLINE_IP, ONLINE_PORT) else None,
+        drop_pure_acks=False,
+    )
+    kept = [f for _, f in records if flt.keep(f[14:])]
+    assert kept == [f for _, f in records if to_online_port(f, pure_acks=True)]
