@@ -19,6 +19,7 @@ PURE_MODULES = (
     "engine/shard.py",
     "engine/wire.py",
     "engine/pcapfile.py",
+    "engine/bpf.py",
     "intercept/router.py",
 )
 
