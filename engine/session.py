@@ -42,7 +42,9 @@ front of them.  ``receive_*`` and ``handle_timer`` only change state (deadlines,
 ``_ctl`` queue of small control packets described as tuples); every packet is built in
 ``packets_to_send``, which walks: queued control packets, the handshake, retransmission,
 window probe, new data (through the request gate, flow control and gap/overlap checks), then
-FIN/RST, then a pure ACK if one is still owed.
+FIN/RST, then a pure ACK if one is still owed.  A hole in the captured stream (a segment the
+capture lost) holds the pump for at most CLIENT_GAP_WAIT_S; then the session reconnects from
+the next captured segment (``_abandon_gap``).
 
 The request gate (replaces C's "response complete" timer heuristic, spec §3.7 step 6c, §6
 item 6).  A captured client segment's ack says how many response bytes the *online* server
@@ -126,6 +128,14 @@ DEFAULT_MSS = 536
 """RFC 9293 §3.7.1: the MSS assumed when the SYN carried none."""
 WINDOW_MAX_BYTES = 65535
 WSCALE_MAX = 14
+CLIENT_GAP_WAIT_S = 1.0
+"""How long a hole in the captured client stream may hold the session.  Capture reorders by
+microseconds, never by a second; a hole still open after this is a segment the capture lost
+(ring, socket buffer) and will never see: the session gives it up (counted as "client gap
+abandoned") and reconnects from the next captured segment.  QUIRK fixed (spec §3.7 step 6d,
+§3.9): C holds the session on the hole until -t (sess_obso), so every later request of a
+keep-alive connection piles up unsent; and the gate's byte count (rule (a)) could never
+catch up, since the target never answers the lost request."""
 CLIENT_SEQ_JUMP_MAX_BYTES = 64 * 1024 * 1024
 """A captured client segment starting further than this beyond everything captured of the
 stream is not this connection's (the next connection on the same client tuple whose SYN was
@@ -290,7 +300,7 @@ class TcpSession:
         # client stream
         "_base", "_iss", "_snd_una", "_snd_nxt", "_cap_end", "_pending", "_unacked", "_syn_pkt",
         "_third_pkt", "_fin_seg", "_rst_seg", "_fin_sent", "_fake_syn", "_fake_wnd", "_ip_id",
-        "_gap_held", "_reconnects",
+        "_gap_held", "_gap_at", "_reconnects",
         # handshake
         "_syn_bytes", "_syn_sent_at", "_syn_retx", "_syn_rto", "_syn_at", "_handshake_at",
         "_syn_due", "_need_third", "_syn_ts", "_syn_wscale", "_rcv_mss", "_rcv_wnd_max",
@@ -343,6 +353,7 @@ class TcpSession:
         self._fake_wnd = False
         self._ip_id = 0
         self._gap_held = False
+        self._gap_at: float | None = None  # when a hole in the captured stream is given up
         self._reconnects = 0
         self._syn_bytes = b""
         self._syn_sent_at = 0.0
@@ -449,6 +460,7 @@ class TcpSession:
             self._persist_at,
             self._gate_at,
             self._fin_wait_at,
+            self._gap_at,
         ):
             if t is not None and (best is None or t < best):
                 best = t
@@ -923,11 +935,49 @@ class TcpSession:
         if self._fin_wait_at is not None and now >= self._fin_wait_at:
             self._end(Outcome.FIN_WAIT_TIMEOUT, now, rst_off=self._snd_nxt)
             return
+        if self._gap_at is not None and now >= self._gap_at:
+            self._gap_at = None
+            self._abandon_gap(now)
+            if self.state >= State.LINGER:
+                return
         if now >= self._idle_deadline():
             # spec §3.9 sess_obso: -t while work is pending, -k when idle.
             outcome = Outcome.TIMEOUT if self._busy() else Outcome.IDLE
             has_conn = st is State.ESTABLISHED or st is State.FIN_WAIT
             self._end(outcome, now, rst_off=self._snd_una if has_conn else None)
+
+    def _abandon_gap(self, now: float) -> None:
+        """The hole in front of the captured stream outlived CLIENT_GAP_WAIT_S: its bytes are
+        lost for good.  Resynchronise: RST the target's side and reconnect (faked handshake)
+        from the next captured segment, as for a target FIN/RST with unsent data (spec §3.8
+        reconstruct_sess); the gate starts over, so later requests replicate."""
+        if self.state is not State.ESTABLISHED:
+            return
+        nxt = self._snd_nxt
+        pend = self._pending
+        fin = self._fin_seg
+        if pend:
+            if pend[0].off <= nxt:
+                return  # filled meanwhile; the pump goes on
+        elif fin is None or self._fin_sent or fin.off <= nxt:
+            return
+        if self._unacked:
+            # Sent data is still in flight: a reconnect would throw it away.  Look again
+            # once the retransmission machinery has had its turn.
+            self._gap_at = now + self._rto()
+            return
+        c = self.counters
+        c["client gap abandoned"] += 1
+        self._gap_held = False
+        if not pend:
+            # Only the client's FIN is beyond the hole: close at what was sent instead.
+            fin.off = nxt  # type: ignore[union-attr]
+            fin.end = nxt + 1  # type: ignore[union-attr]
+            return
+        if self._reconnects >= RECONNECTS_MAX:
+            self._end(Outcome.RECONNECT_LIMIT, now, rst_off=nxt)
+            return
+        self._reconnect(now, send_rst=True)
 
     def _rtt_sample(self, r: float) -> None:
         """RFC 6298 §2 smoothing."""
@@ -983,7 +1033,7 @@ class TcpSession:
         if not self._fin_sent:
             self._fin_seg = None
         self._syn_at = self._handshake_at = self._rto_at = self._ack_at = None
-        self._persist_at = self._gate_at = self._fin_wait_at = None
+        self._persist_at = self._gate_at = self._fin_wait_at = self._gap_at = None
         self._syn_due = self._retx_due = self._probe_due = self._ack_due = False
         self._need_third = False
         self._graceful = graceful
@@ -1019,6 +1069,7 @@ class TcpSession:
         self._gate_ack = None
         self._held_since = None
         self._gap_held = False
+        self._gap_at = None
 
     def _internal_error(self, now: float) -> None:
         self._drop(DropReason.INTERNAL_ERROR)
@@ -1270,9 +1321,11 @@ class TcpSession:
                     # spec §3.7 step 6d: a gap in the captured stream holds the session.
                     if not self._gap_held:
                         self._gap_held = True
+                        self._gap_at = now + CLIENT_GAP_WAIT_S
                         c["client gap"] += 1
                     break
                 self._gap_held = False
+                self._gap_at = None
                 if seg.off < nxt:  # overlap: send only the new part
                     seg.payload = seg.payload[nxt - seg.off :]
                     seg.off = nxt
@@ -1332,7 +1385,14 @@ class TcpSession:
 
     def _send_fin(self, now: float, out: list[bytes]) -> None:
         fin = self._fin_seg
-        if fin is None or self._fin_sent or fin.off > self._snd_nxt:
+        if fin is None or self._fin_sent:
+            return
+        if fin.off > self._snd_nxt:
+            # A hole in front of the client's FIN (spec §3.7 step 6d): bounded, as for data.
+            if not self._gap_held:
+                self._gap_held = True
+                self._gap_at = now + CLIENT_GAP_WAIT_S
+                self.counters["client gap"] += 1
             return
         if self._snd_una != self._snd_nxt:
             return  # spec §3.13: the FIN waits until the target has acked all data

@@ -210,6 +210,7 @@ _SCHEMA: list[Slot] = [
         "total cont retransmit",
         "recv packs after retransmission",
         "client gap",
+        "client gap abandoned",
         "client overlap",
         "client_truncated",
         "rel",

@@ -10,6 +10,7 @@ from engine import packet
 from engine.config import SessionConfig
 from engine.packet import ACK, FIN, PSH, RST, SYN
 from engine.session import (
+    CLIENT_GAP_WAIT_S,
     CLOSE_QUIET_MIN_S,
     DELAYED_ACK_S,
     DUP_ACK_THRESHOLD,
@@ -435,6 +436,126 @@ def test_captured_gap_holds_until_filled():
     assert link.session.unsend == 1
     assert [p.payload for p in link.client(p2)] == [b"2" * 10, b"3" * 10]
     assert bytes(link.target.data) == b"1" * 10 + b"2" * 10 + b"3" * 10
+
+
+def test_captured_gap_filled_before_the_wait_is_not_abandoned():
+    c = Client()
+    link = mk()
+    establish(link, c)
+    p1, p2, p3 = c.data(b"1" * 10), c.data(b"2" * 10), c.data(b"3" * 10)
+    link.client(p1, p3)
+    link.respond(link.target.ack())
+    assert link.session.get_timer() == pytest.approx(link.now + CLIENT_GAP_WAIT_S)
+    assert link.advance(CLIENT_GAP_WAIT_S * 0.9) == []
+    assert [p.payload for p in link.client(p2)] == [b"2" * 10, b"3" * 10]
+    link.run(link.now + 2 * CLIENT_GAP_WAIT_S)
+    assert counters(link)["client gap abandoned"] == 0
+    assert counters(link)["reconnect"] == 0
+    assert bytes(link.target.data) == b"1" * 10 + b"2" * 10 + b"3" * 10
+
+
+def keepalive_with_lost_request(lost: int, n: int = 6):
+    """A keep-alive connection of n request/response turns (300-byte responses) whose
+    request ``lost`` the capture never saw; every request after it is captured."""
+    c = Client()
+    link = mk()
+    t = link.target
+    establish(link, c)
+    reqs = [c.data(b"GET /%d HTTP/1.1\r\n\r\n" % i, read=300 * i) for i in range(n)]
+    for req in reqs[:lost]:
+        assert [p.payload for p in link.client(req)] == [req.payload]
+        link.now += 0.001
+        link.respond(t.send(300))
+    link.now += 0.001
+    link.client(*reqs[lost + 1 :])  # the capture dropped reqs[lost]
+    return link, c, reqs
+
+
+def test_captured_gap_never_filled_reconnects_from_the_next_segment():
+    # A keep-alive stream whose capture lost one request (ring overflow): C holds the
+    # session until -t and every later request piles up (QUIRK fixed, spec §3.7 step 6d).
+    link, c, reqs = keepalive_with_lost_request(lost=2)
+    s = link.session
+    t = link.target
+    assert s.unsend == 3
+    assert counters(link)["client gap"] == 1
+    held_at = link.now
+    out = link.run(held_at + CLIENT_GAP_WAIT_S - 0.01)
+    assert [p.flags for p in out] == [ACK]  # the delayed ACK of the last response, no more
+    assert counters(link)["client gap abandoned"] == 0
+    assert s.get_timer() == pytest.approx(held_at + CLIENT_GAP_WAIT_S)
+    out = link.run(held_at + CLIENT_GAP_WAIT_S)
+    # The target's side is reset where it stands, then a faked handshake from reqs[3].
+    assert [p.flags for p in out] == [RST | ACK, SYN]
+    assert (out[0].seq, out[0].ack) == (reqs[2].seq, t.snd_nxt)
+    syn = out[1]
+    assert (syn.seq, syn.options) == (reqs[3].seq - 1, packet.build_options(mss=1460))
+    assert counters(link)["client gap abandoned"] == 1
+    assert counters(link)["reconnect"] == 1
+    assert RouteNeeded(*FAKE_CLIENT, *TARGET) in link.events()
+    link.target = t2 = Target(isn=777)
+    t2.observe(syn)
+    out = link.respond(t2.synack())
+    # The gate starts over: the first request goes at once, each later one after its answer.
+    assert [(p.flags, p.payload) for p in out] == [(ACK, b""), (PSH | ACK, reqs[3].payload)]
+    for req in reqs[4:]:
+        link.now += 0.001
+        assert [p.payload for p in link.respond(t2.send(300)) if p.payload] == [req.payload]
+    link.now += 0.001
+    link.respond(t2.send(300))
+    assert s.unsend == 0
+    assert bytes(t2.data) == b"".join(r.payload for r in reqs[3:])
+    assert s.state is State.ESTABLISHED
+    assert counters(link)["requests"] == 5  # all but the lost one
+
+
+def test_captured_gap_waits_for_data_in_flight_before_reconnecting():
+    c = Client()
+    link = mk()
+    t = link.target
+    establish(link, c)
+    link.client(c.data(REQ1))
+    link.now += 0.001
+    acked = t.rcv_nxt
+    link.respond(t.send(300))
+    req2 = c.data(REQ2, read=300)
+    (d2,) = link.client(req2)
+    c.data(b"lost", read=300)  # the capture dropped this continuation
+    req3 = c.data(b"GET /c HTTP/1.1\r\n\r\n", read=600)
+    link.now += 0.001
+    link.respond(t.send(300, ack=acked))  # answers REQ2 but acks only REQ1: REQ2 in flight
+    assert link.client(req3) == []
+    held_at = link.now
+    out = link.run(held_at + CLIENT_GAP_WAIT_S)
+    # Sent data is never thrown away: the retransmission goes on, the reconnect waits.
+    retx = [p for p in out if p.payload]
+    assert retx and all((p.seq, p.payload) == (d2.seq, REQ2) for p in retx)
+    assert not any(p.flags & (SYN | RST) for p in out)
+    assert counters(link)["client gap abandoned"] == 0
+    link.respond(t.ack())  # REQ2 acknowledged at last
+    out = link.run(link.session.get_timer())
+    assert [p.flags for p in out if p.flags != ACK] == [RST | ACK, SYN]
+    assert out[-1].seq == req3.seq - 1
+    assert counters(link)["client gap abandoned"] == 1
+
+
+def test_captured_gap_before_the_fin_closes_at_what_was_sent():
+    c = Client()
+    link = mk()
+    t = link.target
+    establish(link, c)
+    link.client(c.data(REQ1))
+    link.respond(t.send(300))
+    c.data(REQ2, read=300)  # lost by the capture
+    fin = c.fin(read=300)
+    assert link.client(fin) == []
+    assert counters(link)["client gap"] == 1
+    out = link.run(link.now + CLIENT_GAP_WAIT_S)
+    sent = [(p.flags, p.seq) for p in out if p.flags != ACK]
+    assert sent == [(FIN | ACK, fin.seq - len(REQ2))]  # the FIN, at the end of what was sent
+    assert counters(link)["client gap abandoned"] == 1
+    link.respond(t.fin())
+    assert link.events()[-1] == SessionEnded("closed")
 
 
 def test_captured_overlap_is_trimmed_and_retransmission_skipped():

@@ -8,10 +8,10 @@ from engine import packet
 from engine.config import SessionConfig
 from engine.packet import ACK, FIN, PSH, RST, SYN
 from engine.rewrite import TransferEntry, sample_keep, shift_port
-from engine.session import DropReason, RouteNeeded, TcpSession, drop_key
+from engine.session import CLIENT_GAP_WAIT_S, DropReason, RouteNeeded, TcpSession, drop_key
 from engine.shard import ClientRoute, SessionTable
 from tests.paths import ONLINE_HTTP_PCAP
-from tests.unit.link import ONLINE, ORIG_CLIENT, TARGET, Client, TableLink
+from tests.unit.link import ONLINE, ORIG_CLIENT, TARGET, Client, TableLink, Target
 
 POOL = (packet.ip_from_str("198.19.1.10"), packet.ip_from_str("198.19.1.11"))
 XFER = (TransferEntry(ONLINE[0], ONLINE[1], TARGET[0], TARGET[1]),)
@@ -252,6 +252,39 @@ def test_unsend_aggregates_held_segments():
     (syn,) = [e.pkt for e in tl.log if e.pkt.flags == SYN]
     handshake(tl, [syn])
     assert tl.table.unsend == 0
+
+
+def test_lost_captured_request_stalls_a_keepalive_flow_only_briefly():
+    # The ring dropped one request of a keep-alive connection: the table's timer gives the
+    # hole up after CLIENT_GAP_WAIT_S and the later requests replicate (not held until -t).
+    tl = mk()
+    c = Client()
+    (syn,) = tl.client(c.syn(), c.ack())
+    key = (syn.src, syn.sport)
+    handshake(tl, [syn])
+    reqs = [c.data(b"GET /%d HTTP/1.1\r\n\r\n" % i, read=100 * i) for i in range(5)]
+    assert [p.payload for p in tl.client(reqs[0])] == [reqs[0].payload]
+    tl.now += 0.001
+    tl.respond(tl.target(key).send(100))
+    tl.client(*reqs[2:])  # reqs[1] never captured
+    assert tl.table.unsend == 3
+    held_at = tl.now
+    tl.run(held_at + CLIENT_GAP_WAIT_S)
+    out = [e.pkt for e in tl.log if e.at >= held_at and e.pkt.flags != ACK]
+    assert [p.flags for p in out] == [RST | ACK, SYN]
+    assert out[1].seq == reqs[2].seq - 1
+    tl.targets[key] = t2 = Target(isn=4242, addr=TARGET, client=key)
+    t2.observe(out[1])
+    sent = tl.respond(t2.synack())
+    for _ in reqs[3:]:
+        tl.now += 0.001
+        sent += tl.respond(t2.send(100))
+    tl.respond(t2.ack())
+    assert [p.payload for p in sent if p.payload] == [r.payload for r in reqs[2:]]
+    assert tl.table.unsend == 0
+    k = tl.table.counters
+    assert k["client gap abandoned"] == 1 and k["reconnect"] == 1
+    assert k["client_bytes_acked"] == k["client_bytes_captured"] - len(reqs[1].payload)
 
 
 def test_port_shift_gives_preferred_port():
