@@ -311,6 +311,9 @@ class Supervisor:
                     log, plain_interval_s=min(PLAIN_INTERVAL_S, cfg.stats_interval_s)
                 )
                 self.progress.attach()
+            # One memory check before any child exists: a tree already above 90 % of -m
+            # starts shedding before the first packet is captured, not one interval later.
+            self._watchdog()
             for child in self.children:
                 self._spawn(child, now)
             self._loop()

@@ -672,17 +672,31 @@ def fuzz_tcpcopy_cli(data: bytes) -> None:
     assert 1 <= cfg.session.sample_percent <= 100 and cfg.intercepts
 
 
+@lru_cache(maxsize=1)
+def _intercept_parser_and_defaults() -> tuple[argparse.ArgumentParser, list, dict]:
+    from intercept import cli
+
+    p = cli._build_parser()  # noqa: SLF001
+    return p, [(a, a.default) for a in p._actions], dict(p._defaults)  # noqa: SLF001
+
+
 def fuzz_intercept_cli(data: bytes) -> None:
     """intercept.cli.parse_args: options, or exit status 2 with one line on stderr."""
     from intercept import cli
 
-    if not isinstance(cli._build_parser, _cache_type):  # noqa: SLF001
-        # Building the parser (argparse + gettext + package metadata for --version) costs
-        # ~2 ms, 10x the parse; argparse parsers are reusable, so build it once.
-        cli._build_parser = lru_cache(maxsize=1)(cli._build_parser)  # noqa: SLF001
+    # Building the parser (argparse + gettext + package metadata for --version) costs ~2 ms,
+    # 10x the parse: reuse one, with the defaults a --config file set on it put back first,
+    # and hand it to parse_args only for this call (the module is left as it was, so later
+    # tests in the same process get fresh parsers).
+    parser, actions, defaults = _intercept_parser_and_defaults()
+    for action, default in actions:
+        action.default = default
+    parser._defaults = dict(defaults)  # noqa: SLF001
     r = Reader(data)
-    argv = _argv(r, cli._build_parser(), ["-F", "tcp and src port 8080"])  # noqa: SLF001
+    argv = _argv(r, parser, ["-F", "tcp and src port 8080"])
     err = io.StringIO()
+    build = cli._build_parser  # noqa: SLF001
+    cli._build_parser = lambda: parser  # noqa: SLF001
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             opts = cli.parse_args(argv)
@@ -691,11 +705,11 @@ def fuzz_intercept_cli(data: bytes) -> None:
         text = err.getvalue()  # one "\n"-terminated line (splitlines would also cut at \x1c)
         assert text.endswith("\n") and text.count("\n") == 1, (argv, text)
         return
+    finally:
+        cli._build_parser = build  # noqa: SLF001
     assert err.getvalue() == ""
     assert opts.mode in ("pcap", "nfqueue") and 1 <= opts.combine <= 16
 
-
-_cache_type = type(lru_cache(maxsize=1)(len))
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "packet": fuzz_packet,
