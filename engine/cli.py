@@ -22,6 +22,7 @@ from engine.config import (
     INTERCEPT_PORT_DEFAULT,
     TCPCOPY_SECTIONS,
     ArgValues,
+    OneLineArgumentParser,
     ReplayConfig,
     SessionConfig,
     add_schema_arguments,
@@ -51,18 +52,11 @@ class _UsageError(Exception):
     pass
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(OneLineArgumentParser):
     """argparse with one-line errors (the contract: one stderr line naming the flag, exit 2)."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise _UsageError(message)
-
-    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> object:
-        # Python 3.11's argparse drops a lone "--" value (`--log=--`) and stores [] as the
-        # value; refuse it the way a missing value is refused.
-        if action.nargs is None and action.option_strings and arg_strings == ["--"]:
-            self.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
-        return super()._get_values(action, arg_strings)
 
 
 def build_parser() -> argparse.ArgumentParser:

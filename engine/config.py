@@ -23,6 +23,7 @@ validation as the flag's text; the command line overrides the file.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import MISSING, Field, dataclass, field, fields
@@ -1135,3 +1136,13 @@ if __name__ == "__main__":
     from engine import config as _self  # the real module, not this __main__ copy
 
     sys.exit(_self.main())
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """Base of both programs' parsers: refuses a lone "--" value the way a missing value is
+    refused (Python 3.11's argparse stores [] for ``--log=--``).  Subclasses word ``error``."""
+
+    def _get_values(self, action, arg_strings):  # type: ignore[no-untyped-def]
+        if action.nargs is None and action.option_strings and arg_strings == ["--"]:
+            self.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
+        return super()._get_values(action, arg_strings)

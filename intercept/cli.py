@@ -23,6 +23,7 @@ from engine import notify, wire
 from engine.config import (
     Choice,
     Converter,
+    OneLineArgumentParser,
     Text,
     add_schema_arguments,
     config_path,
@@ -396,18 +397,11 @@ class InterceptOptions:
 INTERCEPT_OPTIONS = schema_fields(InterceptOptions)
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(OneLineArgumentParser):
     """argparse with one-line errors (no usage block): ``intercept-mp: <flag>: message``."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{PROG}: {message}\n")
-
-    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> object:
-        # Python 3.11's argparse drops a lone "--" value (`--log=--`) and stores [] as the
-        # value; refuse it the way a missing value is refused.
-        if action.nargs is None and action.option_strings and arg_strings == ["--"]:
-            self.error(f"argument {'/'.join(action.option_strings)}: expected one argument")
-        return super()._get_values(action, arg_strings)
 
 
 def _build_parser() -> argparse.ArgumentParser:
