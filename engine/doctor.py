@@ -931,17 +931,17 @@ USAGE = (
 
 def inputs_from_args(argv: Sequence[str]) -> TcpcopyInputs:
     """Validate a run's command line with the run's own parser (ConfigError on a mistake)."""
-    from engine import cli, rewrite
+    from engine import arguments, rewrite
 
-    parser = cli.build_parser()
+    parser = arguments.build_parser()
     try:
-        config_path = cli._config_path(argv)  # noqa: SLF001 - the run's own --config logic
-        if config_path:
-            cli._apply_config_file(parser, config_path)  # noqa: SLF001
+        path = arguments.config_path(argv)
+        if path:
+            arguments.apply_config_file(parser, path)
         args = parser.parse_args(list(argv))
-    except cli._UsageError as exc:  # noqa: SLF001
+    except arguments.UsageError as exc:
         raise ConfigError("doctor", str(exc)) from None
-    cfg = cli.build_config(args)
+    cfg = arguments.build_config(args)
     pool: tuple[int, ...] = ()
     if args.clients:
         pool = rewrite.parse_client_pool(args.clients)  # targets kept: the doctor reports them

@@ -224,3 +224,16 @@ class RateLimiter:
             return True, self._suppressed.pop(key, 0)
         self._suppressed[key] = self._suppressed.get(key, 0) + 1
         return False, 0
+
+
+def json_bytes(values: dict[str, object]) -> bytes:
+    """One JSON object and a newline, keys sorted (--summary-json's form)."""
+    return orjson.dumps(values, default=str, option=orjson.OPT_SORT_KEYS) + b"\n"
+
+
+def write_json_atomic(path: str, values: dict[str, object]) -> None:
+    """One JSON object, written to a temporary file and renamed so readers never see half."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(json_bytes(values))
+    os.replace(tmp, path)

@@ -427,15 +427,12 @@ def write_kept(path: str, data: bytes) -> bool:
 
 
 def write_summary(path: str, values: dict[str, object]) -> None:
-    """tcpcopy-mp's --summary-json: engine.worker.write_summary (temporary file + rename), or,
-    when the file was kept because the new user cannot write its directory, in place."""
-    import orjson
+    """tcpcopy-mp's --summary-json: engine.logs.write_json_atomic (temporary file + rename),
+    or, when the file was kept because the new user cannot write its directory, in place."""
+    from engine.logs import json_bytes, write_json_atomic
 
-    from engine import worker
-
-    data = orjson.dumps(values, default=str, option=orjson.OPT_SORT_KEYS) + b"\n"
-    if not write_kept(path, data):
-        worker.write_summary(path, values)
+    if not write_kept(path, json_bytes(values)):
+        write_json_atomic(path, values)
 
 
 # --------------------------------------------------------------------------------------------

@@ -398,14 +398,9 @@ def build_sources(cfg: ReplayConfig, prefilter: object) -> list[object]:
 
 def write_summary(path: str, values: dict[str, object]) -> None:
     """One JSON object, written to a temporary file and renamed so readers never see half."""
-    import os
+    from engine.logs import write_json_atomic
 
-    import orjson
-
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(orjson.dumps(values, default=str, option=orjson.OPT_SORT_KEYS) + b"\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, values)
 
 
 def run(cfg: ReplayConfig) -> int:

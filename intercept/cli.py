@@ -20,19 +20,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine import notify, wire
-from engine.config import (
-    Choice,
-    Converter,
-    OneLineArgumentParser,
-    Text,
-    add_schema_arguments,
-    config_path,
-    option,
-    read_config_file,
-    schema_fields,
-)
+from engine.config import Choice, Converter, Text, option, schema_fields
 from engine.errors import ConfigError, DecodeError
 from engine.logs import reopen_logs, setup_logging
+from engine.options import (
+    OneLineArgumentParser,
+    add_schema_arguments,
+    config_path,
+    read_config_file,
+)
 from engine.packet import ip_from_str
 
 __all__ = ["InterceptOptions", "parse_args", "main", "version_string", "INTERCEPT_SECTIONS"]

@@ -185,7 +185,7 @@ def check_values(table: str, cfg: Any, values: dict) -> None:
 
 def test_reference_matches_committed_docs():
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.config", "--reference"],
+        [sys.executable, "-m", "engine.configdoc", "--reference"],
         capture_output=True,
         text=True,
         timeout=30,
