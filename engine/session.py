@@ -61,10 +61,7 @@ uses the same gate (never rule (b)), and a FIN also waits until all data is ackn
 
 from __future__ import annotations
 
-import enum
-import struct
 from collections import Counter, deque
-from typing import NamedTuple
 
 from engine.config import SessionConfig
 from engine.packet import (
@@ -84,6 +81,20 @@ from engine.packet import (
     split_mtu,
 )
 
+# The vocabulary, the state table and the sequence helpers live in their own modules (below
+# this one); their names stay importable from here.
+from engine.session_events import DROP_KEYS as _DROP_KEYS
+from engine.session_events import OBSOLETE_OUTCOMES as _OBSOLETE
+from engine.session_events import DropReason, Event, Outcome, RouteNeeded, SessionEnded, drop_key
+from engine.session_states import TRANSITIONS as _TRANSITIONS
+from engine.session_states import State
+from engine.tcpseq import IP_ID_MASK, SEQ_HALF, SEQ_MASK, SEQ_SPACE
+from engine.tcpseq import TS_OPTION as _TS_OPTION
+from engine.tcpseq import Segment as _Seg
+from engine.tcpseq import after as _after
+from engine.tcpseq import tsval as _tsval
+from engine.tcpseq import with_payload as _with_payload
+
 __all__ = [
     "TcpSession",
     "State",
@@ -94,11 +105,6 @@ __all__ = [
     "Event",
     "drop_key",
 ]
-
-SEQ_MASK = 0xFFFFFFFF
-SEQ_HALF = 1 << 31
-SEQ_SPACE = 1 << 32
-IP_ID_MASK = 0xFFFF
 
 RTO_INITIAL_S = 0.2
 """Retransmission timeout before an RTT was measured (RFC 6298 says 1 s; a replay toward a
@@ -143,150 +149,12 @@ not captured, a stray packet): a TCP sender stays within the peer's receive wind
 MiB in practice (RFC 7323 allows 1 GiB, which no stack offers by default).  Counting such a
 segment would add up to 2 GiB to client_bytes_captured and hold the session on a gap."""
 
-_TS_OPTION = struct.Struct("!BBBBII")  # NOP, NOP, kind 8, len 10, TSval, TSecr (spec §3.10)
-_TS_PREFIX = b"\x01\x01\x08\x0a"
-_TS_VALUES = struct.Struct("!I")
-
 _DATA_FLAGS = ACK | PSH | URG | ECE | CWR
 _SYN_FLAGS = SYN | ECE | CWR
 
 
-class State(enum.IntEnum):
-    """Session states; legal moves are in ``_TRANSITIONS`` and checked by ``_set_state``."""
-
-    CLOSED = 0
-    """Nothing sent on the current connection (new session, or reset for a reconnect)."""
-    SYN_SENT = 1
-    ESTABLISHED = 2
-    FIN_WAIT = 3
-    """The client's FIN was sent: waiting for the target's ACK and FIN."""
-    LINGER = 4
-    """Ended: stray responses get a RST (spec §3.9 sess_post_disp)."""
-    FINISHED = 5
-    """Linger over: the table may forget the session."""
-
-
-_TRANSITIONS: dict[State, frozenset[State]] = {
-    State.CLOSED: frozenset({State.SYN_SENT, State.LINGER}),
-    State.SYN_SENT: frozenset({State.ESTABLISHED, State.LINGER}),
-    State.ESTABLISHED: frozenset({State.FIN_WAIT, State.CLOSED, State.LINGER}),
-    State.FIN_WAIT: frozenset({State.LINGER}),
-    State.LINGER: frozenset({State.FINISHED}),
-    State.FINISHED: frozenset(),
-}
-
-
-class DropReason(enum.Enum):
-    """Why an input was not used; the value is the Prometheus label ``reason``."""
-
-    NO_TRANSFER = "no_transfer"  # table: no -x entry matches the destination
-    SAMPLED_OUT = "sampled_out"  # table: -r decided against this flow
-    NO_SESSION = "no_session"  # table: a packet without payload and no session (spec §3.6)
-    NO_SYN = "no_syn"  # table: -O and the flow's SYN was not captured
-    SESSION_LIMIT = "session_limit"  # table: max_sessions reached
-    NO_TUPLE = "no_tuple"  # table: every (client ip, port) toward the target is in use
-    CLIENT_SYN_ACK = "client_syn_ack"  # table: a SYN-ACK from the client side
-    UNKNOWN_RESPONSE = "unknown_response"  # table: a response for no session
-    PURE_ACK = "pure_ack"  # captured pure ACK of an established session (spec §3.3 step 8)
-    CLIENT_RETRANSMIT = "client_retransmit"  # captured data already sent or stored
-    SYN_RETRANSMIT = "syn_retransmit"  # the captured SYN again
-    SYN_CONFLICT = "syn_conflict"  # a SYN with another seq reached this session
-    OLD_SEGMENT = "old_segment"  # captured before the connection's ISN
-    AFTER_FIN = "after_fin"  # captured data beyond the client's FIN
-    SESSION_CLOSED = "session_closed"  # a client packet after the session ended
-    UNEXPECTED_RESPONSE = "unexpected_response"  # before the handshake completed (gets RST)
-    STRAY_RESPONSE = "stray_response"  # after the session ended (gets RST unless harmless)
-    BAD_ACK = "bad_ack"  # a response acking data never sent
-    OUT_OF_WINDOW = "out_of_window"  # response data far beyond anything we could receive
-    CLIENT_OUT_OF_WINDOW = "client_out_of_window"  # captured client seq far beyond the stream
-    INTERNAL_ERROR = "internal_error"  # a bug: the input was dropped, the session aborted
-
-
-_DROP_KEYS = {reason: "drop_" + reason.value for reason in DropReason}
-
-
-def drop_key(reason: DropReason) -> str:
-    """The Counter key under which drops for ``reason`` are counted."""
-    return _DROP_KEYS[reason]
-
-
-class Outcome(enum.StrEnum):
-    """How a session ended (SessionEnded.outcome; counted as ``ended_<value>``)."""
-
-    CLOSED = "closed"  # FINs exchanged
-    TARGET_CLOSED = "target_closed"  # the target closed first; we ACKed and sent RST (§3.8)
-    TARGET_RESET = "target_reset"
-    CLIENT_RESET = "client_reset"
-    REFUSED = "refused"  # RST in answer to our SYN
-    HANDSHAKE_TIMEOUT = "handshake_timeout"
-    RETRANSMIT_LIMIT = "retransmit_limit"
-    RECONNECT_LIMIT = "reconnect_limit"
-    TIMEOUT = "timeout"  # -t: no response while work was pending
-    IDLE = "idle"  # -k: idle keepalive session
-    FIN_WAIT_TIMEOUT = "fin_wait_timeout"
-    ABORTED = "aborted"  # internal error
-
-
-_OBSOLETE = frozenset(
-    {
-        Outcome.HANDSHAKE_TIMEOUT,
-        Outcome.RETRANSMIT_LIMIT,
-        Outcome.TIMEOUT,
-        Outcome.IDLE,
-        Outcome.FIN_WAIT_TIMEOUT,
-    }
-)
-
-
-class RouteNeeded(NamedTuple):
-    """Announce (CLIENT_ADD) this client->target route before the SYN goes out (§6 item 1)."""
-
-    client_ip: int
-    client_port: int
-    target_ip: int
-    target_port: int
-
-
-class SessionEnded(NamedTuple):
-    outcome: str
-
-
-Event = RouteNeeded | SessionEnded
-
 # Gate kinds: a FIN/RST is never released by -W (spec §3.14: FIN/RST stay held).
 _GATE_DATA, _GATE_CLOSE = 0, 1
-
-
-class _Seg:
-    """A captured client segment: [off, end) of the unwrapped client stream."""
-
-    __slots__ = ("off", "end", "ack", "flags", "payload", "pkt", "tsval", "sent_at", "retx")
-
-    def __init__(self, off: int, end: int, pkt: TcpPacket, flags: int, payload: bytes) -> None:
-        self.off = off
-        self.end = end
-        self.ack = pkt.ack
-        self.flags = flags
-        self.payload = payload
-        self.pkt = pkt  # never mutated: it may be shared with other replicas
-        self.tsval = _tsval(pkt.options)
-        self.sent_at = 0.0
-        self.retx = False
-
-
-def _tsval(options: bytes) -> int | None:
-    """TSval of a TS option, fast path for Linux's NOP,NOP,TS layout (spec §3.10)."""
-    if not options:
-        return None
-    if options[:4] == _TS_PREFIX and len(options) >= 12:
-        return _TS_VALUES.unpack_from(options, 4)[0]
-    ts = parse_options(options).timestamp
-    return None if ts is None else ts[0]
-
-
-def _after(a: int, b: int) -> bool:
-    """a is later than b in 32-bit sequence space (spec conventions)."""
-    return 0 < ((a - b) & SEQ_MASK) < SEQ_HALF
 
 
 class TcpSession:
@@ -1464,24 +1332,3 @@ class TcpSession:
         self._gate_at = None
         self._gate_ack = ack
         return True
-
-
-def _with_payload(pkt: TcpPacket, payload: bytes) -> TcpPacket:
-    return TcpPacket(
-        pkt.src,
-        pkt.dst,
-        pkt.sport,
-        pkt.dport,
-        pkt.seq,
-        pkt.ack,
-        pkt.flags,
-        pkt.window,
-        pkt.options,
-        payload,
-        -1,
-        pkt.ip_id,
-        pkt.ttl,
-        pkt.tos,
-        pkt.df,
-        pkt.urgent,
-    )

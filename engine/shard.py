@@ -51,7 +51,8 @@ from engine.rewrite import (
     sample_keep,
     shift_port,
 )
-from engine.session import DropReason, RouteNeeded, TcpSession, drop_key
+from engine.session import TcpSession
+from engine.session_events import DropReason, RouteNeeded, drop_key
 
 __all__ = ["SessionTable", "ClientRoute"]
 

@@ -68,7 +68,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from engine.session import DropReason, Outcome
+from engine.session_events import DropReason, Outcome
 
 __all__ = [
     "CounterBlock",
