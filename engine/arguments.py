@@ -180,9 +180,21 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
     replicas = max(1, v.get("replicas", 1))
     # spec §4.1: 0 means all; C's 7-bit wrap of 150 -> 22 is a QUIRK: we refuse > 100.
     sample = v.get("sample_percent", 100) or 100
+    gradual = bool(v.get("gradual", False))
+    if gradual and sample < 100:
+        # spec §3.3 step 6: C's ramp overwrites the -r percentage; -r would be ignored.
+        raise ConfigError(
+            v.where("gradual"), "cannot be combined with -r: the ramp replaces -r (up to 100 %)"
+        )
     # spec §3.15: an 8-bit field in C (values >= 256 wrap); we refuse them instead.
     port_shift = v.get("port_shift", 0)
     localhost_ip = v.get("localhost_ip", 0)
+    if localhost_ip and rewrite.targets_localhost(transfers):
+        # spec §3.3 step 3: with a 127.0.0.1 target C keeps 127.0.0.1 sources; -H is unused.
+        raise ConfigError(
+            v.where("localhost_ip"),
+            "has no effect when a -x target is 127.0.0.1 (sources stay 127.0.0.1)",
+        )
 
     mtu = v.get("mtu", 1500)
     mss = v.get("mss", 1460)
@@ -272,10 +284,10 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
         session_timeout_s=float(timeout_s),
         keepalive_timeout_s=float(keepalive_s),
         **({"rtt_initial_s": rtt_ms / 1000.0} if rtt_ms > 0 else {}),
+        gradual=gradual,
+        localhost_ip=localhost_ip,
         worker_index=0,
         worker_count=1,
-        # Not yet SessionConfig fields; the rewrite/session layer reads them from here.
-        extra={"gradual": bool(args.gradual), "localhost_ip": localhost_ip},
     )
     return ReplayConfig(
         session=session,
@@ -302,8 +314,6 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
         memory_limit_mb=memory_mb,
         daemon=bool(args.daemon),
         lonely=bool(args.lonely),
-        gradual=bool(args.gradual),
-        localhost_ip=localhost_ip,
         pool_size_kb=pool_size_kb,
         pid_file=args.pid_file,
         intercept_secret=intercept_secret,

@@ -306,6 +306,19 @@ class SessionConfig:
         shown_default="captured address",
     )
     """-c: fake client addresses (ints); empty = keep the captured client address."""
+    localhost_ip: int = option(
+        0,
+        short="-H",
+        long="--localhost-ip",
+        parse=IPv4(),
+        metavar="IP",
+        help="replace client source 127.0.0.1 by IP",
+        section=_REPL,
+        shown_default="off",
+    )
+    """-H: a captured client source of 127.0.0.1 is replaced by this address (spec §3.3
+    step 3), before -c and -r see it; 0 = off.  Refused when a -x target is 127.0.0.1 (C then
+    ignores -H: its target_localhost mode keeps the 127.0.0.1 sources)."""
     replicas: int = option(
         1,
         short="-n",
@@ -337,6 +350,19 @@ class SessionConfig:
         section=_REPL,
     )
     """-r: percentage of flows replicated (decided once per flow; 0 means 100)."""
+    gradual: bool = option(
+        False,
+        short="-g",
+        long="--gradual",
+        action="store_true",
+        help="ramp replication up 1%% per second (not with -r)",
+        section=_REPL,
+    )
+    """-g: ramp the share of replicated flows up by 1 % per second (spec §3.3 step 6, §3.14):
+    a new flow is kept when its -r sampling key (C's formula) is below the seconds since the
+    ramp started + 1, until that reaches 100 %.  As in C the ramp starts at the first flow
+    let through at 1 % (each worker ramps its own flows); a flow left out is reconsidered at
+    its next data segment.  C's ramp replaces -r, so -g with -r below 100 is refused."""
     rand_shift: int = 0
     """The 0..511 random offset of -f/-n port formulas (drawn once at start by the CLI)."""
     mtu: int = option(
@@ -433,8 +459,6 @@ class SessionConfig:
     """Number of shards."""
     max_sessions: int = 0
     """0 = unlimited; otherwise new sessions beyond this are refused and counted."""
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
-    """Free-form knobs for experiments; not part of the stable schema."""
     fin_wait_timeout_s: float = 60.0
     """After the client's FIN was sent, wait this long for the target's FIN (Linux's
     tcp_fin_timeout); then the session ends with a RST."""
@@ -690,26 +714,6 @@ class ReplayConfig:
         section=_REPL,
     )
     """-L: accepted; intercept connections are always re-made."""
-    gradual: bool = option(
-        False,
-        short="-g",
-        long="--gradual",
-        action="store_true",
-        help="ramp replication up 1%% per second",
-        section=_REPL,
-    )
-    """-g: ramp sampling up by 1 %/s (spec §3.14)."""
-    localhost_ip: int = option(
-        0,
-        short="-H",
-        long="--localhost-ip",
-        parse=IPv4(),
-        metavar="IP",
-        help="replace client source 127.0.0.1 by IP",
-        section=_REPL,
-        shown_default="off",
-    )
-    """-H: replaces a 127.0.0.1 client source (spec §3.3 step 3); 0 = off."""
     pool_size_kb: int | None = option(
         None,
         short="-U",
@@ -734,6 +738,16 @@ class ReplayConfig:
     intercept_secret: bytes | None = field(default=None, repr=False)
     """--secret-file's secret: every intercept channel uses the authenticated extended
     handshake (design §6); None = the compat handshake."""
+
+    @property
+    def gradual(self) -> bool:
+        """-g (a SessionConfig field: the session table applies it)."""
+        return self.session.gradual
+
+    @property
+    def localhost_ip(self) -> int:
+        """-H (a SessionConfig field: the session table applies it)."""
+        return self.session.localhost_ip
 
 
 # --------------------------------------------------------------------------------------------

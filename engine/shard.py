@@ -43,6 +43,7 @@ from collections import Counter
 from engine.config import SessionConfig
 from engine.packet import ACK, SYN, TcpPacket
 from engine.rewrite import (
+    LOCALHOST_IP,
     TransferEntry,
     TupleAllocator,
     choose_client_ip,
@@ -105,6 +106,9 @@ class SessionTable:
         self._touched: list[_Entry] = []
         self._now = 0.0
         self._unsend = 0
+        # -g: when the ramp started (the first flow kept), and whether it reached 100 %.
+        self._ramp_start: float | None = None
+        self._ramp_done = not config.gradual
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -184,12 +188,16 @@ class SessionTable:
                 c[_DROP_NO_TRANSFER] += 1
                 return
         pool = cfg.client_pool
-        if cfg.sample_percent < 100:
+        percent = cfg.sample_percent if self._ramp_done else self._ramp_percent(now)
+        if percent < 100:
             # spec §3.3 step 7: the rewritten address and the original port, once per flow.
-            ip0 = choose_client_ip(pkt.src, pool) if pool else pkt.src
-            if not sample_keep(ip0, pkt.sport, cfg.sample_percent):
+            src = self._source(pkt.src)
+            ip0 = choose_client_ip(src, pool) if pool else src
+            if not sample_keep(ip0, pkt.sport, percent):
                 c[_DROP_SAMPLED_OUT] += 1
                 return
+        if not self._ramp_done and self._ramp_start is None:
+            self._ramp_start = now  # C's start_pt: the first packet let through (at 1 %)
         replicas = max(1, cfg.replicas)
         if cfg.max_sessions and len(self._by_resp) + replicas > cfg.max_sessions:
             c["sessions refused"] += 1
@@ -210,6 +218,25 @@ class SessionTable:
             e.session.receive_client(pkt, now)
             e.touched = True
             self._touched.append(e)
+
+    def _ramp_percent(self, now: float) -> int:
+        """-g (spec §3.3 step 6): 1 % until the first flow is kept, then 1 % more per second
+        since, up to 100 %; it replaces -r (config refuses the two together)."""
+        start = self._ramp_start
+        if start is None:
+            return 1
+        percent = int(now - start) + 1
+        if percent >= 100:
+            self._ramp_done = True
+            return 100
+        return max(percent, 1)
+
+    def _source(self, src: int) -> int:
+        """-H (spec §3.3 step 3): a 127.0.0.1 client source becomes the -H address, before -c
+        and -r see it (config refuses -H when a target is 127.0.0.1)."""
+        if src == LOCALHOST_IP and self.config.localhost_ip:
+            return self.config.localhost_ip
+        return src
 
     def _replace(self, flow: list[_Entry], i: int, pkt: TcpPacket, now: float) -> _Entry | None:
         """A new session in replica slot i of ``flow``; the lingering one is detached."""
@@ -234,7 +261,8 @@ class SessionTable:
         cfg = self.config
         pool = cfg.client_pool
         shift, rand = cfg.port_shift, cfg.rand_shift
-        ip = choose_client_ip(pkt.src, pool, i) if pool else pkt.src
+        src = self._source(pkt.src)
+        ip = choose_client_ip(src, pool, i) if pool else src
         port = shift_port(pkt.sport, shift, rand) if shift else pkt.sport
         if i:
             # spec §3.4: replica i's port (the -f shift applies again on top).  These are only
