@@ -5,9 +5,11 @@ Built from the source's AST: an import at module level, inside a function, an ``
 the design).  ``from engine import wire`` is an edge to ``engine.wire``; ``from engine import
 __version__`` is an edge to the package ``engine`` itself.
 
-Layers (design §4), bottom to top: the pure core, then the I/O pieces and process roles, then
-the programs (CLIs, doctors, the config reference generator).  A module may import its own
-layer or lower ones, never a higher one; the pure core imports only the pure core.
+Layers (design §4), bottom to top: the pure core; the I/O pieces and libraries (capture, ring,
+send, channel, logs, privileges, metrics, the option parsers); the process roles (worker,
+capture process, supervisor, intercept's server and its capture loops); the programs (CLIs,
+doctors, the config reference generator).  A module may import its own layer or lower ones,
+never a higher one; the pure core imports only the pure core.
 """
 
 from __future__ import annotations
@@ -40,6 +42,21 @@ PURE = frozenset(
         "intercept",
         "intercept.router",
         "metrics",
+    }
+)
+
+# The process roles: the loops a process runs (and the services living in them).  Only other
+# roles and the programs import them; the I/O pieces and libraries between stay below.
+ROLES = frozenset(
+    {
+        "engine.capture_proc",
+        "engine.supervisor",
+        "engine.worker",
+        "engine.worker_proc",
+        "intercept.exporter",
+        "intercept.nfqueue",
+        "intercept.pcap",
+        "intercept.server",
     }
 )
 
@@ -226,6 +243,28 @@ def test_nothing_below_the_programs_imports_a_program() -> None:
         if b in PROGRAMS
     )
     assert not bad, "a library/role module imports a program:\n" + "\n".join(bad)
+
+
+def layer(name: str) -> int:
+    """0 pure core, 1 I/O pieces and libraries, 2 process roles, 3 programs."""
+    if name in PURE:
+        return 0
+    if name in PROGRAMS:
+        return 3
+    return 2 if name in ROLES else 1
+
+
+def test_every_import_goes_to_the_same_layer_or_below() -> None:
+    graph = import_graph()
+    for name in ROLES:
+        assert name in graph, f"{name} is listed as a process role but does not exist"
+    bad = sorted(
+        f"{a} (layer {layer(a)}) -> {b} (layer {layer(b)})"
+        for a, targets in graph.items()
+        for b in targets
+        if layer(b) > layer(a)
+    )
+    assert not bad, "imports going up a layer:\n" + "\n".join(bad)
 
 
 def test_programs_use_no_private_name_of_another_program() -> None:
