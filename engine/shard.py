@@ -51,7 +51,7 @@ from engine.rewrite import (
     sample_keep,
     shift_port,
 )
-from engine.session import DropReason, RouteNeeded, TcpSession, drop_key
+from engine.session import DropReason, RouteNeeded, State, TcpSession, drop_key
 
 __all__ = ["SessionTable", "ClientRoute"]
 
@@ -104,6 +104,7 @@ class SessionTable:
         self._touched: list[_Entry] = []
         self._now = 0.0
         self._unsend = 0
+        self._route_down = False
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -120,6 +121,35 @@ class SessionTable:
     def unsend(self) -> int:
         """Captured client segments not yet sent, over all sessions (as of the last drain)."""
         return self._unsend
+
+    # -- routes -------------------------------------------------------------------------------
+
+    def live_routes(self) -> list[RouteNeeded]:
+        """The route of every session not yet ended (to announce again after an intercept
+        connection was made again: the intercept has forgotten them)."""
+        return [
+            RouteNeeded(s.client[0], s.client[1], s.target[0], s.target[1])
+            for s in (e.session for e in self._by_resp.values())
+            if s.state < State.LINGER
+        ]
+
+    def set_route_down(self, down: bool, now: float) -> None:
+        """Some intercept is unreachable (down=True) or every one is back and was told our
+        routes again (down=False): see TcpSession.handle_route_down.  O(sessions), once per
+        edge; sessions created meanwhile inherit the state."""
+        if down == self._route_down:
+            return
+        self._route_down = down
+        self._now = now
+        touched = self._touched
+        for e in self._by_resp.values():
+            s = e.session
+            if s.state >= State.LINGER:
+                continue
+            s.handle_route_down(down, now)
+            if not down and not e.touched:
+                e.touched = True
+                touched.append(e)
 
     # -- client side ----------------------------------------------------------------------------
 
@@ -247,6 +277,8 @@ class SessionTable:
             self.counters[_DROP_NO_TUPLE] += 1
             return None
         s = TcpSession(cfg, got, (tip, tport), (pkt.dst, pkt.dport), now, counters=self.counters)
+        if self._route_down:
+            s.handle_route_down(True, now)
         rkey = _key4(got[0], got[1], tip, tport)
         e = _Entry(s, fkey, flow, rkey)
         self._by_resp[rkey] = e
