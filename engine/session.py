@@ -698,6 +698,7 @@ class TcpSession:
                 # A pure ACK beyond what we received: the target sent data we never saw (lost
                 # while no intercept was connected); acked over like a gap (spec §3.8 step 2).
                 self._process_data(self._rcv_nxt, ahead, now)
+                self._ack_due = True  # it has been waiting for this ACK: no delay
         if dlen or flags & FIN:
             if self._rcv_wnd_max < (pkt.seq - self._rcv_nxt) & SEQ_MASK < SEQ_HALF:
                 # Beyond any window we ever offered: not this connection's data (a late

@@ -12,7 +12,10 @@ CONTRACT:
 
 Additions: ``ClientRoute`` is ``session.RouteNeeded`` (client_ip, client_port, target_ip,
 target_port); ``t.lingering`` (sessions ended and lingering); ``t.allocator`` (the
-rewrite.TupleAllocator).  ``counters`` is shared with every session of the table, so it holds
+rewrite.TupleAllocator); ``SessionTable(config, tuple_history)`` (engine/tuple_history.py,
+handed to the allocator; counted as "tuple_history_avoided"); ``t.live_routes()`` (the
+routes of every session not yet ended, for a re-announce) and ``t.set_route_down(down,
+now)`` (an intercept became unreachable / every one is back: TcpSession.handle_route_down).  ``counters`` is shared with every session of the table, so it holds
 the session counters (spec §3.18 labels, ``drop_<reason>``, ``ended_<outcome>``, fidelity
 bytes, gate rules) plus the table's own: "all clt", "clt cont", "syn cnt", "rel", "port reuse",
 "sessions refused", and the gauge "tw".
@@ -91,11 +94,11 @@ class _Entry:
 class SessionTable:
     """The sessions of one worker; see the module docstring."""
 
-    def __init__(self, config: SessionConfig) -> None:
+    def __init__(self, config: SessionConfig, tuple_history: object | None = None) -> None:
         self.config = config
         self.counters: Counter = Counter()
         self.allocator = TupleAllocator(
-            config.time_wait_s, config.worker_index, config.worker_count
+            config.time_wait_s, config.worker_index, config.worker_count, tuple_history
         )
         self._flows: dict[int, list[_Entry]] = {}
         self._by_resp: dict[int, _Entry] = {}
@@ -272,7 +275,10 @@ class SessionTable:
             if shift:
                 port = shift_port(port, shift, rand)
         tip, tport = entry.target_ip, entry.target_port
-        got = self.allocator.allocate(ip, port, tip, tport, now)
+        alloc = self.allocator
+        got = alloc.allocate(ip, port, tip, tport, now)
+        if alloc.history is not None:
+            self.counters["tuple_history_avoided"] = alloc.stats["inherited_hits"]
         if got is None:
             self.counters[_DROP_NO_TUPLE] += 1
             return None
