@@ -665,9 +665,8 @@ class Supervisor:
             carried = history.adopt(self.clock(), session.time_wait_s)
             if carried:
                 log.info(
-                    "tuple history of the previous worker %d kept: %d tuple slot(s) stay out "
-                    "of use for %.0f s (the target may still hold them)",
-                    index,
+                    "%d tuple slot(s) its previous incarnation used stay out of use for "
+                    "%.0f s (the target may still hold them)",
                     carried,
                     session.time_wait_s,
                 )

@@ -667,6 +667,7 @@ def test_worker_killed_under_load(testbed: tbm.Testbed, tmp_path: Path) -> None:
         keepalive_outside_kill_windows=f"{len(expected & tg)}/{len(expected)}",
         lost_per_kill=lost_per_kill,
         sessions_lost_per_kill=[n for _, n in restarts],
+        history_log=log_lines(tcpcopy, r"previous incarnation used")[:1],
         after=f"{after.target_requests}/{after.online_requests}",
         **figures,
     )
