@@ -32,6 +32,18 @@ secret.  A refusal, a wrong proof, an answer that is not the protocol (a C inter
 answer within AUTH_TIMEOUT_S is logged plainly and retried with the usual backoff; we never
 fall back to the unauthenticated compat handshake, which would let anyone downgrade us.
 
+Re-announcing (issue 10).  An intercept forgets the routes of a connection when it closes
+(and a restarted intercept knows none), so the responses of every session that started before
+would be unrouted until the session gave up.  Therefore, whenever a connection to an
+intercept is made (again), and whenever one of its connections is lost while others stay up,
+the intercept is due a re-announce: in the next ``handle_timer`` the worker's live routes
+(``live_routes()``) are sent to it as CLIENT_ADD records, spread over its connected
+connections, one write per connection, counted in ``sessions_reannounced``.  C does not do
+this (spec §1.7): its sessions stall until they time out.  ``on_route_down(down, now)`` is
+told when some intercept that was connected has no connection left (down=True), and again
+once every such intercept is connected and has been sent the routes (down=False): the
+worker's sessions then suspend, and later resume, their retransmission limit.
+
 I/O is driven by the worker's selector: every socket is registered with a callback
 `(mask, now)` as its selector key's data; timers (connect timeouts, reconnects) are exposed as
 `get_timer()` / `handle_timer(now)`.
@@ -45,7 +57,7 @@ import os
 import selectors
 import socket
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from engine import wire
 from engine.errors import DecodeError
@@ -112,6 +124,7 @@ class _Intercept:
         self.conns = [_Conn(self, i) for i in range(connections)]
         self.rr = 0  # round-robin cursor for CLIENT_ADD (spec §1.2)
         self.was_connected = False
+        self.reannounce_due = False
 
     @property
     def name(self) -> str:
@@ -128,12 +141,15 @@ class InterceptChannels:
 
     counters: channel_connects, channel_disconnects, channel_connect_failures,
     channel_frame_errors, channel_overflows, route_announced, route_unannounced,
-    route_records_sent, responses_received, response_decode_errors; with a secret also
+    route_records_sent, responses_received, response_decode_errors, sessions_reannounced
+    (CLIENT_ADD records sent again for live sessions, see "Re-announcing"); with a secret also
     channel_auth_ok, channel_auth_refused, channel_auth_bad_proof, channel_auth_failures
     (no answer in time, or not the extended protocol).
 
     `secret`: the --secret-file bytes (None = compat handshake, as C); `nonce_source(n)`
-    returns n random bytes (tests may pin it).
+    returns n random bytes (tests may pin it).  `live_routes()` returns the routes of the
+    worker's live sessions and `on_route_down(down, now)` follows the intercepts' reachability
+    (module docstring, "Re-announcing"); both optional.
     """
 
     def __init__(
@@ -147,6 +163,8 @@ class InterceptChannels:
         combined: bool = True,
         secret: bytes | None = None,
         nonce_source: Callable[[int], bytes] = os.urandom,
+        live_routes: Callable[[], Iterable[object]] | None = None,
+        on_route_down: Callable[[bool, float], None] | None = None,
     ) -> None:
         if not intercepts:
             raise ValueError("no intercept")
@@ -159,6 +177,10 @@ class InterceptChannels:
         self.nonce_source = nonce_source
         self.counters: Counter[str] = Counter()
         self._fail_log = RateLimiter(CONNECT_FAIL_LOG_INTERVAL_S)
+        self.live_routes = live_routes
+        self.on_route_down = on_route_down
+        self.route_down = False
+        self._work_at: float | None = None  # a re-announce (or the route-down check) is due
 
     # -- public -----------------------------------------------------------------------------
 
@@ -210,9 +232,20 @@ class InterceptChannels:
             for c in i.conns
             if c.state != CONNECTED and c.deadline is not None
         ]
+        if self._work_at is not None:
+            deadlines.append(self._work_at)
         return min(deadlines) if deadlines else None
 
     def handle_timer(self, now: float) -> None:
+        if self._work_at is not None and self._work_at <= now:
+            self._work_at = None
+            for icpt in self.intercepts:
+                if icpt.reannounce_due:
+                    self._reannounce(icpt, now)
+            if self.route_down and not self._any_down():
+                self.route_down = False
+                if self.on_route_down is not None:
+                    self.on_route_down(False, now)
         for icpt in self.intercepts:
             for conn in icpt.conns:
                 if conn.deadline is None or conn.deadline > now:
@@ -238,6 +271,43 @@ class InterceptChannels:
                 self._close_socket(conn)
                 conn.state = IDLE
                 conn.deadline = None
+
+    # -- re-announcing (module docstring) --------------------------------------------------
+
+    def _schedule(self, icpt: _Intercept, now: float) -> None:
+        icpt.reannounce_due = True
+        if self._work_at is None or now < self._work_at:
+            self._work_at = now
+
+    def _any_down(self) -> bool:
+        return any(i.was_connected and not i.connected() for i in self.intercepts)
+
+    def _reannounce(self, icpt: _Intercept, now: float) -> None:
+        icpt.reannounce_due = False
+        conns = [c for c in icpt.conns if c.state == CONNECTED]
+        routes = list(self.live_routes()) if self.live_routes is not None else []
+        if not conns or not routes:
+            return
+        batches = [bytearray() for _ in conns]
+        for i, route in enumerate(routes):
+            batches[i % len(conns)] += wire.client_add(
+                route.client_ip,  # type: ignore[attr-defined]
+                route.client_port,  # type: ignore[attr-defined]
+                route.target_ip,  # type: ignore[attr-defined]
+                route.target_port,  # type: ignore[attr-defined]
+            )
+        sent = 0
+        for conn, batch in zip(conns, batches, strict=True):
+            if batch and conn.state == CONNECTED and self._send(conn, bytes(batch), now):
+                sent += len(batch) // wire.CLIENT_RECORD_BYTES
+        self.counters["sessions_reannounced"] += sent
+        self.counters["route_records_sent"] += sent
+        log.info(
+            "intercept %s: %d live session(s) announced again on %d connection(s)",
+            icpt.name,
+            sent,
+            len(conns),
+        )
 
     # -- connection state machine -----------------------------------------------------------
 
@@ -285,6 +355,8 @@ class InterceptChannels:
         if icpt.connected() == 1:
             log.info("intercept %s: connected", icpt.name)
         icpt.was_connected = True
+        # Queued after the handshake record (the caller sends it next): see "Re-announcing".
+        self._schedule(icpt, now)
 
     def _fail(
         self,
@@ -298,6 +370,7 @@ class InterceptChannels:
         """Close and schedule a reconnect.  ``auth``: a failed extended handshake, logged
         (at that level) as "intercept X <reason>", rate-limited like connect failures."""
         icpt = conn.owner
+        was_up = conn.state == CONNECTED
         self._close_socket(conn)
         conn.state = IDLE
         conn.out.clear()
@@ -331,6 +404,12 @@ class InterceptChannels:
         else:
             self.counters["channel_disconnects"] += 1
             left = icpt.connected()
+            if was_up and left:
+                self._schedule(icpt, now)  # its routes on this connection are gone
+            elif was_up and not self.route_down:
+                self.route_down = True
+                if self.on_route_down is not None:
+                    self.on_route_down(True, now)
             log.warning(
                 "intercept %s: connection %d lost: %s; %d of %d left, reconnecting in %.1f s",
                 icpt.name,

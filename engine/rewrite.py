@@ -371,6 +371,11 @@ def replica_port(orig_port: int, i: int, rand_shift: int) -> int:
 #   lookup.  Otherwise a per-(client ip, target) cursor walks this worker's ports in order,
 #   like a kernel's ephemeral port search.  A per-group count of occupied tuples answers
 #   "exhausted" in O(1) instead of scanning 64 k ports on every SYN under overload.
+# * A restarted worker starts with an empty table, yet the target still holds the dead
+#   incarnation's tuples (TIME_WAIT, or ESTABLISHED for a connection it never closed).  An
+#   optional ``history`` (engine/tuple_history.py: shared memory that survives a SIGKILL) is
+#   told every claim and release; while its ``inherited_until`` lies ahead, a tuple it calls
+#   ``busy`` is skipped like a quarantined one (counted in ``stats["inherited_hits"]``).
 
 
 class _Group:
@@ -388,10 +393,22 @@ class TupleAllocator:
 
     ``allocate`` returns None when no port is free (the caller counts the flow and drops it).
     ``stats`` counts ``allocated``, ``collisions`` (the preferred tuple was live),
-    ``quarantine_hits`` (it was in its time-wait quarantine) and ``exhausted`` (no free port).
+    ``quarantine_hits`` (it was in its time-wait quarantine), ``exhausted`` (no free port)
+    and ``inherited_hits`` (ports skipped because ``history`` said a previous incarnation of
+    this worker may have left them in use at the target).
+
+    ``history``: ``record_live(key)``, ``record_released(key, now, was_live)``,
+    ``busy(key, since) -> bool`` and the attribute ``inherited_until`` (float or None); keys
+    are (client ip, port, target ip, target port).
     """
 
-    def __init__(self, time_wait_s: float, worker_index: int = 0, worker_count: int = 1) -> None:
+    def __init__(
+        self,
+        time_wait_s: float,
+        worker_index: int = 0,
+        worker_count: int = 1,
+        history: object | None = None,
+    ) -> None:
         span = PORT_MAX - PORT_MIN_UNPRIVILEGED + 1
         if not 1 <= worker_count <= span:
             raise ValueError(f"worker_count {worker_count} is not in 1..{span}")
@@ -409,7 +426,14 @@ class TupleAllocator:
         self._expiry: deque[tuple[float, tuple[int, int, int, int]]] = deque()
         self._groups: dict[tuple[int, int, int], _Group] = {}
         self._clock = float("-inf")
-        self.stats = {"allocated": 0, "collisions": 0, "quarantine_hits": 0, "exhausted": 0}
+        self.history = history
+        self.stats = {
+            "allocated": 0,
+            "collisions": 0,
+            "quarantine_hits": 0,
+            "exhausted": 0,
+            "inherited_hits": 0,
+        }
 
     # -- public -------------------------------------------------------------------------------
 
@@ -480,10 +504,13 @@ class TupleAllocator:
             self.stats["collisions"] += 1
         elif first_choice is not False:
             self.stats["quarantine_hits"] += 1
+        busy = self._inherited_busy(now)
         for ip in (client_ip, *fallback_ips):
-            port = self._claim(ip, start, target_ip, target_port)
+            port = self._claim(ip, start, target_ip, target_port, busy)
             if port is not None:
                 self.stats["allocated"] += 1
+                if self.history is not None:
+                    self.history.record_live((ip, port, target_ip, target_port))  # type: ignore[attr-defined]
                 return ip, port
         self.stats["exhausted"] += 1
         return None
@@ -501,9 +528,12 @@ class TupleAllocator:
         if not self.owns_port(port):
             return
         key = (client_ip, port, target_ip, target_port)
+        was_live = key in self._state and self._state[key] is None
         if key not in self._state:
             self._group_for(key).occupied += 1
         self._state[key] = self._clock
+        if self.history is not None:
+            self.history.record_released(key, self._clock, was_live)  # type: ignore[attr-defined]
         self._expiry.append((self._clock, key))
 
     # -- internals ------------------------------------------------------------------------------
@@ -522,28 +552,57 @@ class TupleAllocator:
             group = self._groups[group_key] = _Group()
         return group
 
-    def _claim(self, client_ip: int, start: int, target_ip: int, target_port: int) -> int | None:
+    def _inherited_busy(self, now: float) -> object | None:
+        """The history's ``busy`` test while the inherited horizon lasts, else None."""
+        history = self.history
+        if history is None:
+            return None
+        until = history.inherited_until  # type: ignore[attr-defined]
+        if until is None or now >= until:
+            return None
+        since = self._clock - self.time_wait_s
+        stats = self.stats
+        test = history.busy  # type: ignore[attr-defined]
+
+        def busy(key: tuple[int, int, int, int]) -> bool:
+            if test(key, since):
+                stats["inherited_hits"] += 1
+                return True
+            return False
+
+        return busy
+
+    def _claim(
+        self,
+        client_ip: int,
+        start: int,
+        target_ip: int,
+        target_port: int,
+        busy: object | None = None,
+    ) -> int | None:
         state = self._state
         port = self._port_at(start)
         key = (client_ip, port, target_ip, target_port)
-        if key not in state:
+        if key not in state and (busy is None or not busy(key)):  # type: ignore[operator]
             state[key] = None
             self._group_for(key).occupied += 1
             return port
-        group = self._group_for(key)  # exists: key is occupied
+        group = self._group_for(key)
         if group.occupied >= self._slots:
             return None
-        # A free slot exists (occupied < slots), so this loop ends within one lap.
+        # A free slot exists (occupied < slots), so without ``busy`` this ends within one
+        # lap; with it, one lap is all we look at.
         index = group.cursor
-        while True:
+        for _ in range(self._slots):
             port = self._port_at(index)
             index = index + 1 if index + 1 < self._slots else 0
             key = (client_ip, port, target_ip, target_port)
-            if key not in state:
+            if key not in state and (busy is None or not busy(key)):  # type: ignore[operator]
                 state[key] = None
                 group.occupied += 1
                 group.cursor = index
                 return port
+        return None
 
     def _expire(self, now: float) -> None:
         if now > self._clock:

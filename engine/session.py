@@ -184,7 +184,7 @@ class TcpSession:
         "_online_base", "_last_data_ack", "_gate_ack", "_held_since", "_gate_at",
         "_last_req_sent_at", "_rcv_data_at_req",
         # end
-        "_fin_wait_at", "_linger_at", "_graceful", "_ctl", "_events",
+        "_fin_wait_at", "_linger_at", "_graceful", "_ctl", "_events", "_route_down",
     )  # fmt: skip
 
     def __init__(
@@ -274,6 +274,7 @@ class TcpSession:
         # Control packets owed: (flags, seq, ack, options, captured segment or None).
         self._ctl: list[tuple[int, int, int, bytes, _Seg | None]] = []
         self._events: deque[Event] = deque()
+        self._route_down = False
 
     # -- public properties ------------------------------------------------------------------
 
@@ -371,6 +372,21 @@ class TcpSession:
                 raise
             self._internal_error(now)
         return out
+
+    def handle_route_down(self, down: bool, now: float) -> None:
+        """An intercept is unreachable (down=True): the target's answers cannot reach us, so
+        silence must not end the session (the retransmission limit waits; -t still applies).
+        Back (down=False, the route was announced again): retransmit now with a fresh
+        backoff, or probe when nothing is in flight, so the target answers within an RTT."""
+        self._route_down = down
+        if down or not (self.state is State.ESTABLISHED or self.state is State.FIN_WAIT):
+            return
+        self._retries = self._backoff = 0
+        if self._unacked:
+            self._retx_due = True
+        else:  # an old seq: the target answers with an ACK carrying its current seq
+            probe = (ACK, self._seq(self._snd_una - 1), self._rcv_nxt, self._faked_options(), None)
+            self._ctl.append(probe)
 
     # -- client side ------------------------------------------------------------------------
 
@@ -544,6 +560,13 @@ class TcpSession:
         if flags & ACK and not self._process_ack(pkt, now):
             return
         dlen = pkt.data_len
+        if not dlen and not flags & FIN:
+            ahead = (pkt.seq - self._rcv_nxt) & SEQ_MASK
+            if 0 < ahead <= self._rcv_wnd_max:
+                # A pure ACK beyond what we received: the target sent data we never saw (lost
+                # while no intercept was connected); acked over like a gap (spec §3.8 step 2).
+                self._process_data(self._rcv_nxt, ahead, now)
+                self._ack_due = True  # it has been waiting for this ACK: no delay
         if dlen or flags & FIN:
             if self._rcv_wnd_max < (pkt.seq - self._rcv_nxt) & SEQ_MASK < SEQ_HALF:
                 # Beyond any window we ever offered: not this connection's data (a late
@@ -784,9 +807,11 @@ class TcpSession:
             else:
                 self._retries += 1
                 if self._retries > RETRIES_MAX:
-                    self._end(Outcome.RETRANSMIT_LIMIT, now, rst_off=self._snd_una)
-                    return
-                self._backoff += 1
+                    if not self._route_down:
+                        self._end(Outcome.RETRANSMIT_LIMIT, now, rst_off=self._snd_una)
+                        return
+                    self._retries = RETRIES_MAX  # deaf, not refused: go on at the max RTO
+                self._backoff = min(self._backoff + 1, RETRIES_MAX)
                 self._retx_due = True
                 self._dupacks = 0
                 # After a timeout every hole is retransmitted as the acks come (RFC 6582).

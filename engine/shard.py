@@ -12,7 +12,10 @@ CONTRACT:
 
 Additions: ``ClientRoute`` is ``session.RouteNeeded`` (client_ip, client_port, target_ip,
 target_port); ``t.lingering`` (sessions ended and lingering); ``t.allocator`` (the
-rewrite.TupleAllocator).  ``counters`` is shared with every session of the table, so it holds
+rewrite.TupleAllocator); ``SessionTable(config, tuple_history)`` (engine/tuple_history.py,
+handed to the allocator; counted as "tuple_history_avoided"); ``t.live_routes()`` (the
+routes of every session not yet ended, for a re-announce) and ``t.set_route_down(down,
+now)`` (an intercept became unreachable / every one is back: TcpSession.handle_route_down).  ``counters`` is shared with every session of the table, so it holds
 the session counters (spec §3.18 labels, ``drop_<reason>``, ``ended_<outcome>``, fidelity
 bytes, gate rules) plus the table's own: "all clt", "clt cont", "syn cnt", "rel", "port reuse",
 "sessions refused", and the gauge "tw".
@@ -54,6 +57,7 @@ from engine.rewrite import (
 )
 from engine.session import TcpSession
 from engine.session_events import DropReason, RouteNeeded, drop_key
+from engine.session_states import State
 
 __all__ = ["SessionTable", "ClientRoute"]
 
@@ -93,11 +97,11 @@ class _Entry:
 class SessionTable:
     """The sessions of one worker; see the module docstring."""
 
-    def __init__(self, config: SessionConfig) -> None:
+    def __init__(self, config: SessionConfig, tuple_history: object | None = None) -> None:
         self.config = config
         self.counters: Counter = Counter()
         self.allocator = TupleAllocator(
-            config.time_wait_s, config.worker_index, config.worker_count
+            config.time_wait_s, config.worker_index, config.worker_count, tuple_history
         )
         self._flows: dict[int, list[_Entry]] = {}
         self._by_resp: dict[int, _Entry] = {}
@@ -109,6 +113,7 @@ class SessionTable:
         # -g: when the ramp started (the first flow kept), and whether it reached 100 %.
         self._ramp_start: float | None = None
         self._ramp_done = not config.gradual
+        self._route_down = False
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -125,6 +130,35 @@ class SessionTable:
     def unsend(self) -> int:
         """Captured client segments not yet sent, over all sessions (as of the last drain)."""
         return self._unsend
+
+    # -- routes -------------------------------------------------------------------------------
+
+    def live_routes(self) -> list[RouteNeeded]:
+        """The route of every session not yet ended (to announce again after an intercept
+        connection was made again: the intercept has forgotten them)."""
+        return [
+            RouteNeeded(s.client[0], s.client[1], s.target[0], s.target[1])
+            for s in (e.session for e in self._by_resp.values())
+            if s.state < State.LINGER
+        ]
+
+    def set_route_down(self, down: bool, now: float) -> None:
+        """Some intercept is unreachable (down=True) or every one is back and was told our
+        routes again (down=False): see TcpSession.handle_route_down.  O(sessions), once per
+        edge; sessions created meanwhile inherit the state."""
+        if down == self._route_down:
+            return
+        self._route_down = down
+        self._now = now
+        touched = self._touched
+        for e in self._by_resp.values():
+            s = e.session
+            if s.state >= State.LINGER:
+                continue
+            s.handle_route_down(down, now)
+            if not down and not e.touched:
+                e.touched = True
+                touched.append(e)
 
     # -- client side ----------------------------------------------------------------------------
 
@@ -271,11 +305,16 @@ class SessionTable:
             if shift:
                 port = shift_port(port, shift, rand)
         tip, tport = entry.target_ip, entry.target_port
-        got = self.allocator.allocate(ip, port, tip, tport, now)
+        alloc = self.allocator
+        got = alloc.allocate(ip, port, tip, tport, now)
+        if alloc.history is not None:
+            self.counters["tuple_history_avoided"] = alloc.stats["inherited_hits"]
         if got is None:
             self.counters[_DROP_NO_TUPLE] += 1
             return None
         s = TcpSession(cfg, got, (tip, tport), (pkt.dst, pkt.dport), now, counters=self.counters)
+        if self._route_down:
+            s.handle_route_down(True, now)
         rkey = _key4(got[0], got[1], tip, tport)
         e = _Entry(s, fkey, flow, rkey)
         self._by_resp[rkey] = e

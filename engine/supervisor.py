@@ -5,9 +5,10 @@ Theory of operation
 A gunicorn-style arbiter.  ``Supervisor.run`` builds everything the children share before it
 forks: the counter block (metrics.counters.CounterBlock: one row per process), the control
 block (engine/control.py: heartbeats, "capture done", "shed"), one ring per worker
-(engine/ring.py, slots sized from -M), the capture sources and one raw send socket per worker
-(so a missing CAP_NET_RAW is one clear error at start, and a restarted child inherits the same
-socket).  Then it forks the capture process (engine/capture_proc.py) and the workers
+(engine/ring.py, slots sized from -M), one tuple history per worker (engine/tuple_history.py:
+a restarted worker does not reuse the tuples its dead predecessor left at the target), the
+capture sources and one raw send socket per worker (so a missing CAP_NET_RAW is one clear
+error at start, and a restarted child inherits the same socket).  Then it forks the capture process (engine/capture_proc.py) and the workers
 (engine/worker_proc.py) with os.fork and runs one loop:
 
 * signal handlers only queue (signal.set_wakeup_fd wakes the loop): SIGTERM/SIGINT stop
@@ -168,6 +169,7 @@ class Supervisor:
         self.clock = clock
         self.control: ControlBlock | None = None
         self.rings: list = []
+        self.histories: list = []
         self.sources: list = []
         self.senders: list = []
         self.prefilter: Any = None
@@ -195,6 +197,7 @@ class Supervisor:
         from engine import capture
         from engine.capture_proc import ring_slot_bytes, ring_slots
         from engine.ring import Ring
+        from engine.tuple_history import TupleHistory
         from engine.worker import build_sources
         from metrics.counters import CounterBlock
 
@@ -207,6 +210,7 @@ class Supervisor:
         slot_bytes = ring_slot_bytes(cfg.session.mtu)
         slots = self.ring_slots or ring_slots(slot_bytes)
         self.rings = [Ring.create(slots, slot_bytes) for _ in range(self.workers)]
+        self.histories = [TupleHistory.create() for _ in range(self.workers)]
         self.prefilter = capture.TransferFilter.for_transfers(cfg.session.transfers)
         make_sources = self.sources_factory or build_sources
         self.sources = list(make_sources(cfg, self.prefilter))
@@ -255,6 +259,9 @@ class Supervisor:
         for ring in self.rings:
             ring.close()
         self.rings = []
+        for history in self.histories:
+            history.close()
+        self.histories = []
         if self.block is not None and self._own_block:
             self.block.close()
             self.block.unlink()
@@ -653,7 +660,17 @@ class Supervisor:
                 close()
         cfg = self.cfg
         session = dataclasses.replace(cfg.session, worker_index=index, worker_count=self.workers)
-        table = SessionTable(session)
+        history = self.histories[index] if self.histories else None
+        if history is not None:
+            carried = history.adopt(self.clock(), session.time_wait_s)
+            if carried:
+                log.info(
+                    "%d tuple slot(s) its previous incarnation used stay out of use for "
+                    "%.0f s (the target may still hold them)",
+                    carried,
+                    session.time_wait_s,
+                )
+        table = SessionTable(session, tuple_history=history)
         source = RingSource(Ring.attach(self.rings[index].spec()), self.control)
         kw: dict[str, Any] = {"clock": self.clock}
         if self.channels_factory is not None:

@@ -80,6 +80,8 @@ class Worker:
                 self.sel,
                 self._on_response,
                 secret=cfg.intercept_secret,
+                live_routes=self._live_routes,
+                on_route_down=self._on_route_down,
             )
         else:
             self.channels = channels(self.sel, self._on_response)
@@ -253,6 +255,25 @@ class Worker:
     def _on_response(self, pkt: object, now: float) -> None:
         self.table.receive_response(pkt, now)
 
+    def _live_routes(self) -> list[object]:
+        """For a (re)made intercept connection: every live session's route (channel.py
+        "Re-announcing")."""
+        live = getattr(self.table, "live_routes", None)
+        return live() if live is not None else []
+
+    def _on_route_down(self, down: bool, now: float) -> None:
+        set_down = getattr(self.table, "set_route_down", None)
+        if set_down is not None:
+            set_down(down, now)
+        log.log(
+            logging.WARNING if down else logging.INFO,
+            "%s",
+            "an intercept is unreachable: sessions keep their state and retransmit until it is "
+            "back (no retransmission limit meanwhile)"
+            if down
+            else "every intercept is back: live sessions were announced again and resume",
+        )
+
     def _flush(self, now: float) -> None:
         routes, packets = self.table.drain()
         for route in routes:
@@ -339,7 +360,7 @@ _STATS_LAYOUT: tuple[tuple[tuple[str, tuple[str, ...]], ...], ...] = (
     (("resp fin", ()), ("resp rst", ())),
     (("send", ("sent",)), ("send content", ())),
     (("send syn", ()), ("fin", ("send_fin",)), ("reset", ("send_rst",))),
-    (("reconnect", ()), ("for no syn", ("fake_syn",))),
+    (("reconnect", ()), ("for no syn", ("fake_syn",)), ("reannounced", ("sessions_reannounced",))),
     (("retransmit", ()),),
     (("recv packs after retransmission", ()),),
     (("syn cnt", ()), ("all clt", ()), ("clt cont", ())),

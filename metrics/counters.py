@@ -223,6 +223,7 @@ _SCHEMA: list[Slot] = [
         "gate_max_wait",
         "client_bytes_captured",
         "client_bytes_acked",
+        "tuple_history_avoided",  # ports skipped: a dead predecessor used them (TIME_WAIT)
     ),
     *_counters("dropped input, by reason", *("drop_" + r for r in DROP_REASONS)),
     *_counters("sessions ended, by outcome", *("ended_" + o for o in OUTCOMES)),
@@ -242,6 +243,7 @@ _SCHEMA: list[Slot] = [
         "route_records_sent",
         "responses_received",
         "response_decode_errors",
+        "sessions_reannounced",  # CLIENT_ADDs sent again for live sessions after a (re)connect
         "channel_auth_ok",
         "channel_auth_refused",
         "channel_auth_bad_proof",

@@ -208,6 +208,16 @@ TCPCOPY_SERIES: tuple[tuple[Series, Callable[[Snapshot], Any]], ...] = (
         ),
         _total("sessions_lost"),
     ),
+    (
+        Series(
+            "tcpcopy_sessions_reannounced",
+            COUNTER,
+            (),
+            "CLIENT_ADDs sent again for live sessions after an intercept connection was made "
+            "again.",
+        ),
+        _total("sessions_reannounced"),
+    ),
     # Not in design §7: per-worker throughput (flow-hash balance) and intercept links.
     (
         Series(

@@ -460,7 +460,13 @@ def test_replica_ports_are_distinct_without_wrap(port, rand, n):
 def test_allocator_uses_preferred_port_when_free():
     alloc = TupleAllocator(60.0)
     assert alloc.allocate(CLIENT, 40000, TARGET, 8080, now=0.0) == (CLIENT, 40000)
-    assert alloc.stats == {"allocated": 1, "collisions": 0, "quarantine_hits": 0, "exhausted": 0}
+    assert alloc.stats == {
+        "allocated": 1,
+        "collisions": 0,
+        "quarantine_hits": 0,
+        "exhausted": 0,
+        "inherited_hits": 0,
+    }
     assert alloc.live_count == 1
 
 
