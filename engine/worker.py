@@ -12,8 +12,9 @@ One `selectors` loop owns every file descriptor of the worker:
 * timers: the table's next deadline, the channel's reconnects, the offline pacing, the stats
   line and the memory check -> one select timeout.
 
-After every input batch and every timer pass the table is drained: routes first (CLIENT_ADD
-to every intercept, spec §1.2: before the SYN they announce), then packets (raw send).
+Once per wake-up, after every input batch and timer of that pass, the table is drained:
+routes first (CLIENT_ADD to every intercept, spec §1.2: before the SYN they announce, one
+write per connection), then packets (one raw sendmmsg batch, engine/send.py).
 `now` is time.monotonic() read once per wake-up.  Nothing here decides TCP behaviour; that
 is the pure core's job, which this loop only feeds and drains.
 
@@ -170,16 +171,16 @@ class Worker:
             self._handle_signals()
             for key, mask in events:
                 key.data(mask, now)
-                self._flush(now)
             for src in self.sources:
                 due = src.next_deadline()
                 if due is not None and due <= now:
                     self._on_ip_packets(src.read_batch(now), now)
-                    self._flush(now)
             timer = self.table.get_timer()
             if timer is not None and timer <= now:
                 self.table.handle_timer(now)
-                self._flush(now)
+            # One drain per wake-up: every input of this pass (ring batch, responses, timers)
+            # leaves in one sendmmsg, its routes announced first.
+            self._flush(now)
             timer = self.channels.get_timer()
             if timer is not None and timer <= now:
                 self.channels.handle_timer(now)
@@ -241,29 +242,43 @@ class Worker:
 
     def _on_ip_packets(self, batch: Iterable[tuple[float, bytes]], now: float) -> None:
         """Captured IPv4 packets (already past the -x pre-filter) into the session table."""
-        receive, counters = self.table.receive_client, self.counters
+        receive, parse = self.table.receive_client, packet.parse_ip
+        errors = 0
         for _ts, ip in batch:
             try:
-                pkt = packet.parse_ip(ip)
+                pkt = parse(ip)
             except DecodeError:
-                counters["capture_parse_errors"] += 1
+                errors += 1
                 continue
             receive(pkt, now)
+        if errors:
+            self.counters["capture_parse_errors"] += errors
 
     def _on_response(self, pkt: object, now: float) -> None:
         self.table.receive_response(pkt, now)
 
     def _flush(self, now: float) -> None:
         routes, packets = self.table.drain()
-        for route in routes:
+        if routes:
             # If no intercept takes the CLIENT_ADD, the SYN still goes out: C would not start
             # the session at all (spec §1.2), but a target that sees the SYN is more useful
             # (its SYN-ACK may still reach an intercept that reconnects); channel.py counts
             # route_unannounced so the loss is visible.
-            self.channels.announce(route, now)
-        send = self.sender.send
-        for pkt in packets:
-            send(pkt)
+            announce_batch = getattr(self.channels, "announce_batch", None)
+            if announce_batch is not None:
+                announce_batch(routes, now)
+            else:
+                announce = self.channels.announce
+                for route in routes:
+                    announce(route, now)
+        if packets:
+            send_batch = getattr(self.sender, "send_batch", None)
+            if send_batch is not None:
+                send_batch(packets)
+            else:
+                send = self.sender.send
+                for pkt in packets:
+                    send(pkt)
 
     # -- reporting --------------------------------------------------------------------------
 
