@@ -250,9 +250,8 @@ class NfqueueSource:
             self._send_verdicts(verdicts)
         if passed:
             self.server.counters["pass_accepted"] += passed
-        receive = self.server.receive_ip_packet
-        for payload in responses:
-            receive(payload, now)
+        if responses:
+            self.server.receive_ip_packets(responses, now)
 
     def _send_verdicts(self, verdicts: list[bytes]) -> None:
         try:

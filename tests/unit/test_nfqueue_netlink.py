@@ -84,7 +84,7 @@ def source() -> nq.NfqueueSource:
     src.pass_ips = frozenset({bytes([198, 18, 1, 10])})
     src._sock = _FakeSock()
     received: list[bytes] = []
-    src.server.receive_ip_packet = lambda pkt, now: received.append(pkt)  # type: ignore[method-assign]
+    src.server.receive_ip_packets = lambda pkts, now: received.extend(pkts)  # type: ignore[method-assign]
     src.received = received  # type: ignore[attr-defined]
     return src
 
