@@ -12,9 +12,11 @@ One `selectors` loop owns every file descriptor of the worker:
 * timers: the table's next deadline, the channel's reconnects, the offline pacing, the stats
   line and the memory check -> one select timeout.
 
-Once per wake-up, after every input batch and timer of that pass, the table is drained:
-routes first (CLIENT_ADD to every intercept, spec §1.2: before the SYN they announce, one
-write per connection), then packets (one raw sendmmsg batch, engine/send.py).
+Twice per wake-up the table is drained: after the intercept responses (they release held
+requests, so they leave before the capture batch is even parsed), and after the capture
+batches and timers.  A drain announces its routes first (CLIENT_ADD to every intercept, spec
+§1.2: before the SYN they announce; one write per connection), then sends its packets in one
+raw sendmmsg batch (engine/send.py).
 `now` is time.monotonic() read once per wake-up.  Nothing here decides TCP behaviour; that
 is the pure core's job, which this loop only feeds and drains.
 
@@ -169,7 +171,18 @@ class Worker:
             events = self.sel.select(timeout)
             now = self.clock()
             self._handle_signals()
+            # Responses first, drained at once: they open the request gate of held sessions,
+            # so their round trip sets the replay's pace and must not wait behind a capture
+            # batch.  Then the capture batches and timers, drained together.  Each drain is
+            # one sendmmsg (routes announced first).
+            captured = []
             for key, mask in events:
+                if type(key.data) is _SourceCallback:
+                    captured.append((key, mask))
+                else:
+                    key.data(mask, now)
+            self._flush(now)
+            for key, mask in captured:
                 key.data(mask, now)
             for src in self.sources:
                 due = src.next_deadline()
@@ -178,8 +191,6 @@ class Worker:
             timer = self.table.get_timer()
             if timer is not None and timer <= now:
                 self.table.handle_timer(now)
-            # One drain per wake-up: every input of this pass (ring batch, responses, timers)
-            # leaves in one sendmmsg, its routes announced first.
             self._flush(now)
             timer = self.channels.get_timer()
             if timer is not None and timer <= now:
