@@ -19,7 +19,13 @@
  *       netlink socket).  Returns [] on EAGAIN; raises OSError on any other error, except
  *       that ENOBUFS is returned as the int -ENOBUFS so the caller can count the overrun.
  *
- * Both keep the GIL released around the syscall.  engine/send.py and intercept/nfqueue.py
+ *   parse_nfqueue(datagrams) -> list[(packet_id, payload | None)]
+ *       The NFQNL_MSG_PACKET messages of netlink datagrams (intercept/nfqueue.py's
+ *       parse_queue_messages, which is the reference and the fallback): the packet id of
+ *       NFQA_PACKET_HDR and the bytes of NFQA_PAYLOAD; other messages and broken tails are
+ *       skipped.
+ *
+ * The syscalls run with the GIL released.  engine/send.py and intercept/nfqueue.py
  * fall back to ctypes or plain socket calls when this module is not built.
  */
 #define PY_SSIZE_T_CLEAN
@@ -27,6 +33,7 @@
 
 #include <errno.h>
 #include <netinet/in.h>
+#include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
 
@@ -171,7 +178,96 @@ recv_batch(PyObject *self, PyObject *args)
     return out;
 }
 
+#define NLMSG_HDR 16
+#define NFGEN_HDR 4
+#define NFQ_PACKET_TYPE ((3 << 8) | 0) /* NFNL_SUBSYS_QUEUE << 8 | NFQNL_MSG_PACKET */
+#define NFQA_PACKET_HDR 1
+#define NFQA_PAYLOAD 10
+#define NLA_TYPE_MASK 0x3FFF
+
+static int
+parse_one(PyObject *out, const unsigned char *buf, Py_ssize_t n)
+{
+    Py_ssize_t pos = 0;
+    while (pos + NLMSG_HDR + NFGEN_HDR <= n) {
+        uint32_t mlen;
+        uint16_t mtype;
+        memcpy(&mlen, buf + pos, 4); /* host order, as netlink sends it */
+        memcpy(&mtype, buf + pos + 4, 2);
+        if (mlen < NLMSG_HDR || (Py_ssize_t)mlen > n - pos)
+            return 0;
+        Py_ssize_t end = pos + (Py_ssize_t)mlen;
+        if (mtype == NFQ_PACKET_TYPE) {
+            long long pid = -1;
+            const unsigned char *pay = NULL;
+            Py_ssize_t paylen = 0;
+            Py_ssize_t a = pos + NLMSG_HDR + NFGEN_HDR;
+            while (a + 4 <= end) {
+                uint16_t alen, atype;
+                memcpy(&alen, buf + a, 2);
+                memcpy(&atype, buf + a + 2, 2);
+                if (alen < 4 || a + alen > end)
+                    break;
+                atype &= NLA_TYPE_MASK;
+                if (atype == NFQA_PACKET_HDR && alen >= 8) {
+                    const unsigned char *p = buf + a + 4;
+                    pid = ((long long)p[0] << 24) | (p[1] << 16) | (p[2] << 8) | p[3];
+                } else if (atype == NFQA_PAYLOAD) {
+                    pay = buf + a + 4;
+                    paylen = alen - 4;
+                }
+                a += (alen + 3) & ~3;
+            }
+            if (pid >= 0) {
+                PyObject *payload;
+                if (pay != NULL)
+                    payload = PyBytes_FromStringAndSize((const char *)pay, paylen);
+                else {
+                    payload = Py_None;
+                    Py_INCREF(payload);
+                }
+                if (payload == NULL)
+                    return -1;
+                PyObject *t = Py_BuildValue("(LN)", pid, payload);
+                if (t == NULL)
+                    return -1;
+                int rc = PyList_Append(out, t);
+                Py_DECREF(t);
+                if (rc < 0)
+                    return -1;
+            }
+        }
+        pos += ((Py_ssize_t)mlen + 3) & ~3;
+    }
+    return 0;
+}
+
+static PyObject *
+parse_nfqueue(PyObject *self, PyObject *arg)
+{
+    PyObject *fast = PySequence_Fast(arg, "datagrams must be a sequence of bytes");
+    if (fast == NULL)
+        return NULL;
+    PyObject *out = PyList_New(0);
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    PyObject **items = PySequence_Fast_ITEMS(fast);
+    for (Py_ssize_t i = 0; out != NULL && i < n; i++) {
+        if (!PyBytes_Check(items[i])) {
+            PyErr_SetString(PyExc_TypeError, "datagrams must be bytes");
+            Py_CLEAR(out);
+            break;
+        }
+        if (parse_one(out, (const unsigned char *)PyBytes_AS_STRING(items[i]),
+                      PyBytes_GET_SIZE(items[i])) < 0)
+            Py_CLEAR(out);
+    }
+    Py_DECREF(fast);
+    return out;
+}
+
 static PyMethodDef methods[] = {
+    {"parse_nfqueue", parse_nfqueue, METH_O,
+     "parse_nfqueue(datagrams) -> list[(packet_id, payload | None)] of NFQNL_MSG_PACKET."},
     {"send_raw_batch", send_raw_batch, METH_VARARGS,
      "send_raw_batch(fd, packets, start=0) -> (sent, errno): sendmmsg of IPv4 packets, each "
      "to its own daddr; stops at the first refused packet."},

@@ -129,6 +129,16 @@ def verdict_batch_message(queue_num: int, verdict: int, last_id: int) -> bytes:
     return _NLMSG.pack(_NLMSG.size + len(body), mtype, NLM_F_REQUEST, 0, 0) + body
 
 
+def _parse_datagrams_py(msgs: list[bytes]) -> list[tuple[int, bytes | None]]:
+    return [entry for buf in msgs for entry in parse_queue_messages(buf)]
+
+
+try:
+    from engine._fastio import parse_nfqueue as _parse_datagrams  # type: ignore[attr-defined]
+except ImportError:  # the C extension is optional; same results, more Python per packet
+    _parse_datagrams = _parse_datagrams_py
+
+
 def _recv_batch_fallback(sock: socket.socket, limit: int, bufsize: int) -> list[bytes] | int:
     """engine._fastio.recv_batch's contract with one recv per message."""
     out: list[bytes] = []
@@ -225,16 +235,23 @@ class NfqueueSource:
 
     def receive_messages(self, msgs: list[bytes], now: float) -> None:
         """One read batch: verdicts first (one per run of equal verdicts), then the records."""
-        pass_ips = self.pass_ips
-        responses: list[bytes] = []
-        verdicts: list[bytes] = []
-        run_verdict = -1
-        run_last = 0
-        passed = 0
+        entries = _parse_datagrams(msgs)
+        if not entries:
+            return
         queue = self.queue_num
-        for buf in msgs:
-            for pid, payload in parse_queue_messages(buf):
-                if payload is not None and pass_ips and payload[16:20] in pass_ips:
+        pass_ips = self.pass_ips
+        if not pass_ips:
+            # The usual case: every packet is a response to drop (spec §2.1), one verdict.
+            self._send_verdicts([verdict_batch_message(queue, NF_DROP, entries[-1][0])])
+            responses = [p for _, p in entries if p is not None]
+        else:
+            responses = []
+            verdicts: list[bytes] = []
+            run_verdict = -1
+            run_last = 0
+            passed = 0
+            for pid, payload in entries:
+                if payload is not None and payload[16:20] in pass_ips:
                     verdict = NF_ACCEPT  # -x pass list: the real client gets its answer
                     passed += 1
                 else:
@@ -244,12 +261,10 @@ class NfqueueSource:
                 if verdict != run_verdict and run_verdict >= 0:
                     verdicts.append(verdict_batch_message(queue, run_verdict, run_last))
                 run_verdict, run_last = verdict, pid
-        if run_verdict >= 0:
             verdicts.append(verdict_batch_message(queue, run_verdict, run_last))
-        if verdicts:
             self._send_verdicts(verdicts)
-        if passed:
-            self.server.counters["pass_accepted"] += passed
+            if passed:
+                self.server.counters["pass_accepted"] += passed
         if responses:
             self.server.receive_ip_packets(responses, now)
 

@@ -75,8 +75,33 @@ def _ip(daddr: bytes) -> bytes:
     return b"\x45" + bytes(15) + daddr + bytes(20)
 
 
-@pytest.fixture
-def source() -> nq.NfqueueSource:
+PARSERS = ["python", "fastio"]
+
+
+def _parser(name: str):
+    if name == "python":
+        return nq._parse_datagrams_py
+    return pytest.importorskip("engine._fastio").parse_nfqueue
+
+
+@pytest.mark.parametrize("name", PARSERS)
+def test_both_parsers_agree(name: str) -> None:
+    ip = bytes(range(40))
+    mark = _attr(3, struct.pack("!I", 5))
+    err = struct.pack("=IHHII", 36, 2, 0, 0, 0) + bytes(20)
+    datagrams = [
+        _packet_msg(17, ip, mark) + _packet_msg(18, bytes(range(41))),
+        err + _packet_msg(0xFFFFFFFE, None),
+        _packet_msg(20, ip)[:-3],  # truncated: skipped
+        b"",
+    ]
+    expected = [(17, ip), (18, bytes(range(41))), (0xFFFFFFFE, None)]
+    assert _parser(name)(datagrams) == expected
+
+
+@pytest.fixture(params=PARSERS)
+def source(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> nq.NfqueueSource:
+    monkeypatch.setattr(nq, "_parse_datagrams", _parser(request.param))
     # The codec and the batching without a kernel queue: the object is built by hand.
     src = nq.NfqueueSource.__new__(nq.NfqueueSource)
     src.server = InterceptServer()
@@ -121,6 +146,14 @@ def test_pass_list_runs_get_their_own_accept(source: nq.NfqueueSource) -> None:
     assert len(source._sock.sent) == 1  # one datagram carries all four
     assert source.server.counters["pass_accepted"] == 3
     assert source.received == [_ip(fake)] * 3  # type: ignore[attr-defined]
+
+
+def test_without_a_pass_list_one_drop_covers_the_batch(source: nq.NfqueueSource) -> None:
+    source.pass_ips = frozenset()
+    fake, real = bytes([198, 19, 0, 1]), bytes([198, 18, 1, 10])
+    source.receive_messages([_packet_msg(30, _ip(real)), _packet_msg(31, _ip(fake))], 1.0)
+    assert _verdicts(source._sock.sent) == [(nq.NF_DROP, 31)]
+    assert source.received == [_ip(real), _ip(fake)]  # type: ignore[attr-defined]
 
 
 def test_a_message_without_payload_is_dropped_not_routed(source: nq.NfqueueSource) -> None:
