@@ -26,6 +26,7 @@ capture fd becomes a ring's eventfd; `_on_ip_packets` is the seam.
 
 from __future__ import annotations
 
+import gc
 import logging
 import selectors
 import signal
@@ -155,6 +156,10 @@ class Worker:
                 src.start(now)
         next_stats = now + self.cfg.stats_interval_s
         next_memory = now + MEMORY_CHECK_INTERVAL_S
+        # Everything built so far (modules, config, sockets) lives as long as the process:
+        # keep it out of the cyclic collector's full passes, which otherwise walk it again
+        # and again while sessions churn (a pause that delays every held request).
+        gc.freeze()
         while not self._stop:
             deadline = min(
                 d
