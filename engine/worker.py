@@ -12,8 +12,11 @@ One `selectors` loop owns every file descriptor of the worker:
 * timers: the table's next deadline, the channel's reconnects, the offline pacing, the stats
   line and the memory check -> one select timeout.
 
-After every input batch and every timer pass the table is drained: routes first (CLIENT_ADD
-to every intercept, spec §1.2: before the SYN they announce), then packets (raw send).
+Twice per wake-up the table is drained: after the intercept responses (they release held
+requests, so they leave before the capture batch is even parsed), and after the capture
+batches and timers.  A drain announces its routes first (CLIENT_ADD to every intercept, spec
+§1.2: before the SYN they announce; one write per connection), then sends its packets in one
+raw sendmmsg batch (engine/send.py).
 `now` is time.monotonic() read once per wake-up.  Nothing here decides TCP behaviour; that
 is the pure core's job, which this loop only feeds and drains.
 
@@ -23,6 +26,7 @@ capture fd becomes a ring's eventfd; `_on_ip_packets` is the seam.
 
 from __future__ import annotations
 
+import gc
 import logging
 import selectors
 import signal
@@ -154,6 +158,10 @@ class Worker:
                 src.start(now)
         next_stats = now + self.cfg.stats_interval_s
         next_memory = now + MEMORY_CHECK_INTERVAL_S
+        # Everything built so far (modules, config, sockets) lives as long as the process:
+        # keep it out of the cyclic collector's full passes, which otherwise walk it again
+        # and again while sessions churn (a pause that delays every held request).
+        gc.freeze()
         while not self._stop:
             deadline = min(
                 d
@@ -170,18 +178,27 @@ class Worker:
             events = self.sel.select(timeout)
             now = self.clock()
             self._handle_signals()
+            # Responses first, drained at once: they open the request gate of held sessions,
+            # so their round trip sets the replay's pace and must not wait behind a capture
+            # batch.  Then the capture batches and timers, drained together.  Each drain is
+            # one sendmmsg (routes announced first).
+            captured = []
             for key, mask in events:
+                if type(key.data) is _SourceCallback:
+                    captured.append((key, mask))
+                else:
+                    key.data(mask, now)
+            self._flush(now)
+            for key, mask in captured:
                 key.data(mask, now)
-                self._flush(now)
             for src in self.sources:
                 due = src.next_deadline()
                 if due is not None and due <= now:
                     self._on_ip_packets(src.read_batch(now), now)
-                    self._flush(now)
             timer = self.table.get_timer()
             if timer is not None and timer <= now:
                 self.table.handle_timer(now)
-                self._flush(now)
+            self._flush(now)
             timer = self.channels.get_timer()
             if timer is not None and timer <= now:
                 self.channels.handle_timer(now)
@@ -243,14 +260,17 @@ class Worker:
 
     def _on_ip_packets(self, batch: Iterable[tuple[float, bytes]], now: float) -> None:
         """Captured IPv4 packets (already past the -x pre-filter) into the session table."""
-        receive, counters = self.table.receive_client, self.counters
+        receive, parse = self.table.receive_client, packet.parse_ip
+        errors = 0
         for _ts, ip in batch:
             try:
-                pkt = packet.parse_ip(ip)
+                pkt = parse(ip)
             except DecodeError:
-                counters["capture_parse_errors"] += 1
+                errors += 1
                 continue
             receive(pkt, now)
+        if errors:
+            self.counters["capture_parse_errors"] += errors
 
     def _on_response(self, pkt: object, now: float) -> None:
         self.table.receive_response(pkt, now)
@@ -276,15 +296,26 @@ class Worker:
 
     def _flush(self, now: float) -> None:
         routes, packets = self.table.drain()
-        for route in routes:
+        if routes:
             # If no intercept takes the CLIENT_ADD, the SYN still goes out: C would not start
             # the session at all (spec §1.2), but a target that sees the SYN is more useful
             # (its SYN-ACK may still reach an intercept that reconnects); channel.py counts
             # route_unannounced so the loss is visible.
-            self.channels.announce(route, now)
-        send = self.sender.send
-        for pkt in packets:
-            send(pkt)
+            announce_batch = getattr(self.channels, "announce_batch", None)
+            if announce_batch is not None:
+                announce_batch(routes, now)
+            else:
+                announce = self.channels.announce
+                for route in routes:
+                    announce(route, now)
+        if packets:
+            send_batch = getattr(self.sender, "send_batch", None)
+            if send_batch is not None:
+                send_batch(packets)
+            else:
+                send = self.sender.send
+                for pkt in packets:
+                    send(pkt)
 
     # -- reporting --------------------------------------------------------------------------
 

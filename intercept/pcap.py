@@ -199,8 +199,8 @@ class PcapSource:
             pass
         self._signalled = False
         queue = self._queue
-        receive = self.server.receive_ip_packet
         counters = self.server.counters
+        batch: list[bytes] = []
         for _ in range(BATCH_MAX_FRAMES):
             try:
                 linktype, frame = queue.popleft()
@@ -213,9 +213,11 @@ class PcapSource:
                 counters["packets_captured"] += 1
                 counters["packets_invalid"] += 1
                 continue
-            receive(frame[offset:], now)
+            batch.append(frame[offset:])
         else:
             self._backlog = bool(queue)
+        if batch:
+            self.server.receive_ip_packets(batch, now)
         if self._dropped != self._dropped_seen:
             counters["capture_dropped"] += self._dropped - self._dropped_seen
             self._dropped_seen = self._dropped

@@ -1,0 +1,64 @@
+"""engine/worker.py hands each drain to the sender as one batch and the channels as one
+announce batch, routes before packets (spec §1.2); the offline pcap run of
+test_io_worker.py with batch-capable fakes."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from engine.capture import PcapFileSource, ReplayPacer, TransferFilter
+from engine.config import ReplayConfig, SessionConfig
+from engine.worker import Worker
+from tests.unit.test_io_worker import ONLINE, PCAP, FakeChannels, FakeSender, FakeTable
+
+
+class BatchSender(FakeSender):
+    def __init__(self, log):
+        super().__init__(log)
+        self.batches: list[int] = []
+
+    def send_batch(self, packets):
+        self.batches.append(len(packets))
+        for p in packets:
+            self.send(p)
+        return len(packets)
+
+
+class BatchChannels(FakeChannels):
+    def __init__(self, log):
+        super().__init__(log)
+        self.batches: list[int] = []
+
+    def announce_batch(self, routes, now):
+        self.batches.append(len(routes))
+        for r in routes:
+            self.announce(r, now)
+        return len(routes)
+
+
+def test_each_drain_is_one_send_batch_and_one_announce_batch():
+    flt = TransferFilter(lambda ip, port: object() if (ip, port) == ONLINE else None)
+    src = PcapFileSource([str(PCAP)], ReplayPacer(accelerate=1.0), 1, flt)
+    cfg = ReplayConfig(session=SessionConfig(), intercepts=(("198.18.2.4", 36524),))
+    log: list[tuple[str, int]] = []
+    sender = BatchSender(log)
+    chans: list[BatchChannels] = []
+
+    def make_channels(sel, on_response):
+        chans.append(BatchChannels(log))
+        return chans[0]
+
+    table = FakeTable()
+    worker = Worker(cfg, table, [src], sender, channels=make_channels, memory_rss=lambda: 0)
+    try:
+        assert worker.run() == 0
+    finally:
+        worker.close()
+    sent = [port for kind, port in log if kind == "pkt"]
+    assert sum(sender.batches) == len(sent) == src.counters["offline_packets"]
+    assert 0 not in sender.batches and 0 not in chans[0].batches  # empty drains send nothing
+    assert sum(chans[0].batches) == table.counters["syn cnt"] == 25
+    for i, (kind, port) in enumerate(log):
+        if kind == "route":
+            assert ("pkt", port) not in log[:i]
+    assert Counter(sender.counters)["send_packets"] == len(sent)
