@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 APT_PKGS=(libnetfilter-queue-dev libnfnetlink-dev libpcap-dev nginx-light iptables iproute2
-          redis-server redis-tools apache2-utils wrk tcpdump procps psmisc prometheus systemd)
+          redis-server redis-tools apache2-utils wrk tcpdump procps psmisc prometheus systemd
+          gcc libc6-dev)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -20,6 +21,12 @@ fi
 systemctl stop nginx redis-server prometheus >/dev/null 2>&1 || true
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
+fi
+# engine._fastio (sendmmsg/recvmmsg) is compiled by the install below: it needs Python's headers
+# (a Debian python3 has them in python3-dev; without them the install falls back, logged).
+if ! .venv/bin/python -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+  echo "setup: installing python3-dev (headers for the C extension)"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-dev >/dev/null || true
 fi
 .venv/bin/pip install -q --upgrade pip >/dev/null
 .venv/bin/pip install -q -e '.[live,test]'
