@@ -232,6 +232,7 @@ class Ring:
         # The numpy views export the block's buffer: drop them before SharedMemory.__del__
         # tries to close it (a ring that was never closed, e.g. in a test that failed).
         self._u32 = self._f64 = None  # type: ignore[assignment]
+
     def close(self) -> None:
         # The numpy views export the buffer: they must go before the block can be closed.
         self._u32 = self._f64 = None  # type: ignore[assignment]
