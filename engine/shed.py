@@ -14,7 +14,8 @@ waits for bytes that never come).  So the capture process sheds *earlier* and by
   a flow whose start was never seen) starts a *shed* flow: counted once in
   ``shed_sessions_<reason>``, and every later packet of that flow is dropped too
   (``drop_shed``) until its FIN/RST or ``SHED_IDLE_S`` of silence, even after the worker
-  recovered: the session is wholly replicated or wholly shed;
+  recovered: the session is wholly replicated or wholly shed.  A new SYN on the same
+  (ip, port) is a new session and decided afresh;
 * packets of known (admitted) flows always go in; only a full ring still drops them
   (``ring_dropped``), which shedding early is there to make rare.
 
@@ -59,7 +60,10 @@ SHED_REASONS = (REASON_RING_FULL, REASON_MEMORY)
 """Values of the ``reason`` label of tcpcopy_sessions_shed_total."""
 
 TCP_FIN = 0x01
+TCP_SYN = 0x02
 TCP_RST = 0x04
+TCP_ACK = 0x10
+_SYN_ACK = TCP_SYN | TCP_ACK
 _END = TCP_FIN | TCP_RST
 
 _NONE = 0
@@ -166,22 +170,27 @@ class FlowGate:
         worker_list = workers.tolist()
         for i in np.flatnonzero(slow).tolist():
             key = key_list[i]
-            end = flag_list[i] & _END
+            flag = flag_list[i]
+            end = flag & _END
             if key in shed:
-                keep[i] = False
-                c["drop_shed"] += 1
-                if end:
-                    del shed[key]
-                else:
-                    shed[key] = now
-            elif key in known:
+                if flag & _SYN_ACK != TCP_SYN:
+                    keep[i] = False
+                    c["drop_shed"] += 1
+                    if end:
+                        del shed[key]
+                    else:
+                        shed[key] = now
+                    continue
+                # A new SYN on a shed flow's (ip, port): that session begins here, decide anew.
+                del shed[key]
+            if key in known:
                 if end:
                     del known[key]
                 else:
                     known[key] = now
             else:
                 state = int(reason[worker_list[i]])
-                if state == _NONE:  # a shed flow of a worker that recovered: gone, so new
+                if state == _NONE:  # a new SYN of a shed flow's tuple, its worker recovered
                     if not end:
                         known[key] = now
                     continue
