@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from engine.capture_proc import CaptureProcess, flow_worker
+from engine.capture_proc import CaptureProcess
 from engine.control import ControlBlock
 from engine.ring import RING_SLOT_BYTES, Ring
 from engine.shed import REASON_MEMORY, REASON_RING_FULL, FlowGate
