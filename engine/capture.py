@@ -625,23 +625,16 @@ class TPacketSource(_LiveSource):
         return out
 
     def _parse_block(self, block: int, now: float) -> FrameBatch | None:
-        u8, u16, u32 = self._u8, self._u16, self._u32
-        frames = block_frames(self._words, block)
-        if len(frames) == 0:
-            return None
-        starts, lengths, pkttype, truncated = frame_fields(u32, u16, u8, frames)
+        starts, lengths, keys, flags, ok, truncated = parse_block(
+            self._words, self._u8, self._u16, self._u32, block, host_only=self.host_only
+        )
         c = self.counters
-        keep = pkttype != PACKET_OUTGOING
-        if self.host_only:
-            keep &= pkttype == 0  # PACKET_HOST: what a raw IP socket would have received
-        if truncated.any():
-            c["capture_truncated"] += int((truncated & keep).sum())
-            keep &= ~truncated
-        keys, flags, ok = ip_flow_fields(u8, starts, lengths)
-        if not self.kernel_filtered:
-            keep &= self._python_filter(starts, lengths, keep & ok, ~ok & keep)
+        if truncated:
+            c["capture_truncated"] += truncated
+        if self.kernel_filtered:
+            keep = ok
         else:
-            keep &= ok
+            keep = self._python_filter(starts, lengths)
         if not keep.all():
             starts, lengths, keys, flags = starts[keep], lengths[keep], keys[keep], flags[keep]
         if self.kernel_filtered:
@@ -652,16 +645,17 @@ class TPacketSource(_LiveSource):
             return None
         return FrameBatch(self._view, starts, lengths, keys, flags, now)
 
-    def _python_filter(
-        self, starts: np.ndarray, lengths: np.ndarray, candidates: np.ndarray, bad: np.ndarray
-    ) -> np.ndarray:
-        """Without an exact kernel program: TransferFilter.keep on every candidate frame."""
+    def _python_filter(self, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Without an exact kernel program: TransferFilter.keep on every frame (it counts)."""
         view, keep = self._view, self.keep
-        out = np.zeros(len(starts), dtype=bool)
-        for i in np.flatnonzero(candidates | bad).tolist():
-            s = int(starts[i])
-            out[i] = keep(view[s : s + int(lengths[i])].tobytes())
-        return out
+        return np.fromiter(
+            (
+                keep(view[s : s + n].tobytes())
+                for s, n in zip(starts.tolist(), lengths.tolist(), strict=True)
+            ),
+            dtype=bool,
+            count=len(starts),
+        )
 
     def _kernel_stats(self) -> None:
         # PACKET_STATISTICS reads and resets the kernel's counts.
@@ -711,6 +705,41 @@ def block_frames(words: memoryview, block: int) -> np.ndarray:
         offsets[i] = off
         off += words[off >> 2]
     return np.array(offsets, dtype=np.int64)
+
+
+def parse_block(
+    words: memoryview,
+    u8: np.ndarray,
+    u16: np.ndarray,
+    u32: np.ndarray,
+    block: int,
+    *,
+    host_only: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """The IPv4 packets of the TPACKET_V3 block at byte ``block`` of a buffer seen as
+    ``words`` (u32 memoryview) and ``u8``/``u16``/``u32`` (numpy views):
+    (starts, lengths, flow keys, TCP flags, well-formed mask, frames truncated).
+
+    Frames we must not replay are already left out: our own outgoing ones (the kernel
+    program drops them too), with ``host_only`` every frame not addressed to this host,
+    and frames cut short by the block (counted in the last item).
+    """
+    frames = block_frames(words, block)
+    if len(frames) == 0:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty, empty.astype(np.uint64), empty.astype(np.uint8), empty > 0, 0
+    starts, lengths, pkttype, truncated = frame_fields(u32, u16, u8, frames)
+    keep = pkttype != PACKET_OUTGOING
+    if host_only:
+        keep &= pkttype == 0  # PACKET_HOST: what a raw IP socket would have received
+    cut = 0
+    if truncated.any():
+        cut = int((truncated & keep).sum())
+        keep &= ~truncated
+    if not keep.all():
+        starts, lengths = starts[keep], lengths[keep]
+    keys, flags, ok = ip_flow_fields(u8, starts, lengths)
+    return starts, lengths, keys, flags, ok, cut
 
 
 _fallback_logged = False
