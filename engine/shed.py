@@ -14,8 +14,9 @@ waits for bytes that never come).  So the capture process sheds *earlier* and by
   a flow whose start was never seen) starts a *shed* flow: counted once in
   ``shed_sessions_<reason>``, and every later packet of that flow is dropped too
   (``drop_shed``) until its FIN/RST or ``SHED_IDLE_S`` of silence, even after the worker
-  recovered: the session is wholly replicated or wholly shed.  A new SYN on the same
-  (ip, port) is a new session and decided afresh;
+  recovered: the session is wholly replicated or wholly shed.  A SYN on the same (ip, port)
+  after the worker recovered starts a new, whole session (while it still sheds, a SYN
+  retransmission is not counted as another shed session);
 * packets of known (admitted) flows always go in; only a full ring still drops them
   (``ring_dropped``), which shedding early is there to make rare.
 
@@ -173,7 +174,9 @@ class FlowGate:
             flag = flag_list[i]
             end = flag & _END
             if key in shed:
-                if flag & _SYN_ACK != TCP_SYN:
+                # A SYN on a shed flow's tuple while its worker still sheds: a retransmission
+                # (or a new session shed again) - dropped, not counted twice.
+                if flag & _SYN_ACK != TCP_SYN or reason[worker_list[i]] != _NONE:
                     keep[i] = False
                     c["drop_shed"] += 1
                     if end:
@@ -181,7 +184,8 @@ class FlowGate:
                     else:
                         shed[key] = now
                     continue
-                # A new SYN on a shed flow's (ip, port): that session begins here, decide anew.
+                # A SYN on a shed flow's tuple once its worker recovered: a session that begins
+                # here (whole from its SYN on).
                 del shed[key]
             if key in known:
                 if end:

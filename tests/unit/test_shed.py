@@ -184,3 +184,11 @@ def test_capture_sheds_new_sessions_of_a_filling_ring_and_counts_them():
             r.close()
         block.close()
         block.unlink()
+
+
+def test_a_retransmitted_syn_of_a_shed_flow_is_not_counted_twice():
+    gate = FlowGate(1)
+    gate.update([0.9])
+    assert feed(gate, [(key(6), SYN), (key(6), SYN), (key(6), SYN)]) == []
+    assert gate.counters["shed_sessions_ring_full"] == 1
+    assert gate.counters["drop_shed"] == 3
