@@ -420,14 +420,17 @@ PACKET_VERSION = 10
 TPACKET_V3 = 2
 TP_STATUS_KERNEL = 0
 TP_STATUS_USER = 1
-TPACKET_BLOCK_BYTES = 1 << 18
-"""One ring block (256 KiB): a few hundred to a thousand-odd packets per wake-up at load, and
-room for a 64 KiB GRO aggregate."""
+TPACKET_BLOCK_BYTES = 1 << 17
+"""One ring block (128 KiB): up to a few hundred packets per wake-up at load, and room for a
+64 KiB GRO aggregate (a frame larger than a block would be cut short)."""
 TPACKET_FRAME_BYTES = 1 << 11
 """tp_frame_size: only a sizing unit for TPACKET_V3 (frames are packed by their real size)."""
-TPACKET_RETIRE_MS = 2
+TPACKET_RETIRE_MS = 8
 """A block that is not full is handed over this long after its first frame: the capture's
-added latency at low load."""
+added latency at low load.  It also sets how long the capture process may be off the CPU
+before the kernel drops: at low rates each block carries one timeout's worth of packets, so
+the ring holds blocks x TPACKET_RETIRE_MS (512 x 8 ms = 4 s with the default -B 64); a
+2 ms timeout lost packets on this shared 2-CPU machine under load (0.5 s)."""
 TPACKET_BLOCKS_PER_READ = 8
 """Blocks read per read_frames call before the loop looks at its timers again."""
 _TPACKET_REQ3 = struct.Struct("7I")
@@ -565,6 +568,7 @@ class TPacketSource(_LiveSource):
         self._words = memoryview(self._mm).cast("I")
         self._next = 0  # the block the kernel fills next (they are retired in order)
         self._held: list[int] = []  # blocks handed out by read_frames, not yet released
+        self._drops_logged = 0
         if kernel_filter:
             self._attach_filter(bpf.NET_BASE, bpf_ports)
         try:
@@ -665,7 +669,16 @@ class TPacketSource(_LiveSource):
             return
         _packets, drops, _freeze = _TPACKET_STATS_V3.unpack(raw)
         if drops:
-            self.counters["capture_kernel_dropped"] += drops
+            c = self.counters
+            c["capture_kernel_dropped"] += drops
+            if c["capture_kernel_dropped"] >= self._drops_logged * 10 or not self._drops_logged:
+                # Logged at the first drop, then each time the total grew tenfold.
+                self._drops_logged = max(1, c["capture_kernel_dropped"])
+                log.warning(
+                    "capture: the kernel dropped %d packets so far (the TPACKET ring was full: "
+                    "the capture process was off the CPU or too slow; -B sizes the ring)",
+                    c["capture_kernel_dropped"],
+                )
 
     def read_batch(self, now: float) -> list[Packet]:
         """The source interface with bytes per packet (for callers other than the capture
