@@ -200,6 +200,7 @@ class CaptureProcess:
             self._beat(now)
             if now >= next_flush:
                 next_flush = now + COUNTER_FLUSH_INTERVAL_S
+                self._update_gate()  # also when no packet comes: the state and its log
                 self.flush()
             if self._offline_done():
                 if self.control is not None:

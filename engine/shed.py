@@ -6,7 +6,7 @@ When a worker cannot keep up its ring fills, and a full ring drops packets of se
 are already replaying: each such drop is a hole in the middle of a session (the target then
 waits for bytes that never come).  So the capture process sheds *earlier* and by session:
 
-* a worker whose ring is more than ``SHED_RING_HIGH`` full starts shedding and stops when it
+* a worker whose ring is more than ``SHED_RING_HIGH`` (90 %) full starts shedding and stops when it
   is back under ``SHED_RING_LOW`` (hysteresis, so the decision does not flap per batch);
   while the memory watchdog has raised the shared "shed" flag (engine/control.py, -m above
   90 %) every worker sheds, and the reason is ``memory``;
@@ -47,8 +47,10 @@ __all__ = [
     "SHED_REASONS",
 ]
 
-SHED_RING_HIGH = 0.75
-"""Ring fill above which the worker's new sessions are shed."""
+SHED_RING_HIGH = 0.9
+"""Ring fill above which the worker's new sessions are shed.  High, so a burst the ring can
+absorb sheds nothing (75 % shed sessions of a redis-benchmark flood that fit); the last
+10 % (819 slots of the default ring) take the packets of the sessions admitted already."""
 SHED_RING_LOW = 0.5
 """Ring fill below which it admits new sessions again."""
 SHED_IDLE_S = 60.0

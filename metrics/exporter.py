@@ -150,7 +150,7 @@ TCPCOPY_SERIES: tuple[tuple[Series, Callable[[Snapshot], Any]], ...] = (
             COUNTER,
             ("reason",),
             "Whole sessions the capture did not admit under overload, by reason "
-            "(ring_full: the worker's ring past 75 %; memory: -m past 90 %).",
+            "(ring_full: the worker's ring past 90 %; memory: -m past 90 %).",
         ),
         _labelled("shed_sessions_", SHED_REASONS),
     ),

@@ -33,7 +33,7 @@ def feed(gate: FlowGate, packets: list[tuple[int, int]], worker: int = 0, now: f
 
 def test_nothing_is_shed_below_the_threshold():
     gate = FlowGate(2)
-    assert gate.update([0.74, 0.0]) == []
+    assert gate.update([0.89, 0.0]) == []
     pkts = [(key(1), SYN), (key(1), PSH_ACK), (key(2), PSH_ACK)]
     assert feed(gate, pkts) == [key(1), key(1), key(2)]
     assert gate.counters == Counter()
@@ -43,7 +43,7 @@ def test_nothing_is_shed_below_the_threshold():
 def test_known_sessions_go_on_new_ones_are_shed_whole_until_their_fin():
     gate = FlowGate(2)
     feed(gate, [(key(1), SYN), (key(1), PSH_ACK)])  # admitted before the overload
-    assert gate.update([0.8, 0.1]) == [(0, REASON_RING_FULL)]
+    assert gate.update([0.95, 0.1]) == [(0, REASON_RING_FULL)]
     kept = feed(gate, [(key(1), PSH_ACK), (key(2), SYN), (key(2), PSH_ACK), (key(1), PSH_ACK)])
     assert kept == [key(1), key(1)]
     assert gate.counters["shed_sessions_ring_full"] == 1
@@ -162,9 +162,9 @@ def test_capture_sheds_new_sessions_of_a_filling_ring_and_counts_them():
         proc = CaptureProcess([], rings, 1500, counters=block, control=control, clock=lambda: 0.0)
         old = [_ip(1000, SYN), _ip(1000, PSH_ACK, b"GET /")]
         proc.dispatch([(0.0, p) for p in old])
-        filler = [_ip(2000 + i, SYN) for i in range(11)]  # 13 of 16 slots: past 75 %
+        filler = [_ip(2000 + i, SYN) for i in range(13)]  # 15 of 16 slots: past 90 %
         proc.dispatch([(0.0, p) for p in filler])
-        assert len(rings[0]) == 13
+        assert len(rings[0]) == 15
         later = [_ip(3000, SYN), _ip(3000, PSH_ACK, b"GET /"), _ip(1000, PSH_ACK, b"GET /2")]
         proc.dispatch([(0.0, p) for p in later])
         got = [data for data, _ts in rings[0].pop_batch(100)]
