@@ -195,3 +195,43 @@ def test_dispatch_frames_splits_an_aggregate_larger_than_mtu_in_order():
         assert proc.counters["capture_split"] == 1
     finally:
         ring.close()
+
+
+def test_open_live_source_falls_back_to_recv_and_says_so_once(monkeypatch, caplog):
+    import errno
+    import logging
+
+    from engine import capture
+
+    made = []
+
+    def refuse(*args, **kw):
+        raise OSError(errno.ENOPROTOOPT, "Protocol not available")
+
+    monkeypatch.setattr(capture, "TPacketSource", refuse)
+    monkeypatch.setattr(capture, "_fallback_logged", False)
+    monkeypatch.setattr(capture, "RawTcpSource", lambda *a, **k: made.append(("raw", a)) or "raw")
+    monkeypatch.setattr(
+        capture, "PacketSource", lambda *a, **k: made.append(("packet", a)) or "packet"
+    )
+    with caplog.at_level(logging.WARNING, logger="tcpcopy"):
+        assert capture.open_live_source(None, None, 1 << 20, host_only=True) == "raw"
+        assert capture.open_live_source("eth9", None, 1 << 20, (80,)) == "packet"
+    assert [m[0] for m in made] == ["raw", "packet"]
+    assert made[1][1][0] == "eth9"
+    lines = [r.getMessage() for r in caplog.records if "TPACKET_V3" in r.getMessage()]
+    assert len(lines) == 1 and "packet by packet" in lines[0]
+
+
+def test_open_live_source_does_not_hide_a_missing_device(monkeypatch):
+    import errno
+
+    from engine import capture
+
+    def no_device(*args, **kw):
+        raise OSError(errno.ENODEV, "no such network device: eth9")
+
+    monkeypatch.setattr(capture, "TPacketSource", no_device)
+    with pytest.raises(OSError) as info:
+        capture.open_live_source("eth9", None, 1 << 20)
+    assert info.value.errno == errno.ENODEV
