@@ -26,7 +26,9 @@ batch) or ``SHED_IDLE_S`` without a packet.  Flows are keyed as the dispatcher h
 
 Cost.  The gate sees whole batches as numpy arrays.  With no worker shedding and no shed
 flow alive, a batch costs one ``dict.update`` of its keys (C loop) and a lookup per FIN/RST;
-only packets of shedding workers or of shed flows go through the per-packet Python loop.
+packets of shedding workers or of shed flows are decided as arrays when their flow cannot
+change state in the batch (known or shed, no SYN/FIN/RST, nothing unknown: keep-alive
+traffic); the others go through the per-packet Python loop, in order.
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ class FlowGate:
             raise ValueError(f"gate: bad thresholds low={low} high={high}")
         self.workers = workers
         self.enabled = enabled
+        self.vectorize = True  # False: every slow packet through the loop (the reference)
         self.high = high
         self.low = low
         self.idle_s = idle_s
@@ -171,7 +174,10 @@ class FlowGate:
         reason = self.reason
         flag_list = flags.tolist()
         worker_list = workers.tolist()
-        for i in np.flatnonzero(slow).tolist():
+        slow_idx = np.flatnonzero(slow)
+        if self.vectorize:
+            slow_idx = self._admit_plain(slow_idx, keys, flags, key_list, keep, now)
+        for i in slow_idx.tolist():
             key = key_list[i]
             flag = flag_list[i]
             end = flag & _END
@@ -206,6 +212,40 @@ class FlowGate:
                     shed[key] = now
                     c["shed_sessions_" + _REASON_NAME[state]] += 1
         return keep
+
+    def _admit_plain(
+        self,
+        slow_idx: np.ndarray,
+        keys: np.ndarray,
+        flags: np.ndarray,
+        key_list: list[int],
+        keep: np.ndarray,
+        now: float,
+    ) -> np.ndarray:
+        """Decide, as arrays, the slow packets whose flow cannot change state in this batch:
+        flows already known or shed with no SYN, FIN or RST and no unknown packet in the
+        batch (a keep-alive flow of a shedding worker).  Returns the indexes left for the
+        per-packet loop: every packet of the other flows, in order."""
+        known, shed = self.known, self.shed
+        slow_keys = [key_list[i] for i in slow_idx.tolist()]
+        n = len(slow_keys)
+        in_shed = np.fromiter(map(shed.__contains__, slow_keys), dtype=bool, count=n)
+        in_known = np.fromiter(map(known.__contains__, slow_keys), dtype=bool, count=n)
+        special = ((flags[slow_idx] & (_END | TCP_SYN)) != 0) | ~(in_shed | in_known)
+        if special.all():
+            return slow_idx
+        key_arr = keys[slow_idx]
+        touched = np.isin(key_arr, key_arr[special]) if special.any() else special
+        plain = ~touched
+        dropped = plain & in_shed
+        admitted = plain & ~in_shed
+        if dropped.any():
+            keep[slow_idx[dropped]] = False
+            self.counters["drop_shed"] += int(dropped.sum())
+            shed.update(zip(key_arr[dropped].tolist(), repeat(now)))
+        if admitted.any():
+            known.update(zip(key_arr[admitted].tolist(), repeat(now)))
+        return slow_idx[touched]
 
     def _note(self, key_list: list[int], ends: np.ndarray, now: float) -> None:
         """Admitted packets: their flows are known (now), ended flows forgotten."""
