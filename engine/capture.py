@@ -15,6 +15,12 @@ process that feeds the shared-memory rings, design §3) can drive any of them:
   packet *arriving at* this host, IP header included, read until EAGAIN.
 * `PacketSource`: AF_PACKET/SOCK_RAW/ETH_P_ALL bound to a device (or all): sees mirrored
   traffic too.  Outgoing frames are skipped and the link header is stripped.
+* `TPacketSource`: AF_PACKET with a TPACKET_V3 mmap RX ring (the live default, see
+  `open_live_source`): the kernel fills blocks of frames in shared memory and hands a whole
+  block over per wake-up; no recv per packet.  `read_frames` returns a block as a
+  `FrameBatch` (numpy arrays of IP offsets, lengths, flow keys and TCP flags, pulled for
+  every frame of the block at once), which the capture process copies straight into the
+  rings; `release` gives the blocks back to the kernel.
 * `PcapFileSource`: offline replay (spec §3.16) paced by `ReplayPacer`, a pure schedule.
 
 What a live source hands on is decided by one rule (engine/bpf.py): IPv4 TCP to a -x
@@ -36,11 +42,15 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import mmap
 import os
 import socket
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
+
+import numpy as np
 
 from engine import bpf, packet
 from engine.errors import DecodeError
@@ -337,7 +347,7 @@ class PacketSource(_LiveSource):
         if kernel_filter:
             self._attach_filter(bpf.NET_BASE, bpf_ports)
         try:
-            sock.bind((device or "", ETH_P_ALL))  # "": every device
+            bind_packet_socket(sock, device)
         except OSError:
             sock.close()
             raise
@@ -385,6 +395,395 @@ class PacketSource(_LiveSource):
         return out
 
 
+# --------------------------------------------------------------------------------------------
+# TPACKET_V3: the mmap RX ring (linux/if_packet.h; Documentation/networking/packet_mmap.rst)
+# --------------------------------------------------------------------------------------------
+#
+# The ring is tp_block_nr blocks of tp_block_size bytes.  The kernel fills one block at a time
+# with frames laid out back to back (each 16-byte aligned, linked by tp_next_offset) and
+# "retires" it to user space, by setting TP_STATUS_USER in its block_status, when it is full
+# or tp_retire_blk_tov ms after its first frame.  We read every frame of the block, then hand
+# it back by writing TP_STATUS_KERNEL.  poll()/select() on the socket says a block is ready.
+#
+#   block:  tpacket_block_desc: version u32, offset_to_priv u32, then tpacket_hdr_v1:
+#           block_status u32 @8, num_pkts u32 @12, offset_to_first_pkt u32 @16, blk_len u32
+#           @20, seq_num u64 @24, ts_first, ts_last (48 bytes)
+#   frame:  tpacket3_hdr: tp_next_offset u32 @0, tp_sec @4, tp_nsec @8, tp_snaplen @12,
+#           tp_len @16, tp_status @20, tp_mac u16 @24, tp_net u16 @26, hv1 (rxhash, vlan) @28,
+#           padding to 48; then struct sockaddr_ll at 48 (sll_pkttype u8 @58)
+#   tp_mac / tp_net are offsets from the frame's start to the link / network (IP) header.
+
+SOL_PACKET = 263
+PACKET_RX_RING = 5
+PACKET_STATISTICS = 6
+PACKET_VERSION = 10
+TPACKET_V3 = 2
+TP_STATUS_KERNEL = 0
+TP_STATUS_USER = 1
+TPACKET_BLOCK_BYTES = 1 << 17
+"""One ring block (128 KiB): up to a few hundred packets per wake-up at load, and room for a
+64 KiB GRO aggregate (a frame larger than a block would be cut short)."""
+TPACKET_FRAME_BYTES = 1 << 11
+"""tp_frame_size: only a sizing unit for TPACKET_V3 (frames are packed by their real size)."""
+TPACKET_RETIRE_MS = 8
+"""A block that is not full is handed over this long after its first frame: the capture's
+added latency at low load.  It also sets how long the capture process may be off the CPU
+before the kernel drops: at low rates each block carries one timeout's worth of packets, so
+the ring holds blocks x TPACKET_RETIRE_MS (512 x 8 ms = 4 s with the default -B 64); a
+2 ms timeout lost packets on this shared 2-CPU machine under load (0.5 s)."""
+TPACKET_BLOCKS_PER_READ = 8
+"""Blocks read per read_frames call before the loop looks at its timers again."""
+_TPACKET_REQ3 = struct.Struct("7I")
+_TPACKET_STATS_V3 = struct.Struct("3I")
+_BLOCK_STATUS = 8 // 4  # u32 word indexes inside a block descriptor
+_BLOCK_NUM_PKTS = 12 // 4
+_BLOCK_FIRST = 16 // 4
+_BLOCK_SEQ = 24 // 4  # u64, as two u32 words (little-endian)
+_FRAME_SNAPLEN = 12 // 4  # u32 words inside a frame header
+_FRAME_LEN = 16 // 4
+_FRAME_MAC = 24 // 2  # u16 words
+_FRAME_NET = 26 // 2
+_FRAME_PKTTYPE = 58  # bytes
+
+
+class FrameBatch(NamedTuple):
+    """The IPv4 packets of one capture block, as arrays over a buffer (no bytes objects).
+
+    ``buf[starts[i] : starts[i] + lengths[i]]`` is packet i; ``keys[i]`` its flow key
+    (client ip << 16 | client port, what the dispatcher hashes) and ``flags[i]`` its TCP
+    flags.  The buffer belongs to the source until ``release()``.
+    """
+
+    buf: memoryview
+    starts: np.ndarray  # int64
+    lengths: np.ndarray  # int64
+    keys: np.ndarray  # uint64
+    flags: np.ndarray  # uint8
+    ts: float
+
+
+_FRAME_WORDS = np.arange(5, dtype=np.int64)  # tp_next_offset .. tp_len (u32 words 0-4)
+_IP_BYTES = np.array([0, 9, 12, 13, 14, 15], dtype=np.int64)  # version/IHL, protocol, src
+_TCP_BYTES = np.array([0, 1, 13], dtype=np.int64)  # source port, flags
+_SRC_WEIGHTS = np.array([1 << 40, 1 << 32, 1 << 24, 1 << 16], dtype=np.int64)
+_PORT_WEIGHTS = np.array([1 << 8, 1], dtype=np.int64)
+_MAC_NET_WORDS = np.array([_FRAME_MAC, _FRAME_NET], dtype=np.int64)  # u16 words
+
+
+def frame_fields(
+    u32: np.ndarray, u16: np.ndarray, u8: np.ndarray, frames: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For frames at ``frames``: (ip start, ip length, pkttype, truncated) as arrays.
+
+    A few numpy gathers per block, whatever its packet count (each numpy call costs about a
+    microsecond, so the fields are taken as matrices, not one call per field)."""
+    head = u32.take((frames >> 2)[:, None] + _FRAME_WORDS).astype(np.int64)
+    macnet = u16.take((frames >> 1)[:, None] + _MAC_NET_WORDS).astype(np.int64)
+    snaplen = head[:, _FRAME_SNAPLEN]
+    mac, net = macnet[:, 0], macnet[:, 1]
+    starts = frames + net
+    lengths = snaplen - (net - mac)
+    return starts, lengths, u8.take(frames + _FRAME_PKTTYPE), snaplen < head[:, _FRAME_LEN]
+
+
+def ip_flow_fields(
+    u8: np.ndarray, starts: np.ndarray, lengths: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(flow key u64, TCP flags u8, well-formed mask) of the IPv4/TCP packets at ``starts``.
+
+    Packets too short for their TCP flags, or not IPv4/TCP, are marked not well-formed (an
+    exact kernel filter lets none of them through; the others are read as zeros).  Reads
+    past the buffer are clipped (``take(mode="clip")``), never raised.
+    """
+    ip = u8.take(starts[:, None] + _IP_BYTES, mode="clip")
+    b0 = ip[:, 0]
+    ihl = (b0 & 0x0F).astype(np.int64) << 2
+    ok = (b0 >> 4 == 4) & (ihl >= 20) & (lengths >= ihl + 14) & (ip[:, 1] == 6)
+    tcp = u8.take((starts + ihl)[:, None] + _TCP_BYTES, mode="clip")
+    # ip << 16 | port as two small matrix products (the key fits 48 bits of an int64).
+    keys = ip[:, 2:].astype(np.int64) @ _SRC_WEIGHTS + tcp[:, :2].astype(np.int64) @ _PORT_WEIGHTS
+    flags = tcp[:, 2]
+    if not ok.all():
+        keys = np.where(ok, keys, 0)
+        flags = np.where(ok, flags, np.uint8(0))
+    return keys.astype(np.uint64), flags, ok
+
+
+class TPacketSource(_LiveSource):
+    """AF_PACKET capture through a TPACKET_V3 mmap RX ring on one device (or every device).
+
+    The same kernel program as PacketSource (``bpf.NET_BASE``: every link type, VLAN tags,
+    our own outgoing frames dropped) is attached before the ring is bound.  ``read_frames``
+    is the capture process's path; ``read_batch`` (bytes per packet) serves any other
+    caller.  Raises OSError when the kernel refuses TPACKET_V3 or the ring (the caller falls
+    back to a recv socket, ``open_live_source``).
+
+    counters (besides the live-source ones): capture_truncated (frames cut short by the
+    block size), capture_kernel_dropped (the kernel's count of packets the full ring lost,
+    PACKET_STATISTICS), capture_blocks (blocks read).
+    """
+
+    def __init__(
+        self,
+        device: str | None,
+        prefilter: TransferFilter | None = None,
+        ring_bytes: int = RAW_RCVBUF_BYTES,
+        bpf_ports: Sequence[int] = (),
+        *,
+        kernel_filter: bool = True,
+        block_bytes: int = TPACKET_BLOCK_BYTES,
+        retire_ms: int = TPACKET_RETIRE_MS,
+        host_only: bool = False,
+    ) -> None:
+        if device == "any":
+            device = None
+        self.device = device
+        self.host_only = host_only
+        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+        self._mm: mmap.mmap | None = None
+        try:
+            if device is not None:
+                _device_hatype(device)
+            sock.setsockopt(SOL_PACKET, PACKET_VERSION, TPACKET_V3)
+            blocks = max(2, ring_bytes // block_bytes)
+            frames = blocks * (block_bytes // TPACKET_FRAME_BYTES)
+            req = _TPACKET_REQ3.pack(
+                block_bytes, blocks, TPACKET_FRAME_BYTES, frames, retire_ms, 0, 0
+            )
+            sock.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
+            self._mm = mmap.mmap(
+                sock.fileno(),
+                blocks * block_bytes,
+                mmap.MAP_SHARED,
+                mmap.PROT_READ | mmap.PROT_WRITE,
+            )
+        except OSError:
+            sock.close()
+            raise
+        super().__init__(sock, prefilter)
+        self.blocks = blocks
+        self.block_bytes = block_bytes
+        self._view = memoryview(self._mm)
+        self._u8 = np.frombuffer(self._mm, dtype=np.uint8)
+        self._u16 = self._u8.view(np.uint16)
+        self._u32 = self._u8.view(np.uint32)
+        self._words = memoryview(self._mm).cast("I")
+        self._next = 0  # the block the kernel fills next (they are retired in order)
+        self._held: list[int] = []  # blocks handed out by read_frames, not yet released
+        self._drops_logged = 0
+        if kernel_filter:
+            self._attach_filter(bpf.NET_BASE, bpf_ports)
+        try:
+            bind_packet_socket(sock, device)
+        except OSError:
+            self.close()
+            raise
+
+    # -- blocks ------------------------------------------------------------------------------
+
+    def _ready_block(self, scan: bool) -> int | None:
+        words, size = self._words, self.block_bytes
+        off = self._next * size
+        if not words[(off >> 2) + _BLOCK_STATUS] & TP_STATUS_USER:
+            if not scan:
+                return None
+            # Nothing where we expect it.  Normally the kernel is still filling that block;
+            # but a restarted capture process inherits the cursor of its parent's object, so
+            # resynchronize on the oldest ready block (the lowest seq_num), if any.
+            oldest = None
+            for i in range(self.blocks):
+                base = (i * size) >> 2
+                if words[base + _BLOCK_STATUS] & TP_STATUS_USER and i * size not in self._held:
+                    seq = words[base + _BLOCK_SEQ] | words[base + _BLOCK_SEQ + 1] << 32
+                    if oldest is None or seq < oldest[0]:
+                        oldest = (seq, i)
+            if oldest is None:
+                return None
+            self._next = oldest[1]
+            off = self._next * size
+        self._next = (self._next + 1) % self.blocks
+        return off
+
+    def release(self) -> None:
+        """Hand the blocks of the last read_frames back to the kernel."""
+        words = self._words
+        for off in self._held:
+            words[(off >> 2) + _BLOCK_STATUS] = TP_STATUS_KERNEL
+        self._held.clear()
+
+    def read_frames(self, now: float) -> list[FrameBatch]:
+        """The ready blocks (at most TPACKET_BLOCKS_PER_READ), one FrameBatch each; call
+        ``release()`` once they are copied out."""
+        self.release()
+        out: list[FrameBatch] = []
+        c = self.counters
+        for i in range(TPACKET_BLOCKS_PER_READ):
+            block = self._ready_block(scan=i == 0)
+            if block is None:
+                break
+            self._held.append(block)
+            c["capture_blocks"] += 1
+            batch = self._parse_block(block, now)
+            if batch is not None:
+                out.append(batch)
+        if out or self._held:
+            self._kernel_stats()
+        return out
+
+    def _parse_block(self, block: int, now: float) -> FrameBatch | None:
+        starts, lengths, keys, flags, ok, truncated = parse_block(
+            self._words, self._u8, self._u16, self._u32, block, host_only=self.host_only
+        )
+        c = self.counters
+        if truncated:
+            c["capture_truncated"] += truncated
+        if self.kernel_filtered:
+            keep = ok
+        else:
+            keep = self._python_filter(starts, lengths)
+        if not keep.all():
+            starts, lengths, keys, flags = starts[keep], lengths[keep], keys[keep], flags[keep]
+        if self.kernel_filtered:
+            c["capture_packets"] += len(starts)
+            c["capture_bytes"] += int(lengths.sum())
+            c["capture_accepted"] += len(starts)
+        if len(starts) == 0:
+            return None
+        return FrameBatch(self._view, starts, lengths, keys, flags, now)
+
+    def _python_filter(self, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Without an exact kernel program: TransferFilter.keep on every frame (it counts)."""
+        view, keep = self._view, self.keep
+        return np.fromiter(
+            (
+                keep(view[s : s + n].tobytes())
+                for s, n in zip(starts.tolist(), lengths.tolist(), strict=True)
+            ),
+            dtype=bool,
+            count=len(starts),
+        )
+
+    def _kernel_stats(self) -> None:
+        # PACKET_STATISTICS reads and resets the kernel's counts.
+        try:
+            raw = self.sock.getsockopt(SOL_PACKET, PACKET_STATISTICS, _TPACKET_STATS_V3.size)
+        except OSError:
+            return
+        _packets, drops, _freeze = _TPACKET_STATS_V3.unpack(raw)
+        if drops:
+            c = self.counters
+            c["capture_kernel_dropped"] += drops
+            if c["capture_kernel_dropped"] >= self._drops_logged * 10 or not self._drops_logged:
+                # Logged at the first drop, then each time the total grew tenfold.
+                self._drops_logged = max(1, c["capture_kernel_dropped"])
+                log.warning(
+                    "capture: the kernel dropped %d packets so far (the TPACKET ring was full: "
+                    "the capture process was off the CPU or too slow; -B sizes the ring)",
+                    c["capture_kernel_dropped"],
+                )
+
+    def read_batch(self, now: float) -> list[Packet]:
+        """The source interface with bytes per packet (for callers other than the capture
+        process); the blocks are released before returning."""
+        out: list[Packet] = []
+        for b in self.read_frames(now):
+            view = b.buf
+            for s, n in zip(b.starts.tolist(), b.lengths.tolist(), strict=True):
+                out.append((now, view[s : s + n].tobytes()))
+        self.release()
+        return out
+
+    def close(self) -> None:
+        self._held.clear()
+        self._u8 = self._u16 = self._u32 = None  # type: ignore[assignment]
+        for name in ("_words", "_view"):
+            v = getattr(self, name, None)
+            if v is not None:
+                v.release()
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+        self.sock.close()
+
+
+def block_frames(words: memoryview, block: int) -> np.ndarray:
+    """Offsets (from the buffer's start) of the frames of the block at byte ``block``;
+    ``words`` is the buffer cast to u32.  The frames form a chain (tp_next_offset), so this
+    is the one per-frame Python step: one int read and one add per frame."""
+    base = block >> 2
+    count = words[base + _BLOCK_NUM_PKTS]
+    if count == 0:
+        return np.empty(0, dtype=np.int64)
+    offsets = [0] * count
+    off = block + words[base + _BLOCK_FIRST]
+    for i in range(count):
+        offsets[i] = off
+        off += words[off >> 2]
+    return np.array(offsets, dtype=np.int64)
+
+
+def parse_block(
+    words: memoryview,
+    u8: np.ndarray,
+    u16: np.ndarray,
+    u32: np.ndarray,
+    block: int,
+    *,
+    host_only: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """The IPv4 packets of the TPACKET_V3 block at byte ``block`` of a buffer seen as
+    ``words`` (u32 memoryview) and ``u8``/``u16``/``u32`` (numpy views):
+    (starts, lengths, flow keys, TCP flags, well-formed mask, frames truncated).
+
+    Frames we must not replay are already left out: our own outgoing ones (the kernel
+    program drops them too), with ``host_only`` every frame not addressed to this host,
+    and frames cut short by the block (counted in the last item).
+    """
+    frames = block_frames(words, block)
+    if len(frames) == 0:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty, empty.astype(np.uint64), empty.astype(np.uint8), empty > 0, 0
+    starts, lengths, pkttype, truncated = frame_fields(u32, u16, u8, frames)
+    keep = pkttype != PACKET_OUTGOING
+    if host_only:
+        keep &= pkttype == 0  # PACKET_HOST: what a raw IP socket would have received
+    cut = 0
+    if truncated.any():
+        cut = int((truncated & keep).sum())
+        keep &= ~truncated
+    if not keep.all():
+        starts, lengths = starts[keep], lengths[keep]
+    keys, flags, ok = ip_flow_fields(u8, starts, lengths)
+    return starts, lengths, keys, flags, ok, cut
+
+
+_fallback_logged = False
+
+
+def open_live_source(
+    device: str | None,
+    prefilter: TransferFilter | None,
+    buffer_bytes: int,
+    bpf_ports: Sequence[int] = (),
+    *,
+    host_only: bool = False,
+) -> _LiveSource:
+    """The live capture source: TPACKET_V3 when the kernel offers it, else (logged once)
+    the recv path (PacketSource, or RawTcpSource for ``host_only``)."""
+    global _fallback_logged
+    try:
+        return TPacketSource(device, prefilter, buffer_bytes, bpf_ports, host_only=host_only)
+    except OSError as exc:
+        if exc.errno == errno.ENODEV:
+            raise
+        if not _fallback_logged:
+            _fallback_logged = True
+            log.warning("capture: no TPACKET_V3 ring (%s); reading packet by packet", exc)
+    if host_only:
+        return RawTcpSource(prefilter, buffer_bytes)
+    return PacketSource(device, prefilter, buffer_bytes, bpf_ports)
+
+
 def _set_rcvbuf(sock: socket.socket, size: int) -> None:
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
@@ -393,6 +792,25 @@ def _set_rcvbuf(sock: socket.socket, size: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
         except OSError:
             pass
+
+
+_SOCKADDR_LL = struct.Struct("=HHiHBB8s")  # family, protocol (BE), ifindex, hatype, pkttype...
+
+
+def bind_packet_socket(sock: socket.socket, device: str | None) -> None:
+    """bind() an AF_PACKET socket to ETH_P_ALL on `device`, or on every device (None).
+
+    Python's AF_PACKET address takes an interface *name* and "" is refused (ENODEV), so
+    "every device" (ifindex 0) is bound through libc with a struct sockaddr_ll.
+    """
+    if device is not None:
+        sock.bind((device, ETH_P_ALL))
+        return
+    addr = _SOCKADDR_LL.pack(socket.AF_PACKET, socket.htons(ETH_P_ALL), 0, 0, 0, 0, bytes(8))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.bind(sock.fileno(), ctypes.c_char_p(addr), len(addr)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"bind AF_PACKET (every device): {os.strerror(err)}")
 
 
 def _device_hatype(device: str) -> int:

@@ -14,6 +14,16 @@ PcapFileSource with its offline pacing) and their -x pre-filter.  Every accepted
    drops the packet and counts it for that worker (``ring_dropped``); capture never blocks
    on a worker (design §3).
 
+Sources with ``read_frames`` (capture.TPacketSource) hand over whole kernel blocks as numpy
+arrays (``FrameBatch``): the worker index of every packet is computed vectorized
+(``flow_workers``), and each ring gets its packets with one ``Ring.push_frames``, copied
+straight from the kernel's block into the ring's slots.
+
+Overload (engine/shed.py): before each batch the rings' fill levels and the memory
+watchdog's flag update a ``FlowGate``; a worker past SHED_RING_HIGH (or all workers while
+memory is short) admits no new session, and the flows it shed stay shed to their end, so a
+session is replicated whole or not at all.  Counted as shed_sessions_<reason>, drop_shed.
+
 Offline, when the file(s) are exhausted the process marks ``capture_done`` in the shared
 ControlBlock and exits 0: workers finish once their ring is empty and their sessions are
 gone, and the supervisor ends the replay when every worker did.
@@ -34,10 +44,14 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 from engine import packet
+from engine.capture import FrameBatch
 from engine.errors import DecodeError
 from engine.logs import LOGGER_NAME, reopen_logs
 from engine.ring import RING_SLOT_BYTES, RING_SLOTS, Ring
+from engine.shed import REASON_RING_FULL, FlowGate
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -66,6 +80,17 @@ def flow_worker(client_ip: int, client_port: int, workers: int) -> int:
     connect() ephemeral ports of one parity (even), so port % 2 is constant per client.
     """
     return ((((client_ip << 16 | client_port) * FLOW_HASH_MULTIPLIER) & _U64) >> 32) % workers
+
+
+_MULTIPLIER_U64 = np.uint64(FLOW_HASH_MULTIPLIER)
+_SHIFT_32 = np.uint64(32)
+
+
+def flow_workers(keys: np.ndarray, workers: int) -> np.ndarray:
+    """``flow_worker`` for an array of flow keys (client ip << 16 | client port, uint64):
+    the same numbers (uint64 products wrap modulo 2^64 like the ``& _U64`` above)."""
+    with np.errstate(over="ignore"):
+        return ((keys * _MULTIPLIER_U64) >> _SHIFT_32) % np.uint64(workers)
 
 
 def ring_slot_bytes(mtu: int) -> int:
@@ -98,6 +123,7 @@ class CaptureProcess:
         counters: object | None = None,
         control: object | None = None,
         clock: Callable[[], float] = time.monotonic,
+        shedding: bool = True,
     ) -> None:
         if not rings:
             raise ValueError("capture: no ring")
@@ -111,6 +137,8 @@ class CaptureProcess:
         self.control = control
         self.clock = clock
         self.counters: Counter[str] = Counter()
+        # shedding=False (tests of the full-ring path only): a gate that never sheds.
+        self.gate = FlowGate(len(self.rings), counters=self.counters, enabled=shedding)
         self.exit_reason = ""
         self._stop = False
         self._pending_signals: list[int] = []
@@ -172,6 +200,7 @@ class CaptureProcess:
             self._beat(now)
             if now >= next_flush:
                 next_flush = now + COUNTER_FLUSH_INTERVAL_S
+                self._update_gate()  # also when no packet comes: the state and its log
                 self.flush()
             if self._offline_done():
                 if self.control is not None:
@@ -194,15 +223,25 @@ class CaptureProcess:
                 if key.data is None:
                     self._drain_wakeup()
                     continue
-                src = self.sources[key.data]
-                self.dispatch(src.read_batch(now))  # type: ignore[attr-defined]
+                self._read(self.sources[key.data], now)
             for src in self.sources:
                 due = src.next_deadline()  # type: ignore[attr-defined]
                 if due is not None and due <= now:
-                    self.dispatch(src.read_batch(now))  # type: ignore[attr-defined]
+                    self._read(src, now)
         self.flush()
         log.info("capture exits: %s", self.exit_reason)
         return 0
+
+    def _read(self, src: object, now: float) -> None:
+        read_frames = getattr(src, "read_frames", None)
+        if read_frames is None:
+            self.dispatch(src.read_batch(now), now)  # type: ignore[attr-defined]
+            return
+        try:
+            for batch in read_frames(now):
+                self.dispatch_frames(batch)
+        finally:
+            src.release()  # type: ignore[attr-defined]
 
     def close(self) -> None:
         for src in self.sources:
@@ -233,32 +272,46 @@ class CaptureProcess:
 
     # -- data path --------------------------------------------------------------------------
 
-    def dispatch(self, batch: Sequence[tuple[float, bytes]]) -> None:
+    def dispatch(self, batch: Sequence[tuple[float, bytes]], now: float | None = None) -> None:
         """Hash each (already pre-filtered) IPv4/TCP packet to its worker's ring.
 
-        The hot loop of the capture process (with the source's recv): per packet one struct
-        unpack for the common 20-byte IP header, the inlined flow_worker() and an append.
+        The path of the sources that hand over bytes (recv sockets, pcap files): per packet
+        one struct unpack for the common 20-byte IP header; the hash and the shedding
+        decision are taken for the whole batch (``flow_workers``, ``FlowGate.admit``).
+        ``now`` is the monotonic time of the batch (the packets' stamps may be file times).
         """
         if not batch:
             return
+        if now is None:
+            now = self.clock()
+        self._update_gate()
         rings = self.rings
         n = len(rings)
         mtu = self.mtu
-        out: list[list[tuple[bytes, float]]] = [[] for _ in range(n)]
+        keys: list[int] = []
+        flags: list[int] = []
+        add_key, add_flags = keys.append, flags.append
         unpack_src = _SRC_NO_OPTIONS.unpack_from
-        for ts, ip in batch:
+        for _ts, ip in batch:
             # The pre-filter has checked: IPv4, TCP, not a non-first fragment, ports present.
-            if n == 1:
-                dest = out[0]
+            if ip[0] == 0x45:  # no IP options: src ip and src port at fixed offsets
+                src_ip, src_port = unpack_src(ip)
+                add_flags(ip[33])
             else:
-                if ip[0] == 0x45:  # no IP options: src ip and src port at fixed offsets
-                    src_ip, src_port = unpack_src(ip)
-                else:
-                    ihl = (ip[0] & 0x0F) * 4
-                    src_ip = int.from_bytes(ip[12:16], "big")
-                    src_port = ip[ihl] << 8 | ip[ihl + 1]
-                # flow_worker(), inlined: this line runs for every captured packet.
-                dest = out[((((src_ip << 16 | src_port) * FLOW_HASH_MULTIPLIER) & _U64) >> 32) % n]
+                ihl = (ip[0] & 0x0F) * 4
+                src_ip = int.from_bytes(ip[12:16], "big")
+                src_port = ip[ihl] << 8 | ip[ihl + 1]
+                add_flags(ip[ihl + 13])
+            add_key(src_ip << 16 | src_port)
+        key_arr = np.array(keys, dtype=np.uint64)
+        worker_arr = flow_workers(key_arr, n) if n > 1 else np.zeros(len(keys), dtype=np.uint64)
+        admit = self.gate.admit(key_arr, np.array(flags, dtype=np.uint8), worker_arr, now)
+        out: list[list[tuple[bytes, float]]] = [[] for _ in range(n)]
+        mask = admit.tolist() if admit is not None else None
+        for i, ((ts, ip), w) in enumerate(zip(batch, worker_arr.tolist(), strict=True)):
+            if mask is not None and not mask[i]:
+                continue
+            dest = out[w]
             if len(ip) <= mtu:
                 dest.append((ip, ts))
             else:
@@ -266,6 +319,69 @@ class CaptureProcess:
         for ring, packets in zip(rings, out, strict=True):
             if packets:
                 ring.push_batch(packets)
+
+    def dispatch_frames(self, batch: FrameBatch) -> None:
+        """A kernel block's packets to the rings: workers and shedding for the whole batch as
+        arrays, then one ``push_frames`` per ring copying from the block into the slots."""
+        count = len(batch.keys)
+        if count == 0:
+            return
+        self._update_gate()
+        rings = self.rings
+        n = len(rings)
+        workers = flow_workers(batch.keys, n) if n > 1 else np.zeros(count, dtype=np.uint64)
+        starts, lengths = batch.starts, batch.lengths
+        admit = self.gate.admit(batch.keys, batch.flags, workers, self.clock())
+        if admit is not None:
+            starts, lengths, workers = starts[admit], lengths[admit], workers[admit]
+        if len(starts) == 0:
+            return
+        ts = batch.ts
+        if (lengths > self.mtu).any():
+            # GRO/TSO aggregates to split: the bytes path for this batch keeps the order.
+            self._dispatch_split(batch.buf, starts, lengths, workers, ts)
+            return
+        if n == 1:
+            rings[0].push_frames(batch.buf, starts, lengths, ts)
+            return
+        for i, ring in enumerate(rings):
+            sel = workers == i
+            if sel.any():
+                ring.push_frames(batch.buf, starts[sel], lengths[sel], ts)
+
+    def _dispatch_split(
+        self,
+        buf: memoryview,
+        starts: np.ndarray,
+        lengths: np.ndarray,
+        workers: np.ndarray,
+        ts: float,
+    ) -> None:
+        mtu = self.mtu
+        out: list[list[tuple[bytes, float]]] = [[] for _ in self.rings]
+        for s, n, w in zip(starts.tolist(), lengths.tolist(), workers.tolist(), strict=True):
+            ip = buf[s : s + n].tobytes()
+            if n <= mtu:
+                out[w].append((ip, ts))
+            else:
+                self._split(ip, ts, out[w])
+        for ring, packets in zip(self.rings, out, strict=True):
+            if packets:
+                ring.push_batch(packets)
+
+    def _update_gate(self) -> None:
+        memory = bool(self.control is not None and self.control.shed)  # type: ignore[attr-defined]
+        for worker, reason in self.gate.update([r.fill() for r in self.rings], memory):
+            # The memory watchdog's own line says when and why memory sheds.
+            if reason == REASON_RING_FULL:
+                log.warning(
+                    "worker %d: ring over %d %% full: its new sessions are shed whole "
+                    "(shed_sessions_ring_full)",
+                    worker,
+                    round(self.gate.high * 100),
+                )
+            elif not reason:
+                log.info("worker %d: new sessions are admitted again", worker)
 
     def _split(self, ip: bytes, ts: float, dest: list[tuple[bytes, float]]) -> None:
         """A GRO/TSO aggregate larger than -M: its MTU-sized pieces (spec §3.4)."""

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import IO, Any
 
-from metrics.counters import DROP_REASONS, OUTCOMES
+from metrics.counters import DROP_REASONS, OUTCOMES, SHED_REASONS
 
 __all__ = ["final_summary", "summary_text", "Progress", "progress_fields", "progress_text"]
 
@@ -54,6 +54,7 @@ def final_summary(totals: Mapping[str, int]) -> dict[str, Any]:
     # byte fidelity cannot see: name them with the other drops so the summary stays honest.
     drops["ring_full"] = int(totals.get("ring_dropped", 0))
     fidelity = fidelity_percent(totals)
+    shed = {r: int(totals.get("shed_sessions_" + r, 0)) for r in SHED_REASONS}
     return {
         "sessions": sum(outcomes.values()),
         "sessions_by_outcome": {k: v for k, v in outcomes.items() if v},
@@ -63,6 +64,8 @@ def final_summary(totals: Mapping[str, int]) -> dict[str, Any]:
         "client_bytes_acked": int(totals.get("client_bytes_acked", 0)),
         "fidelity_pct": None if fidelity is None else round(fidelity, 2),
         "drops": {k: v for k, v in drops.items() if v},
+        # Whole sessions not replicated under overload (engine/shed.py), by reason.
+        "sessions_shed": {k: v for k, v in shed.items() if v},
     }
 
 
@@ -79,10 +82,19 @@ def summary_text(summary: Mapping[str, Any]) -> str:
     drops = ", ".join(f"{k} {v}" for k, v in summary["drops"].items()) or "none"
     if summary["drops"].get("ring_full"):
         fidelity_text += " of the packets that reached a worker"
+    shed = summary.get("sessions_shed") or {}
+    shed_text = (
+        f", sessions shed under overload {sum(shed.values())} ("
+        + ", ".join(f"{k} {v}" for k, v in shed.items())
+        + ")"
+        if shed
+        else ""
+    )
     return (
         f"summary: sessions {summary['sessions']}"
         + (f" ({by_outcome})" if by_outcome else "")
         + (f", {summary['sessions_active']} still active" if summary["sessions_active"] else "")
+        + shed_text
         + f", requests sent {summary['requests_sent']}, fidelity {fidelity_text}, drops: {drops}"
     )
 

@@ -21,6 +21,12 @@ Wake-ups: an eventfd is rung when the producer finds the ring empty before its b
 memory fence between "publish my counter" and "read the other's", a wake-up can in rare
 interleavings be missed; the consumer therefore never sleeps longer than
 ``RING_IDLE_POLL_S`` (the safety net costs one wake-up per idle interval).
+
+Batching: both sides read the other's counter once and publish their own once per batch.
+``push_frames`` writes a whole batch that lies in one buffer (a TPACKET_V3 block of the
+capture's mmap ring) with the slot headers set by numpy views over the block (lengths and
+timestamps as arrays) and one memoryview slice copy per packet: no Python object per packet.
+``pop_packets`` reads the batch's lengths and timestamps the same way.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from __future__ import annotations
 import os
 import struct
 from multiprocessing import shared_memory
+
+import numpy as np
 
 __all__ = ["Ring", "RING_SLOT_BYTES", "RING_SLOTS", "RING_IDLE_POLL_S"]
 
@@ -53,6 +61,12 @@ class Ring:
         self.max_packet_bytes = slot_bytes - _SLOT_HEADER.size
         self.efd = efd
         self._owner = owner
+        # numpy views of the slot headers: length (u32) and timestamp (f64) of every slot.
+        body = np.frombuffer(self._buf, dtype=np.uint8, offset=_HEADER_BYTES)
+        self._u32 = body[: (len(body) // 4) * 4].view(np.uint32)
+        self._f64 = body[: (len(body) // 8) * 8].view(np.float64)
+        self._slot_words32 = slot_bytes // 4
+        self._slot_words64 = slot_bytes // 8
         self.dropped = 0  # producer side: full ring
         self.oversize = 0  # producer side: packet larger than a slot
 
@@ -119,6 +133,52 @@ class Ring:
                 self._ring()
         return written
 
+    def fill(self) -> float:
+        """Fraction of the slots in use (producer side: what overload shedding watches)."""
+        return (self._head() - self._tail()) / self.slots
+
+    def push_frames(
+        self, src: memoryview, starts: np.ndarray, lengths: np.ndarray, ts: float
+    ) -> int:
+        """Append packets ``src[starts[i] : starts[i] + lengths[i]]``, all stamped ``ts``;
+        return how many were written (the rest: ``dropped``/``oversize``).  Never blocks.
+
+        One head/tail read and one head publish for the batch; the slot headers are written
+        as two numpy fancy-index stores, the data with one slice copy per packet.
+        """
+        count = len(starts)
+        if count == 0:
+            return 0
+        buf = self._buf
+        head = self._head()
+        tail = self._tail()
+        was_empty = head == tail
+        over = lengths > self.max_packet_bytes
+        if over.any():
+            self.oversize += int(over.sum())
+            keep = ~over
+            starts, lengths = starts[keep], lengths[keep]
+            count = len(starts)
+        free = self.slots - (head - tail)
+        if count > free:
+            self.dropped += count - free
+            starts, lengths = starts[:free], lengths[:free]
+            count = free
+        if count == 0:
+            return 0
+        index = (np.arange(head, head + count, dtype=np.int64)) % self.slots
+        self._u32[index * self._slot_words32] = lengths
+        self._u32[index * self._slot_words32 + 1] = 0
+        self._f64[index * self._slot_words64 + 1] = ts
+        data = index * self.slot_bytes + (_HEADER_BYTES + _SLOT_HEADER.size)
+        for d, s, n in zip(data.tolist(), starts.tolist(), lengths.tolist(), strict=True):
+            buf[d : d + n] = src[s : s + n]
+        head += count
+        _COUNTER.pack_into(buf, 0, head)
+        if was_empty or self._tail() == head - count:
+            self._ring()
+        return count
+
     def _ring(self) -> None:
         try:
             os.eventfd_write(self.efd, 1)
@@ -144,6 +204,22 @@ class Ring:
             _COUNTER.pack_into(buf, _TAIL_OFFSET, tail)
         return out
 
+    def pop_packets(self, max_items: int = 256) -> list[tuple[float, bytes]]:
+        """Take up to ``max_items`` packets as (timestamp, data), oldest first: the capture
+        source interface's order, read with numpy views for the headers of the batch."""
+        buf = self._buf
+        tail = self._tail()
+        count = min(self._head() - tail, max_items)
+        if count <= 0:
+            return []
+        index = np.arange(tail, tail + count, dtype=np.int64) % self.slots
+        lengths = self._u32[index * self._slot_words32].tolist()
+        stamps = self._f64[index * self._slot_words64 + 1].tolist()
+        data = (index * self.slot_bytes + (_HEADER_BYTES + _SLOT_HEADER.size)).tolist()
+        out = [(t, buf[d : d + n].tobytes()) for t, d, n in zip(stamps, data, lengths, strict=True)]
+        _COUNTER.pack_into(buf, _TAIL_OFFSET, tail + count)
+        return out
+
     def clear_wakeup(self) -> None:
         """Consume the eventfd after it polled readable."""
         try:
@@ -152,7 +228,14 @@ class Ring:
             pass
 
     # -- lifetime --------------------------------------------------------------------------
+    def __del__(self) -> None:
+        # The numpy views export the block's buffer: drop them before SharedMemory.__del__
+        # tries to close it (a ring that was never closed, e.g. in a test that failed).
+        self._u32 = self._f64 = None  # type: ignore[assignment]
+
     def close(self) -> None:
+        # The numpy views export the buffer: they must go before the block can be closed.
+        self._u32 = self._f64 = None  # type: ignore[assignment]
         self._buf = None  # type: ignore[assignment]
         self._shm.close()
         if self._owner:

@@ -442,10 +442,14 @@ def build_sources(cfg: ReplayConfig, prefilter: object) -> list[object]:
         if "any" in cfg.interfaces:
             devices = [None]
         return [
-            capture.PacketSource(dev, prefilter, cfg.capture_buffer_bytes, bpf_ports=ports)
+            capture.open_live_source(dev, prefilter, cfg.capture_buffer_bytes, ports)  # type: ignore[arg-type]
             for dev in devices
         ]
-    return [capture.RawTcpSource(prefilter, cfg.capture_buffer_bytes)]
+    # raw: what arrives at this host (PACKET_HOST on every device) through the TPACKET_V3
+    # ring; the IPPROTO_TCP raw socket (spec §3.2) when the kernel offers no ring.
+    return [
+        capture.open_live_source(None, prefilter, cfg.capture_buffer_bytes, host_only=True)  # type: ignore[arg-type]
+    ]
 
 
 def write_summary(path: str, values: dict[str, object]) -> None:

@@ -15,15 +15,15 @@ which offers the capture.py source interface:
   is empty: Worker then stops by itself when its table has no session left.
 
 Every ``read_batch`` (so at least every RING_IDLE_POLL_S) also calls ``tick(now)``:
-``WorkerProcess`` uses it to write its heartbeat, to follow the watchdog's "shed" flag, and
-to flush its counters into its row of the shared CounterBlock every
-COUNTER_FLUSH_INTERVAL_S.  The row's ``active`` gauge is what the supervisor counts as lost
+``WorkerProcess`` uses it to write its heartbeat and to flush its counters into its row of
+the shared CounterBlock every COUNTER_FLUSH_INTERVAL_S.  The watchdog's "shed" flag is the
+capture process's to follow (engine/shed.py): it sheds whole sessions before they reach a
+ring, where a worker refusing its flows would cut sessions already admitted.  The row's ``active`` gauge is what the supervisor counts as lost
 if this process dies.  The stats line is the supervisor's job, so ``log_stats`` only flushes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -38,9 +38,6 @@ RING_BATCH_MAX_PACKETS = 1024
 """Packets taken from the ring per read_batch (timers and responses are not starved)."""
 COUNTER_FLUSH_INTERVAL_S = 0.2
 """How stale this worker's row (and so the supervisor's count of lost sessions) may get."""
-SHED_MAX_SESSIONS = -1
-"""SessionConfig.max_sessions while shedding: a negative limit refuses every new session
-(0 means unlimited and any positive limit would still admit some)."""
 
 
 class RingSource:
@@ -82,12 +79,12 @@ class RingSource:
         ring = self.ring
         # Clear first: a push after our pop rings again, so nothing is slept through.
         ring.clear_wakeup()
-        items = ring.pop_batch(self.batch_max)
+        items = ring.pop_packets(self.batch_max)
         self._last_read = now
         self._backlog = len(items) == self.batch_max and len(ring) > 0
         if self.tick is not None:
             self.tick(now)
-        return [(ts, data) for data, ts in items]
+        return items
 
     def close(self) -> None:
         self.ring.close()
@@ -115,8 +112,6 @@ class WorkerProcess(Worker):
         self.control = control
         self.row = counters.worker_row(index) if counters is not None else None  # type: ignore[attr-defined]
         self.slot = 1 + index
-        self._base_session_cfg = table.config  # type: ignore[attr-defined]
-        self._shedding = False
         self._next_flush = float("-inf")
         source.tick = self.tick
 
@@ -124,21 +119,9 @@ class WorkerProcess(Worker):
         control = self.control
         if control is not None:
             control.beat(self.slot, now)  # type: ignore[attr-defined]
-            shed = control.shed  # type: ignore[attr-defined]
-            if shed != self._shedding:
-                self._set_shedding(shed)
         if now >= self._next_flush:
             self._next_flush = now + COUNTER_FLUSH_INTERVAL_S
             self.flush_counters()
-
-    def _set_shedding(self, shed: bool) -> None:
-        self._shedding = shed
-        base = self._base_session_cfg
-        limit = SHED_MAX_SESSIONS if shed else base.max_sessions
-        self.table.config = dataclasses.replace(base, max_sessions=limit)  # type: ignore[attr-defined]
-        log.info(
-            "worker %d: %s", self.index, "shedding new sessions" if shed else "accepting again"
-        )
 
     def flush_counters(self) -> None:
         if self.block is None:

@@ -84,6 +84,7 @@ __all__ = [
     "SEND_ERRNOS",
     "SENT_KINDS",
     "HANDSHAKE_FAILURES",
+    "SHED_REASONS",
     "sent_by_kind",
     "ACTIVE",
     "UNSEND",
@@ -114,10 +115,10 @@ class Slot(NamedTuple):
 
 OTHER = "other"
 
-DROP_EXTRA_REASONS = ("unsent_at_end", "ring_oversize", "parse_error")
+DROP_EXTRA_REASONS = ("unsent_at_end", "ring_oversize", "parse_error", "shed")
 """Losses counted outside the session's DropReason: client segments still unsent when their
 session ended ("unsend dropped"), packets larger than a ring slot, captured frames that did
-not parse."""
+not parse, packets of sessions shed under overload (engine/shed.py)."""
 DROP_REASONS: tuple[str, ...] = tuple(r.value for r in DropReason) + DROP_EXTRA_REASONS + (OTHER,)
 """Values of the ``reason`` label of tcpcopy_packets_dropped_total (slot ``drop_<reason>``)."""
 
@@ -143,6 +144,10 @@ assert all(name == OTHER or hasattr(_errno, name) for name in SEND_ERRNOS)
 SENT_KINDS: tuple[str, ...] = ("syn", "data", "ack", "fin", "rst", "retransmit", "probe")
 """Values of the ``kind`` label of tcpcopy_packets_sent_total: a partition of what the
 sessions emitted (see ``sent_by_kind``)."""
+
+SHED_REASONS: tuple[str, ...] = ("ring_full", "memory")
+"""Values of the ``reason`` label of tcpcopy_sessions_shed_total (slot ``shed_sessions_<reason>``,
+engine/shed.py's REASON_*): whole sessions the capture did not admit under overload."""
 
 HANDSHAKE_FAILURES: dict[str, str] = {
     "refused": "ended_" + Outcome.REFUSED.value,
@@ -173,6 +178,9 @@ _SCHEMA: list[Slot] = [
         "capture_errors",  # every capture_error_<name>
         "capture_pure_ack_dropped",  # pure ACKs the Python filter dropped (spec §3.3 step 8)
         "capture_kernel_filter_failed",  # sources whose BPF program could not be attached
+        "capture_kernel_dropped",  # TPACKET_V3: packets the kernel lost, its ring full
+        "capture_blocks",  # TPACKET_V3 blocks read
+        "shed_starts",  # times a worker began shedding new sessions (engine/shed.py)
         "offline_packets",
         "offline_passes",
         "offline_idle_gaps",
@@ -180,6 +188,9 @@ _SCHEMA: list[Slot] = [
         "offline_bytes_read",  # file bytes consumed (the progress display's numerator)
     ),
     Slot("ring_dropped", PER_RING, "packets the capture dropped: this worker's ring was full"),
+    *_counters(
+        "sessions shed under overload, by reason", *("shed_sessions_" + r for r in SHED_REASONS)
+    ),
     # session table and sessions (engine/shard.py, engine/session.py; spec §3.18 labels)
     *_counters(
         "session",

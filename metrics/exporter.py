@@ -31,6 +31,7 @@ from metrics.counters import (
     OUTCOMES,
     SEND_ERRNOS,
     SENT_KINDS,
+    SHED_REASONS,
     sent_by_kind,
 )
 
@@ -142,6 +143,16 @@ TCPCOPY_SERIES: tuple[tuple[Series, Callable[[Snapshot], Any]], ...] = (
             "Packets the capture dropped because the worker's ring was full.",
         ),
         _per_worker("ring_dropped"),
+    ),
+    (
+        Series(
+            "tcpcopy_sessions_shed",
+            COUNTER,
+            ("reason",),
+            "Whole sessions the capture did not admit under overload, by reason "
+            "(ring_full: the worker's ring past 90 %; memory: -m past 90 %).",
+        ),
+        _labelled("shed_sessions_", SHED_REASONS),
     ),
     (
         Series(

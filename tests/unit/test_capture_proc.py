@@ -109,7 +109,9 @@ def test_tiny_ring_drops_are_counted_per_worker_and_capture_never_blocks(rings_f
     control = ControlBlock(2)
     block = CounterBlock.create(workers=2)
     try:
-        proc, flt, _src = make_capture(rings, counters=block, control=control)
+        # Shedding off: this is the full-ring path itself (tests/unit/test_shed.py has the
+        # shedding that normally keeps a ring from filling).
+        proc, flt, _src = make_capture(rings, counters=block, control=control, shedding=False)
         assert proc.run() == 0  # returns although nobody consumes: drops, no hang
         proc.close()
         expected = Counter(flow_worker(ip, port, 2) for ip, port in client_packets(PCAP))
@@ -122,7 +124,7 @@ def test_tiny_ring_drops_are_counted_per_worker_and_capture_never_blocks(rings_f
         # A restarted capture process (fresh producer objects, rings still full) continues
         # the per-ring counts: the second pass drops every packet.
         attached = [Ring.attach(r.spec()) for r in rings]
-        again, _, _ = make_capture(attached, counters=block, control=control)
+        again, _, _ = make_capture(attached, counters=block, control=control, shedding=False)
         again.run()
         again.close()
         for i in range(2):

@@ -92,3 +92,50 @@ def test_across_processes_in_order():
     proc.join(10)
     ring.close()
     assert got == sent
+
+
+# -- batch writes from one buffer (a TPACKET block) and batch reads ---------------------------
+
+
+def _frames(sizes):
+    """A buffer holding packets of ``sizes`` back to back, and their (start, length)."""
+    import numpy as np
+
+    chunks = [bytes([i + 1]) * n for i, n in enumerate(sizes)]
+    starts = np.cumsum([0, *sizes[:-1]]).astype(np.int64)
+    return memoryview(b"".join(chunks)), starts, np.array(sizes, dtype=np.int64), chunks
+
+
+def test_push_frames_round_trips_across_the_wrap(ring):
+    buf, starts, lengths, chunks = _frames([1, 2, 3, 4, 5])
+    assert ring.push_frames(buf, starts, lengths, 1.0) == 5
+    assert ring.pop_packets(4) == [(1.0, c) for c in chunks[:4]]
+    buf2, starts2, lengths2, chunks2 = _frames([6, 7, 8, 9, 10, 11, 12])
+    assert ring.push_frames(buf2, starts2, lengths2, 2.0) == 7  # slots 5..11: wraps at 8
+    assert len(ring) == 8
+    assert ring.pop_packets(100) == [(1.0, chunks[4])] + [(2.0, c) for c in chunks2]
+
+
+def test_push_frames_drops_what_does_not_fit_and_skips_oversize(ring):
+    sizes = [10, ring.max_packet_bytes + 1, 20, 30, 40, 50, 60, 70, 80, 90]
+    buf, starts, lengths, chunks = _frames(sizes)
+    assert ring.push_frames(buf, starts, lengths, 0.0) == 8
+    assert ring.oversize == 1 and ring.dropped == 1
+    kept = [c for c in chunks if len(c) <= ring.max_packet_bytes][:8]
+    assert ring.pop_packets(100) == [(0.0, c) for c in kept]
+
+
+def test_batch_and_frame_writes_and_both_reads_interleave(ring):
+    buf, starts, lengths, chunks = _frames([3, 4])
+    ring.push_batch([(b"a", 0.5)])
+    ring.push_frames(buf, starts, lengths, 1.5)
+    ring.push_batch([(b"z", 2.5)])
+    assert ring.pop_batch(2) == [(b"a", 0.5), (chunks[0], 1.5)]
+    assert ring.pop_packets(5) == [(1.5, chunks[1]), (2.5, b"z")]
+    assert ring.pop_packets(5) == [] and len(ring) == 0
+
+
+def test_fill_is_the_used_fraction(ring):
+    assert ring.fill() == 0.0
+    ring.push_batch([(b"x", 0.0)] * 6)
+    assert ring.fill() == 6 / 8
