@@ -521,12 +521,15 @@ class ReplayConfig:
         "raw",
         long="--capture",
         parse=Choice("raw", "packet"),
-        help="raw socket (default) or AF_PACKET on -i",
+        help="raw: packets to this host on every device; packet: AF_PACKET on -i DEV",
         section=_CAPT,
         shown_default="raw (packet with -i DEV)",
     )
-    """raw (IPPROTO_TCP raw socket, the C default) | packet (AF_PACKET on -i) | offline
-    (set by a pcap file)."""
+    """raw (the C default's scope: the TCP packets addressed to this host, from every device) |
+    packet (every frame of -i DEV) | offline (set by a pcap file).  Both live modes read an
+    AF_PACKET TPACKET_V3 mmap ring (a block of packets per wake-up, the BPF filter in the
+    kernel); where that is unavailable they fall back, logged once, to recv on an IPPROTO_TCP
+    raw socket (raw) or an AF_PACKET socket (packet)."""
     interfaces: tuple[str, ...] = option(
         (),
         short="-i",
