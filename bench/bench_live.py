@@ -620,12 +620,20 @@ class Intercept:
                 check=False,
             )  # fmt: skip
             self.rule_added = False
-        # No rule of either intercept may survive into the next run (queue 0 is shared).
-        tbm.wait_until(
-            lambda: "NFQUEUE" not in self.ctx.tb.run("target", "iptables-save").stdout,
-            10,
-            what="the NFQUEUE rule gone",
-        )
+        # No rule of either intercept may survive into the next run (queue 0 is shared): one
+        # left behind (an intercept-mp that had to be killed) is deleted here, and said.
+        tb = self.ctx.tb
+        try:
+            tbm.wait_until(
+                lambda: "NFQUEUE" not in tb.run("target", "iptables-save").stdout,
+                5,
+                what="the NFQUEUE rule gone",
+            )
+        except TimeoutError:
+            for line in tb.run("target", "iptables-save", "-t", "filter").stdout.splitlines():
+                if line.startswith("-A ") and "NFQUEUE" in line:
+                    say(f"  deleting a left-over rule: {line}")
+                    tb.run("target", "sh", "-c", f"iptables -w -D {line[3:]}", check=False)
         return rc
 
 
@@ -689,6 +697,31 @@ def per_1k(cpu_s: float | None, n: int) -> float | None:
     return round(1000 * cpu_s / n, 4) if cpu_s is not None and n else None
 
 
+def wait_probe(tb: tbm.Testbed, proc: tbm.Proc, prefix: str) -> int:
+    """Send one-request probes (``prefix<n>``) from the client until one shows up in the
+    target's log (capture, channels and replay all up); returns the probes sent.  Like
+    Testbed.wait_replicating, but reads only the log's new lines (the benchmark's logs grow
+    to millions of lines)."""
+    target = LogCounter(tb.nginx["target"].dir / "access.log", f" {prefix}")
+    sent = 0
+
+    def replicated() -> bool:
+        nonlocal sent
+        if not proc.alive():
+            raise tbm.TestbedError(
+                f"{proc.name} exited (rc={proc.popen.returncode}):\n{proc.tail()}"
+            )
+        if target.count():
+            return True
+        tbm.http_get(tb.ns("client"), tbm.ONLINE_CLIENT_SIDE_IP, tbm.ONLINE_HTTP_PORT,
+                     f"{prefix}{sent}")  # fmt: skip
+        sent += 1
+        return False
+
+    tbm.wait_until(replicated, READY_TIMEOUT_S, interval=0.2, what=f"{proc.name} replicating")
+    return sent
+
+
 def run_live(ctx: Context, scenario: Scenario, rep: Replicator) -> dict[str, Any]:
     tb = ctx.tb
     run = ctx.next_run()
@@ -701,10 +734,12 @@ def run_live(ctx: Context, scenario: Scenario, rep: Replicator) -> dict[str, Any
     intercept = proc = None
     out_file = ctx.workdir / "none"
     snat = False
+    t_setup = time.monotonic()
     try:
         intercept = Intercept(ctx, rep.impl, run)
         proc, out_file = start_live_replicator(ctx, rep, run, result["client_pool"])
-        tb.wait_replicating(proc, timeout=READY_TIMEOUT_S, prefix=f"/probe-{prefix}/")
+        wait_probe(tb, proc, f"/probe-{prefix}/")
+        result["setup_s"] = round(time.monotonic() - t_setup, 2)
         if scenario.client_ips > 1:
             install_snat(tb)
             snat = True
@@ -760,12 +795,14 @@ def run_live(ctx: Context, scenario: Scenario, rep: Replicator) -> dict[str, Any
         if proc is not None:
             result["log_tail"] = proc.tail(12)
     finally:
+        t_stop = time.monotonic()
         if snat:
             remove_snat(tb)
         if proc is not None:
             result["tcpcopy_exit"] = proc.stop(signal.SIGTERM, timeout=STOP_TIMEOUT_S)
         if intercept is not None:
             result["intercept_exit"] = intercept.stop()
+        result["stop_s"] = round(time.monotonic() - t_stop, 2)
     finish_result(result, rep, out_file)
     return result
 
@@ -1069,7 +1106,7 @@ def run_profile(ctx: Context, scenario: Scenario, workers: int, out: Path) -> di
         intercept = Intercept(ctx, OURS, run)
         pool = f"198.19.{POOL_FIRST + run}.x"
         tcpcopy, _ = start_live_replicator(ctx, Replicator(OURS, workers), run, pool)
-        tb.wait_replicating(tcpcopy, timeout=READY_TIMEOUT_S, prefix=f"/probe-{prefix}/")
+        wait_probe(tb, tcpcopy, f"/probe-{prefix}/")
         if scenario.client_ips > 1:
             install_snat(tb)
             snat = True
