@@ -1356,7 +1356,7 @@ def plot(report: dict[str, Any], path: Path) -> str | None:
                 ax.text(x, 0, "failed", rotation=90, ha="center", va="bottom", fontsize=8)
     axes[0].set_ylabel("replicated / online requests (%)")
     axes[0].set_ylim(0, 105)
-    axes[0].legend(loc="lower left")
+    axes[0].legend(loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=len(labels), fontsize=9)
     axes[0].set_title(
         f"tcpcopy-mp vs C TCPCopy 1.0, traditional mode, {report['host']['cpus']} CPUs, "
         f"{report['duration_s']} s per live run ({report['started'][:10]})"
