@@ -1204,7 +1204,7 @@ def compare(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             if want is not None:
                 min_ratio, min_vs_c = want
                 checks = {"replicated": (best.get("ratio") or 0) >= min_ratio}
-                if min_vs_c is not None:
+                if min_vs_c is not None and c_run is not None:
                     checks["rate_vs_c"] = (
                         best.get("rate_vs_c") is not None and best["rate_vs_c"] >= min_vs_c
                     )
