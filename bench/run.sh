@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The live benchmark: set up (apt + venv + the bench extras), then measure replication ratio and
-# CPU cost of tcpcopy-mp per scenario and worker count inside private network namespaces.
-#   sudo bash bench/run.sh [--quick] [--no-setup] [bench_live.py options, see --help]
+# The live benchmark: set up (apt + venv + the bench extras), then measure tcpcopy-mp beside C TCPCopy
+# 1.0 (built once from ../shared/anchor) per scenario inside private network namespaces.
+#   sudo bash bench/run.sh [--quick] [--no-setup] [--peer c|none] [bench_live.py options, see --help]
 # --no-setup skips tests/setup.sh (it stops every nginx on the machine: do not use it while
 # other netns tests run).  Results: bench/results/latest.{json,md,png}.
 set -euo pipefail

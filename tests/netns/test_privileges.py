@@ -7,26 +7,29 @@ keeping only CAP_NET_RAW and CAP_NET_ADMIN.  The test replicates requests, reads
 unprivileged too and replication must go on), and stops intercept-mp, whose iptables rule
 must be gone although it is no longer root.
 
-The Python of this machine may live where the new user cannot read it (a pyenv under a 0700
-/root); the programs then refuse to drop (engine/privileges.py: they stay root, with a
-warning).  To test the drop itself, each program runs in a private mount namespace where
-/root is replaced by a 0755 tmpfs holding only the interpreter's directory: what a normal
-installation (/usr) looks like to the unprivileged user.
+The checkout (and its .venv) may live where the new user cannot read it (a 0700 mktemp -d or
+home directory), and so may the interpreter (a pyenv under a 0700 /root); the programs then
+refuse to drop (engine/privileges.py: they stay root, with a warning), which is not what this
+test is about.  So both programs run from tests/readable_install.py's copy of the project in a
+world-readable venv under /tmp, with an interpreter the user can run (a system Python of the
+same version, or the base one seen through a private mount namespace that makes it
+readable): what a normal installation looks like to the unprivileged user, wherever the
+checkout lives.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import stat
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from engine.privileges import CAP_NET_ADMIN, CAP_NET_RAW, read_status
+from engine.privileges import CAP_NET_ADMIN, CAP_NET_RAW, read_status, resolve_target
 from tests.netns import testbed as tbm
 from tests.netns.conftest import SKIP_NO_NETNS
+from tests.readable_install import ReadableInstall
 
 pytestmark = [pytest.mark.netns, SKIP_NO_NETNS, pytest.mark.usefixtures("programs")]
 
@@ -36,33 +39,16 @@ REQUESTS = 5
 DEADLINE_S = 30.0
 
 
-def _python_home_cover() -> tuple[str, str] | None:
-    """(hidden top directory, its entry holding the interpreter) when the interpreter sits
-    under a directory other users cannot traverse (e.g. /root/.pyenv), else None."""
-    base = Path(os.path.realpath(sys.base_prefix))
-    for parent in reversed(base.parents):
-        if parent == Path("/"):
-            continue
-        if not parent.stat().st_mode & stat.S_IXOTH:
-            entry = base.relative_to(parent).parts[0]
-            return str(parent), entry
-    return None
-
-
-def _readable_python(argv: list[str], save_dir: Path) -> list[str]:
-    """argv run in a private mount namespace where the interpreter is readable by all."""
-    cover = _python_home_cover()
-    if cover is None:
-        return argv
-    top, entry = cover
-    save_dir.mkdir(parents=True, exist_ok=True)
-    script = (
-        'set -e; s=$1; t=$2; e=$3; shift 3; mount --rbind "$t/$e" "$s"; '
-        'mount -t tmpfs -o mode=0755 tmpfs "$t"; mkdir "$t/$e"; mount --move "$s" "$t/$e"; '
-        'exec "$@"'
-    )
-    return ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh",
-            str(save_dir), top, entry, *argv]  # fmt: skip
+@pytest.fixture(scope="module")
+def readable() -> Iterator[ReadableInstall]:
+    target = resolve_target(None, None)
+    if target is None:
+        pytest.skip("no unprivileged user to switch to")
+    install = ReadableInstall.create(target)
+    try:
+        yield install
+    finally:
+        install.close()
 
 
 def _tree(pid: int) -> list[int]:
@@ -110,14 +96,16 @@ def _workers(supervisor: int) -> dict[str, int]:
     return {_comm(p): p for p in _tree(supervisor) if _comm(p).startswith("tcmp-worker")}
 
 
-def test_both_programs_drop_root_keep_two_caps(testbed: tbm.Testbed, tmp_path: Path) -> None:
+def test_both_programs_drop_root_keep_two_caps(
+    testbed: tbm.Testbed, tmp_path: Path, readable: ReadableInstall
+) -> None:
     tb = testbed
     tb.set_mode(tbm.TRADITIONAL)
-    intercept_argv = [str(tbm.INTERCEPT_BIN), "--queue-num", "0", "--install-rule",
+    intercept_argv = [str(readable.bin("intercept-mp")), "--queue-num", "0", "--install-rule",
                       str(tbm.TARGET_HTTP_PORT), "-p", str(tbm.INTERCEPT_PORT),
                       "--summary-json", str(tmp_path / "intercept-summary.json")]  # fmt: skip
     intercept = tb.spawn(
-        "target", "intercept-mp", _readable_python(intercept_argv, tmp_path / "m-intercept")
+        "target", "intercept-mp", readable.wrap(intercept_argv, tmp_path / "m-intercept")
     )
 
     def listening() -> bool:
@@ -130,11 +118,9 @@ def test_both_programs_drop_root_keep_two_caps(testbed: tbm.Testbed, tmp_path: P
     tbm.wait_until(lambda: "intercept-mp" in rules(), tbm.READY_TIMEOUT_S, what="NFQUEUE rule")
 
     summary = tmp_path / "tcpcopy-summary.json"
-    tcpcopy_argv = [str(tbm.TCPCOPY_BIN), "-x", TRANSFER_HTTP, "-c", "198.19.1.x", "-s", tbm.TARGET_IP,
+    tcpcopy_argv = [str(readable.bin("tcpcopy-mp")), "-x", TRANSFER_HTTP, "-c", "198.19.1.x", "-s", tbm.TARGET_IP,
                     "--workers", "2", "--summary-json", str(summary)]  # fmt: skip
-    tcpcopy = tb.spawn(
-        "online", "tcpcopy-mp", _readable_python(tcpcopy_argv, tmp_path / "m-tcpcopy")
-    )
+    tcpcopy = tb.spawn("online", "tcpcopy-mp", readable.wrap(tcpcopy_argv, tmp_path / "m-tcpcopy"))
     tb.wait_replicating(tcpcopy, timeout=DEADLINE_S)
     _send_requests(tb, "/priv/a")
     n = tb.wait_target_count("/priv/a", REQUESTS, timeout=DEADLINE_S)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -171,3 +174,44 @@ def _group_exists(name: str) -> bool:
         return True
     except KeyError:
         return False
+
+
+# --- tests/readable_install.py: what the least-privilege netns test copies ----------------------
+
+
+def test_readable_install_keeps_requirements_of_the_wanted_extras_only() -> None:
+    from tests.readable_install import _requirement_names
+
+    reqs = [
+        "psutil>=5.9",
+        'pytest>=8; extra == "test"',
+        'NetfilterQueue>=1.1 ; extra == "live"',
+        'tomli; python_version < "3.11"',
+    ]
+    assert _requirement_names(reqs, ("live",)) == ["psutil", "NetfilterQueue", "tomli"]
+    assert _requirement_names(reqs, ()) == ["psutil", "tomli"]
+
+
+def test_readable_install_copies_every_runtime_distribution() -> None:
+    from tests.readable_install import project_packages, project_scripts, required_distributions
+
+    names = {d.metadata["Name"].lower().replace("_", "-") for d in required_distributions()}
+    assert {"psutil", "numpy", "orjson", "prometheus-client"} <= names
+    assert not {"pytest", "ruff", "matplotlib"} & names  # test and bench extras stay out
+    assert {"engine", "intercept", "metrics"} <= set(project_packages())
+    assert set(project_scripts()) == {"tcpcopy-mp", "intercept-mp"}
+
+
+def test_readable_install_finds_the_directory_others_cannot_enter() -> None:
+    from tests.readable_install import hidden_top
+
+    base = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        (base / "home" / "me" / "py").mkdir(parents=True)
+        assert hidden_top(base / "home" / "me" / "py") is None
+        (base / "home").chmod(0o700)
+        assert hidden_top(base / "home" / "me" / "py") == (str(base / "home"), "me")
+    finally:
+        (base / "home").chmod(0o755)
+        shutil.rmtree(base)
