@@ -963,6 +963,16 @@ class PcapFileSource:
             return None
         return self._pending[0] if self._pending is not None else None
 
+    def delay(self, seconds: float) -> None:
+        """Shift the rest of the schedule ``seconds`` later (backpressure: the workers are
+        behind).  Every gap between the packets still to come stays what the file says."""
+        if seconds <= 0:
+            return
+        self.pacer.start += seconds
+        if self._pending is not None:
+            due, ts, ip = self._pending
+            self._pending = (due + seconds, ts, ip)
+
     def read_batch(self, now: float) -> list[Packet]:
         if not self._started:
             self.start(now)

@@ -24,6 +24,12 @@ watchdog's flag update a ``FlowGate``; a worker past SHED_RING_HIGH (or all work
 memory is short) admits no new session, and the flows it shed stay shed to their end, so a
 session is replicated whole or not at all.  Counted as shed_sessions_<reason>, drop_shed.
 
+Offline sources are not shed but slowed: a file can wait, a live interface cannot.  When a
+ring passes OFFLINE_PAUSE_FILL the file is not read until every ring is below
+OFFLINE_RESUME_FILL, and the rest of the schedule moves later by the time waited (the gaps
+between packets stay as captured).  Counted as offline_paused (pauses) and
+offline_paused_ms; the exit summary says by how much the replay was slowed.
+
 Offline, when the file(s) are exhausted the process marks ``capture_done`` in the shared
 ControlBlock and exits 0: workers finish once their ring is empty and their sessions are
 gone, and the supervisor ends the replay when every worker did.
@@ -68,6 +74,11 @@ RING_SLOTS_MIN = 1024
 _SLOT_HEADER_BYTES = 16  # ring.py: length u32, flags u32, timestamp f64
 _SRC_NO_OPTIONS = struct.Struct("!12xI4xH")  # IPv4 src address, then (IHL 5) the TCP src port
 _SLOT_ALIGN_BYTES = 64
+
+
+OFFLINE_PAUSE_FILL = 0.5
+OFFLINE_RESUME_FILL = 0.25
+OFFLINE_PAUSE_POLL_S = 0.002
 
 
 def flow_worker(client_ip: int, client_port: int, workers: int) -> int:
@@ -124,6 +135,7 @@ class CaptureProcess:
         control: object | None = None,
         clock: Callable[[], float] = time.monotonic,
         shedding: bool = True,
+        backpressure: bool = True,
     ) -> None:
         if not rings:
             raise ValueError("capture: no ring")
@@ -140,6 +152,9 @@ class CaptureProcess:
         # shedding=False (tests of the full-ring path only): a gate that never sheds.
         self.gate = FlowGate(len(self.rings), counters=self.counters, enabled=shedding)
         self.exit_reason = ""
+        # Offline backpressure (module docstring); off only in tests of the full-ring path.
+        self.backpressure = backpressure
+        self._paused_since: float | None = None
         self._stop = False
         self._pending_signals: list[int] = []
         self._wake_r: socket.socket | None = None
@@ -216,6 +231,8 @@ class CaptureProcess:
                     if d is not None
                 ]
             )
+            if self._paused_since is not None:
+                deadline = min(deadline, now + OFFLINE_PAUSE_POLL_S)
             events = self.sel.select(max(0.0, deadline - now))
             now = self.clock()
             self._handle_signals()
@@ -232,7 +249,36 @@ class CaptureProcess:
         log.info("capture exits: %s", self.exit_reason)
         return 0
 
+    def _offline_paused(self, src: object, now: float) -> bool:
+        """Backpressure for a file source (module docstring): True while it must wait."""
+        if not self.backpressure or not hasattr(src, "delay"):
+            return False
+        if self._paused_since is None:
+            if max(r.fill() for r in self.rings) < OFFLINE_PAUSE_FILL:
+                return False
+            self._paused_since = now
+            self.counters["offline_paused"] += 1
+            if self.counters["offline_paused"] == 1:
+                log.info(
+                    "offline replay paused: a worker's ring is over %d %% full; the replay "
+                    "is slowed, not shed (offline_paused_ms)",
+                    round(OFFLINE_PAUSE_FILL * 100),
+                )
+            return True
+        if max(r.fill() for r in self.rings) >= OFFLINE_RESUME_FILL:
+            return True
+        waited = now - self._paused_since
+        self._paused_since = None
+        self.counters["offline_paused_ms"] += round(waited * 1000)
+        for other in self.sources:
+            delay = getattr(other, "delay", None)
+            if delay is not None:
+                delay(waited)
+        return False
+
     def _read(self, src: object, now: float) -> None:
+        if self._offline_paused(src, now):
+            return
         read_frames = getattr(src, "read_frames", None)
         if read_frames is None:
             self.dispatch(src.read_batch(now), now)  # type: ignore[attr-defined]

@@ -66,6 +66,8 @@ def final_summary(totals: Mapping[str, int]) -> dict[str, Any]:
         "drops": {k: v for k, v in drops.items() if v},
         # Whole sessions not replicated under overload (engine/shed.py), by reason.
         "sessions_shed": {k: v for k, v in shed.items() if v},
+        # Offline backpressure: how much later than its schedule the file was replayed.
+        "offline_slowed_s": round(int(totals.get("offline_paused_ms", 0)) / 1000, 3),
     }
 
 
@@ -95,6 +97,11 @@ def summary_text(summary: Mapping[str, Any]) -> str:
         + (f" ({by_outcome})" if by_outcome else "")
         + (f", {summary['sessions_active']} still active" if summary["sessions_active"] else "")
         + shed_text
+        + (
+            f", offline replay slowed by {summary['offline_slowed_s']:.1f} s (workers behind)"
+            if summary.get("offline_slowed_s")
+            else ""
+        )
         + f", requests sent {summary['requests_sent']}, fidelity {fidelity_text}, drops: {drops}"
     )
 

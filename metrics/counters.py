@@ -184,6 +184,8 @@ _SCHEMA: list[Slot] = [
         "offline_packets",
         "offline_passes",
         "offline_idle_gaps",
+        "offline_paused",  # offline backpressure: times the file waited for the workers
+        "offline_paused_ms",  # ... and for how long in all (the replay was that much slower)
         "offline_records",  # records read from the pcap file(s), replayed or filtered out
         "offline_bytes_read",  # file bytes consumed (the progress display's numerator)
     ),

@@ -109,9 +109,12 @@ def test_tiny_ring_drops_are_counted_per_worker_and_capture_never_blocks(rings_f
     control = ControlBlock(2)
     block = CounterBlock.create(workers=2)
     try:
-        # Shedding off: this is the full-ring path itself (tests/unit/test_shed.py has the
-        # shedding that normally keeps a ring from filling).
-        proc, flt, _src = make_capture(rings, counters=block, control=control, shedding=False)
+        # Shedding and offline backpressure off: this is the full-ring path itself
+        # (tests/unit/test_shed.py has the shedding that normally keeps a ring from filling,
+        # the backpressure test below the offline pause).
+        proc, flt, _src = make_capture(
+            rings, counters=block, control=control, shedding=False, backpressure=False
+        )
         assert proc.run() == 0  # returns although nobody consumes: drops, no hang
         proc.close()
         expected = Counter(flow_worker(ip, port, 2) for ip, port in client_packets(PCAP))
@@ -124,7 +127,9 @@ def test_tiny_ring_drops_are_counted_per_worker_and_capture_never_blocks(rings_f
         # A restarted capture process (fresh producer objects, rings still full) continues
         # the per-ring counts: the second pass drops every packet.
         attached = [Ring.attach(r.spec()) for r in rings]
-        again, _, _ = make_capture(attached, counters=block, control=control, shedding=False)
+        again, _, _ = make_capture(
+            attached, counters=block, control=control, shedding=False, backpressure=False
+        )
         again.run()
         again.close()
         for i in range(2):
@@ -134,6 +139,36 @@ def test_tiny_ring_drops_are_counted_per_worker_and_capture_never_blocks(rings_f
     finally:
         block.close()
         block.unlink()
+
+
+def test_offline_source_waits_for_a_busy_ring_and_shifts_its_schedule(rings_factory):
+    """Offline backpressure: past OFFLINE_PAUSE_FILL the file is not read (nothing dropped,
+    nothing shed); below OFFLINE_RESUME_FILL it resumes, its schedule moved by the wait."""
+    from engine.capture_proc import OFFLINE_PAUSE_FILL, OFFLINE_RESUME_FILL
+
+    rings = rings_factory(1, slots=64)
+    clock = [100.0]
+    proc, flt, src = make_capture(rings, clock=lambda: clock[0])
+    src.start(clock[0])
+    for _ in range(int(64 * OFFLINE_PAUSE_FILL)):
+        rings[0].push_batch([(b"x" * 40, 0.0)])
+    due_before = src.next_deadline()
+    proc._read(src, clock[0])
+    assert len(rings[0]) == int(64 * OFFLINE_PAUSE_FILL)  # paused: the file was not read
+    assert proc.counters["offline_paused"] == 1
+    clock[0] += 0.75
+    rings[0].pop_batch(int(64 * (OFFLINE_PAUSE_FILL - OFFLINE_RESUME_FILL)) - 1)
+    proc._read(src, clock[0])  # still at/over the resume mark: still paused
+    assert proc.counters["offline_paused_ms"] == 0 and src.next_deadline() == due_before
+    rings[0].pop_batch(64)
+    clock[0] += 0.25
+    proc._read(src, clock[0])
+    assert proc.counters["offline_paused_ms"] == 1000
+    assert proc.counters["offline_paused"] == 1
+    assert rings[0].dropped == 0 and proc.counters["shed_starts"] == 0
+    # The schedule moved by the 1.0 s waited: the first packet was due at due_before.
+    assert src.pacer.start == pytest.approx(100.0 + 1.0)
+    assert len(rings[0]) > 0  # due packets (now <= due + 1 s) were read after resuming
 
 
 def test_oversized_packet_is_split_at_mtu_onto_one_ring(rings_factory):
