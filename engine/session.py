@@ -75,6 +75,7 @@ from engine.packet import (
     URG,
     TcpPacket,
     build,
+    build_fields,
     build_options,
     parse_options,
     set_timestamp,
@@ -1019,24 +1020,8 @@ class TcpSession:
         if not flags & ACK:
             ack = 0
         out.append(
-            build(
-                TcpPacket(
-                    cip,
-                    tip,
-                    cport,
-                    tport,
-                    seq,
-                    ack,
-                    flags,
-                    window,
-                    opts,
-                    payload,
-                    -1,
-                    ip_id,
-                    ttl,
-                    tos,
-                    df,
-                )
+            build_fields(
+                cip, tip, cport, tport, seq, ack, flags, window, opts, payload, ip_id, ttl, tos, df
             )
         )
         if flags & ACK and ack == self._rcv_nxt:
