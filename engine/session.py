@@ -74,7 +74,6 @@ from engine.packet import (
     SYN,
     URG,
     TcpPacket,
-    build,
     build_fields,
     build_options,
     parse_options,
@@ -1112,7 +1111,7 @@ class TcpSession:
             self._iss = 0
             self._fake_wnd = False
             self._ip_id = syn.ip_id
-            pkt = TcpPacket(
+            syn_fields = (
                 self.client[0],
                 self.target[0],
                 self.client[1],
@@ -1123,7 +1122,6 @@ class TcpSession:
                 syn.window,
                 syn.options,
                 b"",
-                -1,
                 syn.ip_id,
                 syn.ttl,
                 syn.tos,
@@ -1141,7 +1139,7 @@ class TcpSession:
             self._rcv_mss = self.config.mss
             self._fake_wnd = True
             self._ip_id = (head.pkt.ip_id - 2) & IP_ID_MASK
-            pkt = TcpPacket(
+            syn_fields = (
                 self.client[0],
                 self.target[0],
                 self.client[1],
@@ -1152,7 +1150,6 @@ class TcpSession:
                 FAKED_WINDOW,
                 build_options(mss=self.config.mss),
                 b"",
-                -1,
                 self._ip_id,
                 FAKED_TTL,
                 0,
@@ -1163,7 +1160,7 @@ class TcpSession:
         self._snd_una = self._iss
         self._snd_nxt = self._iss + 1
         self._rcv_nxt = 0
-        self._syn_bytes = build(pkt)
+        self._syn_bytes = build_fields(*syn_fields)
         # spec §1.2, §6 item 1: the route goes out before the SYN.
         self._events.append(RouteNeeded(self.client[0], self.client[1], *self.target))
         out.append(self._syn_bytes)
