@@ -49,7 +49,7 @@ from engine.errors import DecodeError
 __all__ = [
     "FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR",
     "TcpPacket", "TcpOptions", "DecodeError",
-    "parse_ip", "build", "parse_options", "build_options", "set_timestamp", "split_mtu",
+    "parse_ip", "build", "build_fields", "parse_options", "build_options", "set_timestamp", "split_mtu",
     "l2_offset", "ip_from_str", "ip_to_str", "checksum", "tcp_checksum",
     "DLT_EN10MB", "DLT_RAW", "DLT_LINUX_SLL", "DLT_IPV4", "DLT_LINUX_SLL2",
     "IP_HEADER", "TCP_HEADER", "IP_HEADER_BYTES", "TCP_HEADER_BYTES", "TCP_OPTIONS_MAX_BYTES",
@@ -71,6 +71,8 @@ DLT_LINUX_SLL2 = 276  # what `tcpdump -i any` writes with libpcap >= 1.10
 IP_HEADER = struct.Struct("!BBHHHBBHII")
 # TCP (RFC 9293): sport, dport, seq, ack, doff/reserved, flags, window, checksum, urgent.
 TCP_HEADER = struct.Struct("!HHIIBBHHH")
+# Both fixed headers in one: the common packet (no IP options) is read and written at once.
+_HEADERS = struct.Struct("!BBHHHBBHIIHHIIBBHHH")
 IP_HEADER_BYTES = IP_HEADER.size  # 20
 TCP_HEADER_BYTES = TCP_HEADER.size  # 20
 TCP_OPTIONS_MAX_BYTES = 40  # doff is 4 bits: at most 60 header bytes
@@ -176,6 +178,40 @@ def parse_ip(buf: bytes | bytearray | memoryview) -> TcpPacket:
     is a truncated capture: ``payload`` is what is there, ``data_len`` what tot_len says.
     Both headers (with options) must be present.  Checksums are not looked at (design §9).
     """
+    # Fast path, the captured packet of every worker: no IP options, a first (or only)
+    # fragment, both headers present; one unpack reads them.  Anything else -- including
+    # every malformed packet -- takes the general path below, which explains the refusal.
+    n = len(buf)
+    if n >= 40:
+        (
+            vihl, tos, tot_len, ip_id, frag, ttl, proto, _csum, src, dst,
+            sport, dport, seq, ack, off, flags, window, _tcsum, urgent,
+        ) = _HEADERS.unpack_from(buf)  # fmt: skip
+        hdrs = 20 + ((off >> 4) << 2)
+        if (
+            vihl == 0x45
+            and proto == IPPROTO_TCP
+            and not frag & IP_FRAG_OFFSET_MASK
+            and 40 <= hdrs <= n
+            and tot_len >= hdrs
+        ):
+            end = tot_len if tot_len < n else n
+            if type(buf) is bytes:  # slices of bytes are bytes already
+                return TcpPacket(
+                    src, dst, sport, dport, seq, ack, flags, window,
+                    buf[40:hdrs] if hdrs > 40 else b"", buf[hdrs:end], tot_len - hdrs,
+                    ip_id, ttl, tos, bool(frag & IP_DF), urgent, b"",
+                )  # fmt: skip
+            return TcpPacket(
+                src, dst, sport, dport, seq, ack, flags, window,
+                bytes(buf[40:hdrs]), bytes(buf[hdrs:end]), tot_len - hdrs,
+                ip_id, ttl, tos, bool(frag & IP_DF), urgent, b"",
+            )  # fmt: skip
+    return _parse_ip_general(buf)
+
+
+def _parse_ip_general(buf: bytes | bytearray | memoryview) -> TcpPacket:
+    """parse_ip for IP options, fragments and every malformed packet (clear errors)."""
     n = len(buf)
     if n < IP_HEADER_BYTES:
         raise DecodeError(f"IPv4 header truncated: {n} of 20 bytes at offset 0")
@@ -237,55 +273,85 @@ def _pad4(raw: bytes) -> bytes:
 def build(pkt: TcpPacket) -> bytes:
     """The wire bytes of ``pkt``: tot_len = headers + len(payload) (``data_len`` is not
     used), ihl/doff from the (zero-padded) option lengths, fresh IP and TCP checksums."""
-    # Each header is packed twice (checksum 0, then the real one) and the checksums are
-    # summed piecewise (headers and options are whole 16-bit words, so the pieces stay
-    # word-aligned): cheaper than assembling a buffer and patching it.
-    ip_opts = pkt.ip_options
+    return build_fields(
+        pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.seq, pkt.ack, pkt.flags, pkt.window,
+        pkt.options, pkt.payload, pkt.ip_id, pkt.ttl, pkt.tos, pkt.df, pkt.urgent,
+        pkt.ip_options,
+    )  # fmt: skip
+
+
+def build_fields(
+    src: int,
+    dst: int,
+    sport: int,
+    dport: int,
+    seq: int,
+    ack: int,
+    flags: int,
+    window: int,
+    opts: bytes,
+    payload: bytes,
+    ip_id: int,
+    ttl: int,
+    tos: int,
+    df: bool,
+    urgent: int = 0,
+    ip_opts: bytes = b"",
+) -> bytes:
+    """``build`` of a packet given as its fields (no TcpPacket needed: the session's path).
+
+    The checksums are summed from the field values, not from packed bytes: every field is
+    a whole 16-bit word or two (a 32-bit field is congruent to the sum of its halves mod
+    0xFFFF), and a word-aligned byte string read as one big-endian int is congruent to the
+    sum of its words (theory of operation), so the headers are packed once, checksums in.
+    """
     if len(ip_opts) & 3:
         ip_opts = _pad4(ip_opts)
-    opts = pkt.options
     if len(opts) & 3:
         opts = _pad4(opts)
     if len(opts) > TCP_OPTIONS_MAX_BYTES:
         raise ValueError(f"TCP options too long: {len(opts)} bytes (max 40)")
     if len(ip_opts) > IP_OPTIONS_MAX_BYTES:
         raise ValueError(f"IP options too long: {len(ip_opts)} bytes (max 40)")
-    payload = pkt.payload
     ihl = IP_HEADER_BYTES + len(ip_opts)
     doff = TCP_HEADER_BYTES + len(opts)
     tcp_len = doff + len(payload)
     tot_len = ihl + tcp_len
     if tot_len > IP_TOT_LEN_MAX:
         raise ValueError(f"packet too long: {tot_len} bytes (max 65535)")
-    src, dst = pkt.src, pkt.dst
-    vihl, frag, off = 0x40 | (ihl >> 2), IP_DF if pkt.df else 0, doff << 2
-    try:
-        tcph = TCP_HEADER.pack(
-            pkt.sport, pkt.dport, pkt.seq, pkt.ack, off, pkt.flags, pkt.window, 0, pkt.urgent
-        )
-        iph = IP_HEADER.pack(
-            vihl, pkt.tos, tot_len, pkt.ip_id, frag, pkt.ttl, IPPROTO_TCP, 0, src, dst
-        )
-    except struct.error as e:
-        raise ValueError(f"cannot build packet: field out of range ({e})") from None
+    vihl, frag, off = 0x40 | (ihl >> 2), IP_DF if df else 0, doff << 2
     # TCP checksum over the pseudo-header (RFC 9293 §3.1), which is never all-zero.
-    total = src + dst + IPPROTO_TCP + tcp_len + int.from_bytes(tcph, "big")
+    total = (
+        src + dst + IPPROTO_TCP + tcp_len + sport + dport + seq + ack + (off << 8) + flags
+        + window + urgent
+    )  # fmt: skip
     if opts:
         total += int.from_bytes(opts, "big")
     if payload:
-        total += _word_sum(payload)
-    tcph = TCP_HEADER.pack(
-        pkt.sport, pkt.dport, pkt.seq, pkt.ack, off, pkt.flags, pkt.window,
-        _fold(total, True), pkt.urgent,
-    )  # fmt: skip
+        n = int.from_bytes(payload, "big")
+        # An odd trailing byte is the high half of a last word padded with zero (RFC 1071).
+        total += n << 8 if len(payload) & 1 else n
+    tcp_csum = total % 0xFFFF
+    tcp_csum = ~tcp_csum & 0xFFFF if tcp_csum else 0  # ~0xFFFF & 0xFFFF: see _fold
     # The IP header's first byte (version 4) is never zero either.
-    total = int.from_bytes(iph, "big")
+    total = (vihl << 8) + tos + tot_len + ip_id + frag + (ttl << 8) + IPPROTO_TCP + src + dst
     if ip_opts:
         total += int.from_bytes(ip_opts, "big")
-    iph = IP_HEADER.pack(
-        vihl, pkt.tos, tot_len, pkt.ip_id, frag, pkt.ttl, IPPROTO_TCP, _fold(total, True),
-        src, dst,
-    )  # fmt: skip
+    ip_csum = total % 0xFFFF
+    ip_csum = ~ip_csum & 0xFFFF if ip_csum else 0
+    try:
+        if not ip_opts:
+            hdr = _HEADERS.pack(
+                vihl, tos, tot_len, ip_id, frag, ttl, IPPROTO_TCP, ip_csum, src, dst,
+                sport, dport, seq, ack, off, flags, window, tcp_csum, urgent,
+            )  # fmt: skip
+            if opts:
+                return b"".join((hdr, opts, payload))
+            return hdr + payload if payload else hdr
+        iph = IP_HEADER.pack(vihl, tos, tot_len, ip_id, frag, ttl, IPPROTO_TCP, ip_csum, src, dst)
+        tcph = TCP_HEADER.pack(sport, dport, seq, ack, off, flags, window, tcp_csum, urgent)
+    except struct.error as e:
+        raise ValueError(f"cannot build packet: field out of range ({e})") from None
     return b"".join((iph, ip_opts, tcph, opts, payload))
 
 

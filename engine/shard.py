@@ -72,10 +72,14 @@ _DROP_NO_TUPLE = drop_key(DropReason.NO_TUPLE)
 _DROP_CLIENT_SYN_ACK = drop_key(DropReason.CLIENT_SYN_ACK)
 _DROP_UNKNOWN_RESPONSE = drop_key(DropReason.UNKNOWN_RESPONSE)
 
+# Enum members read as attributes of the class cost a descriptor lookup each (~0.3 us on
+# Python 3.11, more than the rest of a state test); the hot paths compare module globals.
+_LINGER, _FINISHED = State.LINGER, State.FINISHED
 
-def _key4(ip_a: int, port_a: int, ip_b: int, port_b: int) -> int:
-    """One int for a 4-tuple: cheaper to hash than a tuple and no allocation of one."""
-    return (((((ip_a << 16) | port_a) << 32) | ip_b) << 16) | port_b
+
+Key4 = tuple[int, int, int, int]
+"""A 4-tuple key (ip_a, port_a, ip_b, port_b): building and hashing a tuple of four small
+ints costs half of what one packed 96-bit int did."""
 
 
 class _Entry:
@@ -83,7 +87,7 @@ class _Entry:
 
     __slots__ = ("session", "flow_key", "flow", "resp_key", "sched", "touched", "unsend", "gone")
 
-    def __init__(self, session: TcpSession, flow_key: int, flow: list, resp_key: int) -> None:
+    def __init__(self, session: TcpSession, flow_key: Key4, flow: list, resp_key: Key4) -> None:
         self.session = session
         self.flow_key = flow_key
         self.flow = flow  # the replica list this entry belongs to (shared)
@@ -103,8 +107,8 @@ class SessionTable:
         self.allocator = TupleAllocator(
             config.time_wait_s, config.worker_index, config.worker_count, tuple_history
         )
-        self._flows: dict[int, list[_Entry]] = {}
-        self._by_resp: dict[int, _Entry] = {}
+        self._flows: dict[Key4, list[_Entry]] = {}
+        self._by_resp: dict[Key4, _Entry] = {}
         self._heap: list[tuple[float, int, _Entry]] = []
         self._heap_seq = 0
         self._touched: list[_Entry] = []
@@ -139,7 +143,7 @@ class SessionTable:
         return [
             RouteNeeded(s.client[0], s.client[1], s.target[0], s.target[1])
             for s in (e.session for e in self._by_resp.values())
-            if s.state < State.LINGER
+            if s.state < _LINGER
         ]
 
     def set_route_down(self, down: bool, now: float) -> None:
@@ -153,7 +157,7 @@ class SessionTable:
         touched = self._touched
         for e in self._by_resp.values():
             s = e.session
-            if s.state >= State.LINGER:
+            if s.state >= _LINGER:
                 continue
             s.handle_route_down(down, now)
             if not down and not e.touched:
@@ -165,7 +169,7 @@ class SessionTable:
     def receive_client(self, pkt: TcpPacket, now: float) -> None:
         self._now = now
         c = self.counters
-        fkey = _key4(pkt.src, pkt.sport, pkt.dst, pkt.dport)
+        fkey = (pkt.src, pkt.sport, pkt.dst, pkt.dport)
         flow = self._flows.get(fkey)
         flags = pkt.flags
         if flags & SYN:
@@ -185,12 +189,12 @@ class SessionTable:
             if pkt.data_len:
                 c["clt cont"] += 1
             touched = self._touched
-            for i, e in enumerate(flow):
+            for e in flow:
                 s = e.session
-                if s.lingering and pkt.data_len and s.is_later_data(pkt):
+                if s.state is _LINGER and pkt.data_len and s.is_later_data(pkt):
                     # spec §3.6: new traffic on a lingering tuple starts a new (faked)
                     # session; per replica, as each replica is its own session in C.
-                    fresh = self._replace(flow, i, pkt, now)
+                    fresh = self._replace(flow, flow.index(e), pkt, now)
                     if fresh is None:
                         continue
                     e, s = fresh, fresh.session
@@ -213,7 +217,9 @@ class SessionTable:
                 return
         self._new_flow(fkey, pkt, now, entry)
 
-    def _new_flow(self, fkey: int, pkt: TcpPacket, now: float, entry: TransferEntry | None) -> None:
+    def _new_flow(
+        self, fkey: Key4, pkt: TcpPacket, now: float, entry: TransferEntry | None
+    ) -> None:
         cfg = self.config
         c = self.counters
         if entry is None:
@@ -289,7 +295,7 @@ class SessionTable:
         return e
 
     def _create(
-        self, fkey: int, flow: list, i: int, pkt: TcpPacket, now: float, entry: TransferEntry
+        self, fkey: Key4, flow: list, i: int, pkt: TcpPacket, now: float, entry: TransferEntry
     ) -> _Entry | None:
         """Allocate replica i's fake client tuple and make its session (not yet fed)."""
         cfg = self.config
@@ -315,7 +321,7 @@ class SessionTable:
         s = TcpSession(cfg, got, (tip, tport), (pkt.dst, pkt.dport), now, counters=self.counters)
         if self._route_down:
             s.handle_route_down(True, now)
-        rkey = _key4(got[0], got[1], tip, tport)
+        rkey = (got[0], got[1], tip, tport)
         e = _Entry(s, fkey, flow, rkey)
         self._by_resp[rkey] = e
         return e
@@ -324,7 +330,7 @@ class SessionTable:
 
     def receive_response(self, pkt: TcpPacket, now: float) -> None:
         self._now = now
-        e = self._by_resp.get(_key4(pkt.dst, pkt.dport, pkt.src, pkt.sport))
+        e = self._by_resp.get((pkt.dst, pkt.dport, pkt.src, pkt.sport))
         if e is None:
             self.counters[_DROP_UNKNOWN_RESPONSE] += 1
             return
@@ -391,7 +397,7 @@ class SessionTable:
             if u != e.unsend:
                 self._unsend += u - e.unsend
                 e.unsend = u
-            if s.finished:
+            if s.state is _FINISHED:
                 self._remove(e, now)
             else:
                 self._schedule(e)

@@ -45,7 +45,13 @@ class Segment:
         self.flags = flags
         self.payload = payload
         self.pkt = pkt  # never mutated: it may be shared with other replicas
-        self.tsval = tsval(pkt.options)
+        opts = pkt.options  # tsval(), its fast path inlined: one Segment per captured packet
+        if not opts:
+            self.tsval: int | None = None
+        elif opts[:4] == _TS_PREFIX and len(opts) >= 12:
+            self.tsval = _TS_VALUES.unpack_from(opts, 4)[0]
+        else:
+            self.tsval = tsval(opts)
         self.sent_at = 0.0
         self.retx = False
 
