@@ -152,12 +152,13 @@ def test_prometheus_sees_fidelity_loss_unsend_and_queue_drops(testbed: tbm.Testb
     assert last["captured"] > (KEEPALIVE_REQUESTS + SHORT_CONNECTIONS) * 50
 
     # Loss by reason: every label value is a series (zero or not), so panels never say "no
-    # data"; closing short connections always leaves client packets the replay drops (FINs and
-    # ACKs reaching ended sessions; pure ACKs never get here: the kernel filter drops them).
+    # data".  (A perfect replay of this load drops nothing at all: pure ACKs die in the
+    # kernel filter and the closing packets of short connections are now all used, so the
+    # values may all be 0; the fault suite asserts non-zero drops where they must occur.)
     dropped = query(tb, "sum by (reason) (tcpcopy_packets_dropped_total)")
     by_reason = {s["metric"]["reason"]: float(s["value"][1]) for s in dropped}
     assert set(by_reason) == set(DROP_REASONS), sorted(by_reason)
-    assert sum(by_reason.values()) > 0, by_reason
+    assert all(v >= 0 for v in by_reason.values()), by_reason
     unsend = query(tb, "tcpcopy_unsend_packets")
     assert sorted(s["metric"]["worker"] for s in unsend) == [str(i) for i in range(WORKERS)]
     active = query(tb, "sum(tcpcopy_sessions_active)")
