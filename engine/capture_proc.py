@@ -57,6 +57,7 @@ from engine.capture import FrameBatch
 from engine.errors import DecodeError
 from engine.logs import LOGGER_NAME, reopen_logs
 from engine.ring import RING_SLOT_BYTES, RING_SLOTS, Ring
+from engine.session import CLIENT_GAP_WAIT_S
 from engine.shed import REASON_RING_FULL, FlowGate
 
 log = logging.getLogger(LOGGER_NAME)
@@ -79,6 +80,9 @@ _SLOT_ALIGN_BYTES = 64
 OFFLINE_PAUSE_FILL = 0.5
 OFFLINE_RESUME_FILL = 0.25
 OFFLINE_PAUSE_POLL_S = 0.002
+RING_DROP_LOG_INTERVAL_S = 10.0
+"""At most one "ring full" warning per worker in this long (the first drop is logged at the
+next counter flush, 0.2 s at most; the count covers every drop since the last line)."""
 
 
 def flow_worker(client_ip: int, client_port: int, workers: int) -> int:
@@ -162,6 +166,9 @@ class CaptureProcess:
         self.sel = selectors.DefaultSelector()
         # A restarted capture process continues the per-ring drop counts of its predecessor.
         self._dropped_base = [0] * len(self.rings)
+        # Per ring: drops already told in the log, and when the next warning may come.
+        self._drops_logged = [0] * len(self.rings)
+        self._drops_log_at = [0.0] * len(self.rings)
         if self.block is not None:
             from metrics.counters import RING_DROPPED
 
@@ -216,6 +223,7 @@ class CaptureProcess:
             if now >= next_flush:
                 next_flush = now + COUNTER_FLUSH_INTERVAL_S
                 self._update_gate()  # also when no packet comes: the state and its log
+                self._log_ring_drops(now)
                 self.flush()
             if self._offline_done():
                 if self.control is not None:
@@ -245,6 +253,7 @@ class CaptureProcess:
                 due = src.next_deadline()  # type: ignore[attr-defined]
                 if due is not None and due <= now:
                     self._read(src, now)
+        self._log_ring_drops(self.clock(), final=True)
         self.flush()
         log.info("capture exits: %s", self.exit_reason)
         return 0
@@ -428,6 +437,27 @@ class CaptureProcess:
                 )
             elif not reason:
                 log.info("worker %d: new sessions are admitted again", worker)
+
+    def _log_ring_drops(self, now: float, final: bool = False) -> None:
+        """A full ring dropped packets of sessions already admitted: a runtime fault, so it
+        is logged (rate-limited per worker), not only counted."""
+        for i, ring in enumerate(self.rings):
+            new = ring.dropped - self._drops_logged[i]
+            if new <= 0 or (now < self._drops_log_at[i] and not final):
+                continue
+            self._drops_logged[i] = ring.dropped
+            self._drops_log_at[i] = now + RING_DROP_LOG_INTERVAL_S
+            log.warning(
+                "worker %d: its ring was full: %d captured packets dropped since the last "
+                "line (ring_full, %d in all); each is a hole in an admitted session, which "
+                "gives it up after %.0f s and reconnects (client gap abandoned): worker %d "
+                "cannot keep up (more --workers, or -r to sample)",
+                i,
+                new,
+                self._dropped_base[i] + ring.dropped,
+                CLIENT_GAP_WAIT_S,
+                i,
+            )
 
     def _split(self, ip: bytes, ts: float, dest: list[tuple[bytes, float]]) -> None:
         """A GRO/TSO aggregate larger than -M: its MTU-sized pieces (spec §3.4)."""

@@ -104,7 +104,8 @@ def test_every_flow_lands_on_exactly_one_ring_the_hashed_one(rings_factory):
         block.unlink()
 
 
-def test_tiny_ring_drops_are_counted_per_worker_and_capture_never_blocks(rings_factory):
+def test_tiny_ring_drops_are_counted_per_worker_and_capture_never_blocks(rings_factory, caplog):
+    caplog.set_level("WARNING", logger="tcpcopy")
     rings = rings_factory(2, slots=2)
     control = ControlBlock(2)
     block = CounterBlock.create(workers=2)
@@ -124,6 +125,14 @@ def test_tiny_ring_drops_are_counted_per_worker_and_capture_never_blocks(rings_f
             assert ring.dropped == expected[i] - 2
             assert snap["workers"][i]["ring_dropped"] == ring.dropped
         assert snap["totals"]["ring_dropped"] == flt.counters["capture_accepted"] - 4
+        # Logged, not only counted: per worker, the lines add up to its drops.
+        for i, ring in enumerate(rings):
+            told = [
+                int(r.getMessage().split(": ")[2].split()[0])
+                for r in caplog.records
+                if r.getMessage().startswith(f"worker {i}: its ring was full")
+            ]
+            assert told and sum(told) == ring.dropped, (i, told, ring.dropped)
         # A restarted capture process (fresh producer objects, rings still full) continues
         # the per-ring counts: the second pass drops every packet.
         attached = [Ring.attach(r.spec()) for r in rings]
