@@ -58,8 +58,9 @@ running on the machine skews the figures.
 
 Output: bench/results/<timestamp>.json/.md/.png and copies named latest.*; the markdown table is
 printed for the README's Performance section.  Optionally (default on in a full run) a py-spy
-profile of tcpcopy-mp under short connections from one address: raw collapsed stacks in
-bench/results/profile-<timestamp>.txt and the top frames in the JSON and markdown.
+profile of tcpcopy-mp (--workers 1) under short connections from one address and under
+keep-alive c50: raw collapsed stacks in bench/results/profile-<timestamp>-<scenario>.txt and
+the top frames in the JSON ("profiles") and markdown.
 
 Every load is bounded in time (wrk -d) and count (the Lua cap), every replay by the pcap's
 size and a deadline; all traffic stays in the namespaces (198.18.0.0/15; fake clients
@@ -190,7 +191,7 @@ EXTRA_SCENARIOS = (
     Scenario("short-10k-64ip", "short", 256, 10000, 64, close=True),
 )
 """Not in the default set (--scenarios): the paced short-connection loads of earlier runs."""
-PROFILE_SCENARIO = "short-c10-1ip"
+PROFILE_SCENARIOS = ("short-c10-1ip", "ka-c50")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1304,20 +1305,20 @@ def markdown(report: dict[str, Any]) -> str:
                 )
             else:
                 lines.append(f"- {name}: recording failed: {rec.get('error')}")
-    prof = report.get("profile")
-    if prof and prof.get("status") == "ok":
-        lines += [
-            "",
-            f"py-spy profile of tcpcopy-mp (--workers {prof['workers']}) under "
-            f"{prof['scenario']}, {prof['samples']} samples; by process: "
-            + ", ".join(f"{k} {v} %" for k, v in prof["by_process_pct"]),
-            "",
-            "| top self frames | % |",
-            "|---|---:|",
-        ]
-        lines += [f"| `{k}` | {v} |" for k, v in prof["top_self_pct"][:10]]
-    elif prof:
-        lines += ["", f"py-spy profile failed: {prof.get('error')}"]
+    for prof in report.get("profiles") or []:
+        if prof.get("status") == "ok":
+            lines += [
+                "",
+                f"py-spy profile of tcpcopy-mp (--workers {prof['workers']}) under "
+                f"{prof['scenario']}, {prof['samples']} samples; by process: "
+                + ", ".join(f"{k} {v} %" for k, v in prof["by_process_pct"]),
+                "",
+                "| top self frames | % |",
+                "|---|---:|",
+            ]
+            lines += [f"| `{k}` | {v} |" for k, v in prof["top_self_pct"][:10]]
+        else:
+            lines += ["", f"py-spy profile failed: {prof.get('error')}"]
     return "\n".join(lines) + "\n"
 
 
@@ -1502,14 +1503,18 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
                     )
                 else:
                     say(f"  failed: {r.get('error')}")
-        profile = None
+        profiles = []
         if args.profile:
-            scenario = next(s for s in SCENARIOS if s.name == PROFILE_SCENARIO)
-            say(f"profiling tcpcopy-mp --workers 1 under {scenario.name} with py-spy ...")
-            args.out.mkdir(parents=True, exist_ok=True)
-            profile = run_profile(ctx, scenario, 1, args.out / f"profile-{stamp}.txt")
-            if profile.get("status") != "ok":
-                say(f"  profile failed: {profile.get('error')}")
+            for name in PROFILE_SCENARIOS:
+                scenario = next(s for s in SCENARIOS if s.name == name)
+                say(f"profiling tcpcopy-mp --workers 1 under {scenario.name} with py-spy ...")
+                args.out.mkdir(parents=True, exist_ok=True)
+                profile = run_profile(
+                    ctx, scenario, 1, args.out / f"profile-{stamp}-{scenario.name}.txt"
+                )
+                if profile.get("status") != "ok":
+                    say(f"  profile failed: {profile.get('error')}")
+                profiles.append(profile)
         recordings = {
             k: {kk: vv for kk, vv in v.items() if kk != "wrk"} for k, v in ctx.recordings.items()
         }
@@ -1535,7 +1540,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
             "recordings": recordings,
             "runs": runs,
             "comparison": compare(runs),
-            "profile": profile,
+            "profiles": profiles,
             "elapsed_s": round((datetime.datetime.now(datetime.UTC) - started).total_seconds(), 1),
         }
     finally:
