@@ -45,6 +45,10 @@ RING_IDLE_POLL_S = 0.05
 _COUNTER = struct.Struct("=Q")
 _SLOT_HEADER = struct.Struct("=IId")
 _HEADER_BYTES = 128  # head and tail on separate cache lines
+SLOT_FLAG_LOSS_BEFORE = 1
+"""A slot header's flag: the ring was full and dropped packets just before this one (the
+first packet written after a drop carries it).  The consumer counts them (``loss_marks``):
+a hole a session then finds in its captured stream is a known loss, not a reordering."""
 _TAIL_OFFSET = 64
 
 
@@ -69,6 +73,10 @@ class Ring:
         self._slot_words64 = slot_bytes // 8
         self.dropped = 0  # producer side: full ring
         self.oversize = 0  # producer side: packet larger than a slot
+        # Producer side: a full ring dropped packets and the next written one is not yet
+        # marked.  Consumer side: how many marked packets were popped.
+        self._loss_pending = False
+        self.loss_marks = 0
 
     @classmethod
     def create(cls, slots: int = RING_SLOTS, slot_bytes: int = RING_SLOT_BYTES) -> Ring:
@@ -119,9 +127,14 @@ class Ring:
                 continue
             if free == 0:
                 self.dropped += 1
+                self._loss_pending = True
                 continue
             off = _HEADER_BYTES + (head % self.slots) * slot_bytes
-            _SLOT_HEADER.pack_into(buf, off, n, 0, ts)
+            if self._loss_pending:
+                self._loss_pending = False
+                _SLOT_HEADER.pack_into(buf, off, n, SLOT_FLAG_LOSS_BEFORE, ts)
+            else:
+                _SLOT_HEADER.pack_into(buf, off, n, 0, ts)
             start = off + _SLOT_HEADER.size
             buf[start : start + n] = data
             head += 1
@@ -160,15 +173,20 @@ class Ring:
             starts, lengths = starts[keep], lengths[keep]
             count = len(starts)
         free = self.slots - (head - tail)
-        if count > free:
+        lost = count > free
+        if lost:
             self.dropped += count - free
             starts, lengths = starts[:free], lengths[:free]
             count = free
         if count == 0:
+            self._loss_pending = self._loss_pending or lost
             return 0
         index = (np.arange(head, head + count, dtype=np.int64)) % self.slots
         self._u32[index * self._slot_words32] = lengths
         self._u32[index * self._slot_words32 + 1] = 0
+        if self._loss_pending:
+            self._u32[index[0] * self._slot_words32 + 1] = SLOT_FLAG_LOSS_BEFORE
+        self._loss_pending = lost  # the dropped ones came after every one written here
         self._f64[index * self._slot_words64 + 1] = ts
         data = index * self.slot_bytes + (_HEADER_BYTES + _SLOT_HEADER.size)
         for d, s, n in zip(data.tolist(), starts.tolist(), lengths.tolist(), strict=True):
@@ -196,7 +214,9 @@ class Ring:
         slot_bytes = self.slot_bytes
         for _ in range(count):
             off = _HEADER_BYTES + (tail % self.slots) * slot_bytes
-            n, _flags, ts = _SLOT_HEADER.unpack_from(buf, off)
+            n, flags, ts = _SLOT_HEADER.unpack_from(buf, off)
+            if flags & SLOT_FLAG_LOSS_BEFORE:
+                self.loss_marks += 1
             start = off + _SLOT_HEADER.size
             out.append((bytes(buf[start : start + n]), ts))
             tail += 1
@@ -213,7 +233,11 @@ class Ring:
         if count <= 0:
             return []
         index = np.arange(tail, tail + count, dtype=np.int64) % self.slots
-        lengths = self._u32[index * self._slot_words32].tolist()
+        words = index * self._slot_words32
+        lengths = self._u32[words].tolist()
+        marks = self._u32[words + 1]
+        if marks.any():
+            self.loss_marks += int(np.count_nonzero(marks & SLOT_FLAG_LOSS_BEFORE))
         stamps = self._f64[index * self._slot_words64 + 1].tolist()
         data = (index * self.slot_bytes + (_HEADER_BYTES + _SLOT_HEADER.size)).tolist()
         out = [(t, buf[d : d + n].tobytes()) for t, d, n in zip(stamps, data, lengths, strict=True)]

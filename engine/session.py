@@ -173,7 +173,7 @@ class TcpSession:
         # client stream
         "_base", "_iss", "_snd_una", "_snd_nxt", "_cap_end", "_pending", "_unacked", "_syn_pkt",
         "_third_pkt", "_fin_seg", "_rst_seg", "_fin_sent", "_fake_syn", "_fake_wnd", "_ip_id",
-        "_gap_held", "_gap_at", "_reconnects",
+        "_gap_held", "_gap_at", "_gap_fast", "_reconnects",
         # handshake
         "_syn_bytes", "_syn_sent_at", "_syn_retx", "_syn_rto", "_syn_at", "_handshake_at",
         "_syn_due", "_need_third", "_syn_ts", "_syn_wscale", "_rcv_mss", "_rcv_wnd_max",
@@ -227,6 +227,7 @@ class TcpSession:
         self._ip_id = 0
         self._gap_held = False
         self._gap_at: float | None = None  # when a hole in the captured stream is given up
+        self._gap_fast = False  # this hole's deadline was brought forward (expedite_gap)
         self._reconnects = 0
         self._syn_bytes = b""
         self._syn_sent_at = 0.0
@@ -854,6 +855,20 @@ class TcpSession:
             has_conn = st is _ESTABLISHED or st is _FIN_WAIT
             self._end(outcome, now, rst_off=self._snd_una if has_conn else None)
 
+    def expedite_gap(self, due: float) -> bool:
+        """The capture reported that its ring dropped packets (engine/ring.py
+        SLOT_FLAG_LOSS_BEFORE): a hole now held in front of the captured stream is most
+        likely that loss, not a reordering, so it is given up at ``due`` instead of
+        CLIENT_GAP_WAIT_S after it opened (a whole second in which this session's later
+        requests queue up).  Once per hole; True if the deadline moved."""
+        at = self._gap_at
+        if not self._gap_held or self._gap_fast or at is None or at <= due:
+            return False
+        self._gap_fast = True
+        self._gap_at = due
+        self.counters["client gap ring loss"] += 1
+        return True
+
     def _abandon_gap(self, now: float) -> None:
         """The hole in front of the captured stream outlived CLIENT_GAP_WAIT_S: its bytes are
         lost for good.  Resynchronise: RST the target's side and reconnect (faked handshake)
@@ -1220,6 +1235,7 @@ class TcpSession:
                     if not self._gap_held:
                         self._gap_held = True
                         self._gap_at = now + CLIENT_GAP_WAIT_S
+                        self._gap_fast = False
                         c["client gap"] += 1
                     break
                 self._gap_held = False
@@ -1290,6 +1306,7 @@ class TcpSession:
             if not self._gap_held:
                 self._gap_held = True
                 self._gap_at = now + CLIENT_GAP_WAIT_S
+                self._gap_fast = False
                 self.counters["client gap"] += 1
             return
         if self._snd_una != self._snd_nxt:

@@ -77,6 +77,13 @@ _DROP_UNKNOWN_RESPONSE = drop_key(DropReason.UNKNOWN_RESPONSE)
 _LINGER, _FINISHED = State.LINGER, State.FINISHED
 
 
+LOSS_RECENT_S = 1.0
+"""How long after the capture reported a ring loss (note_capture_loss) a hole a session finds
+is taken for that loss (TcpSession.expedite_gap)."""
+LOSS_GAP_WAIT_S = 0.01
+"""How long such a hole is still waited for: a grace for a reordered packet that happens to
+coincide with a ring loss (the capture hands packets over in the order it saw them)."""
+
 Key4 = tuple[int, int, int, int]
 """A 4-tuple key (ip_a, port_a, ip_b, port_b): building and hashing a tuple of four small
 ints costs half of what one packed 96-bit int did."""
@@ -118,6 +125,7 @@ class SessionTable:
         self._ramp_start: float | None = None
         self._ramp_done = not config.gradual
         self._route_down = False
+        self._loss_at: float | None = None  # the capture's last reported ring loss
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -163,6 +171,12 @@ class SessionTable:
             if not down and not e.touched:
                 e.touched = True
                 touched.append(e)
+
+    def note_capture_loss(self, now: float) -> None:
+        """The capture's ring for this worker was full and dropped packets (a ring read
+        held a packet marked so): holes that sessions find in the next LOSS_RECENT_S are
+        given up after LOSS_GAP_WAIT_S, not CLIENT_GAP_WAIT_S (see drain)."""
+        self._loss_at = now
 
     # -- client side ----------------------------------------------------------------------------
 
@@ -383,12 +397,16 @@ class SessionTable:
         if not touched:
             return routes, packets
         self._touched = []
+        loss_at = self._loss_at
+        loss_recent = loss_at is not None and now - loss_at <= LOSS_RECENT_S
         for e in touched:
             e.touched = False
             s = e.session
             out = s.packets_to_send(now)
             if out:
                 packets += out
+            if loss_recent:
+                s.expedite_gap(now + LOSS_GAP_WAIT_S)
             while (ev := s.next_event()) is not None:
                 # SessionEnded is counted by the session itself ("ended_<outcome>", "tw").
                 if type(ev) is RouteNeeded:

@@ -672,6 +672,7 @@ class Supervisor:
                 )
         table = SessionTable(session, tuple_history=history)
         source = RingSource(Ring.attach(self.rings[index].spec()), self.control)
+        source.on_loss = table.note_capture_loss
         kw: dict[str, Any] = {"clock": self.clock}
         if self.channels_factory is not None:
             kw["channels"] = self.channels_factory

@@ -57,6 +57,10 @@ class RingSource:
         self.counters: Counter[str] = Counter()
         self._last_read = float("-inf")
         self._backlog = False
+        self._loss_marks = 0
+        # Called with `now` when a batch held a packet the capture marked "packets of this
+        # ring were dropped just before me" (ring.SLOT_FLAG_LOSS_BEFORE).
+        self.on_loss: Callable[[float], None] | None = None
 
     def fileno(self) -> int | None:
         return self.ring.efd
@@ -81,6 +85,10 @@ class RingSource:
         ring.clear_wakeup()
         items = ring.pop_packets(self.batch_max)
         self._last_read = now
+        if ring.loss_marks != self._loss_marks:
+            self._loss_marks = ring.loss_marks
+            if self.on_loss is not None:
+                self.on_loss(now)
         self._backlog = len(items) == self.batch_max and len(ring) > 0
         if self.tick is not None:
             self.tick(now)

@@ -224,6 +224,7 @@ _SCHEMA: list[Slot] = [
         "recv packs after retransmission",
         "client gap",
         "client gap abandoned",
+        "client gap ring loss",
         "client overlap",
         "client_truncated",
         "rel",

@@ -69,6 +69,17 @@ def test_flow_worker_is_stable_in_range_and_uses_every_worker():
     assert len({flow_worker(*f, 2) for f in flows}) == 2
 
 
+@pytest.mark.parametrize("step", [1, 2, 4, 8])
+@pytest.mark.parametrize("workers", [2, 3, 4, 8])
+def test_flow_worker_spreads_one_clients_ports_of_one_parity(step, workers):
+    # Linux gives connect() ports of one parity, often 4 or 8 apart under concurrent
+    # connects: a low-bit hash sent every one of them to the same worker.
+    ip = 0xC6120A05
+    owners = Counter(flow_worker(ip, 40000 + step * k, workers) for k in range(64 * workers))
+    assert len(owners) == workers
+    assert min(owners.values()) >= 64 * 0.75, owners
+
+
 def test_slots_sized_from_mtu():
     assert ring_slot_bytes(1500) == RING_SLOT_BYTES
     big = ring_slot_bytes(9000)
@@ -218,3 +229,19 @@ def test_ring_source_reads_batches_wakes_and_reports_exhaustion(rings_factory):
     assert src.exhausted
     ring.push_batch([(b"late", 11.0)])
     assert not src.exhausted  # a packet is still in the ring
+
+
+def test_ring_source_reports_a_marked_read_once(rings_factory):
+    (ring,) = rings_factory(1, slots=4)
+    src = RingSource(Ring.attach(ring.spec()), None, batch_max=8)
+    seen: list[float] = []
+    src.on_loss = seen.append
+    ring.push_batch([(b"x", 0.0)] * 6)  # two dropped: the next written one is marked
+    src.read_batch(1.0)
+    assert seen == []
+    ring.push_batch([(b"y", 0.0)])
+    src.read_batch(2.0)
+    ring.push_batch([(b"z", 0.0)])
+    src.read_batch(3.0)
+    assert seen == [2.0]
+    src.close()

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from engine.ring import Ring
+from engine.ring import SLOT_FLAG_LOSS_BEFORE, Ring
 
 
 @pytest.fixture
@@ -139,3 +139,32 @@ def test_fill_is_the_used_fraction(ring):
     assert ring.fill() == 0.0
     ring.push_batch([(b"x", 0.0)] * 6)
     assert ring.fill() == 6 / 8
+
+
+def _marks(ring) -> list[int]:
+    """The flags word of every slot in use, oldest first."""
+    words = ring._slot_words32
+    return [int(ring._u32[(i % ring.slots) * words + 1]) for i in range(ring._tail(), ring._head())]
+
+
+def test_first_packet_written_after_a_drop_is_marked_both_writers(ring):
+    # push_batch: 10 into 8 slots drops 2; after room is made the next packet is marked.
+    ring.push_batch([(b"a", 0.0)] * 10)
+    assert ring.dropped == 2 and _marks(ring) == [0] * 8
+    assert len(ring.pop_packets(3)) == 3 and ring.loss_marks == 0
+    ring.push_batch([(b"b", 1.0)] * 2)
+    assert _marks(ring)[-2:] == [SLOT_FLAG_LOSS_BEFORE, 0]
+    # push_frames: a full ring drops the whole batch; the mark goes to the next one written.
+    buf, starts, lengths, _ = _frames([5, 6])
+    assert ring.push_frames(buf, starts, lengths, 2.0) == 1  # one slot left
+    assert ring.push_frames(buf, starts, lengths, 3.0) == 0
+    ring.pop_packets(8)
+    assert ring.loss_marks == 1  # popped the marked one
+    assert ring.push_frames(buf, starts, lengths, 4.0) == 2
+    assert _marks(ring) == [SLOT_FLAG_LOSS_BEFORE, 0]
+    ring.pop_batch(8)  # the other reader counts marks too
+    assert ring.loss_marks == 2
+    # No drop, no mark.
+    ring.push_frames(buf, starts, lengths, 5.0)
+    ring.push_batch([(b"c", 6.0)])
+    assert _marks(ring) == [0, 0, 0]

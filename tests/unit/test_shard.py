@@ -9,7 +9,7 @@ from engine.config import SessionConfig
 from engine.packet import ACK, FIN, PSH, RST, SYN
 from engine.rewrite import TransferEntry, sample_keep, shift_port
 from engine.session import CLIENT_GAP_WAIT_S, DropReason, RouteNeeded, TcpSession, drop_key
-from engine.shard import ClientRoute, SessionTable
+from engine.shard import LOSS_GAP_WAIT_S, LOSS_RECENT_S, ClientRoute, SessionTable
 from tests.paths import ONLINE_HTTP_PCAP
 from tests.unit.link import ONLINE, ORIG_CLIENT, TARGET, Client, TableLink, Target
 
@@ -252,6 +252,52 @@ def test_unsend_aggregates_held_segments():
     (syn,) = [e.pkt for e in tl.log if e.pkt.flags == SYN]
     handshake(tl, [syn])
     assert tl.table.unsend == 0
+
+
+def _keepalive_with_hole(tl: TableLink, loss_noted: bool):
+    c = Client()
+    (syn,) = tl.client(c.syn(), c.ack())
+    key = (syn.src, syn.sport)
+    handshake(tl, [syn])
+    reqs = [c.data(b"GET /%d HTTP/1.1\r\n\r\n" % i, read=100 * i) for i in range(4)]
+    tl.client(reqs[0])
+    tl.now += 0.001
+    tl.respond(tl.target(key).send(100))
+    if loss_noted:
+        tl.table.note_capture_loss(tl.now)  # the ring read that brought reqs[2] was marked
+    tl.client(*reqs[2:])  # reqs[1] was dropped at the full ring
+    return key, reqs
+
+
+@pytest.mark.parametrize("loss_noted", [True, False])
+def test_a_hole_after_a_reported_ring_loss_is_given_up_at_once(loss_noted):
+    # The capture marked the ring read (engine/ring.py SLOT_FLAG_LOSS_BEFORE): the hole is
+    # that loss, so the session resynchronises after LOSS_GAP_WAIT_S, not a whole
+    # CLIENT_GAP_WAIT_S; without the mark it still waits the second out (a reordering).
+    tl = mk()
+    key, reqs = _keepalive_with_hole(tl, loss_noted)
+    held_at = tl.now
+    tl.run(held_at + LOSS_GAP_WAIT_S)
+    out = [e.pkt for e in tl.log if e.at >= held_at and e.pkt.flags != ACK]
+    k = tl.table.counters
+    if loss_noted:
+        assert [p.flags for p in out] == [RST | ACK, SYN]
+        assert out[1].seq == reqs[2].seq - 1
+        assert k["client gap ring loss"] == 1 and k["client gap abandoned"] == 1
+    else:
+        assert out == [] and k["client gap ring loss"] == 0
+        tl.run(held_at + CLIENT_GAP_WAIT_S)
+        out = [e.pkt for e in tl.log if e.at >= held_at and e.pkt.flags != ACK]
+        assert [p.flags for p in out] == [RST | ACK, SYN]
+    assert k["client gap abandoned"] == 1
+
+
+def test_a_reported_ring_loss_is_forgotten_after_loss_recent_s():
+    tl = mk()
+    tl.table.note_capture_loss(tl.now - LOSS_RECENT_S - 0.001)
+    _key, _reqs = _keepalive_with_hole(tl, loss_noted=False)
+    tl.run(tl.now + LOSS_GAP_WAIT_S)
+    assert tl.table.counters["client gap ring loss"] == 0
 
 
 def test_lost_captured_request_stalls_a_keepalive_flow_only_briefly():
