@@ -17,10 +17,13 @@ The producer never blocks: when the ring is full the packet is dropped and count
 (``dropped``), which is what the capture must do at line rate (design §3).
 
 Wake-ups: an eventfd is rung when the producer finds the ring empty before its batch
-(empty -> non-empty), so a busy consumer costs no syscalls.  Because Python gives us no
-memory fence between "publish my counter" and "read the other's", a wake-up can in rare
-interleavings be missed; the consumer therefore never sleeps longer than
-``RING_IDLE_POLL_S`` (the safety net costs one wake-up per idle interval).
+(empty -> non-empty) or its tail caught up with the head before its batch, so a busy
+consumer costs no syscalls.  The consumer clears the eventfd, pops, and then reads the head
+again: anything there (pushed while it popped) and it comes back without sleeping
+(engine/worker_proc.RingSource).  Because Python gives us no memory fence between "publish
+my counter" and "read the other's", a wake-up can still in rare interleavings be missed; the
+consumer therefore never sleeps longer than ``RING_IDLE_POLL_S`` (the safety net costs one
+wake-up per idle interval).
 
 Batching: both sides read the other's counter once and publish their own once per batch.
 ``push_frames`` writes a whole batch that lies in one buffer (a TPACKET_V3 block of the

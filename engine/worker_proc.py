@@ -89,7 +89,12 @@ class RingSource:
             self._loss_marks = ring.loss_marks
             if self.on_loss is not None:
                 self.on_loss(now)
-        self._backlog = len(items) == self.batch_max and len(ring) > 0
+        # Anything in the ring now (pushed while we popped, or beyond batch_max) means come
+        # back at once: the producer rang the eventfd only if it saw our tail caught up, and
+        # it may have read the tail before we published it (ring.py "Wake-ups").  Testing
+        # only a full batch here missed those, and each miss slept RING_IDLE_POLL_S with
+        # packets waiting: under load the ring overflowed while the worker sat idle.
+        self._backlog = len(ring) > 0
         if self.tick is not None:
             self.tick(now)
         return items

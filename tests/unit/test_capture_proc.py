@@ -245,3 +245,27 @@ def test_ring_source_reports_a_marked_read_once(rings_factory):
     src.read_batch(3.0)
     assert seen == [2.0]
     src.close()
+
+
+def test_ring_source_comes_back_at_once_for_a_push_that_raced_its_pop(rings_factory):
+    # The producer pushed while the consumer popped and (reading the tail before the
+    # consumer published it) rang no eventfd: the consumer must not sleep on that packet.
+    (ring,) = rings_factory(1, slots=16)
+    consumer = Ring.attach(ring.spec())
+    src = RingSource(consumer, None, batch_max=8)
+    pop = consumer.pop_packets
+
+    def racing_pop(n):
+        got = pop(n)
+        ring.push_batch([(b"late", 0.0)])
+        consumer.clear_wakeup()  # its wake-up was lost
+        return got
+
+    consumer.pop_packets = racing_pop
+    ring.push_batch([(b"x", 0.0)] * 3)
+    assert len(src.read_batch(1.0)) == 3  # fewer than batch_max
+    assert src.next_deadline() == 1.0  # due now, not RING_IDLE_POLL_S later
+    consumer.pop_packets = pop
+    assert [d for _t, d in src.read_batch(1.0)] == [b"late"]
+    assert src.next_deadline() == 1.0 + RING_IDLE_POLL_S
+    src.close()
