@@ -57,7 +57,6 @@ from engine.capture import FrameBatch
 from engine.errors import DecodeError
 from engine.logs import LOGGER_NAME, reopen_logs
 from engine.ring import RING_SLOT_BYTES, RING_SLOTS, Ring
-from engine.session import CLIENT_GAP_WAIT_S
 from engine.shed import REASON_RING_FULL, FlowGate
 
 log = logging.getLogger(LOGGER_NAME)
@@ -453,12 +452,11 @@ class CaptureProcess:
             log.warning(
                 "worker %d: its ring was full: %d captured packets dropped since the last "
                 "line (ring_full, %d in all); each is a hole in an admitted session, which "
-                "gives it up after %.0f s and reconnects (client gap abandoned): worker %d "
-                "cannot keep up (more --workers, or -r to sample)",
+                "gives it up and reconnects from its next segment (client gap ring loss): "
+                "worker %d cannot keep up (more --workers, or -r to sample)",
                 i,
                 new,
                 self._dropped_base[i] + ring.dropped,
-                CLIENT_GAP_WAIT_S,
                 i,
             )
 
