@@ -133,11 +133,9 @@ class Ring:
                 self._loss_pending = True
                 continue
             off = _HEADER_BYTES + (head % self.slots) * slot_bytes
-            if self._loss_pending:
-                self._loss_pending = False
-                _SLOT_HEADER.pack_into(buf, off, n, SLOT_FLAG_LOSS_BEFORE, ts)
-            else:
-                _SLOT_HEADER.pack_into(buf, off, n, 0, ts)
+            flags = SLOT_FLAG_LOSS_BEFORE if self._loss_pending else 0
+            self._loss_pending = False
+            _SLOT_HEADER.pack_into(buf, off, n, flags, ts)
             start = off + _SLOT_HEADER.size
             buf[start : start + n] = data
             head += 1
@@ -182,13 +180,14 @@ class Ring:
             starts, lengths = starts[:free], lengths[:free]
             count = free
         if count == 0:
-            self._loss_pending = self._loss_pending or lost
+            self._loss_pending |= lost
             return 0
         index = (np.arange(head, head + count, dtype=np.int64)) % self.slots
-        self._u32[index * self._slot_words32] = lengths
-        self._u32[index * self._slot_words32 + 1] = 0
+        words = index * self._slot_words32
+        self._u32[words] = lengths
+        self._u32[words + 1] = 0
         if self._loss_pending:
-            self._u32[index[0] * self._slot_words32 + 1] = SLOT_FLAG_LOSS_BEFORE
+            self._u32[words[0] + 1] = SLOT_FLAG_LOSS_BEFORE
         self._loss_pending = lost  # the dropped ones came after every one written here
         self._f64[index * self._slot_words64 + 1] = ts
         data = index * self.slot_bytes + (_HEADER_BYTES + _SLOT_HEADER.size)
