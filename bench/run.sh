@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The live benchmark: set up (apt + venv + the bench extras), then measure tcpcopy-mp beside C TCPCopy
 # 1.0 (built once from ../shared/anchor) per scenario inside private network namespaces.
-#   sudo bash bench/run.sh [--quick] [--no-setup] [--peer c|none] [bench_live.py options, see --help]
+#   bash bench/run.sh [--quick] [--no-setup] [--peer c|none] [bench_live.py options, see --help]   (as root)
 # --no-setup skips tests/setup.sh (it stops every nginx on the machine: do not use it while
 # other netns tests run).  Results: bench/results/latest.{json,md,png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" -ne 0 ]; then
-  echo "bench: needs root (network namespaces, raw sockets, NFQUEUE): sudo bash bench/run.sh" >&2
+  echo "bench: needs root (network namespaces, raw sockets, NFQUEUE): run it as root (or with sudo)" >&2
   exit 2
 fi
 setup=1
