@@ -554,9 +554,11 @@ class ReplayConfig:
     """-F: a pcap filter expression (tcpdump syntax), compiled by libpcap for the IP header
     and run in the kernel after the -x selection: a packet is replayed only when both keep
     it (every capture mode; offline replay applies it to the file's packets).  IP and TCP
-    primitives only (host, net, port, tcp flags, len...): link-layer ones (ether, vlan) are
-    refused, since the filter starts at the IP header on every device.  Example:
-    `not src net 10.1.0.0/16` leaves that subnet's clients out of the copy."""
+    primitives (host, net, port, portrange, ip[...] and tcp[...] tests); link-layer ones
+    (ether, vlan) are refused, since the filter starts at the IP header on every device, and
+    `len`/`greater`/`less` count the link header on AF_PACKET capture.  Host names are
+    resolved once, at start.  Example: `not src net 10.1.0.0/16` leaves that subnet's
+    clients out of the copy."""
     capture_buffer_bytes: int = option(
         64 * 1024 * 1024,
         short="-B",
