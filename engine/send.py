@@ -33,9 +33,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import logging
 import socket
 import struct
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -195,18 +197,26 @@ def _read_text(path: str) -> str:
         return f.read()
 
 
+SIOCGIFMTU = 0x8921
+SIOCGIFHWADDR = 0x8927
+_IFREQ = struct.Struct("16sH22s")  # ifr_name, then the union: sa_family + sa_data / int mtu
+
+
 def device_facts(device: str) -> tuple[int, bytes, int, int]:
-    """(ifindex, MAC, MTU, ARPHRD type) of ``device``; ConfigError naming -o when absent."""
-    base = f"/sys/class/net/{device}"
+    """(ifindex, MAC, MTU, ARPHRD type) of ``device`` in this network namespace (ioctls on
+    a socket, so a /sys of another namespace cannot mislead); ConfigError naming -o."""
+    name = device.encode("ascii", "replace")[:15]
     try:
         ifindex = socket.if_nametoindex(device)
-        mac_text = _read_text(f"{base}/address").strip()
-        mtu = int(_read_text(f"{base}/mtu"))
-        hatype = int(_read_text(f"{base}/type"))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            hw = fcntl.ioctl(s.fileno(), SIOCGIFHWADDR, _IFREQ.pack(name, 0, b""))
+            raw_mtu = fcntl.ioctl(s.fileno(), SIOCGIFMTU, _IFREQ.pack(name, 0, b""))
     except (OSError, ValueError):
         raise ConfigError("-o", f"no such network device: {device!r}") from None
-    mac = link.mac_from_text(mac_text)
-    if hatype != ARPHRD_ETHER or mac is None:
+    _, hatype, data = _IFREQ.unpack(hw)
+    mac = data[: link.MAC_BYTES]
+    mtu = int.from_bytes(raw_mtu[16:20], sys.byteorder, signed=True)
+    if hatype != ARPHRD_ETHER:
         raise ConfigError(
             "-o", f"{device} is not an Ethernet device (type {hatype}): frames need a MAC header"
         )

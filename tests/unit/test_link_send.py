@@ -386,3 +386,19 @@ def test_offline_replay_applies_the_filter_to_the_files_packets(tmp_path: Path) 
         now += 0.01
     assert got == a
     assert prefilter.counters["capture_filter_excluded"] == 2
+
+
+def test_link_sender_follows_the_neighbour_table_while_sending() -> None:
+    host = FakeHost()
+    table = host.table(_entries("80-198.18.2.3:8080"))
+    table.resolve()
+    s = FakeLinkSender(table)
+    now = [0.0]
+    s.clock = lambda: now[0]
+    s.send_batch([_packet(seq=1)])
+    host.arp = ARP_TEXT.replace("02:aa:bb:cc:dd:03", "02:aa:bb:cc:dd:04")
+    now[0] = 4.9  # before the refresh interval: the old MAC
+    s.send_batch([_packet(seq=2)])
+    now[0] = 5.1
+    s.send_batch([_packet(seq=3)])
+    assert [f[:6].hex() for f in s.frames] == ["02aabbccdd03", "02aabbccdd03", "02aabbccdd04"]
