@@ -61,6 +61,7 @@ def test_link_send_bypasses_the_output_chain(testbed: tbm.Testbed, tmp_path: Pat
     assert online == {"/sc/": SHORT_CONNECTIONS, "/ka/": KEEPALIVE_REQUESTS}, online
     seen = {p: testbed.wait_target_count(p, n, timeout=DEADLINE_S) for p, n in online.items()}
     summary = stop_tcpcopy(testbed, tcpcopy, tmp_path)
+    print(f"-o: online {online}, target {seen}, sent {summary.get('send_packets')} frames")
     for prefix, n in online.items():
         assert seen[prefix] >= REQUIRED_RATIO * n, f"{prefix}: {seen}\n{diag(testbed)}"
         report = tbm.compare_replication(
@@ -108,6 +109,8 @@ def test_capture_filter_leaves_one_client_out(
     assert summary.get("capture_kernel_filter_failed", 0) == 0, summary
     assert summary.get("capture_filter_excluded", 0) == 0, summary
     target = testbed.access_log("target")
+    print(f"-F ({capture}): expected {expected}, target {seen}, client B at the target: "
+          f"{len(tbm.with_prefix(target, '/fb/'))} of 300")  # fmt: skip
     for prefix, n in expected.items():
         assert seen[prefix] >= REQUIRED_RATIO * n, f"{prefix}: {seen}\n{diag(testbed)}"
     assert tbm.with_prefix(target, "/fb/") == [], "-F did not leave client B out"
