@@ -277,6 +277,7 @@ class NeighbourTable:
         self.dynamic = sorted(dynamic - set(self.static))
         self.hops: dict[int, int] = {}
         self.macs: dict[int, bytes] = {}
+        self.absent: set[int] = set()
 
     def headers(self) -> dict[int, bytes]:
         """{target: 14-byte frame header} for every target with a known MAC."""
@@ -335,11 +336,14 @@ class NeighbourTable:
             new, old = macs.get(ip), self.macs.get(ip)
             if new is None:
                 self.probe(self.hops.get(ip, ip))
-                if old is not None:
+                if old is not None and ip not in self.absent:
+                    self.absent.add(ip)  # said once, until the entry is back
                     notes.append(
                         f"{_ip_text(ip)}: no neighbour entry; keeping {link.mac_to_text(old)}"
                     )
-            elif new != old:
+            else:
+                self.absent.discard(ip)
+            if new is not None and new != old:
                 self.macs[ip] = new
                 notes.append(f"{_ip_text(ip)}: next hop MAC is now {link.mac_to_text(new)}")
         return notes

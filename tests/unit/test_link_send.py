@@ -218,8 +218,9 @@ def test_refresh_follows_a_changed_mac_and_keeps_a_vanished_one() -> None:
     assert table.headers()[TARGET][:6] == bytes.fromhex("02aabbccdd04")
     host.arp = ""
     assert "no neighbour entry" in table.refresh()[0]
+    assert table.refresh() == []  # said once; probed again each time
     assert table.headers()[TARGET][:6] == bytes.fromhex("02aabbccdd04")
-    assert host.probes == [TARGET]
+    assert host.probes == [TARGET, TARGET]
 
 
 # -- LinkSender (its batch function replaced: no packet socket without privileges) -----------
