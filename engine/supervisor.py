@@ -214,6 +214,12 @@ class Supervisor:
         self.prefilter = capture.TransferFilter.for_transfers(
             cfg.session.transfers, cfg.capture_filter
         )
+        if cfg.capture_filter:
+            log.info(
+                "-F %r: %d instructions, run after the -x selection",
+                cfg.capture_filter,
+                len(self.prefilter.user_program),
+            )
         make_sources = self.sources_factory or build_sources
         self.sources = list(make_sources(cfg, self.prefilter))
         if self.sender_factory is None:
