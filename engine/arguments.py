@@ -249,10 +249,18 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
         # Naming a device asks for capture on it: AF_PACKET.  Without -i, the C default.
         mode = "packet" if interfaces else "raw"
     output_interface = v.get("output_interface")
-    if output_interface is not None and not capture.device_exists(output_interface.strip()):
-        raise ConfigError(
-            v.where("output_interface"), f"no such network device: {output_interface!r}"
-        )
+    if output_interface is not None:
+        output_interface = output_interface.strip()
+        if not output_interface or not capture.device_exists(output_interface):
+            raise ConfigError(
+                v.where("output_interface"), f"no such network device: {output_interface!r}"
+            )
+    capture_filter = (v.get("capture_filter") or "").strip()
+    if capture_filter:
+        from engine.pcapfilter import compile_filter
+
+        with v.located("capture_filter"):
+            compile_filter(capture_filter)  # a bad expression fails here, naming -F
 
     accelerate = v.get("accelerate", 1.0)
     idle_ms = v.get("idle_threshold_s", 0)
@@ -297,7 +305,7 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
         secret_file=secret_file,
         capture=mode,
         interfaces=tuple(interfaces),
-        capture_filter=args.filter or "",
+        capture_filter=capture_filter,
         capture_buffer_bytes=buffer_bytes,
         snaplen=snaplen,
         output_interface=output_interface,

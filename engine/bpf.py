@@ -16,6 +16,11 @@ are queued, so user space sees only what the replay needs.  The program accepts 
   The length is computed in 32-bit unsigned arithmetic, so a GRO/BIG TCP aggregate whose
   tot_len is 0 is kept (the engine splits it, spec §3.4).
 
+With ``-F`` (engine/pcapfilter.py) the user's program, compiled by libpcap for an IP header
+at offset 0, is placed where the -x program accepts: ``rebase`` moves its packet loads onto
+the IP header this program found, and its accepting returns become ``BPF_ACCEPT_BYTES``.  So
+one program runs in the kernel and a packet is kept only when both accept it.
+
 An accepted packet is returned whole (``BPF_ACCEPT_BYTES``).  ``keep_ipv4`` is the same
 decision in Python, for offline pcap files and for sockets the program could not be attached
 to; the unit tests run both on real captures and require identical answers.
@@ -49,6 +54,7 @@ __all__ = [
     "capture_program",
     "keep_ipv4",
     "is_pure_ack",
+    "rebase",
 ]
 
 Insn = tuple[int, int, int, int]
@@ -109,6 +115,7 @@ class _Asm:
 
     def __init__(self) -> None:
         self.items: list[tuple[int, object, object, int] | str] = []
+        # Symbolic jumps hold labels or None; raw() items hold ints (already relative).
 
     def label(self, name: str) -> None:
         self.items.append(name)
@@ -122,6 +129,10 @@ class _Asm:
 
     def ja(self, target: str) -> None:
         self.items.append((BPF_JMP | BPF_JA, target, None, 0))
+
+    def raw(self, program: Sequence[Insn]) -> None:
+        """Instructions whose jumps are already relative (a whole program, inlined)."""
+        self.items.extend(program)
 
     def assemble(self) -> list[Insn]:
         where: dict[str, int] = {}
@@ -140,6 +151,9 @@ class _Asm:
             if isinstance(item, str):
                 continue
             code, jt, jf, k = item
+            if isinstance(jt, int) and isinstance(jf, int):
+                out.append((code, jt, jf, k))  # from raw(): already resolved
+                continue
             pc = len(out) + 1  # jumps are relative to the next instruction
             if code == BPF_JMP | BPF_JA:
                 out.append((code, 0, 0, where[jt] - pc))  # type: ignore[index]
@@ -169,7 +183,36 @@ def _match_table(transfers: Iterable[tuple[int, int]], ports_only: bool) -> dict
     return {p: frozenset() if p in wild else frozenset(s) for p, s in sorted(ips.items())}
 
 
-def _body(asm: _Asm, tag: str, base: int, table: dict[int, frozenset], pure_acks: bool) -> None:
+def rebase(program: Sequence[Insn], base: int) -> list[Insn]:
+    """A program written for an IP header at offset 0, moved to one at ``base``, with every
+    accepting return made ``BPF_ACCEPT_BYTES`` (engine/pcapfilter.py programs).
+
+    Packet loads (absolute, indirect, the IHL load) shift by ``base``; ancillary loads
+    (negative offsets), scratch memory, immediates and jumps stay as they are.
+    """
+    out: list[Insn] = []
+    for code, jt, jf, k in program:
+        cls, mode = code & 0x07, code & 0xE0
+        if cls == BPF_LD and mode == BPF_ABS and k < 0x80000000:
+            k = _u32(k + base)
+        elif cls == BPF_LD and mode == BPF_IND:
+            k = _u32(k + base)
+        elif cls == BPF_LDX and mode == BPF_MSH:
+            k = _u32(k + base)
+        elif cls == BPF_RET and code & 0x18 == BPF_K and k:
+            k = BPF_ACCEPT_BYTES
+        out.append((code, jt, jf, k))
+    return out
+
+
+def _body(
+    asm: _Asm,
+    tag: str,
+    base: int,
+    table: dict[int, frozenset],
+    pure_acks: bool,
+    user: Sequence[Insn] = (),
+) -> None:
     """IPv4/TCP checks, the -x match and the pure-ACK test for an IP header at ``base``."""
     drop, accept, flags = f"{tag}drop", f"{tag}accept", f"{tag}flags"
     asm.op(BPF_LD | BPF_B | BPF_ABS, base)  # version, IHL
@@ -209,6 +252,15 @@ def _body(asm: _Asm, tag: str, base: int, table: dict[int, frozenset], pure_acks
         asm.op(BPF_LDX | BPF_W | BPF_MEM, 0)
         asm.op(BPF_ALU | BPF_SUB | BPF_X)  # - doff * 4: the payload length (mod 2^32)
         asm.jump(BPF_JMP | BPF_JEQ | BPF_K, 0, drop, accept)
+    if user:
+        # -F runs last; the drop comes first so no jump above has to cross it.
+        if pure_acks:
+            asm.ja(accept)
+        asm.label(drop)
+        asm.op(BPF_RET | BPF_K, 0)
+        asm.label(accept)
+        asm.raw(rebase(user, base))
+        return
     asm.label(accept)
     asm.op(BPF_RET | BPF_K, BPF_ACCEPT_BYTES)
     asm.label(drop)
@@ -221,9 +273,11 @@ def capture_program(
     *,
     ports_only: bool = False,
     pure_acks: bool = False,
+    user: Sequence[Insn] = (),
 ) -> list[Insn]:
     """The filter for -x entries given as (online ip, online port); ip 0 = any address.
 
+    ``user``: the -F program (IP header at offset 0, see ``rebase``); both must accept.
     ``base`` is ``IP_BASE`` for the IPPROTO_TCP raw socket, ``NET_BASE`` for AF_PACKET.
     ``ports_only`` ignores the addresses (a superset: the Python filter must still run).
     ``pure_acks`` keeps pure ACKs too (C's exact step 8 leaves them to the session table).
@@ -249,11 +303,11 @@ def capture_program(
         asm.label("hdrop")
         asm.op(BPF_RET | BPF_K, 0)
         asm.label("hip")
-        _body(asm, "", NET_BASE, table, pure_acks)
+        _body(asm, "", NET_BASE, table, pure_acks, user)
         asm.label("hvlan")
-        _body(asm, "v", NET_BASE + VLAN_TAG_BYTES, table, pure_acks)
+        _body(asm, "v", NET_BASE + VLAN_TAG_BYTES, table, pure_acks, user)
     elif base == IP_BASE:
-        _body(asm, "", IP_BASE, table, pure_acks)
+        _body(asm, "", IP_BASE, table, pure_acks, user)
     else:
         raise ValueError(f"unknown base {base}")
     return asm.assemble()

@@ -48,7 +48,7 @@ import socket
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -96,12 +96,16 @@ class TransferFilter:
     this module stays testable without the rewrite layer).  `transfers` lists the entries as
     (online ip, online port) for the kernel program (`for_transfers` fills it); without it
     live sources cannot attach an exact program and filter here.  `drop_pure_acks=False`
-    keeps pure ACKs (only for callers that need C's exact step 8).
+    keeps pure ACKs (only for callers that need C's exact step 8).  ``user_filter`` is the
+    compiled -F expression (engine/pcapfilter.py): a packet must match it too; live sources
+    run it in the kernel behind the -x program (``user_program``).
 
     counters: capture_packets (every packet seen, C's "total captured packets"),
     capture_bytes, capture_not_tcp, capture_fragment (non-first IP fragments: no TCP header),
     capture_not_matched, capture_pure_ack_dropped (also counted as drop_pure_ack, the loss
-    reason the sessions use for the same packets), capture_accepted.
+    reason the sessions use for the same packets), capture_filter_excluded (left out by -F
+    where it runs in Python: offline files, sockets without the kernel program),
+    capture_accepted.
     """
 
     def __init__(
@@ -111,19 +115,37 @@ class TransferFilter:
         *,
         transfers: Sequence[tuple[int, int]] = (),
         drop_pure_acks: bool = True,
+        user_filter: object | None = None,
     ):
         self.match = match
         self.counters: Counter[str] = counters if counters is not None else Counter()
         self.transfers = tuple(transfers)
         self.drop_pure_acks = drop_pure_acks
+        self.user_filter: Any = user_filter
+
+    @property
+    def user_program(self) -> Sequence[tuple[int, int, int, int]]:
+        """The -F program (IP header at offset 0), () without -F."""
+        return self.user_filter.program if self.user_filter is not None else ()
 
     @classmethod
-    def for_transfers(cls, transfers: Sequence[object]) -> TransferFilter:
+    def for_transfers(cls, transfers: Sequence[object], capture_filter: str = "") -> TransferFilter:
+        """The filter of a run: its -x entries, and its -F expression compiled (ConfigError
+        naming -F when libpcap refuses it)."""
         from engine import rewrite
 
+        user_filter = None
+        if capture_filter:
+            from engine.pcapfilter import compile_filter
+
+            user_filter = compile_filter(capture_filter)
         entries = tuple(transfers)
         pairs = [(e.online_ip, e.online_port) for e in entries]  # type: ignore[attr-defined]
-        return cls(lambda ip, port: rewrite.match_transfer(entries, ip, port), transfers=pairs)
+        return cls(
+            lambda ip, port: rewrite.match_transfer(entries, ip, port),
+            transfers=pairs,
+            user_filter=user_filter,
+        )
 
     def keep(self, ip: bytes) -> bool:
         """The live rule (``drop_pure_acks`` as configured)."""
@@ -157,6 +179,9 @@ class TransferFilter:
         if drop_pure_acks and bpf.is_pure_ack(ip, ihl):
             c["capture_pure_ack_dropped"] += 1
             c["drop_pure_ack"] += 1
+            return False
+        if self.user_filter is not None and not self.user_filter.matches(ip):
+            c["capture_filter_excluded"] += 1
             return False
         c["capture_accepted"] += 1
         return True
@@ -213,10 +238,12 @@ class _LiveSource:
             return
         exact = self.prefilter is not None and bool(self.prefilter.transfers)
         pure_acks = self.prefilter is not None and not self.prefilter.drop_pure_acks
+        user = self.prefilter.user_program if self.prefilter is not None else ()
         try:
             try:
-                program = bpf.capture_program(transfers, base, pure_acks=pure_acks)
+                program = bpf.capture_program(transfers, base, pure_acks=pure_acks, user=user)
             except bpf.ProgramTooLarge:
+                # A superset (the Python filter, -F included, decides again).
                 program = bpf.capture_program(transfers, base, ports_only=True, pure_acks=pure_acks)
                 exact = False
             attach_bpf(self.sock, program)

@@ -145,17 +145,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _log_ignored(logger: logging.Logger, cfg: ReplayConfig, args: argparse.Namespace) -> None:
     """Say which compatibility flags have no effect, so nobody tunes a dead knob."""
-    if cfg.capture_filter:
-        logger.info("-F is accepted for compatibility; the -x map selects the packets")
     if cfg.capture == "raw" and cfg.interfaces:
         logger.info("-i is used by --capture packet only; the raw socket sees every device")
     for flag, value in (
         ("-U", cfg.pool_size_kb),
         ("-S", cfg.snaplen),
-        ("-o", cfg.output_interface),
     ):
         if value is not None:
             logger.info("%s is accepted for compatibility and has no effect", flag)
+    if cfg.output_interface is None and any(t.target_mac for t in cfg.session.transfers):
+        logger.info("the MACs in -x are used with -o DEV only (link-layer send)")
 
 
 if __name__ == "__main__":

@@ -547,11 +547,18 @@ class ReplayConfig:
         short="-F",
         long="--filter",
         metavar="BPF",
-        help="accepted; the -x map selects the packets",
+        help="pcap filter expression (tcpdump syntax); a packet must match it and -x",
         section=_CAPT,
         shown_default=None,
     )
-    """-F: accepted for C compatibility; the -x pre-filter decides what is replayed."""
+    """-F: a pcap filter expression (tcpdump syntax), compiled by libpcap for the IP header
+    and run in the kernel after the -x selection: a packet is replayed only when both keep
+    it (every capture mode; offline replay applies it to the file's packets).  IP and TCP
+    primitives (host, net, port, portrange, ip[...] and tcp[...] tests); link-layer ones
+    (ether, vlan) are refused, since the filter starts at the IP header on every device, and
+    `len`/`greater`/`less` count the link header on AF_PACKET capture.  Host names are
+    resolved once, at start.  Example: `not src net 10.1.0.0/16` leaves that subnet's
+    clients out of the copy."""
     capture_buffer_bytes: int = option(
         64 * 1024 * 1024,
         short="-B",
@@ -580,12 +587,18 @@ class ReplayConfig:
         short="-o",
         long="--output-interface",
         metavar="DEV",
-        help="accepted for compatibility (C pcap-send builds); packets go out through the "
-        "raw IP socket",
+        help="send the replayed packets as Ethernet frames on DEV (link layer), not through "
+        "this host's IP layer",
         section=_CAPT,
+        shown_default="off (raw IP socket)",
     )
-    """-o: accepted for C compatibility (the output device of C's pcap-send builds; it must
-    exist); tcpcopy-mp always sends through a raw IP socket."""
+    """-o: link-layer send (C's --pcap-send, chosen at run time): every replayed packet leaves
+    as an Ethernet frame on DEV through a packet socket, so this host's routing, OUTPUT
+    rules, conntrack and rp_filter are not involved.  The next hop's MAC is the -x entry's
+    `@MAC` when given (`port@srcMAC-ip:port@dstMAC`, as C), else the kernel's neighbour
+    entry for the target or the gateway of its route on DEV, probed at start when absent
+    and re-read every 5 s; the source MAC is DEV's (or the -x entry's).  Packets larger
+    than DEV's MTU are split."""
     pcap_files: tuple[str, ...] = option(
         (),
         long="--pcap",

@@ -24,6 +24,7 @@ Finding type, the Host and the parsers here.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import ipaddress
 import json
 import random
@@ -485,6 +486,18 @@ class TcpcopyInputs:
     pool_spec: str = ""
     mtu: int = 1500
     mss: int = 1460
+    output_interface: str | None = None
+    """-o DEV: replayed packets leave as frames on DEV (engine/send.py LinkSender)."""
+    target_macs: tuple[tuple[int, bytes | None], ...] = ()
+    """-x: (target ip, its @MAC or None), distinct targets in order (used with -o)."""
+    capture_filter: str = ""
+    """-F as given."""
+    transfer_pairs: tuple[tuple[int, int], ...] = ()
+    """-x: (online ip, online port) of every entry: the capture's selection."""
+    capture: str = "raw"
+    interfaces: tuple[str, ...] = ()
+    transfers: tuple = ()
+    """-x as parsed (rewrite.TransferEntry): what the link sender of --live resolves."""
 
 
 def _check_rp_filter_online(host: Host, devs: Sequence[str]) -> Finding:
@@ -660,29 +673,235 @@ def tcpcopy_checks(
     host: Host,
     inp: TcpcopyInputs,
     probe: Callable[[str, int], Finding] = probe_intercept,
+    neighbour_probe: Callable[[int], None] | None = None,
 ) -> list[Finding]:
+    """The static checks of a run's command line (``neighbour_probe``: see check_output)."""
     findings = [
         check_capabilities(host, {CAP_NET_RAW: "raw sockets to capture and send"}, "tcpcopy-mp")
     ]
     devs: list[str] = []
     route_findings = []
-    for ip, port in inp.targets:
-        finding, route = _check_target_route(host, ip, port)
-        route_findings.append(finding)
-        if route.reachable and route.dev and route.dev not in devs:
-            devs.append(route.dev)
-    findings.append(_check_rp_filter_online(host, devs))
+    if inp.output_interface is None:
+        for ip, port in inp.targets:
+            finding, route = _check_target_route(host, ip, port)
+            route_findings.append(finding)
+            if route.reachable and route.dev and route.dev not in devs:
+                devs.append(route.dev)
+        findings.append(_check_rp_filter_online(host, devs))
     findings += route_findings
     findings += [probe(ip, port) for ip, port in inp.intercepts]
     findings += _check_pool(host, inp)
-    findings.append(check_conntrack(host))
-    if devs:
-        findings.append(_check_mtu(host, inp.mtu, devs))
+    if inp.output_interface is None:
+        findings.append(check_conntrack(host))
+        if devs:
+            findings.append(_check_mtu(host, inp.mtu, devs))
+    else:
+        findings += check_output(host, inp, neighbour_probe)
+    if inp.capture_filter:
+        findings.append(check_capture_filter(inp))
     return findings
 
 
 # ---------------------------------------------------------------------------------------------
+# -o DEV (link-layer send) and -F (capture filter)
+
+NEIGHBOUR_WAIT_S = 1.0
+"""How long the doctor waits for a probed neighbour entry to appear."""
+ARPHRD_ETHER = 1
+
+
+def check_output(
+    host: Host,
+    inp: TcpcopyInputs,
+    neighbour_probe: Callable[[int], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> list[Finding]:
+    """-o DEV: the device (Ethernet, its MAC and MTU), each target's next-hop MAC, and what
+    is no longer on the replay path.  ``neighbour_probe(addr)`` asks the kernel to resolve an
+    absent entry (None: report it absent without probing)."""
+    from engine import link
+
+    dev = inp.output_interface or ""
+    name = f"output device {dev}"
+    base = f"/sys/class/net/{dev}"
+    hatype = parse_int_text(host.read(f"{base}/type"))
+    mtu = parse_int_text(host.read(f"{base}/mtu"))
+    mac = link.mac_from_text((host.read(f"{base}/address") or "").strip())
+    if hatype is None or mtu is None:
+        return [Finding(FAIL, name, "no such network device", "ip -o link show  (pick one)")]
+    if hatype != ARPHRD_ETHER or mac is None:
+        return [
+            Finding(
+                FAIL,
+                name,
+                f"not an Ethernet device (type {hatype}): frames need a MAC header",
+                "-o DEV must name the Ethernet device that reaches the target",
+            )
+        ]
+    findings = [Finding(OK, name, f"Ethernet, MAC {link.mac_to_text(mac)}, MTU {mtu}")]
+    if mtu < inp.mtu:
+        findings.append(
+            Finding(
+                WARN,
+                "mtu",
+                f"-M {inp.mtu} is larger than {dev}'s MTU {mtu}: larger packets are split to "
+                f"{mtu} bytes before they are sent",
+                f"tcpcopy-mp -M {mtu} ...  (or: ip link set dev {dev} mtu {inp.mtu})",
+            )
+        )
+    else:
+        findings.append(Finding(OK, "mtu", f"-M {inp.mtu} fits {dev}'s MTU {mtu}"))
+    routes = link.parse_proc_route(host.read("/proc/net/route") or "")
+    macs = dict(inp.target_macs)
+    hops = {ip: link.next_hop(routes, ip, dev) for ip, _ in inp.targets if macs.get(ip) is None}
+
+    def neighbours() -> dict[int, bytes]:
+        return link.resolve_macs(hops, link.parse_proc_arp(host.read("/proc/net/arp") or ""), dev)
+
+    found = neighbours()
+    missing = [ip for ip in hops if ip not in found]
+    if missing and neighbour_probe is not None:
+        for ip in missing:
+            neighbour_probe(hops[ip])
+        deadline = clock() + NEIGHBOUR_WAIT_S
+        while missing and clock() < deadline:
+            time.sleep(0.05)
+            found = neighbours()
+            missing = [ip for ip in hops if ip not in found]
+    for ip, _ in dict.fromkeys(inp.targets):
+        check = f"next hop of {ip_to_str(ip)}"
+        given = macs.get(ip)
+        if given is not None:
+            findings.append(Finding(OK, check, f"{link.mac_to_text(given)} (from -x)"))
+            continue
+        hop = hops[ip]
+        via = "on the link" if hop == ip else f"via gateway {ip_to_str(hop)}"
+        if ip in found:
+            findings.append(
+                Finding(OK, check, f"{via}: {link.mac_to_text(found[ip])} (neighbour table)")
+            )
+        else:
+            findings.append(
+                Finding(
+                    FAIL,
+                    check,
+                    f"{via}: no neighbour entry for {ip_to_str(hop)} on {dev}"
+                    + (" after a probe" if neighbour_probe is not None else ""),
+                    f"check that {ip_to_str(hop)} answers ARP on {dev} (arping -I {dev} "
+                    f"{ip_to_str(hop)}), or give the MACs in -x: port@SRCMAC-ip:port@DSTMAC",
+                )
+            )
+    findings.append(_check_bypassed(host, dev))
+    return findings
+
+
+def _check_bypassed(host: Host, dev: str) -> Finding:
+    """With -o the replay does not go through this host's IP layer: say what no longer
+    matters (OUTPUT rules that drop, the conntrack table's fill level)."""
+    res = host.run(["iptables", "-w", "-S", "OUTPUT"])
+    dropping = [
+        line
+        for line in (res.out if res.rc == 0 else "").splitlines()
+        if re.search(r"-j (DROP|REJECT)\b", line)
+    ]
+    count = sysctl_int(host, "net", "netfilter", "nf_conntrack_count")
+    limit = sysctl_int(host, "net", "netfilter", "nf_conntrack_max")
+    parts = [f"{len(dropping)} DROP/REJECT rule(s) in OUTPUT"]
+    parts.append(f"conntrack {count} of {limit}" if count is not None and limit else "conntrack")
+    return Finding(
+        OK,
+        "ip layer bypassed",
+        f"frames on {dev} skip this host's routing, OUTPUT chain, conntrack and rp_filter: "
+        f"{' and '.join(parts)} do not apply to the replay",
+    )
+
+
+def check_capture_filter(
+    inp: TcpcopyInputs, sample: Sequence[bytes] | None = None, seconds: float = 0.0
+) -> Finding:
+    """-F: the compiled program's size with the -x selection; with a live ``sample`` (the
+    packets the -x selection kept in ``seconds``), how many -F keeps of them."""
+    from engine import bpf
+    from engine.pcapfilter import compile_filter
+
+    name = "capture filter"
+    try:
+        user = compile_filter(inp.capture_filter)
+    except ConfigError as exc:
+        return Finding(FAIL, name, str(exc), "fix the -F expression (tcpdump syntax, IP level)")
+    pairs = inp.transfer_pairs or tuple((0, port) for _, port in inp.targets)
+    try:
+        total = len(bpf.capture_program(pairs, bpf.NET_BASE, user=user.program))
+        where = f"{total} in the kernel with the -x selection (at most {bpf.BPF_MAXINSNS})"
+    except bpf.ProgramTooLarge:
+        where = "too large with the -x selection: the capture filters in Python"
+    text = f"-F {user.expression!r}: {len(user.program)} instructions from libpcap, {where}"
+    if sample is None:
+        return Finding(OK, name, text)
+    kept = sum(1 for ip in sample if user.matches(ip))
+    share = f" ({kept / len(sample):.0%})" if sample else ""
+    severity = WARN if sample and not kept else OK
+    return Finding(
+        severity,
+        "capture filter sample",
+        f"of {len(sample)} packet(s) the -x selection captured in {seconds:g} s, "
+        f"-F {user.expression!r} keeps {kept}{share}",
+        "the filter leaves out every packet: check the expression" if severity == WARN else "",
+    )
+
+
+def capture_sample(inp: TcpcopyInputs, seconds: float) -> list[bytes]:
+    """The IPv4 packets the run's -x selection captures during ``seconds`` (bounded)."""
+    from engine import capture
+
+    prefilter = capture.TransferFilter.for_transfers(inp.transfers)
+    if inp.capture == "packet":
+        devs = [d for d in inp.interfaces if d != "any"] or [None]
+        src = capture.open_live_source(devs[0], prefilter, 4 << 20)
+    else:
+        src = capture.open_live_source(None, prefilter, 4 << 20, host_only=True)
+    out: list[bytes] = []
+    deadline = time.monotonic() + seconds
+    try:
+        while (left := deadline - time.monotonic()) > 0 and len(out) < LIVE_SAMPLE_MAX:
+            fd = src.fileno()
+            if fd is not None:
+                select.select([fd], [], [], min(left, 0.1))
+            out += [ip for _, ip in src.read_batch(time.monotonic())]
+    finally:
+        src.close()
+    return out[:LIVE_SAMPLE_MAX]
+
+
+LIVE_SAMPLE_S = 3.0
+"""--live with -F: the sample lasts at most this long."""
+LIVE_SAMPLE_MAX = 10_000
+"""--live with -F: at most this many packets are sampled."""
+
+
+# ---------------------------------------------------------------------------------------------
 # --live: one real replay connection attempt per target
+
+
+def _sender_for(inp: TcpcopyInputs) -> Callable[[bytes, str], None]:
+    """The probe SYN goes out the way the run sends: raw IP, or frames on -o DEV."""
+    if inp.output_interface is None:
+        return _raw_send
+
+    def send_frame(pkt: bytes, dst: str) -> None:
+        from engine import send
+
+        try:
+            sender = send.LinkSender(inp.output_interface or "", inp.transfers)
+        except ConfigError as exc:
+            raise OSError(errno.EHOSTUNREACH, str(exc)) from None
+        try:
+            if not sender.send(pkt):
+                raise OSError(errno.EHOSTUNREACH, f"frame to {dst} refused (see the log)")
+        finally:
+            sender.close()
+
+    return send_frame
 
 
 def _raw_send(pkt: bytes, dst: str) -> None:
@@ -953,6 +1172,15 @@ def inputs_from_args(argv: Sequence[str]) -> TcpcopyInputs:
         pool_spec=args.clients or "",
         mtu=cfg.session.mtu,
         mss=cfg.session.mss,
+        output_interface=cfg.output_interface,
+        target_macs=tuple(
+            dict.fromkeys((t.target_ip, t.target_mac) for t in cfg.session.transfers)
+        ),
+        capture_filter=cfg.capture_filter,
+        transfer_pairs=tuple((t.online_ip, t.online_port) for t in cfg.session.transfers),
+        capture=cfg.capture,
+        interfaces=cfg.interfaces,
+        transfers=tuple(cfg.session.transfers),
     )
 
 
@@ -967,9 +1195,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    findings = tcpcopy_checks(SystemHost(), inp)
+    from engine.send import probe_neighbour
+
+    findings = tcpcopy_checks(SystemHost(), inp, neighbour_probe=probe_neighbour)
     if live is not None:
-        findings += live_probe(inp, live)
+        if inp.capture_filter and inp.capture != "offline":
+            try:
+                sample = capture_sample(inp, min(live, LIVE_SAMPLE_S))
+                findings.append(check_capture_filter(inp, sample, min(live, LIVE_SAMPLE_S)))
+            except OSError as exc:
+                findings.append(
+                    Finding(WARN, "capture filter sample", f"no live sample: {exc.strerror or exc}")
+                )
+        findings += live_probe(inp, live, send=_sender_for(inp))
     sys.stdout.write(render_json(findings) + "\n" if as_json else render_text(findings))
     sys.stdout.flush()
     return exit_status(findings)

@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from engine import link
 from engine.errors import ConfigError
 
 __all__ = [
@@ -50,16 +51,13 @@ PORT_MIN_UNPRIVILEGED = 1024
 PORT_MAX = 65535
 LOCALHOST_IP = 0x7F000001
 """127.0.0.1; a -x target equal to it sets C's ``target_localhost`` (spec §3.1, §3.3 step 3)."""
-MAC_TEXT_LEN = 17
-"""spec §3.1: a MAC is exactly 17 characters, xx:xx:xx:xx:xx:xx."""
+MAC_TEXT_LEN = link.MAC_TEXT_LEN
 RAND_SHIFT_MAX = 511
 """spec §3.1: rand_port_shifted is drawn from 0..511."""
 REPLICAS_MAX = 1023
 """spec §3.4/§4.1: -n is a 10-bit field."""
 PORT_SHIFT_FACTOR_MAX = 255
 """spec §3.15: -f is an 8-bit field."""
-
-_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,15 +90,6 @@ def _parse_port(text: str) -> int | None:
     return port if 1 <= port <= PORT_MAX else None
 
 
-def _parse_mac(text: str) -> bytes | None:
-    if len(text) != MAC_TEXT_LEN:
-        return None
-    groups = text.split(":")
-    if len(groups) != 6 or any(len(g) != 2 or not set(g) <= _HEX_DIGITS for g in groups):
-        return None
-    return bytes(int(g, 16) for g in groups)
-
-
 # --------------------------------------------------------------------------------------------
 # -x transfer map (spec §3.1)
 
@@ -128,10 +117,12 @@ def _split_mac(entry: str, side: str, text: str) -> tuple[str, bytes | None]:
     if "@" not in text:
         return text, None
     addr, mac_text = text.split("@", 1)
-    mac = _parse_mac(mac_text)
+    mac = link.mac_from_text(mac_text)
     if mac is None:
         raise _transfer_error(
-            entry, f"{side} MAC {mac_text!r} is not of the form xx:xx:xx:xx:xx:xx"
+            entry,
+            f"{side} MAC {mac_text!r} is not {MAC_TEXT_LEN} characters of the form "
+            "xx:xx:xx:xx:xx:xx",
         )
     return addr, mac
 

@@ -211,13 +211,21 @@ class Supervisor:
         slots = self.ring_slots or ring_slots(slot_bytes)
         self.rings = [Ring.create(slots, slot_bytes) for _ in range(self.workers)]
         self.histories = [TupleHistory.create() for _ in range(self.workers)]
-        self.prefilter = capture.TransferFilter.for_transfers(cfg.session.transfers)
+        self.prefilter = capture.TransferFilter.for_transfers(
+            cfg.session.transfers, cfg.capture_filter
+        )
+        if cfg.capture_filter:
+            log.info(
+                "-F %r: %d instructions, run after the -x selection",
+                cfg.capture_filter,
+                len(self.prefilter.user_program),
+            )
         make_sources = self.sources_factory or build_sources
         self.sources = list(make_sources(cfg, self.prefilter))
         if self.sender_factory is None:
-            from engine.send import RawSender
+            from engine.send import build_senders
 
-            self.senders = [RawSender() for _ in range(self.workers)]
+            self.senders = build_senders(self.workers, cfg)
         else:
             self.senders = [self.sender_factory(i) for i in range(self.workers)]
         self.children = [_Child(CAPTURE, 0, CAPTURE_SLOT)] + [

@@ -483,10 +483,10 @@ def run(cfg: ReplayConfig) -> int:
     from engine import capture, send
     from engine.shard import SessionTable
 
-    prefilter = capture.TransferFilter.for_transfers(cfg.session.transfers)
+    prefilter = capture.TransferFilter.for_transfers(cfg.session.transfers, cfg.capture_filter)
     table = SessionTable(cfg.session)
     sources = build_sources(cfg, prefilter)
-    sender = send.RawSender()
+    sender = send.build_senders(1, cfg)[0]
     worker = Worker(cfg, table, sources, sender, prefilter_counters=prefilter.counters)
     worker.install_signal_handlers()
     log.info(

@@ -177,6 +177,7 @@ _SCHEMA: list[Slot] = [
         "capture_file_error",
         "capture_errors",  # every capture_error_<name>
         "capture_pure_ack_dropped",  # pure ACKs the Python filter dropped (spec §3.3 step 8)
+        "capture_filter_excluded",  # packets -F left out where it ran in Python (offline)
         "capture_kernel_filter_failed",  # sources whose BPF program could not be attached
         "capture_kernel_dropped",  # TPACKET_V3: packets the kernel lost, its ring full
         "capture_blocks",  # TPACKET_V3 blocks read
@@ -243,6 +244,7 @@ _SCHEMA: list[Slot] = [
     *_counters("sessions ended, by outcome", *("ended_" + o for o in OUTCOMES)),
     # raw sender (engine/send.py)
     *_counters("sender", "send_packets", "send_bytes", "send_errors"),
+    *_counters("link-layer sender (-o)", "send_split"),  # packets split to DEV's MTU
     *_counters("send errors, by errno", *("send_error_" + e for e in SEND_ERRNOS)),
     # intercept channels (engine/channel.py)
     *_counters(

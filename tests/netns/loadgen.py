@@ -80,8 +80,12 @@ class Pacer:
 class HttpConnection:
     """A minimal blocking HTTP/1.1 client connection (Content-Length and chunked bodies)."""
 
+    source: str | None = None
+    """The local address every connection binds to (``--source``; None: the kernel's pick)."""
+
     def __init__(self, host: str, port: int, timeout: float = SOCKET_TIMEOUT_S):
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        src = (self.source, 0) if self.source else None
+        self.sock = socket.create_connection((host, port), timeout=timeout, source_address=src)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = b""
 
@@ -410,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--port", type=int, default=80)
     common.add_argument("--deadline", type=float, default=60.0, help="seconds for the whole run")
     common.add_argument("--rate", type=float, default=0.0, help="requests (or connections)/s")
+    common.add_argument("--source", default=None, help="local address of every connection")
     parser = argparse.ArgumentParser(prog="loadgen", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="mode", required=True)
 
@@ -460,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    HttpConnection.source = args.source
     summary = args.func(args)
     print(json.dumps(summary), flush=True)
     return 0 if summary["failed"] == 0 else 1

@@ -11,6 +11,7 @@ nothing of it reaches a real client.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
@@ -261,3 +262,38 @@ def test_another_service_on_the_intercept_port(tb: tbm.Testbed) -> None:
     report = tcpcopy_doctor(tb, live=False)
     static = report.get(f"intercept {tbm.TARGET_IP}:{tbm.INTERCEPT_PORT}")
     assert static["severity"] == "fail" and "another service" in static["message"], str(report)
+
+
+# -- -o DEV and -F ----------------------------------------------------------------------------------
+
+
+def test_link_send_and_capture_filter(tb: tbm.Testbed) -> None:
+    """With OUTPUT dropping the raw IP path: -o srv0 makes the doctor check the device, its
+    MTU and the target's neighbour entry, say the IP layer is bypassed, and the live probe
+    goes out as a frame and is answered; -F reports its program and what it keeps of a live
+    sample (client traffic sent while the doctor samples)."""
+    tb.start_intercept()
+    tb.run("online", "iptables", "-w", "-A", "OUTPUT", "-p", "tcp", "-d", tbm.TARGET_IP,
+           "--dport", str(tbm.TARGET_HTTP_PORT), "-j", "DROP")  # fmt: skip
+    blocked = tcpcopy_doctor(tb)
+    assert "answered" not in blocked.get(LIVE_CHECK)["message"], str(blocked)
+    second = "198.18.1.11"
+    tb.ip("client", "addr", "add", f"{second}/24", "dev", tbm.CLIENT_IFACE)
+    loads = [
+        tb.spawn_loadgen("short", "--requests", "150", "--rate", "30", "--prefix", prefix,
+                         "--source", src, "--deadline", "20", name=f"loadgen-{prefix}")
+        for prefix, src in (("da", tbm.CLIENT_IP), ("db", second))
+    ]  # fmt: skip
+    report = tcpcopy_doctor(tb, "-o", tbm.ONLINE_SERVER_IFACE, "-F", f"not src host {second}")
+    for lg in loads:
+        lg.stop()
+    assert_healthy(report)
+    assert "MTU 1500" in report.get(f"output device {tbm.ONLINE_SERVER_IFACE}")["message"]
+    assert "(neighbour table)" in report.get(f"next hop of {tbm.TARGET_IP}")["message"]
+    assert "1 DROP/REJECT rule(s) in OUTPUT" in report.get("ip layer bypassed")["message"]
+    assert "answered by SYN-ACK" in report.get(LIVE_CHECK)["message"], str(report)
+    sample = report.get("capture filter sample")["message"]
+    m = re.search(r"of (\d+) packet\(s\) the -x selection captured in 3 s, .* keeps (\d+)", sample)
+    assert m and 0 < int(m.group(2)) < int(m.group(1)), sample
+    assert "instructions from libpcap" in report.get("capture filter")["message"]
+    assert tb.client_leak_packets() == 0

@@ -57,7 +57,7 @@ TCPCOPY_BAD: dict[str, tuple[str, ...]] = {
     "--pid-file": (NO_DIR,),
     "--interface": ("no-such-dev0", "eth0,,eth1", "/nonexistent.pcap"),
     "--capture": ("pcap", ""),
-    "--filter": (),  # accepted for compatibility: any BPF text (the -x map decides)
+    "--filter": ("tcp and and", "ether host 02:00:00:00:00:01"),
     "--buffer": ("0", "4097", "big"),
     "--snaplen": ("-1", "big"),
     "--output-interface": ("no-such-dev0",),

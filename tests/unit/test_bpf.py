@@ -31,6 +31,10 @@ TRANSFER_SETS = [
 ]
 
 M32 = 0xFFFFFFFF
+# linux/filter.h opcode parts engine/bpf.py does not emit (libpcap's -F programs may)
+BPF_LEN, BPF_STX = 0x80, 0x03
+BPF_ADD, BPF_MUL, BPF_OR, BPF_LSH = 0x00, 0x20, 0x40, 0x60
+BPF_JGT = 0x20
 
 
 class _OutOfBounds(Exception):
@@ -85,6 +89,12 @@ def run_bpf(
                     a = load(k, size)
                 elif mode == bpf.BPF_IND:
                     a = load((x + k) & M32, size)
+                elif mode == bpf.BPF_IMM:
+                    a = k
+                elif mode == bpf.BPF_MEM:
+                    a = mem[k]
+                elif mode == BPF_LEN:
+                    a = len(data)
                 else:
                     raise AssertionError(f"ld mode {mode:#x}")
             elif cls == bpf.BPF_LDX:
@@ -92,10 +102,14 @@ def run_bpf(
                     x = (load(k, 1) & 0x0F) * 4
                 elif mode == bpf.BPF_MEM:
                     x = mem[k]
+                elif mode == bpf.BPF_IMM:
+                    x = k
                 else:
                     raise AssertionError(f"ldx mode {mode:#x}")
             elif cls == bpf.BPF_ST:
                 mem[k] = a
+            elif cls == BPF_STX:
+                mem[k] = x
             elif cls == bpf.BPF_ALU:
                 src = x if code & bpf.BPF_X else k
                 op = code & 0xF0
@@ -105,27 +119,40 @@ def run_bpf(
                     a &= src
                 elif op == bpf.BPF_RSH:
                     a >>= src
+                elif op == BPF_ADD:
+                    a = (a + src) & M32
+                elif op == BPF_OR:
+                    a |= src
+                elif op == BPF_LSH:
+                    a = (a << src) & M32
+                elif op == BPF_MUL:
+                    a = (a * src) & M32
                 else:
                     raise AssertionError(f"alu op {op:#x}")
             elif cls == bpf.BPF_MISC:
-                assert code == bpf.BPF_MISC | bpf.BPF_TXA
-                a = x
+                if code == bpf.BPF_MISC | bpf.BPF_TXA:
+                    a = x
+                else:
+                    assert code == bpf.BPF_MISC  # TAX
+                    x = a
             elif cls == bpf.BPF_JMP:
                 op = code & 0xF0
                 if op == bpf.BPF_JA:
                     pc += k
                     continue
                 if op == bpf.BPF_JEQ:
-                    cond = a == k
+                    cond = a == (x if code & bpf.BPF_X else k)
                 elif op == bpf.BPF_JGE:
-                    cond = a >= k
+                    cond = a >= (x if code & bpf.BPF_X else k)
+                elif op == BPF_JGT:
+                    cond = a > (x if code & bpf.BPF_X else k)
                 elif op == bpf.BPF_JSET:
-                    cond = bool(a & k)
+                    cond = bool(a & (x if code & bpf.BPF_X else k))
                 else:
                     raise AssertionError(f"jmp op {op:#x}")
                 pc += jt if cond else jf
             elif cls == bpf.BPF_RET:
-                return k
+                return a if code & 0x18 == 0x10 else k
             else:
                 raise AssertionError(f"class {cls}")
     except _OutOfBounds:
@@ -300,6 +327,90 @@ def test_kernel_runs_the_program_like_the_python_filter():
             ip = frame[14:]
             tx.send(ip)
             if bpf.keep_ipv4(ip, transfers):
+                want.append(ip)
+            try:
+                got.append(rx.recv(1 << 17))
+            except BlockingIOError:
+                pass
+    assert want and got == want
+
+
+# -- -F: the libpcap program behind the -x program ----------------------------------------------
+
+USER_FILTERS = [
+    "not src host 198.18.1.10",
+    "tcp[tcpflags] & (tcp-syn|tcp-fin) != 0",
+    "tcp src portrange 30000-50000 or dst port 8080",
+    "ip[8] > 60 and src net 198.18.0.0/16",
+]
+
+
+@pytest.mark.parametrize("expression", USER_FILTERS)
+def test_user_filter_runs_after_the_transfer_program_on_every_base(expression: str) -> None:
+    """The combined program keeps a packet iff the -x rule and libpcap's own verdict on the
+    same packet (pcap_offline_filter) both keep it: on the IP socket, on AF_PACKET frames and
+    behind a VLAN tag the NIC left in place."""
+    from engine.pcapfilter import compile_filter
+
+    user = compile_filter(expression)
+    transfers = [(0, 80), (0, 8080)]
+    frames = all_frames()
+    ip_prog = bpf.capture_program(transfers, bpf.IP_BASE, user=user.program)
+    net_prog = bpf.capture_program(transfers, bpf.NET_BASE, user=user.program)
+    verdicts = []
+    for frame in frames:
+        ip = frame[14:]
+        want = bpf.keep_ipv4(ip, transfers) and user.matches(ip)
+        verdicts.append(want)
+        assert (run_bpf(ip_prog, ip) == bpf.BPF_ACCEPT_BYTES) == want, frame.hex()
+        assert (run_bpf(net_prog, frame, net_off=14) == bpf.BPF_ACCEPT_BYTES) == want
+        tagged = frame[:12] + b"\x81\x00\x00\x07" + frame[12:]  # the tag's ethertype, then IP
+        got = run_bpf(net_prog, tagged, net_off=14, protocol=bpf.ETH_P_8021Q)
+        assert (got == bpf.BPF_ACCEPT_BYTES) == want
+    # The filter decides something on these captures: some kept, some left out by -F alone.
+    assert any(verdicts)
+    assert any(
+        bpf.keep_ipv4(f[14:], transfers) and not v for f, v in zip(frames, verdicts, strict=True)
+    )
+
+
+def test_rebase_moves_packet_loads_only() -> None:
+    prog = [
+        (bpf.BPF_LD | bpf.BPF_B | bpf.BPF_ABS, 0, 0, 9),
+        (bpf.BPF_LD | bpf.BPF_W | bpf.BPF_ABS, 0, 0, (bpf.SKF_AD_OFF + 4) & M32),  # ancillary
+        (bpf.BPF_LDX | bpf.BPF_B | bpf.BPF_MSH, 0, 0, 0),
+        (bpf.BPF_LD | bpf.BPF_H | bpf.BPF_IND, 0, 0, 2),
+        (bpf.BPF_LD | bpf.BPF_IMM, 0, 0, 7),
+        (bpf.BPF_JMP | bpf.BPF_JEQ | bpf.BPF_K, 0, 1, 80),
+        (bpf.BPF_RET | bpf.BPF_K, 0, 0, 262144),
+        (bpf.BPF_RET | bpf.BPF_K, 0, 0, 0),
+    ]
+    moved = bpf.rebase(prog, bpf.NET_BASE)
+    assert moved[0][3] == (bpf.NET_BASE + 9) & M32
+    assert moved[1] == prog[1]
+    assert moved[2][3] == bpf.NET_BASE & M32
+    assert moved[3][3] == (bpf.NET_BASE + 2) & M32
+    assert moved[4:6] == prog[4:6]
+    assert moved[6] == (bpf.BPF_RET | bpf.BPF_K, 0, 0, bpf.BPF_ACCEPT_BYTES)
+    assert moved[7] == prog[7]
+    assert bpf.rebase(prog, bpf.IP_BASE)[:6] == prog[:6]
+
+
+def test_kernel_accepts_and_runs_the_combined_program() -> None:
+    from engine.pcapfilter import compile_filter
+
+    user = compile_filter("not src host 198.18.1.10")
+    transfers = [(0, 80), (0, 8080)]
+    frames = all_frames()
+    rx, tx = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with rx, tx:
+        rx.setblocking(False)
+        attach_bpf(rx, bpf.capture_program(transfers, bpf.IP_BASE, user=user.program))
+        want, got = [], []
+        for frame in frames:
+            ip = frame[14:]
+            tx.send(ip)
+            if bpf.keep_ipv4(ip, transfers) and user.matches(ip):
                 want.append(ip)
             try:
                 got.append(rx.recv(1 << 17))

@@ -3,6 +3,7 @@ decisions on a fake host (canned /proc files and command outputs; nothing is run
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 
@@ -406,3 +407,102 @@ def test_tcpcopy_doctor_usage_errors(capsys):
     assert d.main(["-c", "198.19.1.x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "-x" in err[0]
+
+
+# -- -o DEV and -F ------------------------------------------------------------------------------
+
+ARP_SRV0 = (
+    "IP address       HW type     Flags       HW address            Mask     Device\n"
+    "198.18.2.3       0x1         0x2         02:aa:bb:cc:dd:03     *        srv0\n"
+)
+ROUTE_SRV0 = (
+    "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n"
+    "srv0\t000212C6\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"
+)
+
+
+def link_host(arp: str = ARP_SRV0, mtu: str = "1500", hatype: str = "1") -> FakeHost:
+    return online_host(
+        files={
+            "/sys/class/net/srv0/type": hatype + "\n",
+            "/sys/class/net/srv0/mtu": mtu + "\n",
+            "/sys/class/net/srv0/address": "02:aa:bb:cc:dd:02\n",
+            "/proc/net/arp": arp,
+            "/proc/net/route": ROUTE_SRV0,
+            "/proc/sys/net/netfilter/nf_conntrack_count": "990\n",
+            "/proc/sys/net/netfilter/nf_conntrack_max": "1000\n",
+        },
+        commands={
+            ("iptables", "-w", "-S", "OUTPUT"): (
+                0,
+                "-P OUTPUT ACCEPT\n-A OUTPUT -d 198.18.2.3/32 -p tcp -m tcp --dport 8080 -j DROP\n",
+                "",
+            )
+        },
+    )
+
+
+def link_inputs(**kw) -> d.TcpcopyInputs:
+    kw.setdefault("target_macs", ((ip_from_str("198.18.2.3"), None),))
+    return dataclasses.replace(tcpcopy_inputs(), output_interface="srv0", **kw)
+
+
+def test_output_device_checks_device_mtu_neighbour_and_the_bypassed_ip_layer():
+    findings = d.tcpcopy_checks(link_host(), link_inputs(), probe=no_probe)
+    checks = by_check(findings)
+    assert all(f.severity == "ok" for f in findings), d.render_text(findings)
+    assert "MAC 02:aa:bb:cc:dd:02, MTU 1500" in checks["output device srv0"].message
+    assert "02:aa:bb:cc:dd:03 (neighbour table)" in checks["next hop of 198.18.2.3"].message
+    bypass = checks["ip layer bypassed"].message
+    assert "1 DROP/REJECT rule(s) in OUTPUT" in bypass and "conntrack 990 of 1000" in bypass
+    # The raw IP path's checks are not made: a full conntrack table is no failure with -o.
+    assert "conntrack" not in checks and "route to target 198.18.2.3:8080" not in checks
+
+
+def test_output_device_failures_name_the_fix():
+    probed: list[int] = []
+    findings = d.tcpcopy_checks(
+        link_host(arp=""), link_inputs(), probe=no_probe, neighbour_probe=probed.append
+    )
+    f = by_check(findings)["next hop of 198.18.2.3"]
+    assert f.severity == "fail" and "after a probe" in f.message and "port@SRCMAC" in f.fix
+    assert probed == [ip_from_str("198.18.2.3")]
+    # A MAC given in -x needs no neighbour entry.
+    inp = link_inputs(target_macs=((ip_from_str("198.18.2.3"), bytes.fromhex("021122334455")),))
+    f = by_check(d.tcpcopy_checks(link_host(arp=""), inp, probe=no_probe))["next hop of 198.18.2.3"]
+    assert f.severity == "ok" and "02:11:22:33:44:55 (from -x)" in f.message
+    f = by_check(d.tcpcopy_checks(link_host(mtu="1400"), link_inputs(), probe=no_probe))["mtu"]
+    assert f.severity == "warn" and "split" in f.message
+    f = by_check(d.tcpcopy_checks(link_host(hatype="772"), link_inputs(), probe=no_probe))[
+        "output device srv0"
+    ]
+    assert f.severity == "fail" and "not an Ethernet device" in f.message
+    inp = dataclasses.replace(link_inputs(), output_interface="nosuch0")
+    f = by_check(d.tcpcopy_checks(link_host(), inp, probe=no_probe))["output device nosuch0"]
+    assert f.severity == "fail" and "no such network device" in f.message
+
+
+def test_capture_filter_size_and_live_sample():
+    from engine.packet import TcpPacket, build
+
+    inp = dataclasses.replace(
+        tcpcopy_inputs(),
+        capture_filter="not src host 198.18.1.11",
+        transfer_pairs=((0, 80),),
+    )
+    f = d.check_capture_filter(inp)
+    assert f.severity == "ok" and "instructions from libpcap" in f.message
+    assert "in the kernel with the -x selection" in f.message
+
+    def pkt(src: str) -> bytes:
+        return build(
+            TcpPacket(ip_from_str(src), ip_from_str("198.18.1.2"), 4000, 80, 1, 1, 0x18, 100)
+        )
+
+    sample = [pkt("198.18.1.10")] * 3 + [pkt("198.18.1.11")]
+    f = d.check_capture_filter(inp, sample, 2.0)
+    assert f.check == "capture filter sample"
+    assert "of 4 packet(s) the -x selection captured in 2 s, -F " in f.message
+    assert f.message.endswith("keeps 3 (75%)")
+    f = d.check_capture_filter(inp, [pkt("198.18.1.11")], 2.0)
+    assert f.severity == "warn"

@@ -39,6 +39,7 @@ PURE = frozenset(
         "engine.wire",
         "engine.pcapfile",
         "engine.bpf",
+        "engine.link",
         "intercept",
         "intercept.router",
         "metrics",

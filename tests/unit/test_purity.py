@@ -23,6 +23,7 @@ PURE_MODULES = (
     "engine/wire.py",
     "engine/pcapfile.py",
     "engine/bpf.py",
+    "engine/link.py",
     "engine/shed.py",
     "intercept/router.py",
 )
