@@ -1,0 +1,408 @@
+"""The compiled packet codec (engine/dataplane/packet.pyx) against its specification,
+engine/packet.py: the same fields, the same built bytes, the same rejects.
+
+Both sides get the same input: random packets (built, then cut, bent and flipped), random
+bytes, random option strings, and every packet of the real captures in the shared data
+directory.  A packet the Python parser refuses with a ``DecodeError`` must get the compiled
+parser's error code for the same rule (``REJECT_PREFIX``); one it accepts must come out as an
+equal ``TcpPacket`` and ``TcpOptions``, and rebuild to the same bytes.
+
+The compiled module is required here: tests/setup.sh installs the compiler, so a missing
+build is a failure, not a skip.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from engine import dataplane
+from engine import packet as P
+from engine.pcapfile import open_pcap
+from tests.paths import CONTROL_PCAP, ONLINE_HTTP_PCAP, TARGET_SIDE_PCAP
+
+assert dataplane.packet is not None, dataplane.UNAVAILABLE
+D = dataplane.packet
+ROOT = Path(__file__).resolve().parents[2]
+
+# dp_error code -> how engine/packet.py's DecodeError for the same rule begins.
+REJECT_PREFIX = {
+    1: "IPv4 header truncated",
+    2: "not IPv4",
+    3: "bad IPv4 header length",
+    4: "not TCP",
+    5: "non-first IPv4 fragment",
+    6: "TCP header truncated",
+    7: "bad TCP data offset",
+    8: "TCP options truncated",
+    9: "IPv4 tot_len",
+}
+
+
+def python_parse(buf: bytes) -> tuple[str | None, P.TcpPacket | None]:
+    try:
+        return None, P.parse_ip(buf)
+    except P.DecodeError as e:
+        return str(e), None
+
+
+def assert_same_parse(buf: bytes) -> int:
+    """Both parsers on ``buf``; returns the compiled code."""
+    error, want = python_parse(buf)
+    code, got, opts = D.decode_ip(buf)
+    if error is not None:
+        assert code != 0, f"Python rejects ({error}), compiled accepts {got}"
+        assert error.startswith(REJECT_PREFIX[code]), (code, D.ERROR_NAMES[code], error)
+        return code
+    assert code == 0, f"compiled rejects ({D.ERROR_NAMES[code]}), Python accepts {want}"
+    assert got == want
+    assert want is not None
+    assert opts == P.parse_options(want.options)
+    # Rebuilt from the parsed fields: the same wire bytes on both sides.
+    assert D.build_fields(*_build_args(want)) == P.build(want)
+    return 0
+
+
+def _build_args(p: P.TcpPacket) -> tuple:
+    return (p.src, p.dst, p.sport, p.dport, p.seq, p.ack, p.flags, p.window, p.options,
+            p.payload, p.ip_id, p.ttl, p.tos, p.df, p.urgent, p.ip_options)  # fmt: skip
+
+
+def batch_of(frames: list[bytes]) -> tuple[bytes, np.ndarray, np.ndarray]:
+    offsets = np.zeros(len(frames), np.uint32)
+    lengths = np.array([len(f) for f in frames], np.uint32)
+    if frames:
+        offsets[1:] = np.cumsum(lengths)[:-1]
+    return b"".join(frames), offsets, lengths
+
+
+def record_packet(buf: bytes, rec: np.void) -> P.TcpPacket:
+    """A parse_batch record (a numpy row) as the TcpPacket engine.packet would make."""
+    at, ihl, doff = int(rec["offset"]), int(rec["ip_header_bytes"]), int(rec["tcp_header_bytes"])
+    assert int(rec["family"]) == 4 and bytes(rec["src"][:12]) == b"\0" * 10 + b"\xff\xff"
+    return P.TcpPacket(
+        int.from_bytes(bytes(rec["src"][12:]), "big"), int.from_bytes(bytes(rec["dst"][12:]), "big"),
+        int(rec["sport"]), int(rec["dport"]), int(rec["seq"]), int(rec["ack"]), int(rec["flags"]),
+        int(rec["window"]), buf[at + ihl + 20 : at + ihl + doff],
+        buf[at + ihl + doff : at + ihl + doff + int(rec["payload_bytes"])], int(rec["data_len"]),
+        int(rec["ip_id"]), int(rec["ttl"]), int(rec["tos"]), bool(rec["df"]), int(rec["urgent"]),
+        buf[at + 20 : at + ihl],
+    )  # fmt: skip
+
+
+def record_options(rec: np.void) -> P.TcpOptions:
+    present = int(rec["opt_present"])
+    sack = [int(x) for x in rec["opt_sack"]]
+    return P.TcpOptions(
+        mss=int(rec["opt_mss"]) if present & 1 else None,
+        wscale=int(rec["opt_wscale"]) if present & 2 else None,
+        sack_permitted=bool(present & 4),
+        sack=tuple((sack[2 * j], sack[2 * j + 1]) for j in range(int(rec["opt_sack_blocks"]))),
+        timestamp=(int(rec["opt_ts_val"]), int(rec["opt_ts_ecr"])) if present & 8 else None,
+    )
+
+
+def assert_same_batch(frames: list[bytes]) -> None:
+    """parse_batch + build_batch over all ``frames`` at once, against engine.packet."""
+    buf, offsets, lengths = batch_of(frames)
+    recs = np.empty(len(frames), D.PACKET_DTYPE)
+    good = D.parse_batch(buf, offsets, lengths, recs)
+    out = bytearray(sum(len(f) + 120 for f in frames))  # padding can add up to 3+3 bytes
+    built = np.empty(len(frames), np.int32)
+    used = D.build_batch(recs, buf, out, built)
+    at = 0
+    accepted = 0
+    for i, frame in enumerate(frames):
+        error, want = python_parse(frame)
+        rec = recs[i]
+        if error is not None:
+            assert int(rec["error"]) != 0 and error.startswith(REJECT_PREFIX[int(rec["error"])])
+            assert built[i] == -int(rec["error"])
+            continue
+        accepted += 1
+        assert want is not None and int(rec["error"]) == 0
+        assert record_packet(buf, rec) == want
+        assert record_options(rec) == P.parse_options(want.options)
+        wire = P.build(want)
+        assert built[i] == len(wire) and bytes(out[at : at + len(wire)]) == wire
+        at += len(wire)
+    assert good == accepted and used == at
+
+
+# -- random packets ----------------------------------------------------------------------
+
+u8 = st.integers(0, 0xFF)
+u16 = st.integers(0, 0xFFFF)
+u32 = st.integers(0, 0xFFFFFFFF)
+option_lists = st.lists(
+    st.one_of(
+        st.builds(lambda v: P.build_options(mss=v), u16),
+        st.builds(lambda v: bytes((1, 3, 3, v)), u8),
+        st.just(b"\x04\x02"),
+        st.builds(lambda a, b: P.build_options(timestamp=(a, b)), u32, u32),
+        st.builds(lambda bl: P.build_options(sack=bl), st.lists(st.tuples(u32, u32), max_size=4)),
+        st.binary(max_size=6),
+        st.sampled_from([b"\x00", b"\x01", b"\x08\x0a", b"\x05\x0a", b"\x02\x01", b"\xfe"]),
+    ),
+    max_size=6,
+).map(lambda parts: b"".join(parts)[:40])
+
+
+@st.composite
+def wire_packets(draw: st.DrawFn) -> bytes:
+    """A packet engine.packet builds, then possibly cut, padded, or with bytes replaced."""
+    opts = draw(option_lists)
+    ip_opts = draw(st.sampled_from([b"", b"\x01\x01\x01\x00", b"\x94\x04\x00\x00"]))
+    payload = draw(st.binary(max_size=64))
+    wire = bytearray(
+        P.build_fields(
+            draw(u32), draw(u32), draw(u16), draw(u16), draw(u32), draw(u32), draw(u8),
+            draw(u16), opts, payload, draw(u16), draw(u8), draw(u8), draw(st.booleans()),
+            draw(u16), ip_opts,
+        )
+    )  # fmt: skip
+    for _ in range(draw(st.integers(0, 3))):
+        at = draw(st.integers(0, min(len(wire) - 1, 63)))
+        wire[at] = draw(u8)  # version/ihl, tot_len, frag, proto, doff, options...
+    if draw(st.booleans()):
+        wire[2:4] = draw(u16).to_bytes(2, "big")  # a tot_len that lies
+    cut = draw(st.integers(0, len(wire) + 8))
+    if cut < len(wire):
+        del wire[cut:]
+    else:
+        wire += draw(st.binary(min_size=cut - len(wire), max_size=cut - len(wire)))
+    return bytes(wire)
+
+
+@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
+@given(wire_packets())
+def test_random_packets_parse_and_rebuild_the_same(buf: bytes) -> None:
+    assert_same_parse(buf)
+
+
+@settings(max_examples=1000)
+@given(st.binary(max_size=80))
+@example(b"")
+@example(b"\x45" + b"\x00" * 19)
+@example(bytes.fromhex("4500002800000000400600000a0000010a000002") + b"\x00" * 12 + b"\x40")
+def test_random_bytes_reject_the_same(buf: bytes) -> None:
+    assert_same_parse(buf)
+
+
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(wire_packets(), max_size=12))
+def test_batches_parse_and_rebuild_like_the_python_engine(frames: list[bytes]) -> None:
+    assert_same_batch(frames)
+
+
+@settings(max_examples=2000)
+@given(st.one_of(option_lists, st.binary(max_size=40)))
+@example(b"\x05\x22" + bytes(range(32)))  # four SACK blocks, the most that fit
+@example(b"\x03\x03\xff")  # a window scale above 14 is 14
+@example(b"\x02\x04\x05\xb4\x02\x04\x01\x00")  # the last valid MSS wins
+def test_options_walk_the_same(raw: bytes) -> None:
+    assert D.parse_options(raw) == P.parse_options(raw)
+
+
+def test_options_longer_than_a_header_are_refused() -> None:
+    with pytest.raises(ValueError, match="max 40"):
+        D.parse_options(b"\x01" * 41)
+
+
+@settings(max_examples=1000)
+@given(st.binary(max_size=200), u32, u32)
+@example(b"", 0, 0)
+@example(b"\x00" * 7, 0, 0)  # all-zero words: 0xFFFF
+@example(b"\xff\xff", 0, 0)  # a non-zero sum that is 0 mod 0xFFFF: 0
+@example(b"\xff\xff\xff\xff\xff", 0xFFFFFFFF, 0xFFFFFFFF)
+def test_checksums_agree(data: bytes, src: int, dst: int) -> None:
+    assert D.checksum(data) == P.checksum(data)
+    assert D.tcp_checksum(src, dst, data) == P.tcp_checksum(src, dst, data)
+
+
+def _python_build(*args: object) -> bytes | str:
+    try:
+        return P.build_fields(*args)  # type: ignore[arg-type]
+    except ValueError:
+        return "ValueError"
+
+
+def _compiled_build(*args: object) -> bytes | str:
+    try:
+        return D.build_fields(*args)
+    except ValueError:
+        return "ValueError"
+
+
+wide = st.one_of(u32, st.integers(-2, 2**33))
+
+
+@settings(max_examples=1000)
+@given(
+    st.tuples(wide, wide, st.one_of(u16, wide), u16, wide, u32, st.one_of(u8, wide), u16),
+    st.binary(max_size=44),
+    st.one_of(st.binary(max_size=100), st.integers(65400, 65600).map(lambda n: b"x" * n)),
+    st.tuples(st.one_of(u16, wide), st.one_of(u8, wide), u8, st.booleans(), u16),
+    st.binary(max_size=44),
+)
+def test_build_fields_same_bytes_or_same_refusal(
+    head: tuple, opts: bytes, payload: bytes, tail: tuple, ip_opts: bytes
+) -> None:
+    args = (*head, opts, payload, *tail, ip_opts)
+    assert _compiled_build(*args) == _python_build(*args)
+
+
+def test_build_into_a_small_buffer_is_refused_and_writes_at_the_offset() -> None:
+    args = (1, 2, 3, 4, 5, 6, P.ACK, 100, b"", b"abc", 7, 64, 0, True)
+    wire = P.build_fields(*args)
+    out = bytearray(len(wire) + 5)
+    assert D.build_into(out, 5, *args) == len(wire) and bytes(out[5:]) == wire
+    with pytest.raises(ValueError, match="too small"):
+        D.build_into(bytearray(len(wire) - 1), 0, *args)
+    with pytest.raises(ValueError, match="outside"):
+        D.build_into(out, len(out) + 1, *args)
+
+
+def test_compiled_parse_ip_raises_decode_error_with_the_code() -> None:
+    with pytest.raises(P.DecodeError, match="not_tcp") as info:
+        D.parse_ip(bytes.fromhex("4500002800000000401100000a0000010a000002") + bytes(20))
+    assert info.value.code == 4  # type: ignore[attr-defined]
+
+
+# -- every length of a real packet, and the real captures ---------------------------------
+
+
+def capture_packets(path: Path) -> list[bytes]:
+    reader = open_pcap(str(path))
+    out = []
+    for _ts, _wire_len, frame in reader:
+        out.append(frame[P.l2_offset(frame, reader.linktype) :])
+    return out
+
+
+@pytest.fixture(scope="module")
+def captured() -> list[bytes]:
+    frames = []
+    for path in (ONLINE_HTTP_PCAP, TARGET_SIDE_PCAP, CONTROL_PCAP):
+        assert path.is_file(), f"shared capture {path} is missing"
+        frames += capture_packets(path)
+    assert len(frames) > 100
+    return frames
+
+
+def test_every_captured_packet_parses_and_rebuilds_the_same(captured: list[bytes]) -> None:
+    codes = [assert_same_parse(f) for f in captured]
+    assert codes.count(0) > 100  # the captures are TCP: most packets are accepted
+
+
+def test_the_captures_as_one_batch(captured: list[bytes]) -> None:
+    assert_same_batch(captured)
+
+
+def test_every_truncation_of_captured_packets(captured: list[bytes]) -> None:
+    with_data = [f for f in captured if len(f) > 60][:20]
+    assert with_data
+    for frame in with_data:
+        seen = {assert_same_parse(frame[:n]) for n in range(len(frame) + 1)}
+        assert {0, 1, 6}.issubset(seen)
+
+
+def test_batch_entries_outside_the_buffer_are_range_errors(captured: list[bytes]) -> None:
+    frame = captured[0]
+    recs = np.empty(3, D.PACKET_DTYPE)
+    offsets = np.array([0, len(frame), 2**32 - 1], np.uint32)
+    lengths = np.array([len(frame), 1, 2], np.uint32)
+    assert D.parse_batch(frame, offsets, lengths, recs) == (1 if D.decode_ip(frame)[0] == 0 else 0)
+    assert [int(e) for e in recs["error"][1:]] == [10, 10]
+    assert list(recs["offset"]) == list(offsets)
+    with pytest.raises(ValueError, match="records"):
+        D.parse_batch(frame, offsets, lengths, np.empty(2, D.PACKET_DTYPE))
+    with pytest.raises(TypeError):
+        D.parse_batch(frame, offsets, lengths, np.empty(3, np.uint8))
+
+
+def test_an_edited_record_cannot_point_the_builder_outside_the_buffer(
+    captured: list[bytes],
+) -> None:
+    good = [f for f in captured if D.decode_ip(f)[0] == 0][:1]
+    buf, offsets, lengths = batch_of(good * 2)
+    recs = np.empty(2, D.PACKET_DTYPE)
+    assert D.parse_batch(buf, offsets, lengths, recs) == 2
+    recs["payload_bytes"][1] = 60000  # a rewrite step gone wrong
+    built = np.empty(2, np.int32)
+    out = bytearray(2 * 70000)
+    assert D.build_batch(recs, buf, out, built) == built[0] > 0
+    assert built[1] == -10
+
+
+def test_rewritten_records_build_like_the_python_engine(captured: list[bytes]) -> None:
+    """The path a worker will take: parse a batch, rewrite fields in the array, build."""
+    frames = [f for f in captured if D.decode_ip(f)[0] == 0]
+    buf, offsets, lengths = batch_of(frames)
+    recs = np.empty(len(frames), D.PACKET_DTYPE)
+    D.parse_batch(buf, offsets, lengths, recs)
+    target = P.ip_from_str("198.18.9.9")
+    recs["dst"][:, 12:] = np.frombuffer(target.to_bytes(4, "big"), np.uint8)
+    recs["dport"] = 8080
+    recs["seq"] += np.uint32(1000)  # wraps modulo 2**32 like tcpseq
+    out = bytearray(len(buf) + 8 * len(frames))
+    built = np.empty(len(frames), np.int32)
+    used = D.build_batch(recs, buf, out, built)
+    at = 0
+    for frame, n in zip(frames, built, strict=True):
+        pkt = P.parse_ip(frame)
+        pkt.dst, pkt.dport, pkt.seq = target, 8080, (pkt.seq + 1000) & 0xFFFFFFFF
+        wire = P.build(pkt)
+        assert bytes(out[at : at + n]) == wire
+        at += int(n)
+    assert used == at
+
+
+# -- the per-packet code is C only ----------------------------------------------------------
+
+
+def test_per_packet_lines_make_no_python_calls(tmp_path: Path) -> None:
+    """``cython -a``: every line of the ``dp_*`` functions and every line inside a
+    ``with nogil:`` block has score 0 (no Python C-API call; design §10)."""
+    cython = shutil.which("cython", path=str(Path(sys.executable).parent))
+    assert cython, "cython is not installed in this environment"
+    src_dir = ROOT / "engine" / "dataplane"
+    checked = 0
+    for pyx in sorted(src_dir.glob("*.pyx")):
+        shutil.copy(pyx, tmp_path / pyx.name)
+        shutil.copy(pyx.with_suffix(".pxd"), tmp_path / pyx.with_suffix(".pxd").name)
+        subprocess.run([cython, "-a", "-3", pyx.name], cwd=tmp_path, check=True, timeout=120)
+        html = (tmp_path / pyx.with_suffix(".html").name).read_text()
+        score = {
+            int(m[2]): int(m[1])
+            for m in re.finditer(
+                r'class="cython line score-(\d+)"[^>]*>.{0,12}?<span class="">(\d+)</span>', html
+            )
+        }
+        lines = pyx.read_text().splitlines()
+        hot: list[int] = []
+        block_indent = -1
+        for no, line in enumerate(lines, 1):
+            indent = len(line) - len(line.lstrip())
+            if line.strip() and block_indent >= 0 and indent <= block_indent:
+                block_indent = -1
+            if re.match(r"cdef \S+ dp_\w+\(", line):
+                block_indent = 0
+                continue  # the signature line carries the function's own set-up
+            if line.strip() == "with nogil:":
+                block_indent = indent
+                continue
+            if block_indent >= 0 and line.strip():
+                hot.append(no)
+        yellow = [f"{pyx.name}:{n}: {lines[n - 1].strip()}" for n in hot if score.get(n, 0)]
+        assert not yellow, "Python calls on the per-packet path:\n" + "\n".join(yellow)
+        checked += len(hot)
+    assert checked > 150
