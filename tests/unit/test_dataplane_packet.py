@@ -406,3 +406,25 @@ def test_per_packet_lines_make_no_python_calls(tmp_path: Path) -> None:
         assert not yellow, "Python calls on the per-packet path:\n" + "\n".join(yellow)
         checked += len(hot)
     assert checked > 150
+
+
+def test_without_the_compiled_module_the_package_says_why() -> None:
+    """The fallback: a Python where the extension is missing imports engine.dataplane all
+    the same, with AVAILABLE False and the reason (the pure-Python engine runs)."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'engine.dataplane.packet':\n"
+        "            raise ImportError('no compiled module here')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from engine import dataplane\n"
+        "print(dataplane.AVAILABLE, dataplane.packet)\n"
+        "print(dataplane.UNAVAILABLE)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    first, reason = proc.stdout.splitlines()
+    assert first == "False None"
+    assert "no compiled module here" in reason and "python3-dev" in reason
