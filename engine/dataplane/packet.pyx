@@ -23,8 +23,9 @@ arithmetic in its one corner case (all-zero words: checksum 0xFFFF; any other su
 0 modulo 0xFFFF: checksum 0).
 
 The Python entry points at the bottom convert once per call and loop in C: ``parse_batch``
-parses N packets of one buffer (a ring, a pcap file read whole) into a numpy structured
-array laid out exactly like ``dp_packet``; ``build_batch`` writes them back to the wire,
+parses N packets of one buffer (a pcap file read whole, a capture block) into a numpy
+structured array laid out exactly like ``dp_packet``; ``parse_slots`` does the same in
+place on the slots of a shared-memory ring (engine/ring.py's geometry, passed in); ``build_batch`` writes them back to the wire,
 one after the other, into one output buffer (what sendmmsg sends).  The single-packet
 functions (``parse_ip``, ``parse_options``, ``build_fields``, ``checksum``) exist for tests,
 the benchmark and the fuzzers; they allocate the same Python objects engine/packet.py does.
@@ -42,7 +43,7 @@ from engine.packet import TcpOptions, TcpPacket
 __all__ = [
     "PACKET_DTYPE", "ERROR_NAMES", "DecodeError",
     "checksum", "tcp_checksum", "parse_options", "parse_ip", "decode_ip",
-    "build_fields", "build_into", "parse_batch", "build_batch",
+    "build_fields", "build_into", "parse_batch", "parse_slots", "build_batch",
 ]
 
 # -- constants (RFC 791, RFC 9293) ---------------------------------------------------------
@@ -536,6 +537,44 @@ def parse_batch(const uint8_t[::1] buf not None, const uint32_t[::1] offsets not
             elif dp_parse_ipv4_tcp(base + offsets[i], lengths[i], &recs[i]) == DP_OK:
                 good += 1
             recs[i].offset = offsets[i]
+    return good
+
+
+def parse_slots(const uint8_t[::1] buf not None, Py_ssize_t base, Py_ssize_t slot_bytes,
+                Py_ssize_t slot_header_bytes, Py_ssize_t slots, uint64_t first, out,
+                Py_ssize_t count):
+    """Parse ``count`` packets in place from a ring of fixed-size slots (engine/ring.py's
+    geometry, which the caller passes): slot ``k`` of the batch is slot ``(first + k) %
+    slots``, at ``base + index * slot_bytes``; its header starts with the packet's length
+    (u32, host order) and its data follows ``slot_header_bytes`` later.  Records go to
+    ``out[0:count]`` (``offset`` is where the packet's data is in ``buf``); a length that
+    does not fit its slot is a ``range`` error.  Returns how many parsed without error."""
+    cdef Py_ssize_t k, good = 0
+    cdef size_t at, length, room
+    cdef uint32_t declared
+    cdef dp_packet* recs
+    cdef const uint8_t* b = _ptr(buf)
+    if slots < 1 or slot_header_bytes < 4 or slot_bytes <= slot_header_bytes or base < 0:
+        raise ValueError(f"bad ring geometry: slots={slots} slot_bytes={slot_bytes} "
+                         f"header={slot_header_bytes} base={base}")
+    if base > buf.shape[0] or slots > (buf.shape[0] - base) // slot_bytes or (
+            base + slots * slot_bytes > 0xFFFFFFFF):
+        raise ValueError(f"{slots} slots of {slot_bytes} bytes from {base} do not fit "
+                         f"the {buf.shape[0]}-byte buffer")
+    recs = _records(out, count)
+    room = <size_t>(slot_bytes - slot_header_bytes)
+    with nogil:
+        for k in range(count):
+            at = <size_t>base + <size_t>((first + <uint64_t>k) % <uint64_t>slots) * <size_t>slot_bytes
+            memcpy(&declared, b + at, 4)
+            at += <size_t>slot_header_bytes
+            length = declared
+            if length > room:
+                memset(&recs[k], 0, sizeof(dp_packet))
+                recs[k].error = DP_E_RANGE
+            elif dp_parse_ipv4_tcp(b + at, length, &recs[k]) == DP_OK:
+                good += 1
+            recs[k].offset = <uint32_t>at
     return good
 
 
