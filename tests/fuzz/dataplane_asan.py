@@ -19,7 +19,8 @@ Theory of operation
    checksum, rebuild into a block of exactly the built size), through ``decode_ip`` compared
    with engine/packet.py (same fields, same rejects: a difference is a finding too), and every
    256 inputs the whole group goes through ``parse_batch`` (with some offsets and lengths
-   pointing outside the buffer) and ``build_batch`` into an output of exactly the needed size.
+   pointing outside the buffer), ``build_batch`` into an output of exactly the needed size,
+   and ``parse_slots`` over the same packets laid out as a ring of random geometry.
 
 A sanitizer report aborts the worker (its report is on stderr) and the script exits non-zero;
 so does a mismatch, with the input saved under ``--artifacts``.  On success the last line is
@@ -192,6 +193,21 @@ def _batch(D, np, rng: random.Random, group: list[bytes]) -> None:  # type: igno
     out = np.empty(max(need, 1), np.uint8)[:need]
     built = np.empty(len(group), np.int32)
     assert D.build_batch(recs, buf, out, built) == need
+    # The same group as ring slots (random geometry and slot lengths, some too large), read
+    # in place by parse_slots from a block that ends exactly at the last slot.
+    slot_bytes = rng.choice((64, 256, 2048))
+    header = rng.choice((4, 16))
+    slots = rng.randrange(1, 64)
+    ring = np.zeros(slots * slot_bytes, np.uint8)
+    first = rng.randrange(2**64 - 1024)
+    count = rng.randrange(len(group))
+    for k in range(min(count, slots)):
+        at = ((first + k) % slots) * slot_bytes
+        data = group[k][: slot_bytes - header]
+        length = len(data) if rng.random() < 0.9 else rng.randrange(2**32)
+        ring[at : at + 4] = np.frombuffer(length.to_bytes(4, sys.byteorder), np.uint8)
+        ring[at + header : at + header + len(data)] = np.frombuffer(data, np.uint8)
+    D.parse_slots(ring, 0, slot_bytes, header, slots, first, recs, count)
 
 
 def main() -> int:
