@@ -45,7 +45,10 @@ cdef enum dp_error:
     DP_E_PACKET_TOO_LONG = 13       # build: tot_len > 65535
     DP_E_BUFFER_TOO_SMALL = 14      # build: the caller's buffer cannot hold the packet
     DP_E_FAMILY = 15                # build: a family this build cannot write (IPv6, for now)
-    DP_E_COUNT = 16
+    DP_E_SPLIT_TRUNCATED = 16       # split: a cut capture (data_len > payload) cannot be split
+    DP_E_SPLIT_MTU = 17             # split: the MTU leaves no room for data after the headers
+    DP_E_SPLIT_PIECES = 18          # split: more pieces than the caller has room for
+    DP_E_COUNT = 19
 
 
 # dp_tcp_options.present: which options the walk found (the last valid one of a kind wins).
@@ -142,3 +145,15 @@ cdef Py_ssize_t dp_build_ipv4_tcp(
 
 # Copy a parsed packet's header fields into build fields (the rewrite step goes between).
 cdef void dp_fields_of(const dp_packet* p, dp_tcp_fields* f) noexcept nogil
+
+# Build a packet split to at most mtu bytes per piece (engine.packet.split_mtu, spec §3.4):
+# the pieces one after the other in out, their lengths in lengths[0:count]; returns count,
+# or minus a dp_error.  data_len is the packet's declared payload length (a packet that fits
+# is built whole even when it is a cut capture).
+cdef Py_ssize_t dp_build_split(
+    uint8_t* out, size_t cap, const dp_tcp_fields* f,
+    const uint8_t* tcp_opts, size_t tcp_opts_len,
+    const uint8_t* ip_opts, size_t ip_opts_len,
+    const uint8_t* payload, size_t payload_len, size_t data_len, Py_ssize_t mtu,
+    uint32_t* lengths, size_t max_pieces,
+) noexcept nogil

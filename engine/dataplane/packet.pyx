@@ -43,7 +43,7 @@ from engine.packet import TcpOptions, TcpPacket
 __all__ = [
     "PACKET_DTYPE", "ERROR_NAMES", "DecodeError",
     "checksum", "tcp_checksum", "parse_options", "parse_ip", "decode_ip",
-    "build_fields", "build_into", "parse_batch", "parse_slots", "build_batch",
+    "build_fields", "build_into", "parse_batch", "parse_slots", "build_batch", "split_build",
 ]
 
 # -- constants (RFC 791, RFC 9293) ---------------------------------------------------------
@@ -294,6 +294,68 @@ cdef Py_ssize_t dp_build_ipv4_tcp(
     return <Py_ssize_t>tot_len
 
 
+# -- MTU split (engine.packet.split_mtu, spec §3.4) -------------------------------------------
+
+cdef enum:
+    TCP_FIN = 0x01
+    TCP_SYN = 0x02
+    TCP_PSH = 0x08
+
+
+cdef Py_ssize_t dp_build_split(
+    uint8_t* out, size_t cap, const dp_tcp_fields* f,
+    const uint8_t* tcp_opts, size_t tcp_opts_len,
+    const uint8_t* ip_opts, size_t ip_opts_len,
+    const uint8_t* payload, size_t payload_len, size_t data_len, Py_ssize_t mtu,
+    uint32_t* lengths, size_t max_pieces,
+) noexcept nogil:
+    cdef size_t hdrs, chunk, start, last_start, used = 0, idx = 0, piece
+    cdef Py_ssize_t n
+    cdef dp_tcp_fields pf
+    hdrs = (2 * DP_TCP_HEADER_BYTES + ((ip_opts_len + 3) & ~(<size_t>3))
+            + ((tcp_opts_len + 3) & ~(<size_t>3)))
+    if max_pieces < 1:
+        return -DP_E_SPLIT_PIECES
+    if mtu >= 0 and data_len <= <size_t>mtu and hdrs <= <size_t>mtu - data_len:
+        # It fits: one packet, built as it is.
+        n = dp_build_ipv4_tcp(out, cap, f, tcp_opts, tcp_opts_len, ip_opts, ip_opts_len,
+                              payload, payload_len)
+        if n < 0:
+            return n
+        lengths[0] = <uint32_t>n
+        return 1
+    if data_len != payload_len:
+        return -DP_E_SPLIT_TRUNCATED
+    if mtu < 0 or <size_t>mtu <= hdrs:
+        return -DP_E_SPLIT_MTU
+    chunk = <size_t>mtu - hdrs
+    last_start = ((payload_len - 1) // chunk) * chunk
+    pf = f[0]
+    start = 0
+    while start < payload_len:
+        if idx >= max_pieces:
+            return -DP_E_SPLIT_PIECES
+        # FIN and PSH only on the last piece, SYN only on the first; data after a SYN
+        # starts at seq + 1 (the SYN occupies one sequence number).
+        pf.flags = f.flags & ~(TCP_FIN | TCP_PSH | TCP_SYN)
+        if start == 0:
+            pf.flags |= f.flags & TCP_SYN
+        if start == last_start:
+            pf.flags |= f.flags & (TCP_FIN | TCP_PSH)
+        pf.seq = <uint32_t>(f.seq + start + (1 if start and f.flags & TCP_SYN else 0))
+        pf.ip_id = <uint16_t>(f.ip_id + idx)
+        piece = chunk if payload_len - start > chunk else payload_len - start
+        n = dp_build_ipv4_tcp(out + used, cap - used, &pf, tcp_opts, tcp_opts_len,
+                              ip_opts, ip_opts_len, payload + start, piece)
+        if n < 0:
+            return n
+        lengths[idx] = <uint32_t>n
+        used += <size_t>n
+        idx += 1
+        start += chunk
+    return <Py_ssize_t>idx
+
+
 cdef void dp_fields_of(const dp_packet* p, dp_tcp_fields* f) noexcept nogil:
     memcpy(f.src, p.src, DP_ADDR_BYTES)
     memcpy(f.dst, p.dst, DP_ADDR_BYTES)
@@ -318,6 +380,7 @@ ERROR_NAMES = (
     "ok", "ip_truncated", "not_ipv4", "bad_ihl", "not_tcp", "fragment", "tcp_truncated",
     "bad_doff", "options_truncated", "tot_len", "range", "options_too_long",
     "ip_options_too_long", "packet_too_long", "buffer_too_small", "family",
+    "split_truncated", "split_mtu", "split_pieces",
 )
 """``ERROR_NAMES[code]``: the name of a ``dp_error`` code (the label a counter would use)."""
 assert len(ERROR_NAMES) == DP_E_COUNT
@@ -472,6 +535,8 @@ _BUILD_ERRORS = {
     DP_E_PACKET_TOO_LONG: "packet too long (max 65535 bytes)",
     DP_E_BUFFER_TOO_SMALL: "output buffer too small",
     DP_E_FAMILY: "only IPv4 can be built",
+    DP_E_SPLIT_MTU: "the MTU leaves no room for data after the headers",
+    DP_E_SPLIT_PIECES: "more pieces than room for them",
 }
 
 
@@ -501,6 +566,42 @@ def build_fields(src, dst, sport, dport, seq, ack, flags, window, opts, payload,
     n = build_into(out, 0, src, dst, sport, dport, seq, ack, flags, window, opts, payload,
                    ip_id, ttl, tos, df, urgent, ip_opts)
     return bytes(out[:n])
+
+
+def split_build(src, dst, sport, dport, seq, ack, flags, window, opts, payload, ip_id, ttl,
+                tos, df, urgent=0, ip_opts=b"", Py_ssize_t data_len=-1, Py_ssize_t mtu=1500):
+    """``[build(p) for p in split_mtu(pkt, mtu)]`` of engine.packet through the compiled
+    splitter: the wire bytes of every piece.  ``DecodeError`` for a cut capture that does
+    not fit, ``ValueError`` where engine.packet raises one."""
+    cdef dp_tcp_fields f
+    cdef const uint8_t[::1] o = opts
+    cdef const uint8_t[::1] io = ip_opts
+    cdef const uint8_t[::1] pl = payload
+    cdef size_t total = pl.shape[0], hdrs, chunk, pieces, cap
+    cdef Py_ssize_t n, k, at = 0
+    cdef uint8_t[::1] out
+    cdef uint32_t[::1] lengths
+    if data_len < 0:
+        data_len = <Py_ssize_t>total
+    _fill_fields(&f, src, dst, sport, dport, seq, ack, flags, window, ip_id, ttl, tos, df, urgent)
+    hdrs = 40 + ((<size_t>io.shape[0] + 3) & ~(<size_t>3)) + ((<size_t>o.shape[0] + 3) & ~(<size_t>3))
+    chunk = <size_t>mtu - hdrs if mtu > 0 and <size_t>mtu > hdrs else total
+    pieces = (total + chunk - 1) // chunk if chunk else 1
+    pieces = pieces if pieces else 1
+    cap = pieces * hdrs + total
+    out = bytearray(cap if cap else 1)
+    lengths = np.empty(pieces, np.uint32)
+    n = dp_build_split(&out[0], cap, &f, _ptr(o), o.shape[0], _ptr(io), io.shape[0], _ptr(pl),
+                       total, <size_t>data_len, mtu, &lengths[0], pieces)
+    if n == -DP_E_SPLIT_TRUNCATED:
+        raise DecodeError(f"cannot split a truncated packet: {total} of {data_len} payload bytes")
+    if n < 0:
+        raise ValueError(f"cannot build packet: {_BUILD_ERRORS[-n]}")
+    result = []
+    for k in range(n):
+        result.append(bytes(out[at:at + lengths[k]]))
+        at += lengths[k]
+    return result
 
 
 cdef dp_packet* _records(object out, Py_ssize_t count) except NULL:

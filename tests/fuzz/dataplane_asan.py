@@ -17,7 +17,8 @@ Theory of operation
    and of packets with every option kind.  Each input goes through ``exercise`` (a heap copy
    of exactly its size, so a read one byte past the end hits a red zone; parse, option walk,
    checksum, rebuild into a block of exactly the built size), through ``decode_ip`` compared
-   with engine/packet.py (same fields, same rejects: a difference is a finding too), and every
+   with engine/packet.py (same fields, same rejects: a difference is a finding too) and, when
+   it parses, through ``split_build`` at a random MTU compared with ``split_mtu``; every
    256 inputs the whole group goes through ``parse_batch`` (with some offsets and lengths
    pointing outside the buffer), ``build_batch`` into an output of exactly the needed size,
    and ``parse_slots`` over the same packets laid out as a ring of random geometry.
@@ -146,6 +147,7 @@ def fuzz(build_dir: Path, runs: int, seed: int, artifacts: Path) -> int:
             else:
                 assert code == 0 and got == want, f"compiled {D.ERROR_NAMES[code]} / {got}"
                 assert opts == P.parse_options(want.options)
+                _split(D, P, want, rng.choice((60, 576, 1500, 1500, rng.randrange(-2, 2000))))
             D.parse_options(data[:40])
             group.append(data)
             if len(group) == BATCH:
@@ -161,6 +163,22 @@ def fuzz(build_dir: Path, runs: int, seed: int, artifacts: Path) -> int:
     dt = time.monotonic() - t0
     print(f"dataplane asan: {runs} inputs in {dt:.1f} s ({runs / dt:.0f}/s), 0 findings")
     return 0
+
+
+def _split(D, P, pkt, mtu: int) -> None:  # type: ignore[no-untyped-def]
+    """split_build against engine.packet.split_mtu + build (same pieces or same refusal)."""
+    args = (pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.seq, pkt.ack, pkt.flags, pkt.window,
+            pkt.options, pkt.payload, pkt.ip_id, pkt.ttl, pkt.tos, pkt.df, pkt.urgent,
+            pkt.ip_options)  # fmt: skip
+    try:
+        want: object = [P.build(p) for p in P.split_mtu(pkt, mtu)]
+    except ValueError as e:
+        want = type(e).__name__
+    try:
+        got: object = D.split_build(*args, data_len=pkt.data_len, mtu=mtu)
+    except ValueError as e:
+        got = type(e).__name__
+    assert got == want, f"split at MTU {mtu}: compiled {got!r:.200} / Python {want!r:.200}"
 
 
 def _batch(D, np, rng: random.Random, group: list[bytes]) -> None:  # type: ignore[no-untyped-def]

@@ -504,3 +504,42 @@ def test_batches_allocate_no_python_objects_per_packet(captured: list[bytes]) ->
     grown = sys.getallocatedblocks() - before
     assert rounds * len(frames) >= 100_000
     assert grown < 10, f"{grown} blocks more after {rounds * len(frames)} packets"
+
+
+def _python_split(pkt: P.TcpPacket, mtu: int) -> list[bytes] | str:
+    try:
+        return [P.build(p) for p in P.split_mtu(pkt, mtu)]
+    except ValueError as e:  # DecodeError is a ValueError: the exact type is compared
+        return type(e).__name__
+
+
+def _compiled_split(pkt: P.TcpPacket, mtu: int) -> list[bytes] | str:
+    try:
+        return D.split_build(*_build_args(pkt), data_len=pkt.data_len, mtu=mtu)
+    except ValueError as e:
+        return type(e).__name__
+
+
+@settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from([0, P.SYN, P.FIN | P.ACK, P.PSH | P.ACK, P.SYN | P.FIN | P.PSH | P.ACK, 0xFF]),
+    u32,
+    u16,
+    st.one_of(option_lists, st.binary(min_size=41, max_size=48)),
+    st.sampled_from([b"", b"\x01\x01\x01\x00", b"\x01" * 44]),
+    st.integers(0, 5000),
+    st.integers(-1, 200),
+    st.one_of(st.integers(-10, 200), st.integers(40, 1600), st.integers(60000, 70000)),
+)
+@example(P.SYN | P.FIN, 0xFFFFFFFF, 0xFFFF, b"", b"", 3000, 0, 1500)  # seq and ip_id wrap
+@example(0, 0, 0, b"", b"", 0, 0, 30)  # no data, headers larger than the MTU
+def test_mtu_split_builds_the_same_pieces(
+    flags: int, seq: int, ip_id: int, opts: bytes, ip_opts: bytes, size: int, cut: int, mtu: int
+) -> None:
+    payload = bytes(i & 0xFF for i in range(size))
+    pkt = P.TcpPacket(
+        1, 2, 3, 4, seq, 6, flags, 100, opts, payload, ip_id=ip_id, ip_options=ip_opts
+    )
+    if cut >= 0:
+        pkt.data_len = size + cut  # a capture cut short by cut bytes (0: whole)
+    assert _compiled_split(pkt, mtu) == _python_split(pkt, mtu)
