@@ -24,11 +24,12 @@ arithmetic in its one corner case (all-zero words: checksum 0xFFFF; any other su
 
 The Python entry points at the bottom convert once per call and loop in C: ``parse_batch``
 parses N packets of one buffer (a pcap file read whole, a capture block) into a numpy
-structured array laid out exactly like ``dp_packet``; ``parse_slots`` does the same in
-place on the slots of a shared-memory ring (engine/ring.py's geometry, passed in); ``build_batch`` writes them back to the wire,
-one after the other, into one output buffer (what sendmmsg sends).  The single-packet
-functions (``parse_ip``, ``parse_options``, ``build_fields``, ``checksum``) exist for tests,
-the benchmark and the fuzzers; they allocate the same Python objects engine/packet.py does.
+structured array laid out exactly like ``dp_packet``; ``parse_slots`` does the same in place
+on the slots of a shared-memory ring (engine/ring.py's geometry, passed in); ``build_batch``
+writes the records back to the wire, one after the other, into one output buffer (what
+sendmmsg sends).  The single-packet functions (``parse_ip``, ``parse_options``,
+``build_fields``, ``split_build``, ``checksum``) exist for tests, the benchmark and the
+fuzzers; they allocate the same Python objects engine/packet.py does.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
