@@ -31,12 +31,14 @@ def dataplane_extensions() -> list[Extension]:
         Extension(
             src[:-4].replace("/", "."),
             sources=[src],
-            optional=not REQUIRED,
             extra_compile_args=["-O2", "-Wall", "-Wno-unused-function"],
         )
         for src in sources
     ]
-    return cythonize(extensions, compiler_directives={"language_level": 3})
+    built = cythonize(extensions, compiler_directives={"language_level": 3})
+    for ext in built:
+        ext.optional = not REQUIRED  # cythonize returns new Extensions without the flag
+    return built
 
 
 setup(
