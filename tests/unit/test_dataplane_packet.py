@@ -543,3 +543,46 @@ def test_mtu_split_builds_the_same_pieces(
     if cut >= 0:
         pkt.data_len = size + cut  # a capture cut short by cut bytes (0: whole)
     assert _compiled_split(pkt, mtu) == _python_split(pkt, mtu)
+
+
+def test_exercise_reports_the_parse_code(captured: list[bytes]) -> None:
+    for frame in captured[:50] + [b"", b"\x45", captured[0][:30]]:
+        assert D.exercise(frame) == D.decode_ip(frame)[0]
+
+
+def test_another_compiled_module_can_cimport_the_declarations(
+    tmp_path: Path, captured: list[bytes]
+) -> None:
+    """packet.pxd is the interface later compiled modules build on: a module that cimports
+    it compiles, links against the installed extension at import, and parses the same."""
+    import importlib.util
+    import sysconfig
+
+    (tmp_path / "probe.pyx").write_text(
+        "# cython: language_level=3\n"
+        "from engine.dataplane.packet cimport dp_packet, dp_parse_ipv4_tcp, DP_IPV4_MAPPED_AT\n"
+        "def probe(const unsigned char[::1] b):\n"
+        "    cdef dp_packet p\n"
+        "    if b.shape[0] == 0:\n"
+        "        return -1, 0, 0\n"
+        "    code = dp_parse_ipv4_tcp(&b[0], b.shape[0], &p)\n"
+        "    return code, p.sport, p.src[DP_IPV4_MAPPED_AT]\n"
+    )
+    cython = shutil.which("cython", path=str(Path(sys.executable).parent))
+    assert cython
+    subprocess.run([cython, "-3", "-I", str(ROOT), "probe.pyx"], cwd=tmp_path, check=True)
+    so = tmp_path / ("probe" + sysconfig.get_config_var("EXT_SUFFIX"))
+    include = sysconfig.get_paths()["include"]
+    subprocess.run(
+        ["gcc", "-shared", "-fPIC", "-O1", f"-I{include}", "probe.c", "-o", str(so)],
+        cwd=tmp_path, check=True,
+    )  # fmt: skip
+    spec = importlib.util.spec_from_file_location("probe", so)
+    assert spec is not None and spec.loader is not None
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    for frame in captured[:50]:
+        code, pkt, _ = D.decode_ip(frame)
+        want = (code, pkt.sport, pkt.src >> 24) if pkt else code
+        got = probe.probe(frame)
+        assert (got if pkt else got[0]) == want
