@@ -586,3 +586,16 @@ def test_another_compiled_module_can_cimport_the_declarations(
         want = (code, pkt.sport, pkt.src >> 24) if pkt else code
         got = probe.probe(frame)
         assert (got if pkt else got[0]) == want
+
+
+def test_the_builder_refuses_a_family_it_cannot_write_yet(captured: list[bytes]) -> None:
+    """The structs carry a family for IPv6; until it is written, such a record is refused
+    (never built as IPv4 from the wrong bytes)."""
+    good = [f for f in captured if D.decode_ip(f)[0] == 0][:2]
+    buf, offsets, lengths = batch_of(good)
+    recs = np.empty(2, D.PACKET_DTYPE)
+    assert D.parse_batch(buf, offsets, lengths, recs) == 2
+    recs["family"][1] = 6
+    built = np.empty(2, np.int32)
+    used = D.build_batch(recs, buf, bytearray(len(buf) + 16), built)
+    assert built[0] == used > 0 and D.ERROR_NAMES[-int(built[1])] == "family"
