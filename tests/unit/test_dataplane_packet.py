@@ -182,7 +182,7 @@ def wire_packets(draw: st.DrawFn) -> bytes:
     return bytes(wire)
 
 
-@settings(max_examples=1500, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1000, suppress_health_check=[HealthCheck.too_slow])
 @given(wire_packets())
 def test_random_packets_parse_and_rebuild_the_same(buf: bytes) -> None:
     assert_same_parse(buf)
@@ -203,7 +203,7 @@ def test_batches_parse_and_rebuild_like_the_python_engine(frames: list[bytes]) -
     assert_same_batch(frames)
 
 
-@settings(max_examples=2000)
+@settings(max_examples=1000)
 @given(st.one_of(option_lists, st.binary(max_size=40)))
 @example(b"\x05\x22" + bytes(range(32)))  # four SACK blocks, the most that fit
 @example(b"\x03\x03\xff")  # a window scale above 14 is 14
