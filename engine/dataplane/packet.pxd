@@ -48,7 +48,18 @@ cdef enum dp_error:
     DP_E_SPLIT_TRUNCATED = 16       # split: a cut capture (data_len > payload) cannot be split
     DP_E_SPLIT_MTU = 17             # split: the MTU leaves no room for data after the headers
     DP_E_SPLIT_PIECES = 18          # split: more pieces than the caller has room for
-    DP_E_COUNT = 19
+    DP_E_L2_TRUNCATED = 19          # link layer: its header is not all there
+    DP_E_L2_NOT_IPV4 = 20           # link layer: it does not carry IPv4
+    DP_E_L2_LINKTYPE = 21           # link layer: a pcap link type we do not read
+    DP_E_COUNT = 22
+
+# pcap link types (engine/packet.py's DLT_* names; 12 and 14 are DLT_RAW on some systems).
+cdef enum:
+    DP_DLT_EN10MB = 1
+    DP_DLT_RAW = 101
+    DP_DLT_LINUX_SLL = 113
+    DP_DLT_IPV4 = 228
+    DP_DLT_LINUX_SLL2 = 276
 
 
 # dp_tcp_options.present: which options the walk found (the last valid one of a kind wins).
@@ -129,6 +140,10 @@ cdef uint16_t dp_checksum(const uint8_t* data, size_t n) noexcept nogil
 
 # TCP options of one header (n is clamped to 40): the same walk as engine.packet.parse_options.
 cdef void dp_parse_tcp_options(const uint8_t* raw, size_t n, dp_tcp_options* out) noexcept nogil
+
+# Offset of the IPv4 header in a captured frame of a pcap link type (engine.packet.l2_offset:
+# Ethernet with one optional 802.1Q tag, Linux SLL and SLL2, raw IP), or minus a dp_error.
+cdef Py_ssize_t dp_l2_offset(const uint8_t* frame, size_t n, int linktype) noexcept nogil
 
 # The IPv4/TCP packet at buf[0:n] into *out (options included); returns out.error.
 cdef int dp_parse_ipv4_tcp(const uint8_t* buf, size_t n, dp_packet* out) noexcept nogil

@@ -43,7 +43,7 @@ from engine.packet import TcpOptions, TcpPacket
 
 __all__ = [
     "PACKET_DTYPE", "ERROR_NAMES", "DecodeError",
-    "checksum", "tcp_checksum", "parse_options", "parse_ip", "decode_ip",
+    "checksum", "tcp_checksum", "parse_options", "parse_ip", "decode_ip", "l2_offset",
     "build_fields", "build_into", "parse_batch", "parse_slots", "build_batch", "split_build",
 ]
 
@@ -156,6 +156,37 @@ cdef void dp_parse_tcp_options(const uint8_t* raw, size_t n, dp_tcp_options* out
                 out.sack[2 * j + 1] = _get32(raw + i + 6 + 8 * j)
             out.present |= DP_OPT_SACK
         i += ln
+
+
+# -- link layer (engine.packet.l2_offset) ----------------------------------------------------
+
+cdef enum:
+    ETHERTYPE_IPV4 = 0x0800
+    ETHERTYPE_VLAN = 0x8100
+
+
+cdef Py_ssize_t dp_l2_offset(const uint8_t* frame, size_t n, int linktype) noexcept nogil:
+    # Ethernet must carry IPv4, directly or under one 802.1Q tag (spec §3.2); SLL and SLL2
+    # are checked too, so a non-IPv4 frame is refused here, not misread as IPv4.
+    if linktype == DP_DLT_EN10MB:
+        if n < 14:
+            return -DP_E_L2_TRUNCATED
+        if _get16(frame + 12) == ETHERTYPE_VLAN:
+            if n < 18:
+                return -DP_E_L2_TRUNCATED
+            return 18 if _get16(frame + 16) == ETHERTYPE_IPV4 else -DP_E_L2_NOT_IPV4
+        return 14 if _get16(frame + 12) == ETHERTYPE_IPV4 else -DP_E_L2_NOT_IPV4
+    if linktype == DP_DLT_LINUX_SLL:
+        if n < 16:
+            return -DP_E_L2_TRUNCATED
+        return 16 if _get16(frame + 14) == ETHERTYPE_IPV4 else -DP_E_L2_NOT_IPV4
+    if linktype == DP_DLT_LINUX_SLL2:
+        if n < 20:
+            return -DP_E_L2_TRUNCATED
+        return 20 if _get16(frame) == ETHERTYPE_IPV4 else -DP_E_L2_NOT_IPV4
+    if linktype == DP_DLT_RAW or linktype == 12 or linktype == 14 or linktype == DP_DLT_IPV4:
+        return 0
+    return -DP_E_L2_LINKTYPE
 
 
 # -- parse (engine.packet.parse_ip) ----------------------------------------------------------
@@ -381,7 +412,8 @@ ERROR_NAMES = (
     "ok", "ip_truncated", "not_ipv4", "bad_ihl", "not_tcp", "fragment", "tcp_truncated",
     "bad_doff", "options_truncated", "tot_len", "range", "options_too_long",
     "ip_options_too_long", "packet_too_long", "buffer_too_small", "family",
-    "split_truncated", "split_mtu", "split_pieces",
+    "split_truncated", "split_mtu", "split_pieces", "l2_truncated", "l2_not_ipv4",
+    "l2_linktype",
 )
 """``ERROR_NAMES[code]``: the name of a ``dp_error`` code (the label a counter would use)."""
 assert len(ERROR_NAMES) == DP_E_COUNT
@@ -466,6 +498,17 @@ def parse_options(const uint8_t[::1] raw not None):
         raise ValueError(f"TCP options too long: {raw.shape[0]} bytes (max 40)")
     dp_parse_tcp_options(_ptr(raw), raw.shape[0], &o)
     return _options_object(&o)
+
+
+def l2_offset(const uint8_t[::1] frame not None, int linktype):
+    """engine.packet.l2_offset through the compiled reader: the IPv4 header's offset in a
+    captured frame; a refusal raises ``DecodeError`` naming the ``dp_error``."""
+    cdef Py_ssize_t n = dp_l2_offset(_ptr(frame), frame.shape[0], linktype)
+    if n < 0:
+        err = DecodeError(f"frame rejected: {ERROR_NAMES[-n]}")
+        err.code = -n
+        raise err
+    return n
 
 
 def decode_ip(const uint8_t[::1] buf not None):
@@ -620,11 +663,13 @@ cdef dp_packet* _records(object out, Py_ssize_t count) except NULL:
 
 
 def parse_batch(const uint8_t[::1] buf not None, const uint32_t[::1] offsets not None,
-                const uint32_t[::1] lengths not None, out):
+                const uint32_t[::1] lengths not None, out, int linktype=DP_DLT_RAW):
     """Parse packet i at ``buf[offsets[i]:offsets[i] + lengths[i]]`` into ``out[i]`` (a
-    PACKET_DTYPE array), for every i; returns how many parsed without error.  A rejected
-    packet's record holds only its ``error`` code (and ``offset``)."""
-    cdef Py_ssize_t count = offsets.shape[0], i, good = 0
+    PACKET_DTYPE array), for every i; returns how many parsed without error.  With a
+    ``linktype`` (pcap's) other than raw IP, each entry is a captured frame and its link
+    header is skipped first.  A rejected packet's record holds only its ``error`` code and
+    ``offset`` (of its IP header, or of the frame when the link layer was refused)."""
+    cdef Py_ssize_t count = offsets.shape[0], i, good = 0, l2
     cdef size_t size = buf.shape[0]
     cdef dp_packet* recs
     cdef const uint8_t* base = _ptr(buf)
@@ -636,9 +681,17 @@ def parse_batch(const uint8_t[::1] buf not None, const uint32_t[::1] offsets not
             if offsets[i] > size or lengths[i] > size - offsets[i]:
                 memset(&recs[i], 0, sizeof(dp_packet))
                 recs[i].error = DP_E_RANGE
-            elif dp_parse_ipv4_tcp(base + offsets[i], lengths[i], &recs[i]) == DP_OK:
+                recs[i].offset = offsets[i]
+                continue
+            l2 = dp_l2_offset(base + offsets[i], lengths[i], linktype)
+            if l2 < 0:
+                memset(&recs[i], 0, sizeof(dp_packet))
+                recs[i].error = <uint8_t>-l2
+                recs[i].offset = offsets[i]
+                continue
+            if dp_parse_ipv4_tcp(base + offsets[i] + l2, lengths[i] - l2, &recs[i]) == DP_OK:
                 good += 1
-            recs[i].offset = offsets[i]
+            recs[i].offset = offsets[i] + <uint32_t>l2
     return good
 
 
@@ -740,6 +793,9 @@ def exercise(const uint8_t[::1] data not None):
             memcpy(copy, &data[0], n)
         dp_parse_tcp_options(copy, n, &o)
         dp_checksum(copy, n)
+        dp_l2_offset(copy, n, DP_DLT_EN10MB)
+        dp_l2_offset(copy, n, DP_DLT_LINUX_SLL)
+        dp_l2_offset(copy, n, DP_DLT_LINUX_SLL2)
         code = dp_parse_ipv4_tcp(copy, n, &p)
     if code == DP_OK:
         need = (<size_t>p.ip_header_bytes + p.tcp_header_bytes + p.payload_bytes)

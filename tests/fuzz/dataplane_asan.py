@@ -14,9 +14,10 @@ Theory of operation
    the instrumented modules under their real names before anything imports
    ``engine.dataplane``, checks that the ASan runtime is mapped, and fuzzes.
 3. Inputs: random mutations (tests/fuzz/run_fuzz.py's) of seeds cut from the real captures
-   and of packets with every option kind.  Each input goes through ``exercise`` (a heap copy
+   (IP packets, and some whole frames) and of packets with every option kind.  Each input goes through ``exercise`` (a heap copy
    of exactly its size, so a read one byte past the end hits a red zone; parse, option walk,
-   checksum, rebuild into a block of exactly the built size), through ``decode_ip`` compared
+   checksum, link-layer offsets, rebuild into a block of exactly the built size), through
+   ``l2_offset`` at a random link type and ``decode_ip``, both compared
    with engine/packet.py (same fields, same rejects: a difference is a finding too) and, when
    it parses, through ``split_build`` at a random MTU compared with ``split_mtu``; every
    256 inputs the whole group goes through ``parse_batch`` (with some offsets and lengths
@@ -49,6 +50,7 @@ SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
 CFLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-fno-strict-aliasing", "-fPIC", "-Wall",
           "-Wno-unused-function", *SANITIZE]  # fmt: skip
 BATCH = 256
+LINKTYPES = (1, 101, 113, 228, 276, 12, 0)
 MAX_LEN = 1600
 
 
@@ -91,11 +93,13 @@ def seeds() -> list[bytes]:
     out = []
     for path in (ONLINE_HTTP_PCAP, TARGET_SIDE_PCAP, CONTROL_PCAP):
         reader = open_pcap(str(path))
-        for _ts, _n, frame in reader:
+        for k, (_ts, _n, frame) in enumerate(reader):
+            if k % 4 == 0:
+                out.append(frame)  # whole frames too: the link-layer readers' seeds
             try:
                 out.append(frame[P.l2_offset(frame, reader.linktype) :])
             except P.DecodeError:
-                out.append(frame)
+                pass
     opts = P.build_options(mss=1460, wscale=7, sack_permitted=True, timestamp=(1, 2))
     sack = P.build_options(timestamp=(3, 4), sack=[(5, 6), (7, 8), (9, 10)])
     for o in (opts, sack, b"\x01" * 40, b"\x05\x22" + bytes(32)):
@@ -149,6 +153,7 @@ def fuzz(build_dir: Path, runs: int, seed: int, artifacts: Path) -> int:
                 assert opts == P.parse_options(want.options)
                 _split(D, P, want, rng.choice((60, 576, 1500, 1500, rng.randrange(-2, 2000))))
             D.parse_options(data[:40])
+            _l2(D, P, data, rng.choice(LINKTYPES))
             group.append(data)
             if len(group) == BATCH:
                 _batch(D, np, rng, group)
@@ -163,6 +168,19 @@ def fuzz(build_dir: Path, runs: int, seed: int, artifacts: Path) -> int:
     dt = time.monotonic() - t0
     print(f"dataplane asan: {runs} inputs in {dt:.1f} s ({runs / dt:.0f}/s), 0 findings")
     return 0
+
+
+def _l2(D, P, frame: bytes, linktype: int) -> None:  # type: ignore[no-untyped-def]
+    """l2_offset against engine.packet.l2_offset (same offset, or both refuse)."""
+    try:
+        want: object = P.l2_offset(frame, linktype)
+    except P.DecodeError:
+        want = "DecodeError"
+    try:
+        got: object = D.l2_offset(frame, linktype)
+    except P.DecodeError:
+        got = "DecodeError"
+    assert got == want, f"link type {linktype}: compiled {got} / Python {want}"
 
 
 def _split(D, P, pkt, mtu: int) -> None:  # type: ignore[no-untyped-def]
@@ -197,8 +215,9 @@ def _batch(D, np, rng: random.Random, group: list[bytes]) -> None:  # type: igno
         offsets[j] = rng.choice((size, size - 1, 2**32 - 1, rng.randrange(size + 1)))
         lengths[j] = rng.choice((0, 1, 40, 2**32 - 1, rng.randrange(size + 2)))
     recs = np.empty(len(group), D.PACKET_DTYPE)
-    good = D.parse_batch(buf, offsets, lengths, recs)
+    good = D.parse_batch(buf, offsets, lengths, recs, rng.choice(LINKTYPES))
     assert good == int(np.count_nonzero(recs["error"] == 0))
+    good = D.parse_batch(buf, offsets, lengths, recs)
     need = int(
         np.where(
             recs["error"] == 0,

@@ -599,3 +599,69 @@ def test_the_builder_refuses_a_family_it_cannot_write_yet(captured: list[bytes])
     built = np.empty(2, np.int32)
     used = D.build_batch(recs, buf, bytearray(len(buf) + 16), built)
     assert built[0] == used > 0 and D.ERROR_NAMES[-int(built[1])] == "family"
+
+
+# -- link layer (engine.packet.l2_offset) -------------------------------------------------
+
+L2_REJECT_PREFIXES = {
+    19: ("Ethernet header truncated", "802.1Q header truncated", "Linux SLL header truncated",
+         "Linux SLL2 header truncated"),
+    20: ("not IPv4",),
+    21: ("unsupported link type",),
+}  # fmt: skip
+LINKTYPES = [P.DLT_EN10MB, P.DLT_RAW, P.DLT_LINUX_SLL, P.DLT_LINUX_SLL2, P.DLT_IPV4, 12, 14, 0, 105]
+
+
+def assert_same_l2(frame: bytes, linktype: int) -> None:
+    try:
+        want: int | str = P.l2_offset(frame, linktype)
+    except P.DecodeError as e:
+        want = str(e)
+    try:
+        got = D.l2_offset(frame, linktype)
+    except P.DecodeError as e:
+        assert isinstance(want, str), f"compiled refuses ({e}), Python gives {want}"
+        assert want.startswith(L2_REJECT_PREFIXES[e.code]), (e, want)  # type: ignore[attr-defined]
+        return
+    assert got == want
+
+
+@settings(max_examples=1000)
+@given(
+    st.sampled_from(LINKTYPES),
+    st.one_of(
+        st.binary(max_size=24),
+        st.tuples(
+            st.binary(min_size=12, max_size=20),
+            st.sampled_from([b"\x08\x00", b"\x81\x00", b"\x86\xdd", b""]),
+            st.sampled_from([b"", b"\x00\x01\x08\x00", b"\x00\x01\x86\xdd", b"\x00"]),
+        ).map(lambda t: b"".join(t)),
+    ),
+)
+def test_link_layer_offsets_agree(linktype: int, frame: bytes) -> None:
+    assert_same_l2(frame, linktype)
+
+
+def test_captured_frames_as_one_batch_with_their_link_type() -> None:
+    for path in (ONLINE_HTTP_PCAP, TARGET_SIDE_PCAP, CONTROL_PCAP):
+        reader = open_pcap(str(path))
+        frames = [frame for _ts, _n, frame in reader]
+        frames += [frames[0][:10], frames[0][:13] + b"\x86"]  # cut, and not IPv4
+        buf, offsets, lengths = batch_of(frames)
+        recs = np.empty(len(frames), D.PACKET_DTYPE)
+        good = D.parse_batch(buf, offsets, lengths, recs, reader.linktype)
+        accepted = 0
+        for i, frame in enumerate(frames):
+            assert_same_l2(frame, reader.linktype)
+            try:
+                want = P.parse_ip(frame[P.l2_offset(frame, reader.linktype) :])
+            except P.DecodeError:
+                assert int(recs[i]["error"]) != 0
+                continue
+            accepted += 1
+            assert record_packet(buf, recs[i]) == want
+        assert good == accepted > 0
+        assert [D.ERROR_NAMES[int(e)] for e in recs["error"][-2:]] == [
+            "l2_truncated",
+            "l2_not_ipv4",
+        ]
