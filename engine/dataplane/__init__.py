@@ -9,8 +9,9 @@ is what runs.  Set ``TCPCOPY_MP_REQUIRE_DATAPLANE=1`` for the install to fail in
 Modules:
 
 - ``packet`` (packet.pxd / packet.pyx): IPv4/TCP parse in place with bounds checks, TCP
-  options, the Internet checksum, and a builder into a caller's buffer; batch entry points
-  over numpy arrays (``parse_batch``, ``build_batch``).
+  options, link-layer offsets, the Internet checksum, and a builder into a caller's buffer
+  (whole or split to an MTU); batch entry points over numpy arrays (``parse_batch``,
+  ``parse_slots`` on a shared-memory ring, ``build_batch``).
 """
 
 from __future__ import annotations
