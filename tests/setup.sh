@@ -22,8 +22,10 @@ systemctl stop nginx redis-server prometheus >/dev/null 2>&1 || true
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-# engine._fastio (sendmmsg/recvmmsg) is compiled by the install below: it needs Python's headers
-# (a Debian python3 has them in python3-dev; without them the install falls back, logged).
+# engine._fastio (sendmmsg/recvmmsg) and engine/dataplane/*.pyx (Cython, fetched by pip as a
+# build requirement) are compiled by the install below: they need gcc and Python's headers (a
+# Debian python3 has them in python3-dev; without them the install falls back, logged).  gcc
+# also brings libasan/libubsan for tests/fuzz/dataplane_asan.py.
 if ! .venv/bin/python -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
   echo "setup: installing python3-dev (headers for the C extension)"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-dev >/dev/null || true

@@ -1,0 +1,32 @@
+"""The compiled data plane (design §4-§5): the per-packet path in Cython.
+
+Built by ``pip install`` from the ``.pyx`` files here (Cython is a build requirement; gcc and
+the Python headers come from tests/setup.sh).  The build is optional: where it could not be
+compiled, ``AVAILABLE`` is False, ``UNAVAILABLE`` says why, and the pure-Python engine
+(engine/packet.py and the session engine), which is the specification of everything here,
+is what runs.  Set ``TCPCOPY_MP_REQUIRE_DATAPLANE=1`` for the install to fail instead.
+
+Modules:
+
+- ``packet`` (packet.pxd / packet.pyx): IPv4/TCP parse in place with bounds checks, TCP
+  options, link-layer offsets, the Internet checksum, and a builder into a caller's buffer
+  (whole or split to an MTU); batch entry points over numpy arrays (``parse_batch``,
+  ``parse_slots`` on a shared-memory ring, ``build_batch``).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+__all__ = ["AVAILABLE", "UNAVAILABLE", "packet"]
+
+packet: ModuleType | None
+try:
+    from engine.dataplane import packet
+except ImportError as exc:  # not compiled here: the pure-Python engine is the fallback
+    packet = None
+    UNAVAILABLE = f"engine.dataplane is not compiled ({exc}); reinstall with gcc and python3-dev"
+else:
+    UNAVAILABLE = ""
+
+AVAILABLE = packet is not None

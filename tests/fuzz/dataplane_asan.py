@@ -1,0 +1,287 @@
+"""Fuzz the compiled data plane under AddressSanitizer and UndefinedBehaviorSanitizer.
+
+    .venv/bin/python tests/fuzz/dataplane_asan.py --runs 1000000 [--seed 1] [--build-dir D]
+
+Theory of operation
+-------------------
+1. Build: every ``engine/dataplane/*.pyx`` is compiled again, by cython and gcc directly,
+   with ``-fsanitize=address,undefined`` (UBSan made fatal) into a temporary directory: the
+   installed extension is left alone.
+2. Run: the script starts itself again as a worker with libasan and libubsan preloaded (a
+   Python that was not built with ASan must load the runtime first), ``PYTHONMALLOC=malloc``
+   (so every Python allocation is a malloc block with red zones, not a slice of a pymalloc
+   arena) and leak checks off (the interpreter keeps memory until exit).  The worker loads
+   the instrumented modules under their real names before anything imports
+   ``engine.dataplane``, checks that the ASan runtime is mapped, and fuzzes.
+3. Inputs: random mutations (tests/fuzz/run_fuzz.py's) of seeds cut from the real captures
+   (IP packets, and some whole frames) and of packets with every option kind.  Each input goes through ``exercise`` (a heap copy
+   of exactly its size, so a read one byte past the end hits a red zone; parse, option walk,
+   checksum, link-layer offsets, rebuild into a block of exactly the built size), through
+   ``l2_offset`` at a random link type and ``decode_ip``, both compared
+   with engine/packet.py (same fields, same rejects: a difference is a finding too) and, when
+   it parses, through ``split_build`` at a random MTU compared with ``split_mtu``; every
+   256 inputs the whole group goes through ``parse_batch`` (with some offsets and lengths
+   pointing outside the buffer), ``build_batch`` into an output of exactly the needed size,
+   and ``parse_slots`` over the same packets laid out as a ring of random geometry.
+
+A sanitizer report aborts the worker (its report is on stderr) and the script exits non-zero;
+so does a mismatch, with the input saved under ``--artifacts``.  On success the last line is
+``dataplane asan: N inputs in T s (R/s), 0 findings``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import os
+import random
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DATAPLANE = REPO / "engine" / "dataplane"
+SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
+CFLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-fno-strict-aliasing", "-fPIC", "-Wall",
+          "-Wno-unused-function", *SANITIZE]  # fmt: skip
+BATCH = 256
+LINKTYPES = (1, 101, 113, 228, 276, 12, 0)
+MAX_LEN = 1600
+
+
+def build(out_dir: Path) -> list[Path]:
+    """Compile every dataplane module with the sanitizers into ``out_dir``."""
+    cython = shutil.which("cython", path=str(Path(sys.executable).parent)) or "cython"
+    include = sysconfig.get_paths()["include"]
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    built = []
+    for pyx in sorted(DATAPLANE.glob("*.pyx")):
+        c_file = out_dir / (pyx.stem + ".c")
+        so_file = out_dir / (pyx.stem + suffix)
+        # cython names the module from the package (engine.dataplane.<stem>).
+        subprocess.run([cython, "-3", str(pyx), "-o", str(c_file)], check=True)
+        subprocess.run(
+            ["gcc", "-shared", *CFLAGS, f"-I{include}", str(c_file), "-o", str(so_file)],
+            check=True,
+        )
+        built.append(so_file)
+    return built
+
+
+def runtime_libraries() -> list[str]:
+    libs = []
+    for name in ("libasan.so", "libubsan.so"):
+        path = subprocess.run(
+            ["gcc", f"-print-file-name={name}"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        if not os.path.isabs(path):
+            raise SystemExit(f"dataplane asan: gcc has no {name} (install gcc's libasan/libubsan)")
+        libs.append(path)
+    return libs
+
+
+def seeds() -> list[bytes]:
+    from engine import packet as P
+    from engine.pcapfile import open_pcap
+    from tests.paths import CONTROL_PCAP, ONLINE_HTTP_PCAP, TARGET_SIDE_PCAP
+
+    out = []
+    for path in (ONLINE_HTTP_PCAP, TARGET_SIDE_PCAP, CONTROL_PCAP):
+        reader = open_pcap(str(path))
+        for k, (_ts, _n, frame) in enumerate(reader):
+            if k % 4 == 0:
+                out.append(frame)  # whole frames too: the link-layer readers' seeds
+            try:
+                out.append(frame[P.l2_offset(frame, reader.linktype) :])
+            except P.DecodeError:
+                pass
+    opts = P.build_options(mss=1460, wscale=7, sack_permitted=True, timestamp=(1, 2))
+    sack = P.build_options(timestamp=(3, 4), sack=[(5, 6), (7, 8), (9, 10)])
+    for o in (opts, sack, b"\x01" * 40, b"\x05\x22" + bytes(32)):
+        out.append(P.build_fields(1, 2, 3, 4, 5, 6, P.ACK, 7, o, b"data", 8, 64, 0, True))
+    out.append(
+        P.build_fields(1, 2, 3, 4, 5, 6, P.SYN, 7, opts, b"", 8, 64, 0, True, 0, b"\x01" * 40)
+    )
+    return out
+
+
+def load_instrumented(build_dir: Path) -> object:
+    """Put the sanitizer builds in sys.modules under their real names, then import."""
+    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    for so_file in sorted(build_dir.glob("*" + suffix)):
+        name = "engine.dataplane." + so_file.name[: -len(suffix)]
+        spec = importlib.util.spec_from_file_location(name, so_file)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    from engine import dataplane
+
+    assert dataplane.packet is not None and Path(dataplane.packet.__file__).parent == build_dir
+    maps = Path("/proc/self/maps").read_text()
+    assert "libasan" in maps, "the ASan runtime is not loaded"
+    return dataplane.packet
+
+
+def fuzz(build_dir: Path, runs: int, seed: int, artifacts: Path) -> int:
+    import numpy as np
+
+    from engine import packet as P
+    from tests.fuzz.run_fuzz import _mutate
+
+    D = load_instrumented(build_dir)
+    rng = random.Random(seed)
+    pool = seeds()
+    group: list[bytes] = []
+    t0 = time.monotonic()
+    for i in range(runs):
+        data = pool[i] if i < len(pool) else _mutate(rng, rng.choice(pool), pool, MAX_LEN)
+        try:
+            D.exercise(data)
+            code, got, opts = D.decode_ip(data)
+            try:
+                want = P.parse_ip(data)
+            except P.DecodeError as e:
+                assert code != 0, f"Python rejects ({e}), compiled accepts"
+            else:
+                assert code == 0 and got == want, f"compiled {D.ERROR_NAMES[code]} / {got}"
+                assert opts == P.parse_options(want.options)
+                _split(D, P, want, rng.choice((60, 576, 1500, 1500, rng.randrange(-2, 2000))))
+            D.parse_options(data[:40])
+            _l2(D, P, data, rng.choice(LINKTYPES))
+            group.append(data)
+            if len(group) == BATCH:
+                _batch(D, np, rng, group)
+                group.clear()
+        except Exception:
+            path = artifacts / f"crash-dataplane-{hashlib.sha1(data).hexdigest()}"
+            path.write_bytes(data)
+            print(f"dataplane asan: finding on input {i} (saved as {path})", file=sys.stderr)
+            raise
+        if i % 64 == 0 and len(pool) < 4096:
+            pool.append(data)
+    dt = time.monotonic() - t0
+    print(f"dataplane asan: {runs} inputs in {dt:.1f} s ({runs / dt:.0f}/s), 0 findings")
+    return 0
+
+
+def _l2(D, P, frame: bytes, linktype: int) -> None:  # type: ignore[no-untyped-def]
+    """l2_offset against engine.packet.l2_offset (same offset, or both refuse)."""
+    try:
+        want: object = P.l2_offset(frame, linktype)
+    except P.DecodeError:
+        want = "DecodeError"
+    try:
+        got: object = D.l2_offset(frame, linktype)
+    except P.DecodeError:
+        got = "DecodeError"
+    assert got == want, f"link type {linktype}: compiled {got} / Python {want}"
+
+
+def _split(D, P, pkt, mtu: int) -> None:  # type: ignore[no-untyped-def]
+    """split_build against engine.packet.split_mtu + build (same pieces or same refusal)."""
+    args = (pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.seq, pkt.ack, pkt.flags, pkt.window,
+            pkt.options, pkt.payload, pkt.ip_id, pkt.ttl, pkt.tos, pkt.df, pkt.urgent,
+            pkt.ip_options)  # fmt: skip
+    try:
+        want: object = [P.build(p) for p in P.split_mtu(pkt, mtu)]
+    except ValueError as e:
+        want = type(e).__name__
+    try:
+        got: object = D.split_build(*args, data_len=pkt.data_len, mtu=mtu)
+    except ValueError as e:
+        got = type(e).__name__
+    assert got == want, f"split at MTU {mtu}: compiled {got!r:.200} / Python {want!r:.200}"
+
+
+def _batch(D, np, rng: random.Random, group: list[bytes]) -> None:  # type: ignore[no-untyped-def]
+    """parse_batch and build_batch on one exact-size buffer, some entries out of range."""
+    size = sum(len(g) for g in group)
+    buf = np.empty(size, np.uint8)  # its own malloc block: the end is a red zone
+    offsets = np.empty(len(group), np.uint32)
+    lengths = np.empty(len(group), np.uint32)
+    at = 0
+    for j, g in enumerate(group):
+        buf[at : at + len(g)] = np.frombuffer(g, np.uint8)
+        offsets[j], lengths[j] = at, len(g)
+        at += len(g)
+    for _ in range(4):
+        j = rng.randrange(len(group))
+        offsets[j] = rng.choice((size, size - 1, 2**32 - 1, rng.randrange(size + 1)))
+        lengths[j] = rng.choice((0, 1, 40, 2**32 - 1, rng.randrange(size + 2)))
+    recs = np.empty(len(group), D.PACKET_DTYPE)
+    good = D.parse_batch(buf, offsets, lengths, recs, rng.choice(LINKTYPES))
+    assert good == int(np.count_nonzero(recs["error"] == 0))
+    good = D.parse_batch(buf, offsets, lengths, recs)
+    need = int(
+        np.where(
+            recs["error"] == 0,
+            recs["ip_header_bytes"].astype(np.int64)
+            + recs["tcp_header_bytes"]
+            + recs["payload_bytes"],
+            0,
+        ).sum()
+    )
+    out = np.empty(max(need, 1), np.uint8)[:need]
+    built = np.empty(len(group), np.int32)
+    assert D.build_batch(recs, buf, out, built) == need
+    # The same group as ring slots (random geometry and slot lengths, some too large), read
+    # in place by parse_slots from a block that ends exactly at the last slot.
+    slot_bytes = rng.choice((64, 256, 2048))
+    header = rng.choice((4, 16))
+    slots = rng.randrange(1, 64)
+    ring = np.zeros(slots * slot_bytes, np.uint8)
+    first = rng.randrange(2**64 - 1024)
+    count = rng.randrange(len(group))
+    for k in range(min(count, slots)):
+        at = ((first + k) % slots) * slot_bytes
+        data = group[k][: slot_bytes - header]
+        length = len(data) if rng.random() < 0.9 else rng.randrange(2**32)
+        ring[at : at + 4] = np.frombuffer(length.to_bytes(4, sys.byteorder), np.uint8)
+        ring[at + header : at + header + len(data)] = np.frombuffer(data, np.uint8)
+    D.parse_slots(ring, 0, slot_bytes, header, slots, first, recs, count)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=1_000_000)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--build-dir", type=Path, help="keep the sanitizer build here")
+    ap.add_argument("--artifacts", type=Path, default=Path(tempfile.gettempdir()))
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.runs < 1:
+        ap.error("--runs must be >= 1")
+    sys.path.insert(0, str(REPO))
+    if a.worker:
+        return fuzz(a.build_dir, a.runs, a.seed, a.artifacts)
+    a.artifacts.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="dataplane-asan-") as tmp:
+        build_dir = a.build_dir or Path(tmp)
+        build_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        built = build(build_dir.resolve())
+        print(f"dataplane asan: built {len(built)} module(s) in {time.monotonic() - t0:.0f} s")
+        env = dict(os.environ)
+        env.update(
+            LD_PRELOAD=":".join(runtime_libraries()),
+            ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:allocator_may_return_null=1",
+            UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",
+            PYTHONMALLOC="malloc",
+        )
+        cmd = [sys.executable, __file__, "--worker", "--runs", str(a.runs), "--seed", str(a.seed),
+               "--build-dir", str(build_dir.resolve()), "--artifacts", str(a.artifacts)]  # fmt: skip
+        rc = subprocess.run(cmd, env=env, check=False).returncode
+        if rc != 0:
+            print(f"dataplane asan: FAILED (worker exit status {rc}; the report is above)")
+            return 1
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
