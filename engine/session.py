@@ -1002,6 +1002,17 @@ class TcpSession:
         self._gap_held = False
         self._gap_at = None
 
+    def end_input(self, now: float) -> bool:
+        """The input ended for good (an offline replay after its tail, engine/worker.py):
+        end the session now, RST the target's side if a connection exists, count it as
+        ``ended_offline_end``.  False when it had already ended."""
+        st = self.state
+        if st >= _LINGER:
+            return False
+        has_conn = st is _ESTABLISHED or st is _FIN_WAIT
+        self._end(Outcome.OFFLINE_END, now, rst_off=self._snd_nxt if has_conn else None)
+        return True
+
     def _internal_error(self, now: float) -> None:
         self._drop(DropReason.INTERNAL_ERROR)
         if self.state < _LINGER:

@@ -72,6 +72,7 @@ class Outcome(enum.StrEnum):
     IDLE = "idle"  # -k: idle keepalive session
     FIN_WAIT_TIMEOUT = "fin_wait_timeout"
     ABORTED = "aborted"  # internal error
+    OFFLINE_END = "offline_end"  # still open when an offline replay's input and tail ended
 
 
 OBSOLETE_OUTCOMES = frozenset(

@@ -172,6 +172,28 @@ class SessionTable:
                 e.touched = True
                 touched.append(e)
 
+    def end_input(self, now: float) -> int:
+        """The input ended for good: end every session still open (TcpSession.end_input);
+        the next drain sends their RSTs.  Returns how many were ended."""
+        self._now = now
+        ended = 0
+        touched = self._touched
+        for e in list(self._by_resp.values()):
+            if e.session.end_input(now):
+                ended += 1
+                if not e.touched:
+                    e.touched = True
+                    touched.append(e)
+        return ended
+
+    def forget_ended(self, now: float) -> None:
+        """Drop the ended sessions still lingering (their one remaining job, answering stray
+        responses with a RST, ends with the program): ``active`` then counts none."""
+        self._now = now
+        for e in list(self._by_resp.values()):
+            if e.session.state >= _LINGER and not e.gone:
+                self._remove(e, now)
+
     def note_capture_loss(self, now: float) -> None:
         """The capture's ring for this worker was full and dropped packets (a ring read
         held a packet marked so): holes that sessions find in the next LOSS_RECENT_S are

@@ -178,6 +178,7 @@ class Supervisor:
         self.exit_code = 0
         self.capture_restarts = 0
         self._capture_lost = False
+        self._input_error = False  # offline: the capture stopped at a broken file
         self.started_at = 0.0
         self._stopping = False
         self._kill_at: float | None = None
@@ -354,7 +355,9 @@ class Supervisor:
             if self._stopping:
                 return
             if self._offline_complete():
-                if self._capture_lost:
+                if self._input_error:
+                    self.stop("a broken input file; the replay is incomplete", EXIT_RUNTIME)
+                elif self._capture_lost:
                     self.stop("offline capture died; the replay is incomplete", EXIT_RUNTIME)
                 else:
                     self.stop("offline replay is complete")
@@ -495,11 +498,17 @@ class Supervisor:
             self.block.retire(self.block.capture_row)
             if self.cfg.capture == "offline":
                 # Restarting would replay the file from its first packet again.
-                log.error(
-                    "capture (pid %d) %s; the offline replay ends with the packets read so far",
-                    child.pid,
-                    how,
-                )
+                from engine.capture_proc import EXIT_INPUT_ERROR
+
+                if code == EXIT_INPUT_ERROR:  # the capture logged the file's defect
+                    self._input_error = True
+                    log.warning("the offline replay ends with the packets read before it")
+                else:
+                    log.error(
+                        "capture (pid %d) %s; the offline replay ends with the packets read so far",
+                        child.pid,
+                        how,
+                    )
                 self.control.mark_capture_done()
                 child.finished = True
                 self._capture_lost = True
