@@ -34,6 +34,17 @@ Timers: a heap of (deadline, seq, entry) with lazy invalidation.  An entry recor
 deadline it is scheduled at; a new heap item is pushed only when the session's deadline moved
 *earlier*, so a session whose idle deadline moves later on every packet does not flood the
 heap: its old item fires early, the session finds nothing due, and it is rescheduled.
+An item outlives its session when the session ends before the item's deadline (an idle
+deadline lies minutes ahead), and it holds the whole session until then: after a SYN flood
+ended 100 k sessions, their ~4 KB each stayed for -k (720 s).  So when the heap holds more
+than twice the table plus HEAP_SLACK items, the dead ones are dropped in one O(n) pass
+(amortised O(1) per removal).
+
+Shedding under memory pressure (``shed_half_open``, called by the worker while the
+watchdog's flag is up): sessions whose client sent its SYN and nothing after it (no
+handshake ACK, no data) for HALF_OPEN_SHED_AGE_S are the ones a SYN flood leaves; they are
+ended first, those the target never answered before the others, and counted as
+``ended_shed_half_open``.
 Sessions touched by an input are queued once (``_touched``) and handled by ``drain``, which
 is O(touched).
 """
@@ -75,6 +86,7 @@ _DROP_UNKNOWN_RESPONSE = drop_key(DropReason.UNKNOWN_RESPONSE)
 # Enum members read as attributes of the class cost a descriptor lookup each (~0.3 us on
 # Python 3.11, more than the rest of a state test); the hot paths compare module globals.
 _LINGER, _FINISHED = State.LINGER, State.FINISHED
+_SYN_SENT = State.SYN_SENT
 
 
 LOSS_RECENT_S = 1.0
@@ -83,6 +95,13 @@ is taken for that loss (TcpSession.expedite_gap)."""
 LOSS_GAP_WAIT_S = 0.01
 """How long such a hole is still waited for: a grace for a reordered packet that happens to
 coincide with a ring loss (the capture hands packets over in the order it saw them)."""
+
+HEAP_SLACK = 4096
+"""Dead timer items tolerated beyond twice the sessions before the heap is compacted."""
+HALF_OPEN_SHED_AGE_S = 1.0
+"""Under memory pressure a session whose client sent only its SYN for this long is given
+up: a real client's handshake ACK follows its SYN within one round trip to the online
+server."""
 
 Key4 = tuple[int, int, int, int]
 """A 4-tuple key (ip_a, port_a, ip_b, port_b): building and hashing a tuple of four small
@@ -185,6 +204,29 @@ class SessionTable:
                     e.touched = True
                     touched.append(e)
         return ended
+
+    def shed_half_open(self, now: float, limit: int | None = None) -> int:
+        """Memory pressure: end the sessions whose client sent only its SYN at least
+        HALF_OPEN_SHED_AGE_S ago, those with no SYN-ACK from the target first; at most
+        ``limit`` of them.  Returns how many were ended (``ended_shed_half_open``)."""
+        self._now = now
+        cutoff = now - HALF_OPEN_SHED_AGE_S
+        unanswered: list[_Entry] = []
+        answered: list[_Entry] = []
+        for e in self._by_resp.values():
+            s = e.session
+            if s.created_at <= cutoff and s.half_open:
+                (answered if s.state > _SYN_SENT else unanswered).append(e)
+        victims = unanswered + answered
+        if limit is not None:
+            victims = victims[:limit]
+        touched = self._touched
+        for e in victims:
+            e.session.shed_half_open(now)
+            if not e.touched:
+                e.touched = True
+                touched.append(e)
+        return len(victims)
 
     def forget_ended(self, now: float) -> None:
         """Drop the ended sessions still lingering (their one remaining job, answering stray
@@ -445,6 +487,11 @@ class SessionTable:
 
     def _remove(self, e: _Entry, now: float) -> None:
         e.gone = True
+        heap = self._heap
+        if len(heap) > 2 * len(self._by_resp) + HEAP_SLACK:
+            # In place: handle_timer and get_timer may hold the list (module docstring).
+            heap[:] = [item for item in heap if item[2].sched == item[0] and not item[2].gone]
+            heapq.heapify(heap)
         c = self.counters
         c["rel"] += 1
         c["tw"] -= 1
