@@ -113,7 +113,13 @@ class Ring:
         if slots < 2 or slot_bytes < 64 or slot_bytes % 8:
             raise ValueError(f"ring: bad geometry slots={slots} slot_bytes={slot_bytes}")
         shm = shared_memory.SharedMemory(create=True, size=_HEADER_BYTES + slots * slot_bytes)
-        shm.buf[:_HEADER_BYTES] = bytes(_HEADER_BYTES)
+        # Every page written now: the ring's memory is committed at start, so the footprint
+        # the -m watchdog sees at idle already includes it (a flood would otherwise touch
+        # the last untouched 16 MB of each ring within a second, and that growth looked
+        # like sessions), and the hot path takes no page fault.
+        whole = np.frombuffer(shm.buf, dtype=np.uint8)
+        whole[:] = 0
+        del whole
         efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         return cls(shm, slots, slot_bytes, efd, owner=True)
 

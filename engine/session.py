@@ -1023,6 +1023,9 @@ class TcpSession:
             return
         has_conn = self.state is _ESTABLISHED or self.state is _FIN_WAIT
         self._end(Outcome.SHED_HALF_OPEN, now, rst_off=self._snd_nxt if has_conn else None)
+        # No linger: its memory is what is short.  A late SYN-ACK finds no session and is
+        # dropped (unknown response); the target gives its half-open side up by itself.
+        self._linger_at = now
 
     def end_input(self, now: float) -> bool:
         """The input ended for good (an offline replay after its tail, engine/worker.py):

@@ -44,7 +44,12 @@ Shedding under memory pressure (``shed_half_open``, called by the worker while t
 watchdog's flag is up): sessions whose client sent its SYN and nothing after it (no
 handshake ACK, no data) for HALF_OPEN_SHED_AGE_S are the ones a SYN flood leaves; they are
 ended first, those the target never answered before the others, and counted as
-``ended_shed_half_open``.
+``ended_shed_half_open``.  While ``refuse_new`` is set (the worker sets it from the
+watchdog's flag), a packet that would start a session does not: it is counted in
+``shed_sessions_memory`` and its flow is remembered (``_refused``) so that every later
+packet of it is dropped too (``drop_shed``) until its FIN/RST or SHED_IDLE_S: the SYNs the
+capture queued in the ring before it began shedding become no session, and none of them
+becomes half a session later (engine/shed.py keeps the same rule at the capture).
 Sessions touched by an input are queued once (``_touched``) and handled by ``drain``, which
 is O(touched).
 """
@@ -55,7 +60,7 @@ import heapq
 from collections import Counter
 
 from engine.config import SessionConfig
-from engine.packet import ACK, SYN, TcpPacket
+from engine.packet import ACK, FIN, RST, SYN, TcpPacket
 from engine.rewrite import (
     LOCALHOST_IP,
     TransferEntry,
@@ -82,6 +87,7 @@ _DROP_SESSION_LIMIT = drop_key(DropReason.SESSION_LIMIT)
 _DROP_NO_TUPLE = drop_key(DropReason.NO_TUPLE)
 _DROP_CLIENT_SYN_ACK = drop_key(DropReason.CLIENT_SYN_ACK)
 _DROP_UNKNOWN_RESPONSE = drop_key(DropReason.UNKNOWN_RESPONSE)
+_DROP_SHED = "drop_shed"  # metrics.counters DROP_EXTRA_REASONS: shed under overload
 
 # Enum members read as attributes of the class cost a descriptor lookup each (~0.3 us on
 # Python 3.11, more than the rest of a state test); the hot paths compare module globals.
@@ -96,6 +102,8 @@ LOSS_GAP_WAIT_S = 0.01
 """How long such a hole is still waited for: a grace for a reordered packet that happens to
 coincide with a ring loss (the capture hands packets over in the order it saw them)."""
 
+REFUSED_IDLE_S = 60.0
+"""A refused flow is forgotten after this long without a packet (engine/shed.py SHED_IDLE_S)."""
 HEAP_SLACK = 4096
 """Dead timer items tolerated beyond twice the sessions before the heap is compacted."""
 HALF_OPEN_SHED_AGE_S = 1.0
@@ -145,6 +153,8 @@ class SessionTable:
         self._ramp_done = not config.gradual
         self._route_down = False
         self._loss_at: float | None = None  # the capture's last reported ring loss
+        self.refuse_new = False  # memory pressure: new flows are refused (docstring)
+        self._refused: dict[Key4, float] = {}
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -250,6 +260,8 @@ class SessionTable:
         fkey = (pkt.src, pkt.sport, pkt.dst, pkt.dport)
         flow = self._flows.get(fkey)
         flags = pkt.flags
+        if self._refused and fkey in self._refused and self._still_refused(fkey, flags, now):
+            return
         if flags & SYN:
             if flags & ACK:
                 c[_DROP_CLIENT_SYN_ACK] += 1
@@ -293,7 +305,33 @@ class SessionTable:
             if not self.config.fake_handshake:
                 c[_DROP_NO_SYN] += 1  # -O
                 return
+        if self.refuse_new:
+            c["shed_sessions_memory"] += 1
+            c[_DROP_SHED] += 1
+            if not flags & (FIN | RST):
+                self._refused[fkey] = now
+            return
         self._new_flow(fkey, pkt, now, entry)
+
+    def _still_refused(self, fkey: Key4, flags: int, now: float) -> bool:
+        """A packet of a refused flow: dropped (True) until the flow ends or goes idle; a
+        SYN once refusing stopped begins a new, whole session (False)."""
+        if now - self._refused[fkey] > REFUSED_IDLE_S or (flags & SYN and not self.refuse_new):
+            del self._refused[fkey]
+            return False
+        self.counters[_DROP_SHED] += 1
+        if flags & (FIN | RST):
+            del self._refused[fkey]
+        else:
+            self._refused[fkey] = now
+        return True
+
+    def expire_refused(self, now: float) -> None:
+        """Forget refused flows idle for REFUSED_IDLE_S (the worker calls it now and then)."""
+        cutoff = now - REFUSED_IDLE_S
+        stale = [k for k, t in self._refused.items() if t < cutoff]
+        for k in stale:
+            del self._refused[k]
 
     def _new_flow(
         self, fkey: Key4, pkt: TcpPacket, now: float, entry: TransferEntry | None

@@ -19,9 +19,11 @@ Every ``read_batch`` (so at least every RING_IDLE_POLL_S) also calls ``tick(now)
 the shared CounterBlock every COUNTER_FLUSH_INTERVAL_S.  The watchdog's "shed" flag is the
 capture process's to follow (engine/shed.py): it sheds whole sessions before they reach a
 ring, where a worker refusing its flows would cut sessions already admitted.  A worker
-follows it in one way only: while it is up, every SHED_SWEEP_INTERVAL_S it gives up its
-half-open sessions (the client sent a SYN and nothing after it: what a SYN flood leaves,
-engine/shard.py ``shed_half_open``), which are the memory a flood holds.  The row's
+follows it in two ways: while it is up, the SYNs already in its ring start no session
+(engine/shard.py ``refuse_new``: the capture took them in before it began shedding, and at
+10 k SYNs/s a full ring is 8 k sessions, ~32 MB), and every SHED_SWEEP_INTERVAL_S it gives
+up its half-open sessions (the client sent a SYN and nothing after it: what a SYN flood
+leaves, ``shed_half_open``), which are the memory a flood holds.  The row's
 ``active`` gauge is what the supervisor counts as lost if this process dies.  The stats
 line is the supervisor's job, so ``log_stats`` only flushes.
 
@@ -51,7 +53,7 @@ COUNTER_FLUSH_INTERVAL_S = 0.2
 """How stale this worker's row (and so the supervisor's count of lost sessions) may get."""
 SHED_SWEEP_INTERVAL_S = 0.5
 """While the watchdog sheds: how often the half-open sessions are given up."""
-TRIM_AFTER_SESSIONS = 5000
+TRIM_AFTER_SESSIONS = 1000
 """Sessions removed from the table since the last trim that make the next one worth it."""
 TRIM_INTERVAL_S = 2.0
 """malloc_trim at most this often (it walks the heap: milliseconds for hundreds of MB)."""
@@ -154,12 +156,15 @@ class WorkerProcess(Worker):
         control = self.control
         if control is not None:
             control.beat(self.slot, now)  # type: ignore[attr-defined]
-            if control.shed:  # type: ignore[attr-defined]
-                if now >= self._next_shed_sweep:
-                    self._next_shed_sweep = now + SHED_SWEEP_INTERVAL_S
+            shed = bool(control.shed)  # type: ignore[attr-defined]
+            self.table.refuse_new = shed  # type: ignore[attr-defined]
+            if now >= self._next_shed_sweep:
+                self._next_shed_sweep = now + SHED_SWEEP_INTERVAL_S
+                if shed:
                     self._shed_half_open(now)
-            else:
-                self._shed_logged = False
+                else:
+                    self._shed_logged = False
+                self.table.expire_refused(now)  # type: ignore[attr-defined]
         if now >= self._next_flush:
             self._next_flush = now + COUNTER_FLUSH_INTERVAL_S
             self.flush_counters()

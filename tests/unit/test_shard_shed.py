@@ -99,3 +99,24 @@ def test_end_input_closes_what_is_open_and_counts_it():
     assert table.end_input(tl.now) == 0  # already ended
     table.forget_ended(tl.now)
     assert table.active == 0
+
+
+def test_refuse_new_sheds_whole_flows_and_keeps_admitted_ones():
+    tl = mk()
+    table = tl.table
+    old = client(100)
+    tl.client(old.syn(), old.ack())  # admitted before the memory pressure
+    table.refuse_new = True
+    late = client(101)  # its SYN was still in the ring when the flag went up
+    assert tl.client(late.syn()) == []
+    assert tl.client(late.ack(), late.data(b"GET / HTTP/1.1\r\n\r\n")) == []  # never half
+    tl.client(old.data(b"GET /old HTTP/1.1\r\n\r\n"))  # an admitted flow goes on
+    assert table.active == 1
+    k = table.counters
+    assert k["shed_sessions_memory"] == 1 and k["drop_shed"] == 3
+    assert k["clt cont"] == 1  # the admitted session took its data
+    table.refuse_new = False
+    assert tl.client(late.data(b"more")) == []  # still the same refused flow
+    again = Client(isn=9000, addr=late.addr)  # a new SYN on the tuple: a new, whole session
+    assert [p.flags for p in tl.client(again.syn())] == [packet.SYN]
+    assert table.active == 2
