@@ -91,6 +91,22 @@ def _consume(spec, deadline, stop, conn):
     ring.close()
 
 
+def _observe(spec, stop, conn):
+    """A third process that only reads the length (as the supervisor or a test could):
+    the more reads race a counter store, the likelier a broken store is caught."""
+    ring = Ring.attach(spec)
+    reads = bad = 0
+    while not stop.is_set():
+        for _ in range(1000):
+            length = len(ring)
+            if not 0 <= length <= ring.slots:
+                bad += 1
+        reads += 1000
+    conn.send((reads, bad))
+    conn.close()
+    ring.close()
+
+
 @pytest.mark.slow
 def test_two_processes_millions_of_slots_wrap_and_overflow():
     ctx = mp.get_context("fork")
@@ -99,9 +115,12 @@ def test_two_processes_millions_of_slots_wrap_and_overflow():
     stop = ctx.Event()
     p_recv, p_send = ctx.Pipe(duplex=False)
     c_recv, c_send = ctx.Pipe(duplex=False)
+    o_recv, o_send = ctx.Pipe(duplex=False)
     producer = ctx.Process(target=_produce, args=(ring.spec(), PACKETS, deadline, p_send))
     consumer = ctx.Process(target=_consume, args=(ring.spec(), deadline + 5, stop, c_send))
+    observer = ctx.Process(target=_observe, args=(ring.spec(), stop, o_send))
     consumer.start()
+    observer.start()
     producer.start()
     try:
         assert p_recv.poll(DEADLINE_S + 10), "producer did not finish"
@@ -109,16 +128,23 @@ def test_two_processes_millions_of_slots_wrap_and_overflow():
         stop.set()
         assert c_recv.poll(30), "consumer did not finish"
         seen = c_recv.recv()
+        assert o_recv.poll(30), "observer did not finish"
+        observed, observed_bad = o_recv.recv()
     finally:
-        for proc in (producer, consumer):
+        stop.set()
+        for proc in (producer, consumer, observer):
             proc.join(10)
             if proc.is_alive():
                 proc.kill()
         ring.close()
-    print(f"RING-STRESS sent={sent} dropped={dropped} batches={batches} {seen}")
+    print(
+        f"RING-STRESS sent={sent} dropped={dropped} batches={batches} {seen} "
+        f"observer_reads={observed} observer_bad={observed_bad}"
+    )
     assert sent == PACKETS, "the producer ran out of time"
     assert producer.exitcode == 0 and consumer.exitcode == 0
     assert seen["bad_len"] == 0
+    assert observed_bad == 0 and observed > 0
     assert seen["out_of_order"] == 0
     assert oversize == 0
     assert seen["popped"] + dropped == sent
