@@ -126,6 +126,7 @@ class Worker:
         # time by which open sessions must have sent something, and the send count then.
         self._tail_at: float | None = None
         self._tail_sent = -1
+        self._input_error = False
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -240,7 +241,10 @@ class Worker:
                 next_memory = now + MEMORY_CHECK_INTERVAL_S
                 self._check_memory()
             if self._offline_done(now):
-                self.stop("offline replay is complete")
+                if self._input_error:  # single-process engine: a file source's error
+                    self.stop("a broken input file; the replay is incomplete", 1)
+                else:
+                    self.stop("offline replay is complete")
         self.log_stats(self.clock(), final=True)
         log.info("tcpcopy-mp exits: %s", self.exit_reason)
         return self.exit_code
@@ -287,6 +291,11 @@ class Worker:
         docstring, "Offline tail"): then the sessions still open are ended and counted."""
         if not self.sources or not all(getattr(s, "exhausted", False) for s in self.sources):
             return False
+        for src in self.sources:
+            error = getattr(src, "error", None)
+            if error and not self._input_error:
+                self._input_error = True
+                log.error("%s", error)
         table = self.table
         if table.active == 0:  # type: ignore[attr-defined]
             return True
