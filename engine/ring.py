@@ -13,8 +13,9 @@ through a ring of fixed-size slots in a ``multiprocessing.shared_memory`` block:
 writes ``head`` and only the consumer writes ``tail``, and each side publishes its counter
 only after the slot data.
 
-Counters: every load and store of ``head`` and ``tail`` goes through ``_load``/``_store``,
-an item of an 8-byte ``memoryview`` cast at an 8-byte aligned offset: CPython reads and
+Counters: every load and store of ``head`` and ``tail`` goes through ``_head``/``_tail`` and
+``_publish_head``/``_publish_tail``, an item of an 8-byte ``memoryview`` cast at an 8-byte
+aligned offset (``_counters``): CPython reads and
 writes such an item with one fixed-size ``memcpy``, one 8-byte load or store, which is
 atomic on x86-64 and arm64 when aligned.  ``struct.pack_into`` must never be used here: it
 zeroes its target before writing the value, so a concurrent reader saw ``head == 0`` (or

@@ -178,6 +178,7 @@ class Supervisor:
         self._exact_bytes = 0
         self._rss_at_exact = 0
         self.memory_peak_bytes = 0
+        self._shed_estimated = False  # the shed flag was raised by an estimate, unconfirmed
         self.ring_slots = ring_slots
         self.clock = clock
         self.control: ControlBlock | None = None
@@ -766,8 +767,11 @@ class Supervisor:
             print(f"{PROG}: {message}", file=sys.stderr, flush=True)
             self.stop("memory limit exceeded (-m)", EXIT_RUNTIME)
         elif used > SHED_FRACTION * limit:
+            if exact:
+                self._shed_estimated = False
             if not self.control.shed:
                 self.control.shed = True
+                self._shed_estimated = not exact
                 log.warning(
                     "memory %d MB%s is above %d %% of -m %d MB: new sessions are refused at "
                     "the capture (shed_sessions_memory) and half-open ones given up",
@@ -776,7 +780,13 @@ class Supervisor:
                     round(SHED_FRACTION * 100),
                     limit_mb,
                 )
-        elif used < SHED_RESUME_FRACTION * limit and self.control.shed and exact:
+        elif (
+            exact
+            and self.control.shed
+            # An estimate counts pages shared by several processes once in each: a flag it
+            # raised comes down at the first exact measure that does not confirm it.
+            and (used < SHED_RESUME_FRACTION * limit or self._shed_estimated)
+        ):
             self.control.shed = False
             log.info(
                 "memory %d MB is below %d %% of -m %d MB: new sessions are accepted again",
