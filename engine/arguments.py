@@ -132,9 +132,15 @@ def _check_pcap(where: str, path: str) -> None:
         raise ConfigError(where, str(exc)) from None
     except OSError as exc:
         raise ConfigError(where, f"cannot open {path}: {exc.strerror or exc}") from None
+    linktype = getattr(reader, "linktype", None)
     close = getattr(reader, "close", None)
     if close is not None:
         close()
+    from engine import packet
+    from engine.capture import unsupported_linktype
+
+    if linktype is not None and linktype not in packet.LINKTYPES:
+        raise ConfigError(where, f"{path}: {unsupported_linktype(linktype)}")
 
 
 def build_config(args: argparse.Namespace) -> ReplayConfig:
@@ -265,6 +271,7 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
     accelerate = v.get("accelerate", 1.0)
     idle_ms = v.get("idle_threshold_s", 0)
     replays = v.get("replays", 1)
+    offline_tail_s = v.get("offline_tail_s", 10.0)
 
     # design §3: one capture process feeds N workers; the default uses every CPU.
     workers = v.get("workers", min(os.cpu_count() or 1, WORKERS_MAX))
@@ -313,6 +320,7 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
         accelerate=accelerate,
         idle_threshold_s=idle_ms / 1000.0,
         replays=replays,
+        offline_tail_s=offline_tail_s,
         workers=workers,
         metrics=metrics,
         log_path=args.log,

@@ -929,6 +929,12 @@ def _files_bytes(paths: Sequence[str]) -> int:
         return 0
 
 
+def unsupported_linktype(linktype: int) -> str:
+    """The one-line reason a pcap file of this link type is refused."""
+    known = ", ".join(f"{name} ({lt})" for lt, name in sorted(packet.LINKTYPES.items()))
+    return f"unsupported pcap link type {linktype} (0x{linktype:x}); readable: {known}"
+
+
 class PcapFileSource:
     """Replays pcap files in order, `replays` times (-T), paced by `ReplayPacer`.
 
@@ -938,7 +944,15 @@ class PcapFileSource:
     pass starts right after the previous one's last packet: no 120 s tail
     (OFFLINE_TAIL_TIMEOUT in C).
 
-    counters: capture_truncated, capture_l2_error, offline_packets (emitted),
+    Broken files: a file cut inside its last record (a capture that was killed) replays its
+    whole records, warns once with the byte offset of the cut and counts capture_file_cut;
+    a file whose link type cannot be read or whose record header cannot be right (a length
+    above libpcap's bound) stops the replay: ``error`` holds the one-line reason (with the
+    byte offset), the source is exhausted, and the capture process exits non-zero
+    (engine/capture_proc.py) after what came before was replayed.
+
+    counters: capture_truncated, capture_l2_error, capture_file_cut, capture_file_error,
+    offline_packets (emitted),
     offline_passes (completed file passes), offline_idle_gaps; for the progress display
     (the supervisor renders it from the counter block): offline_records (records read),
     offline_bytes_read (file bytes consumed) and offline_bytes_total (the sum of the file
@@ -969,6 +983,7 @@ class PcapFileSource:
         self.counters: Counter[str] = Counter()
         self.counters["offline_bytes_total"] = _files_bytes(self.paths) * self.replays_left
         self.exhausted = False
+        self.error: str | None = None
         self._file_index = -1
         self._reader: object | None = None
         self._iter: Iterator[tuple[float, int, bytes]] | None = None
@@ -1034,13 +1049,46 @@ class PcapFileSource:
             if self.replays_left <= 0:
                 return False
             self._file_index = 0
-        reader = self.opener(self.paths[self._file_index])
+        path = self.paths[self._file_index]
+        try:
+            reader = self.opener(path)
+        except DecodeError as exc:  # checked at start: the file changed since
+            self._fail(str(exc))
+            return False
+        except OSError as exc:
+            self._fail(f"{path}: cannot open: {exc.strerror or exc}")
+            return False
         self._reader = reader
         self.counters["offline_bytes_read"] += PCAP_GLOBAL_HEADER_BYTES
         self._linktype = reader.linktype  # type: ignore[attr-defined]
+        if self._linktype not in packet.LINKTYPES:
+            self._fail(f"{path}: {unsupported_linktype(self._linktype)}")
+            return False
         self._iter = iter(reader)  # type: ignore[call-overload]
         self.pacer.restart(now)
         return True
+
+    def _fail(self, reason: str) -> None:
+        self.counters["capture_file_error"] += 1
+        self.error = reason
+        self.exhausted = True
+        self._close_reader()
+
+    def _note_cut_tail(self) -> None:
+        """A file cut inside its last record: its whole records were replayed; say so once."""
+        reader = self._reader
+        if not getattr(reader, "truncated_tail", 0):
+            return
+        self.counters["capture_file_cut"] += 1
+        self.counters["offline_bytes_read"] += reader.truncated_bytes  # type: ignore[union-attr]
+        log.warning(
+            "%s: cut inside its last record at byte offset %d (%d byte(s) of it present; "
+            "a capture that was stopped?): the %d whole record(s) before it are replayed",
+            self.paths[self._file_index],
+            reader.truncated_at,  # type: ignore[union-attr]
+            reader.truncated_bytes,  # type: ignore[union-attr]
+            reader.records,  # type: ignore[union-attr]
+        )
 
     def _advance(self, now: float) -> None:
         """Find the next replayable packet and its due time; mark exhaustion at the end."""
@@ -1055,16 +1103,14 @@ class PcapFileSource:
             try:
                 ts, wire_len, frame = next(self._iter)
             except StopIteration:
+                self._note_cut_tail()
                 self._iter = None
                 continue
             except DecodeError as exc:
-                # A file cut short mid-record: replay what came before, say so once.
-                self.counters["capture_file_error"] += 1
-                log.warning(
-                    "%s: %s; the rest of the file is skipped", self.paths[self._file_index], exc
-                )
-                self._iter = None
-                continue
+                # A record header that cannot be right: nothing after it can be trusted.
+                self._fail(f"{exc}; the replay stops there")
+                self.counters["offline_idle_gaps"] = self.pacer.idle_gaps
+                return
             self.counters["offline_records"] += 1
             self.counters["offline_bytes_read"] += PCAP_RECORD_HEADER_BYTES + len(frame)
             if len(frame) < wire_len:

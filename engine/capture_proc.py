@@ -121,6 +121,10 @@ def ring_slots(slot_bytes: int) -> int:
     return max(RING_SLOTS_MIN, RING_BYTES_PER_WORKER // slot_bytes)
 
 
+EXIT_INPUT_ERROR = 3
+"""The capture process's status when an offline input file is broken (it logged why)."""
+
+
 class CaptureProcess:
     """The capture loop.  `rings[i]` is worker i's ring (producer side).
 
@@ -158,6 +162,7 @@ class CaptureProcess:
         # shedding=False (tests of the full-ring path only): a gate that never sheds.
         self.gate = FlowGate(len(self.rings), counters=self.counters, enabled=shedding)
         self.exit_reason = ""
+        self.exit_code = 0
         # Offline backpressure (module docstring); off only in tests of the full-ring path.
         self.backpressure = backpressure
         self._paused_since: float | None = None
@@ -255,10 +260,22 @@ class CaptureProcess:
                 due = src.next_deadline()  # type: ignore[attr-defined]
                 if due is not None and due <= now:
                     self._read(src, now)
+            self._check_input_errors()
         self._log_ring_drops(self.clock(), final=True)
         self.flush()
         log.info("capture exits: %s", self.exit_reason)
-        return 0
+        return self.exit_code
+
+    def _check_input_errors(self) -> None:
+        """A file source that met a broken file (engine/capture.py PcapFileSource.error):
+        its one-line reason, then exit EXIT_INPUT_ERROR once what came before is in the
+        rings (the supervisor ends the replay with a non-zero status)."""
+        for src in self.sources:
+            error = getattr(src, "error", None)
+            if error and not self._stop:
+                log.error("%s", error)
+                self.exit_code = EXIT_INPUT_ERROR
+                self.stop("a broken input file")
 
     def _offline_paused(self, src: object, now: float) -> bool:
         """Backpressure for a file source (module docstring): True while it must wait."""

@@ -642,6 +642,24 @@ class ReplayConfig:
         section=_OFFL,
     )
     """-T: offline passes over the file(s)."""
+    offline_tail_s: float = option(
+        10.0,
+        long="--offline-tail",
+        parse=Number(0.0),
+        unit="s",
+        metavar="S",
+        help="after the input ends, close what sends nothing for S s (10)",
+        section=_OFFL,
+    )
+    """Offline: once the input has ended (the last file read and the worker's ring empty),
+    sessions still open get until no packet was sent for this long, then each is ended with
+    a RST to the target and counted (``ended_offline_end``) and the program exits with its
+    summary.  C waits a fixed 120 s (OFFLINE_TAIL_TIMEOUT).  After the end of the file a
+    session can only be waiting for the target (a held request goes after at most 3 s, a
+    SYN is retried within the 3 s handshake timeout, so a session still working sends at
+    least every 3 s and keeps the tail open) or for client packets that will never come
+    (a lone SYN, an idle keep-alive connection): 10 s without a packet sent is over three
+    of the longest waits of a working session, and waiting longer only delays the summary."""
     workers: int = option(
         1,
         long="--workers",

@@ -51,7 +51,7 @@ __all__ = [
     "TcpPacket", "TcpOptions", "DecodeError",
     "parse_ip", "build", "build_fields", "parse_options", "build_options", "set_timestamp", "split_mtu",
     "l2_offset", "ip_from_str", "ip_to_str", "checksum", "tcp_checksum",
-    "DLT_EN10MB", "DLT_RAW", "DLT_LINUX_SLL", "DLT_IPV4", "DLT_LINUX_SLL2",
+    "DLT_EN10MB", "DLT_RAW", "DLT_LINUX_SLL", "DLT_IPV4", "DLT_LINUX_SLL2", "LINKTYPES",
     "IP_HEADER", "TCP_HEADER", "IP_HEADER_BYTES", "TCP_HEADER_BYTES", "TCP_OPTIONS_MAX_BYTES",
     "IPPROTO_TCP", "TS_OPTION_BYTES",
 ]  # fmt: skip
@@ -63,6 +63,16 @@ DLT_RAW = 101  # LINKTYPE_RAW in pcap files (12/14 on some systems' DLT values, 
 DLT_LINUX_SLL = 113
 DLT_IPV4 = 228
 DLT_LINUX_SLL2 = 276  # what `tcpdump -i any` writes with libpcap >= 1.10
+LINKTYPES = {
+    DLT_EN10MB: "EN10MB",
+    DLT_LINUX_SLL: "LINUX_SLL",
+    DLT_LINUX_SLL2: "LINUX_SLL2",
+    DLT_RAW: "RAW",
+    12: "RAW",
+    14: "RAW",
+    DLT_IPV4: "IPV4",
+}
+"""The pcap link types ``l2_offset`` reads (a file of any other type is refused at start)."""
 
 # -- headers as data ---------------------------------------------------------------------
 

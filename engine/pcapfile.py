@@ -8,7 +8,10 @@ different format: we refuse them with a one-line error that says how to convert.
 
 Every defect is a ``DecodeError`` naming the byte offset, never a traceback.  A record cut
 off by the end of the file (a capture that was killed) ends the iteration after counting
-it in ``truncated_tail``, because everything before it is still good data.
+it in ``truncated_tail`` (its offset in ``truncated_at``, its bytes in ``truncated_bytes``),
+because everything before it is still good data.  A record header that cannot be right
+(a length above libpcap's bound, a sub-second field of a second or more) raises: the rest
+of the file cannot be trusted, and the offline source stops the replay there.
 """
 
 from __future__ import annotations
@@ -72,6 +75,8 @@ class PcapReader:
         self.nanosecond = self.ticks_per_s == 1_000_000_000
         self.records = 0
         self.truncated_tail = 0
+        self.truncated_at = 0
+        self.truncated_bytes = 0
         self._offset = PCAP_GLOBAL_HEADER_BYTES
 
     def __iter__(self) -> Iterator[tuple[float, int, bytes]]:
@@ -83,7 +88,7 @@ class PcapReader:
             if not head:
                 return
             if len(head) < PCAP_RECORD_HEADER_BYTES:
-                self.truncated_tail += 1
+                self._cut(len(head))
                 return
             sec, frac, caplen, wire_len = rec.unpack(head)
             if caplen > PCAP_MAX_RECORD_BYTES or frac >= ticks:
@@ -93,11 +98,21 @@ class PcapReader:
                 )
             frame = read(caplen)
             if len(frame) < caplen:
-                self.truncated_tail += 1
+                self._cut(PCAP_RECORD_HEADER_BYTES + len(frame))
                 return
             self._offset += PCAP_RECORD_HEADER_BYTES + caplen
             self.records += 1
             yield sec + frac / ticks, max(wire_len, caplen), frame
+
+    @property
+    def offset(self) -> int:
+        """Byte offset of the next record header (the end of the last whole record)."""
+        return self._offset
+
+    def _cut(self, got: int) -> None:
+        self.truncated_tail += 1
+        self.truncated_at = self._offset
+        self.truncated_bytes = got
 
 
 def open_pcap(path: str) -> PcapReader:

@@ -1002,6 +1002,42 @@ class TcpSession:
         self._gap_held = False
         self._gap_at = None
 
+    @property
+    def half_open(self) -> bool:
+        """The client sent its SYN and nothing after it: no handshake ACK, no data, no FIN
+        or RST (what a SYN flood's sessions look like; engine/shard.py shed_half_open)."""
+        return (
+            self.state < _LINGER
+            and self._syn_pkt is not None
+            and self._third_pkt is None
+            and self._cap_end <= 1
+            and not self._pending
+            and self._fin_seg is None
+            and self._rst_seg is None
+        )
+
+    def shed_half_open(self, now: float) -> None:
+        """Memory pressure: give this half-open session up (a RST frees the target's side
+        if it answered), counted as ``ended_shed_half_open``."""
+        if self.state >= _LINGER:
+            return
+        has_conn = self.state is _ESTABLISHED or self.state is _FIN_WAIT
+        self._end(Outcome.SHED_HALF_OPEN, now, rst_off=self._snd_nxt if has_conn else None)
+        # No linger: its memory is what is short.  A late SYN-ACK finds no session and is
+        # dropped (unknown response); the target gives its half-open side up by itself.
+        self._linger_at = now
+
+    def end_input(self, now: float) -> bool:
+        """The input ended for good (an offline replay after its tail, engine/worker.py):
+        end the session now, RST the target's side if a connection exists, count it as
+        ``ended_offline_end``.  False when it had already ended."""
+        st = self.state
+        if st >= _LINGER:
+            return False
+        has_conn = st is _ESTABLISHED or st is _FIN_WAIT
+        self._end(Outcome.OFFLINE_END, now, rst_off=self._snd_nxt if has_conn else None)
+        return True
+
     def _internal_error(self, now: float) -> None:
         self._drop(DropReason.INTERNAL_ERROR)
         if self.state < _LINGER:

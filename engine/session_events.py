@@ -72,6 +72,8 @@ class Outcome(enum.StrEnum):
     IDLE = "idle"  # -k: idle keepalive session
     FIN_WAIT_TIMEOUT = "fin_wait_timeout"
     ABORTED = "aborted"  # internal error
+    OFFLINE_END = "offline_end"  # still open when an offline replay's input and tail ended
+    SHED_HALF_OPEN = "shed_half_open"  # memory pressure: the client sent only its SYN
 
 
 OBSOLETE_OUTCOMES = frozenset(

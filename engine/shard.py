@@ -34,6 +34,22 @@ Timers: a heap of (deadline, seq, entry) with lazy invalidation.  An entry recor
 deadline it is scheduled at; a new heap item is pushed only when the session's deadline moved
 *earlier*, so a session whose idle deadline moves later on every packet does not flood the
 heap: its old item fires early, the session finds nothing due, and it is rescheduled.
+An item outlives its session when the session ends before the item's deadline (an idle
+deadline lies minutes ahead), and it holds the whole session until then: after a SYN flood
+ended 100 k sessions, their ~4 KB each stayed for -k (720 s).  So when the heap holds more
+than twice the table plus HEAP_SLACK items, the dead ones are dropped in one O(n) pass
+(amortised O(1) per removal).
+
+Shedding under memory pressure (``shed_half_open``, called by the worker while the
+watchdog's flag is up): sessions whose client sent its SYN and nothing after it (no
+handshake ACK, no data) for HALF_OPEN_SHED_AGE_S are the ones a SYN flood leaves; they are
+ended first, those the target never answered before the others, and counted as
+``ended_shed_half_open``.  While ``refuse_new`` is set (the worker sets it from the
+watchdog's flag), a packet that would start a session does not: it is counted in
+``shed_sessions_memory`` and its flow is remembered (``_refused``) so that every later
+packet of it is dropped too (``drop_shed``) until its FIN/RST or SHED_IDLE_S: the SYNs the
+capture queued in the ring before it began shedding become no session, and none of them
+becomes half a session later (engine/shed.py keeps the same rule at the capture).
 Sessions touched by an input are queued once (``_touched``) and handled by ``drain``, which
 is O(touched).
 """
@@ -44,7 +60,7 @@ import heapq
 from collections import Counter
 
 from engine.config import SessionConfig
-from engine.packet import ACK, SYN, TcpPacket
+from engine.packet import ACK, FIN, RST, SYN, TcpPacket
 from engine.rewrite import (
     LOCALHOST_IP,
     TransferEntry,
@@ -71,10 +87,12 @@ _DROP_SESSION_LIMIT = drop_key(DropReason.SESSION_LIMIT)
 _DROP_NO_TUPLE = drop_key(DropReason.NO_TUPLE)
 _DROP_CLIENT_SYN_ACK = drop_key(DropReason.CLIENT_SYN_ACK)
 _DROP_UNKNOWN_RESPONSE = drop_key(DropReason.UNKNOWN_RESPONSE)
+_DROP_SHED = "drop_shed"  # metrics.counters DROP_EXTRA_REASONS: shed under overload
 
 # Enum members read as attributes of the class cost a descriptor lookup each (~0.3 us on
 # Python 3.11, more than the rest of a state test); the hot paths compare module globals.
 _LINGER, _FINISHED = State.LINGER, State.FINISHED
+_SYN_SENT = State.SYN_SENT
 
 
 LOSS_RECENT_S = 1.0
@@ -83,6 +101,15 @@ is taken for that loss (TcpSession.expedite_gap)."""
 LOSS_GAP_WAIT_S = 0.01
 """How long such a hole is still waited for: a grace for a reordered packet that happens to
 coincide with a ring loss (the capture hands packets over in the order it saw them)."""
+
+REFUSED_IDLE_S = 60.0
+"""A refused flow is forgotten after this long without a packet (engine/shed.py SHED_IDLE_S)."""
+HEAP_SLACK = 4096
+"""Dead timer items tolerated beyond twice the sessions before the heap is compacted."""
+HALF_OPEN_SHED_AGE_S = 1.0
+"""Under memory pressure a session whose client sent only its SYN for this long is given
+up: a real client's handshake ACK follows its SYN within one round trip to the online
+server."""
 
 Key4 = tuple[int, int, int, int]
 """A 4-tuple key (ip_a, port_a, ip_b, port_b): building and hashing a tuple of four small
@@ -126,6 +153,8 @@ class SessionTable:
         self._ramp_done = not config.gradual
         self._route_down = False
         self._loss_at: float | None = None  # the capture's last reported ring loss
+        self.refuse_new = False  # memory pressure: new flows are refused (docstring)
+        self._refused: dict[Key4, float] = {}
 
     # -- properties ---------------------------------------------------------------------------
 
@@ -172,6 +201,51 @@ class SessionTable:
                 e.touched = True
                 touched.append(e)
 
+    def end_input(self, now: float) -> int:
+        """The input ended for good: end every session still open (TcpSession.end_input);
+        the next drain sends their RSTs.  Returns how many were ended."""
+        self._now = now
+        ended = 0
+        touched = self._touched
+        for e in list(self._by_resp.values()):
+            if e.session.end_input(now):
+                ended += 1
+                if not e.touched:
+                    e.touched = True
+                    touched.append(e)
+        return ended
+
+    def shed_half_open(self, now: float, limit: int | None = None) -> int:
+        """Memory pressure: end the sessions whose client sent only its SYN at least
+        HALF_OPEN_SHED_AGE_S ago, those with no SYN-ACK from the target first; at most
+        ``limit`` of them.  Returns how many were ended (``ended_shed_half_open``)."""
+        self._now = now
+        cutoff = now - HALF_OPEN_SHED_AGE_S
+        unanswered: list[_Entry] = []
+        answered: list[_Entry] = []
+        for e in self._by_resp.values():
+            s = e.session
+            if s.created_at <= cutoff and s.half_open:
+                (answered if s.state > _SYN_SENT else unanswered).append(e)
+        victims = unanswered + answered
+        if limit is not None:
+            victims = victims[:limit]
+        touched = self._touched
+        for e in victims:
+            e.session.shed_half_open(now)
+            if not e.touched:
+                e.touched = True
+                touched.append(e)
+        return len(victims)
+
+    def forget_ended(self, now: float) -> None:
+        """Drop the ended sessions still lingering (their one remaining job, answering stray
+        responses with a RST, ends with the program): ``active`` then counts none."""
+        self._now = now
+        for e in list(self._by_resp.values()):
+            if e.session.state >= _LINGER and not e.gone:
+                self._remove(e, now)
+
     def note_capture_loss(self, now: float) -> None:
         """The capture's ring for this worker was full and dropped packets (a ring read
         held a packet marked so): holes that sessions find in the next LOSS_RECENT_S are
@@ -186,6 +260,8 @@ class SessionTable:
         fkey = (pkt.src, pkt.sport, pkt.dst, pkt.dport)
         flow = self._flows.get(fkey)
         flags = pkt.flags
+        if self._refused and fkey in self._refused and self._still_refused(fkey, flags, now):
+            return
         if flags & SYN:
             if flags & ACK:
                 c[_DROP_CLIENT_SYN_ACK] += 1
@@ -229,7 +305,33 @@ class SessionTable:
             if not self.config.fake_handshake:
                 c[_DROP_NO_SYN] += 1  # -O
                 return
+        if self.refuse_new:
+            c["shed_sessions_memory"] += 1
+            c[_DROP_SHED] += 1
+            if not flags & (FIN | RST):
+                self._refused[fkey] = now
+            return
         self._new_flow(fkey, pkt, now, entry)
+
+    def _still_refused(self, fkey: Key4, flags: int, now: float) -> bool:
+        """A packet of a refused flow: dropped (True) until the flow ends or goes idle; a
+        SYN once refusing stopped begins a new, whole session (False)."""
+        if now - self._refused[fkey] > REFUSED_IDLE_S or (flags & SYN and not self.refuse_new):
+            del self._refused[fkey]
+            return False
+        self.counters[_DROP_SHED] += 1
+        if flags & (FIN | RST):
+            del self._refused[fkey]
+        else:
+            self._refused[fkey] = now
+        return True
+
+    def expire_refused(self, now: float) -> None:
+        """Forget refused flows idle for REFUSED_IDLE_S (the worker calls it now and then)."""
+        cutoff = now - REFUSED_IDLE_S
+        stale = [k for k, t in self._refused.items() if t < cutoff]
+        for k in stale:
+            del self._refused[k]
 
     def _new_flow(
         self, fkey: Key4, pkt: TcpPacket, now: float, entry: TransferEntry | None
@@ -423,6 +525,11 @@ class SessionTable:
 
     def _remove(self, e: _Entry, now: float) -> None:
         e.gone = True
+        heap = self._heap
+        if len(heap) > 2 * len(self._by_resp) + HEAP_SLACK:
+            # In place: handle_timer and get_timer may hold the list (module docstring).
+            heap[:] = [item for item in heap if item[2].sched == item[0] and not item[2].gone]
+            heapq.heapify(heap)
         c = self.counters
         c["rel"] += 1
         c["tw"] -= 1

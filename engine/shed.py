@@ -55,6 +55,11 @@ absorb sheds nothing (75 % shed sessions of a redis-benchmark flood that fit); t
 10 % (819 slots of the default ring) take the packets of the sessions admitted already."""
 SHED_RING_LOW = 0.5
 """Ring fill below which it admits new sessions again."""
+SHED_FLOWS_MAX = 65_536
+"""Shed flows remembered at most (~10 MB).  A SYN flood makes every SYN a shed flow, and
+remembering each for SHED_IDLE_S grew the capture by ~14 MB per 70 k SYNs while memory was
+what was short; past this bound a shed flow is counted and dropped but not remembered, so
+a later packet of it is judged afresh (shed again while its worker sheds)."""
 SHED_IDLE_S = 60.0
 """A known or shed flow is forgotten after this long without a packet (C's session idle)."""
 EXPIRE_INTERVAL_S = 1.0
@@ -209,7 +214,8 @@ class FlowGate:
                 keep[i] = False
                 c["drop_shed"] += 1
                 if not end:
-                    shed[key] = now
+                    if len(shed) < SHED_FLOWS_MAX:
+                        shed[key] = now
                     c["shed_sessions_" + _REASON_NAME[state]] += 1
         return keep
 

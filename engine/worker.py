@@ -17,6 +17,13 @@ requests, so they leave before the capture batch is even parsed), and after the 
 batches and timers.  A drain announces its routes first (CLIENT_ADD to every intercept, spec
 §1.2: before the SYN they announce; one write per connection), then sends its packets in one
 raw sendmmsg batch (engine/send.py).
+Offline tail: once every source is exhausted (an offline replay's input ended), the loop
+stops when the table is empty, or when no session sent a packet for ``offline_tail_s``
+(ReplayConfig explains the 10 s default): the sessions still open (a lone SYN, an idle
+keep-alive connection: they wait for client packets that will never come) are then ended
+with a RST, counted as ``ended_offline_end`` and logged in one line, so a replay always
+ends with its summary.
+
 `now` is time.monotonic() read once per wake-up.  Nothing here decides TCP behaviour; that
 is the pure core's job, which this loop only feeds and drains.
 
@@ -115,6 +122,11 @@ class Worker:
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self.started_at = 0.0
+        # Offline tail (ReplayConfig.offline_tail_s): once every source is exhausted, the
+        # time by which open sessions must have sent something, and the send count then.
+        self._tail_at: float | None = None
+        self._tail_sent = -1
+        self._input_error = False
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -186,6 +198,7 @@ class Worker:
                     self.channels.get_timer(),
                     next_stats,
                     next_memory,
+                    self._tail_at,
                     *(src.next_deadline() for src in self.sources),
                 )
                 if d is not None
@@ -227,8 +240,11 @@ class Worker:
             if now >= next_memory:
                 next_memory = now + MEMORY_CHECK_INTERVAL_S
                 self._check_memory()
-            if self._offline_done():
-                self.stop("offline replay is complete")
+            if self._offline_done(now):
+                if self._input_error:  # single-process engine: a file source's error
+                    self.stop("a broken input file; the replay is incomplete", 1)
+                else:
+                    self.stop("offline replay is complete")
         self.log_stats(self.clock(), final=True)
         log.info("tcpcopy-mp exits: %s", self.exit_reason)
         return self.exit_code
@@ -270,10 +286,37 @@ class Worker:
                 STARTUP_CONNECT_WAIT_S,
             )
 
-    def _offline_done(self) -> bool:
+    def _offline_done(self, now: float) -> bool:
+        """The input ended and every session finished, or the tail ran out (module
+        docstring, "Offline tail"): then the sessions still open are ended and counted."""
         if not self.sources or not all(getattr(s, "exhausted", False) for s in self.sources):
             return False
-        return self.table.active == 0
+        for src in self.sources:
+            error = getattr(src, "error", None)
+            if error and not self._input_error:
+                self._input_error = True
+                log.error("%s", error)
+        table = self.table
+        if table.active == 0:  # type: ignore[attr-defined]
+            return True
+        sent = table.counters.get("send", 0)  # type: ignore[attr-defined]
+        if sent != self._tail_sent:  # a session still works: the tail starts again
+            self._tail_sent = sent
+            self._tail_at = now + self.cfg.offline_tail_s
+        if self._tail_at is None or now < self._tail_at:
+            return False
+        ended = table.end_input(now)  # type: ignore[attr-defined]
+        self._flush(now)  # their RSTs free the target's side
+        table.forget_ended(now)  # type: ignore[attr-defined]
+        if ended:
+            log.warning(
+                "offline input ended and nothing was sent for %.0f s (--offline-tail): "
+                "%d session%s still open closed (ended_offline_end)",
+                self.cfg.offline_tail_s,
+                ended,
+                "" if ended == 1 else "s",
+            )
+        return True
 
     # -- data path --------------------------------------------------------------------------
 

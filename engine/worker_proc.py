@@ -18,8 +18,21 @@ Every ``read_batch`` (so at least every RING_IDLE_POLL_S) also calls ``tick(now)
 ``WorkerProcess`` uses it to write its heartbeat and to flush its counters into its row of
 the shared CounterBlock every COUNTER_FLUSH_INTERVAL_S.  The watchdog's "shed" flag is the
 capture process's to follow (engine/shed.py): it sheds whole sessions before they reach a
-ring, where a worker refusing its flows would cut sessions already admitted.  The row's ``active`` gauge is what the supervisor counts as lost
-if this process dies.  The stats line is the supervisor's job, so ``log_stats`` only flushes.
+ring, where a worker refusing its flows would cut sessions already admitted.  A worker
+follows it in two ways: while it is up, the SYNs already in its ring start no session
+(engine/shard.py ``refuse_new``: the capture took them in before it began shedding, and at
+10 k SYNs/s a full ring is 8 k sessions, ~32 MB), and every SHED_SWEEP_INTERVAL_S it gives
+up its half-open sessions (the client sent a SYN and nothing after it: what a SYN flood
+leaves, ``shed_half_open``), which are the memory a flood holds.  The row's
+``active`` gauge is what the supervisor counts as lost if this process dies.  The stats
+line is the supervisor's job, so ``log_stats`` only flushes.
+
+Memory given back.  Ended sessions are freed by Python, but glibc keeps the freed heap
+(most of a session's ~4 KB) mapped, so a worker that held 100 k sessions stays that large
+after they are gone and the watchdog keeps seeing it.  When TRIM_AFTER_SESSIONS sessions
+left the table since the last time, ``malloc_trim(0)`` hands the free pages back (measured:
+470 -> 253 MB after 100 k sessions ended, the rest being their tuples' TIME_WAIT quarantine,
+which expires after 60 s); at most every TRIM_INTERVAL_S.
 """
 
 from __future__ import annotations
@@ -38,6 +51,12 @@ RING_BATCH_MAX_PACKETS = 1024
 """Packets taken from the ring per read_batch (timers and responses are not starved)."""
 COUNTER_FLUSH_INTERVAL_S = 0.2
 """How stale this worker's row (and so the supervisor's count of lost sessions) may get."""
+SHED_SWEEP_INTERVAL_S = 0.5
+"""While the watchdog sheds: how often the half-open sessions are given up."""
+TRIM_AFTER_SESSIONS = 1000
+"""Sessions removed from the table since the last trim that make the next one worth it."""
+TRIM_INTERVAL_S = 2.0
+"""malloc_trim at most this often (it walks the heap: milliseconds for hundreds of MB)."""
 
 
 class RingSource:
@@ -126,15 +145,51 @@ class WorkerProcess(Worker):
         self.row = counters.worker_row(index) if counters is not None else None  # type: ignore[attr-defined]
         self.slot = 1 + index
         self._next_flush = float("-inf")
+        self._next_shed_sweep = float("-inf")
+        self._shed_logged = False
+        self._next_trim = float("-inf")
+        self._released_at_trim = 0
+        self._trim = _malloc_trim()
         source.tick = self.tick
 
     def tick(self, now: float) -> None:
         control = self.control
         if control is not None:
             control.beat(self.slot, now)  # type: ignore[attr-defined]
+            shed = bool(control.shed)  # type: ignore[attr-defined]
+            self.table.refuse_new = shed  # type: ignore[attr-defined]
+            if now >= self._next_shed_sweep:
+                self._next_shed_sweep = now + SHED_SWEEP_INTERVAL_S
+                if shed:
+                    self._shed_half_open(now)
+                else:
+                    self._shed_logged = False
+                self.table.expire_refused(now)  # type: ignore[attr-defined]
         if now >= self._next_flush:
             self._next_flush = now + COUNTER_FLUSH_INTERVAL_S
             self.flush_counters()
+        if now >= self._next_trim:
+            released = self.table.counters["rel"]  # type: ignore[attr-defined]
+            if released - self._released_at_trim >= TRIM_AFTER_SESSIONS:
+                self._released_at_trim = released
+                self._next_trim = now + TRIM_INTERVAL_S
+                if self._trim is not None:
+                    self._trim(0)
+
+    def _shed_half_open(self, now: float) -> None:
+        table = self.table
+        ended = table.shed_half_open(now)  # type: ignore[attr-defined]
+        if not ended:
+            return
+        self._flush(now)  # their RSTs free the target's side, and they start to linger
+        if not self._shed_logged:
+            self._shed_logged = True
+            log.warning(
+                "memory above 90 %% of -m: %d half-open session%s (a SYN and nothing "
+                "after it) given up, and more while it lasts (ended_shed_half_open)",
+                ended,
+                "" if ended == 1 else "s",
+            )
 
     def flush_counters(self) -> None:
         if self.block is None:
@@ -160,3 +215,14 @@ class WorkerProcess(Worker):
 
 def _no_rss() -> int:
     return 0
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None (another libc: nothing to hand back this way)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        return libc.malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None

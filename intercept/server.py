@@ -40,6 +40,15 @@ so the refusal is not lost to a RST.  A channel that has not finished its handsh
 HANDSHAKE_TIMEOUT_S is closed, so an idle unauthenticated peer cannot hold a slot.  No record
 of a channel is acted on before its handshake succeeded.  Refusals are counted and logged at
 most once per peer address per AUTH_LOG_INTERVAL_S.
+
+Garbage from an accepted peer.  A record of an unknown type is counted
+(``client_records_bad``) and logged at most once per peer address per
+AUTH_LOG_INTERVAL_S, the line saying how many were not logged since: without a secret any
+peer can connect, and one line per bad record let a peer fill the target's disk.  A
+connection that sent BAD_RECORDS_MAX bad records is closed and counted
+(``channels_closed_bad_records``): a tcpcopy that speaks another protocol version has no use
+for it either, and its routes are forgotten with it.  Bytes that do not frame at all
+(``DecodeError``) close the connection at once, as before.
 """
 
 from __future__ import annotations
@@ -85,6 +94,9 @@ POLL_MAX_S = 0.5  # C's poll fallback (spec §2.3)
 HANDSHAKE_TIMEOUT_S = 5.0  # ours: C waits forever for the version record
 REFUSAL_LINGER_S = 1.0  # after a refusal: how long we wait for the peer's EOF
 AUTH_LOG_INTERVAL_S = 60.0  # refusals are logged once per peer address per interval
+BAD_RECORDS_MAX = 100
+"""Records of an unknown type one connection may send before it is closed (module
+docstring, "Garbage from an accepted peer")."""
 _SYN_RST = 0x02 | 0x04
 _RECORD_FLAGS_OFFSET = 20 + 13  # TCP is at offset 20 in a record (spec §1.3)
 
@@ -116,6 +128,8 @@ def new_counters() -> dict[str, int]:
         "compat_accepted": 0,  # compat (C-format) peers served
         "compat_refused": 0,  # compat peers refused: a secret is set, no --allow-compat
         "handshake_timeouts": 0,  # no complete handshake within HANDSHAKE_TIMEOUT_S
+        "client_records_bad": 0,  # records of an unknown type (rate-limited warning per peer)
+        "channels_closed_bad_records": 0,  # closed after BAD_RECORDS_MAX bad records
         "queue_dropped": 0,  # NFQUEUE: kernel queue_dropped + user_dropped (/proc)
         "queue_overruns": 0,  # NFQUEUE: ENOBUFS episodes on the netlink socket
         "capture_dropped": 0,  # pcap: reader thread backlog full
@@ -163,6 +177,7 @@ class Channel:
         "opened",
         "refused",
         "deadline",
+        "bad_records",
     )
 
     def __init__(
@@ -184,6 +199,7 @@ class Channel:
         self.opened = False  # handshake done: records are acted on
         self.refused = False  # refused: our side is shut, waiting for the peer's EOF
         self.deadline = deadline  # handshake (or refusal linger) deadline; None when open
+        self.bad_records = 0  # records of an unknown type (BAD_RECORDS_MAX closes it)
 
     @property
     def host(self) -> str:
@@ -586,7 +602,18 @@ class InterceptServer:
                     "CLIENT_DEL %s:%d from %s", ip_to_str(rec.client_ip), rec.client_port, ch.peer
                 )
             else:
-                log.warning("unknown msg type:%u from %s", rec.type, ch.peer)
+                c["client_records_bad"] += 1
+                ch.bad_records += 1
+                self._log_peer(ch, "bad_record", logging.WARNING,
+                               "unknown msg type:%u from %s", rec.type, ch.peer)  # fmt: skip
+                if ch.bad_records >= BAD_RECORDS_MAX:
+                    c["channels_closed_bad_records"] += 1
+                    self._log_peer(ch, "bad_close", logging.WARNING,
+                                   "tcpcopy connection %s sent %d records of an unknown type: "
+                                   "closed (channels_closed_bad_records)",
+                                   ch.peer, ch.bad_records)  # fmt: skip
+                    self._close_channel(ch, f"{ch.bad_records} bad records")
+                    return
 
     def _close_channel(self, ch: Channel, why: str) -> None:
         if ch.closed:

@@ -174,7 +174,8 @@ _SCHEMA: list[Slot] = [
         "capture_truncated",
         "capture_l2_error",
         "capture_l2_unsupported",
-        "capture_file_error",
+        "capture_file_error",  # a pcap file that stopped the replay (bad header, link type)
+        "capture_file_cut",  # a pcap file cut inside its last record: its whole records replayed
         "capture_errors",  # every capture_error_<name>
         "capture_pure_ack_dropped",  # pure ACKs the Python filter dropped (spec §3.3 step 8)
         "capture_filter_excluded",  # packets -F left out where it ran in Python (offline)

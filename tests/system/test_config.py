@@ -123,6 +123,7 @@ TCPCOPY_EXPECT: dict[str, Check] = {
     "accelerate": (lambda c: c.accelerate, lambda v, t: float(v)),
     "idle_threshold": (lambda c: c.idle_threshold_s, lambda v, t: v / 1000),
     "replays": (lambda c: c.replays, lambda v, t: v),
+    "offline_tail": (lambda c: c.offline_tail_s, lambda v, t: float(v)),
     "workers": (lambda c: c.workers, lambda v, t: v),
     "metrics": (lambda c: c.metrics, lambda v, t: _host_port(v)),
     "log": (lambda c: c.log_path, lambda v, t: v),

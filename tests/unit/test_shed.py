@@ -222,3 +222,18 @@ def test_array_decisions_equal_the_per_packet_loop_on_random_traffic():
         assert fast.known == ref.known and fast.shed == ref.shed
     assert fast.counters == ref.counters
     assert fast.counters["drop_shed"] > 0 and fast.counters["shed_sessions_ring_full"] > 0
+
+
+def test_shed_flows_remembered_are_bounded_the_rest_counted(monkeypatch):
+    """A SYN flood makes every SYN a shed flow: past SHED_FLOWS_MAX they are still counted
+    and dropped, but no longer remembered (memory is what is short)."""
+    from engine import shed
+
+    monkeypatch.setattr(shed, "SHED_FLOWS_MAX", 100)
+    gate = FlowGate(1)
+    gate.update([0.0], memory=True)
+    kept = feed(gate, [(key(1000 + i), SYN) for i in range(300)])
+    assert kept == []
+    assert len(gate.shed) == 100
+    assert gate.counters["shed_sessions_memory"] == 300
+    assert gate.counters["drop_shed"] == 300
