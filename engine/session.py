@@ -92,6 +92,7 @@ from engine.tcpseq import IP_ID_MASK, SEQ_HALF, SEQ_MASK, SEQ_SPACE
 from engine.tcpseq import TS_OPTION as _TS_OPTION
 from engine.tcpseq import Segment as _Seg
 from engine.tcpseq import after as _after
+from engine.tcpseq import ts_clock as _ts_clock
 from engine.tcpseq import tsval as _tsval
 from engine.tcpseq import with_payload as _with_payload
 
@@ -305,6 +306,20 @@ class TcpSession:
     def syn_seq(self) -> int | None:
         """The seq of the captured SYN, or None (mid-stream start)."""
         return None if self._syn_pkt is None else self._syn_pkt.seq
+
+    @property
+    def end_seq(self) -> int | None:
+        """The seq after the last one this session sent toward the target (its FIN
+        included), or None before any: what the target's TIME_WAIT holds as rcv_nxt at most
+        (rewrite.TupleAllocator.release)."""
+        if self._base is None:
+            return None
+        return self._seq(max(self._snd_nxt, self._snd_una))
+
+    @property
+    def ts_last(self) -> int | None:
+        """The last TSval sent on a connection that negotiated timestamps, else None."""
+        return self._ts_val if self._ts_ok else None
 
     def owns_syn(self, seq: int) -> bool:
         """Whether a captured SYN with ``seq`` belongs to this session's connection: its SYN
@@ -1016,10 +1031,19 @@ class TcpSession:
     def _seq(self, off: int) -> int:
         return (self._base + off) & SEQ_MASK  # type: ignore[operator]
 
+    def _ts_now(self) -> int:
+        """The TSval to send now: the shared TS clock, never below what was sent before on
+        this connection (PAWS at the target; engine/tcpseq.py, the TS clock)."""
+        v = self._ts_val
+        clock = _ts_clock(self._now)
+        if v is None or _after(clock, v):
+            v = self._ts_val = clock
+        return v
+
     def _faked_options(self) -> bytes:
         if not self._ts_ok:
             return b""
-        return _TS_OPTION.pack(1, 1, 8, 10, self._ts_val or 0, self._ts_recent)
+        return _TS_OPTION.pack(1, 1, 8, 10, self._ts_now(), self._ts_recent)
 
     def _emit(
         self,
@@ -1038,12 +1062,9 @@ class TcpSession:
             pkt = seg.pkt
             opts = pkt.options if options is None else options
             if self._ts_ok and seg.tsval is not None:
-                # TSval monotonic (PAWS at the target), TSecr = the target's latest TSval.
-                v = self._ts_val
-                if v is None or not _after(v, seg.tsval):
-                    v = seg.tsval
-                self._ts_val = v
-                opts = set_timestamp(opts, v, self._ts_recent)
+                # TSval from our TS clock (monotonic: PAWS at the target; shared: RFC 6191
+                # reuse of the tuple later), TSecr = the target's latest TSval.
+                opts = set_timestamp(opts, self._ts_now(), self._ts_recent)
             # A captured zero window (the online client's buffer was full) is not ours to
             # repeat: we consume every response at once, and a 0 would stall the target.
             window = FAKED_WINDOW if self._fake_wnd else (pkt.window or FAKED_WINDOW)
@@ -1121,8 +1142,14 @@ class TcpSession:
             ws = opts.wscale if opts is not None else None
             self._syn_wscale = WSCALE_MAX if ws is not None and ws > WSCALE_MAX else ws
             self._rcv_mss = (opts.mss if opts is not None else None) or DEFAULT_MSS
+            syn_options = syn.options
             if self._syn_ts:
-                self._ts_val = opts.timestamp[0]  # type: ignore[union-attr,index]
+                # Our TS clock, not the captured TSval: newer than anything an earlier
+                # connection on this tuple sent, so a target still holding it in TIME_WAIT
+                # takes this SYN (RFC 6191; engine/tcpseq.py, the TS clock).
+                self._ts_val = None
+                self._now = now
+                syn_options = set_timestamp(syn_options, self._ts_now(), 0)
             self._iss = 0
             self._fake_wnd = False
             self._ip_id = syn.ip_id
@@ -1135,7 +1162,7 @@ class TcpSession:
                 0,
                 syn.flags & _SYN_FLAGS,
                 syn.window,
-                syn.options,
+                syn_options,
                 b"",
                 syn.ip_id,
                 syn.ttl,

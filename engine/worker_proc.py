@@ -135,6 +135,7 @@ class WorkerProcess(Worker):
         if now >= self._next_flush:
             self._next_flush = now + COUNTER_FLUSH_INTERVAL_S
             self.flush_counters()
+            self.warn_no_tuple(now)
 
     def flush_counters(self) -> None:
         if self.block is None:
@@ -156,6 +157,7 @@ class WorkerProcess(Worker):
     def log_stats(self, now: float, final: bool = False) -> None:
         # The supervisor logs the aggregated stats line; a worker only publishes its row.
         self.flush_counters()
+        self.warn_no_tuple(now)
 
 
 def _no_rss() -> int:
