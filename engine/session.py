@@ -278,8 +278,10 @@ class TcpSession:
         self._fin_wait_at: float | None = None
         self._linger_at: float | None = None
         self._graceful = False
-        # Control packets owed: (flags, seq, ack, options, captured segment or None).
-        self._ctl: list[tuple[int, int, int, bytes, _Seg | None]] = []
+        # Control packets owed: (flags, seq, ack, options, captured segment or None).  Options
+        # None: the faked ones, built when the packet is (its TSval must not be older than
+        # that of a packet sent in between: PAWS at the target).
+        self._ctl: list[tuple[int, int, int, bytes | None, _Seg | None]] = []
         self._events: deque[Event] = deque()
         self._route_down = False
 
@@ -416,7 +418,7 @@ class TcpSession:
         if self._unacked:
             self._retx_due = True
         else:  # an old seq: the target answers with an ACK carrying its current seq
-            probe = (ACK, self._seq(self._snd_una - 1), self._rcv_nxt, self._faked_options(), None)
+            probe = (ACK, self._seq(self._snd_una - 1), self._rcv_nxt, None, None)
             self._ctl.append(probe)
 
     # -- client side ------------------------------------------------------------------------
@@ -758,7 +760,7 @@ class TcpSession:
         self._rcv_nxt = fin_end
         c = self.counters
         c["resp fin"] += 1
-        ack_ctl = (ACK, self._seq(self._snd_nxt), fin_end, self._faked_options(), None)
+        ack_ctl = (ACK, self._seq(self._snd_nxt), fin_end, None, None)
         if self.state is _FIN_WAIT:
             self._ctl.append(ack_ctl)
             self._end(Outcome.CLOSED, now, graceful=True)
@@ -798,9 +800,7 @@ class TcpSession:
         if self._graceful and not pkt.data_len and not flags & SYN:
             if flags & FIN:
                 # Its FIN again (our ACK was lost): ACK it, as TIME_WAIT does.
-                self._ctl.append(
-                    (ACK, self._seq(self._snd_nxt), self._rcv_nxt, self._faked_options(), None)
-                )
+                self._ctl.append((ACK, self._seq(self._snd_nxt), self._rcv_nxt, None, None))
             return  # the ACK of our FIN: the expected end of a clean close
         self._queue_rst_for(pkt)
         self._drop(DropReason.STRAY_RESPONSE)

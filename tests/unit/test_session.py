@@ -1216,3 +1216,27 @@ def test_pending_segment_covered_by_an_earlier_one_is_skipped_at_send_time():
     out = link.respond(link.target.synack())
     assert [p.payload for p in out] == [b"", b"B" * 150]
     assert counters(link)["total cont retransmit"] == 1
+
+
+def test_tsval_never_goes_back_when_a_queued_ack_follows_a_newer_packet():
+    """The target's FIN and its retransmission arrive in one batch while the client's FIN
+    waits: our FIN (answering theirs) and the ACK of the retransmission leave in one drain,
+    and the ACK's TSval is taken when it is built, not when it was queued (an older TSval
+    after the FIN is dropped by the target's PAWS, in TIME_WAIT too)."""
+    c = Client(ts=100)
+    link = mk()
+    t = link.target
+    establish(link, c)
+    link.now = 0.010
+    link.client(c.data(REQ1))
+    link.now = 0.020
+    link.client(c.fin(read=0))  # captured before the response: waits for the gate
+    data, fin = t.send(100), t.fin()
+    for p in (data, fin, fin):  # the FIN's retransmission in the same batch
+        link.session.receive_response(p, 0.050)
+    link.now = 0.060  # the drain comes later (the worker read more input meanwhile)
+    out = link.flush()
+    assert [p.flags for p in out] == [FIN | ACK, ACK]
+    sent = [ts_of(s.pkt)[0] for s in link.log]
+    assert sent == sorted(sent)
+    assert sent[-2:] == [ts_clock(0.060)] * 2

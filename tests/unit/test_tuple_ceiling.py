@@ -264,6 +264,15 @@ def test_table_reopens_time_wait_tuples_the_target_accepts(client_ts, target_ts)
         model.close(key, tl.now, t.rcv_nxt, t.ts_recent if target_ts and client_ts else None)
     tl.now += 1.0
     tl.run(tl.now)
+    # Per tuple, across its connections, our TSvals never go back (PAWS, also in TIME_WAIT).
+    # (A target without timestamps ignores the TS options of the captured segments.)
+    last: dict[tuple, int] = {}
+    for sent in tl.log if target_ts else ():
+        ts = packet.parse_options(sent.pkt.options).timestamp if sent.pkt.options else None
+        if ts is not None:
+            key = (sent.pkt.src, sent.pkt.sport)
+            assert not after(last.get(key, ts[0]), ts[0]), (key, last[key], ts[0])
+            last[key] = ts[0]
     c = tl.table.counters
     assert c["drop_no_tuple"] == 0
     assert c["tuples_reused"] >= n - 32 - 10
