@@ -10,7 +10,9 @@ ports, so after ~32 s the replay needs more than the target's TIME_WAIT leaves f
 * with a 254-address pool (``-c 198.19.1.x``) the connections spill onto other addresses;
 * with a single fake address the allocator reuses tuples the target holds in TIME_WAIT, and
   the target's own kernel decides (RFC 6191: the SYN's TSval is newer than the TIME_WAIT's);
-  its PAWS-in-TIME_WAIT counter (TcpExtPAWSTimewait) must stay at 0.
+  its PAWS-in-TIME_WAIT counter (TcpExtPAWSTimewait) must stay at 0;
+* the same with net.ipv4.tcp_timestamps=0 on the target: only a SYN whose seq is after the
+  old connection's end reopens a TIME_WAIT tuple, so the allocator picks such ports.
 
 Both must replicate >= 99 % of the online requests with no ``no_tuple`` drop.  The old
 allocator (a sticky address and a strict 60 s quarantine) replicated ~64.5 k connections per
@@ -101,9 +103,13 @@ def time_wait_from(tb: tbm.Testbed, role: str, net: str) -> int:
     return sum(1 for line in out.splitlines() if line.strip())
 
 
-def run_sustained(tb: tbm.Testbed, tmp_path: Path, pool: str, prefix: str) -> dict:
+def run_sustained(
+    tb: tbm.Testbed, tmp_path: Path, pool: str, prefix: str, target_timestamps: bool = True
+) -> dict:
     """The load, the replication and tcpcopy-mp's summary; asserts the replication."""
     tb.tcpcopy_workers = WORKERS
+    if not target_timestamps:
+        tb.run("target", "sysctl", "-qw", "net.ipv4.tcp_timestamps=0")
     tb.set_mode(tbm.ADVANCED)
     tb.start_intercept(summary=tmp_path / "intercept-summary.json")
     summary_path = tmp_path / "tcpcopy-summary.json"
@@ -187,3 +193,13 @@ def test_sustained_short_connections_on_one_fake_address_reuse_time_wait(
     assert summary["tuples_reused"] > 10_000
     addrs = {r.remote_addr for r in tbm.with_prefix(testbed.access_log("target"), "/reuse/")}
     assert addrs == {"198.19.1.7"}
+
+
+@pytest.mark.timeout(300)
+def test_one_fake_address_and_a_target_without_timestamps_reuse_by_sequence_number(
+    testbed: tbm.Testbed, tmp_path: Path
+) -> None:
+    """net.ipv4.tcp_timestamps=0 on the target: its TIME_WAIT takes a SYN only when its seq is
+    after the old connection's end, so only such ports are reused (about one in two)."""
+    summary = run_sustained(testbed, tmp_path, "198.19.1.7", "plain", target_timestamps=False)
+    assert summary["tuples_reused"] > 10_000
