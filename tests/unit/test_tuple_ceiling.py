@@ -278,3 +278,41 @@ def test_table_reopens_time_wait_tuples_the_target_accepts(client_ts, target_ts)
     assert c["tuples_reused"] >= n - 32 - 10
     assert model.reopened == c["tuples_reused"]
     assert c["conns"] == n
+
+
+# -- loud when it still happens ------------------------------------------------------------------
+
+
+def test_stats_line_shows_no_tuple_spilled_and_reused():
+    from engine.worker import stats_lines
+
+    lines = stats_lines({"drop_no_tuple": 3, "tuples_spilled": 5, "tuples_reused": 2})
+    assert "no tuple:3,tuples spilled:5,tuples reused:2" in lines
+
+
+def test_no_tuple_is_logged_rate_limited_with_the_fix(caplog):
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from engine.logs import LOGGER_NAME, RateLimiter
+    from engine.worker import NO_TUPLE_LOG_INTERVAL_S, Worker
+
+    counters: Counter = Counter()
+    w = SimpleNamespace(
+        table=SimpleNamespace(counters=counters),
+        cfg=SimpleNamespace(session=SessionConfig(client_pool=ONE)),
+        _no_tuple_seen=0,
+        _no_tuple_log=RateLimiter(NO_TUPLE_LOG_INTERVAL_S),
+    )
+    caplog.set_level("WARNING", logger=LOGGER_NAME)
+    Worker.warn_no_tuple(w, 0.0)  # nothing refused: nothing said
+    counters["drop_no_tuple"] = 4
+    Worker.warn_no_tuple(w, 1.0)
+    counters["drop_no_tuple"] = 9
+    Worker.warn_no_tuple(w, 2.0)  # within the interval: swallowed
+    Worker.warn_no_tuple(w, 1.0 + NO_TUPLE_LOG_INTERVAL_S)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert len(msgs) == 2
+    assert msgs[0].startswith("4 new connection(s) refused (no_tuple, 4 in all)")
+    assert "larger pool" in msgs[0] and "on all 1 -c address(es)" in msgs[0]
+    assert msgs[1].startswith("5 new connection(s) refused (no_tuple, 9 in all)")
