@@ -605,9 +605,11 @@ class TupleAllocator:
                     return self._claimed(ip, port, target_ip, target_port)
         if syn is not None and not self.strict:
             for ip in (client_ip, *fallback_ips, *spill):
-                port = self._reuse(ip, target_ip, target_port, syn, now)
-                if port is not None:
-                    self.stats["reused"] += 1
+                got = self._reuse(ip, target_ip, target_port, syn, now, busy)
+                if got is not None:
+                    port, reused = got
+                    if reused:
+                        self.stats["reused"] += 1
                     return self._claimed(ip, port, target_ip, target_port)
         self.stats["exhausted"] += 1
         return None
@@ -734,11 +736,18 @@ class TupleAllocator:
         return None
 
     def _reuse(
-        self, client_ip: int, target_ip: int, target_port: int, syn: SynInfo, now: float
-    ) -> int | None:
+        self,
+        client_ip: int,
+        target_ip: int,
+        target_port: int,
+        syn: SynInfo,
+        now: float,
+        busy: object | None = None,
+    ) -> tuple[int, bool] | None:
         """A quarantined tuple of client_ip the target's TIME_WAIT accepts ``syn`` on
-        (RFC 6191), now live; or None.  Walks the group's ports from its cursor, so the
-        tuples quarantined longest ago come first, at most REUSE_PROBES_MAX of them."""
+        (RFC 6191), now live, as (port, True); a free port met on the way as (port, False);
+        or None.  Walks the group's ports from its cursor, so the tuples quarantined longest
+        ago come first, at most REUSE_PROBES_MAX of them."""
         state, closed, history = self._state, self._closed, self.history
         ts_now = ts_clock(now) if syn.ts else None
         inherited = (
@@ -749,7 +758,7 @@ class TupleAllocator:
         )
         group = self._groups.get((client_ip, target_ip, target_port))
         if group is None:
-            if not inherited:
+            if busy is None:
                 return None  # nothing quarantined (and _claim found no free port: none)
             group = self._group_for((client_ip, 0, target_ip, target_port))
         since = self._clock - self.time_wait_s
@@ -759,6 +768,7 @@ class TupleAllocator:
             port = self._port_at(index)
             index = index + 1 if index + 1 < slots else 0
             key = (client_ip, port, target_ip, target_port)
+            reused = True
             if key in state:
                 rec = closed.get(key)
                 if rec is None:
@@ -770,18 +780,19 @@ class TupleAllocator:
                 ):
                     continue
                 del closed[key]
-            elif not (
-                inherited
+            elif busy is None or not busy(key):  # type: ignore[operator]
+                # Free after all: the claim's look is bounded while the history is asked.
+                reused = False
+                group.occupied += 1
+            elif inherited and history.reusable(key, since, now - 1.0 / TS_CLOCK_HZ):  # type: ignore[union-attr]
                 # The dead incarnation's tuple: reusable by the TS test alone, once the TS
                 # clock has moved past its release.
-                and history.reusable(key, since, now - 1.0 / TS_CLOCK_HZ)  # type: ignore[union-attr]
-            ):
-                continue
-            else:
                 group.occupied += 1
+            else:
+                continue
             state[key] = None
             group.cursor = index
-            return port
+            return port, reused
         return None
 
     def _expire(self, now: float) -> None:

@@ -217,6 +217,30 @@ def test_restarted_worker_reuses_the_dead_ones_tuples_by_timestamp_only():
         history.close()
 
 
+def test_after_a_restart_a_free_port_beyond_the_bounded_look_is_still_found():
+    class Held:
+        """A dead incarnation left ports 1024..1323 live (ESTABLISHED at the target)."""
+
+        inherited_until = 100.0
+
+        def busy(self, key, since):
+            return key[1] < 1324
+
+        def reusable(self, key, since, before):
+            return False
+
+        def record_live(self, key):
+            pass
+
+        def record_released(self, key, now, was_live, reusable=False):
+            pass
+
+    alloc = TupleAllocator(TW_S, history=Held(), pool=ONE)
+    got = alloc.allocate(ONE[0], 1024, TIP, TPORT, 1.0, syn=SynInfo(1, False))
+    assert got == (ONE[0], 1324)
+    assert alloc.stats["exhausted"] == 0 and alloc.stats["reused"] == 0
+
+
 # -- the whole table: sessions, their ends, the SYNs they send ----------------------------------
 
 XFER = (TransferEntry(ONLINE[0], ONLINE[1], TIP, TPORT),)
