@@ -37,6 +37,10 @@ Load shapes:
   with every = 64 - i: rule i takes 1/(64-i) of what rules 0..i-1 left, i.e. 1/64 of the
   total).  Conntrack's TIME_WAIT timeout there is cut to CONNTRACK_TIME_WAIT_S so the
   connection rate does not fill its table;
+- sustained short connections from one address: paced at 2 k conn/s for 80 s whatever
+  --duration says, longer than the target's 60 s TIME_WAIT, so a replicator that can use a
+  client tuple only once per TIME_WAIT (~64.5 k connections per minute and fake address)
+  shows it (issue 15: a 10 s run stays under that ceiling);
 - optional (``--scenarios``): short connections paced at 5 k / 10 k conn/s by the Lua
   ``delay()`` hook (a per-thread schedule of send slots on CLOCK_MONOTONIC via LuaJIT's ffi);
 - offline: the online side of a wrk run (keep-alive c10 from one address, or short
@@ -151,6 +155,8 @@ class Scenario:
     client_ips: int = 1
     close: bool = False
     """Connection: close (one request per connection)."""
+    duration_s: int = 0
+    """Seconds of load of a live run; 0 = the run's --duration."""
 
     def describe(self) -> str:
         addrs = "1 client address" if self.client_ips == 1 else f"{self.client_ips} addresses"
@@ -162,14 +168,16 @@ class Scenario:
         if self.kind == "keepalive":
             return f"keep-alive, {self.connections} conns, unpaced"
         rate = f"{self.rate_per_s // 1000} k/s offered" if self.rate_per_s else "unpaced"
-        return f"short conns, c{self.connections}, {rate}, {addrs}"
+        during = f", for {self.duration_s} s" if self.duration_s else ""
+        return f"short conns, c{self.connections}, {rate}, {addrs}{during}"
 
     def load(self) -> str:
         """The short 'load' column of the table."""
         if self.kind == "offline":
             return f"pcap -a {OFFLINE_ACCEL}"
         if self.rate_per_s:
-            return f"{self.rate_per_s // 1000} k/s x{self.client_ips} addr"
+            during = f", {self.duration_s} s" if self.duration_s else ""
+            return f"{self.rate_per_s // 1000} k/s x{self.client_ips} addr{during}"
         return (
             f"c{self.connections} x{self.client_ips} addr" if self.close else f"c{self.connections}"
         )
@@ -181,6 +189,7 @@ SCENARIOS = (
     Scenario("ka-c200", "keepalive", 200),
     Scenario("short-c10-1ip", "short", 10, 0, 1, close=True),
     Scenario("short-c10-64ip", "short", 10, 0, 64, close=True),
+    Scenario("sustained-2k-1ip", "short", 16, 2000, 1, close=True, duration_s=80),
     Scenario("offline-ka", "offline", 10, 0, 1, close=False),
     Scenario("offline-short", "offline", 10, 0, 64, close=True),
 )
@@ -539,6 +548,8 @@ OURS_SUMMARY_KEYS = (
     "reset",
     "retransmit",
     "worker_restarts",
+    "tuples_spilled",
+    "tuples_reused",
     "exit_reason",
     "workers",
 )
@@ -728,7 +739,8 @@ def run_live(ctx: Context, scenario: Scenario, rep: Replicator) -> dict[str, Any
     run = ctx.next_run()
     prefix = f"b{run:02d}"
     result = base_result(ctx, scenario, rep, run)
-    result["duration_s"] = ctx.duration_s
+    duration_s = scenario.duration_s or ctx.duration_s
+    result["duration_s"] = duration_s
     if rep.impl == OURS and rep.workers != 1 and not ctx.workers_flag:
         result["error"] = "tcpcopy-mp has no --workers flag yet"
         return result
@@ -744,7 +756,7 @@ def run_live(ctx: Context, scenario: Scenario, rep: Replicator) -> dict[str, Any
         if scenario.client_ips > 1:
             install_snat(tb)
             snat = True
-        script = wrk_script(ctx.workdir / f"wrk-{prefix}.lua", scenario, ctx.duration_s)
+        script = wrk_script(ctx.workdir / f"wrk-{prefix}.lua", scenario, duration_s)
         online = LogCounter(tb.nginx["online"].dir / "access.log", f" /{prefix}/")
         target = LogCounter(tb.nginx["target"].dir / "access.log", f" /{prefix}/")
         names = process_names(proc.pid)
@@ -752,8 +764,8 @@ def run_live(ctx: Context, scenario: Scenario, rep: Replicator) -> dict[str, Any
         t0 = time.monotonic()
         with MemSampler(proc.pid) as mem:
             wrk_proc = subprocess.run(
-                wrk_argv(tb, script, scenario, ctx.duration_s, prefix),
-                capture_output=True, text=True, timeout=ctx.duration_s + WRK_GRACE_S,
+                wrk_argv(tb, script, scenario, duration_s, prefix),
+                capture_output=True, text=True, timeout=duration_s + WRK_GRACE_S,
             )  # fmt: skip
             load_s = time.monotonic() - t0
             cpu_load_end = tree_cpu(proc.pid)
@@ -1239,7 +1251,8 @@ def markdown(report: dict[str, Any]) -> str:
         "both (intercept-mp, and C intercept 1.0 built `--traditional`, on NFQUEUE queue 0 on "
         "the target; C tcpcopy 1.0 live build: raw-socket capture, raw IP send; its offline "
         f"build `-i FILE -a {OFFLINE_ACCEL}` for the pcap rows). {report['duration_s']} s of "
-        "wrk load per live run; the offline rows replay a pcap of "
+        "wrk load per live run (a row whose load names its seconds: that long); the offline "
+        "rows replay a pcap of "
         f"{report['record_s']} s of the online side at -a {OFFLINE_ACCEL}. Load generator, "
         "both nginx, the replicator and the intercept share these CPUs.",
         "",

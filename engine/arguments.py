@@ -301,6 +301,7 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
         **({"rtt_initial_s": rtt_ms / 1000.0} if rtt_ms > 0 else {}),
         gradual=gradual,
         localhost_ip=localhost_ip,
+        strict_time_wait=bool(v.get("strict_time_wait", False)),
         worker_index=0,
         worker_count=1,
     )

@@ -301,11 +301,20 @@ class SessionConfig:
         long="--clients",
         parse=Text("IPv4 list, `x` = 1..254", "list"),
         metavar="LIST",
-        help="fake client addresses, e.g. 198.19.1.x",
+        help="fake client addresses, e.g. 198.19.1.x; a client address whose own fake "
+        "address has no free port spills onto the next ones (the target then sees that "
+        "client as several addresses)",
         section=_REPL,
         shown_default="captured address",
     )
-    """-c: fake client addresses (ints); empty = keep the captured client address."""
+    """-c: fake client addresses (ints); empty = keep the captured client address.  Each
+    captured client address stands in as one pool address (a fixed hash); when that address
+    has no free port toward the target (64,512 ports, each kept out of use for the target's
+    60 s TIME_WAIT after its connection: ~1,075 new connections/s), its connections spill onto
+    the next pool addresses, so the target then sees one client as several addresses
+    (counted as tuples_spilled).  With one address (or none), a port still in TIME_WAIT is
+    reused the way the target's kernel accepts it (RFC 6191; see strict_time_wait).  A pool
+    of N addresses sustains ~N x 1,075 new connections/s without reuse."""
     localhost_ip: int = option(
         0,
         short="-H",
@@ -452,7 +461,26 @@ class SessionConfig:
     response_wait_max_s: float = 3.0
     """A held request is released after this long even if its response never completed."""
     time_wait_s: float = 60.0
-    """A (client ip, port, target) tuple is not reused for this long after its session ends."""
+    """A (client ip, port, target) tuple is not reused for this long after its session ends
+    (unless the target's TIME_WAIT accepts the new SYN: see strict_time_wait)."""
+    strict_time_wait: bool = option(
+        False,
+        long="--strict-time-wait",
+        action="store_true",
+        help="never reuse a client port still in the target's TIME_WAIT (for targets "
+        "without RFC 6191)",
+        section=_REPL,
+    )
+    """--strict-time-wait: a (fake client ip, port) toward a target is never reused within
+    60 s of its last connection.  By default, when no free one is left (after spilling over
+    the -c pool), one is reused the way Linux accepts a SYN on a tuple in TIME_WAIT (RFC 6191,
+    tcp_timewait_state_process): the SYN carries a TS option whose TSval (our 1 kHz clock)
+    is newer than the old connection's, or, when the SYN has no TS option or the target
+    runs with net.ipv4.tcp_timestamps=0, its sequence number is after the old connection's
+    (we never change the captured seq numbers, so the port is chosen among those where that
+    holds, about one in two).  Set this for a target that refuses such SYNs (some
+    middleboxes and other kernels): connections beyond the ceiling are then refused and
+    counted as no_tuple."""
     worker_index: int = 0
     """This shard's index (for port allocation that never collides across workers)."""
     worker_count: int = 1

@@ -68,6 +68,10 @@ def final_summary(totals: Mapping[str, int]) -> dict[str, Any]:
         "sessions_shed": {k: v for k, v in shed.items() if v},
         # Offline backpressure: how much later than its schedule the file was replayed.
         "offline_slowed_s": round(int(totals.get("offline_paused_ms", 0)) / 1000, 3),
+        # Client tuples beyond a client's own fake address: spilled over the -c pool, or
+        # reused in the target's TIME_WAIT (RFC 6191).
+        "tuples_spilled": int(totals.get("tuples_spilled", 0)),
+        "tuples_reused": int(totals.get("tuples_reused", 0)),
     }
 
 
@@ -103,6 +107,12 @@ def summary_text(summary: Mapping[str, Any]) -> str:
             else ""
         )
         + f", requests sent {summary['requests_sent']}, fidelity {fidelity_text}, drops: {drops}"
+        + (
+            f", client tuples spilled {summary.get('tuples_spilled', 0)}"
+            f" reused {summary.get('tuples_reused', 0)}"
+            if summary.get("tuples_spilled") or summary.get("tuples_reused")
+            else ""
+        )
     )
 
 

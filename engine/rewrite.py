@@ -22,9 +22,11 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from engine import link
 from engine.errors import ConfigError
+from engine.tcpseq import TS_CLOCK_HZ, after, ts_clock
 
 __all__ = [
     "TransferEntry",
@@ -33,11 +35,13 @@ __all__ = [
     "targets_localhost",
     "parse_client_pool",
     "choose_client_ip",
+    "spill_order",
     "sample_keep",
     "gap",
     "shift_port",
     "replica_port",
     "TupleAllocator",
+    "SynInfo",
     "MAX_CLIENT_IPS",
     "PORT_MIN_UNPRIVILEGED",
     "PORT_MAX",
@@ -276,6 +280,21 @@ def choose_client_ip(orig_ip: int, pool: Sequence[int], salt: int = 0) -> int:
     return pool[_mix64(((salt & 0xFFFFFFFF) << 32) | (orig_ip & 0xFFFFFFFF)) % len(pool)]
 
 
+def spill_order(sticky_ip: int, pool: Sequence[int]) -> list[int]:
+    """The other pool addresses, in the order a connection of ``sticky_ip`` spills onto them
+    when ``sticky_ip`` has no free tuple: the addresses that follow it in the pool, wrapping.
+
+    A fixed function of the pool, so every worker (and every incarnation of it) spills a
+    client onto the same addresses; workers never collide on them because each owns its own
+    port class.  An address not in the pool (no -c) has nowhere to spill: [].
+    """
+    try:
+        i = pool.index(sticky_ip)
+    except ValueError:
+        return []
+    return [*pool[i + 1 :], *pool[:i]]
+
+
 # --------------------------------------------------------------------------------------------
 # -r sampling (spec §3.3 step 7)
 
@@ -367,16 +386,57 @@ def replica_port(orig_port: int, i: int, rand_shift: int) -> int:
 #   optional ``history`` (engine/tuple_history.py: shared memory that survives a SIGKILL) is
 #   told every claim and release; while its ``inherited_until`` lies ahead, a tuple it calls
 #   ``busy`` is skipped like a quarantined one (counted in ``stats["inherited_hits"]``).
+#
+# No tuple ceiling (sustained short connections from few client addresses).  One address has
+# ~64.5 k ports toward a target; with a 60 s quarantine that caps one client address at ~1 k
+# new connections/s however idle the rest of the -c pool is.  Two ways past it, in order:
+# * Spill: when the sticky address (``choose_client_ip``) has no free tuple, the next pool
+#   addresses (``spill_order``: a fixed order, so every worker spills a client the same way;
+#   each still keeps to its own port class) are tried for a free one.  The target then sees
+#   one client as several addresses (``stats["spilled"]``).
+# * Reuse (RFC 6191), unless ``strict``: a quarantined tuple is handed out again when the
+#   target's kernel will take the new SYN on its TIME_WAIT (Linux tcp_timewait_state_process):
+#   the SYN carries a TS option, the old connection had timestamps on (the target answered
+#   with TS) and the SYN's TSval (engine/tcpseq.ts_clock at ``now``) is after the last TSval
+#   the old connection sent; or, failing that (no TS in the SYN, or a target with
+#   net.ipv4.tcp_timestamps=0), the SYN's sequence number is after the old connection's last
+#   one.  Our sessions never translate seq numbers, so that second test is the captured
+#   ISN's luck (about one quarantined tuple in two passes it): the allocator looks for one
+#   that passes.  ``release`` records, per quarantined tuple, the old connection's end seq
+#   and last TSval (``_closed``); a tuple released without them is never reused.  After a
+#   worker restart the shared history stands in for that memory, for TS-bearing SYNs only
+#   (tuple_history.reusable: released by the dead incarnation, with timestamps, and not
+#   live when it died).  Reuse is the last resort after spilling (``stats["reused"]``).
+
+
+REUSE_PROBES_MAX = 256
+"""Quarantined tuples of one address looked at per reuse attempt.  The acceptance test passes
+for nearly every tuple (TS) or about one in two (seq): far fewer probes find one, and a bound
+keeps a refused SYN from walking 64 k ports."""
+
+
+CLAIM_BUSY_PROBES_MAX = 256
+"""Ports looked at per claim while the shared history is consulted (after a restart)."""
+
+
+class SynInfo(NamedTuple):
+    """What the target's TIME_WAIT will judge in a new connection's first SYN."""
+
+    seq: int
+    """The SYN's sequence number (the captured ISN, or first data seq - 1 for a faked SYN)."""
+    ts: bool
+    """Whether it carries a TS option (then with TSval ``ts_clock(now)``)."""
 
 
 class _Group:
     """Occupancy of one (client ip, target ip, target port) within this worker's ports."""
 
-    __slots__ = ("occupied", "cursor")
+    __slots__ = ("occupied", "cursor", "spill")
 
     def __init__(self) -> None:
         self.occupied = 0
         self.cursor = 0
+        self.spill = 0  # where in spill_order the last spill of this address succeeded
 
 
 class TupleAllocator:
@@ -386,11 +446,16 @@ class TupleAllocator:
     ``stats`` counts ``allocated``, ``collisions`` (the preferred tuple was live),
     ``quarantine_hits`` (it was in its time-wait quarantine), ``exhausted`` (no free port)
     and ``inherited_hits`` (ports skipped because ``history`` said a previous incarnation of
-    this worker may have left them in use at the target).
+    this worker may have left them in use at the target), ``spilled`` (given a free tuple of
+    another pool address than the sticky one) and ``reused`` (given a quarantined tuple the
+    target's TIME_WAIT accepts, RFC 6191).
 
-    ``history``: ``record_live(key)``, ``record_released(key, now, was_live)``,
-    ``busy(key, since) -> bool`` and the attribute ``inherited_until`` (float or None); keys
-    are (client ip, port, target ip, target port).
+    ``pool``: the -c addresses, for spilling (``spill_order``); ``strict``: never reuse a
+    quarantined tuple (targets that do not follow RFC 6191).
+
+    ``history``: ``record_live(key)``, ``record_released(key, now, was_live, reusable)``,
+    ``busy(key, since) -> bool``, ``reusable(key, since, before) -> bool`` and the attribute
+    ``inherited_until`` (float or None); keys are (client ip, port, target ip, target port).
     """
 
     def __init__(
@@ -399,6 +464,9 @@ class TupleAllocator:
         worker_index: int = 0,
         worker_count: int = 1,
         history: object | None = None,
+        *,
+        pool: Sequence[int] = (),
+        strict: bool = False,
     ) -> None:
         span = PORT_MAX - PORT_MIN_UNPRIVILEGED + 1
         if not 1 <= worker_count <= span:
@@ -416,14 +484,22 @@ class TupleAllocator:
         self._state: dict[tuple[int, int, int, int], float | None] = {}
         self._expiry: deque[tuple[float, tuple[int, int, int, int]]] = deque()
         self._groups: dict[tuple[int, int, int], _Group] = {}
+        # Quarantined tuples that may be reused: key -> (the old connection's end seq, its
+        # last TSval or None when it had no timestamps).
+        self._closed: dict[tuple[int, int, int, int], tuple[int, int | None]] = {}
         self._clock = float("-inf")
         self.history = history
+        self.pool = tuple(pool)
+        self.strict = strict
+        self._spill: dict[int, list[int]] = {}
         self.stats = {
             "allocated": 0,
             "collisions": 0,
             "quarantine_hits": 0,
             "exhausted": 0,
             "inherited_hits": 0,
+            "spilled": 0,
+            "reused": 0,
         }
 
     # -- public -------------------------------------------------------------------------------
@@ -477,12 +553,16 @@ class TupleAllocator:
         target_port: int,
         now: float,
         fallback_ips: Sequence[int] = (),
+        syn: SynInfo | None = None,
     ) -> tuple[int, int] | None:
-        """Claim a free tuple toward target_ip:target_port; returns (client_ip, port) or None.
+        """Claim a tuple toward target_ip:target_port; returns (client_ip, port) or None.
 
         The preferred port (moved into this worker's class) is tried first, then the other
-        ports of client_ip, then those of each ``fallback_ips`` address in turn.  None means
-        every tuple is live or quarantined.
+        ports of client_ip, then those of each ``fallback_ips`` address in turn, then those
+        of the pool addresses client_ip spills onto (``spill_order``).  If none is free and
+        ``syn`` says what the new connection's SYN carries, a quarantined tuple that the
+        target's TIME_WAIT accepts for that SYN is reused (not when ``strict``).  None means
+        every tuple is live, or quarantined and not reusable.
         """
         self._expire(now)
         if preferred_port < PORT_MIN_UNPRIVILEGED:
@@ -499,17 +579,59 @@ class TupleAllocator:
         for ip in (client_ip, *fallback_ips):
             port = self._claim(ip, start, target_ip, target_port, busy)
             if port is not None:
-                self.stats["allocated"] += 1
-                if self.history is not None:
-                    self.history.record_live((ip, port, target_ip, target_port))  # type: ignore[attr-defined]
-                return ip, port
+                return self._claimed(ip, port, target_ip, target_port)
+        spill = self._spill_ips(client_ip) if self.pool else ()
+        if spill:
+            # Start where this address last spilled successfully: the addresses before that
+            # were full then and mostly still are.
+            group = self._group_for((client_ip, 0, target_ip, target_port))
+            n = len(spill)
+            for k in range(n):
+                j = (group.spill + k) % n
+                ip = spill[j]
+                port = self._claim(ip, start, target_ip, target_port, busy)
+                if port is not None:
+                    group.spill = j
+                    self.stats["spilled"] += 1
+                    return self._claimed(ip, port, target_ip, target_port)
+        if syn is not None and not self.strict:
+            for ip in (client_ip, *fallback_ips, *spill):
+                got = self._reuse(ip, target_ip, target_port, syn, now, busy)
+                if got is not None:
+                    port, reused = got
+                    if reused:
+                        self.stats["reused"] += 1
+                    return self._claimed(ip, port, target_ip, target_port)
         self.stats["exhausted"] += 1
         return None
 
+    def _claimed(self, ip: int, port: int, target_ip: int, target_port: int) -> tuple[int, int]:
+        self.stats["allocated"] += 1
+        if self.history is not None:
+            self.history.record_live((ip, port, target_ip, target_port))  # type: ignore[attr-defined]
+        return ip, port
+
+    def _spill_ips(self, client_ip: int) -> list[int]:
+        spill = self._spill.get(client_ip)
+        if spill is None:
+            spill = self._spill[client_ip] = spill_order(client_ip, self.pool)
+        return spill
+
     def release(
-        self, client_ip: int, port: int, target_ip: int, target_port: int, now: float
+        self,
+        client_ip: int,
+        port: int,
+        target_ip: int,
+        target_port: int,
+        now: float,
+        end_seq: int | None = None,
+        ts_last: int | None = None,
     ) -> None:
         """The flow on this tuple ended: quarantine the tuple for ``time_wait_s``.
+
+        ``end_seq``: the seq after the last one the flow sent (FIN included), None if
+        unknown; ``ts_last``: the last TSval it sent, None if it had no timestamps.  With
+        either, the tuple may be reused before its quarantine ends (RFC 6191, see above).
 
         Releasing a tuple that was never allocated quarantines it too (the target has seen it);
         releasing a quarantined tuple restarts its quarantine.  A port outside this worker's
@@ -523,8 +645,12 @@ class TupleAllocator:
         if key not in self._state:
             self._group_for(key).occupied += 1
         self._state[key] = self._clock
+        if end_seq is None and ts_last is None:
+            self._closed.pop(key, None)
+        else:
+            self._closed[key] = (-1 if end_seq is None else end_seq, ts_last)
         if self.history is not None:
-            self.history.record_released(key, self._clock, was_live)  # type: ignore[attr-defined]
+            self.history.record_released(key, self._clock, was_live, ts_last is not None)  # type: ignore[attr-defined]
         self._expiry.append((self._clock, key))
 
     # -- internals ------------------------------------------------------------------------------
@@ -582,9 +708,13 @@ class TupleAllocator:
         if group.occupied >= self._slots:
             return None
         # A free slot exists (occupied < slots), so without ``busy`` this ends within one
-        # lap; with it, one lap is all we look at.
+        # lap.  With it, every free port may be one the history calls busy (a worker that
+        # restarted while its predecessor had the address full): look at CLAIM_BUSY_PROBES_MAX
+        # ports and leave the cursor where the look ended, so the next SYN looks further on
+        # instead of at the same busy ports again (spill and reuse take over meanwhile).
         index = group.cursor
-        for _ in range(self._slots):
+        probes = self._slots if busy is None else min(self._slots, CLAIM_BUSY_PROBES_MAX)
+        for _ in range(probes):
             port = self._port_at(index)
             index = index + 1 if index + 1 < self._slots else 0
             key = (client_ip, port, target_ip, target_port)
@@ -593,6 +723,67 @@ class TupleAllocator:
                 group.occupied += 1
                 group.cursor = index
                 return port
+        group.cursor = index
+        return None
+
+    def _reuse(
+        self,
+        client_ip: int,
+        target_ip: int,
+        target_port: int,
+        syn: SynInfo,
+        now: float,
+        busy: object | None = None,
+    ) -> tuple[int, bool] | None:
+        """A quarantined tuple of client_ip the target's TIME_WAIT accepts ``syn`` on
+        (RFC 6191), now live, as (port, True); a free port met on the way as (port, False);
+        or None.  Walks the group's ports from its cursor, so the tuples quarantined longest
+        ago come first, at most REUSE_PROBES_MAX of them."""
+        state, closed, history = self._state, self._closed, self.history
+        ts_now = ts_clock(now) if syn.ts else None
+        inherited = (
+            history is not None
+            and syn.ts
+            and history.inherited_until is not None  # type: ignore[attr-defined]
+            and now < history.inherited_until  # type: ignore[attr-defined]
+        )
+        group = self._groups.get((client_ip, target_ip, target_port))
+        if group is None:
+            if busy is None:
+                return None  # nothing quarantined (and _claim found no free port: none)
+            group = self._group_for((client_ip, 0, target_ip, target_port))
+        since = self._clock - self.time_wait_s
+        index = group.cursor
+        slots = self._slots
+        for _ in range(min(slots, REUSE_PROBES_MAX)):
+            port = self._port_at(index)
+            index = index + 1 if index + 1 < slots else 0
+            key = (client_ip, port, target_ip, target_port)
+            reused = True
+            if key in state:
+                rec = closed.get(key)
+                if rec is None:
+                    continue  # live, or released without what the test needs
+                end_seq, ts_last = rec
+                if not (
+                    (ts_now is not None and ts_last is not None and after(ts_now, ts_last))
+                    or (end_seq >= 0 and after(syn.seq, end_seq))
+                ):
+                    continue
+                del closed[key]
+            elif busy is None or not busy(key):  # type: ignore[operator]
+                # Free after all: the claim's look is bounded while the history is asked.
+                reused = False
+                group.occupied += 1
+            elif inherited and history.reusable(key, since, now - 1.0 / TS_CLOCK_HZ):  # type: ignore[union-attr]
+                # The dead incarnation's tuple: reusable by the TS test alone, once the TS
+                # clock has moved past its release.
+                group.occupied += 1
+            else:
+                continue
+            state[key] = None
+            group.cursor = index
+            return port, reused
         return None
 
     def _expire(self, now: float) -> None:
@@ -605,6 +796,7 @@ class TupleAllocator:
             # Skip stale entries: the tuple was released again later (or already expired).
             if key in state and state[key] == released_at:
                 del state[key]
+                self._closed.pop(key, None)
                 group_key = (key[0], key[2], key[3])
                 group = self._groups[group_key]
                 group.occupied -= 1

@@ -92,6 +92,7 @@ from engine.tcpseq import IP_ID_MASK, SEQ_HALF, SEQ_MASK, SEQ_SPACE
 from engine.tcpseq import TS_OPTION as _TS_OPTION
 from engine.tcpseq import Segment as _Seg
 from engine.tcpseq import after as _after
+from engine.tcpseq import ts_clock as _ts_clock
 from engine.tcpseq import tsval as _tsval
 from engine.tcpseq import with_payload as _with_payload
 
@@ -277,8 +278,10 @@ class TcpSession:
         self._fin_wait_at: float | None = None
         self._linger_at: float | None = None
         self._graceful = False
-        # Control packets owed: (flags, seq, ack, options, captured segment or None).
-        self._ctl: list[tuple[int, int, int, bytes, _Seg | None]] = []
+        # Control packets owed: (flags, seq, ack, options, captured segment or None).  Options
+        # None: the faked ones, built when the packet is (its TSval must not be older than
+        # that of a packet sent in between: PAWS at the target).
+        self._ctl: list[tuple[int, int, int, bytes | None, _Seg | None]] = []
         self._events: deque[Event] = deque()
         self._route_down = False
 
@@ -305,6 +308,20 @@ class TcpSession:
     def syn_seq(self) -> int | None:
         """The seq of the captured SYN, or None (mid-stream start)."""
         return None if self._syn_pkt is None else self._syn_pkt.seq
+
+    @property
+    def end_seq(self) -> int | None:
+        """The seq after the last one this session sent toward the target (its FIN
+        included), or None before any: what the target's TIME_WAIT holds as rcv_nxt at most
+        (rewrite.TupleAllocator.release)."""
+        if self._base is None:
+            return None
+        return self._seq(max(self._snd_nxt, self._snd_una))
+
+    @property
+    def ts_last(self) -> int | None:
+        """The last TSval sent on a connection that negotiated timestamps, else None."""
+        return self._ts_val if self._ts_ok else None
 
     def owns_syn(self, seq: int) -> bool:
         """Whether a captured SYN with ``seq`` belongs to this session's connection: its SYN
@@ -401,7 +418,7 @@ class TcpSession:
         if self._unacked:
             self._retx_due = True
         else:  # an old seq: the target answers with an ACK carrying its current seq
-            probe = (ACK, self._seq(self._snd_una - 1), self._rcv_nxt, self._faked_options(), None)
+            probe = (ACK, self._seq(self._snd_una - 1), self._rcv_nxt, None, None)
             self._ctl.append(probe)
 
     # -- client side ------------------------------------------------------------------------
@@ -743,7 +760,7 @@ class TcpSession:
         self._rcv_nxt = fin_end
         c = self.counters
         c["resp fin"] += 1
-        ack_ctl = (ACK, self._seq(self._snd_nxt), fin_end, self._faked_options(), None)
+        ack_ctl = (ACK, self._seq(self._snd_nxt), fin_end, None, None)
         if self.state is _FIN_WAIT:
             self._ctl.append(ack_ctl)
             self._end(Outcome.CLOSED, now, graceful=True)
@@ -783,9 +800,7 @@ class TcpSession:
         if self._graceful and not pkt.data_len and not flags & SYN:
             if flags & FIN:
                 # Its FIN again (our ACK was lost): ACK it, as TIME_WAIT does.
-                self._ctl.append(
-                    (ACK, self._seq(self._snd_nxt), self._rcv_nxt, self._faked_options(), None)
-                )
+                self._ctl.append((ACK, self._seq(self._snd_nxt), self._rcv_nxt, None, None))
             return  # the ACK of our FIN: the expected end of a clean close
         self._queue_rst_for(pkt)
         self._drop(DropReason.STRAY_RESPONSE)
@@ -1052,10 +1067,19 @@ class TcpSession:
     def _seq(self, off: int) -> int:
         return (self._base + off) & SEQ_MASK  # type: ignore[operator]
 
+    def _ts_now(self) -> int:
+        """The TSval to send now: the shared TS clock, never below what was sent before on
+        this connection (PAWS at the target; engine/tcpseq.py, the TS clock)."""
+        v = self._ts_val
+        clock = _ts_clock(self._now)
+        if v is None or _after(clock, v):
+            v = self._ts_val = clock
+        return v
+
     def _faked_options(self) -> bytes:
         if not self._ts_ok:
             return b""
-        return _TS_OPTION.pack(1, 1, 8, 10, self._ts_val or 0, self._ts_recent)
+        return _TS_OPTION.pack(1, 1, 8, 10, self._ts_now(), self._ts_recent)
 
     def _emit(
         self,
@@ -1074,12 +1098,9 @@ class TcpSession:
             pkt = seg.pkt
             opts = pkt.options if options is None else options
             if self._ts_ok and seg.tsval is not None:
-                # TSval monotonic (PAWS at the target), TSecr = the target's latest TSval.
-                v = self._ts_val
-                if v is None or not _after(v, seg.tsval):
-                    v = seg.tsval
-                self._ts_val = v
-                opts = set_timestamp(opts, v, self._ts_recent)
+                # TSval from our TS clock (monotonic: PAWS at the target; shared: RFC 6191
+                # reuse of the tuple later), TSecr = the target's latest TSval.
+                opts = set_timestamp(opts, self._ts_now(), self._ts_recent)
             # A captured zero window (the online client's buffer was full) is not ours to
             # repeat: we consume every response at once, and a 0 would stall the target.
             window = FAKED_WINDOW if self._fake_wnd else (pkt.window or FAKED_WINDOW)
@@ -1157,8 +1178,14 @@ class TcpSession:
             ws = opts.wscale if opts is not None else None
             self._syn_wscale = WSCALE_MAX if ws is not None and ws > WSCALE_MAX else ws
             self._rcv_mss = (opts.mss if opts is not None else None) or DEFAULT_MSS
+            syn_options = syn.options
             if self._syn_ts:
-                self._ts_val = opts.timestamp[0]  # type: ignore[union-attr,index]
+                # Our TS clock, not the captured TSval: newer than anything an earlier
+                # connection on this tuple sent, so a target still holding it in TIME_WAIT
+                # takes this SYN (RFC 6191; engine/tcpseq.py, the TS clock).
+                self._ts_val = None
+                self._now = now
+                syn_options = set_timestamp(syn_options, self._ts_now(), 0)
             self._iss = 0
             self._fake_wnd = False
             self._ip_id = syn.ip_id
@@ -1171,7 +1198,7 @@ class TcpSession:
                 0,
                 syn.flags & _SYN_FLAGS,
                 syn.window,
-                syn.options,
+                syn_options,
                 b"",
                 syn.ip_id,
                 syn.ttl,

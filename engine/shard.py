@@ -13,7 +13,8 @@ CONTRACT:
 Additions: ``ClientRoute`` is ``session.RouteNeeded`` (client_ip, client_port, target_ip,
 target_port); ``t.lingering`` (sessions ended and lingering); ``t.allocator`` (the
 rewrite.TupleAllocator); ``SessionTable(config, tuple_history)`` (engine/tuple_history.py,
-handed to the allocator; counted as "tuple_history_avoided"); ``t.live_routes()`` (the
+handed to the allocator; counted as "tuple_history_avoided"; the allocator's spills and
+RFC 6191 reuses as "tuples_spilled" and "tuples_reused"); ``t.live_routes()`` (the
 routes of every session not yet ended, for a re-announce) and ``t.set_route_down(down,
 now)`` (an intercept became unreachable / every one is back: TcpSession.handle_route_down).  ``counters`` is shared with every session of the table, so it holds
 the session counters (spec §3.18 labels, ``drop_<reason>``, ``ended_<outcome>``, fidelity
@@ -63,6 +64,7 @@ from engine.config import SessionConfig
 from engine.packet import ACK, FIN, RST, SYN, TcpPacket
 from engine.rewrite import (
     LOCALHOST_IP,
+    SynInfo,
     TransferEntry,
     TupleAllocator,
     choose_client_ip,
@@ -74,6 +76,7 @@ from engine.rewrite import (
 from engine.session import TcpSession
 from engine.session_events import DropReason, RouteNeeded, drop_key
 from engine.session_states import State
+from engine.tcpseq import SEQ_MASK, tsval
 
 __all__ = ["SessionTable", "ClientRoute"]
 
@@ -139,7 +142,12 @@ class SessionTable:
         self.config = config
         self.counters: Counter = Counter()
         self.allocator = TupleAllocator(
-            config.time_wait_s, config.worker_index, config.worker_count, tuple_history
+            config.time_wait_s,
+            config.worker_index,
+            config.worker_count,
+            tuple_history,
+            pool=config.client_pool,
+            strict=config.strict_time_wait,
         )
         self._flows: dict[Key4, list[_Entry]] = {}
         self._by_resp: dict[Key4, _Entry] = {}
@@ -428,11 +436,22 @@ class SessionTable:
                 port = shift_port(port, shift, rand)
         tip, tport = entry.target_ip, entry.target_port
         alloc = self.allocator
-        got = alloc.allocate(ip, port, tip, tport, now)
+        # What the target's TIME_WAIT will judge if the allocator has to reuse a tuple: the
+        # captured SYN (its TS option keeps its place, with our TS clock's value), or the
+        # faked SYN of a mid-stream start (first data seq - 1, no TS option).
+        if pkt.flags & SYN:
+            syn = SynInfo(pkt.seq, tsval(pkt.options) is not None)
+        else:
+            syn = SynInfo((pkt.seq - 1) & SEQ_MASK, False)
+        got = alloc.allocate(ip, port, tip, tport, now, syn=syn)
+        stats = alloc.stats
+        c = self.counters
         if alloc.history is not None:
-            self.counters["tuple_history_avoided"] = alloc.stats["inherited_hits"]
+            c["tuple_history_avoided"] = stats["inherited_hits"]
+        c["tuples_spilled"] = stats["spilled"]
+        c["tuples_reused"] = stats["reused"]
         if got is None:
-            self.counters[_DROP_NO_TUPLE] += 1
+            c[_DROP_NO_TUPLE] += 1
             return None
         s = TcpSession(cfg, got, (tip, tport), (pkt.dst, pkt.dport), now, counters=self.counters)
         if self._route_down:
@@ -543,4 +562,6 @@ class SessionTable:
             del self._flows[e.flow_key]
         s = e.session
         # The target keeps the tuple in TIME_WAIT: quarantine it (design §9).
-        self.allocator.release(s.client[0], s.client[1], s.target[0], s.target[1], now)
+        self.allocator.release(
+            s.client[0], s.client[1], s.target[0], s.target[1], now, s.end_seq, s.ts_last
+        )

@@ -1,8 +1,21 @@
 """Sequence-space arithmetic, the TS option fast path and the captured-segment record.  (pure)
 
 The helpers TcpSession (engine/session.py) computes with: 32-bit modular comparison
-(``after``), the TSval of a captured segment's options, and ``Segment``, one captured client
-segment as an interval [off, end) of the session's unwrapped client stream.
+(``after``), the TSval of a captured segment's options, ``ts_clock`` (the TSval every replayed
+connection sends), and ``Segment``, one captured client segment as an interval [off, end) of
+the session's unwrapped client stream.
+
+The TS clock.  The TSval we send is ours to choose (we are the sending TCP), so it is not
+the captured one but a 1 kHz clock read from ``now``, the monotonic time every process of the
+engine shares (CLOCK_MONOTONIC is system-wide): ``ts_clock(now) = floor(now * 1000) mod
+2**32``.  Within a connection it never goes backwards (PAWS, RFC 7323 §5), and across
+connections it means a new SYN on a 4-tuple always carries a TSval newer than anything an
+earlier connection on that tuple sent, provided at least a millisecond has passed, even when
+the earlier one was sent by a worker that has since died.  That is what lets the target's
+kernel accept the SYN on a tuple still in its TIME_WAIT (RFC 6191; Linux
+tcp_timewait_state_process: the SYN's TSval is after the TIME_WAIT's ts_recent), so
+engine/rewrite.py's TupleAllocator may reuse such tuples.  1 kHz is Linux's own TS rate: the
+2**31 PAWS horizon is 24.8 days.
 """
 
 from __future__ import annotations
@@ -19,10 +32,13 @@ __all__ = [
     "TS_OPTION",
     "Segment",
     "after",
+    "ts_clock",
     "tsval",
     "with_payload",
 ]
 
+TS_CLOCK_HZ = 1000
+"""The rate of ``ts_clock`` (Linux's TS clock since 4.13)."""
 SEQ_MASK = 0xFFFFFFFF
 SEQ_HALF = 1 << 31
 SEQ_SPACE = 1 << 32
@@ -64,6 +80,11 @@ def tsval(options: bytes) -> int | None:
         return _TS_VALUES.unpack_from(options, 4)[0]
     ts = parse_options(options).timestamp
     return None if ts is None else ts[0]
+
+
+def ts_clock(now: float) -> int:
+    """The TSval sent at monotonic time ``now`` (see the module docstring)."""
+    return int(now * TS_CLOCK_HZ) & SEQ_MASK
 
 
 def after(a: int, b: int) -> bool:

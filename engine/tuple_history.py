@@ -14,11 +14,14 @@ supervisor creates before forking and hands to every incarnation of that worker.
 
 The block is a counting filter keyed by a hash of the tuple, with no keys stored:
 
-    [ incarnations i64 ][ live i32 x SLOTS ][ released f64 x SLOTS ]
+    [ incarnations i64 ][ live i32 x SLOTS ][ released f64 x SLOTS ][ plain f64 x SLOTS ]
 
 ``live[h]`` counts the tuples hashing to h that are in use, ``released[h]`` is the latest
-release time (time.monotonic(), which is system-wide) of one of them (0.0: none yet).  A claim increments
-live[h]; a release decrements it (if the tuple was claimed) and raises released[h].  Every
+release time (time.monotonic(), which is system-wide) of one of them (0.0: none yet), and
+``plain[h]`` the latest time one of them became a tuple a new SYN's timestamp cannot reopen:
+released by a connection without timestamps, or live when its worker died (the target may
+still hold it ESTABLISHED).  A claim increments live[h]; a release decrements it (if the tuple
+was claimed), raises released[h] and, for a connection without timestamps, plain[h].  Every
 store is one aligned machine word written by the only live writer, so a SIGKILL between two
 stores leaves at worst one count that is too high: a false "busy", which costs one port skip.
 
@@ -26,7 +29,11 @@ A new incarnation calls ``adopt(now, time_wait_s)``: every slot still counted li
 the dead worker) becomes "released now", the counts restart from zero, and for the next
 ``time_wait_s`` the allocator asks ``busy(key, since)`` before it claims a tuple.  Hash
 collisions only ever make a free tuple look busy (the allocator takes the next port), never
-the reverse.  With SLOTS = 2**18 and tens of thousands of tuples in the horizon a few percent
+the reverse.  ``reusable(key, since, before)`` answers the allocator's RFC 6191 question for
+a busy tuple (engine/rewrite.py, reuse): released before ``before`` by a connection with
+timestamps, and nothing in its slot live or "plain" since ``since``; a SYN with a TS option,
+whose TSval comes from the clock all processes share (engine/tcpseq.ts_clock), then reopens
+it at the target.  With SLOTS = 2**18 and tens of thousands of tuples in the horizon a few percent
 of claims skip one port, during the first minute after a restart only.
 """
 
@@ -40,7 +47,7 @@ import numpy as np
 __all__ = ["TupleHistory", "HISTORY_SLOTS"]
 
 HISTORY_SLOTS = 1 << 18
-"""Filter slots per worker: 3 MiB of shared memory (4 + 8 bytes a slot)."""
+"""Filter slots per worker: 5 MiB of shared memory (4 + 8 + 8 bytes a slot)."""
 _HEADER = struct.Struct("=q")
 _HEADER_BYTES = 8
 
@@ -61,6 +68,7 @@ class TupleHistory:
         buf = shm.buf
         self._live = buf[_HEADER_BYTES : _HEADER_BYTES + 4 * slots].cast("i")
         self._released = buf[_HEADER_BYTES + 4 * slots : _HEADER_BYTES + 12 * slots].cast("d")
+        self._plain = buf[_HEADER_BYTES + 12 * slots : _HEADER_BYTES + 20 * slots].cast("d")
         self.inherited_until: float | None = None
         """Until then ``busy`` must be asked before a claim (set by ``adopt``)."""
         self.inherited = 0
@@ -69,7 +77,7 @@ class TupleHistory:
     @classmethod
     def create(cls, slots: int = HISTORY_SLOTS) -> TupleHistory:
         # A new block reads as zeros (ftruncate); pages are allocated only once written.
-        shm = shared_memory.SharedMemory(create=True, size=_HEADER_BYTES + 12 * slots)
+        shm = shared_memory.SharedMemory(create=True, size=_HEADER_BYTES + 20 * slots)
         return cls(shm, slots, owner=True)
 
     @property
@@ -92,18 +100,28 @@ class TupleHistory:
     def record_live(self, key: Key) -> None:
         self._live[self._slot(key)] += 1
 
-    def record_released(self, key: Key, now: float, was_live: bool) -> None:
+    def record_released(self, key: Key, now: float, was_live: bool, reusable: bool = False) -> None:
+        """``reusable``: the connection had timestamps, so a newer TSval reopens the tuple."""
         h = self._slot(key)
         if was_live and self._live[h] > 0:
             self._live[h] -= 1
         if self._released[h] < now:
             self._released[h] = now
+        if not reusable and self._plain[h] < now:
+            self._plain[h] = now
 
     def busy(self, key: Key, since: float) -> bool:
         """The tuple may be in use by the target: live, or released at or after ``since``."""
         h = self._slot(key)
         released = self._released[h]
         return self._live[h] > 0 or (released != 0.0 and released >= since)
+
+    def reusable(self, key: Key, since: float, before: float) -> bool:
+        """A busy tuple a SYN with a TS option reopens (RFC 6191): released before
+        ``before`` with timestamps, nothing in its slot live or without them since ``since``."""
+        h = self._slot(key)
+        plain = self._plain[h]
+        return self._live[h] == 0 and self._released[h] < before and (plain == 0.0 or plain < since)
 
     # -- a new incarnation --------------------------------------------------------------------
 
@@ -121,13 +139,17 @@ class TupleHistory:
         rel = np.frombuffer(
             buf, dtype=np.float64, count=self.slots, offset=_HEADER_BYTES + 4 * self.slots
         )
+        plain = np.frombuffer(
+            buf, dtype=np.float64, count=self.slots, offset=_HEADER_BYTES + 12 * self.slots
+        )
         try:
             was_live = live > 0
             rel[was_live] = np.maximum(rel[was_live], now)
+            plain[was_live] = np.maximum(plain[was_live], now)
             live[:] = 0
             carried = int(np.count_nonzero((rel != 0.0) & (rel >= now - time_wait_s)))
         finally:
-            del live, rel
+            del live, rel, plain
         self.inherited = carried
         self.inherited_until = now + time_wait_s if carried else None
         return carried
@@ -137,6 +159,7 @@ class TupleHistory:
     def close(self) -> None:
         self._live.release()
         self._released.release()
+        self._plain.release()
         self._shm.close()
         if self._owner:
             try:

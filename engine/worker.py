@@ -46,13 +46,15 @@ from engine import packet
 from engine.channel import InterceptChannels
 from engine.config import ReplayConfig
 from engine.errors import DecodeError
-from engine.logs import LOGGER_NAME, reopen_logs
+from engine.logs import LOGGER_NAME, RateLimiter, reopen_logs
 
 log = logging.getLogger(LOGGER_NAME)
 
 STARTUP_CONNECT_WAIT_S = 3.0
 """Capture starts once an intercept is connected or after this long (then routes are counted
 as unannounced until one connects)."""
+NO_TUPLE_LOG_INTERVAL_S = 10.0
+"""At most one "refused: no free client tuple" warning per worker this often."""
 MEMORY_CHECK_INTERVAL_S = 60.0
 """spec §3.17: the resource check runs every 60 s."""
 BYTES_PER_MB = 1024 * 1024
@@ -127,6 +129,8 @@ class Worker:
         self._tail_at: float | None = None
         self._tail_sent = -1
         self._input_error = False
+        self._no_tuple_seen = 0
+        self._no_tuple_log = RateLimiter(NO_TUPLE_LOG_INTERVAL_S)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -414,7 +418,30 @@ class Worker:
         out["exit_reason"] = self.exit_reason
         return out
 
+    def warn_no_tuple(self, now: float) -> None:
+        """Connections refused for want of a free client tuple are logged, rate-limited,
+        with the fix: they are rare (spill over the -c pool, RFC 6191 reuse), so loud."""
+        total = int(self.table.counters.get("drop_no_tuple", 0))  # type: ignore[attr-defined]
+        new = total - self._no_tuple_seen
+        if new <= 0:
+            return
+        allowed, _ = self._no_tuple_log.allow("no_tuple", now)
+        if not allowed:
+            return
+        self._no_tuple_seen = total
+        pool = len(self.cfg.session.client_pool)
+        log.warning(
+            "%d new connection(s) refused (no_tuple, %d in all): every client port toward "
+            "the target is in use or in its TIME_WAIT%s; give -c a larger pool of fake "
+            "client addresses (each adds ~1,075 new connections/s)%s",
+            new,
+            total,
+            f" on all {pool} -c address(es)" if pool else " (no -c: the captured address)",
+            "" if not self.cfg.session.strict_time_wait else " or drop --strict-time-wait",
+        )
+
     def log_stats(self, now: float, final: bool = False) -> None:
+        self.warn_no_tuple(now)
         values = self.summary(now)
         if any(isinstance(h, logging.Handler) and _is_json(h) for h in log.handlers):
             log.info("stats", extra={"stats": values, "final": final})
@@ -459,6 +486,11 @@ _STATS_LAYOUT: tuple[tuple[tuple[str, tuple[str, ...]], ...], ...] = (
     (("syn cnt", ()), ("all clt", ()), ("clt cont", ())),
     (("total cont retransmit", ()), ("frag", ("capture_fragment",))),
     (("total captured packets", ("capture_packets",)),),
+    (
+        ("no tuple", ("drop_no_tuple",)),
+        ("tuples spilled", ("tuples_spilled",)),
+        ("tuples reused", ("tuples_reused",)),
+    ),
     (
         ("unsend", ()),
         ("ring dropped", ()),

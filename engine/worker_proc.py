@@ -168,6 +168,7 @@ class WorkerProcess(Worker):
         if now >= self._next_flush:
             self._next_flush = now + COUNTER_FLUSH_INTERVAL_S
             self.flush_counters()
+            self.warn_no_tuple(now)
         if now >= self._next_trim:
             released = self.table.counters["rel"]  # type: ignore[attr-defined]
             if released - self._released_at_trim >= TRIM_AFTER_SESSIONS:
@@ -211,6 +212,7 @@ class WorkerProcess(Worker):
     def log_stats(self, now: float, final: bool = False) -> None:
         # The supervisor logs the aggregated stats line; a worker only publishes its row.
         self.flush_counters()
+        self.warn_no_tuple(now)
 
 
 def _no_rss() -> int:

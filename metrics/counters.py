@@ -240,6 +240,8 @@ _SCHEMA: list[Slot] = [
         "client_bytes_captured",
         "client_bytes_acked",
         "tuple_history_avoided",  # ports skipped: a dead predecessor used them (TIME_WAIT)
+        "tuples_spilled",  # connections given another -c address than their sticky one
+        "tuples_reused",  # connections given a tuple in the target's TIME_WAIT (RFC 6191)
     ),
     *_counters("dropped input, by reason", *("drop_" + r for r in DROP_REASONS)),
     *_counters("sessions ended, by outcome", *("ended_" + o for o in OUTCOMES)),

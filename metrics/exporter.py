@@ -229,6 +229,27 @@ TCPCOPY_SERIES: tuple[tuple[Series, Callable[[Snapshot], Any]], ...] = (
         ),
         _total("sessions_reannounced"),
     ),
+    (
+        Series(
+            "tcpcopy_tuples_spilled",
+            COUNTER,
+            (),
+            "Connections replayed from another -c address than their client's own fake "
+            "address, which had no free port (the target sees that client as several "
+            "addresses).",
+        ),
+        _total("tuples_spilled"),
+    ),
+    (
+        Series(
+            "tcpcopy_tuples_reused",
+            COUNTER,
+            (),
+            "Connections replayed on a client port still in the target's TIME_WAIT, with a "
+            "SYN its kernel accepts (RFC 6191).",
+        ),
+        _total("tuples_reused"),
+    ),
     # Not in design §7: per-worker throughput (flow-hash balance) and intercept links.
     (
         Series(

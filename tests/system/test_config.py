@@ -109,6 +109,7 @@ TCPCOPY_EXPECT: dict[str, Check] = {
     ),
     "memory_limit": (lambda c: c.memory_limit_mb, lambda v, t: v),
     "gradual": (lambda c: c.gradual, lambda v, t: v),
+    "strict_time_wait": (lambda c: c.session.strict_time_wait, lambda v, t: v),
     "lonely": (lambda c: c.lonely, lambda v, t: v),
     "pool_size": (lambda c: c.pool_size_kb, lambda v, t: v),
     "pid_file": (lambda c: c.pid_file, lambda v, t: v),

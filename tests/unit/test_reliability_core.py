@@ -93,7 +93,7 @@ class FakeHistory:
     def record_live(self, key):
         self.live.append(key)
 
-    def record_released(self, key, now, was_live):
+    def record_released(self, key, now, was_live, reusable=False):
         self.released.append((key, now, was_live))
 
     def busy(self, key, since):

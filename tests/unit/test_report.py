@@ -27,6 +27,12 @@ def test_final_summary_counts_outcomes_fidelity_and_nonzero_drops():
     )
 
 
+def test_summary_names_spilled_and_reused_client_tuples():
+    s = final_summary({"drop_no_tuple": 4, "tuples_spilled": 70000, "tuples_reused": 12})
+    assert (s["tuples_spilled"], s["tuples_reused"], s["drops"]) == (70000, 12, {"no_tuple": 4})
+    assert summary_text(s).endswith("drops: no_tuple 4, client tuples spilled 70000 reused 12")
+
+
 def test_summary_without_captured_payload_says_so():
     line = summary_text(final_summary({}))
     assert line == (

@@ -466,6 +466,8 @@ def test_allocator_uses_preferred_port_when_free():
         "quarantine_hits": 0,
         "exhausted": 0,
         "inherited_hits": 0,
+        "spilled": 0,
+        "reused": 0,
     }
     assert alloc.live_count == 1
 

@@ -29,6 +29,7 @@ from engine.session import (
     TcpSession,
     drop_key,
 )
+from engine.tcpseq import ts_clock
 from tests.unit.link import FAKE_CLIENT, ONLINE, TARGET, Client, Link, Target
 
 M32 = 0xFFFFFFFF
@@ -77,7 +78,9 @@ def test_real_handshake_sends_captured_syn_third_ack_and_data():
     assert link.events() == [RouteNeeded(*FAKE_CLIENT, *TARGET)]
     (s,) = out
     assert (s.flags, s.seq, s.ack, s.window) == (SYN, c.isn, 0, 64240)
-    assert s.options == syn.options  # client options as captured (spec §3.10)
+    # The client's options as captured (spec §3.10), with our TS clock's TSval (RFC 6191
+    # reuse: engine/tcpseq.py).
+    assert s.options == packet.set_timestamp(syn.options, ts_clock(link.now), 0)
     assert (s.ip_id, s.ttl, s.df) == (syn.ip_id, 61, True)
     third = c.ack()
     assert link.client(third) == []  # held until the SYN-ACK
@@ -85,7 +88,7 @@ def test_real_handshake_sends_captured_syn_third_ack_and_data():
     (a,) = link.respond(t.synack())
     assert (a.flags, a.seq, a.ack) == (ACK, c.isn + 1, t.isn + 1)
     assert (a.ip_id, a.window, a.ttl) == (third.ip_id, third.window, 61)
-    assert ts_of(a) == (ts_of(third)[0], 9000)
+    assert ts_of(a) == (ts_clock(0.002), 9000)
     req = c.data(REQ1)
     (d,) = link.client(req)
     assert (d.flags, d.seq, d.ack, d.window, d.payload) == (
@@ -106,7 +109,7 @@ def test_real_handshake_without_captured_third_ack_fakes_it():
     t = link.target
     (a,) = establish(link, c, third=False)
     assert (a.flags, a.seq, a.ack, a.window, a.ttl) == (ACK, c.isn + 1, t.isn + 1, 65535, 64)
-    assert ts_of(a) == (100, 9000)  # the SYN's TSval, the target's TSval
+    assert ts_of(a) == (ts_clock(link.now), 9000)  # our TS clock, the target's TSval
     assert a.options[:4] == b"\x01\x01\x08\x0a"
 
 
@@ -878,19 +881,22 @@ def test_timestamps_rewritten_monotonic_and_echo_target():
     link = mk(ts=9000)
     t = link.target
     establish(link, c)
+    link.now = 1.5
     link.client(c.data(REQ1))
+    assert ts_of(link.log[-1].pkt)[0] == ts_clock(1.5)  # our clock, not the captured 5000
     r = t.send(10)
     link.respond(r)
     echo = ts_of(r)[0]
-    # A captured segment whose TSval went backwards (another core's clock, a reorder).
+    # The captured TSval (low or high) does not matter: ours follows the shared TS clock.
+    link.now = 2.25
     low = c.data(b"x", options=packet.build_options(timestamp=(10, 0)))
     (d,) = link.client(low)
-    tsval, tsecr = ts_of(d)
-    assert tsecr == echo
-    assert tsval == ts_of(link.log[-2].pkt)[0]  # not lower than the last one we sent
+    assert ts_of(d) == (ts_clock(2.25), echo)
+    link.now = 2.0  # a clock step back never makes the TSval go backwards (PAWS)
     higher = c.data(b"y", options=packet.build_options(timestamp=(999999, 0)))
     (d2,) = link.client(higher)
-    assert ts_of(d2) == (999999, echo)
+    assert ts_of(d2) == (ts_clock(2.25), echo)
+    assert link.session.ts_last == ts_clock(2.25)
 
 
 # -- timeouts and linger -------------------------------------------------------------------
@@ -1116,7 +1122,7 @@ def test_timestamp_option_not_first_is_still_rewritten():
     opts = sack + packet.build_options(timestamp=(777, 1))
     (d,) = link.client(c.data(b"q", options=opts))
     assert d.options[:12] == sack
-    assert ts_of(d) == (777, 9000)
+    assert ts_of(d) == (ts_clock(link.now), 9000)
 
 
 def test_response_data_far_outside_window_is_dropped_and_acked():
@@ -1210,3 +1216,27 @@ def test_pending_segment_covered_by_an_earlier_one_is_skipped_at_send_time():
     out = link.respond(link.target.synack())
     assert [p.payload for p in out] == [b"", b"B" * 150]
     assert counters(link)["total cont retransmit"] == 1
+
+
+def test_tsval_never_goes_back_when_a_queued_ack_follows_a_newer_packet():
+    """The target's FIN and its retransmission arrive in one batch while the client's FIN
+    waits: our FIN (answering theirs) and the ACK of the retransmission leave in one drain,
+    and the ACK's TSval is taken when it is built, not when it was queued (an older TSval
+    after the FIN is dropped by the target's PAWS, in TIME_WAIT too)."""
+    c = Client(ts=100)
+    link = mk()
+    t = link.target
+    establish(link, c)
+    link.now = 0.010
+    link.client(c.data(REQ1))
+    link.now = 0.020
+    link.client(c.fin(read=0))  # captured before the response: waits for the gate
+    data, fin = t.send(100), t.fin()
+    for p in (data, fin, fin):  # the FIN's retransmission in the same batch
+        link.session.receive_response(p, 0.050)
+    link.now = 0.060  # the drain comes later (the worker read more input meanwhile)
+    out = link.flush()
+    assert [p.flags for p in out] == [FIN | ACK, ACK]
+    sent = [ts_of(s.pkt)[0] for s in link.log]
+    assert sent == sorted(sent)
+    assert sent[-2:] == [ts_clock(0.060)] * 2
