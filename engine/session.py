@@ -46,17 +46,41 @@ FIN/RST, then a pure ACK if one is still owed.  A hole in the captured stream (a
 capture lost) holds the pump for at most CLIENT_GAP_WAIT_S; then the session reconnects from
 the next captured segment (``_abandon_gap``).
 
-The request gate (replaces C's "response complete" timer heuristic, spec §3.7 step 6c, §6
-item 6).  A captured client segment's ack says how many response bytes the *online* server
-had sent when the client sent it: ``online_bytes = ack - online_base``, where online_base is
-the ack of the first ACK-bearing client packet of the connection (the handshake ACK: online
-ISN + 1).  ``_rcv_data`` counts the response bytes the *target* has sent on this connection.
-A data segment whose ack differs from the previous one's is a new request (the client read
-something in between); it is released when (a) the target has sent at least as much as the
-online server had, or (b) -W, or (c) response data arrived since the previous request and then
-nothing for a quiet interval (the target sent less than online), or (d) it has been held for
-response_wait_max_s.  Continuations (same ack) go out at once.  A FIN or RST whose ack moved
-uses the same gate (never rule (b)), and a FIN also waits until all data is acknowledged.
+The request gate (replaces C's "response complete" timer heuristic, spec §3.7 step 6c, §3.9
+DELAY_ACK, §6 item 6), per exchange.  An exchange is the target's answer to the previous
+request.  A captured client segment's ack says how many response bytes the *online* server
+had sent when the client sent it; the difference between this request's ack and the previous
+request's ack (for the first request: the handshake ACK's, online ISN + 1) is what the online
+server answered to the previous request: ``online = ack - prev_ack``.  What the target has
+answered to it is ``got = _rcv_data - _rcv_data_at_req`` (``_rcv_data`` counts the response
+bytes of this connection; ``_rcv_data_at_req`` is its value when the previous request went
+out).  A data segment whose ack differs from the previous one's is a new request; it is
+released when
+  (a) got >= online: the target answered at least as much as production did;
+  (b) -W (spec §3.14);
+  (c) got > 0 and then nothing for quiet_s = max(rtt / 2, RESPONSE_QUIET_MIN_S): the answer
+      was shorter and is over (C: DELAY_ACK's half-RTT tick, spec §3.9; on a LAN, rtt <= 1 ms,
+      C sends at once, ``internal_usage`` spec §3.12: the floor is that within a millisecond);
+  (d) it has been held for response_wait_max_s.
+Both counts start over at every request, so a shorter or longer answer on one exchange never
+shifts the next (a running total would: one byte short, and every later request waits the
+quiet; docs/replay.md has worked examples).  Continuations (same ack) go out at once.  Silence
+we caused is not the target's: while a request is held, response data is acked at once (the
+request would carry that ack anyway), and the quiet counts from that ACK.  A FIN or RST whose
+ack moved uses the same gate (never rule (b)), with a longer quiet (CLOSE_QUIET_MIN_S: a close
+that cuts a streaming answer makes the target abort it), and a FIN also waits until all data
+is acknowledged.
+
+Reconnects (spec §3.8 reconstruct_sess) happen only where they can work: the target closed or
+reset the connection with captured client data unsent, or a hole in the captured stream was
+given up.  The new connection starts at a request boundary (a segment whose ack differs from
+the one before it, contiguous with what was sent or skipped; skipped bytes are counted as
+"reconnect_skipped_bytes"), never in the middle of a request.  A reconnect is refused
+(counted as "reconnect_refused_<reason>", the session ends) when reconnects are off
+(--no-reconnect: protocols with connection state, such as a database login), when the
+session's budget (--reconnect-budget) is spent, or when the previous reconnected connection
+was closed or reset by the target before it sent any response data: that target does not take
+the stream from that point, and trying again would only repeat it.
 """
 
 from __future__ import annotations
@@ -117,17 +141,15 @@ RETRIES_MAX = 6
 SYN_RTO_INITIAL_S = 0.5
 """QUIRK fixed (spec §3.9 retrans_pack, §5.2): C never retransmits a SYN."""
 DELAYED_ACK_S = 0.04
-RESPONSE_QUIET_MIN_S = 0.05
-"""Rule (c) of the request gate: the response is over after max(2*rtt, this) of silence,
-counted from the later of its last data and our last ACK (silence we caused by not acking
-is not the target's)."""
+RESPONSE_QUIET_MIN_S = 0.001
+"""Rule (c) of the request gate: a shorter answer is over after max(rtt / 2, this) of silence
+(spec §3.9 DELAY_ACK re-arms for rtt/2), counted from the later of its last data and our last
+ACK (silence we caused by not acking is not the target's).  The floor is the event loop's
+timer resolution; on a LAN half an RTT is below it (C's internal_usage, spec §3.12)."""
 CLOSE_QUIET_MIN_S = 0.5
 """Rule (c) for a client FIN/RST: a close that cuts a still-streaming response short makes the
 target abort it (nginx logs a short body), so a close waits for a longer silence."""
 DUP_ACK_THRESHOLD = 3
-RECONNECTS_MAX = 3
-"""Reconnects in a row without the target acknowledging any data (a target that resets every
-attempt would otherwise loop forever)."""
 FAKED_WINDOW = 65535
 FAKED_TTL = 64
 DEFAULT_MSS = 536
@@ -173,7 +195,7 @@ class TcpSession:
         # client stream
         "_base", "_iss", "_snd_una", "_snd_nxt", "_cap_end", "_pending", "_unacked", "_syn_pkt",
         "_third_pkt", "_fin_seg", "_rst_seg", "_fin_sent", "_fake_syn", "_fake_wnd", "_ip_id",
-        "_gap_held", "_gap_at", "_gap_fast", "_reconnects",
+        "_gap_held", "_gap_at", "_gap_fast", "_reconnects", "_reconnected", "_resync",
         # handshake
         "_syn_bytes", "_syn_sent_at", "_syn_retx", "_syn_rto", "_syn_at", "_handshake_at",
         "_syn_due", "_need_third", "_syn_ts", "_syn_wscale", "_rcv_mss", "_rcv_wnd_max",
@@ -228,7 +250,11 @@ class TcpSession:
         self._gap_held = False
         self._gap_at: float | None = None  # when a hole in the captured stream is given up
         self._gap_fast = False  # this hole's deadline was brought forward (expedite_gap)
-        self._reconnects = 0
+        self._reconnects = 0  # reconnects made by this session (the budget)
+        self._reconnected = False  # the current connection is a reconnect
+        # Skipping to a request boundary before a reconnect: (end offset, ack) of the last
+        # segment known (sent or skipped), or None.
+        self._resync: tuple[int, int | None] | None = None
         self._syn_bytes = b""
         self._syn_sent_at = 0.0
         self._syn_retx = False
@@ -707,7 +733,6 @@ class TcpSession:
         self._snd_una = a
         self._retries = 0
         self._backoff = 0
-        self._reconnects = 0
         if sample is not None:
             self._rtt_sample(sample)
         if self._recover is not None:
@@ -747,7 +772,7 @@ class TcpSession:
         if self.state is _FIN_WAIT:
             self._ctl.append(ack_ctl)
             self._end(Outcome.CLOSED, now, graceful=True)
-        elif self._pending:
+        elif self._pending and self._may_reconnect(by_target=True):
             # spec §3.8 proc_bak_fin: unsent client data remains: reconnect and send it.
             self._ctl.append(ack_ctl)
             self._reconnect(now, send_rst=True)
@@ -767,11 +792,8 @@ class TcpSession:
             self._end(Outcome.TARGET_CLOSED, now, rst_off=self._snd_nxt)
 
     def _target_reset(self, now: float) -> None:
-        if self._pending:
-            if self._reconnects >= RECONNECTS_MAX:
-                self._end(Outcome.RECONNECT_LIMIT, now)
-            else:
-                self._reconnect(now, send_rst=False)
+        if self._pending and self._may_reconnect(by_target=True):
+            self._reconnect(now, send_rst=False)
         else:
             self._end(Outcome.TARGET_RESET, now)
 
@@ -897,7 +919,7 @@ class TcpSession:
             fin.off = nxt  # type: ignore[union-attr]
             fin.end = nxt + 1  # type: ignore[union-attr]
             return
-        if self._reconnects >= RECONNECTS_MAX:
+        if not self._may_reconnect(by_target=False):
             self._end(Outcome.RECONNECT_LIMIT, now, rst_off=nxt)
             return
         self._reconnect(now, send_rst=True)
@@ -977,11 +999,32 @@ class TcpSession:
         c["tw"] += 1  # a gauge: the table takes it back when the session is forgotten
         self._events.append(SessionEnded(self.outcome))
 
+    def _may_reconnect(self, by_target: bool) -> bool:
+        """Whether a reconnect can work (module docstring); a refusal is counted by reason.
+        ``by_target``: the target closed or reset the connection."""
+        cfg = self.config
+        if not cfg.reconnect:
+            reason = "off"
+        elif by_target and self._reconnected and self._rcv_data == 0:
+            # This connection was itself a reconnect, and the target ended it before sending
+            # anything: it does not take the stream from there (the -W PostgreSQL storm).
+            reason = "unanswered"
+        elif self._reconnects >= cfg.reconnect_budget:
+            reason = "budget"
+        else:
+            return True
+        self.counters["reconnect_refused_" + reason] += 1
+        return False
+
     def _reconnect(self, now: float, send_rst: bool) -> None:
-        """spec §3.8 reconstruct_sess: RST the target's side, then a faked handshake from the
-        next unsent captured segment on the same client tuple (spec §3.13)."""
+        """spec §3.8 reconstruct_sess: RST the target's side, then a faked handshake on the
+        same client tuple (spec §3.13) from the next request boundary (``_skip_to_request``)."""
         self.counters["reconnect"] += 1
         self._reconnects += 1
+        self._reconnected = True
+        # What was sent and never acknowledged is thrown away with the connection: the next
+        # segment continues it only if it carries the same ack (the same request).
+        self._resync = (self._snd_nxt, self._last_data_ack)
         if send_rst:
             self._ctl.append((RST | ACK, self._seq(self._snd_nxt), self._rcv_nxt, b"", None))
         self._unacked.clear()
@@ -1001,6 +1044,36 @@ class TcpSession:
         self._held_since = None
         self._gap_held = False
         self._gap_at = None
+
+    def _skip_to_request(self, now: float) -> None:
+        """Before a reconnect's SYN: drop captured segments until one starts a request (its
+        ack differs from the one of the segment before it), so the new connection never
+        starts in the middle of a request.  After a hole the segment before is the lost one:
+        a segment whose ack differs from the last one known is taken as a boundary (requests
+        are mostly one segment; a tail sent by mistake is refused by the target, and then
+        rule "unanswered" stops the reconnects).  With no boundary captured yet the session
+        waits (CLOSED) for more; if the client has closed meanwhile, it ends."""
+        end, ack = self._resync  # type: ignore[misc]
+        pend = self._pending
+        skipped = 0
+        while pend:
+            seg = pend[0]
+            if seg.end <= end:
+                pend.popleft()  # a captured retransmission of what went before
+                continue
+            if seg.ack != ack and seg.off >= end:
+                break
+            pend.popleft()
+            skipped += seg.end - max(seg.off, end)
+            end, ack = seg.end, seg.ack
+        if skipped:
+            self.counters["reconnect_skipped_bytes"] += skipped
+        if pend:
+            self._resync = None
+            return
+        self._resync = (end, ack)
+        if self._fin_seg is not None or self._rst_seg is not None:
+            self._end(Outcome.TARGET_CLOSED, now)
 
     def _internal_error(self, now: float) -> None:
         self._drop(DropReason.INTERNAL_ERROR)
@@ -1091,7 +1164,11 @@ class TcpSession:
                 c["send"] += 1
                 c["send ack"] += 1
         elif st is _CLOSED:
-            if self._base is not None and (self._syn_pkt is not None or self._pending):
+            if self._resync is not None:
+                self._skip_to_request(now)
+            if self._base is not None and (
+                self._pending or (self._syn_pkt is not None and not self._fake_syn)
+            ):
                 self._send_syn(now, out)
         elif st is _SYN_SENT:
             if self._syn_due:
@@ -1335,15 +1412,18 @@ class TcpSession:
         self._fin_wait_at = now + self.config.fin_wait_timeout_s
 
     def _gate_open(self, ack: int, now: float, kind: int) -> bool:
-        """The request gate (module docstring); counts the rule that released."""
-        base = self._online_base
-        if base is None:
-            base = self._online_base = ack
-        online = (ack - base) & SEQ_MASK
+        """The request gate, per exchange (module docstring); counts the rule that released."""
+        prev = self._last_data_ack  # the previous request's ack
+        if prev is None:
+            prev = self._online_base  # none sent yet: the handshake ACK's (online ISN + 1)
+            if prev is None:
+                prev = self._online_base = ack  # a mid-stream start: nothing to wait for
+        online = (ack - prev) & SEQ_MASK
         if online >= SEQ_HALF:
-            online = 0
+            online = 0  # the client's ack went backwards: not a new answer
+        got = self._rcv_data - self._rcv_data_at_req
         c = self.counters
-        if self._rcv_data >= online:
+        if got >= online:
             rule = "gate_bytes"  # (a)
         elif kind == _GATE_DATA and not self.config.wait_response:
             rule = "gate_nowait"  # (b) -W
@@ -1354,15 +1434,19 @@ class TcpSession:
                 c["requests_held"] += 1
             quiet_at: float | None = None
             rule = ""
-            if self._rcv_data > self._rcv_data_at_req:
-                quiet_s = max(
-                    2 * self._rtt(),
-                    RESPONSE_QUIET_MIN_S if kind == _GATE_DATA else CLOSE_QUIET_MIN_S,
-                )
+            if got > 0:
+                if kind == _GATE_DATA:
+                    quiet_s = self._rtt() / 2  # spec §3.9 DELAY_ACK: rtt/2 without new data
+                    if quiet_s < RESPONSE_QUIET_MIN_S:
+                        quiet_s = RESPONSE_QUIET_MIN_S
+                else:
+                    quiet_s = max(2 * self._rtt(), CLOSE_QUIET_MIN_S)
                 if self._rcv_unacked:
-                    # We owe the target an ACK: its silence may be ours.  Look again once
-                    # the delayed ACK has gone out.
-                    quiet_at = (self._ack_at if self._ack_at is not None else now) + quiet_s
+                    # We owe the target an ACK, so its silence may be ours (Nagle, cwnd): the
+                    # ACK goes out now (the held request would carry it anyway) and the quiet
+                    # counts from it.
+                    self._ack_due = True
+                    quiet_at = now + quiet_s
                 else:
                     quiet_at = max(self._last_resp_data_at, self._last_ack_at) + quiet_s
                     if now >= quiet_at:
@@ -1372,7 +1456,7 @@ class TcpSession:
                 if now >= max_at:
                     rule = "gate_max_wait"  # (d)
                 else:
-                    self._gate_at = max_at if quiet_at is None else min(max_at, quiet_at)
+                    self._gate_at = max_at if quiet_at is None or quiet_at > max_at else quiet_at
                     return False
         c[rule] += 1
         self._held_since = None
