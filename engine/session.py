@@ -180,6 +180,9 @@ _FIN_WAIT, _LINGER, _FINISHED = State.FIN_WAIT, State.LINGER, State.FINISHED
 _SYN_FLAGS = SYN | ECE | CWR
 
 
+# Outcomes where the target ended the connection (later client data is a reconnect in effect).
+_TARGET_ENDED = frozenset({Outcome.TARGET_CLOSED, Outcome.TARGET_RESET, Outcome.RECONNECT_LIMIT})
+
 # Gate kinds: a FIN/RST is never released by -W (spec §3.14: FIN/RST stay held).
 _GATE_DATA, _GATE_CLOSE = 0, 1
 
@@ -195,7 +198,8 @@ class TcpSession:
         # client stream
         "_base", "_iss", "_snd_una", "_snd_nxt", "_cap_end", "_pending", "_unacked", "_syn_pkt",
         "_third_pkt", "_fin_seg", "_rst_seg", "_fin_sent", "_fake_syn", "_fake_wnd", "_ip_id",
-        "_gap_held", "_gap_at", "_gap_fast", "_reconnects", "_reconnected", "_resync",
+        "_gap_held", "_gap_at", "_gap_fast", "_reconnects", "_reconnected", "_resync", "_cap_ack",
+        "_restart_refused",
         # handshake
         "_syn_bytes", "_syn_sent_at", "_syn_retx", "_syn_rto", "_syn_at", "_handshake_at",
         "_syn_due", "_need_third", "_syn_ts", "_syn_wscale", "_rcv_mss", "_rcv_wnd_max",
@@ -255,6 +259,8 @@ class TcpSession:
         # Skipping to a request boundary before a reconnect: (end offset, ack) of the last
         # segment known (sent or skipped), or None.
         self._resync: tuple[int, int | None] | None = None
+        self._cap_ack: int | None = None  # the ack of the captured segment ending at _cap_end
+        self._restart_refused = False  # later client data was refused a new session
         self._syn_bytes = b""
         self._syn_sent_at = 0.0
         self._syn_retx = False
@@ -345,6 +351,49 @@ class TcpSession:
         if self.state is not _LINGER or not pkt.data_len or self._base is None:
             return False
         return self._coff(pkt.seq) >= self._cap_end
+
+    def may_continue(self, pkt: TcpPacket, now: float) -> bool:
+        """Later data (``is_later_data``) on this ended session: may a new session carry the
+        client's connection on?  When the target ended the connection while the client went
+        on, a new session is a reconnect in effect (spec §3.13), under the same rules
+        (module docstring): it must start at a request boundary and be allowed by
+        ``_may_reconnect``; the new session takes over the count (``continue_from``).  A
+        refused packet is dropped, and the session lingers on as long as the client talks,
+        so that later data cannot start a session either (the -W PostgreSQL storm: each new
+        connection began in the middle of the stream, was closed, and the next packet
+        started another)."""
+        if self.outcome not in _TARGET_ENDED:
+            return True
+        off = self._coff(pkt.seq)
+        if off - self._cap_end > CLIENT_SEQ_JUMP_MAX_BYTES:
+            return True  # not this stream: a new connection on the tuple
+        c = self.counters
+        ok = not self._restart_refused
+        if ok and (pkt.ack == self._cap_ack and off == self._cap_end):
+            c["reconnect_skipped_bytes"] += pkt.data_len  # the rest of a request
+            ok = False
+        elif ok and not self._may_reconnect(by_target=True):
+            self._restart_refused = True
+            ok = False
+        if ok:
+            return True
+        end = off + pkt.data_len
+        if end > self._cap_end:
+            self._cap_end = end
+            self._cap_ack = pkt.ack
+        self._drop(DropReason.SESSION_CLOSED)
+        if self._linger_at is not None:
+            self._linger_at = now + self.config.linger_s
+        return False
+
+    def continue_from(self, old: TcpSession) -> None:
+        """This new session carries on ``old``'s client connection (``may_continue``): if the
+        target ended that one, this is a reconnect in effect, counted as one."""
+        if old.outcome not in _TARGET_ENDED:
+            return
+        self._reconnects = old._reconnects + 1
+        self._reconnected = True
+        self.counters["reconnect"] += 1
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
@@ -556,6 +605,7 @@ class TcpSession:
             # denominator of the replay fidelity (client_bytes_acked / this).
             c["client_bytes_captured"] += end - self._cap_end
             self._cap_end = end
+            self._cap_ack = pkt.ack
         pend = self._pending
         for seg in segs:
             if not pend or pend[-1].off <= seg.off:
