@@ -59,14 +59,16 @@ released when
   (a) got >= online: the target answered at least as much as production did;
   (b) -W (spec §3.14);
   (c) got > 0 and then nothing for quiet_s = max(rtt / 2, RESPONSE_QUIET_MIN_S): the answer
-      was shorter and is over (C: DELAY_ACK's half-RTT tick, spec §3.9; on a LAN, rtt <= 1 ms,
-      C sends at once, ``internal_usage`` spec §3.12: the floor is that within a millisecond);
+      was shorter and is over (C: DELAY_ACK's half-RTT tick, spec §3.9).  The rtt is the
+      path's (the smallest sample), not the smoothed one, which under load also holds the
+      time answers queued in our own worker.  On a LAN (path rtt <= LAN_RTT_MAX_S) got > 0
+      is enough, as in C (``internal_usage``, spec §3.8 step 5, §3.12);
   (d) it has been held for response_wait_max_s.
 Both counts start over at every request, so a shorter or longer answer on one exchange never
 shifts the next (a running total would: one byte short, and every later request waits the
 quiet; docs/replay.md has worked examples).  Continuations (same ack) go out at once.  Silence
-we caused is not the target's: while a request is held, response data is acked at once (the
-request would carry that ack anyway), and the quiet counts from that ACK.  A FIN or RST whose
+we caused is not the target's: beyond a LAN, while a request is held, response data is acked
+at once (the request would carry that ack anyway), and the quiet counts from that ACK.  A FIN or RST whose
 ack moved uses the same gate (never rule (b)), with a longer quiet (CLOSE_QUIET_MIN_S: a close
 that cuts a streaming answer makes the target abort it), and a FIN also waits until all data
 is acknowledged.
@@ -145,7 +147,10 @@ RESPONSE_QUIET_MIN_S = 0.001
 """Rule (c) of the request gate: a shorter answer is over after max(rtt / 2, this) of silence
 (spec §3.9 DELAY_ACK re-arms for rtt/2), counted from the later of its last data and our last
 ACK (silence we caused by not acking is not the target's).  The floor is the event loop's
-timer resolution; on a LAN half an RTT is below it (C's internal_usage, spec §3.12)."""
+timer resolution."""
+LAN_RTT_MAX_S = 0.001
+"""Rule (c) on a LAN: with a path RTT up to this (C's internal_usage, spec §3.12: rtt <= 1 ms)
+a held request goes as soon as answer data has arrived, as C does (spec §3.8 step 5)."""
 CLOSE_QUIET_MIN_S = 0.5
 """Rule (c) for a client FIN/RST: a close that cuts a still-streaming response short makes the
 target abort it (nginx logs a short body), so a close waits for a longer silence."""
@@ -209,7 +214,7 @@ class TcpSession:
         # timestamps and window
         "_ts_ok", "_ts_val", "_ts_recent", "_snd_wscale", "_snd_wnd",
         # retransmission
-        "_srtt", "_rttvar", "_backoff", "_retries", "_rto_at", "_retx_due", "_dupacks", "_recover",
+        "_srtt", "_rtt_min", "_rttvar", "_backoff", "_retries", "_rto_at", "_retx_due", "_dupacks", "_recover",
         "_persist_at", "_persist_backoff", "_probe_due", "_retx_answered",
         # request gate
         "_online_base", "_last_data_ack", "_gate_ack", "_held_since", "_gate_at",
@@ -288,6 +293,7 @@ class TcpSession:
         self._snd_wscale = 0
         self._snd_wnd = 0
         self._srtt: float | None = None
+        self._rtt_min: float | None = None  # the smallest sample: the path, not our queueing
         self._rttvar = 0.0
         self._backoff = 0
         self._retries = 0
@@ -975,9 +981,11 @@ class TcpSession:
         self._reconnect(now, send_rst=True)
 
     def _rtt_sample(self, r: float) -> None:
-        """RFC 6298 §2 smoothing."""
+        """RFC 6298 §2 smoothing; the minimum is kept apart (``_rtt_min``)."""
         if r < 0:
             return
+        if self._rtt_min is None or r < self._rtt_min:
+            self._rtt_min = r
         if self._srtt is None:
             self._srtt = r
             self._rttvar = r / 2
@@ -1009,6 +1017,12 @@ class TcpSession:
 
     def _rtt(self) -> float:
         return self.config.rtt_initial_s if self._srtt is None else self._srtt
+
+    def _path_rtt(self) -> float:
+        """The round trip of the path to the target: the smallest sample (Linux's min_rtt).
+        The smoothed RTT also holds the time our own worker kept the answers queued under
+        load, which says nothing about gaps inside the target's answers."""
+        return self.config.rtt_initial_s if self._rtt_min is None else self._rtt_min
 
     # -- state changes ----------------------------------------------------------------------
 
@@ -1486,12 +1500,17 @@ class TcpSession:
             rule = ""
             if got > 0:
                 if kind == _GATE_DATA:
-                    quiet_s = self._rtt() / 2  # spec §3.9 DELAY_ACK: rtt/2 without new data
+                    # spec §3.9 DELAY_ACK: rtt/2 without new data
+                    quiet_s = self._path_rtt() / 2
                     if quiet_s < RESPONSE_QUIET_MIN_S:
                         quiet_s = RESPONSE_QUIET_MIN_S
                 else:
                     quiet_s = max(2 * self._rtt(), CLOSE_QUIET_MIN_S)
-                if self._rcv_unacked:
+                if kind == _GATE_DATA and self._path_rtt() <= LAN_RTT_MAX_S:
+                    # spec §3.8 step 5, §3.12 internal_usage: on a LAN the next request goes
+                    # as soon as answer data has arrived (and carries our ACK).
+                    rule = "gate_quiet"  # (c)
+                elif self._rcv_unacked:
                     # We owe the target an ACK, so its silence may be ours (Nagle, cwnd): the
                     # ACK goes out now (the held request would carry it anyway) and the quiet
                     # counts from it.

@@ -16,6 +16,7 @@ from engine.session import (
     DUP_ACK_THRESHOLD,
     FAKED_TTL,
     FAKED_WINDOW,
+    LAN_RTT_MAX_S,
     RESPONSE_QUIET_MIN_S,
     RETRIES_MAX,
     RTO_MAX_S,
@@ -204,12 +205,13 @@ def test_new_request_held_until_target_sent_as_much_as_online_rule_a():
     c = Client()
     link = mk()
     t = link.target
-    establish(link, c)
+    establish(link, c, rtt=0.004)  # beyond a LAN: answer data alone releases nothing
     (d1,) = link.client(c.data(REQ1))
     assert counters(link)["gate_bytes"] == 1  # the first request: online had sent 0
     # The online server answered 300 bytes before the client's next request.
     assert link.client(c.data(REQ2, read=300)) == []
     assert link.session.unsend == 1
+    link.now += 0.004
     # 200 < 300: still held; the data is acked at once (the target's silence must be its own).
     assert [(p.flags, p.payload) for p in link.respond(t.send(200))] == [(ACK, b"")]
     link.now += 0.0005
@@ -234,7 +236,7 @@ def test_held_request_released_after_quiet_response_rule_c():
     # that ack anyway), so the silence after it is the target's own.
     out = link.respond(t.send(200))
     assert [(p.flags, p.ack) for p in out] == [(ACK, t.isn + 1 + 200)]
-    quiet = max(link.session._rtt() / 2, RESPONSE_QUIET_MIN_S)  # rtt/2 (spec §3.9)
+    quiet = max(link.session._path_rtt() / 2, RESPONSE_QUIET_MIN_S)  # rtt/2 (spec §3.9)
     assert 0.001 < quiet < 0.004
     out = link.run(0.020 + quiet - 0.0001)
     assert [p.payload for p in out if p.payload] == []
@@ -244,20 +246,20 @@ def test_held_request_released_after_quiet_response_rule_c():
     assert counters(link)["gate_max_wait"] == 0
 
 
-def test_quiet_wait_has_a_floor_on_a_lan():
-    """spec §3.12 internal_usage: on a LAN (rtt <= 1 ms) C sends at once; half an RTT below the
-    event loop's timer resolution is RESPONSE_QUIET_MIN_S."""
+def test_on_a_lan_the_next_request_goes_when_answer_data_arrives():
+    """spec §3.8 step 5, §3.12 internal_usage: with a path RTT up to LAN_RTT_MAX_S, C sends
+    the next request as soon as response data arrives; so do we (counted as rule (c))."""
     c = Client()
     link = mk()
     t = link.target
     establish(link, c, rtt=0.0002)
     link.client(c.data(REQ1))
-    link.client(c.data(REQ2, read=300))
-    start = link.now
-    link.respond(t.send(10))
-    assert [p.payload for p in link.run(start + RESPONSE_QUIET_MIN_S - 0.0001) if p.payload] == []
-    out = link.run(start + RESPONSE_QUIET_MIN_S)
-    assert [p.payload for p in out if p.payload] == [REQ2]
+    assert link.client(c.data(REQ2, read=300)) == []  # no answer data yet: held
+    out = link.respond(t.send(10))
+    assert [p.payload for p in out] == [REQ2]
+    assert out[0].ack == t.snd_nxt  # it carries the ACK of the answer
+    assert counters(link)["gate_quiet"] == 1
+    assert LAN_RTT_MAX_S >= 0.0002
 
 
 def test_client_fin_waits_for_long_silence_not_a_pause_mid_response():
