@@ -169,10 +169,10 @@ def test_redis_incr_lpush_from_50_connections(testbed: tbm.Testbed, tmp_path: Pa
 # -- (c) PostgreSQL pgbench TPC-B ----------------------------------------------------------------
 
 PG_CLIENTS = 10
-PG_SECONDS = 5
-PG_DONE_AFTER_LOAD_S = 1.5 * 25.0 * PG_SECONDS / 10
-"""C TCPCopy 1.0 needed 24-26 s after a 10 s TPC-B load from 10 clients (issue 14); the load
-here lasts PG_SECONDS, so 1.5 x C's time scaled to it."""
+PG_SECONDS = 10
+PG_DONE_AFTER_LOAD_S = 1.5 * 25.0
+"""C TCPCopy 1.0 needed 24-26 s after this load (pgbench TPC-B, 10 clients, 10 s; issue 14):
+the target's sessions queue on the branch rows whatever replays them."""
 BALANCES = (
     "SELECT (SELECT sum(abalance) FROM pgbench_accounts), "
     "(SELECT sum(tbalance) FROM pgbench_tellers), "
@@ -291,7 +291,8 @@ def test_no_wait_on_postgres_never_storms_the_target_with_reconnects(
     print(what)
     if reconnect == "default":
         reconnects = summary.get("reconnect", 0)
-        assert made == clients + reconnects <= 2 * clients, f"{what}\n{diag(testbed)}"
+        # (A reconnect whose SYN the target never answered leaves no log line.)
+        assert clients <= made <= clients + reconnects <= 2 * clients, f"{what}\n{diag(testbed)}"
         assert summary.get("reconnect_refused_unanswered", 0) == reconnects, what
     else:
         assert made == clients, f"{what}\n{diag(testbed)}"
