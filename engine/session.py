@@ -44,7 +44,7 @@ front of them.  ``receive_*`` and ``handle_timer`` only change state (deadlines,
 window probe, new data (through the request gate, flow control and gap/overlap checks), then
 FIN/RST, then a pure ACK if one is still owed.  A hole in the captured stream (a segment the
 capture lost) holds the pump for at most CLIENT_GAP_WAIT_S; then the session reconnects from
-the next captured segment (``_abandon_gap``).
+the next captured request (``_abandon_gap``, ``_skip_to_request``).
 
 The request gate (replaces C's "response complete" timer heuristic, spec §3.7 step 6c, §3.9
 DELAY_ACK, §6 item 6), per exchange.  An exchange is the target's answer to the previous
@@ -165,7 +165,7 @@ CLIENT_GAP_WAIT_S = 1.0
 """How long a hole in the captured client stream may hold the session.  Capture reorders by
 microseconds, never by a second; a hole still open after this is a segment the capture lost
 (ring, socket buffer) and will never see: the session gives it up (counted as "client gap
-abandoned") and reconnects from the next captured segment.  QUIRK fixed (spec §3.7 step 6d,
+abandoned") and reconnects from the next captured request.  QUIRK fixed (spec §3.7 step 6d,
 §3.9): C holds the session on the hole until -t (sess_obso), so every later request of a
 keep-alive connection piles up unsent; and the gate's byte count (rule (a)) could never
 catch up, since the target never answers the lost request."""
