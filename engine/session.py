@@ -950,7 +950,7 @@ class TcpSession:
     def _abandon_gap(self, now: float) -> None:
         """The hole in front of the captured stream outlived CLIENT_GAP_WAIT_S: its bytes are
         lost for good.  Resynchronise: RST the target's side and reconnect (faked handshake)
-        from the next captured segment, as for a target FIN/RST with unsent data (spec §3.8
+        from the next captured request, as for a target FIN/RST with unsent data (spec §3.8
         reconstruct_sess); the gate starts over, so later requests replicate."""
         if self.state is not _ESTABLISHED:
             return
