@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,9 @@ CATCH_UP_LIMIT_S = 60.0
 """How long a test waits for the target at all (to report what it got, then fail)."""
 
 
-def wait_done(count: callable, expected: int, since: float, limit_s: float) -> tuple[int, float]:
+def wait_done(
+    count: Callable[[], int], expected: int, since: float, limit_s: float
+) -> tuple[int, float]:
     """Poll ``count()`` until it reaches ``expected`` or ``limit_s`` passed; returns the count
     and the seconds from ``since`` (the end of the load) to when it was reached."""
     deadline = since + limit_s
