@@ -296,7 +296,8 @@ def test_no_wait_on_postgres_never_storms_the_target_with_reconnects(
         reconnects = summary.get("reconnect", 0)
         # (A reconnect whose SYN the target never answered leaves no log line.)
         assert clients <= made <= clients + reconnects <= 2 * clients, f"{what}\n{diag(testbed)}"
-        assert summary.get("reconnect_refused_unanswered", 0) == reconnects, what
+        # Each further attempt was refused (unless the client closed first).
+        assert summary.get("reconnect_refused_unanswered", 0) <= reconnects, what
     else:
         assert made == clients, f"{what}\n{diag(testbed)}"
         assert summary.get("reconnect", 0) == 0, what
