@@ -157,6 +157,17 @@ class Scenario:
     """Connection: close (one request per connection)."""
     duration_s: int = 0
     """Seconds of load of a live run; 0 = the run's --duration."""
+    differ: bool = False
+    """Request tests/netns/testbed.py's DIFFER_PREFIX URLs, whose bodies differ in length on
+    the target (shorter, longer, equal: docs/replay.md), cycling through them."""
+
+    def path(self, prefix: str) -> str:
+        """The URL path of the run's requests up to the part wrk or the script varies."""
+        return f"{tbm.DIFFER_PREFIX}{prefix}/req" if self.differ else f"/{prefix}/req"
+
+    def needle(self, prefix: str) -> str:
+        """What marks the run's requests in an access log."""
+        return f" {tbm.DIFFER_PREFIX}{prefix}/" if self.differ else f" /{prefix}/"
 
     def describe(self) -> str:
         addrs = "1 client address" if self.client_ips == 1 else f"{self.client_ips} addresses"
@@ -166,7 +177,9 @@ class Scenario:
                 f"offline replay -a {OFFLINE_ACCEL} of a pcap: {what}, c{self.connections}, {addrs}"
             )
         if self.kind == "keepalive":
-            return f"keep-alive, {self.connections} conns, unpaced"
+            differ = ", target bodies of other lengths" if self.differ else ""
+            pace = f"{self.rate_per_s // 1000} k req/s offered" if self.rate_per_s else "unpaced"
+            return f"keep-alive, {self.connections} conns, {pace}{differ}"
         rate = f"{self.rate_per_s // 1000} k/s offered" if self.rate_per_s else "unpaced"
         during = f", for {self.duration_s} s" if self.duration_s else ""
         return f"short conns, c{self.connections}, {rate}, {addrs}{during}"
@@ -175,18 +188,23 @@ class Scenario:
         """The short 'load' column of the table."""
         if self.kind == "offline":
             return f"pcap -a {OFFLINE_ACCEL}"
+        if self.rate_per_s and self.kind == "keepalive":
+            return f"c{self.connections} {self.rate_per_s // 1000} k/s" + (
+                " other lengths" if self.differ else ""
+            )
         if self.rate_per_s:
             during = f", {self.duration_s} s" if self.duration_s else ""
             return f"{self.rate_per_s // 1000} k/s x{self.client_ips} addr{during}"
-        return (
-            f"c{self.connections} x{self.client_ips} addr" if self.close else f"c{self.connections}"
-        )
+        if self.close:
+            return f"c{self.connections} x{self.client_ips} addr"
+        return f"c{self.connections}" + (" other lengths" if self.differ else "")
 
 
 SCENARIOS = (
     Scenario("ka-c10", "keepalive", 10),
     Scenario("ka-c50", "keepalive", 50),
     Scenario("ka-c200", "keepalive", 200),
+    Scenario("ka-c50-5k-differ", "keepalive", 50, 5000, differ=True),
     Scenario("short-c10-1ip", "short", 10, 0, 1, close=True),
     Scenario("short-c10-64ip", "short", 10, 0, 64, close=True),
     Scenario("sustained-2k-1ip", "short", 16, 2000, 1, close=True, duration_s=80),
@@ -198,8 +216,10 @@ EXTRA_SCENARIOS = (
     Scenario("short-10k-1ip", "short", 256, 10000, 1, close=True),
     Scenario("short-5k-64ip", "short", 128, 5000, 64, close=True),
     Scenario("short-10k-64ip", "short", 256, 10000, 64, close=True),
+    Scenario("ka-c50-differ", "keepalive", 50, differ=True),
 )
-"""Not in the default set (--scenarios): the paced short-connection loads of earlier runs."""
+"""Not in the default set (--scenarios): the paced short-connection loads of earlier runs, and
+ka-c50-differ unpaced (it measures the replicator's throughput more than its pace)."""
 PROFILE_SCENARIOS = ("short-c10-1ip", "ka-c50")
 
 
@@ -254,6 +274,7 @@ if RATE_PER_THREAD > 0 then
     return math.floor(wait + 0.5)
   end
 end
+{differ_request}
 function response(status, headers, body)
   responses = responses + 1
   if responses >= CAP_PER_THREAD then wrk.thread:stop() end
@@ -277,19 +298,30 @@ def wrk_script(path: Path, scenario: Scenario, duration_s: int) -> Path:
     else:
         rate_per_thread, cap = 0, KEEPALIVE_CAP_PER_THREAD
     close = 'wrk.headers["Connection"] = "close"' if scenario.close else ""
+    differ = ""
+    if scenario.differ:
+        # The URI's last digit picks the body length (testbed DIFFER_BODY_BYTES).
+        differ = (
+            "local sent = 0\n"
+            "function request()\n"
+            "  sent = sent + 1\n"
+            "  return wrk.format(nil, wrk.path .. (sent % 10))\n"
+            "end"
+        )
     path.write_text(
         _WRK_LUA.format(
             rate_per_thread=rate_per_thread,
             cap_per_thread=cap,
             slack_ms=PACING_SLACK_MS,
             close_header=close,
+            differ_request=differ,
         )
     )
     return path
 
 
 def wrk_argv(tb: tbm.Testbed, script: Path, scenario: Scenario, duration_s: int, prefix: str):
-    url = f"http://{tbm.ONLINE_CLIENT_SIDE_IP}:{tbm.ONLINE_HTTP_PORT}/{prefix}/req"
+    url = f"http://{tbm.ONLINE_CLIENT_SIDE_IP}:{tbm.ONLINE_HTTP_PORT}{scenario.path(prefix)}"
     return [
         "ip", "netns", "exec", tb.ns("client"), WRK_BIN,
         "-t", str(WRK_THREADS), "-c", str(scenario.connections), "-d", f"{duration_s}s",
@@ -543,6 +575,11 @@ OURS_SUMMARY_KEYS = (
     "capture_accepted",
     "conns",
     "requests",
+    "requests_held",
+    "gate_bytes",
+    "gate_quiet",
+    "gate_max_wait",
+    "reconnect",
     "port reuse",
     "unsend",
     "reset",
@@ -757,8 +794,8 @@ def run_live(ctx: Context, scenario: Scenario, rep: Replicator) -> dict[str, Any
             install_snat(tb)
             snat = True
         script = wrk_script(ctx.workdir / f"wrk-{prefix}.lua", scenario, duration_s)
-        online = LogCounter(tb.nginx["online"].dir / "access.log", f" /{prefix}/")
-        target = LogCounter(tb.nginx["target"].dir / "access.log", f" /{prefix}/")
+        online = LogCounter(tb.nginx["online"].dir / "access.log", scenario.needle(prefix))
+        target = LogCounter(tb.nginx["target"].dir / "access.log", scenario.needle(prefix))
         names = process_names(proc.pid)
         cpu0, icpu0, host0 = tree_cpu(proc.pid), tree_cpu(intercept.pid), host_busy_s()
         t0 = time.monotonic()
@@ -784,6 +821,8 @@ def run_live(ctx: Context, scenario: Scenario, rep: Replicator) -> dict[str, Any
             wrk=wrk,
             load_s=round(load_s, 2),
             settle_s=round(settle_s, 2),
+            # How long the target needed after the load ended (None: it never caught up).
+            target_done_after_load_s=round(settle_s, 2) if n_target >= n_online else None,
             tcpcopy_cpu_s=round(tc_cpu, 3),
             tcpcopy_processes=len(cpu1),
             intercept_cpu_s=round(ic_cpu, 3),
@@ -1125,7 +1164,7 @@ def run_profile(ctx: Context, scenario: Scenario, workers: int, out: Path) -> di
             snat = True
         names = process_names(tcpcopy.pid)
         script = wrk_script(ctx.workdir / f"wrk-{prefix}.lua", scenario, PROFILE_DURATION_S + 2)
-        online = LogCounter(tb.nginx["online"].dir / "access.log", f" /{prefix}/")
+        online = LogCounter(tb.nginx["online"].dir / "access.log", scenario.needle(prefix))
         wrk_proc = subprocess.Popen(
             wrk_argv(tb, script, scenario, PROFILE_DURATION_S + 2, prefix),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -1169,6 +1208,7 @@ TARGETS = {
     "ka-c10": (0.999, 1.0),
     "ka-c50": (0.999, 1.0),
     "ka-c200": (0.999, 1.0),
+    "ka-c50-5k-differ": (0.999, 1.0),
     "short-c10-1ip": (0.99, None),
     "short-c10-64ip": (0.999, None),
     "offline-ka": (0.999, 1.0),
@@ -1242,6 +1282,14 @@ def _drops_text(drops: dict[str, int] | None, limit: int = 3) -> str:
     return text.replace("|", "/")
 
 
+def _done_text(r: dict[str, Any]) -> str:
+    """The "target done after load" cell: seconds, or that it had not caught up."""
+    if "target_done_after_load_s" not in r:
+        return "-"  # offline, or a run from before the column
+    done = r["target_done_after_load_s"]
+    return f"not in {r.get('settle_s', 0):.0f} s" if done is None else f"{done:.1f} s"
+
+
 def markdown(report: dict[str, Any]) -> str:
     host = report["host"]
     peer = "C TCPCopy 1.0 beside tcpcopy-mp" if report["peer"] == C else "tcpcopy-mp only"
@@ -1256,9 +1304,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"{report['record_s']} s of the online side at -a {OFFLINE_ACCEL}. Load generator, "
         "both nginx, the replicator and the intercept share these CPUs.",
         "",
-        "| scenario | load | replicator | online req | target req | replicated | target req/s "
-        "| vs C | CPU s / 1k repl. (+intercept) | CPU vs C | peak RSS (PSS) MB | drops by reason |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| scenario | load | replicator | online req | target req | replicated | target done "
+        "after load | target req/s | vs C | CPU s / 1k repl. (+intercept) | CPU vs C "
+        "| peak RSS (PSS) MB | drops by reason |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     scen = {s.name: s for s in (*SCENARIOS, *EXTRA_SCENARIOS)}
     for r in report["runs"]:
@@ -1268,7 +1317,7 @@ def markdown(report: dict[str, Any]) -> str:
         if r["status"] != "ok":
             lines.append(
                 f"| {r['scenario']} | {load} | {label} | failed: "
-                f"{str(r.get('error', '?'))[:70].replace('|', '/')} ||||||||"
+                f"{str(r.get('error', '?'))[:70].replace('|', '/')} |||||||||"
             )
             continue
         ratio = r.get("ratio")
@@ -1276,6 +1325,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {r['scenario']} | {load} | {label} "
             f"| {r['online_requests']:,} | {r['target_requests']:,} "
             f"| {_fmt(None if ratio is None else 100 * ratio, '.2f', ' %')} "
+            f"| {_done_text(r)} "
             f"| {_fmt(r.get('target_rate_per_s'), ',.0f')} "
             f"| {_fmt(r.get('rate_vs_c'), '.2f', 'x')} "
             f"| {_fmt(r.get('cpu_s_per_1k'), '.3f')} "
@@ -1287,6 +1337,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         "\\* tcpcopy-mp's best `--workers` for the scenario (highest target req/s). "
+        '"target done after load": seconds from the end of the wrk load until the target\'s '
+        "count reached the online one (polled every 0.25 s). "
         '"target req/s": replicated requests per second of wrk\'s run time (live) or over the '
         "span of the target's access-log timestamps (offline). \"vs C\": that rate over C's; "
         "\"CPU vs C\": the replicator's CPU per 1,000 replicated requests over C's. RSS sums "

@@ -296,6 +296,8 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
         mss=mss,
         wait_response=not args.no_wait,
         fake_handshake=not args.only_syn,
+        reconnect=not args.no_reconnect,
+        reconnect_budget=v.get("reconnect_budget", 8),
         session_timeout_s=float(timeout_s),
         keepalive_timeout_s=float(keepalive_s),
         **({"rtt_initial_s": rtt_ms / 1000.0} if rtt_ms > 0 else {}),

@@ -416,6 +416,31 @@ class SessionConfig:
         shown_default=False,
     )
     """Not -O: a flow whose SYN was not captured starts with a faked handshake."""
+    reconnect: bool = option(
+        True,
+        long="--no-reconnect",
+        action="store_true",
+        help="never reconnect a session the target closed or reset with requests unsent",
+        section=_REPL,
+        shown_default=False,
+    )
+    """Not --no-reconnect: when the target closes or resets a connection while captured
+    requests are still unsent (or a hole in the capture is given up), the session opens a new
+    connection (faked handshake) that starts at the next request boundary (spec §3.8
+    reconstruct_sess).  Turn it off for protocols with connection state (a database login,
+    a TLS session): there a request on a new connection is refused anyway."""
+    reconnect_budget: int = option(
+        8,
+        long="--reconnect-budget",
+        parse=Int(0, 1_000_000),
+        metavar="N",
+        help="reconnects one session may make (8)",
+        section=_REPL,
+    )
+    """At most this many reconnects per session; one more is refused (counted as
+    reconnect_refused_budget) and the session ends.  A reconnected connection that the target
+    closes or resets before sending any response data is never reconnected again
+    (reconnect_refused_unanswered), whatever the budget."""
     session_timeout_s: float = option(
         600.0,
         short="-t",

@@ -44,19 +44,45 @@ front of them.  ``receive_*`` and ``handle_timer`` only change state (deadlines,
 window probe, new data (through the request gate, flow control and gap/overlap checks), then
 FIN/RST, then a pure ACK if one is still owed.  A hole in the captured stream (a segment the
 capture lost) holds the pump for at most CLIENT_GAP_WAIT_S; then the session reconnects from
-the next captured segment (``_abandon_gap``).
+the next captured request (``_abandon_gap``, ``_skip_to_request``).
 
-The request gate (replaces C's "response complete" timer heuristic, spec §3.7 step 6c, §6
-item 6).  A captured client segment's ack says how many response bytes the *online* server
-had sent when the client sent it: ``online_bytes = ack - online_base``, where online_base is
-the ack of the first ACK-bearing client packet of the connection (the handshake ACK: online
-ISN + 1).  ``_rcv_data`` counts the response bytes the *target* has sent on this connection.
-A data segment whose ack differs from the previous one's is a new request (the client read
-something in between); it is released when (a) the target has sent at least as much as the
-online server had, or (b) -W, or (c) response data arrived since the previous request and then
-nothing for a quiet interval (the target sent less than online), or (d) it has been held for
-response_wait_max_s.  Continuations (same ack) go out at once.  A FIN or RST whose ack moved
-uses the same gate (never rule (b)), and a FIN also waits until all data is acknowledged.
+The request gate (replaces C's "response complete" timer heuristic, spec §3.7 step 6c, §3.9
+DELAY_ACK, §6 item 6), per exchange.  An exchange is the target's answer to the previous
+request.  A captured client segment's ack says how many response bytes the *online* server
+had sent when the client sent it; the difference between this request's ack and the previous
+request's ack (for the first request: the handshake ACK's, online ISN + 1) is what the online
+server answered to the previous request: ``online = ack - prev_ack``.  What the target has
+answered to it is ``got = _rcv_data - _rcv_data_at_req`` (``_rcv_data`` counts the response
+bytes of this connection; ``_rcv_data_at_req`` is its value when the previous request went
+out).  A data segment whose ack differs from the previous one's is a new request; it is
+released when
+  (a) got >= online: the target answered at least as much as production did;
+  (b) -W (spec §3.14);
+  (c) got > 0 and then nothing for quiet_s = max(rtt / 2, RESPONSE_QUIET_MIN_S): the answer
+      was shorter and is over (C: DELAY_ACK's half-RTT tick, spec §3.9).  The rtt is the
+      path's (the smallest sample), not the smoothed one, which under load also holds the
+      time answers queued in our own worker.  On a LAN (path rtt <= LAN_RTT_MAX_S) got > 0
+      is enough, as in C (``internal_usage``, spec §3.8 step 5, §3.12);
+  (d) it has been held for response_wait_max_s.
+Both counts start over at every request, so a shorter or longer answer on one exchange never
+shifts the next (a running total would: one byte short, and every later request waits the
+quiet; docs/replay.md has worked examples).  Continuations (same ack) go out at once.  Silence
+we caused is not the target's: beyond a LAN, while a request is held, response data is acked
+at once (the request would carry that ack anyway), and the quiet counts from that ACK.  A FIN or RST whose
+ack moved uses the same gate (never rule (b)), with a longer quiet (CLOSE_QUIET_MIN_S: a close
+that cuts a streaming answer makes the target abort it), and a FIN also waits until all data
+is acknowledged.
+
+Reconnects (spec §3.8 reconstruct_sess) happen only where they can work: the target closed or
+reset the connection with captured client data unsent, or a hole in the captured stream was
+given up.  The new connection starts at a request boundary (a segment whose ack differs from
+the one before it, contiguous with what was sent or skipped; skipped bytes are counted as
+"reconnect_skipped_bytes"), never in the middle of a request.  A reconnect is refused
+(counted as "reconnect_refused_<reason>", the session ends) when reconnects are off
+(--no-reconnect: protocols with connection state, such as a database login), when the
+session's budget (--reconnect-budget) is spent, or when the previous reconnected connection
+was closed or reset by the target before it sent any response data: that target does not take
+the stream from that point, and trying again would only repeat it.
 """
 
 from __future__ import annotations
@@ -118,17 +144,18 @@ RETRIES_MAX = 6
 SYN_RTO_INITIAL_S = 0.5
 """QUIRK fixed (spec §3.9 retrans_pack, §5.2): C never retransmits a SYN."""
 DELAYED_ACK_S = 0.04
-RESPONSE_QUIET_MIN_S = 0.05
-"""Rule (c) of the request gate: the response is over after max(2*rtt, this) of silence,
-counted from the later of its last data and our last ACK (silence we caused by not acking
-is not the target's)."""
+RESPONSE_QUIET_MIN_S = 0.001
+"""Rule (c) of the request gate: a shorter answer is over after max(rtt / 2, this) of silence
+(spec §3.9 DELAY_ACK re-arms for rtt/2), counted from the later of its last data and our last
+ACK (silence we caused by not acking is not the target's).  The floor is the event loop's
+timer resolution."""
+LAN_RTT_MAX_S = 0.001
+"""Rule (c) on a LAN: with a path RTT up to this (C's internal_usage, spec §3.12: rtt <= 1 ms)
+a held request goes as soon as answer data has arrived, as C does (spec §3.8 step 5)."""
 CLOSE_QUIET_MIN_S = 0.5
 """Rule (c) for a client FIN/RST: a close that cuts a still-streaming response short makes the
 target abort it (nginx logs a short body), so a close waits for a longer silence."""
 DUP_ACK_THRESHOLD = 3
-RECONNECTS_MAX = 3
-"""Reconnects in a row without the target acknowledging any data (a target that resets every
-attempt would otherwise loop forever)."""
 FAKED_WINDOW = 65535
 FAKED_TTL = 64
 DEFAULT_MSS = 536
@@ -139,7 +166,7 @@ CLIENT_GAP_WAIT_S = 1.0
 """How long a hole in the captured client stream may hold the session.  Capture reorders by
 microseconds, never by a second; a hole still open after this is a segment the capture lost
 (ring, socket buffer) and will never see: the session gives it up (counted as "client gap
-abandoned") and reconnects from the next captured segment.  QUIRK fixed (spec §3.7 step 6d,
+abandoned") and reconnects from the next captured request.  QUIRK fixed (spec §3.7 step 6d,
 §3.9): C holds the session on the hole until -t (sess_obso), so every later request of a
 keep-alive connection piles up unsent; and the gate's byte count (rule (a)) could never
 catch up, since the target never answers the lost request."""
@@ -159,6 +186,9 @@ _FIN_WAIT, _LINGER, _FINISHED = State.FIN_WAIT, State.LINGER, State.FINISHED
 _SYN_FLAGS = SYN | ECE | CWR
 
 
+# Outcomes where the target ended the connection (later client data is a reconnect in effect).
+_TARGET_ENDED = frozenset({Outcome.TARGET_CLOSED, Outcome.TARGET_RESET, Outcome.RECONNECT_LIMIT})
+
 # Gate kinds: a FIN/RST is never released by -W (spec §3.14: FIN/RST stay held).
 _GATE_DATA, _GATE_CLOSE = 0, 1
 
@@ -174,7 +204,8 @@ class TcpSession:
         # client stream
         "_base", "_iss", "_snd_una", "_snd_nxt", "_cap_end", "_pending", "_unacked", "_syn_pkt",
         "_third_pkt", "_fin_seg", "_rst_seg", "_fin_sent", "_fake_syn", "_fake_wnd", "_ip_id",
-        "_gap_held", "_gap_at", "_gap_fast", "_reconnects",
+        "_gap_held", "_gap_at", "_gap_fast", "_reconnects", "_reconnected", "_resync", "_cap_ack",
+        "_restart_refused",
         # handshake
         "_syn_bytes", "_syn_sent_at", "_syn_retx", "_syn_rto", "_syn_at", "_handshake_at",
         "_syn_due", "_need_third", "_syn_ts", "_syn_wscale", "_rcv_mss", "_rcv_wnd_max",
@@ -184,7 +215,7 @@ class TcpSession:
         # timestamps and window
         "_ts_ok", "_ts_val", "_ts_recent", "_snd_wscale", "_snd_wnd",
         # retransmission
-        "_srtt", "_rttvar", "_backoff", "_retries", "_rto_at", "_retx_due", "_dupacks", "_recover",
+        "_srtt", "_rtt_min", "_rttvar", "_backoff", "_retries", "_rto_at", "_retx_due", "_dupacks", "_recover",
         "_persist_at", "_persist_backoff", "_probe_due", "_retx_answered",
         # request gate
         "_online_base", "_last_data_ack", "_gate_ack", "_held_since", "_gate_at",
@@ -229,7 +260,13 @@ class TcpSession:
         self._gap_held = False
         self._gap_at: float | None = None  # when a hole in the captured stream is given up
         self._gap_fast = False  # this hole's deadline was brought forward (expedite_gap)
-        self._reconnects = 0
+        self._reconnects = 0  # reconnects made by this session (the budget)
+        self._reconnected = False  # the current connection is a reconnect
+        # Skipping to a request boundary before a reconnect: (end offset, ack) of the last
+        # segment known (sent or skipped), or None.
+        self._resync: tuple[int, int | None] | None = None
+        self._cap_ack: int | None = None  # the ack of the captured segment ending at _cap_end
+        self._restart_refused = False  # later client data was refused a new session
         self._syn_bytes = b""
         self._syn_sent_at = 0.0
         self._syn_retx = False
@@ -257,6 +294,7 @@ class TcpSession:
         self._snd_wscale = 0
         self._snd_wnd = 0
         self._srtt: float | None = None
+        self._rtt_min: float | None = None  # the smallest sample: the path, not our queueing
         self._rttvar = 0.0
         self._backoff = 0
         self._retries = 0
@@ -336,6 +374,49 @@ class TcpSession:
         if self.state is not _LINGER or not pkt.data_len or self._base is None:
             return False
         return self._coff(pkt.seq) >= self._cap_end
+
+    def may_continue(self, pkt: TcpPacket, now: float) -> bool:
+        """Later data (``is_later_data``) on this ended session: may a new session carry the
+        client's connection on?  When the target ended the connection while the client went
+        on, a new session is a reconnect in effect (spec §3.13), under the same rules
+        (module docstring): it must start at a request boundary and be allowed by
+        ``_may_reconnect``; the new session takes over the count (``continue_from``).  A
+        refused packet is dropped, and the session lingers on as long as the client talks,
+        so that later data cannot start a session either (the -W PostgreSQL storm: each new
+        connection began in the middle of the stream, was closed, and the next packet
+        started another)."""
+        if self.outcome not in _TARGET_ENDED:
+            return True
+        off = self._coff(pkt.seq)
+        if off - self._cap_end > CLIENT_SEQ_JUMP_MAX_BYTES:
+            return True  # not this stream: a new connection on the tuple
+        c = self.counters
+        ok = not self._restart_refused
+        if ok and (pkt.ack == self._cap_ack and off == self._cap_end):
+            c["reconnect_skipped_bytes"] += pkt.data_len  # the rest of a request
+            ok = False
+        elif ok and not self._may_reconnect(by_target=True):
+            self._restart_refused = True
+            ok = False
+        if ok:
+            return True
+        end = off + pkt.data_len
+        if end > self._cap_end:
+            self._cap_end = end
+            self._cap_ack = pkt.ack
+        self._drop(DropReason.SESSION_CLOSED)
+        if self._linger_at is not None:
+            self._linger_at = now + self.config.linger_s
+        return False
+
+    def continue_from(self, old: TcpSession) -> None:
+        """This new session carries on ``old``'s client connection (``may_continue``): if the
+        target ended that one, this is a reconnect in effect, counted as one."""
+        if old.outcome not in _TARGET_ENDED:
+            return
+        self._reconnects = old._reconnects + 1
+        self._reconnected = True
+        self.counters["reconnect"] += 1
 
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
@@ -547,6 +628,7 @@ class TcpSession:
             # denominator of the replay fidelity (client_bytes_acked / this).
             c["client_bytes_captured"] += end - self._cap_end
             self._cap_end = end
+            self._cap_ack = pkt.ack
         pend = self._pending
         for seg in segs:
             if not pend or pend[-1].off <= seg.off:
@@ -724,7 +806,6 @@ class TcpSession:
         self._snd_una = a
         self._retries = 0
         self._backoff = 0
-        self._reconnects = 0
         if sample is not None:
             self._rtt_sample(sample)
         if self._recover is not None:
@@ -764,7 +845,7 @@ class TcpSession:
         if self.state is _FIN_WAIT:
             self._ctl.append(ack_ctl)
             self._end(Outcome.CLOSED, now, graceful=True)
-        elif self._pending:
+        elif self._pending and self._may_reconnect(by_target=True):
             # spec §3.8 proc_bak_fin: unsent client data remains: reconnect and send it.
             self._ctl.append(ack_ctl)
             self._reconnect(now, send_rst=True)
@@ -784,11 +865,8 @@ class TcpSession:
             self._end(Outcome.TARGET_CLOSED, now, rst_off=self._snd_nxt)
 
     def _target_reset(self, now: float) -> None:
-        if self._pending:
-            if self._reconnects >= RECONNECTS_MAX:
-                self._end(Outcome.RECONNECT_LIMIT, now)
-            else:
-                self._reconnect(now, send_rst=False)
+        if self._pending and self._may_reconnect(by_target=True):
+            self._reconnect(now, send_rst=False)
         else:
             self._end(Outcome.TARGET_RESET, now)
 
@@ -887,7 +965,7 @@ class TcpSession:
     def _abandon_gap(self, now: float) -> None:
         """The hole in front of the captured stream outlived CLIENT_GAP_WAIT_S: its bytes are
         lost for good.  Resynchronise: RST the target's side and reconnect (faked handshake)
-        from the next captured segment, as for a target FIN/RST with unsent data (spec §3.8
+        from the next captured request, as for a target FIN/RST with unsent data (spec §3.8
         reconstruct_sess); the gate starts over, so later requests replicate."""
         if self.state is not _ESTABLISHED:
             return
@@ -912,15 +990,17 @@ class TcpSession:
             fin.off = nxt  # type: ignore[union-attr]
             fin.end = nxt + 1  # type: ignore[union-attr]
             return
-        if self._reconnects >= RECONNECTS_MAX:
+        if not self._may_reconnect(by_target=False):
             self._end(Outcome.RECONNECT_LIMIT, now, rst_off=nxt)
             return
         self._reconnect(now, send_rst=True)
 
     def _rtt_sample(self, r: float) -> None:
-        """RFC 6298 §2 smoothing."""
+        """RFC 6298 §2 smoothing; the minimum is kept apart (``_rtt_min``)."""
         if r < 0:
             return
+        if self._rtt_min is None or r < self._rtt_min:
+            self._rtt_min = r
         if self._srtt is None:
             self._srtt = r
             self._rttvar = r / 2
@@ -952,6 +1032,12 @@ class TcpSession:
 
     def _rtt(self) -> float:
         return self.config.rtt_initial_s if self._srtt is None else self._srtt
+
+    def _path_rtt(self) -> float:
+        """The round trip of the path to the target: the smallest sample (Linux's min_rtt).
+        The smoothed RTT also holds the time our own worker kept the answers queued under
+        load, which says nothing about gaps inside the target's answers."""
+        return self.config.rtt_initial_s if self._rtt_min is None else self._rtt_min
 
     # -- state changes ----------------------------------------------------------------------
 
@@ -992,11 +1078,32 @@ class TcpSession:
         c["tw"] += 1  # a gauge: the table takes it back when the session is forgotten
         self._events.append(SessionEnded(self.outcome))
 
+    def _may_reconnect(self, by_target: bool) -> bool:
+        """Whether a reconnect can work (module docstring); a refusal is counted by reason.
+        ``by_target``: the target closed or reset the connection."""
+        cfg = self.config
+        if not cfg.reconnect:
+            reason = "off"
+        elif by_target and self._reconnected and self._rcv_data == 0:
+            # This connection was itself a reconnect, and the target ended it before sending
+            # anything: it does not take the stream from there (the -W PostgreSQL storm).
+            reason = "unanswered"
+        elif self._reconnects >= cfg.reconnect_budget:
+            reason = "budget"
+        else:
+            return True
+        self.counters["reconnect_refused_" + reason] += 1
+        return False
+
     def _reconnect(self, now: float, send_rst: bool) -> None:
-        """spec §3.8 reconstruct_sess: RST the target's side, then a faked handshake from the
-        next unsent captured segment on the same client tuple (spec §3.13)."""
+        """spec §3.8 reconstruct_sess: RST the target's side, then a faked handshake on the
+        same client tuple (spec §3.13) from the next request boundary (``_skip_to_request``)."""
         self.counters["reconnect"] += 1
         self._reconnects += 1
+        self._reconnected = True
+        # What was sent and never acknowledged is thrown away with the connection: the next
+        # segment continues it only if it carries the same ack (the same request).
+        self._resync = (self._snd_nxt, self._last_data_ack)
         if send_rst:
             self._ctl.append((RST | ACK, self._seq(self._snd_nxt), self._rcv_nxt, b"", None))
         self._unacked.clear()
@@ -1052,6 +1159,36 @@ class TcpSession:
         has_conn = st is _ESTABLISHED or st is _FIN_WAIT
         self._end(Outcome.OFFLINE_END, now, rst_off=self._snd_nxt if has_conn else None)
         return True
+
+    def _skip_to_request(self, now: float) -> None:
+        """Before a reconnect's SYN: drop captured segments until one starts a request (its
+        ack differs from the one of the segment before it), so the new connection never
+        starts in the middle of a request.  After a hole the segment before is the lost one:
+        a segment whose ack differs from the last one known is taken as a boundary (requests
+        are mostly one segment; a tail sent by mistake is refused by the target, and then
+        rule "unanswered" stops the reconnects).  With no boundary captured yet the session
+        waits (CLOSED) for more; if the client has closed meanwhile, it ends."""
+        end, ack = self._resync  # type: ignore[misc]
+        pend = self._pending
+        skipped = 0
+        while pend:
+            seg = pend[0]
+            if seg.end <= end:
+                pend.popleft()  # a captured retransmission of what went before
+                continue
+            if seg.ack != ack and seg.off >= end:
+                break
+            pend.popleft()
+            skipped += seg.end - max(seg.off, end)
+            end, ack = seg.end, seg.ack
+        if skipped:
+            self.counters["reconnect_skipped_bytes"] += skipped
+        if pend:
+            self._resync = None
+            return
+        self._resync = (end, ack)
+        if self._fin_seg is not None or self._rst_seg is not None:
+            self._end(Outcome.TARGET_CLOSED, now)
 
     def _internal_error(self, now: float) -> None:
         self._drop(DropReason.INTERNAL_ERROR)
@@ -1148,7 +1285,11 @@ class TcpSession:
                 c["send"] += 1
                 c["send ack"] += 1
         elif st is _CLOSED:
-            if self._base is not None and (self._syn_pkt is not None or self._pending):
+            if self._resync is not None:
+                self._skip_to_request(now)
+            if self._base is not None and (
+                self._pending or (self._syn_pkt is not None and not self._fake_syn)
+            ):
                 self._send_syn(now, out)
         elif st is _SYN_SENT:
             if self._syn_due:
@@ -1398,15 +1539,18 @@ class TcpSession:
         self._fin_wait_at = now + self.config.fin_wait_timeout_s
 
     def _gate_open(self, ack: int, now: float, kind: int) -> bool:
-        """The request gate (module docstring); counts the rule that released."""
-        base = self._online_base
-        if base is None:
-            base = self._online_base = ack
-        online = (ack - base) & SEQ_MASK
+        """The request gate, per exchange (module docstring); counts the rule that released."""
+        prev = self._last_data_ack  # the previous request's ack
+        if prev is None:
+            prev = self._online_base  # none sent yet: the handshake ACK's (online ISN + 1)
+            if prev is None:
+                prev = self._online_base = ack  # a mid-stream start: nothing to wait for
+        online = (ack - prev) & SEQ_MASK
         if online >= SEQ_HALF:
-            online = 0
+            online = 0  # the client's ack went backwards: not a new answer
+        got = self._rcv_data - self._rcv_data_at_req
         c = self.counters
-        if self._rcv_data >= online:
+        if got >= online:
             rule = "gate_bytes"  # (a)
         elif kind == _GATE_DATA and not self.config.wait_response:
             rule = "gate_nowait"  # (b) -W
@@ -1417,15 +1561,24 @@ class TcpSession:
                 c["requests_held"] += 1
             quiet_at: float | None = None
             rule = ""
-            if self._rcv_data > self._rcv_data_at_req:
-                quiet_s = max(
-                    2 * self._rtt(),
-                    RESPONSE_QUIET_MIN_S if kind == _GATE_DATA else CLOSE_QUIET_MIN_S,
-                )
-                if self._rcv_unacked:
-                    # We owe the target an ACK: its silence may be ours.  Look again once
-                    # the delayed ACK has gone out.
-                    quiet_at = (self._ack_at if self._ack_at is not None else now) + quiet_s
+            if got > 0:
+                if kind == _GATE_DATA:
+                    # spec §3.9 DELAY_ACK: rtt/2 without new data
+                    quiet_s = self._path_rtt() / 2
+                    if quiet_s < RESPONSE_QUIET_MIN_S:
+                        quiet_s = RESPONSE_QUIET_MIN_S
+                else:
+                    quiet_s = max(2 * self._rtt(), CLOSE_QUIET_MIN_S)
+                if kind == _GATE_DATA and self._path_rtt() <= LAN_RTT_MAX_S:
+                    # spec §3.8 step 5, §3.12 internal_usage: on a LAN the next request goes
+                    # as soon as answer data has arrived (and carries our ACK).
+                    rule = "gate_quiet"  # (c)
+                elif self._rcv_unacked:
+                    # We owe the target an ACK, so its silence may be ours (Nagle, cwnd): the
+                    # ACK goes out now (the held request would carry it anyway) and the quiet
+                    # counts from it.
+                    self._ack_due = True
+                    quiet_at = now + quiet_s
                 else:
                     quiet_at = max(self._last_resp_data_at, self._last_ack_at) + quiet_s
                     if now >= quiet_at:
@@ -1435,7 +1588,7 @@ class TcpSession:
                 if now >= max_at:
                     rule = "gate_max_wait"  # (d)
                 else:
-                    self._gate_at = max_at if quiet_at is None else min(max_at, quiet_at)
+                    self._gate_at = max_at if quiet_at is None or quiet_at > max_at else quiet_at
                     return False
         c[rule] += 1
         self._held_since = None

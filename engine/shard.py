@@ -291,10 +291,14 @@ class SessionTable:
                 s = e.session
                 if s.state is _LINGER and pkt.data_len and s.is_later_data(pkt):
                     # spec §3.6: new traffic on a lingering tuple starts a new (faked)
-                    # session; per replica, as each replica is its own session in C.
+                    # session; per replica, as each replica is its own session in C.  If the
+                    # target ended the old one, only where a reconnect may (may_continue).
+                    if not s.may_continue(pkt, now):
+                        continue  # dropped; it lingers on (its timer entry fires, is moved)
                     fresh = self._replace(flow, flow.index(e), pkt, now)
                     if fresh is None:
                         continue
+                    fresh.session.continue_from(s)
                     e, s = fresh, fresh.session
                 s.receive_client(pkt, now)
                 if not e.touched:

@@ -66,6 +66,13 @@ start-up); collecting the young generation every 700 allocations cost 8 % of the
 rate on short connections and 11 % on keep-alive sessions with a backlog of held requests
 (same-process micro-benchmarks, gc defaults vs these)."""
 GC_FREEZE_INTERVAL_S = 1.0
+REFUSAL_LOG_INTERVAL_S = 10.0
+"""At most one log line per this interval about reconnects the sessions refused."""
+_REFUSAL_KEYS = (
+    "reconnect_refused_off",
+    "reconnect_refused_budget",
+    "reconnect_refused_unanswered",
+)
 """Every this long the worker moves what the collector tracks into its permanent generation
 (gc.freeze): a collection then walks at most this long's survivors.  Without it, a full
 collection in a table holding a backlog of 200,000 segments took 150-300 ms (micro-benchmark;
@@ -131,6 +138,8 @@ class Worker:
         self._input_error = False
         self._no_tuple_seen = 0
         self._no_tuple_log = RateLimiter(NO_TUPLE_LOG_INTERVAL_S)
+        self._refusals_logged = 0
+        self._refusal_log = RateLimiter(REFUSAL_LOG_INTERVAL_S)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -232,6 +241,7 @@ class Worker:
             if timer is not None and timer <= now:
                 self.table.handle_timer(now)
             self._flush(now)
+            self._log_refusals(now)
             timer = self.channels.get_timer()
             if timer is not None and timer <= now:
                 self.channels.handle_timer(now)
@@ -384,6 +394,24 @@ class Worker:
                     send(pkt)
 
     # -- reporting --------------------------------------------------------------------------
+
+    def _log_refusals(self, now: float) -> None:
+        """Reconnects the sessions refused since the last line (rate-limited)."""
+        c = getattr(self.table, "counters", None)
+        if c is None:
+            return
+        total = c["reconnect_refused_off"] + c["reconnect_refused_budget"]
+        total += c["reconnect_refused_unanswered"]
+        if total == self._refusals_logged or not self._refusal_log.allow("refused", now)[0]:
+            return
+        by = ", ".join(f"{k.removeprefix('reconnect_refused_')} {c[k]}" for k in _REFUSAL_KEYS)
+        log.warning(
+            "%d reconnect(s) refused since the last report (in all: %s); those sessions "
+            "ended with their requests unsent (see --no-reconnect, --reconnect-budget)",
+            total - self._refusals_logged,
+            by,
+        )
+        self._refusals_logged = total
 
     def _check_memory(self) -> None:
         """spec §3.17, on the current RSS (C checks the peak, which never comes back down)."""

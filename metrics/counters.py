@@ -145,6 +145,14 @@ SENT_KINDS: tuple[str, ...] = ("syn", "data", "ack", "fin", "rst", "retransmit",
 """Values of the ``kind`` label of tcpcopy_packets_sent_total: a partition of what the
 sessions emitted (see ``sent_by_kind``)."""
 
+GATE_RULES: tuple[str, ...] = ("bytes", "quiet", "max_wait", "nowait")
+"""Values of the ``rule`` label of tcpcopy_requests_released_total (slot ``gate_<rule>``):
+engine/session.py's request gate rules (a), (c), (d), (b)."""
+
+RECONNECT_REFUSALS: tuple[str, ...] = ("off", "budget", "unanswered")
+"""Values of the ``reason`` label of tcpcopy_reconnects_refused_total (slot
+``reconnect_refused_<reason>``)."""
+
 SHED_REASONS: tuple[str, ...] = ("ring_full", "memory")
 """Values of the ``reason`` label of tcpcopy_sessions_shed_total (slot ``shed_sessions_<reason>``,
 engine/shed.py's REASON_*): whole sessions the capture did not admit under overload."""
@@ -237,6 +245,10 @@ _SCHEMA: list[Slot] = [
         "gate_nowait",
         "gate_quiet",
         "gate_max_wait",
+        "reconnect_refused_off",  # --no-reconnect
+        "reconnect_refused_budget",  # --reconnect-budget spent
+        "reconnect_refused_unanswered",  # the last reconnect was closed before any answer
+        "reconnect_skipped_bytes",  # client bytes skipped to start a reconnect at a request
         "client_bytes_captured",
         "client_bytes_acked",
         "tuple_history_avoided",  # ports skipped: a dead predecessor used them (TIME_WAIT)

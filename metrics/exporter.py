@@ -27,8 +27,10 @@ from prometheus_client.registry import Collector
 from engine.errors import ConfigError
 from metrics.counters import (
     DROP_REASONS,
+    GATE_RULES,
     HANDSHAKE_FAILURES,
     OUTCOMES,
+    RECONNECT_REFUSALS,
     SEND_ERRNOS,
     SENT_KINDS,
     SHED_REASONS,
@@ -249,6 +251,26 @@ TCPCOPY_SERIES: tuple[tuple[Series, Callable[[Snapshot], Any]], ...] = (
             "SYN its kernel accepts (RFC 6191).",
         ),
         _total("tuples_reused"),
+    ),
+    (
+        Series(
+            "tcpcopy_requests_released",
+            COUNTER,
+            ("rule",),
+            "Held requests released by the request gate, by rule (bytes: the target answered "
+            "as much as production; quiet: a shorter answer ended; max_wait; nowait: -W).",
+        ),
+        _labelled("gate_", GATE_RULES),
+    ),
+    (
+        Series(
+            "tcpcopy_reconnects_refused",
+            COUNTER,
+            ("reason",),
+            "Reconnects not made, by reason (off: --no-reconnect; budget: "
+            "--reconnect-budget spent; unanswered: the last reconnect was closed unanswered).",
+        ),
+        _labelled("reconnect_refused_", RECONNECT_REFUSALS),
     ),
     # Not in design §7: per-worker throughput (flow-hash balance) and intercept links.
     (

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 APT_PKGS=(libnetfilter-queue-dev libnfnetlink-dev libpcap-dev nginx-light iptables iproute2
           redis-server redis-tools apache2-utils wrk tcpdump procps psmisc prometheus systemd
-          gcc libc6-dev)
+          gcc libc6-dev postgresql postgresql-contrib)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -16,9 +16,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
-# Debian may start nginx/redis/prometheus on install; our tests run their own instances in
-# namespaces, so the host copies are only stopped (never pkill: a running test owns its own).
-systemctl stop nginx redis-server prometheus >/dev/null 2>&1 || true
+# Debian may start nginx/redis/prometheus/postgresql on install; our tests run their own
+# instances in namespaces, so the host copies are only stopped (never pkill: a running test
+# owns its own).
+systemctl stop nginx redis-server prometheus postgresql >/dev/null 2>&1 || true
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi

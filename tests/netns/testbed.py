@@ -44,6 +44,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -60,6 +61,15 @@ NGINX_ECHO_MODULE = Path("/usr/lib/nginx/modules/ngx_http_echo_module.so")
 REDIS_SERVER_BIN = shutil.which("redis-server") or "/usr/bin/redis-server"
 REDIS_BENCHMARK_BIN = shutil.which("redis-benchmark") or "/usr/bin/redis-benchmark"
 TCPDUMP_BIN = shutil.which("tcpdump") or "/usr/bin/tcpdump"
+PGBENCH_BIN = shutil.which("pgbench") or "/usr/bin/pgbench"
+PSQL_BIN = shutil.which("psql") or "/usr/bin/psql"
+
+
+def postgres_bin_dir() -> Path | None:
+    """Debian's server binaries (postgresql-NN: initdb, postgres), the newest version."""
+    dirs = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: p.parts[-3])
+    return dirs[-1].parent if dirs else None
+
 
 ROLES = ("client", "online", "target", "assistant", "sw")
 NS_NAME_RE = re.compile(r"^tc(\d+)-(\d+)-(client|online|target|assistant|sw)$")
@@ -85,6 +95,19 @@ BRIDGE = "br0"  # in sw
 ONLINE_HTTP_PORT = 80
 TARGET_HTTP_PORT = 8080
 REDIS_PORT = 6379
+POSTGRES_PORT = 5432
+POSTGRES_USER = "postgres"
+"""The Debian package's system user: the server refuses to run as root."""
+
+DIFFER_PREFIX = "/differ/"
+DIFFER_BODY_BYTES = {
+    # The last digit of the URI (and that digit + 5) picks the body.  The target's is much
+    # shorter, shorter over several segments, equal, much longer, one byte shorter than the
+    # online server's: in all a deficit, which a running byte count never makes up.
+    "online": {"0": 300, "1": 3000, "2": 40, "3": 40, "4": 41},
+    "target": {"0": 30, "1": 2000, "2": 40, "3": 400, "4": 40},
+}
+"""/differ/... on the two nginx: the same URLs, bodies of other lengths (a migrated server)."""
 INTERCEPT_PORT = 36524
 
 BIG_FILE_PATH = "/big.bin"
@@ -671,7 +694,14 @@ def summarize_pcap(path: Path, port: int) -> PcapSummary:
 # the testbed
 
 
-def _nginx_conf(prefix: Path, listen_port: int) -> str:
+def _differ_map(role: str) -> str:
+    sizes = DIFFER_BODY_BYTES[role]
+    lines = [f'~{d}$ "{"d" * (sizes[d] - 1)}\\n";' for d in sorted(sizes)]
+    lines += [f'~{int(d) + 5}$ "{"d" * (sizes[d] - 1)}\\n";' for d in sorted(sizes)]
+    return "map $uri $differ_body {\n        " + "\n        ".join(lines) + "\n    }"
+
+
+def _nginx_conf(prefix: Path, listen_port: int, role: str = "online") -> str:
     load = f"load_module {NGINX_ECHO_MODULE};\n" if NGINX_ECHO_MODULE.exists() else ""
     # /upload/ reads the whole body (echo_read_request_body) into a kept file so the tests can
     # hash what each server received; without the echo module it falls back to discarding it
@@ -694,9 +724,11 @@ http {{
     keepalive_requests 100000;
     keepalive_timeout 900s;
     default_type application/octet-stream;
+    {_differ_map(role)}
     server {{
         listen {listen_port} backlog=4096;
         location / {{ return 200 "ok\\n"; }}
+        location {DIFFER_PREFIX} {{ return 200 $differ_body; }}
         location /upload/ {{
             client_max_body_size 32m;
             client_body_buffer_size 64k;
@@ -733,6 +765,7 @@ class Testbed:
         """--workers given to every tcpcopy-mp this testbed starts (None: the default)."""
         self.nginx: dict[str, Server] = {}
         self.redis: dict[str, Server] = {}
+        self.postgres: dict[str, Server] = {}
         self.mode: str | None = None
         self._created: list[str] = []
         self._closed = False
@@ -783,6 +816,8 @@ class Testbed:
                 delete_netns(self.ns(role))
             except Exception:  # noqa: BLE001
                 pass
+        for server in self.postgres.values():
+            shutil.rmtree(server.dir, ignore_errors=True)
 
     # -- network --------------------------------------------------------------------------------
 
@@ -913,7 +948,7 @@ class Testbed:
             (prefix / sub).mkdir(parents=True, exist_ok=True)
         self._write_big_file(prefix / "html" / BIG_FILE_PATH.lstrip("/"))
         conf = prefix / "nginx.conf"
-        conf.write_text(_nginx_conf(prefix, port))
+        conf.write_text(_nginx_conf(prefix, port, role))
         proc = self.spawn(
             role, f"nginx-{role}", [str(NGINX_BIN), "-p", str(prefix), "-c", str(conf)]
         )
@@ -937,9 +972,76 @@ class Testbed:
             "--unixsocket", str(directory / "redis.sock"),
             "--unixsocketperm", "700",
             "--maxclients", "4000",
+            "--enable-debug-command", "local",  # DEBUG DIGEST over the unix socket
         ]  # fmt: skip
         proc = self.spawn(role, f"redis-{role}", argv)
         return Server(proc, directory)
+
+    def start_postgres(self, role: str) -> Server:
+        """A PostgreSQL server in ``role`` (online or target) on POSTGRES_PORT: a fresh cluster
+        (initdb) in a directory of its own, trust authentication, run as the postgres user,
+        its unix socket in that directory (set-up traffic never crosses the replicated port),
+        every connection logged.  Returns once it accepts connections."""
+        bindir = postgres_bin_dir()
+        if bindir is None:
+            raise TestbedError("PostgreSQL server binaries not installed (tests/setup.sh)")
+        # Outside the (root-only) pytest tmp tree: the postgres user must reach it.
+        directory = Path(tempfile.mkdtemp(prefix=f"{self.tag}-pg-{role}-", dir="/tmp"))
+        os.chmod(directory, 0o755)
+        shutil.chown(directory, POSTGRES_USER, POSTGRES_USER)
+        data = directory / "data"
+        as_postgres = ["setpriv", "--reuid", POSTGRES_USER, "--regid", POSTGRES_USER,
+                       "--init-groups", "--"]  # fmt: skip
+        _sh([*as_postgres, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U",
+             POSTGRES_USER, "-E", "UTF8", "--no-sync"], timeout=120.0)  # fmt: skip
+        with open(data / "postgresql.conf", "a") as conf:
+            conf.write(
+                f"listen_addresses = '*'\nport = {POSTGRES_PORT}\n"
+                f"unix_socket_directories = '{directory}'\nmax_connections = 200\n"
+                "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
+                "log_connections = on\nlogging_collector = off\n"
+            )
+        with open(data / "pg_hba.conf", "a") as hba:
+            hba.write("host all all 0.0.0.0/0 trust\n")
+        proc = self.spawn(
+            role, f"postgres-{role}", [*as_postgres, str(bindir / "postgres"), "-D", str(data)]
+        )
+        server = Server(proc, directory)
+        self.postgres[role] = server
+        ip = ONLINE_CLIENT_SIDE_IP if role == "online" else TARGET_IP
+
+        def ready() -> bool:
+            if not proc.alive():
+                raise TestbedError(f"postgres-{role} exited at start:\n{proc.tail()}")
+            return can_connect(self.ns(role), ip, POSTGRES_PORT, timeout=0.5)
+
+        wait_until(ready, READY_TIMEOUT_S, what=f"postgres-{role} on {ip}:{POSTGRES_PORT}")
+        return server
+
+    def psql(self, role: str, sql: str, timeout: float = 60.0) -> str:
+        """Run ``sql`` on ``role``'s PostgreSQL over its unix socket; the unaligned output."""
+        sock = str(self.postgres[role].dir)
+        return self.run(
+            role, PSQL_BIN, "-h", sock, "-p", str(POSTGRES_PORT), "-U", POSTGRES_USER,
+            "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-Atc", sql, timeout=timeout,
+        ).stdout.strip()  # fmt: skip
+
+    def pgbench_init(self, role: str, scale: int = 1) -> None:
+        """pgbench's tables on ``role``'s server (over the unix socket: not replicated)."""
+        sock = str(self.postgres[role].dir)
+        self.run(role, PGBENCH_BIN, "-i", "-q", "-s", str(scale), "-h", sock,
+                 "-p", str(POSTGRES_PORT), "-U", POSTGRES_USER, "postgres", timeout=300.0)  # fmt: skip
+
+    def pgbench(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        """pgbench from the client namespace against the online server (replicated)."""
+        argv = [PGBENCH_BIN, "-h", ONLINE_CLIENT_SIDE_IP, "-p", str(POSTGRES_PORT),
+                "-U", POSTGRES_USER, *args, "postgres"]  # fmt: skip
+        return self.run("client", *argv, timeout=timeout)
+
+    def postgres_connections(self, role: str) -> list[str]:
+        """The client addresses of every connection ``role``'s server received (its log)."""
+        text = self.postgres[role].proc.output()
+        return re.findall(r"connection received: host=([0-9.]+)", text)
 
     def _wait_servers_ready(self) -> None:
         checks = [

@@ -66,6 +66,7 @@ TCPCOPY_BAD: dict[str, tuple[str, ...]] = {
     "--idle-threshold": ("-1", "long"),
     "--replays": ("0", "many"),
     "--offline-tail": ("0", "-1", "long", "nan"),
+    "--reconnect-budget": ("-1", "1000001", "many"),
     "--workers": ("0", "1025", "all"),
     "--config": ("/nonexistent.toml",),
     "--metrics": ("127.0.0.1:http", "127.0.0.1:0", "1.2.3:9100", "127.0.0.1:65536"),

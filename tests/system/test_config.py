@@ -110,6 +110,8 @@ TCPCOPY_EXPECT: dict[str, Check] = {
     "memory_limit": (lambda c: c.memory_limit_mb, lambda v, t: v),
     "gradual": (lambda c: c.gradual, lambda v, t: v),
     "strict_time_wait": (lambda c: c.session.strict_time_wait, lambda v, t: v),
+    "no_reconnect": (lambda c: c.session.reconnect, lambda v, t: not v),
+    "reconnect_budget": (lambda c: c.session.reconnect_budget, lambda v, t: v),
     "lonely": (lambda c: c.lonely, lambda v, t: v),
     "pool_size": (lambda c: c.pool_size_kb, lambda v, t: v),
     "pid_file": (lambda c: c.pid_file, lambda v, t: v),

@@ -157,3 +157,36 @@ def test_offline_run_feeds_table_orders_routes_first_and_exits_when_idle():
     lines = stats_lines(summary)
     assert f"active:0,rel:{syns},obs del:0,tw:0" in lines
     assert f"total captured packets:{records}" in lines
+
+
+def test_reconnect_refusals_are_logged_rate_limited(caplog):
+    """Each refused reconnect is counted by the sessions; the worker says so in one warning
+    line per REFUSAL_LOG_INTERVAL_S with the count since the last line."""
+    from engine.worker import REFUSAL_LOG_INTERVAL_S
+
+    cfg = ReplayConfig(session=SessionConfig(), intercepts=(("198.18.2.4", 36524),))
+    table = FakeTable()
+    worker = Worker(
+        cfg,
+        table,
+        [],
+        FakeSender([]),
+        channels=lambda sel, on_response: FakeChannels([]),
+        memory_rss=lambda: 0,
+    )
+    try:
+        caplog.set_level("WARNING")
+        worker._log_refusals(10.0)
+        assert not caplog.records  # nothing refused yet
+        table.counters["reconnect_refused_unanswered"] += 3
+        worker._log_refusals(10.0)
+        table.counters["reconnect_refused_off"] += 2
+        worker._log_refusals(10.0 + REFUSAL_LOG_INTERVAL_S / 2)  # too soon: suppressed
+        assert len(caplog.records) == 1
+        assert "3 reconnect(s) refused" in caplog.records[0].getMessage()
+        worker._log_refusals(10.0 + REFUSAL_LOG_INTERVAL_S)
+        assert len(caplog.records) == 2
+        msg = caplog.records[1].getMessage()
+        assert "2 reconnect(s) refused" in msg and "off 2" in msg and "unanswered 3" in msg
+    finally:
+        worker.close()

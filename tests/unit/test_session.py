@@ -16,6 +16,7 @@ from engine.session import (
     DUP_ACK_THRESHOLD,
     FAKED_TTL,
     FAKED_WINDOW,
+    LAN_RTT_MAX_S,
     RESPONSE_QUIET_MIN_S,
     RETRIES_MAX,
     RTO_MAX_S,
@@ -207,14 +208,16 @@ def test_new_request_held_until_target_sent_as_much_as_online_rule_a():
     c = Client()
     link = mk()
     t = link.target
-    establish(link, c)
+    establish(link, c, rtt=0.004)  # beyond a LAN: answer data alone releases nothing
     (d1,) = link.client(c.data(REQ1))
     assert counters(link)["gate_bytes"] == 1  # the first request: online had sent 0
     # The online server answered 300 bytes before the client's next request.
     assert link.client(c.data(REQ2, read=300)) == []
     assert link.session.unsend == 1
-    assert link.respond(t.send(200)) == []  # 200 < 300: still held
-    link.now += 0.001
+    link.now += 0.004
+    # 200 < 300: still held; the data is acked at once (the target's silence must be its own).
+    assert [(p.flags, p.payload) for p in link.respond(t.send(200))] == [(ACK, b"")]
+    link.now += 0.0005
     (d2,) = link.respond(t.send(100))
     assert (d2.payload, d2.seq, d2.ack) == (REQ2, d1.seq + len(REQ1), t.isn + 1 + 300)
     assert counters(link)["gate_bytes"] == 2
@@ -227,23 +230,39 @@ def test_held_request_released_after_quiet_response_rule_c():
     c = Client()
     link = mk(cfg)
     t = link.target
-    establish(link, c, rtt=0.004)  # measured RTT 4 ms -> quiet = max(8 ms, 50 ms)
+    establish(link, c, rtt=0.004)  # measured RTT about 4 ms -> quiet = rtt / 2
     link.client(c.data(REQ1))
     link.now = 0.010
     link.client(c.data(REQ2, read=300))
     link.now = 0.020
-    assert link.respond(t.send(200)) == []  # the target's answer is shorter than online's
-    # Silence is counted from our delayed ACK (we owed one), not from the response data:
-    # until that ACK went out, the target's silence could be our doing.
-    out = link.run(0.020 + DELAYED_ACK_S)
-    acks = [p for p in out if not p.payload]
-    assert [p.ack for p in acks] == [t.isn + 1 + 200]
-    quiet_from = 0.020 + DELAYED_ACK_S
-    out = link.run(quiet_from + RESPONSE_QUIET_MIN_S - 0.0005)
+    # The target's answer is shorter than online's: acked at once (a held request would carry
+    # that ack anyway), so the silence after it is the target's own.
+    out = link.respond(t.send(200))
+    assert [(p.flags, p.ack) for p in out] == [(ACK, t.isn + 1 + 200)]
+    quiet = max(link.session._path_rtt() / 2, RESPONSE_QUIET_MIN_S)  # rtt/2 (spec §3.9)
+    assert 0.001 < quiet < 0.004
+    out = link.run(0.020 + quiet - 0.0001)
     assert [p.payload for p in out if p.payload] == []
-    out = link.run(quiet_from + RESPONSE_QUIET_MIN_S)
+    out = link.run(0.020 + quiet)
     assert [p.payload for p in out if p.payload] == [REQ2]
     assert counters(link)["gate_quiet"] == 1
+    assert counters(link)["gate_max_wait"] == 0
+
+
+def test_on_a_lan_the_next_request_goes_when_answer_data_arrives():
+    """spec §3.8 step 5, §3.12 internal_usage: with a path RTT up to LAN_RTT_MAX_S, C sends
+    the next request as soon as response data arrives; so do we (counted as rule (c))."""
+    c = Client()
+    link = mk()
+    t = link.target
+    establish(link, c, rtt=0.0002)
+    link.client(c.data(REQ1))
+    assert link.client(c.data(REQ2, read=300)) == []  # no answer data yet: held
+    out = link.respond(t.send(10))
+    assert [p.payload for p in out] == [REQ2]
+    assert out[0].ack == t.snd_nxt  # it carries the ACK of the answer
+    assert counters(link)["gate_quiet"] == 1
+    assert LAN_RTT_MAX_S >= 0.0002
 
 
 def test_client_fin_waits_for_long_silence_not_a_pause_mid_response():
@@ -769,7 +788,7 @@ def test_target_rst_with_unsent_data_reconnects_else_ends():
     assert link.events()[-1] == SessionEnded("target_reset")
 
 
-def test_reconnect_limit():
+def test_a_reconnect_reset_before_any_answer_is_not_reconnected_again():
     c = Client()
     link = mk()
     link.client(c.syn(), c.ack(), c.data(REQ1))
@@ -784,8 +803,78 @@ def test_reconnect_limit():
         link.target = t
         t.observe(out[-1])
         link.respond(t.synack(window=0))
-    assert counters(link)["reconnect"] == 3
-    assert link.events()[-1] == SessionEnded("reconnect_limit")
+    assert counters(link)["reconnect"] == 1
+    assert counters(link)["reconnect_refused_unanswered"] == 1
+    assert link.events()[-1] == SessionEnded("target_reset")
+
+
+def test_reconnect_budget_caps_answered_reconnects():
+    cfg = SessionConfig(reconnect_budget=2)
+    c = Client()
+    link = mk(cfg)
+    establish(link, c)
+    link.client(c.data(REQ1))
+    read = 0
+    for i in range(3):
+        read += 100
+        link.client(c.data(b"GET /%d HTTP/1.1\r\n\r\n" % i, read=read))
+    for i in range(4):
+        # The target answers, then closes with the next request still unsent.
+        out = link.respond(link.target.send(50, fin=True))
+        if link.session.lingering:
+            break
+        assert out[-1].flags == SYN
+        link.target = t = Target(isn=1000 * (i + 1))
+        t.observe(out[-1])
+        link.respond(t.synack())
+    assert counters(link)["reconnect"] == 2
+    assert counters(link)["reconnect_refused_budget"] == 1
+    assert link.events()[-1] == SessionEnded("target_closed")
+    assert counters(link)["unsend dropped"] == 1
+
+
+def test_no_reconnect_flag_ends_the_session():
+    cfg = SessionConfig(reconnect=False)
+    c = Client()
+    link = mk(cfg)
+    establish(link, c)
+    link.client(c.data(REQ1), c.data(REQ2, read=300))
+    out = link.respond(link.target.send(250, fin=True))
+    assert not [p for p in out if p.flags & SYN]
+    assert counters(link)["reconnect"] == 0
+    assert counters(link)["reconnect_refused_off"] == 1
+    assert link.events()[-1] == SessionEnded("target_closed")
+
+
+def test_reconnect_starts_at_a_request_boundary():
+    """The target closed in the middle of a request's segments: the new connection starts at
+    the next request, never with the rest of the cut one (a database would take it for a
+    startup packet)."""
+    c = Client()
+    link = mk()
+    t = link.target
+    establish(link, c)
+    link.client(c.data(REQ1))
+    link.respond(t.send(300))
+    link.now += 0.01
+    # REQ2 in three segments (one ack); the target closes after the first one.
+    parts = [b"a" * 100, b"b" * 100, b"c" * 100]
+    link.lose = 0
+    segs = [c.data(p, read=300) for p in parts]
+    out = link.client(segs[0])
+    assert [p.payload for p in out] == [parts[0]]
+    req3 = c.data(REQ1, read=600)
+    link.session.receive_client(segs[1], link.now)  # captured, not yet sent
+    link.session.receive_client(segs[2], link.now)
+    link.session.receive_client(req3, link.now)
+    out = link.respond(t.send(0, fin=True))
+    syns = [p for p in out if p.flags & SYN]
+    assert [p.seq for p in syns] == [req3.seq - 1]
+    assert counters(link)["reconnect_skipped_bytes"] == 200
+    link.target = t2 = Target(isn=4242)
+    t2.observe(syns[0])
+    out = link.respond(t2.synack())
+    assert [p.payload for p in out if p.payload] == [REQ1]
 
 
 def test_client_fin_waits_for_ack_and_gate_then_clean_close():
@@ -800,7 +889,8 @@ def test_client_fin_waits_for_ack_and_gate_then_clean_close():
     assert link.respond(t.ack()) == []  # REQ1 not acked yet (it was lost)
     out = link.run(link.now + RTO_MIN_S)  # the RTO resends it
     assert [p.payload for p in out] == [REQ1]
-    assert link.respond(t.send(200)) == []  # acked; 200 < 300 online bytes
+    # acked; 200 < 300 online bytes: the FIN waits (the data is acked at once meanwhile)
+    assert [p.flags for p in link.respond(t.send(200))] == [ACK]
     (f,) = link.respond(t.send(100))
     assert (f.flags, f.seq, f.ack) == (FIN | ACK, fin.seq, t.snd_nxt)
     assert link.session.state is State.FIN_WAIT

@@ -352,9 +352,11 @@ def test_responses_routed_per_replica():
     out = tl.respond(ta.send(10, fin=True))
     assert {(p.sport, p.flags) for p in out} == {(a.sport, ACK), (a.sport, RST | ACK)}
     assert tl.table.counters["ended_target_closed"] == 1
-    # More client data: replica b sends it; replica a (closed by its target) starts over
-    # with a faked handshake on a fresh tuple, like a C session per replica (spec §3.6).
-    x = c.data(b"x")
+    # The client's next request: replica b sends it; replica a (closed by its target) starts
+    # over with a faked handshake on a fresh tuple, like a C session per replica (spec §3.6),
+    # counted as the reconnect it is.
+    tl.respond(tl.target((b.src, b.sport)).send(10))  # replica b's answer
+    x = c.data(b"x", read=10)
     out = tl.client(x)
     assert [(p.sport, p.payload, p.flags) for p in out if p.sport == b.sport] == [
         (b.sport, b"x", PSH | ACK)
@@ -363,6 +365,46 @@ def test_responses_routed_per_replica():
     assert (syn.flags, syn.seq) == (SYN, x.seq - 1)
     assert syn.sport != a.sport
     assert tl.table.active == 3
+    assert tl.table.counters["reconnect"] == 1
+
+
+def test_later_data_after_the_target_closed_follows_the_reconnect_rules():
+    """The -W PostgreSQL storm: the target closed the connection, the client went on, and
+    every later packet started a new session in the middle of the stream.  Now the rest of a
+    request never starts one, and after a new one was closed unanswered no more start."""
+    tl = mk()
+    c = Client()
+    (syn,) = tl.client(c.syn())
+    handshake(tl, [syn])
+    tl.client(c.ack(), c.data(REQ))
+    t = tl.target((syn.src, syn.sport))
+    tl.respond(t.send(10, fin=True))
+    assert tl.table.counters["ended_target_closed"] == 1
+    assert tl.client(c.data(b"rest of the request")) == []  # same ack: no new session
+    assert tl.table.counters["reconnect_skipped_bytes"] == len(b"rest of the request")
+    out = tl.client(c.data(b"next request", read=10))
+    (syn2,) = out
+    assert syn2.flags == SYN and tl.table.counters["reconnect"] == 1
+    handshake(tl, [syn2])
+    t2 = tl.target((syn2.src, syn2.sport))
+    tl.respond(t2.fin())  # closed before any answer
+    for i in range(20):
+        assert tl.client(c.data(b"q%d" % i, read=11 + i)) == []
+    assert tl.table.counters["reconnect"] == 1
+    assert tl.table.counters["reconnect_refused_unanswered"] == 1
+    assert tl.table.counters["send syn"] == 2
+
+
+def test_no_reconnect_also_stops_later_data_sessions():
+    tl = mk(reconnect=False)
+    c = Client()
+    (syn,) = tl.client(c.syn())
+    handshake(tl, [syn])
+    tl.client(c.ack(), c.data(REQ))
+    tl.respond(tl.target((syn.src, syn.sport)).send(10, fin=True))
+    assert tl.client(c.data(b"next", read=10)) == []
+    assert tl.table.counters["reconnect_refused_off"] == 1
+    assert tl.table.counters["send syn"] == 1
 
 
 def test_no_free_tuple_is_counted():
