@@ -233,6 +233,25 @@ TCPCOPY_SERIES: tuple[tuple[Series, Callable[[Snapshot], Any]], ...] = (
     ),
     (
         Series(
+            "tcpcopy_capture_filter_excluded",
+            COUNTER,
+            (),
+            "Captured packets that -F left out where it ran in user space (offline files, "
+            "sockets without the kernel program); in the kernel it drops them uncounted.",
+        ),
+        _total("capture_filter_excluded"),
+    ),
+    (
+        Series(
+            "tcpcopy_send_split",
+            COUNTER,
+            (),
+            "Packets the link-layer sender (-o) split to the device's MTU.",
+        ),
+        _total("send_split"),
+    ),
+    (
+        Series(
             "tcpcopy_tuples_spilled",
             COUNTER,
             (),
