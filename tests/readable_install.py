@@ -171,7 +171,9 @@ def _pyproject() -> dict:
 
 
 def project_packages() -> list[str]:
-    return list(_pyproject()["tool"]["setuptools"]["packages"])
+    """The project's top-level package folders (a subpackage such as engine.dataplane is
+    copied with its parent)."""
+    return sorted({p.split(".")[0] for p in _pyproject()["tool"]["setuptools"]["packages"]})
 
 
 def project_scripts() -> dict[str, str]:
