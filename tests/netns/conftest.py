@@ -22,7 +22,7 @@ SKIP_NO_NETNS = pytest.mark.skipif(
 
 def programs_missing() -> str | None:
     """Why the programs under test cannot run yet (None when both CLIs exist)."""
-    for module in ("engine/cli.py", "intercept/cli.py"):
+    for module in ("engine/app/cli.py", "intercept/cli.py"):
         if not (tbm.REPO_ROOT / module).exists():
             return f"{module} not written yet"
     for binary in (tbm.TCPCOPY_BIN, tbm.INTERCEPT_BIN):

@@ -19,7 +19,7 @@ import socket
 import sys
 import time
 
-from engine import packet
+from engine.codec import packet
 
 BATCH = 200
 FLOOD_NET = ipaddress.ip_network("198.19.200.0/24")
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     sources = [int(FLOOD_NET.network_address) + 1 + i for i in range(args.sources)]
     sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     try:
-        from engine import _fastio  # type: ignore[attr-defined]
+        from engine.io import _fastio  # type: ignore[attr-defined]
 
         send_batch = _fastio.send_raw_batch
     except ImportError:

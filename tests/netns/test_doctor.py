@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from intercept.nfqueue import rule_spec
+from intercept.sources.nfqueue import rule_spec
 from tests.netns import testbed as tbm
 from tests.netns.conftest import SKIP_NO_NETNS
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from engine.supervisor import STOP_DEADLINE_S
+from engine.proc.supervisor import STOP_DEADLINE_S
 from tests.netns import testbed as tbm
 from tests.netns.conftest import SKIP_NO_NETNS
 from tests.netns.test_replication import TRANSFER_HTTP, diag, start_pair, stop_tcpcopy
@@ -514,7 +514,7 @@ def test_conntrack_full_send_eperm(testbed: tbm.Testbed, tmp_path: Path) -> None
     )
     assert count > 0  # conntrack is active in the online namespace
     assert summary.get("send_error_EPERM", 0) >= full_online - full_target > 0, figures
-    # Rate-limited: one line per errno per 5 s per worker (engine/send.py).
+    # Rate-limited: one line per errno per 5 s per worker (engine/io/send.py).
     assert len(eperm_lines) <= WORKERS * (fault_s / 5.0 + 2), len(eperm_lines)
     assert len(eperm_lines) < summary["send_error_EPERM"], figures
     assert recovery_s <= RECOVERY_DEADLINE_S, recovery_s

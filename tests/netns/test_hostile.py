@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.supervisor import BYTES_PER_MB, tree_memory_bytes
+from engine.proc.supervisor import BYTES_PER_MB, tree_memory_bytes
 from tests.netns import testbed as tbm
 from tests.netns.conftest import SKIP_NO_NETNS
 from tests.netns.test_faults import (

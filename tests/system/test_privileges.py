@@ -1,5 +1,5 @@
 """The real CLIs refuse a --config or --secret-file another local user could change: one
-stderr line naming the file and its mode, exit status 2 (engine/privileges.py)."""
+stderr line naming the file and its mode, exit status 2 (engine/io/privileges.py)."""
 
 from __future__ import annotations
 

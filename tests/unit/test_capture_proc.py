@@ -1,4 +1,4 @@
-"""engine/capture_proc.py and engine/worker_proc.RingSource: capture -> rings, in one process."""
+"""engine/proc/capture.py and engine/worker_proc.RingSource: capture -> rings, in one process."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from engine import packet
-from engine.capture import PcapFileSource, ReplayPacer, TransferFilter
-from engine.capture_proc import CaptureProcess, flow_worker, ring_slot_bytes, ring_slots
-from engine.control import ControlBlock
-from engine.ring import RING_IDLE_POLL_S, RING_SLOT_BYTES, Ring
-from engine.worker_proc import RingSource
+from engine.codec import packet
+from engine.io.capture import PcapFileSource, ReplayPacer, TransferFilter
+from engine.io.control import ControlBlock
+from engine.io.ring import RING_IDLE_POLL_S, RING_SLOT_BYTES, Ring
+from engine.proc.capture import CaptureProcess, flow_worker, ring_slot_bytes, ring_slots
+from engine.proc.worker import RingSource
 from metrics.counters import RING_DROPPED, CounterBlock
 from tests.paths import ONLINE_HTTP_PCAP
 
@@ -164,7 +164,7 @@ def test_tiny_ring_drops_are_counted_per_worker_and_capture_never_blocks(rings_f
 def test_offline_source_waits_for_a_busy_ring_and_shifts_its_schedule(rings_factory):
     """Offline backpressure: past OFFLINE_PAUSE_FILL the file is not read (nothing dropped,
     nothing shed); below OFFLINE_RESUME_FILL it resumes, its schedule moved by the wait."""
-    from engine.capture_proc import OFFLINE_PAUSE_FILL, OFFLINE_RESUME_FILL
+    from engine.proc.capture import OFFLINE_PAUSE_FILL, OFFLINE_RESUME_FILL
 
     rings = rings_factory(1, slots=64)
     clock = [100.0]
