@@ -16,7 +16,7 @@ import pytest
 
 from engine.codec.packet import ip_from_str
 from engine.core.rewrite import choose_client_ip, parse_client_pool, sample_keep
-from tests.netns import testbed as tbm
+from testbed import netns as tbm
 from tests.netns.conftest import SKIP_NO_NETNS
 from tests.netns.test_replication import TRANSFER_HTTP, diag, start_pair, stop_tcpcopy
 

@@ -29,7 +29,7 @@ import pytest
 
 from engine.codec import wire
 from engine.codec.packet import ACK, RST, SYN, TcpPacket, build, build_options, ip_from_str
-from tests.netns.testbed import Proc, delete_netns, in_netns, netns_socket, wait_until
+from testbed.netns import Proc, delete_netns, in_netns, netns_socket, wait_until
 
 pytestmark = [
     pytest.mark.netns,

@@ -20,7 +20,7 @@ from engine.codec import packet
 from engine.codec.packet import ACK, PSH, TcpPacket
 from engine.core import rewrite
 from engine.io import send
-from tests.netns import testbed as tbm
+from testbed import netns as tbm
 
 pytestmark = [
     pytest.mark.netns,

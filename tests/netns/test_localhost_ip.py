@@ -15,7 +15,7 @@ import pytest
 
 from engine.codec.packet import checksum, ip_from_str, tcp_checksum
 from engine.core.rewrite import LOCALHOST_IP
-from tests.netns import testbed as tbm
+from testbed import netns as tbm
 from tests.netns.conftest import SKIP_NO_NETNS
 from tests.netns.test_replication import TRANSFER_HTTP
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from engine.io.privileges import CAP_NET_ADMIN, CAP_NET_RAW, read_status, resolve_target
-from tests.netns import testbed as tbm
+from testbed import netns as tbm
 from tests.netns.conftest import SKIP_NO_NETNS
 from tests.readable_install import ReadableInstall
 

@@ -19,7 +19,7 @@ import pytest
 from engine.codec import packet
 from engine.codec.packet import ACK, PSH, TcpPacket
 from engine.io import send
-from tests.netns import testbed as tbm
+from testbed import netns as tbm
 
 pytestmark = [
     pytest.mark.netns,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import testbed as tbm
+from testbed import netns as tbm
 
 BINS = {"tcpcopy-mp": tbm.TCPCOPY_BIN, "intercept-mp": tbm.INTERCEPT_BIN}
 # Flags that would otherwise be a valid start (the refusal must come first, before any socket).

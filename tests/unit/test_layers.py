@@ -3,7 +3,9 @@ ships every package (mypy and setuptools cannot import Python, so they keep copi
 
 from __future__ import annotations
 
+import ast
 import tomllib
+from pathlib import Path
 
 from tests.unit.layout import PACKAGES, ROOT, layer_of, project_modules, pure_modules
 
@@ -50,3 +52,22 @@ def test_the_layers_are_ordered_as_the_design_says() -> None:
     assert [layer_of(m) for m in order] == sorted(layer_of(m) for m in order)
     assert len({layer_of(m) for m in order}) == len(order)
     assert all(name in project_modules() for name in order)
+
+
+def _imported_top_names(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_bench_and_the_testbed_never_import_the_tests() -> None:
+    """bench/ imports the fixtures (testbed/), which import no test module either."""
+    files = sorted((ROOT / "bench").glob("*.py")) + sorted((ROOT / "testbed").glob("*.py"))
+    assert files
+    bad = [str(p.relative_to(ROOT)) for p in files if "tests" in _imported_top_names(p)]
+    assert not bad, f"these import tests/: {bad}"
+    assert "testbed" in _imported_top_names(ROOT / "bench" / "bench_live.py")

@@ -1,6 +1,6 @@
 """A userspace netem stand-in for the fault tests: loss, delay with jitter, reordering.
 
-    python -m tests.netns.impair --queue 7 --loss 0.01 --delay-ms 5 --jitter-ms 5 \
+    python -m testbed.impair --queue 7 --loss 0.01 --delay-ms 5 --jitter-ms 5 \
         --reorder 0.25 --reorder-corr 0.5 --duration 120
 
 Why: the testbed's kernel has no sch_netem (``tc qdisc add ... netem`` fails with "Specified

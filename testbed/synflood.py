@@ -1,6 +1,6 @@
 """A bounded SYN flood for the netns testbed (run inside the client namespace).
 
-    python -m tests.netns.synflood --count 200000 --rate 10000 --sources 50
+    python -m testbed.synflood --count 200000 --rate 10000 --sources 50
 
 Raw IPv4/TCP SYNs to the online server (198.18.1.2:80) from ``--sources`` addresses of
 198.19.200.0/24 (test addresses that answer nothing: no namespace owns them), each address

@@ -1,10 +1,10 @@
 """Bounded HTTP/1.1 load generators for the netns testbed (run inside the client namespace).
 
-    python -m tests.netns.loadgen keepalive --connections 20 --requests 2000   # /ka/<c>/<i>
-    python -m tests.netns.loadgen short --requests 500                         # /sc/<i>
-    python -m tests.netns.loadgen preopen --connections 20 --requests 200      # /mid/<c>/<i>
-    python -m tests.netns.loadgen post --size 1048576                          # POST /upload/<tag>
-    python -m tests.netns.loadgen get --path /big.bin                          # one big GET
+    python -m testbed.loadgen keepalive --connections 20 --requests 2000   # /ka/<c>/<i>
+    python -m testbed.loadgen short --requests 500                         # /sc/<i>
+    python -m testbed.loadgen preopen --connections 20 --requests 200      # /mid/<c>/<i>
+    python -m testbed.loadgen post --size 1048576                          # POST /upload/<tag>
+    python -m testbed.loadgen get --path /big.bin                          # one big GET
 
 Every mode is bounded in count (the flags) and in time (--deadline; what is not done by then
 counts as failed), and prints one JSON summary line last: {"ok", "failed", "errors", ...}.

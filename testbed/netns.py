@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = REPO_ROOT / ".venv" / "bin"
 PYTHON = VENV_BIN / "python"
 TCPCOPY_BIN = VENV_BIN / "tcpcopy-mp"
@@ -1235,8 +1235,8 @@ class Testbed:
     # -- load ----------------------------------------------------------------------------------
 
     def loadgen(self, *args: str, timeout: float = 120.0, role: str = "client") -> dict:
-        """Run tests/netns/loadgen.py in the client namespace to completion; its JSON summary."""
-        argv = [str(PYTHON), "-m", "tests.netns.loadgen", *args]
+        """Run testbed/loadgen.py in the client namespace to completion; its JSON summary."""
+        argv = [str(PYTHON), "-m", "testbed.loadgen", *args]
         proc = subprocess.run(
             ["ip", "netns", "exec", self.ns(role), *argv],
             cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
@@ -1245,7 +1245,7 @@ class Testbed:
 
     def spawn_loadgen(self, *args: str, name: str = "loadgen") -> Proc:
         """Start a load generator in the client namespace with pipes (for the pre-opened mode)."""
-        argv = [str(PYTHON), "-m", "tests.netns.loadgen", *args]
+        argv = [str(PYTHON), "-m", "testbed.loadgen", *args]
         return self.spawn(
             "client", name, argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
