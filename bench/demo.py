@@ -3,8 +3,8 @@
     sudo bash bench/demo.sh            (set-up, then this script)
     sudo .venv/bin/python bench/demo.py [--keepalive 2000] [--connections 20] [--short 500]
 
-It builds the namespace testbed (testbed/netns.py) (client → online nginx :80; target nginx :8080), starts
-intercept-mp on the target (traditional mode: NFQUEUE) and tcpcopy-mp on the online host,
+It builds the testbed of testbed/netns.py (client → online nginx :80; target nginx :8080),
+starts intercept-mp on the target (traditional mode: NFQUEUE) and tcpcopy-mp on the online host,
 drives a bounded load from the client, waits (up to a deadline) for the copies to arrive, and
 prints online vs target request counts and the replication ratio.  Everything it created is
 torn down at the end, also on Ctrl-C or an error.  Exit status: 0 if the ratio is at least
