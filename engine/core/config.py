@@ -1,6 +1,6 @@
 """Configuration: one schema of frozen dataclasses (TOML keys + flags -> these objects).
 
-``SessionConfig`` is what the pure core (session.py, shard.py, rewrite.py) reads;
+``SessionConfig`` is what the pure core (session.py, table.py, rewrite.py) reads;
 ``ReplayConfig`` is the whole run's.  This module is the schema only: the dataclasses, the
 value parsers their fields name, and the walk over them.  It imports nothing but the standard
 library's data helpers and engine.errors, so pure modules may import it.  Built on it, in

@@ -1,7 +1,7 @@
 """What the session engine reports: drop reasons, outcomes and events.  (pure)
 
-The vocabulary shared by the sans-IO core (engine/core/session.py, engine/core/table.py) and everything
-that counts or shows it (metrics/counters.py labels ``reason`` and ``outcome`` from these
+The vocabulary shared by the sans-IO core (engine/core/session.py, engine/core/table.py) and
+everything that counts or shows it (metrics/counters.py labels ``reason`` and ``outcome`` from these
 enums), so a counter module needs no session engine to know its label sets.
 """
 

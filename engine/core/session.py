@@ -13,7 +13,7 @@ CONTRACT (design §5):
     s.unsend -> int                         # captured client segments not yet sent
     s.counters: collections.Counter         # spec §3.18 names + drops by DropReason
 
-Additions to the contract (used by shard.SessionTable):
+Additions to the contract (used by table.SessionTable):
     TcpSession(..., counters=Counter)  # share one Counter between the sessions of a shard
     s.state -> State; s.lingering -> bool; s.outcome -> str | None
     s.owns_syn(seq) -> bool            # a captured SYN with this seq belongs to this session

@@ -106,7 +106,7 @@ LOSS_GAP_WAIT_S = 0.01
 coincide with a ring loss (the capture hands packets over in the order it saw them)."""
 
 REFUSED_IDLE_S = 60.0
-"""A refused flow is forgotten after this long without a packet (engine/core/shed.py SHED_IDLE_S)."""
+"""A refused flow is forgotten after this long without a packet (core/shed.py SHED_IDLE_S)."""
 HEAP_SLACK = 4096
 """Dead timer items tolerated beyond twice the sessions before the heap is compacted."""
 HALF_OPEN_SHED_AGE_S = 1.0

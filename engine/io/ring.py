@@ -43,7 +43,7 @@ Wake-ups: an eventfd is rung when the producer finds the ring empty before its b
 (empty -> non-empty) or its tail caught up with the head before its batch, so a busy
 consumer costs no syscalls.  The consumer clears the eventfd, pops, and then reads the head
 again: anything there (pushed while it popped) and it comes back without sleeping
-(engine/worker_proc.RingSource).  Because Python gives us no memory fence between "publish
+(engine/proc/worker.RingSource).  Because Python gives us no memory fence between "publish
 my counter" and "read the other's", a wake-up can still in rare interleavings be missed; the
 consumer therefore never sleeps longer than ``RING_IDLE_POLL_S`` (the safety net costs one
 wake-up per idle interval).

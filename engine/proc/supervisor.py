@@ -8,8 +8,8 @@ block (engine/io/control.py: heartbeats, "capture done", "shed"), one ring per w
 (engine/io/ring.py, slots sized from -M), one tuple history per worker (engine/io/tuple_history.py:
 a restarted worker does not reuse the tuples its dead predecessor left at the target), the
 capture sources and one raw send socket per worker (so a missing CAP_NET_RAW is one clear
-error at start, and a restarted child inherits the same socket).  Then it forks the capture process (engine/proc/capture.py) and the workers
-(engine/proc/worker.py) with os.fork and runs one loop:
+error at start, and a restarted child inherits the same socket).  Then it forks the capture
+process (engine/proc/capture.py) and the workers (engine/proc/worker.py) with os.fork and runs one loop:
 
 * signal handlers only queue (signal.set_wakeup_fd wakes the loop): SIGTERM/SIGINT stop
   gracefully, SIGHUP reopens the log and is forwarded to the children, SIGCHLD reaps;

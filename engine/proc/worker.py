@@ -120,7 +120,7 @@ frozen objects never being freed, is what the line above measured: none from the
 class Worker:
     """Runs one SessionTable against capture sources, intercept channels and a sender.
 
-    `table` follows the shard.SessionTable contract; `sources` the capture.py interface;
+    `table` follows the table.SessionTable contract; `sources` the io/capture.py interface;
     `sender` has send(bytes) -> bool and counters; `channels` is built here unless given (a
     factory `channels(selector, on_response)` lets tests inject a fake).
     """

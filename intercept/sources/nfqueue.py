@@ -156,7 +156,7 @@ def _recv_batch_fallback(sock: socket.socket, limit: int, bufsize: int) -> list[
 
 
 class NfqueueSource:
-    """An NFQUEUE bound to ``queue_num``, pushing responses into ``receive`` (a ``PacketSource``)."""
+    """An NFQUEUE bound to ``queue_num`` pushing responses into ``receive``; a ``PacketSource``."""
 
     def __init__(
         self,

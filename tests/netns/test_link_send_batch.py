@@ -1,4 +1,5 @@
-"""engine/io/send.py's link-layer sender (-o DEV) on a real packet socket, in a namespace of its own.
+"""engine/io/send.py's link-layer sender (-o DEV) on a real packet socket, in a namespace of
+its own.
 
 The namespace holds one veth pair: frames the LinkSender writes on ``lk0`` are read back on
 ``lk1`` by an AF_PACKET socket, whole (Ethernet header included).  Every batch path (the C

@@ -1,4 +1,4 @@
-"""engine/proc/capture.py and engine/worker_proc.RingSource: capture -> rings, in one process."""
+"""engine/proc/capture.py and engine/proc/worker.RingSource: capture -> rings, in one process."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""engine/io/report.py (summary line, progress rendering) and intercept/exporter.py's queue drops."""
+"""engine/io/report.py (summary line, progress rendering), intercept/exporter.py's queue drops."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""engine/codec/wire.py: the compat intercept protocol, checked against C TCPCopy 1.0's real bytes."""
+"""engine/codec/wire.py: the compat intercept protocol, checked against C TCPCopy 1.0's bytes."""
 
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ def feed_all(decoder, parts):
     return out
 
 
-# --- a packet builder for the tests (struct only: independent of engine.codec.packet) --------------
+# --- a packet builder for the tests (struct only: independent of engine.codec.packet) -------
 
 
 def make_packet(

@@ -1,4 +1,5 @@
-"""engine/codec/wire.py: the extended (authenticated) intercept handshake, design §6, docs/protocol.md.
+"""engine/codec/wire.py: the extended (authenticated) intercept handshake, design §6,
+docs/protocol.md.
 
 Golden vectors are computed here with ``hmac``/``hashlib`` directly from the documented
 layout, not with the module's own helpers.
