@@ -286,3 +286,17 @@ def test_edges_include_function_level_and_from_package_imports() -> None:
         "engine.c",
         "metrics.m",
     }
+
+
+def test_intercept_uses_of_engine_app_are_only_the_option_parser() -> None:
+    """What both programs share lives below engine/app; intercept's command line may still
+    build its flags with engine/app/options.py (design §4: both CLIs use app)."""
+    graph = import_graph()
+    bad = sorted(
+        f"{a} -> {b}"
+        for a, targets in graph.items()
+        if a.startswith("intercept")
+        for b in targets
+        if b.startswith("engine.app") and b != "engine.app.options"
+    )
+    assert not bad, "\n".join(bad)
