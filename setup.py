@@ -1,7 +1,7 @@
 """Build hook for the C extensions; everything else is declared in pyproject.toml.
 
-- engine._fastio (sendmmsg/recvmmsg batches, plain C).  Without a C compiler the install
-  still succeeds and engine/send.py, intercept/nfqueue.py fall back to ctypes (then to
+- engine.io._fastio (sendmmsg/recvmmsg batches, plain C).  Without a C compiler the install
+  still succeeds and engine/io/send.py, intercept/sources/nfqueue.py fall back to ctypes (then to
   per-packet socket calls), logging once which path they use.
 - engine/dataplane/*.pyx (the compiled data plane, Cython 3: a build requirement in
   pyproject.toml, so pip brings it).  Also optional: where no compiler (or no Python
@@ -44,8 +44,8 @@ def dataplane_extensions() -> list[Extension]:
 setup(
     ext_modules=[
         Extension(
-            "engine._fastio",
-            sources=["engine/_fastio.c"],
+            "engine.io._fastio",
+            sources=["engine/io/_fastio.c"],
             optional=True,
             extra_compile_args=["-O2", "-Wall"],
         ),

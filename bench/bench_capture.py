@@ -37,10 +37,11 @@ from pathlib import Path
 _TREE = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--tree=")), None)
 sys.path.insert(0, _TREE or str(Path(__file__).resolve().parent.parent))
 
-from engine import capture, packet  # noqa: E402
-from engine.capture import PacketSource, RawTcpSource, TransferFilter  # noqa: E402
-from engine.capture_proc import CaptureProcess  # noqa: E402
-from engine.ring import RING_SLOT_BYTES, Ring  # noqa: E402
+from engine.codec import packet  # noqa: E402
+from engine.io import capture  # noqa: E402
+from engine.io.capture import PacketSource, RawTcpSource, TransferFilter  # noqa: E402
+from engine.io.ring import RING_SLOT_BYTES, Ring  # noqa: E402
+from engine.proc.capture import CaptureProcess  # noqa: E402
 
 ONLINE_IP = "198.18.0.1"
 CLIENT_IP = "198.18.0.2"

@@ -8,7 +8,7 @@ options, change the destination and the sequence number, and build the packet wi
 checksums.
 
 - Python: ``packet.parse_ip`` + ``packet.parse_options`` + ``packet.build_fields`` per
-  packet (engine/packet.py, the specification).
+  packet (engine/codec/packet.py, the specification).
 - compiled: ``dataplane.packet.parse_batch`` over a batch of packets lying in one buffer (a
   ring batch), one numpy assignment per field to rewrite, ``build_batch`` into one output
   buffer (what sendmmsg sends).
@@ -33,8 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_engine import client_packets  # noqa: E402
 
-from engine import dataplane, packet  # noqa: E402
-from engine.pcapfile import open_pcap  # noqa: E402
+from engine import dataplane  # noqa: E402
+from engine.codec import packet  # noqa: E402
+from engine.codec.pcapfile import open_pcap  # noqa: E402
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TARGET = packet.ip_from_str("198.18.2.2")

@@ -5,7 +5,7 @@
 
 Theory of operation
 -------------------
-One namespace testbed (tests/netns/testbed.py: client → online nginx :80, target nginx :8080)
+One namespace testbed (testbed/netns.py: client → online nginx :80, target nginx :8080)
 is built once, in the traditional mode: the target routes the fake clients (198.19.0.0/16) via
 the online host and an intercept on the target takes the responses from NFQUEUE queue 0.  Both
 implementations run in that same mode: tcpcopy-mp with intercept-mp ``--queue-num 0
@@ -99,7 +99,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bench import cref  # noqa: E402
-from tests.netns import testbed as tbm  # noqa: E402
+from testbed import netns as tbm  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 WRK_BIN = shutil.which("wrk") or "/usr/bin/wrk"
@@ -158,7 +158,7 @@ class Scenario:
     duration_s: int = 0
     """Seconds of load of a live run; 0 = the run's --duration."""
     differ: bool = False
-    """Request tests/netns/testbed.py's DIFFER_PREFIX URLs, whose bodies differ in length on
+    """Request testbed/netns.py's DIFFER_PREFIX URLs, whose bodies differ in length on
     the target (shorter, longer, equal: docs/replay.md), cycling through them."""
 
     def path(self, prefix: str) -> str:

@@ -3,8 +3,8 @@
     sudo bash bench/demo.sh            (set-up, then this script)
     sudo .venv/bin/python bench/demo.py [--keepalive 2000] [--connections 20] [--short 500]
 
-It builds the testbed of tests/netns (client → online nginx :80; target nginx :8080), starts
-intercept-mp on the target (traditional mode: NFQUEUE) and tcpcopy-mp on the online host,
+It builds the testbed of testbed/netns.py (client → online nginx :80; target nginx :8080),
+starts intercept-mp on the target (traditional mode: NFQUEUE) and tcpcopy-mp on the online host,
 drives a bounded load from the client, waits (up to a deadline) for the copies to arrive, and
 prints online vs target request counts and the replication ratio.  Everything it created is
 torn down at the end, also on Ctrl-C or an error.  Exit status: 0 if the ratio is at least
@@ -25,7 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from tests.netns import testbed as tbm  # noqa: E402
+from testbed import netns as tbm  # noqa: E402
 
 PASS_RATIO = 0.99
 REPLICATION_DEADLINE_S = 60.0

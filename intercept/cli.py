@@ -17,30 +17,30 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
-from engine import notify, wire
-from engine.config import Choice, Converter, Text, option, schema_fields
-from engine.errors import ConfigError, DecodeError
-from engine.logs import reopen_logs, setup_logging
-from engine.options import (
+from engine.app.options import (
     OneLineArgumentParser,
     add_schema_arguments,
     config_path,
     read_config_file,
 )
-from engine.packet import ip_from_str
+from engine.codec import wire
+from engine.errors import ConfigError
+from engine.io import notify
+from engine.io.logs import reopen_logs, setup_logging
+from intercept.config import (
+    _PROC,
+    DEFAULT_DAEMON_LOG,
+    INTERCEPT_OPTIONS,
+    INTERCEPT_SECTIONS,
+    MISSING_FILTER,
+    InterceptOptions,
+)
 
 __all__ = ["InterceptOptions", "parse_args", "main", "version_string", "INTERCEPT_SECTIONS"]
 
 PROG = "intercept-mp"
 LOGGER_NAME = "intercept"
-MAX_PASS_IPS = 32  # spec §4.2 -x
-MAX_DEVICES = 32  # spec §4.2 -i
-FILTER_MAX_CHARS = 4095  # spec §4.2: < 4096
-DEFAULT_DAEMON_LOG = "error_intercept.log"  # C: <prefix>logs/error_intercept.log
-MISSING_FILTER = "please set filter (-F param) for capturing packets"  # spec §2.1
-MAX_ROUTES_PER_CONN_DEFAULT = 1_000_000  # a hostile client cannot grow the table past this
 
 
 def version_string() -> str:
@@ -51,346 +51,6 @@ def version_string() -> str:
     except Exception:  # noqa: BLE001 - not installed: fall back to the source tree's
         from engine import __version__ as ours
     return f"{PROG} version:{ours} (compat 1.0, protocol {wire.INTERNAL_VERSION})"
-
-
-# --- argument types: each raises ArgumentTypeError with a message argparse prefixes ------------
-# with "argument -x/--pass: ", so the user's one line names the flag.
-
-
-def _int_in(lo: int, hi: int, what: str):
-    def conv(text: str) -> int:
-        try:
-            value = int(text, 10)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if not lo <= value <= hi:
-            raise argparse.ArgumentTypeError(f"{what} {value} is outside {lo}..{hi}")
-        return value
-
-    conv.__name__ = what
-    return conv
-
-
-def _ipv4(text: str) -> int:
-    try:
-        return ip_from_str(text.strip())
-    except DecodeError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _ipv4_text(text: str) -> str:
-    _ipv4(text)
-    return text.strip()
-
-
-def _ip_list(text: str) -> tuple[int, ...]:
-    items = [t for t in text.split(",") if t.strip()]
-    if not items:
-        raise argparse.ArgumentTypeError("empty address list")
-    if len(items) > MAX_PASS_IPS:
-        raise argparse.ArgumentTypeError(f"{len(items)} addresses, at most {MAX_PASS_IPS}")
-    return tuple(_ipv4(t) for t in items)
-
-
-def _device_list(text: str) -> tuple[str, ...]:
-    items = [t.strip() for t in text.split(",")]
-    if not all(items):
-        raise argparse.ArgumentTypeError(f"empty device name in {text!r}")
-    if len(items) > MAX_DEVICES:
-        raise argparse.ArgumentTypeError(f"{len(items)} devices, at most {MAX_DEVICES}")
-    return tuple(items)
-
-
-def _port_list(text: str) -> tuple[int, ...]:
-    conv = _int_in(1, 65535, "port")
-    items = [t.strip() for t in text.split(",")]
-    if not all(items):
-        raise argparse.ArgumentTypeError(f"empty port in {text!r}")
-    return tuple(dict.fromkeys(conv(t) for t in items))
-
-
-def _filter(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("empty filter")
-    if len(text) > FILTER_MAX_CHARS:
-        raise argparse.ArgumentTypeError(f"filter of {len(text)} characters (max 4095)")
-    return text
-
-
-def _out_path(text: str) -> str:
-    """A file we will write later: its directory must exist now (fail before start-up)."""
-    parent = os.path.dirname(os.path.abspath(text))
-    if not os.path.isdir(parent):
-        raise argparse.ArgumentTypeError(f"directory {parent} does not exist")
-    return text
-
-
-def _metrics_addr(text: str) -> str:
-    from metrics.exporter import parse_metrics_addr
-
-    try:
-        parse_metrics_addr(text)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(e.message) from None
-    return text
-
-
-def _docker_map(text: str) -> tuple[int, int]:
-    parts = text.split("-")
-    if len(parts) != 2:
-        raise argparse.ArgumentTypeError(f"{text!r} is not A-B (two IPv4 addresses)")
-    return _ipv4(parts[0]), _ipv4(parts[1])
-
-
-_PCAP = "pcap (advanced) mode"
-_NFQ = "NFQUEUE (traditional) mode"
-_SRV = "server"
-_PROC = "process"
-INTERCEPT_SECTIONS = (_PCAP, _NFQ, _SRV, _PROC)
-
-
-@dataclass(frozen=True)
-class InterceptOptions:
-    """The validated command line; every field but ``mode`` is a flag and a TOML key of the
-    ``[intercept]`` table (the schema: engine/config.py ``option()``)."""
-
-    mode: str
-    """Either "nfqueue" or "pcap", chosen from the flags given (module docstring)."""
-    devices: tuple[str, ...] = option(
-        (),
-        short="-i",
-        long="--interfaces",
-        parse=Converter(_device_list, "device list (≤ 32)", "list"),
-        metavar="DEV[,DEV...]",
-        help="capture devices (default: all but 'any'), up to 32",
-        section=_PCAP,
-        shown_default="all but any",
-    )
-    """-i: devices the pcap mode captures responses on."""
-    filter_expr: str | None = option(
-        None,
-        short="-F",
-        long="--filter",
-        parse=Converter(_filter, "BPF (< 4096 chars)"),
-        metavar="BPF",
-        help="BPF filter picking the responses, e.g. 'tcp and src port 8080' "
-        "(required in this mode)",
-        section=_PCAP,
-        shown_default="required (pcap mode)",
-    )
-    """-F: BPF filter picking the target's responses, e.g. `tcp and src port 8080`."""
-    pass_ips: tuple[int, ...] = option(
-        (),
-        short="-x",
-        long="--pass",
-        parse=Converter(_ip_list, "IPv4 list (≤ 32)", "list"),
-        dest="pass_ips",
-        metavar="IP[,IP...]",
-        help="destination IPs whose responses are ACCEPTed, not intercepted",
-        section=_NFQ,
-    )
-    """-x: responses to these destination IPs are ACCEPTed; the others are read and DROPped."""
-    queue_maxlen: int | None = option(
-        None,
-        short="-q",
-        long="--queue-maxlen",
-        parse=Converter(_int_in(0, 2**31 - 1, "queue length"), "integer ≥ 0", "int"),
-        metavar="N",
-        help="NFQUEUE max length (<= 1024 keeps the kernel default)",
-        section=_NFQ,
-        shown_default="kernel default",
-    )
-    """-q: NFQUEUE maximum length; <= 1024 keeps the kernel's default."""
-    queue_num: int = option(
-        0,
-        long="--queue-num",
-        parse=Converter(_int_in(0, 65535, "queue number"), "integer 0..65535", "int"),
-        metavar="N",
-        help="NFQUEUE number to bind (selects this mode; default 0)",
-        section=_NFQ,
-    )
-    """--queue-num: NFQUEUE number to bind; giving it selects the NFQUEUE mode."""
-    install_rule: tuple[int, ...] = option(
-        (),
-        long="--install-rule",
-        parse=Converter(_port_list, "port list", "list"),
-        metavar="SPORT[,SPORT...]",
-        help="add the iptables NFQUEUE rule for these source ports at start and remove it at exit",
-        section=_NFQ,
-    )
-    """--install-rule: the iptables OUTPUT rule sending these source ports to the queue is
-    added at start and removed at exit."""
-    combine: int = option(
-        wire.COMB_MAX,
-        short="-n",
-        long="--combine",
-        parse=Converter(_int_in(0, wire.COMB_MAX, "combine count"), "integer 0..16", "int"),
-        metavar="N",
-        help="max records per frame, 1..16 (0 = 1; default 16)",
-        section=_SRV,
-        cli_default=wire.COMB_MAX,
-    )
-    """-n: most response records per frame sent to tcpcopy (0 = 1)."""
-    port: int = option(
-        36524,
-        short="-p",
-        long="--port",
-        parse=Converter(_int_in(1, 65535, "port"), "integer 1..65535", "int"),
-        help="listen port for tcpcopy (default 36524)",
-        section=_SRV,
-        cli_default=36524,
-    )
-    """-p: TCP port tcpcopy connects to."""
-    bind: str = option(
-        "0.0.0.0",
-        short="-b",
-        long="--bind",
-        parse=Converter(_ipv4_text, "IPv4 address"),
-        metavar="IP",
-        help="listen address (default all)",
-        section=_SRV,
-        cli_default="0.0.0.0",
-    )
-    """-b: address the listen socket binds (0.0.0.0 = all)."""
-    delay_table_size: int = option(
-        65536,
-        short="-s",
-        long="--delay-table-size",
-        parse=Converter(_int_in(0, 2**32 - 1, "size"), "integer 0..2³²-1", "int"),
-        metavar="N",
-        help="accepted for C compatibility (unused)",
-        section=_SRV,
-        cli_default=65536,
-    )
-    """-s: accepted for C compatibility (C's delay-table hash size); no effect."""
-    docker_map: tuple[int, int] | None = option(
-        None,
-        short="-D",
-        long="--docker-map",
-        parse=Converter(_docker_map, "A-B (two IPv4)"),
-        metavar="A-B",
-        help="rewrite response daddr A to B before routing",
-        section=_SRV,
-    )
-    """-D: a response to address A is routed as if sent to B (docker/NAT)."""
-    protect: bool = option(
-        False,
-        short="-c",
-        long="--protect",
-        action="store_true",
-        help="accepted for C compatibility (single builds only; no effect)",
-        section=_SRV,
-        cli_default=False,
-    )
-    """-c: accepted for C compatibility (single builds' connection protection); no effect."""
-    secret: bytes | None = option(
-        None,
-        long="--secret-file",
-        dest="secret_file",
-        parse=Text("path"),
-        metavar="FILE",
-        help="shared secret (first line; mode 600): tcpcopy-mp must prove it (extended "
-        "protocol, docs/protocol.md); unauthenticated peers are refused",
-        section=_SRV,
-        repr=False,
-    )
-    """--secret-file: file whose first line is the shared secret (mode 600); tcpcopy-mp must
-    prove it (extended protocol, design §6), unauthenticated peers are refused."""
-    allow_compat: bool = option(
-        False,
-        long="--allow-compat",
-        action="store_true",
-        help="with --secret-file: still accept C-format (compat) tcpcopy, which cannot "
-        "authenticate",
-        section=_SRV,
-        cli_default=False,
-    )
-    """--allow-compat: with --secret-file, still accept C-format tcpcopy (no authentication)."""
-    max_routes_per_conn: int | None = option(
-        MAX_ROUTES_PER_CONN_DEFAULT,
-        long="--max-routes-per-conn",
-        parse=Converter(_int_in(0, 2**31 - 1, "route count"), "integer ≥ 0", "int"),
-        metavar="N",
-        help="routes kept per tcpcopy connection, least recently used evicted "
-        f"(default {MAX_ROUTES_PER_CONN_DEFAULT:,}; 0 = no limit)",
-        section=_SRV,
-        cli_default=MAX_ROUTES_PER_CONN_DEFAULT,
-    )
-    """--max-routes-per-conn: routes kept per tcpcopy connection, least recently used
-    evicted; 0 = no limit (None in the field)."""
-    log_path: str | None = option(
-        None,
-        short="-l",
-        long="--log",
-        dest="log_path",
-        parse=Text("path"),
-        metavar="FILE",
-        help="log file (default stderr; error_intercept.log with -d)",
-        section=_PROC,
-        shown_default="stderr",
-    )
-    """-l: log file (stderr when not given; error_intercept.log with -d)."""
-    log_format: str = option(
-        "text",
-        long="--log-format",
-        parse=Choice("text", "json"),
-        section=_PROC,
-        cli_default="text",
-    )
-    """--log-format: text (classic lines) or json (one object per line)."""
-    log_level: str = option(
-        "info",
-        long="--log-level",
-        parse=Choice("debug", "info", "notice", "warn", "error"),
-        section=_PROC,
-        cli_default="info",
-    )
-    """--log-level: least severe level logged."""
-    daemon: bool = option(
-        False,
-        short="-d",
-        long="--daemon",
-        action="store_true",
-        help="run in the background",
-        section=_PROC,
-        cli_default=False,
-    )
-    """-d: run in the background."""
-    pid_file: str | None = option(
-        None,
-        short="-P",
-        long="--pid-file",
-        parse=Converter(_out_path, "path"),
-        metavar="FILE",
-        help="write the process id here",
-        section=_PROC,
-    )
-    """-P: the process id is written there (and removed at exit)."""
-    summary_json: str | None = option(
-        None,
-        long="--summary-json",
-        parse=Converter(_out_path, "path"),
-        metavar="FILE",
-        help="write the final counters there as one JSON object on exit",
-        section=_PROC,
-    )
-    """--summary-json: the final counters are written there as one JSON object on exit."""
-    metrics: str | None = option(
-        None,
-        long="--metrics",
-        parse=Converter(_metrics_addr, "HOST:PORT"),
-        metavar="HOST:PORT",
-        help="serve Prometheus metrics (intercept_*) on this address, e.g. 127.0.0.1:9101",
-        section=_PROC,
-    )
-    """--metrics HOST:PORT: Prometheus endpoint (intercept_* metrics)."""
-    user: str | None = None
-    """--user: run as this user after start-up (engine/privileges.py); command line only."""
-    group: str | None = None
-    """--group: with --user, this group."""
-
-
-INTERCEPT_OPTIONS = schema_fields(InterceptOptions)
 
 
 class _Parser(OneLineArgumentParser):
@@ -458,7 +118,7 @@ def parse_args(argv: Sequence[str] | None = None) -> InterceptOptions:
         mode = "nfqueue" if nfqueue_flags else "pcap"
     if mode == "pcap" and a.filter is None:
         parser.exit(2, f"{MISSING_FILTER}\n")
-    from engine.privileges import resolve_target
+    from engine.io.privileges import resolve_target
 
     try:
         resolve_target(a.user, a.group)  # a bad --user/--group is a usage error, now
@@ -466,7 +126,7 @@ def parse_args(argv: Sequence[str] | None = None) -> InterceptOptions:
         parser.exit(2, f"{PROG}: {e}\n")
     secret = None
     if a.secret_file is not None:
-        from engine.secret import load_secret_file
+        from engine.io.secret import load_secret_file
 
         try:
             secret = load_secret_file("--secret-file", a.secret_file)
@@ -508,7 +168,7 @@ _LEVELS = {"debug": 10, "info": 20, "notice": 25, "warn": 30, "error": 40}
 def _fail(log: logging.Logger, message: str) -> int:
     """A start-up failure: logged, and also one line on stderr when the log is a file."""
     log.error("%s", message)
-    if any(getattr(h, "path", None) for h in log.handlers):  # engine.logs' file handler
+    if any(getattr(h, "path", None) for h in log.handlers):  # engine.io.logs' file handler
         print(f"{PROG}: {message}", file=sys.stderr)
     return 1
 
@@ -580,11 +240,12 @@ def _run(opts: InterceptOptions, log: logging.Logger) -> int:
             return _fail(log, f"-p: cannot listen on {opts.bind}:{opts.port}: {e.strerror or e}")
         source = None
         if opts.mode == "nfqueue":
-            from intercept import nfqueue
+            from intercept.sources import nfqueue
 
             try:
                 source = nfqueue.NfqueueSource(
-                    server,
+                    server.receive_ip_packets,
+                    server.counters,
                     opts.queue_num,
                     pass_ips=opts.pass_ips,
                     queue_maxlen=opts.queue_maxlen,
@@ -603,10 +264,12 @@ def _run(opts: InterceptOptions, log: logging.Logger) -> int:
                 except nfqueue.RuleError as e:
                     return _fail(log, str(e))
         else:
-            from intercept import pcap
+            from intercept.sources import pcap
 
             try:
-                source = pcap.PcapSource(server, opts.devices, opts.filter_expr or "")
+                source = pcap.PcapSource(
+                    server.receive_ip_packets, server.counters, opts.devices, opts.filter_expr or ""
+                )
             except pcap.PcapError as e:
                 return _fail(log, str(e))
             except ImportError:
@@ -621,11 +284,11 @@ def _run(opts: InterceptOptions, log: logging.Logger) -> int:
                 pid_written = True
             except OSError as e:
                 return _fail(log, f"-P: cannot write {opts.pid_file}: {e.strerror or e}")
-        # Least privilege (engine/privileges.py): the listener, the queue or pcap handles and
+        # Least privilege (engine/io/privileges.py): the listener, the queue or pcap handles and
         # the rule are in place; before the threads (metrics, pcap readers), which a drop
         # would not reach (capabilities are per thread).  iptables at exit runs with the
         # ambient CAP_NET_ADMIN.
-        from engine import privileges
+        from engine.io import privileges
 
         try:
             target = privileges.resolve_target(opts.user, opts.group)
@@ -677,7 +340,7 @@ def _run(opts: InterceptOptions, log: logging.Logger) -> int:
             exporter.shutdown()
             exporter.server_close()
         if installed:
-            from intercept import nfqueue
+            from intercept.sources import nfqueue
 
             nfqueue.remove_rules(installed, opts.queue_num)
         server.close()
@@ -703,7 +366,7 @@ def _write_summary(path: str, server, log: logging.Logger) -> None:  # noqa: ANN
     values: dict[str, object] = dict(server.counters)
     values.update({f"router_{k}": v for k, v in server.router.stats.items()})
     values["router_routes"] = len(server.router)
-    from engine.privileges import write_kept
+    from engine.io.privileges import write_kept
 
     data = orjson.dumps(values, option=orjson.OPT_SORT_KEYS) + b"\n"
     tmp = f"{path}.tmp"
@@ -718,7 +381,7 @@ def _write_summary(path: str, server, log: logging.Logger) -> None:  # noqa: ANN
 
 
 def _log_file_of(log: logging.Logger) -> str | None:
-    """The log file of `log` (engine.logs' file handler), None for stderr."""
+    """The log file of `log` (engine.io.logs' file handler), None for stderr."""
     for handler in log.handlers:
         path = getattr(handler, "path", None)
         if path:

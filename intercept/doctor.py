@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The same machinery as ``tcpcopy-mp doctor`` (engine/doctor.py: ``Finding``, ``Host``, the
+The same machinery as ``tcpcopy-mp doctor`` (engine/app/doctor.py: ``Finding``, ``Host``, the
 parsers); only the checks differ.  The command line is the run's, with ``doctor`` in front:
 ``-i``/``-F`` select the advanced (pcap) checks, anything else the traditional (NFQUEUE) ones.
 Two additions, because a run does not need them but the checks do: ``--target-port PORTS``
@@ -29,7 +29,9 @@ import re
 import sys
 from collections.abc import Sequence
 
-from engine.doctor import (
+from engine.codec.packet import ip_to_str
+from engine.errors import ConfigError
+from engine.io.hostcheck import (
     CAP_NET_ADMIN,
     CAP_NET_RAW,
     EXIT_USAGE,
@@ -54,8 +56,6 @@ from engine.doctor import (
     sysctl_int,
     sysctl_key,
 )
-from engine.errors import ConfigError
-from engine.packet import ip_to_str
 
 __all__ = ["InterceptDoctorOptions", "parse_args", "intercept_checks", "main"]
 
@@ -159,7 +159,7 @@ def _filter_ports(expr: str) -> tuple[int, ...]:
 
 def parse_args(argv: Sequence[str]) -> tuple[InterceptDoctorOptions, bool]:
     """(options, --json); ConfigError on a bad flag."""
-    from engine.rewrite import parse_client_pool
+    from engine.core.rewrite import parse_client_pool
 
     try:
         a = _build_parser().parse_args(list(argv))
@@ -246,7 +246,7 @@ def parse_nfqueue_status(text: str) -> dict[int, tuple[int, int, int, int]]:
 
 
 def check_nfqueue_rules(host: Host, opts: InterceptDoctorOptions, running: bool) -> list[Finding]:
-    from intercept.nfqueue import rule_command
+    from intercept.sources.nfqueue import rule_command
 
     q = opts.queue_num
     if not opts.target_ports:

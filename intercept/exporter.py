@@ -26,7 +26,7 @@ class QueueDropReader:
 
     def __init__(self, queue_num: int, read: Callable[[int], int | None] | None = None) -> None:
         if read is None:
-            from intercept.nfqueue import read_queue_dropped
+            from intercept.sources.nfqueue import read_queue_dropped
 
             read = read_queue_dropped
         self.queue_num = queue_num

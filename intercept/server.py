@@ -62,10 +62,10 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from engine import wire
+from engine.codec import wire
+from engine.codec.packet import ip_to_str
 from engine.errors import DecodeError
-from engine.logs import RateLimiter
-from engine.packet import ip_to_str
+from engine.io.logs import RateLimiter
 from intercept.router import Router
 
 __all__ = [

@@ -14,7 +14,7 @@ changes while the engine runs.  Row layout (``CounterBlock.create(workers=N)``):
 Slot keys are the engine's own ``collections.Counter`` keys, verbatim: the spec §3.18 labels of
 the session engine ("conns", "send content", "all clt", ...), ``drop_<DropReason value>``,
 ``ended_<Outcome value>``, the capture/sender/channel keys.  So the totals of a snapshot are
-directly what ``engine.worker.stats_lines`` prints, and the labelled Prometheus families
+directly what ``engine.proc.worker.stats_lines`` prints, and the labelled Prometheus families
 (dropped{reason}, sessions_total{outcome}, send_errors{errno}, ...) are fixed sets of slots
 (``DROP_REASONS``, ``OUTCOMES``, ``SEND_ERRNOS``, ``SENT_KINDS``).  Keys outside the schema
 with a known prefix land in that family's "other" slot; any other unknown key is ignored and
@@ -68,7 +68,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from engine.session_events import DropReason, Outcome
+from engine.core.events import DropReason, Outcome
 
 __all__ = [
     "CounterBlock",
@@ -118,7 +118,7 @@ OTHER = "other"
 DROP_EXTRA_REASONS = ("unsent_at_end", "ring_oversize", "parse_error", "shed")
 """Losses counted outside the session's DropReason: client segments still unsent when their
 session ended ("unsend dropped"), packets larger than a ring slot, captured frames that did
-not parse, packets of sessions shed under overload (engine/shed.py)."""
+not parse, packets of sessions shed under overload (engine/core/shed.py)."""
 DROP_REASONS: tuple[str, ...] = tuple(r.value for r in DropReason) + DROP_EXTRA_REASONS + (OTHER,)
 """Values of the ``reason`` label of tcpcopy_packets_dropped_total (slot ``drop_<reason>``)."""
 
@@ -147,7 +147,7 @@ sessions emitted (see ``sent_by_kind``)."""
 
 GATE_RULES: tuple[str, ...] = ("bytes", "quiet", "max_wait", "nowait")
 """Values of the ``rule`` label of tcpcopy_requests_released_total (slot ``gate_<rule>``):
-engine/session.py's request gate rules (a), (c), (d), (b)."""
+engine/core/session.py's request gate rules (a), (c), (d), (b)."""
 
 RECONNECT_REFUSALS: tuple[str, ...] = ("off", "budget", "unanswered")
 """Values of the ``reason`` label of tcpcopy_reconnects_refused_total (slot
@@ -155,7 +155,7 @@ RECONNECT_REFUSALS: tuple[str, ...] = ("off", "budget", "unanswered")
 
 SHED_REASONS: tuple[str, ...] = ("ring_full", "memory")
 """Values of the ``reason`` label of tcpcopy_sessions_shed_total (slot ``shed_sessions_<reason>``,
-engine/shed.py's REASON_*): whole sessions the capture did not admit under overload."""
+engine/core/shed.py's REASON_*): whole sessions the capture did not admit under overload."""
 
 HANDSHAKE_FAILURES: dict[str, str] = {
     "refused": "ended_" + Outcome.REFUSED.value,
@@ -170,7 +170,7 @@ def _counters(doc: str, *keys: str) -> list[Slot]:
 
 _SCHEMA: list[Slot] = [
     Slot("_seq", "seq", "seqlock of the row: odd while its writer updates it"),
-    # capture process (engine/capture.py TransferFilter and sources)
+    # capture process (engine/io/capture.py TransferFilter and sources)
     *_counters(
         "capture",
         "capture_packets",  # C "total captured packets"
@@ -190,7 +190,7 @@ _SCHEMA: list[Slot] = [
         "capture_kernel_filter_failed",  # sources whose BPF program could not be attached
         "capture_kernel_dropped",  # TPACKET_V3: packets the kernel lost, its ring full
         "capture_blocks",  # TPACKET_V3 blocks read
-        "shed_starts",  # times a worker began shedding new sessions (engine/shed.py)
+        "shed_starts",  # times a worker began shedding new sessions (engine/core/shed.py)
         "offline_packets",
         "offline_passes",
         "offline_idle_gaps",
@@ -203,7 +203,7 @@ _SCHEMA: list[Slot] = [
     *_counters(
         "sessions shed under overload, by reason", *("shed_sessions_" + r for r in SHED_REASONS)
     ),
-    # session table and sessions (engine/shard.py, engine/session.py; spec §3.18 labels)
+    # session table and sessions (engine/core/table.py, engine/core/session.py; spec §3.18 labels)
     *_counters(
         "session",
         "syn cnt",
@@ -257,11 +257,11 @@ _SCHEMA: list[Slot] = [
     ),
     *_counters("dropped input, by reason", *("drop_" + r for r in DROP_REASONS)),
     *_counters("sessions ended, by outcome", *("ended_" + o for o in OUTCOMES)),
-    # raw sender (engine/send.py)
+    # raw sender (engine/io/send.py)
     *_counters("sender", "send_packets", "send_bytes", "send_errors"),
     *_counters("link-layer sender (-o)", "send_split"),  # packets split to DEV's MTU
     *_counters("send errors, by errno", *("send_error_" + e for e in SEND_ERRNOS)),
-    # intercept channels (engine/channel.py)
+    # intercept channels (engine/io/channel.py)
     *_counters(
         "channels",
         "channel_connects",

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 Started as root, both programs drop to the default user (tcpcopy, else nobody) only when that
 user can read the interpreter, the standard library, the installed packages and the program
-(engine/privileges.py ``program_paths``); otherwise they stay root, with a warning.  A
+(engine/io/privileges.py ``program_paths``); otherwise they stay root, with a warning.  A
 checkout's ``.venv`` lives wherever the checkout does, often under a 0700 directory (a
 ``mktemp -d``, a home directory), and its interpreter may live under a 0700 ``/root`` (a
 pyenv).  Testing the drop from there would only ever test the "stays root" fallback.
@@ -38,7 +38,7 @@ import tomllib
 from importlib import metadata
 from pathlib import Path
 
-from engine import privileges
+from engine.io import privileges
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXTRAS = ("live",)

@@ -23,7 +23,7 @@ systemctl stop nginx redis-server prometheus postgresql >/dev/null 2>&1 || true
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-# engine._fastio (sendmmsg/recvmmsg) and engine/dataplane/*.pyx (Cython, fetched by pip as a
+# engine.io._fastio (sendmmsg/recvmmsg) and engine/dataplane/*.pyx (Cython, fetched by pip as a
 # build requirement) are compiled by the install below: they need gcc and Python's headers (a
 # Debian python3 has them in python3-dev; without them the install falls back, logged).  gcc
 # also brings libasan/libubsan for tests/fuzz/dataplane_asan.py.

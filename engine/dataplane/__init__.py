@@ -3,7 +3,7 @@
 Built by ``pip install`` from the ``.pyx`` files here (Cython is a build requirement; gcc and
 the Python headers come from tests/setup.sh).  The build is optional: where it could not be
 compiled, ``AVAILABLE`` is False, ``UNAVAILABLE`` says why, and the pure-Python engine
-(engine/packet.py and the session engine), which is the specification of everything here,
+(engine/codec/packet.py and the session engine), which is the specification of everything here,
 is what runs.  Set ``TCPCOPY_MP_REQUIRE_DATAPLANE=1`` for the install to fail instead.
 
 Modules:

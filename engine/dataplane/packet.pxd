@@ -3,7 +3,7 @@
 
 Other compiled modules ``cimport`` these structs and functions; every function here works on
 C types only (no Python object, no GIL), so it can sit on the per-packet path.  The Python
-specification of every rule is engine/packet.py; packet.pyx says where each line comes from.
+specification of every rule is engine/codec/packet.py; packet.pyx says where each line comes from.
 
 Addresses are 16 bytes plus a family so that IPv6 can follow without changing a struct: an
 IPv4 address is stored IPv4-mapped (RFC 4291 §2.5.5.2: ten zero bytes, 0xFFFF, then the four
@@ -26,7 +26,7 @@ cdef enum:
 
 
 # Parse and build outcomes: 0 is success, the rest name the first rule a packet broke.
-# The parse codes follow the order of engine/packet.py's checks (which DecodeError is raised
+# The parse codes follow the order of engine/codec/packet.py's checks (which DecodeError is raised
 # first), so both sides reject the same packets for the same reason.
 cdef enum dp_error:
     DP_OK = 0
@@ -53,7 +53,7 @@ cdef enum dp_error:
     DP_E_L2_LINKTYPE = 21           # link layer: a pcap link type we do not read
     DP_E_COUNT = 22
 
-# pcap link types (engine/packet.py's DLT_* names; 12 and 14 are DLT_RAW on some systems).
+# pcap link types (engine/codec/packet.py's DLT_* names; 12 and 14 are DLT_RAW on some systems).
 cdef enum:
     DP_DLT_EN10MB = 1
     DP_DLT_RAW = 101
@@ -138,10 +138,10 @@ cdef uint64_t dp_sum16(const uint8_t* data, size_t n, uint64_t total) noexcept n
 cdef uint16_t dp_fold(uint64_t total) noexcept nogil
 cdef uint16_t dp_checksum(const uint8_t* data, size_t n) noexcept nogil
 
-# TCP options of one header (n is clamped to 40): the same walk as engine.packet.parse_options.
+# TCP options of one header (n is clamped to 40): the same walk as engine.codec.packet.parse_options.
 cdef void dp_parse_tcp_options(const uint8_t* raw, size_t n, dp_tcp_options* out) noexcept nogil
 
-# Offset of the IPv4 header in a captured frame of a pcap link type (engine.packet.l2_offset:
+# Offset of the IPv4 header in a captured frame of a pcap link type (engine.codec.packet.l2_offset:
 # Ethernet with one optional 802.1Q tag, Linux SLL and SLL2, raw IP), or minus a dp_error.
 cdef Py_ssize_t dp_l2_offset(const uint8_t* frame, size_t n, int linktype) noexcept nogil
 
@@ -161,7 +161,7 @@ cdef Py_ssize_t dp_build_ipv4_tcp(
 # Copy a parsed packet's header fields into build fields (the rewrite step goes between).
 cdef void dp_fields_of(const dp_packet* p, dp_tcp_fields* f) noexcept nogil
 
-# Build a packet split to at most mtu bytes per piece (engine.packet.split_mtu, spec §3.4):
+# Build a packet split to at most mtu bytes per piece (engine.codec.packet.split_mtu, spec §3.4):
 # the pieces one after the other in out, their lengths in lengths[0:count]; returns count,
 # or minus a dp_error.  data_len is the packet's declared payload length (a packet that fits
 # is built whole even when it is a cut capture).

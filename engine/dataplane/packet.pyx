@@ -3,7 +3,7 @@
 
 Theory of operation
 -------------------
-This is the compiled twin of engine/packet.py, which stays the specification: every rule
+This is the compiled twin of engine/codec/packet.py, which stays the specification: every rule
 below is that module's rule, in the same order, and tests/unit/test_dataplane_packet.py
 holds the two to identical fields, identical bytes and identical rejects on random and on
 captured packets.
@@ -14,22 +14,22 @@ untrusted, so every read is checked against the length first: the fixed IP heade
 ihl, then the TCP header at ihl, then doff, then tot_len, and the option walk never reads a
 kind's length byte or body past the end of the options (RFC 9293 §3.2).  A packet that
 breaks a rule gets the ``dp_error`` code of the first rule it broke, the one whose
-``DecodeError`` engine/packet.py raises.
+``DecodeError`` engine/codec/packet.py raises.
 
 The checksum adds big-endian 16-bit words into a 64-bit sum and folds the carries back in
 at the end (RFC 1071 §4.1); 2**48 words fit before the sum could overflow.  The fold of a
-non-zero sum is never 0, which is why the result agrees with engine/packet.py's modular
+non-zero sum is never 0, which is why the result agrees with engine/codec/packet.py's modular
 arithmetic in its one corner case (all-zero words: checksum 0xFFFF; any other sum that is
 0 modulo 0xFFFF: checksum 0).
 
 The Python entry points at the bottom convert once per call and loop in C: ``parse_batch``
 parses N packets of one buffer (a pcap file read whole, a capture block) into a numpy
 structured array laid out exactly like ``dp_packet``; ``parse_slots`` does the same in place
-on the slots of a shared-memory ring (engine/ring.py's geometry, passed in); ``build_batch``
+on the slots of a shared-memory ring (engine/io/ring.py's geometry, passed in); ``build_batch``
 writes the records back to the wire, one after the other, into one output buffer (what
 sendmmsg sends).  The single-packet functions (``parse_ip``, ``parse_options``,
 ``build_fields``, ``split_build``, ``checksum``) exist for tests, the benchmark and the
-fuzzers; they allocate the same Python objects engine/packet.py does.
+fuzzers; they allocate the same Python objects engine/codec/packet.py does.
 """
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
@@ -39,7 +39,7 @@ from libc.string cimport memcpy, memset
 import numpy as np
 
 from engine.errors import DecodeError
-from engine.packet import TcpOptions, TcpPacket
+from engine.codec.packet import TcpOptions, TcpPacket
 
 __all__ = [
     "PACKET_DTYPE", "ERROR_NAMES", "DecodeError",
@@ -116,7 +116,7 @@ cdef inline uint64_t _pseudo_sum(const uint8_t* src, const uint8_t* dst, size_t 
     return dp_sum16(src, 4, dp_sum16(dst, 4, IPPROTO_TCP + <uint64_t>tcp_len))
 
 
-# -- TCP options (engine.packet.parse_options) -----------------------------------------------
+# -- TCP options (engine.codec.packet.parse_options) -----------------------------------------------
 
 cdef void dp_parse_tcp_options(const uint8_t* raw, size_t n, dp_tcp_options* out) noexcept nogil:
     cdef size_t i = 0, ln, j
@@ -158,7 +158,7 @@ cdef void dp_parse_tcp_options(const uint8_t* raw, size_t n, dp_tcp_options* out
         i += ln
 
 
-# -- link layer (engine.packet.l2_offset) ----------------------------------------------------
+# -- link layer (engine.codec.packet.l2_offset) ----------------------------------------------------
 
 cdef enum:
     ETHERTYPE_IPV4 = 0x0800
@@ -189,14 +189,14 @@ cdef Py_ssize_t dp_l2_offset(const uint8_t* frame, size_t n, int linktype) noexc
     return -DP_E_L2_LINKTYPE
 
 
-# -- parse (engine.packet.parse_ip) ----------------------------------------------------------
+# -- parse (engine.codec.packet.parse_ip) ----------------------------------------------------------
 
 cdef int dp_parse_ipv4_tcp(const uint8_t* buf, size_t n, dp_packet* out) noexcept nogil:
     cdef size_t ihl, doff, hdrs, tot_len, end
     cdef uint16_t frag
     cdef const uint8_t* tcp
     memset(out, 0, sizeof(dp_packet))
-    # spec §3.3 step 1 and engine/packet.py's checks, in its order.
+    # spec §3.3 step 1 and engine/codec/packet.py's checks, in its order.
     if n < DP_IP_HEADER_BYTES:
         out.error = DP_E_IP_TRUNCATED
         return out.error
@@ -258,7 +258,7 @@ cdef int dp_parse_ipv4_tcp(const uint8_t* buf, size_t n, dp_packet* out) noexcep
     return DP_OK
 
 
-# -- build (engine.packet.build_fields) ------------------------------------------------------
+# -- build (engine.codec.packet.build_fields) ------------------------------------------------------
 
 cdef Py_ssize_t dp_build_ipv4_tcp(
     uint8_t* out, size_t cap, const dp_tcp_fields* f,
@@ -326,7 +326,7 @@ cdef Py_ssize_t dp_build_ipv4_tcp(
     return <Py_ssize_t>tot_len
 
 
-# -- MTU split (engine.packet.split_mtu, spec §3.4) -------------------------------------------
+# -- MTU split (engine.codec.packet.split_mtu, spec §3.4) -------------------------------------------
 
 cdef enum:
     TCP_FIN = 0x01
@@ -464,12 +464,12 @@ cdef inline const uint8_t* _ptr(const uint8_t[::1] view) noexcept nogil:
 
 
 def checksum(const uint8_t[::1] data not None):
-    """The Internet checksum (RFC 1071) of ``data`` (engine.packet.checksum)."""
+    """The Internet checksum (RFC 1071) of ``data`` (engine.codec.packet.checksum)."""
     return dp_checksum(_ptr(data), data.shape[0])
 
 
 def tcp_checksum(src, dst, const uint8_t[::1] segment not None):
-    """TCP checksum of ``segment`` over the IPv4 pseudo-header (engine.packet.tcp_checksum)."""
+    """TCP checksum of ``segment`` over the IPv4 pseudo-header (engine.codec.packet.tcp_checksum)."""
     cdef uint8_t s[4]
     cdef uint8_t d[4]
     _put32(s, _field(src, 0xFFFFFFFF, "src"))
@@ -492,7 +492,7 @@ cdef object _options_object(const dp_tcp_options* o):
 
 
 def parse_options(const uint8_t[::1] raw not None):
-    """TCP options of one header (at most 40 bytes) -> engine.packet.TcpOptions."""
+    """TCP options of one header (at most 40 bytes) -> engine.codec.packet.TcpOptions."""
     cdef dp_tcp_options o
     if raw.shape[0] > DP_OPTIONS_MAX_BYTES:
         raise ValueError(f"TCP options too long: {raw.shape[0]} bytes (max 40)")
@@ -501,7 +501,7 @@ def parse_options(const uint8_t[::1] raw not None):
 
 
 def l2_offset(const uint8_t[::1] frame not None, int linktype):
-    """engine.packet.l2_offset through the compiled reader: the IPv4 header's offset in a
+    """engine.codec.packet.l2_offset through the compiled reader: the IPv4 header's offset in a
     captured frame; a refusal raises ``DecodeError`` naming the ``dp_error``."""
     cdef Py_ssize_t n = dp_l2_offset(_ptr(frame), frame.shape[0], linktype)
     if n < 0:
@@ -533,7 +533,7 @@ def decode_ip(const uint8_t[::1] buf not None):
 
 
 def parse_ip(buf):
-    """engine.packet.parse_ip through the compiled parser; a reject raises ``DecodeError``
+    """engine.codec.packet.parse_ip through the compiled parser; a reject raises ``DecodeError``
     naming the ``dp_error`` (its ``code`` attribute holds the number)."""
     code, pkt, _ = decode_ip(buf)
     if code:
@@ -544,7 +544,7 @@ def parse_ip(buf):
 
 
 cdef uint32_t _field(object value, uint32_t limit, str name) except? 0xFFFFFFFF:
-    # struct.pack's range check in engine.packet.build_fields, as a ValueError.
+    # struct.pack's range check in engine.codec.packet.build_fields, as a ValueError.
     if not isinstance(value, int) or not 0 <= value <= limit:
         raise ValueError(f"cannot build packet: field {name} out of range ({value!r})")
     return <uint32_t>value
@@ -588,7 +588,7 @@ def build_into(uint8_t[::1] out not None, Py_ssize_t offset, src, dst, sport, dp
                flags, window, const uint8_t[::1] opts not None,
                const uint8_t[::1] payload not None, ip_id, ttl, tos, df, urgent=0,
                const uint8_t[::1] ip_opts not None = b""):
-    """Write the packet engine.packet.build_fields would return into ``out[offset:]``;
+    """Write the packet engine.codec.packet.build_fields would return into ``out[offset:]``;
     returns its length.  ``ValueError`` where build_fields raises one."""
     cdef dp_tcp_fields f
     cdef Py_ssize_t n
@@ -605,7 +605,7 @@ def build_into(uint8_t[::1] out not None, Py_ssize_t offset, src, dst, sport, dp
 
 def build_fields(src, dst, sport, dport, seq, ack, flags, window, opts, payload, ip_id, ttl,
                  tos, df, urgent=0, ip_opts=b""):
-    """engine.packet.build_fields through the compiled builder: the wire bytes."""
+    """engine.codec.packet.build_fields through the compiled builder: the wire bytes."""
     out = bytearray(DP_IP_TOT_LEN_MAX)
     n = build_into(out, 0, src, dst, sport, dport, seq, ack, flags, window, opts, payload,
                    ip_id, ttl, tos, df, urgent, ip_opts)
@@ -614,9 +614,9 @@ def build_fields(src, dst, sport, dport, seq, ack, flags, window, opts, payload,
 
 def split_build(src, dst, sport, dport, seq, ack, flags, window, opts, payload, ip_id, ttl,
                 tos, df, urgent=0, ip_opts=b"", Py_ssize_t data_len=-1, Py_ssize_t mtu=1500):
-    """``[build(p) for p in split_mtu(pkt, mtu)]`` of engine.packet through the compiled
+    """``[build(p) for p in split_mtu(pkt, mtu)]`` of engine.codec.packet through the compiled
     splitter: the wire bytes of every piece.  ``DecodeError`` for a cut capture that does
-    not fit, ``ValueError`` where engine.packet raises one."""
+    not fit, ``ValueError`` where engine.codec.packet raises one."""
     cdef dp_tcp_fields f
     cdef const uint8_t[::1] o = opts
     cdef const uint8_t[::1] io = ip_opts
@@ -698,7 +698,7 @@ def parse_batch(const uint8_t[::1] buf not None, const uint32_t[::1] offsets not
 def parse_slots(const uint8_t[::1] buf not None, Py_ssize_t base, Py_ssize_t slot_bytes,
                 Py_ssize_t slot_header_bytes, Py_ssize_t slots, uint64_t first, out,
                 Py_ssize_t count):
-    """Parse ``count`` packets in place from a ring of fixed-size slots (engine/ring.py's
+    """Parse ``count`` packets in place from a ring of fixed-size slots (engine/io/ring.py's
     geometry, which the caller passes): slot ``k`` of the batch is slot ``(first + k) %
     slots``, at ``base + index * slot_bytes``; its header starts with the packet's length
     (u32, host order) and its data follows ``slot_header_bytes`` later.  Records go to

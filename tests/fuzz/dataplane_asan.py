@@ -18,7 +18,7 @@ Theory of operation
    of exactly its size, so a read one byte past the end hits a red zone; parse, option walk,
    checksum, link-layer offsets, rebuild into a block of exactly the built size), through
    ``l2_offset`` at a random link type and ``decode_ip``, both compared
-   with engine/packet.py (same fields, same rejects: a difference is a finding too) and, when
+   with engine/codec/packet.py (same fields, same rejects: a difference is a finding too) and, when
    it parses, through ``split_build`` at a random MTU compared with ``split_mtu``; every
    256 inputs the whole group goes through ``parse_batch`` (with some offsets and lengths
    pointing outside the buffer), ``build_batch`` into an output of exactly the needed size,
@@ -86,8 +86,8 @@ def runtime_libraries() -> list[str]:
 
 
 def seeds() -> list[bytes]:
-    from engine import packet as P
-    from engine.pcapfile import open_pcap
+    from engine.codec import packet as P
+    from engine.codec.pcapfile import open_pcap
     from tests.paths import CONTROL_PCAP, ONLINE_HTTP_PCAP, TARGET_SIDE_PCAP
 
     out = []
@@ -131,7 +131,7 @@ def load_instrumented(build_dir: Path) -> object:
 def fuzz(build_dir: Path, runs: int, seed: int, artifacts: Path) -> int:
     import numpy as np
 
-    from engine import packet as P
+    from engine.codec import packet as P
     from tests.fuzz.run_fuzz import _mutate
 
     D = load_instrumented(build_dir)
@@ -171,7 +171,7 @@ def fuzz(build_dir: Path, runs: int, seed: int, artifacts: Path) -> int:
 
 
 def _l2(D, P, frame: bytes, linktype: int) -> None:  # type: ignore[no-untyped-def]
-    """l2_offset against engine.packet.l2_offset (same offset, or both refuse)."""
+    """l2_offset against engine.codec.packet.l2_offset (same offset, or both refuse)."""
     try:
         want: object = P.l2_offset(frame, linktype)
     except P.DecodeError:
@@ -184,7 +184,7 @@ def _l2(D, P, frame: bytes, linktype: int) -> None:  # type: ignore[no-untyped-d
 
 
 def _split(D, P, pkt, mtu: int) -> None:  # type: ignore[no-untyped-def]
-    """split_build against engine.packet.split_mtu + build (same pieces or same refusal)."""
+    """split_build against engine.codec.packet.split_mtu + build (same pieces or same refusal)."""
     args = (pkt.src, pkt.dst, pkt.sport, pkt.dport, pkt.seq, pkt.ack, pkt.flags, pkt.window,
             pkt.options, pkt.payload, pkt.ip_id, pkt.ttl, pkt.tos, pkt.df, pkt.urgent,
             pkt.ip_options)  # fmt: skip

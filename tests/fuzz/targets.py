@@ -34,10 +34,8 @@ import tempfile
 from collections.abc import Callable
 from functools import lru_cache
 
-from engine import wire
-from engine.config import SessionConfig
-from engine.errors import ConfigError, DecodeError
-from engine.packet import (
+from engine.codec import wire
+from engine.codec.packet import (
     ACK,
     FIN,
     PSH,
@@ -52,10 +50,12 @@ from engine.packet import (
     set_timestamp,
     tcp_checksum,
 )
-from engine.pcapfile import PCAPNG_MAGIC, PcapReader
-from engine.rewrite import TransferEntry
-from engine.session import DropReason, drop_key
-from engine.shard import SessionTable
+from engine.codec.pcapfile import PCAPNG_MAGIC, PcapReader
+from engine.core.config import SessionConfig
+from engine.core.rewrite import TransferEntry
+from engine.core.session import DropReason, drop_key
+from engine.core.table import SessionTable
+from engine.errors import ConfigError, DecodeError
 from intercept.router import Router
 from tests.paths import CONTROL_PCAP, ONLINE_HTTP_PCAP, TARGET_SIDE_PCAP
 
@@ -632,7 +632,7 @@ def _toml(r: Reader, parser: argparse.ArgumentParser) -> str:
 
 @lru_cache(maxsize=1)
 def _tcpcopy_parser_and_defaults() -> tuple[argparse.ArgumentParser, list, dict]:
-    from engine import cli
+    from engine.app import cli
 
     p = cli.build_parser()
     return p, [(a, a.default) for a in p._actions], dict(p._defaults)  # noqa: SLF001
@@ -649,8 +649,8 @@ def _tcpcopy_parser() -> argparse.ArgumentParser:
 
 
 def fuzz_tcpcopy_cli(data: bytes) -> None:
-    """engine.cli: argv (and a --config TOML) -> ReplayConfig, ConfigError or a usage error."""
-    from engine import cli
+    """engine.app.cli: argv (and a --config TOML) -> ReplayConfig, ConfigError or a usage error."""
+    from engine.app import cli
 
     r = Reader(data)
     parser = _tcpcopy_parser()

@@ -1,6 +1,6 @@
 """CI entry of the sanitizer fuzzer of the compiled data plane (tests/fuzz/dataplane_asan.py):
 a sanitizer build of engine/dataplane/*.pyx, then 50,000 mutated packets through its Python
-entry points, compared with engine/packet.py.  The long run (>= 1 M inputs) is the same
+entry points, compared with engine/codec/packet.py.  The long run (>= 1 M inputs) is the same
 script with ``--runs 1000000`` (tests/fuzz/README.md)."""
 
 from __future__ import annotations

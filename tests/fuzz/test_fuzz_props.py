@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from engine.codec.pcapfile import PCAPNG_MAGIC, PcapReader
+from engine.core.session import TcpSession
 from engine.errors import DecodeError
-from engine.pcapfile import PCAPNG_MAGIC, PcapReader
-from engine.session import TcpSession
 from tests.fuzz import targets
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -68,7 +68,7 @@ def test_damaged_real_input(name: str, data: st.DataObject) -> None:
 
 def test_seeds_reach_the_deep_paths() -> None:
     """The seeds are real traffic, not errors: they parse, decode and start sessions."""
-    from engine.packet import l2_offset, parse_ip
+    from engine.codec.packet import l2_offset, parse_ip
 
     for data in targets.seeds()["packet"][:10]:
         parse_ip(data[1 + l2_offset(data[1:], 1) :])

@@ -1,6 +1,6 @@
 """Fixtures of the netns tier: a fresh testbed per test, torn down also on failure.
 
-The machinery is tests/netns/testbed.py (bench/demo.py uses it too).  When a test fails, the
+The machinery is testbed/netns.py (bench/demo.py uses it too).  When a test fails, the
 tails of every process log of its testbed (tcpcopy-mp, intercept-mp, nginx, redis, tcpdump)
 are printed in the report's captured output.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import testbed as tbm
+from testbed import netns as tbm
 
 NETNS_PROBLEMS = tbm.preflight_problems()
 SKIP_NO_NETNS = pytest.mark.skipif(
@@ -22,7 +22,7 @@ SKIP_NO_NETNS = pytest.mark.skipif(
 
 def programs_missing() -> str | None:
     """Why the programs under test cannot run yet (None when both CLIs exist)."""
-    for module in ("engine/cli.py", "intercept/cli.py"):
+    for module in ("engine/app/cli.py", "intercept/cli.py"):
         if not (tbm.REPO_ROOT / module).exists():
             return f"{module} not written yet"
     for binary in (tbm.TCPCOPY_BIN, tbm.INTERCEPT_BIN):

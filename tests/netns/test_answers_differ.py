@@ -3,7 +3,7 @@
 People replay to a target because it differs: another version, another server, other data.
 Its answers then differ in length from the online server's, and the request gate must still
 release every request as soon as the target's answer to the previous one is complete
-(engine/session.py "The request gate"; docs/replay.md).  Real servers that answer differently
+(engine/core/session.py "The request gate"; docs/replay.md).  Real servers that answer differently
 (design §9): nginx serving the same URLs with bodies of other lengths, redis INCR/LPUSH under
 another interleaving, PostgreSQL pgbench TPC-B (balances).  Each test asserts >= 99.9 %
 replicated, the target done within DONE_AFTER_LOAD_S (max(5 s, 1.5 x what C TCPCopy 1.0 needs
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import testbed as tbm
+from testbed import netns as tbm
 from tests.netns.conftest import SKIP_NO_NETNS
 from tests.netns.test_replication import diag, start_pair, stop_tcpcopy
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from intercept.nfqueue import rule_spec
-from tests.netns import testbed as tbm
+from intercept.sources.nfqueue import rule_spec
+from testbed import netns as tbm
 from tests.netns.conftest import SKIP_NO_NETNS
 
 pytestmark = [

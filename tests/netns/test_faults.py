@@ -1,6 +1,6 @@
 """Fault suite: what tcpcopy-mp and intercept-mp do when things break under live load.
 
-Every test builds the usual testbed (tests/netns/testbed.py), starts intercept-mp and
+Every test builds the usual testbed (testbed/netns.py), starts intercept-mp and
 tcpcopy-mp (two workers), breaks one thing, and asserts three outcomes:
 
 * no crash: both programs are still running (or exited cleanly where that is the point);
@@ -17,7 +17,7 @@ TCPCOPY_FAULT_RESULTS names a file, appended to it as JSON lines: docs/reliabili
 written from them.
 
 Kernel limits of this testbed (both worked around, see the tests): no sch_netem (netem is
-emulated by tests/netns/impair.py on an NFQUEUE), and net.netfilter.nf_conntrack_max is not
+emulated by testbed/impair.py on an NFQUEUE), and net.netfilter.nf_conntrack_max is not
 writable inside a network namespace (EINVAL; the host's global table must not be touched),
 so a full conntrack table is emulated by dropping every packet that would need a *new*
 conntrack entry (``-m conntrack ! --ctstatus CONFIRMED``), which is what a full table does.
@@ -36,8 +36,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from engine.supervisor import STOP_DEADLINE_S
-from tests.netns import testbed as tbm
+from engine.proc.supervisor import STOP_DEADLINE_S
+from testbed import netns as tbm
 from tests.netns.conftest import SKIP_NO_NETNS
 from tests.netns.test_replication import TRANSFER_HTTP, diag, start_pair, stop_tcpcopy
 
@@ -76,7 +76,7 @@ def record(name: str, **figures: object) -> None:
 
 def spawn_loadgen(tb: tbm.Testbed, name: str, *args: str) -> tbm.Proc:
     """A bounded load generator running in the background in the client namespace."""
-    return tb.spawn("client", name, [str(tbm.PYTHON), "-m", "tests.netns.loadgen", *args])
+    return tb.spawn("client", name, [str(tbm.PYTHON), "-m", "testbed.loadgen", *args])
 
 
 def loadgen_result(proc: tbm.Proc, timeout: float) -> dict:
@@ -403,7 +403,7 @@ def test_lossy_reordering_path(testbed: tbm.Testbed, tmp_path: Path) -> None:
     intercept, tcpcopy = start_pair(tb, tmp_path, ARGS)
     impair = tb.spawn(
         "online", "impair",
-        [str(tbm.PYTHON), "-m", "tests.netns.impair", "--queue", "7", "--loss", "0.01",
+        [str(tbm.PYTHON), "-m", "testbed.impair", "--queue", "7", "--loss", "0.01",
          "--delay-ms", "5", "--jitter-ms", "5", "--reorder", "0.25", "--reorder-corr", "0.5",
          "--duration", "200", "--seed", "7"],
     )  # fmt: skip
@@ -514,7 +514,7 @@ def test_conntrack_full_send_eperm(testbed: tbm.Testbed, tmp_path: Path) -> None
     )
     assert count > 0  # conntrack is active in the online namespace
     assert summary.get("send_error_EPERM", 0) >= full_online - full_target > 0, figures
-    # Rate-limited: one line per errno per 5 s per worker (engine/send.py).
+    # Rate-limited: one line per errno per 5 s per worker (engine/io/send.py).
     assert len(eperm_lines) <= WORKERS * (fault_s / 5.0 + 2), len(eperm_lines)
     assert len(eperm_lines) < summary["send_error_EPERM"], figures
     assert recovery_s <= RECOVERY_DEADLINE_S, recovery_s

@@ -1,7 +1,7 @@
 """-g live: the replicated share of new sessions ramps up by 1 % per second (spec §3.3 step 6).
 
 One-request sessions at a steady pace; afterwards each online session's -r sampling key
-(C's formula on its -c address and original port, engine/rewrite.py) is set against the ramp
+(C's formula on its -c address and original port, engine/core/rewrite.py) is set against the ramp
 at the time nginx logged it: kept exactly when key < seconds since the ramp start + 1.  The
 ramp starts at the first session let through at 1 %, which must therefore have key 0.
 Sessions within ``SLACK_S`` of their threshold are not judged (nginx's log time is not the
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.packet import ip_from_str
-from engine.rewrite import choose_client_ip, parse_client_pool, sample_keep
-from tests.netns import testbed as tbm
+from engine.codec.packet import ip_from_str
+from engine.core.rewrite import choose_client_ip, parse_client_pool, sample_keep
+from testbed import netns as tbm
 from tests.netns.conftest import SKIP_NO_NETNS
 from tests.netns.test_replication import TRANSFER_HTTP, diag, start_pair, stop_tcpcopy
 

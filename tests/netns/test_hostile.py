@@ -4,7 +4,7 @@ As tests/netns/test_faults.py (whose helpers these tests use): the usual testbed
 mode, intercept-mp and tcpcopy-mp with two workers, one fault, and three outcomes asserted
 from real figures (tcpcopy-mp's --summary-json, the servers' access logs).
 
-The flood (tests/netns/synflood.py, in the client namespace) sends raw SYNs to the online
+The flood (testbed/synflood.py, in the client namespace) sends raw SYNs to the online
 server from 50 addresses of 198.19.200.0/24 that never answer: each one the capture sees is
 a new session whose client never completes its handshake.  It is bounded (count, rate,
 deadline).  Figures are printed and recorded like the rest of the fault suite
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.supervisor import BYTES_PER_MB, tree_memory_bytes
-from tests.netns import testbed as tbm
+from engine.proc.supervisor import BYTES_PER_MB, tree_memory_bytes
+from testbed import netns as tbm
 from tests.netns.conftest import SKIP_NO_NETNS
 from tests.netns.test_faults import (
     ARGS,
@@ -61,7 +61,7 @@ def _workers(testbed: tbm.Testbed) -> None:
 def flood(tb: tbm.Testbed) -> tbm.Proc:
     return tb.spawn(
         "client", "synflood",
-        [str(tbm.PYTHON), "-m", "tests.netns.synflood", "--count", str(FLOOD_SYNS),
+        [str(tbm.PYTHON), "-m", "testbed.synflood", "--count", str(FLOOD_SYNS),
          "--rate", str(FLOOD_RATE_PER_S), "--sources", str(FLOOD_SOURCES), "--deadline", "60"],
     )  # fmt: skip
 

@@ -27,9 +27,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from engine import wire
-from engine.packet import ACK, RST, SYN, TcpPacket, build, build_options, ip_from_str
-from tests.netns.testbed import Proc, delete_netns, in_netns, netns_socket, wait_until
+from engine.codec import wire
+from engine.codec.packet import ACK, RST, SYN, TcpPacket, build, build_options, ip_from_str
+from testbed.netns import Proc, delete_netns, in_netns, netns_socket, wait_until
 
 pytestmark = [
     pytest.mark.netns,
@@ -202,7 +202,7 @@ class Control:
 
 
 def send_syn(ns: str, src: str, sport: int, dst: str, dport: int, seq: int) -> None:
-    """A raw SYN from a fake client (IP_HDRINCL; checksums computed by engine.packet)."""
+    """A raw SYN from a fake client (IP_HDRINCL; checksums computed by engine.codec.packet)."""
     pkt = build(
         TcpPacket(
             src=ip_from_str(src),

@@ -1,4 +1,5 @@
-"""engine/send.py's link-layer sender (-o DEV) on a real packet socket, in a namespace of its own.
+"""engine/io/send.py's link-layer sender (-o DEV) on a real packet socket, in a namespace of
+its own.
 
 The namespace holds one veth pair: frames the LinkSender writes on ``lk0`` are read back on
 ``lk1`` by an AF_PACKET socket, whole (Ethernet header included).  Every batch path (the C
@@ -16,9 +17,11 @@ import subprocess
 
 import pytest
 
-from engine import packet, rewrite, send
-from engine.packet import ACK, PSH, TcpPacket
-from tests.netns import testbed as tbm
+from engine.codec import packet
+from engine.codec.packet import ACK, PSH, TcpPacket
+from engine.core import rewrite
+from engine.io import send
+from testbed import netns as tbm
 
 pytestmark = [
     pytest.mark.netns,

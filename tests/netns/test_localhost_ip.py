@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.packet import checksum, ip_from_str, tcp_checksum
-from engine.rewrite import LOCALHOST_IP
-from tests.netns import testbed as tbm
+from engine.codec.packet import checksum, ip_from_str, tcp_checksum
+from engine.core.rewrite import LOCALHOST_IP
+from testbed import netns as tbm
 from tests.netns.conftest import SKIP_NO_NETNS
 from tests.netns.test_replication import TRANSFER_HTTP
 

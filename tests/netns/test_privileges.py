@@ -9,7 +9,7 @@ must be gone although it is no longer root.
 
 The checkout (and its .venv) may live where the new user cannot read it (a 0700 mktemp -d or
 home directory), and so may the interpreter (a pyenv under a 0700 /root); the programs then
-refuse to drop (engine/privileges.py: they stay root, with a warning), which is not what this
+refuse to drop (engine/io/privileges.py: they stay root, with a warning), which is not what this
 test is about.  So both programs run from tests/readable_install.py's copy of the project in a
 world-readable venv under /tmp, with an interpreter the user can run (a system Python of the
 same version, or the base one seen through a private mount namespace that makes it
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.privileges import CAP_NET_ADMIN, CAP_NET_RAW, read_status, resolve_target
-from tests.netns import testbed as tbm
+from engine.io.privileges import CAP_NET_ADMIN, CAP_NET_RAW, read_status, resolve_target
+from testbed import netns as tbm
 from tests.netns.conftest import SKIP_NO_NETNS
 from tests.readable_install import ReadableInstall
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from metrics.counters import DROP_REASONS
-from tests.netns import testbed as tbm
+from testbed import netns as tbm
 from tests.netns.conftest import SKIP_NO_NETNS
 
 PROMETHEUS_BIN = shutil.which("prometheus") or "/usr/bin/prometheus"

@@ -1,4 +1,4 @@
-"""engine/send.py's batched raw send on a real IPPROTO_RAW socket, in a namespace of its own.
+"""engine/io/send.py's batched raw send on a real IPPROTO_RAW socket, in a namespace of its own.
 
 The namespace has only ``lo`` with 198.18.0.1/32: packets to 198.18.0.1 are delivered
 locally and read back by a raw TCP socket (every packet, in order); packets to 198.18.9.9
@@ -16,9 +16,10 @@ import subprocess
 
 import pytest
 
-from engine import packet, send
-from engine.packet import ACK, PSH, TcpPacket
-from tests.netns import testbed as tbm
+from engine.codec import packet
+from engine.codec.packet import ACK, PSH, TcpPacket
+from engine.io import send
+from testbed import netns as tbm
 
 pytestmark = [
     pytest.mark.netns,
@@ -88,7 +89,7 @@ PATHS = ["fastio", "ctypes", "sendto"]
 @pytest.mark.parametrize("path", PATHS)
 def test_a_batch_arrives_whole_and_in_order(ns: str, path: str) -> None:
     if path == "fastio":
-        pytest.importorskip("engine._fastio")
+        pytest.importorskip("engine.io._fastio")
     sender, rx = _open(ns, path)
     try:
         assert sender.batch_path == path
@@ -106,7 +107,7 @@ def test_a_batch_arrives_whole_and_in_order(ns: str, path: str) -> None:
 @pytest.mark.parametrize("path", PATHS)
 def test_refused_packets_are_counted_by_errno_and_the_rest_still_go(ns: str, path: str) -> None:
     if path == "fastio":
-        pytest.importorskip("engine._fastio")
+        pytest.importorskip("engine.io._fastio")
     sender, rx = _open(ns, path)
     try:
         good = [20000 + i for i in range(10)]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import testbed as tbm
+from testbed import netns as tbm
 from tests.netns.conftest import SKIP_NO_NETNS
 
 # -- pure helpers (no privileges) ---------------------------------------------------------------

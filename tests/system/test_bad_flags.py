@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import cli as tcpcopy_cli
+from engine.app import cli as tcpcopy_cli
 from intercept import cli as intercept_cli
 
 BIN_DIR = Path(sys.executable).parent

@@ -1,4 +1,4 @@
-"""The configuration schema (engine/config.py): flags, TOML keys and docs/config.md agree.
+"""The configuration schema (engine/core/config.py): flags, TOML keys and docs/config.md agree.
 
 No privileges and no traffic: configurations are built in-process (what main() does before
 it opens anything) or the real CLIs are run on files that fail at validation.
@@ -17,16 +17,17 @@ from typing import Any
 
 import pytest
 
-from engine import cli
-from engine.config import ReplayConfig
-from engine.packet import ip_from_str
+from engine.app import cli
+from engine.codec.packet import ip_from_str
+from engine.core.config import ReplayConfig
 from intercept import cli as icli
+from intercept.config import INTERCEPT_OPTIONS
 from tests.paths import ONLINE_HTTP_PCAP
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO / "config"
 BIN_DIR = Path(sys.executable).parent
-PROGRAMS = {"tcpcopy": cli.TCPCOPY_OPTIONS, "intercept": icli.INTERCEPT_OPTIONS}
+PROGRAMS = {"tcpcopy": cli.TCPCOPY_OPTIONS, "intercept": INTERCEPT_OPTIONS}
 SECRET = b"0123456789abcdef0123456789abcdef"
 
 
@@ -189,7 +190,7 @@ def check_values(table: str, cfg: Any, values: dict) -> None:
 
 def test_reference_matches_committed_docs():
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.configdoc", "--reference"],
+        [sys.executable, "-m", "engine.app.configdoc", "--reference"],
         capture_output=True,
         text=True,
         timeout=30,

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from engine import wire
-from engine.packet import SYN, ip_from_str
-from intercept.cli import MAX_ROUTES_PER_CONN_DEFAULT, parse_args
+from engine.codec import wire
+from engine.codec.packet import SYN, ip_from_str
+from intercept.cli import parse_args
+from intercept.config import MAX_ROUTES_PER_CONN_DEFAULT
 from intercept.router import Router
 from intercept.server import InterceptServer
 
@@ -333,7 +334,7 @@ def test_bad_secret_file_is_one_line_exit_2(tmp_path: Path) -> None:
 
 
 def test_tcpcopy_secret_file_reaches_the_config(tmp_path: Path) -> None:
-    from engine.cli import build_config, build_parser
+    from engine.app.cli import build_config, build_parser
 
     path = write_secret(tmp_path / "s")
     args = build_parser().parse_args(

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import wire
-from engine.packet import ACK, RST, SYN, TcpPacket, build, ip_from_str
+from engine.codec import wire
+from engine.codec.packet import ACK, RST, SYN, TcpPacket, build, ip_from_str
 from intercept.cli import parse_args
 from intercept.router import Router
 from intercept.server import InterceptServer

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 
-from engine import wire
+from engine.codec import wire
 from intercept.router import Router
 from intercept.server import BAD_RECORDS_MAX, InterceptServer
 from tests.system.test_intercept_cli import HELLO, ScriptedSource, burst, read_frames, routed

@@ -19,9 +19,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from engine import cli
-from engine.logs import setup_logging
-from engine.supervisor import Supervisor
+from engine.app import cli
+from engine.io.logs import setup_logging
+from engine.proc.supervisor import Supervisor
 from tests.system.test_supervisor import TARGET_IP, FakeWorld, UdpSender
 
 RUN_DEADLINE_S = 40.0

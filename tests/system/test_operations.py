@@ -22,9 +22,9 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from engine import cli
-from engine.logs import setup_logging
-from engine.supervisor import Supervisor
+from engine.app import cli
+from engine.io.logs import setup_logging
+from engine.proc.supervisor import Supervisor
 from tests.system.test_supervisor import PCAP, TARGET_IP, FakeWorld, UdpSender
 
 FORK = multiprocessing.get_context("fork")

@@ -1,5 +1,5 @@
 """The real CLIs refuse a --config or --secret-file another local user could change: one
-stderr line naming the file and its mode, exit status 2 (engine/privileges.py)."""
+stderr line naming the file and its mode, exit status 2 (engine/io/privileges.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns import testbed as tbm
+from testbed import netns as tbm
 
 BINS = {"tcpcopy-mp": tbm.TCPCOPY_BIN, "intercept-mp": tbm.INTERCEPT_BIN}
 # Flags that would otherwise be a valid start (the refusal must come first, before any socket).

@@ -1,4 +1,4 @@
-"""Offline progress (engine/report.py Progress): a live line on a terminal, plain log lines
+"""Offline progress (engine/io/report.py Progress): a live line on a terminal, plain log lines
 elsewhere.  The supervisor runs exactly as `tcpcopy-mp -i FILE` runs it, with the sender seam
 of tests/system/test_supervisor.py (UDP to a fake target on 127.0.0.1, a fake intercept on
 loopback): nothing leaves the loopback device.  The terminal is a real pseudo-terminal
@@ -16,9 +16,9 @@ import time
 
 import pytest
 
-from engine import cli
-from engine.logs import setup_logging
-from engine.supervisor import Supervisor
+from engine.app import cli
+from engine.io.logs import setup_logging
+from engine.proc.supervisor import Supervisor
 from tests.system.test_supervisor import PCAP, TARGET_IP, FakeWorld, UdpSender
 
 # The 17 ms capture stretched to ~3 s (-a 0.006): several redraws at ~2 per second.

@@ -1,4 +1,4 @@
-"""The multi-process engine (engine/supervisor.py): capture -> rings -> workers, restarts,
+"""The multi-process engine (engine/proc/supervisor.py): capture -> rings -> workers, restarts,
 heartbeats, the memory watchdog, graceful stop.  No privileges needed.
 
 The supervisor runs in a forked child of pytest, exactly as `tcpcopy-mp` runs it, except for
@@ -27,11 +27,12 @@ import orjson
 import psutil
 import pytest
 
-from engine import cli, packet, wire
-from engine.capture_proc import flow_worker
+from engine.app import cli
+from engine.codec import packet, wire
 from engine.errors import DecodeError
-from engine.logs import setup_logging
-from engine.supervisor import Supervisor
+from engine.io.logs import setup_logging
+from engine.proc.capture import flow_worker
+from engine.proc.supervisor import Supervisor
 from metrics.counters import CounterBlock
 from tests.paths import ONLINE_HTTP_PCAP
 
@@ -418,7 +419,7 @@ def test_memory_watchdog_sheds_then_stops_with_one_clear_line(start):
         watchdog_interval_s=0.05,
     )
     totals = lambda: run.block.snapshot()["totals"]  # noqa: E731
-    # The capture sheds whole sessions (engine/shed.py): none reaches a worker.
+    # The capture sheds whole sessions (engine/core/shed.py): none reaches a worker.
     wait_for(lambda: totals()["shed_sessions_memory"] >= 25, 30, "sessions to be shed", run)
     assert "new sessions are refused" in run.log_text()
     assert totals()["send syn"] == 0  # shedding was on before the first packet

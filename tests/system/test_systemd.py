@@ -6,7 +6,7 @@
 * the committed units' keys, read with a small parser: Type=notify, the unprivileged user and
   its two capabilities, the sandbox, reload by SIGHUP, the rule helper run as root ("+").
 * the helper adds exactly the rule `intercept-mp --install-rule` adds (iptables -C with
-  intercept.nfqueue.rule_spec finds it) and removes it again, in a network namespace of its
+  intercept.sources.nfqueue.rule_spec finds it) and removes it again, in a network namespace of its
   own (root only).
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from intercept.nfqueue import rule_spec
+from intercept.sources.nfqueue import rule_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "systemd"

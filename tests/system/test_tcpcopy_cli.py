@@ -157,7 +157,7 @@ def test_doctor_takes_the_run_flags_and_names_a_missing_one():
 
 def _have_session_table() -> bool:
     try:
-        from engine.shard import SessionTable  # noqa: F401
+        from engine.core.table import SessionTable  # noqa: F401
     except ImportError:
         return False
     return True
@@ -193,7 +193,9 @@ def _wait_for(predicate, deadline_s: float) -> bool:
 
 @pytest.mark.netns
 @needs_root_netns
-@pytest.mark.skipif(not _have_session_table(), reason="engine.shard.SessionTable not there yet")
+@pytest.mark.skipif(
+    not _have_session_table(), reason="engine.core.table.SessionTable not there yet"
+)
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_gracefully_and_writes_summary(netns, tmp_path, signum):
     summary = tmp_path / "summary.json"

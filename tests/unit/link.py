@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine import packet
-from engine.packet import ACK, FIN, PSH, RST, SYN, TcpPacket
+from engine.codec import packet
+from engine.codec.packet import ACK, FIN, PSH, RST, SYN, TcpPacket
 
 M32 = 0xFFFFFFFF
 

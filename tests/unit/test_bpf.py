@@ -1,9 +1,9 @@
-"""engine/bpf.py: the capture filter program against real captures, and the kernel running it.
+"""engine/codec/bpf.py: the capture filter program against real captures, and the kernel running it.
 
 A small classic-BPF interpreter (written here from linux/filter.h semantics) runs the program
 on every frame of the shared captures; its verdict must equal ``bpf.keep_ipv4`` (the Python
 fallback) and the meaning stated in the spec (§3.3 steps 1, 2, 8), re-derived from
-``engine.packet.parse_ip``.  The kernel itself runs the IP_BASE program through an AF_UNIX
+``engine.codec.packet.parse_ip``.  The kernel itself runs the IP_BASE program through an AF_UNIX
 datagram socket (socket filters apply there too, no privilege needed).
 """
 
@@ -14,9 +14,9 @@ import struct
 
 import pytest
 
-from engine import bpf, packet
-from engine.capture import attach_bpf
-from engine.packet import FIN, RST, SYN
+from engine.codec import bpf, packet
+from engine.codec.packet import FIN, RST, SYN
+from engine.io.capture import attach_bpf
 from tests.paths import CONTROL_PCAP, ONLINE_HTTP_PCAP, TARGET_SIDE_PCAP
 
 ONLINE_IP = packet.ip_from_str("198.18.1.2")  # the online nginx in the reference capture
@@ -31,7 +31,7 @@ TRANSFER_SETS = [
 ]
 
 M32 = 0xFFFFFFFF
-# linux/filter.h opcode parts engine/bpf.py does not emit (libpcap's -F programs may)
+# linux/filter.h opcode parts engine/codec/bpf.py does not emit (libpcap's -F programs may)
 BPF_LEN, BPF_STX = 0x80, 0x03
 BPF_ADD, BPF_MUL, BPF_OR, BPF_LSH = 0x00, 0x20, 0x40, 0x60
 BPF_JGT = 0x20
@@ -160,7 +160,7 @@ def run_bpf(
 
 
 def read_frames(path) -> list[bytes]:
-    """Every record of a microsecond pcap (parsed here with struct, not engine.pcapfile)."""
+    """Every record of a microsecond pcap (parsed here with struct, not engine.codec.pcapfile)."""
     data = path.read_bytes()
     order = "<" if struct.unpack_from("<I", data)[0] == 0xA1B2C3D4 else ">"
     assert struct.unpack_from(order + "I", data)[0] == 0xA1B2C3D4
@@ -174,7 +174,7 @@ def read_frames(path) -> list[bytes]:
 
 
 def spec_keep(ip: bytes, transfers) -> bool:
-    """spec §3.3 steps 1, 2, 8 as stated, decided from engine.packet's full parse."""
+    """spec §3.3 steps 1, 2, 8 as stated, decided from engine.codec.packet's full parse."""
     if int.from_bytes(ip[6:8], "big") & 0x1FFF:  # a non-first fragment has no TCP header
         return False
     p = packet.parse_ip(ip)
@@ -350,7 +350,7 @@ def test_user_filter_runs_after_the_transfer_program_on_every_base(expression: s
     """The combined program keeps a packet iff the -x rule and libpcap's own verdict on the
     same packet (pcap_offline_filter) both keep it: on the IP socket, on AF_PACKET frames and
     behind a VLAN tag the NIC left in place."""
-    from engine.pcapfilter import compile_filter
+    from engine.io.pcapfilter import compile_filter
 
     user = compile_filter(expression)
     transfers = [(0, 80), (0, 8080)]
@@ -397,7 +397,7 @@ def test_rebase_moves_packet_loads_only() -> None:
 
 
 def test_kernel_accepts_and_runs_the_combined_program() -> None:
-    from engine.pcapfilter import compile_filter
+    from engine.io.pcapfilter import compile_filter
 
     user = compile_filter("not src host 198.18.1.10")
     transfers = [(0, 80), (0, 8080)]

@@ -14,10 +14,10 @@ import struct
 import sys
 import time
 
-from engine import packet
-from engine.capture import RawTcpSource, TransferFilter
-from engine.capture_proc import CaptureProcess, flow_worker
-from engine.ring import RING_SLOT_BYTES, Ring
+from engine.codec import packet
+from engine.io.capture import RawTcpSource, TransferFilter
+from engine.io.ring import RING_SLOT_BYTES, Ring
+from engine.proc.capture import CaptureProcess, flow_worker
 from tests.paths import CONTROL_PCAP, ONLINE_HTTP_PCAP, TARGET_SIDE_PCAP
 
 ONLINE = (packet.ip_from_str("198.18.1.2"), 80)

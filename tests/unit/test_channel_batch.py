@@ -6,8 +6,8 @@ from __future__ import annotations
 import selectors
 import time
 
-from engine import wire
-from engine.channel import InterceptChannels
+from engine.codec import wire
+from engine.io.channel import InterceptChannels
 from tests.unit.test_io_channel import FakeIntercept, Route, pump
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.session import DropReason, Outcome
+from engine.core.session import DropReason, Outcome
 from metrics import counters as mc
 from metrics.counters import (
     ACTIVE,
@@ -315,7 +315,15 @@ def _counter_keys_in(source: str) -> tuple[set[str], set[str]]:
 
 
 @pytest.mark.parametrize(
-    "module", ["session.py", "shard.py", "capture.py", "send.py", "channel.py", "worker.py"]
+    "module",
+    [
+        "core/session.py",
+        "core/table.py",
+        "io/capture.py",
+        "io/send.py",
+        "io/channel.py",
+        "proc/worker.py",
+    ],
 )
 def test_every_counter_key_the_engine_uses_has_a_slot(module, block):
     keys, prefixes = _counter_keys_in((ENGINE / module).read_text())
@@ -327,7 +335,7 @@ def test_every_counter_key_the_engine_uses_has_a_slot(module, block):
 
 
 def test_totals_feed_the_classic_stats_lines(block):
-    from engine.worker import stats_lines
+    from engine.proc.worker import stats_lines
 
     block.from_counter(block.worker_row(0), Counter({"conns": 2, "resp": 5}), {"active": 1})
     block.from_counter(block.worker_row(1), Counter({"conns": 3, "resp": 1}), {"active": 2})

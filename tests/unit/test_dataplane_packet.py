@@ -1,5 +1,5 @@
 """The compiled packet codec (engine/dataplane/packet.pyx) against its specification,
-engine/packet.py: the same fields, the same built bytes, the same rejects.
+engine/codec/packet.py: the same fields, the same built bytes, the same rejects.
 
 Both sides get the same input: random packets (built, then cut, bent and flipped), random
 bytes, random option strings, and every packet of the real captures in the shared data
@@ -25,15 +25,15 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from engine import dataplane
-from engine import packet as P
-from engine.pcapfile import open_pcap
+from engine.codec import packet as P
+from engine.codec.pcapfile import open_pcap
 from tests.paths import CONTROL_PCAP, ONLINE_HTTP_PCAP, TARGET_SIDE_PCAP
 
 assert dataplane.packet is not None, dataplane.UNAVAILABLE
 D = dataplane.packet
 ROOT = Path(__file__).resolve().parents[2]
 
-# dp_error code -> how engine/packet.py's DecodeError for the same rule begins.
+# dp_error code -> how engine/codec/packet.py's DecodeError for the same rule begins.
 REJECT_PREFIX = {
     1: "IPv4 header truncated",
     2: "not IPv4",
@@ -85,7 +85,7 @@ def batch_of(frames: list[bytes]) -> tuple[bytes, np.ndarray, np.ndarray]:
 
 
 def record_packet(buf: bytes, rec: np.void) -> P.TcpPacket:
-    """A parse_batch record (a numpy row) as the TcpPacket engine.packet would make."""
+    """A parse_batch record (a numpy row) as the TcpPacket engine.codec.packet would make."""
     at, ihl, doff = int(rec["offset"]), int(rec["ip_header_bytes"]), int(rec["tcp_header_bytes"])
     assert int(rec["family"]) == 4 and bytes(rec["src"][:12]) == b"\0" * 10 + b"\xff\xff"
     return P.TcpPacket(
@@ -111,7 +111,7 @@ def record_options(rec: np.void) -> P.TcpOptions:
 
 
 def assert_same_batch(frames: list[bytes]) -> None:
-    """parse_batch + build_batch over all ``frames`` at once, against engine.packet."""
+    """parse_batch + build_batch over all ``frames`` at once, against engine.codec.packet."""
     buf, offsets, lengths = batch_of(frames)
     recs = np.empty(len(frames), D.PACKET_DTYPE)
     good = D.parse_batch(buf, offsets, lengths, recs)
@@ -158,7 +158,7 @@ option_lists = st.lists(
 
 @st.composite
 def wire_packets(draw: st.DrawFn) -> bytes:
-    """A packet engine.packet builds, then possibly cut, padded, or with bytes replaced."""
+    """A packet engine.codec.packet builds, then possibly cut, padded, or with bytes replaced."""
     opts = draw(option_lists)
     ip_opts = draw(st.sampled_from([b"", b"\x01\x01\x01\x00", b"\x94\x04\x00\x00"]))
     payload = draw(st.binary(max_size=64))
@@ -431,11 +431,11 @@ def test_without_the_compiled_module_the_package_says_why() -> None:
 
 
 def test_parse_slots_reads_a_real_ring_in_place(captured: list[bytes]) -> None:
-    """engine.ring.Ring written by its producer side, read by parse_slots straight from the
+    """engine.io.ring.Ring written by its producer side, read by parse_slots straight from the
     shared memory: the same packets the consumer side pops, parsed the same."""
     from multiprocessing import shared_memory
 
-    from engine import ring as ring_mod
+    from engine.io import ring as ring_mod
 
     frames = captured[:300]
     buf, offsets, lengths = batch_of(frames)
@@ -601,7 +601,7 @@ def test_the_builder_refuses_a_family_it_cannot_write_yet(captured: list[bytes])
     assert built[0] == used > 0 and D.ERROR_NAMES[-int(built[1])] == "family"
 
 
-# -- link layer (engine.packet.l2_offset) -------------------------------------------------
+# -- link layer (engine.codec.packet.l2_offset) -------------------------------------------------
 
 L2_REJECT_PREFIXES = {
     19: ("Ethernet header truncated", "802.1Q header truncated", "Linux SLL header truncated",

@@ -9,25 +9,26 @@ from collections.abc import Sequence
 
 import pytest
 
-from engine import doctor as d
+from engine.app import doctor as d
+from engine.codec.packet import ip_from_str
 from engine.errors import ConfigError
-from engine.packet import ip_from_str
+from engine.io import hostcheck as hc
 from intercept import doctor as idoc
 
 # -- findings ---------------------------------------------------------------------------------
 
 
 def test_finding_lines_and_exit_status():
-    ok = d.Finding("ok", "capabilities", "CAP_NET_RAW present")
-    warn = d.Finding("warn", "mtu", "close", "ip link set dev eth0 mtu 1500")
-    fail = d.Finding("fail", "route", "no route", "ip route add 198.19.1.0/24 dev eth0")
+    ok = hc.Finding("ok", "capabilities", "CAP_NET_RAW present")
+    warn = hc.Finding("warn", "mtu", "close", "ip link set dev eth0 mtu 1500")
+    fail = hc.Finding("fail", "route", "no route", "ip route add 198.19.1.0/24 dev eth0")
     assert ok.line() == "[ok] capabilities: CAP_NET_RAW present"
     assert warn.line() == "[warn] mtu: close — fix: ip link set dev eth0 mtu 1500"
     assert fail.line() == "[FAIL] route: no route — fix: ip route add 198.19.1.0/24 dev eth0"
-    assert d.exit_status([ok, warn]) == 0
-    assert d.exit_status([ok, warn, fail]) == 1
-    assert d.render_text([ok, fail]) == ok.line() + "\n" + fail.line() + "\n"
-    obj = json.loads(d.render_json([ok, fail]))
+    assert hc.exit_status([ok, warn]) == 0
+    assert hc.exit_status([ok, warn, fail]) == 1
+    assert hc.render_text([ok, fail]) == ok.line() + "\n" + fail.line() + "\n"
+    obj = json.loads(hc.render_json([ok, fail], d.PROG))
     assert obj["status"] == 1
     assert obj["findings"][1] == {
         "severity": "fail",
@@ -43,27 +44,27 @@ STATUS = "Name:\tpython3\nCapInh:\t0000000000000000\nCapEff:\t0000000000003000\n
 
 
 def test_cap_eff():
-    eff = d.parse_cap_eff(STATUS)
+    eff = hc.parse_cap_eff(STATUS)
     assert eff == 0x3000
-    assert eff >> d.CAP_NET_ADMIN & 1 and eff >> d.CAP_NET_RAW & 1
-    assert d.parse_cap_eff("Name:\tx\n") is None
+    assert eff >> hc.CAP_NET_ADMIN & 1 and eff >> hc.CAP_NET_RAW & 1
+    assert hc.parse_cap_eff("Name:\tx\n") is None
 
 
 def test_route_get_variants():
-    r = d.parse_route_get(
+    r = hc.parse_route_get(
         0, "198.19.1.1 via 198.18.2.2 dev eth0 src 198.18.2.3 uid 0 \n    cache \n", ""
     )
     assert (r.kind, r.via, r.dev, r.src, r.reachable) == (
         "unicast", "198.18.2.2", "eth0", "198.18.2.3", True,
     )  # fmt: skip
     assert r.describe() == "via 198.18.2.2 dev eth0"
-    r = d.parse_route_get(0, "198.18.2.3 dev eth0 src 198.18.2.2 uid 0 \n    cache \n", "")
+    r = hc.parse_route_get(0, "198.18.2.3 dev eth0 src 198.18.2.2 uid 0 \n    cache \n", "")
     assert (r.kind, r.via, r.dev) == ("unicast", "", "eth0")
-    r = d.parse_route_get(0, "local 198.18.2.3 dev lo src 198.18.2.3 uid 0 \n", "")
+    r = hc.parse_route_get(0, "local 198.18.2.3 dev lo src 198.18.2.3 uid 0 \n", "")
     assert (r.kind, r.dev) == ("local", "lo")
-    r = d.parse_route_get(2, "", "RTNETLINK answers: Network is unreachable\n")
+    r = hc.parse_route_get(2, "", "RTNETLINK answers: Network is unreachable\n")
     assert not r.reachable and r.reason == "Network is unreachable"
-    assert not d.parse_route_get(0, "blackhole 198.19.1.1 uid 0\n", "").reachable
+    assert not hc.parse_route_get(0, "blackhole 198.19.1.1 uid 0\n", "").reachable
 
 
 def test_addr_show_and_link_mtu():
@@ -72,14 +73,14 @@ def test_addr_show_and_link_mtu():
         "2: eth0    inet 198.18.2.3/24 brd 198.18.2.255 scope global eth0\\  valid_lft forever\n"
         "5: vlan10@eth0    inet 198.18.9.1/30 scope global vlan10\n"
     )
-    assert d.parse_addr_show(text) == [
+    assert hc.parse_addr_show(text) == [
         ("lo", ip_from_str("127.0.0.1"), 8),
         ("eth0", ip_from_str("198.18.2.3"), 24),
         ("vlan10", ip_from_str("198.18.9.1"), 30),
     ]
     link = "2: eth0@if3: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 9000 qdisc noqueue state UP"
-    assert d.parse_link_mtu(link) == 9000
-    assert d.parse_link_mtu("") is None
+    assert hc.parse_link_mtu(link) == 9000
+    assert hc.parse_link_mtu("") is None
 
 
 IPTABLES_S = """-P OUTPUT ACCEPT
@@ -93,7 +94,7 @@ NEGATED = "-A OUTPUT -p tcp -m tcp ! --sport 22 -j NFQUEUE --queue-num 5 --queue
 
 
 def test_nfqueue_rules():
-    rules = d.parse_nfqueue_rules(IPTABLES_S + NEGATED, "OUTPUT")
+    rules = hc.parse_nfqueue_rules(IPTABLES_S + NEGATED, "OUTPUT")
     assert len(rules) == 4  # the ACCEPT rule and the INPUT rule are not NFQUEUE/OUTPUT
     r8080, rmulti, rudp, rneg = rules
     assert r8080.sports == ((8080, 8080),) and (r8080.queue_lo, r8080.queue_hi) == (0, 0)
@@ -103,7 +104,7 @@ def test_nfqueue_rules():
     assert rmulti.uses_queue(3) and not rmulti.uses_queue(0)
     assert rneg.negated and rneg.matches_port(8080) and not rneg.matches_port(22)
     assert not rudp.matches_port(53)  # udp: never a TCP response
-    legacy = d.parse_nfqueue_rules("-A OUTPUT -p tcp --sport 80 -j QUEUE\n")
+    legacy = hc.parse_nfqueue_rules("-A OUTPUT -p tcp --sport 80 -j QUEUE\n")
     assert legacy[0].matches_port(80) and legacy[0].uses_queue(0)
 
 
@@ -115,7 +116,7 @@ def test_ss_listeners():
         '("nginx",pid=8,fd=6))\n'
         "LISTEN 0      128           [::]:22             [::]:*\n"
     )
-    ls = d.parse_ss_listeners(text)
+    ls = hc.parse_ss_listeners(text)
     assert [(x.address, x.port) for x in ls] == [
         ("198.18.2.3", 36524),
         ("0.0.0.0", 8080),
@@ -127,15 +128,15 @@ def test_ss_listeners():
 
 
 def test_small_helpers():
-    assert d.parse_int_text("1\n") == 1 and d.parse_int_text(None) is None
-    assert d.parse_int_text("x") is None
-    assert d.sysctl_key("net", "ipv4", "conf", "eth0.100", "rp_filter") == (
+    assert hc.parse_int_text("1\n") == 1 and hc.parse_int_text(None) is None
+    assert hc.parse_int_text("x") is None
+    assert hc.sysctl_key("net", "ipv4", "conf", "eth0.100", "rp_filter") == (
         "net.ipv4.conf.eth0/100.rp_filter"
     )
     pool = [ip_from_str(f"198.19.1.{i}") for i in range(1, 255)]
-    assert d.covering_network(pool) == "198.19.1.0/24"
-    assert d.covering_network([ip_from_str("198.19.1.7")]) == "198.19.1.7/32"
-    assert d.covering_network([ip_from_str("198.19.1.7"), ip_from_str("198.19.2.7")]) == (
+    assert hc.covering_network(pool) == "198.19.1.0/24"
+    assert hc.covering_network([ip_from_str("198.19.1.7")]) == "198.19.1.7/32"
+    assert hc.covering_network([ip_from_str("198.19.1.7"), ip_from_str("198.19.2.7")]) == (
         "198.19.0.0/22"
     )
     assert idoc.parse_nfqueue_status("    0  31337     0 2  120     4     1       99  1\n") == {
@@ -148,7 +149,7 @@ def test_small_helpers():
 # -- checks on a fake host ----------------------------------------------------------------------
 
 
-class FakeHost(d.Host):
+class FakeHost(hc.Host):
     def __init__(self, files: dict[str, str], commands: dict[tuple[str, ...], tuple]):
         self.files = files
         self.commands = commands
@@ -157,11 +158,11 @@ class FakeHost(d.Host):
     def read(self, path: str) -> str | None:
         return self.files.get(path)
 
-    def run(self, argv: Sequence[str]) -> d.CommandResult:
+    def run(self, argv: Sequence[str]) -> hc.CommandResult:
         key = tuple(argv)
         self.ran.append(key)
         rc, out, err = self.commands.get(key, (1, "", "not faked"))
-        return d.CommandResult(rc, out, err)
+        return hc.CommandResult(rc, out, err)
 
 
 ADDRS = (
@@ -194,7 +195,7 @@ def target_host(**over) -> FakeHost:
     return FakeHost(files, commands)
 
 
-def by_check(findings: list[d.Finding]) -> dict[str, d.Finding]:
+def by_check(findings: list[hc.Finding]) -> dict[str, hc.Finding]:
     return {f.check: f for f in findings}
 
 
@@ -207,7 +208,7 @@ def traditional(*extra: str) -> idoc.InterceptDoctorOptions:
 
 def test_intercept_traditional_healthy():
     findings = idoc.intercept_checks(target_host(), traditional())
-    assert all(f.severity == "ok" for f in findings), d.render_text(findings)
+    assert all(f.severity == "ok" for f in findings), hc.render_text(findings)
     assert "NFQUEUE rule --sport 8080" in by_check(findings)
 
 
@@ -332,7 +333,7 @@ def online_host(mtu: int = 1500, **over) -> FakeHost:
 
 
 def tcpcopy_inputs(pool: str = "198.19.1.x", mtu: int = 1500) -> d.TcpcopyInputs:
-    from engine.rewrite import parse_client_pool
+    from engine.core.rewrite import parse_client_pool
 
     return d.TcpcopyInputs(
         targets=((ip_from_str("198.18.2.3"), 8080),),
@@ -343,13 +344,13 @@ def tcpcopy_inputs(pool: str = "198.19.1.x", mtu: int = 1500) -> d.TcpcopyInputs
     )
 
 
-def no_probe(ip: str, port: int) -> d.Finding:
-    return d.Finding("ok", f"intercept {ip}:{port}", "faked")
+def no_probe(ip: str, port: int) -> hc.Finding:
+    return hc.Finding("ok", f"intercept {ip}:{port}", "faked")
 
 
 def test_tcpcopy_checks_healthy_and_broken():
     findings = d.tcpcopy_checks(online_host(), tcpcopy_inputs(), probe=no_probe)
-    assert all(f.severity == "ok" for f in findings), d.render_text(findings)
+    assert all(f.severity == "ok" for f in findings), hc.render_text(findings)
     names = [f.check for f in findings]
     assert names[:3] == ["capabilities", "rp_filter", "route to target 198.18.2.3:8080"]
     # No CAP_NET_RAW.
@@ -373,7 +374,7 @@ def test_tcpcopy_pool_with_target_and_own_address():
         f for f in d.tcpcopy_checks(online_host(), inp, probe=no_probe) if f.check == "client pool"
     ]
     assert {f.severity for f in findings} == {"warn"}
-    text = d.render_text(findings)
+    text = hc.render_text(findings)
     assert "target address(es) 198.18.2.3" in text and "own address(es) 198.18.2.2" in text
 
 
@@ -386,11 +387,11 @@ def test_conntrack_levels(count: str, severity: str):
         },
         {},
     )
-    f = d.check_conntrack(host)
+    f = hc.check_conntrack(host)
     assert f.severity == severity
     if severity != "ok":
         assert f.fix == "sysctl -w net.netfilter.nf_conntrack_max=2000"
-    assert d.check_conntrack(FakeHost({}, {})).severity == "ok"  # not loaded
+    assert hc.check_conntrack(FakeHost({}, {})).severity == "ok"  # not loaded
 
 
 def test_live_probe_refuses_without_a_pool():
@@ -450,7 +451,7 @@ def link_inputs(**kw) -> d.TcpcopyInputs:
 def test_output_device_checks_device_mtu_neighbour_and_the_bypassed_ip_layer():
     findings = d.tcpcopy_checks(link_host(), link_inputs(), probe=no_probe)
     checks = by_check(findings)
-    assert all(f.severity == "ok" for f in findings), d.render_text(findings)
+    assert all(f.severity == "ok" for f in findings), hc.render_text(findings)
     assert "MAC 02:aa:bb:cc:dd:02, MTU 1500" in checks["output device srv0"].message
     assert "02:aa:bb:cc:dd:03 (neighbour table)" in checks["next hop of 198.18.2.3"].message
     bypass = checks["ip layer bypassed"].message
@@ -483,7 +484,7 @@ def test_output_device_failures_name_the_fix():
 
 
 def test_capture_filter_size_and_live_sample():
-    from engine.packet import TcpPacket, build
+    from engine.codec.packet import TcpPacket, build
 
     inp = dataclasses.replace(
         tcpcopy_inputs(),

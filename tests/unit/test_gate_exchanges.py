@@ -1,4 +1,4 @@
-"""The request gate over many exchanges on one keep-alive connection (engine/session.py, "The
+"""The request gate over many exchanges on one keep-alive connection (engine/core/session.py, "The
 request gate"; docs/replay.md): the target answers shorter, longer or split differently from
 the online server, as a migrated or differently loaded server does.  Each run replays a
 captured connection at its production pace on the fake clock against a scripted target that
@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import pytest
 
-from engine.config import SessionConfig
-from engine.session import RESPONSE_QUIET_MIN_S, TcpSession
+from engine.core.config import SessionConfig
+from engine.core.session import RESPONSE_QUIET_MIN_S, TcpSession
 from tests.unit.link import FAKE_CLIENT, ONLINE, TARGET, Client, Link, Target
 
 LAN = (0.0001, 0.002)

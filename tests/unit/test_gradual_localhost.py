@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import pytest
 
-from engine import arguments, packet
-from engine.config import SessionConfig
+from engine.app import arguments
+from engine.codec import packet
+from engine.codec.packet import SYN
+from engine.core.config import SessionConfig
+from engine.core.rewrite import LOCALHOST_IP, TransferEntry, choose_client_ip, sample_keep
+from engine.core.session import DropReason, TcpSession, drop_key
+from engine.core.table import SessionTable
 from engine.errors import ConfigError
-from engine.packet import SYN
-from engine.rewrite import LOCALHOST_IP, TransferEntry, choose_client_ip, sample_keep
-from engine.session import DropReason, TcpSession, drop_key
-from engine.shard import SessionTable
 from tests.unit.link import ONLINE, ORIG_CLIENT, TARGET, Client, TableLink
 
 XFER = (TransferEntry(ONLINE[0], ONLINE[1], TARGET[0], TARGET[1]),)

@@ -2,91 +2,33 @@
 
 Built from the source's AST: an import at module level, inside a function, an ``if`` or a
 ``try`` is an edge all the same (a lazy import hides a cycle from the interpreter, not from
-the design).  ``from engine import wire`` is an edge to ``engine.wire``; ``from engine import
+the design).  ``from engine import wire`` is an edge to ``engine.codec.wire``; ``from engine import
 __version__`` is an edge to the package ``engine`` itself.
 
-Layers (design §4), bottom to top: the pure core; the I/O pieces and libraries (capture, ring,
-send, channel, logs, privileges, metrics, the option parsers); the process roles (worker,
-capture process, supervisor, intercept's server and its capture loops); the programs (CLIs,
-doctors, the config reference generator).  A module may import its own layer or lower ones,
-never a higher one; the pure core imports only the pure core.
+Layers: engine/layers.py, top to bottom; a module may import its own layer or one listed
+before it, never one after it.
 """
 
 from __future__ import annotations
 
 import ast
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("engine", "intercept", "metrics")
-
-# The pure core (design §4) and the schema it reads: standard library and each other only.
-PURE = frozenset(
-    {
-        "engine",
-        "engine.errors",
-        "engine.config",
-        "engine.packet",
-        "engine.rewrite",
-        "engine.session",
-        "engine.session_events",
-        "engine.session_states",
-        "engine.tcpseq",
-        "engine.shard",
-        "engine.wire",
-        "engine.pcapfile",
-        "engine.bpf",
-        "engine.link",
-        "intercept",
-        "intercept.router",
-        "metrics",
-    }
-)
-
-# The process roles: the loops a process runs (and the services living in them).  Only other
-# roles and the programs import them; the I/O pieces and libraries between stay below.
-ROLES = frozenset(
-    {
-        "engine.capture_proc",
-        "engine.supervisor",
-        "engine.worker",
-        "engine.worker_proc",
-        "intercept.exporter",
-        "intercept.nfqueue",
-        "intercept.pcap",
-        "intercept.server",
-    }
-)
+from engine.layers import LAYERS
+from tests.unit.layout import layer_of, project_modules
 
 # The programs: what a console script or ``python -m`` runs.  Nothing below imports them.
-PROGRAMS = frozenset(
-    {
-        "engine.cli",
-        "engine.doctor",
-        "engine.configdoc",
-        "intercept.cli",
-        "intercept.doctor",
-    }
-)
+PROGRAM_LAYERS = ("app", "intercept-app")
 
 
-def module_name(path: Path) -> str:
-    rel = path.relative_to(ROOT).with_suffix("")
-    parts = list(rel.parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
+def programs() -> frozenset[str]:
+    wanted = {i for i, layer in enumerate(LAYERS) if layer.name in PROGRAM_LAYERS}
+    return frozenset(name for name in project_modules() if layer_of(name) in wanted)
 
 
-def project_modules() -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            found[module_name(path)] = path
-    return found
+PROGRAMS = programs()
 
 
 def _resolve(current: str, is_package: bool, node: ast.ImportFrom) -> str:
@@ -107,7 +49,7 @@ def imports_of(
     known = set(known)
 
     def owner(name: str) -> str | None:
-        # "engine.session.X" -> the longest known module prefix.
+        # "engine.core.session.X" -> the longest known module prefix.
         parts = name.split(".")
         for n in range(len(parts), 0, -1):
             candidate = ".".join(parts[:n])
@@ -224,48 +166,63 @@ def test_no_import_cycle() -> None:
     assert not found, f"{len(found)} import cycle(s) among engine/, intercept/, metrics/:\n{shown}"
 
 
-def test_pure_core_imports_only_the_pure_core() -> None:
-    graph = import_graph()
-    for name in PURE:
-        assert name in graph, f"{name} is listed as pure but does not exist"
-    bad = sorted(f"{a} -> {b}" for a in PURE for b in graph[a] if b not in PURE)
-    assert not bad, "pure modules import process/CLI modules:\n" + "\n".join(bad)
+def test_every_module_is_in_a_layer_and_every_member_exists() -> None:
+    modules = project_modules()
+    for name in modules:
+        layer_of(name)
+    for layer in LAYERS:
+        for member in layer.members:
+            assert member in modules, f"engine/layers.py: {layer.name}: {member} does not exist"
 
 
-def test_nothing_below_the_programs_imports_a_program() -> None:
+def test_pure_layers_import_only_pure_layers() -> None:
     graph = import_graph()
-    for name in PROGRAMS:
-        assert name in graph, f"{name} is listed as a program but does not exist"
     bad = sorted(
         f"{a} -> {b}"
         for a, targets in graph.items()
-        if a not in PROGRAMS
+        if LAYERS[layer_of(a)].pure
         for b in targets
-        if b in PROGRAMS
+        if not LAYERS[layer_of(b)].pure
     )
-    assert not bad, "a library/role module imports a program:\n" + "\n".join(bad)
+    assert not bad, "pure modules import I/O, process or CLI modules:\n" + "\n".join(bad)
 
 
-def layer(name: str) -> int:
-    """0 pure core, 1 I/O pieces and libraries, 2 process roles, 3 programs."""
-    if name in PURE:
-        return 0
-    if name in PROGRAMS:
-        return 3
-    return 2 if name in ROLES else 1
-
-
-def test_every_import_goes_to_the_same_layer_or_below() -> None:
+def test_no_import_goes_down_the_list_of_layers() -> None:
     graph = import_graph()
-    for name in ROLES:
-        assert name in graph, f"{name} is listed as a process role but does not exist"
     bad = sorted(
-        f"{a} (layer {layer(a)}) -> {b} (layer {layer(b)})"
+        f"{a} ({LAYERS[layer_of(a)].name}) -> {b} ({LAYERS[layer_of(b)].name})"
         for a, targets in graph.items()
         for b in targets
-        if layer(b) > layer(a)
+        if layer_of(b) > layer_of(a)
     )
-    assert not bad, "imports going up a layer:\n" + "\n".join(bad)
+    assert not bad, "imports of a layer listed later:\n" + "\n".join(bad)
+
+
+def test_engine_imports_nothing_from_intercept_but_its_schema() -> None:
+    """intercept-mp is built on engine/, never the other way round (design §4); the one edge
+    back is the config reference generator reading intercept's schema (a data module)."""
+    graph = import_graph()
+    allowed = {("engine.app.configdoc", "intercept.config")}
+    bad = sorted(
+        f"{a} -> {b}"
+        for a, targets in graph.items()
+        if a.startswith("engine")
+        for b in targets
+        if b.startswith("intercept") and (a, b) not in allowed
+    )
+    assert not bad, "\n".join(bad)
+
+
+def test_intercept_sources_never_import_the_server() -> None:
+    graph = import_graph()
+    bad = sorted(
+        f"{a} -> {b}"
+        for a, targets in graph.items()
+        if a.startswith("intercept.sources")
+        for b in targets
+        if b == "intercept.server"
+    )
+    assert not bad, "a packet source pushes into the callback it is given:\n" + "\n".join(bad)
 
 
 def test_programs_use_no_private_name_of_another_program() -> None:
@@ -329,3 +286,17 @@ def test_edges_include_function_level_and_from_package_imports() -> None:
         "engine.c",
         "metrics.m",
     }
+
+
+def test_intercept_uses_of_engine_app_are_only_the_option_parser() -> None:
+    """What both programs share lives below engine/app; intercept's command line may still
+    build its flags with engine/app/options.py (design §4: both CLIs use app)."""
+    graph = import_graph()
+    bad = sorted(
+        f"{a} -> {b}"
+        for a, targets in graph.items()
+        if a.startswith("intercept")
+        for b in targets
+        if b.startswith("engine.app") and b != "engine.app.options"
+    )
+    assert not bad, "\n".join(bad)

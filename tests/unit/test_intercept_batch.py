@@ -8,8 +8,8 @@ import socket
 
 import pytest
 
-from engine import packet, wire
-from engine.packet import ACK, PSH, RST, SYN, TcpPacket, ip_from_str
+from engine.codec import packet, wire
+from engine.codec.packet import ACK, PSH, RST, SYN, TcpPacket, ip_from_str
 from intercept.router import Router
 from intercept.server import InterceptServer
 

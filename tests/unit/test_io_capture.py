@@ -1,4 +1,4 @@
-"""engine/capture.py: the offline pacing schedule, the -x pre-filter, the BPF builder."""
+"""engine/io/capture.py: the offline pacing schedule, the -x pre-filter, the BPF builder."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import packet
-from engine.capture import (
+from engine.codec import packet
+from engine.io.capture import (
     PcapFileSource,
     ReplayPacer,
     TransferFilter,
@@ -21,7 +21,7 @@ ONLINE_PORT = 80
 
 
 def read_pcap_independently(path: Path) -> list[tuple[float, bytes]]:
-    """(ts, frame) of every record, parsed here with struct (not via engine.pcapfile)."""
+    """(ts, frame) of every record, parsed here with struct (not via engine.codec.pcapfile)."""
     data = path.read_bytes()
     magic = struct.unpack_from("<I", data)[0]
     order = "<" if magic == 0xA1B2C3D4 else ">"

@@ -1,4 +1,4 @@
-"""engine/channel.py against an in-process fake intercept on 127.0.0.1 (no privileges)."""
+"""engine/io/channel.py against an in-process fake intercept on 127.0.0.1 (no privileges)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from engine import packet, wire
-from engine.channel import BACKOFF_MAX_S, BACKOFF_MIN_S, InterceptChannels
+from engine.codec import packet, wire
+from engine.io.channel import BACKOFF_MAX_S, BACKOFF_MIN_S, InterceptChannels
 
 DEADLINE_S = 5.0
 

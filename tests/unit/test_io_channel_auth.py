@@ -1,4 +1,4 @@
-"""engine/channel.py with --secret-file: the extended handshake against in-process intercepts
+"""engine/io/channel.py with --secret-file: the extended handshake against in-process intercepts
 on 127.0.0.1 (no privileges).  The fake intercept runs the real intercept-side state machine
 (wire.InterceptStreamDecoder), so both halves of the protocol meet here."""
 
@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from engine import packet, wire
-from engine.channel import AUTH_TIMEOUT_S, InterceptChannels
-from engine.logs import LOGGER_NAME
+from engine.codec import packet, wire
+from engine.io.channel import AUTH_TIMEOUT_S, InterceptChannels
+from engine.io.logs import LOGGER_NAME
 
 from .test_io_channel import FakeIntercept, Route, pump
 

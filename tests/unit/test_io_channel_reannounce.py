@@ -1,4 +1,4 @@
-"""engine/channel.py re-announcing (issue 10 item 1) against an in-process fake intercept."""
+"""engine/io/channel.py re-announcing (issue 10 item 1) against an in-process fake intercept."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from engine import wire
-from engine.channel import InterceptChannels
+from engine.codec import wire
+from engine.io.channel import InterceptChannels
 from tests.unit.test_io_channel import FakeIntercept, Route, pump
 
 ROUTES = [Route(0xC6130100 + i, 40000 + i, 0xC6120203, 8080) for i in range(5)]

@@ -1,4 +1,4 @@
-"""engine/worker.py: the loop shell with a fake table, channels and sender (no privileges)."""
+"""engine/proc/worker.py: the loop shell with a fake table, channels and sender (no privileges)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine import packet
-from engine.capture import PcapFileSource, ReplayPacer, TransferFilter
-from engine.config import ReplayConfig, SessionConfig
-from engine.worker import Worker, stats_lines
+from engine.codec import packet
+from engine.core.config import ReplayConfig, SessionConfig
+from engine.io.capture import PcapFileSource, ReplayPacer, TransferFilter
+from engine.proc.worker import Worker, stats_lines
 from tests.paths import ONLINE_HTTP_PCAP
 
 PCAP = ONLINE_HTTP_PCAP
@@ -162,7 +162,7 @@ def test_offline_run_feeds_table_orders_routes_first_and_exits_when_idle():
 def test_reconnect_refusals_are_logged_rate_limited(caplog):
     """Each refused reconnect is counted by the sessions; the worker says so in one warning
     line per REFUSAL_LOG_INTERVAL_S with the count since the last line."""
-    from engine.worker import REFUSAL_LOG_INTERVAL_S
+    from engine.proc.worker import REFUSAL_LOG_INTERVAL_S
 
     cfg = ReplayConfig(session=SessionConfig(), intercepts=(("198.18.2.4", 36524),))
     table = FakeTable()

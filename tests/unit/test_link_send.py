@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from engine import link, packet, rewrite, send
-from engine.arguments import parse_config
-from engine.capture import PcapFileSource, ReplayPacer, TransferFilter
+from engine.app.arguments import parse_config
+from engine.codec import link, packet
+from engine.core import rewrite
 from engine.errors import ConfigError
-from engine.pcapfilter import compile_filter
+from engine.io import send
+from engine.io.capture import PcapFileSource, ReplayPacer, TransferFilter
+from engine.io.pcapfilter import compile_filter
 
 TARGET = packet.ip_from_str("198.18.2.3")
 GATEWAY = packet.ip_from_str("198.18.2.1")
@@ -60,7 +62,7 @@ def _packet(dst: int = TARGET, payload: bytes = b"x" * 10, seq: int = 1000) -> b
     )
 
 
-# -- engine/link.py -------------------------------------------------------------------------
+# -- engine/codec/link.py -------------------------------------------------------------------------
 
 
 def test_ethernet_header_layout() -> None:
@@ -293,7 +295,7 @@ def test_link_sender_splits_packets_larger_than_the_device_mtu() -> None:
 
 
 def test_fastio_refuses_unknown_destinations_before_any_syscall() -> None:
-    fastio = pytest.importorskip("engine._fastio")
+    fastio = pytest.importorskip("engine.io._fastio")
     record = TARGET.to_bytes(4, "big") + link.ethernet_header(TARGET_MAC, DEV_MAC)
     other = _packet(dst=packet.ip_from_str("198.18.2.200"))
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:

@@ -1,4 +1,4 @@
-"""engine/logs.py: a log file that cannot be written never stops or floods the program.
+"""engine/io/logs.py: a log file that cannot be written never stops or floods the program.
 
 /dev/full fails every write with ENOSPC, exactly like a full log disk.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import logs
+from engine.io import logs
 
 NAME = "tcpcopy-test-logs"
 

@@ -1,4 +1,4 @@
-"""intercept/nfqueue.py's own netlink codec: queued-packet messages in, batch verdicts out.
+"""intercept/sources/nfqueue.py's own netlink codec: queued-packet messages in, batch verdicts out.
 
 Golden bytes are written out field by field from linux/netlink.h and
 linux/netfilter/nfnetlink_queue.h (not produced by the code under test); the live behaviour
@@ -11,8 +11,8 @@ import struct
 
 import pytest
 
-from intercept import nfqueue as nq
 from intercept.server import InterceptServer
+from intercept.sources import nfqueue as nq
 
 
 def _attr(atype: int, value: bytes) -> bytes:
@@ -81,7 +81,7 @@ PARSERS = ["python", "fastio"]
 def _parser(name: str):
     if name == "python":
         return nq._parse_datagrams_py
-    return pytest.importorskip("engine._fastio").parse_nfqueue
+    return pytest.importorskip("engine.io._fastio").parse_nfqueue
 
 
 @pytest.mark.parametrize("name", PARSERS)
@@ -104,12 +104,12 @@ def source(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> n
     monkeypatch.setattr(nq, "_parse_datagrams", _parser(request.param))
     # The codec and the batching without a kernel queue: the object is built by hand.
     src = nq.NfqueueSource.__new__(nq.NfqueueSource)
-    src.server = InterceptServer()
+    src.counters = InterceptServer().counters
     src.queue_num = 4
     src.pass_ips = frozenset({bytes([198, 18, 1, 10])})
     src._sock = _FakeSock()
     received: list[bytes] = []
-    src.server.receive_ip_packets = lambda pkts, now: received.extend(pkts)  # type: ignore[method-assign]
+    src.receive = lambda pkts, now: received.extend(pkts)
     src.received = received  # type: ignore[attr-defined]
     return src
 
@@ -144,7 +144,7 @@ def test_pass_list_runs_get_their_own_accept(source: nq.NfqueueSource) -> None:
         (nq.NF_ACCEPT, 15),
     ]
     assert len(source._sock.sent) == 1  # one datagram carries all four
-    assert source.server.counters["pass_accepted"] == 3
+    assert source.counters["pass_accepted"] == 3
     assert source.received == [_ip(fake)] * 3  # type: ignore[attr-defined]
 
 

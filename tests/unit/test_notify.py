@@ -1,4 +1,4 @@
-"""engine.notify: sd_notify datagrams reach a socket named like systemd names it."""
+"""engine.io.notify: sd_notify datagrams reach a socket named like systemd names it."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from engine import notify
+from engine.io import notify
 
 
 def _receiver(address: str | bytes) -> socket.socket:

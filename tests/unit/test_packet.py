@@ -1,4 +1,4 @@
-"""engine.packet: golden bytes from the C testbed captures, checksums, options, MTU split,
+"""engine.codec.packet: golden bytes from the C testbed captures, checksums, options, MTU split,
 link layers, addresses, and Hypothesis properties (any bytes parse or raise DecodeError)."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.errors import DecodeError
-from engine.packet import (
+from engine.codec.packet import (
     ACK,
     DLT_EN10MB,
     DLT_IPV4,
@@ -37,13 +36,14 @@ from engine.packet import (
     split_mtu,
     tcp_checksum,
 )
+from engine.errors import DecodeError
 from tests.paths import SHARED_DATA
 
 DATA = SHARED_DATA
 CAPTURES = ("online-http.pcap", "target-side.pcap")
 
 
-# -- independent helpers (deliberately not sharing code with engine.packet) -----------------
+# -- independent helpers (deliberately not sharing code with engine.codec.packet) -----------------
 
 
 def read_pcap(path: Path) -> tuple[int, list[bytes]]:
@@ -150,7 +150,7 @@ def ref_packet(
     df: bool = True,
     ip_options: bytes = b"",
 ) -> bytes:
-    """A packet built with the reference checksum (independent of engine.packet.build)."""
+    """A packet built with the reference checksum (independent of engine.codec.packet.build)."""
     ihl = 20 + len(ip_options)
     doff = 20 + len(options)
     tot = ihl + doff + len(payload)

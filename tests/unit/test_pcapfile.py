@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine.codec.pcapfile import PcapReader, open_pcap
 from engine.errors import DecodeError
-from engine.pcapfile import PcapReader, open_pcap
 from tests.paths import SHARED_DATA
 
 DATA = str(SHARED_DATA)

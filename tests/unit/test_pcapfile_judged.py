@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 
-from engine.capture import PcapFileSource, ReplayPacer
-from engine.pcapfile import PcapReader
+from engine.codec.pcapfile import PcapReader
+from engine.io.capture import PcapFileSource, ReplayPacer
 from tests.unit.test_pcapfile import make_pcap
 
 ETH_IP = b"\x00" * 12 + b"\x08\x00"

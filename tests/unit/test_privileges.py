@@ -1,4 +1,4 @@
-"""engine/privileges.py: the pure parts (status parsing, names, file-permission checks,
+"""engine/io/privileges.py: the pure parts (status parsing, names, file-permission checks,
 target resolution as a non-root caller).  No privileges needed."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import privileges as pv
 from engine.errors import ConfigError
+from engine.io import privileges as pv
 
 STATUS = """Name:\ttcmp-worker0
 Umask:\t0027

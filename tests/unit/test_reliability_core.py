@@ -1,6 +1,6 @@
 """Issue 10 in the pure core and the tuple history block: SessionTable.live_routes and
 set_route_down (re-announce after an intercept reconnect), TupleAllocator with a history,
-and engine/tuple_history.py surviving a SIGKILLed writer."""
+and engine/io/tuple_history.py surviving a SIGKILLed writer."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import signal
 
 import pytest
 
-from engine import packet
-from engine.config import SessionConfig
-from engine.rewrite import TransferEntry, TupleAllocator
-from engine.session import RouteNeeded, TcpSession
-from engine.shard import SessionTable
-from engine.tuple_history import TupleHistory
+from engine.codec import packet
+from engine.core.config import SessionConfig
+from engine.core.rewrite import TransferEntry, TupleAllocator
+from engine.core.session import RouteNeeded, TcpSession
+from engine.core.table import SessionTable
+from engine.io.tuple_history import TupleHistory
 from tests.unit.link import ONLINE, TARGET, Client, TableLink
 
 XFER = (TransferEntry(ONLINE[0], ONLINE[1], TARGET[0], TARGET[1]),)

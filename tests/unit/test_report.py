@@ -1,11 +1,11 @@
-"""engine/report.py (summary line, progress rendering) and intercept/exporter.py's queue drops."""
+"""engine/io/report.py (summary line, progress rendering), intercept/exporter.py's queue drops."""
 
 from __future__ import annotations
 
 import io
 import logging
 
-from engine.report import Progress, final_summary, progress_text, summary_text
+from engine.io.report import Progress, final_summary, progress_text, summary_text
 from intercept.exporter import QueueDropReader, counters_fn
 from intercept.server import new_counters
 

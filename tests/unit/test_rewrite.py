@@ -1,4 +1,4 @@
-"""engine.rewrite: -x grammar, -c pool, -r sampling, -f/-n port formulas, tuple allocation."""
+"""engine.core.rewrite: -x grammar, -c pool, -r sampling, -f/-n port formulas, tuple allocation."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.errors import ConfigError
-from engine.rewrite import (
+from engine.core.rewrite import (
     LOCALHOST_IP,
     MAX_CLIENT_IPS,
     TransferEntry,
@@ -28,6 +27,7 @@ from engine.rewrite import (
     shift_port,
     targets_localhost,
 )
+from engine.errors import ConfigError
 
 
 def ip(text: str) -> int:
@@ -325,7 +325,7 @@ def test_choose_client_ip_agrees_across_processes():
     origs = [ip("172.16.0.0") + 7919 * n for n in range(50)]
     here = [choose_client_ip(o, pool, salt=n % 3) for n, o in enumerate(origs)]
     code = (
-        "from engine.rewrite import choose_client_ip, parse_client_pool\n"
+        "from engine.core.rewrite import choose_client_ip, parse_client_pool\n"
         "pool = parse_client_pool('198.19.1.x,198.19.2.x')\n"
         f"origs = {origs!r}\n"
         "print([choose_client_ip(o, pool, salt=n % 3) for n, o in enumerate(origs)])\n"

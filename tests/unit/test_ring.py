@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from engine.ring import SLOT_FLAG_LOSS_BEFORE, Ring
+from engine.io.ring import SLOT_FLAG_LOSS_BEFORE, Ring
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from engine.ring import Ring
+from engine.io.ring import Ring
 
 SLOTS = 256
 SLOT_BYTES = 64

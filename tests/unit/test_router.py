@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from engine.codec.wire import ClientStreamDecoder, FrameDecoder, encode_response_record
 from engine.errors import DecodeError
-from engine.wire import ClientStreamDecoder, FrameDecoder, encode_response_record
 from intercept.router import Router, route_key_c
 from tests.unit.test_wire import control_streams, ip, make_packet
 

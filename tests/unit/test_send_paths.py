@@ -1,4 +1,4 @@
-"""engine/send.py picks its batch implementation once: the C extension, else ctypes, else one
+"""engine/io/send.py picks its batch implementation once: the C extension, else ctypes, else one
 sendto per packet, logging a fallback once (the real sends are tests/netns/test_send_batch.py)."""
 
 from __future__ import annotations
@@ -8,20 +8,20 @@ import sys
 
 import pytest
 
-from engine import send
+from engine.io import send
 
 
 @pytest.fixture
 def no_fastio(monkeypatch: pytest.MonkeyPatch) -> None:
-    import engine
+    import engine.io
 
-    monkeypatch.setitem(sys.modules, "engine._fastio", None)  # import raises ImportError
-    monkeypatch.delattr(engine, "_fastio", raising=False)
+    monkeypatch.setitem(sys.modules, "engine.io._fastio", None)  # import raises ImportError
+    monkeypatch.delattr(engine.io, "_fastio", raising=False)
     monkeypatch.setattr(send, "_fallback_logged", False)
 
 
 def test_best_available_is_the_extension_when_built() -> None:
-    fastio = pytest.importorskip("engine._fastio")
+    fastio = pytest.importorskip("engine.io._fastio")
     path, fn = send._batch_sender(None)
     assert (path, fn) == ("fastio", fastio.send_raw_batch)
 
@@ -34,7 +34,7 @@ def test_without_the_extension_ctypes_is_used_and_said_once(
     assert send._batch_sender(None)[0] == "ctypes"
     lines = [r.getMessage() for r in caplog.records if "raw send" in r.getMessage()]
     assert len(lines) == 1
-    assert "engine._fastio is not built" in lines[0] and "ctypes sendmmsg" in lines[0]
+    assert "engine.io._fastio is not built" in lines[0] and "ctypes sendmmsg" in lines[0]
 
 
 def test_without_sendmmsg_it_is_one_sendto_per_packet(

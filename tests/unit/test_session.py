@@ -6,10 +6,11 @@ import dataclasses
 
 import pytest
 
-from engine import packet
-from engine.config import SessionConfig
-from engine.packet import ACK, FIN, PSH, RST, SYN
-from engine.session import (
+from engine.codec import packet
+from engine.codec.packet import ACK, FIN, PSH, RST, SYN
+from engine.codec.tcpseq import ts_clock
+from engine.core.config import SessionConfig
+from engine.core.session import (
     CLIENT_GAP_WAIT_S,
     CLOSE_QUIET_MIN_S,
     DELAYED_ACK_S,
@@ -30,7 +31,6 @@ from engine.session import (
     TcpSession,
     drop_key,
 )
-from engine.tcpseq import ts_clock
 from tests.unit.link import FAKE_CLIENT, ONLINE, TARGET, Client, Link, Target
 
 M32 = 0xFFFFFFFF
@@ -80,7 +80,7 @@ def test_real_handshake_sends_captured_syn_third_ack_and_data():
     (s,) = out
     assert (s.flags, s.seq, s.ack, s.window) == (SYN, c.isn, 0, 64240)
     # The client's options as captured (spec §3.10), with our TS clock's TSval (RFC 6191
-    # reuse: engine/tcpseq.py).
+    # reuse: engine/codec/tcpseq.py).
     assert s.options == packet.set_timestamp(syn.options, ts_clock(link.now), 0)
     assert (s.ip_id, s.ttl, s.df) == (syn.ip_id, 61, True)
     third = c.ack()
@@ -1130,7 +1130,7 @@ def test_outcome_values_are_labels():
 
 
 def test_karn_no_rtt_sample_from_retransmitted_syn_keeps_initial_rto():
-    from engine.session import RTO_INITIAL_S
+    from engine.core.session import RTO_INITIAL_S
 
     c = Client()
     link = mk()

@@ -1,15 +1,15 @@
-"""The session engine when the capture delivers no pure ACK (engine/bpf.py drops them in the
+"""The session engine when the capture delivers no pure ACK (engine/codec/bpf.py drops them in the
 kernel), and the fidelity byte count when a packet of another connection reaches a session."""
 
 from __future__ import annotations
 
 import pytest
 
-from engine.config import SessionConfig
-from engine.packet import ACK, FIN, PSH, SYN
-from engine.rewrite import TransferEntry
-from engine.session import CLIENT_SEQ_JUMP_MAX_BYTES, DropReason, State, TcpSession, drop_key
-from engine.shard import SessionTable
+from engine.codec.packet import ACK, FIN, PSH, SYN
+from engine.core.config import SessionConfig
+from engine.core.rewrite import TransferEntry
+from engine.core.session import CLIENT_SEQ_JUMP_MAX_BYTES, DropReason, State, TcpSession, drop_key
+from engine.core.table import SessionTable
 from tests.unit.link import FAKE_CLIENT, ONLINE, TARGET, Client, Link, TableLink, Target
 
 M32 = 0xFFFFFFFF

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from engine.config import SessionConfig
-from engine.packet import ACK
-from engine.session import RETRIES_MAX, RTO_MAX_S, SessionEnded, State, TcpSession
+from engine.codec.packet import ACK
+from engine.core.config import SessionConfig
+from engine.core.session import RETRIES_MAX, RTO_MAX_S, SessionEnded, State, TcpSession
 from tests.unit.link import FAKE_CLIENT, ONLINE, TARGET, Client, Link, Target
 from tests.unit.test_session import REQ1, REQ2, establish
 

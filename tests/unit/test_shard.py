@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from engine import packet
-from engine.config import SessionConfig
-from engine.packet import ACK, FIN, PSH, RST, SYN
-from engine.rewrite import TransferEntry, sample_keep, shift_port
-from engine.session import CLIENT_GAP_WAIT_S, DropReason, RouteNeeded, TcpSession, drop_key
-from engine.shard import LOSS_GAP_WAIT_S, LOSS_RECENT_S, ClientRoute, SessionTable
+from engine.codec import packet
+from engine.codec.packet import ACK, FIN, PSH, RST, SYN
+from engine.core.config import SessionConfig
+from engine.core.rewrite import TransferEntry, sample_keep, shift_port
+from engine.core.session import CLIENT_GAP_WAIT_S, DropReason, RouteNeeded, TcpSession, drop_key
+from engine.core.table import LOSS_GAP_WAIT_S, LOSS_RECENT_S, ClientRoute, SessionTable
 from tests.paths import ONLINE_HTTP_PCAP
 from tests.unit.link import ONLINE, ORIG_CLIENT, TARGET, Client, TableLink, Target
 
@@ -271,7 +271,7 @@ def _keepalive_with_hole(tl: TableLink, loss_noted: bool):
 
 @pytest.mark.parametrize("loss_noted", [True, False])
 def test_a_hole_after_a_reported_ring_loss_is_given_up_at_once(loss_noted):
-    # The capture marked the ring read (engine/ring.py SLOT_FLAG_LOSS_BEFORE): the hole is
+    # The capture marked the ring read (engine/io/ring.py SLOT_FLAG_LOSS_BEFORE): the hole is
     # that loss, so the session resynchronises after LOSS_GAP_WAIT_S, not a whole
     # CLIENT_GAP_WAIT_S; without the mark it still waits the second out (a reordering).
     tl = mk()
@@ -443,7 +443,7 @@ def test_stale_heap_entries_are_skipped():
 
 
 def _online_capture():
-    from engine.pcapfile import open_pcap
+    from engine.codec.pcapfile import open_pcap
 
     r = open_pcap(str(ONLINE_HTTP_PCAP))
     pkts = []

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import gc
 
-from engine import packet, shard
-from engine.config import SessionConfig
-from engine.packet import ACK, RST
-from engine.rewrite import TransferEntry
-from engine.session import TcpSession
-from engine.shard import HALF_OPEN_SHED_AGE_S, SessionTable
+from engine.codec import packet
+from engine.codec.packet import ACK, RST
+from engine.core import table as shard
+from engine.core.config import SessionConfig
+from engine.core.rewrite import TransferEntry
+from engine.core.session import TcpSession
+from engine.core.table import HALF_OPEN_SHED_AGE_S, SessionTable
 from tests.unit.link import ONLINE, TARGET, Client, TableLink
 
 XFER = (TransferEntry(ONLINE[0], ONLINE[1], TARGET[0], TARGET[1]),)

@@ -1,4 +1,4 @@
-"""engine/shed.py FlowGate: whole sessions in or out under overload, counted by reason."""
+"""engine/core/shed.py FlowGate: whole sessions in or out under overload, counted by reason."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from engine.capture_proc import CaptureProcess
-from engine.control import ControlBlock
-from engine.ring import RING_SLOT_BYTES, Ring
-from engine.shed import REASON_MEMORY, REASON_RING_FULL, FlowGate
+from engine.core.shed import REASON_MEMORY, REASON_RING_FULL, FlowGate
+from engine.io.control import ControlBlock
+from engine.io.ring import RING_SLOT_BYTES, Ring
+from engine.proc.capture import CaptureProcess
 from metrics.counters import CounterBlock
 
 SYN, FIN, RST, PSH_ACK, ACK = 0x02, 0x01, 0x04, 0x18, 0x10
@@ -227,7 +227,7 @@ def test_array_decisions_equal_the_per_packet_loop_on_random_traffic():
 def test_shed_flows_remembered_are_bounded_the_rest_counted(monkeypatch):
     """A SYN flood makes every SYN a shed flow: past SHED_FLOWS_MAX they are still counted
     and dropped, but no longer remembered (memory is what is short)."""
-    from engine import shed
+    from engine.core import shed
 
     monkeypatch.setattr(shed, "SHED_FLOWS_MAX", 100)
     gate = FlowGate(1)

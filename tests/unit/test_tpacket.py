@@ -1,4 +1,4 @@
-"""engine/capture.py TPACKET_V3 block parsing, on synthetic blocks laid out as the kernel
+"""engine/io/capture.py TPACKET_V3 block parsing, on synthetic blocks laid out as the kernel
 lays them out (linux/if_packet.h: tpacket_block_desc, tpacket3_hdr, sockaddr_ll), and the
 vectorized dispatch (flow_workers, dispatch_frames) that consumes them."""
 
@@ -9,16 +9,16 @@ import struct
 import numpy as np
 import pytest
 
-from engine import packet
-from engine.capture import (
+from engine.codec import packet
+from engine.io.capture import (
     PACKET_OUTGOING,
     TP_STATUS_USER,
     FrameBatch,
     block_frames,
     parse_block,
 )
-from engine.capture_proc import CaptureProcess, flow_worker, flow_workers
-from engine.ring import RING_SLOT_BYTES, Ring
+from engine.io.ring import RING_SLOT_BYTES, Ring
+from engine.proc.capture import CaptureProcess, flow_worker, flow_workers
 
 BLOCK = 1 << 14
 FRAME_HDR = 48  # tpacket3_hdr
@@ -201,7 +201,7 @@ def test_open_live_source_falls_back_to_recv_and_says_so_once(monkeypatch, caplo
     import errno
     import logging
 
-    from engine import capture
+    from engine.io import capture
 
     made = []
 
@@ -226,7 +226,7 @@ def test_open_live_source_falls_back_to_recv_and_says_so_once(monkeypatch, caplo
 def test_open_live_source_does_not_hide_a_missing_device(monkeypatch):
     import errno
 
-    from engine import capture
+    from engine.io import capture
 
     def no_device(*args, **kw):
         raise OSError(errno.ENODEV, "no such network device: eth9")

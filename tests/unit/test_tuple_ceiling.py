@@ -13,10 +13,11 @@ import random
 
 import pytest
 
-from engine import packet
-from engine.config import SessionConfig
-from engine.packet import SYN
-from engine.rewrite import (
+from engine.codec import packet
+from engine.codec.packet import SYN
+from engine.codec.tcpseq import after, ts_clock
+from engine.core.config import SessionConfig
+from engine.core.rewrite import (
     SynInfo,
     TransferEntry,
     TupleAllocator,
@@ -24,10 +25,9 @@ from engine.rewrite import (
     parse_client_pool,
     spill_order,
 )
-from engine.session import TcpSession
-from engine.shard import SessionTable
-from engine.tcpseq import after, ts_clock
-from engine.tuple_history import TupleHistory
+from engine.core.session import TcpSession
+from engine.core.table import SessionTable
+from engine.io.tuple_history import TupleHistory
 from tests.unit.link import ONLINE, TARGET, Client, TableLink
 
 TIP, TPORT = TARGET
@@ -308,7 +308,7 @@ def test_table_reopens_time_wait_tuples_the_target_accepts(client_ts, target_ts)
 
 
 def test_stats_line_shows_no_tuple_spilled_and_reused():
-    from engine.worker import stats_lines
+    from engine.proc.worker import stats_lines
 
     lines = stats_lines({"drop_no_tuple": 3, "tuples_spilled": 5, "tuples_reused": 2})
     assert "no tuple:3,tuples spilled:5,tuples reused:2" in lines
@@ -318,8 +318,8 @@ def test_no_tuple_is_logged_rate_limited_with_the_fix(caplog):
     from collections import Counter
     from types import SimpleNamespace
 
-    from engine.logs import LOGGER_NAME, RateLimiter
-    from engine.worker import NO_TUPLE_LOG_INTERVAL_S, Worker
+    from engine.io.logs import LOGGER_NAME, RateLimiter
+    from engine.proc.worker import NO_TUPLE_LOG_INTERVAL_S, Worker
 
     counters: Counter = Counter()
     w = SimpleNamespace(

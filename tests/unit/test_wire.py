@@ -1,4 +1,4 @@
-"""engine/wire.py: the compat intercept protocol, checked against C TCPCopy 1.0's real bytes."""
+"""engine/codec/wire.py: the compat intercept protocol, checked against C TCPCopy 1.0's bytes."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import wire
-from engine.errors import DecodeError
-from engine.wire import (
+from engine.codec import wire
+from engine.codec.wire import (
     CLIENT_RECORD,
     COMB_MAX,
     COMB_MAX_PAYLOAD,
@@ -35,6 +34,7 @@ from engine.wire import (
     encode_frame,
     encode_response_record,
 )
+from engine.errors import DecodeError
 from tests import paths
 
 CONTROL_PCAP = paths.CONTROL_PCAP
@@ -131,7 +131,7 @@ def feed_all(decoder, parts):
     return out
 
 
-# --- a packet builder for the tests (struct only: independent of engine.packet) --------------
+# --- a packet builder for the tests (struct only: independent of engine.codec.packet) -------
 
 
 def make_packet(

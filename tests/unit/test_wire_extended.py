@@ -1,4 +1,5 @@
-"""engine/wire.py: the extended (authenticated) intercept handshake, design §6, docs/protocol.md.
+"""engine/codec/wire.py: the extended (authenticated) intercept handshake, design §6,
+docs/protocol.md.
 
 Golden vectors are computed here with ``hmac``/``hashlib`` directly from the documented
 layout, not with the module's own helpers.
@@ -15,9 +16,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from engine import wire
-from engine.errors import DecodeError
-from engine.wire import (
+from engine.codec import wire
+from engine.codec.wire import (
     EXT_HELLO,
     REFUSE_BAD_PROOF,
     REFUSE_MALFORMED,
@@ -31,6 +31,7 @@ from engine.wire import (
     ProofMismatch,
     client_add,
 )
+from engine.errors import DecodeError
 
 SECRET = b"correct horse battery staple 42"
 SN = bytes(range(32))  # server nonce

@@ -1,4 +1,4 @@
-"""engine/worker.py hands each drain to the sender as one batch and the channels as one
+"""engine/proc/worker.py hands each drain to the sender as one batch and the channels as one
 announce batch, routes before packets (spec §1.2); the offline pcap run of
 test_io_worker.py with batch-capable fakes."""
 
@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from engine.capture import PcapFileSource, ReplayPacer, TransferFilter
-from engine.config import ReplayConfig, SessionConfig
-from engine.worker import Worker
+from engine.core.config import ReplayConfig, SessionConfig
+from engine.io.capture import PcapFileSource, ReplayPacer, TransferFilter
+from engine.proc.worker import Worker
 from tests.unit.test_io_worker import ONLINE, PCAP, FakeChannels, FakeSender, FakeTable
 
 

@@ -1,0 +1,1 @@
+"""One module per process role (design §4): supervisor, capture, worker."""

@@ -1,0 +1,834 @@
+"""The worker loop: the thin I/O shell around one SessionTable (design §3, §5).
+
+Theory of operation
+-------------------
+One `selectors` loop owns every file descriptor of the worker:
+
+* capture fds (live sources) -> parse (packet.parse_ip) -> table.receive_client(pkt, now);
+  an offline source has no fd: its next due time is one more timer;
+* intercept connections (channel.py) -> decoded response records -> table.receive_response;
+* a self-pipe woken by signals (signal.set_wakeup_fd), so SIGTERM/SIGINT/SIGHUP interrupt the
+  wait at once instead of at the next timer;
+* timers: the table's next deadline, the channel's reconnects, the offline pacing, the stats
+  line and the memory check -> one select timeout.
+
+Twice per wake-up the table is drained: after the intercept responses (they release held
+requests, so they leave before the capture batch is even parsed), and after the capture
+batches and timers.  A drain announces its routes first (CLIENT_ADD to every intercept, spec
+§1.2: before the SYN they announce; one write per connection), then sends its packets in one
+raw sendmmsg batch (engine/io/send.py).
+Offline tail: once every source is exhausted (an offline replay's input ended), the loop
+stops when the table is empty, or when no session sent a packet for ``offline_tail_s``
+(ReplayConfig explains the 10 s default): the sessions still open (a lone SYN, an idle
+keep-alive connection: they wait for client packets that will never come) are then ended
+with a RST, counted as ``ended_offline_end`` and logged in one line, so a replay always
+ends with its summary.
+
+`now` is time.monotonic() read once per wake-up.  Nothing here decides TCP behaviour; that
+is the pure core's job, which this loop only feeds and drains.
+
+Later (the multi-process engine) the capture side moves to its own process and the worker's
+capture fd becomes a ring's eventfd; `_on_ip_packets` is the seam.
+
+The worker process (``WorkerProcess``)
+--------------------------------------
+In the multi-process engine a worker process is the Worker above, unchanged: its capture
+source is a
+``RingSource`` (the consumer side of this worker's shared-memory ring, see engine/io/ring.py),
+which offers the engine/io/capture.py source interface:
+
+* ``fileno()`` is the ring's eventfd, rung by the producer on empty -> non-empty;
+* ``next_deadline()`` is never more than ``RING_IDLE_POLL_S`` away (a wake-up can be missed,
+  ring.py explains why), and is "now" while a backlog remains (the eventfd is only rung on
+  empty -> non-empty, so a consumer that stopped early must come back by itself);
+* ``read_batch(now)`` pops a batch;
+* ``exhausted`` is true once the capture process marked an offline replay done and the ring
+  is empty: Worker then stops by itself when its table has no session left.
+
+Every ``read_batch`` (so at least every RING_IDLE_POLL_S) also calls ``tick(now)``:
+``WorkerProcess`` uses it to write its heartbeat and to flush its counters into its row of
+the shared CounterBlock every COUNTER_FLUSH_INTERVAL_S.  The watchdog's "shed" flag is the
+capture process's to follow (engine/core/shed.py): it sheds whole sessions before they reach a
+ring, where a worker refusing its flows would cut sessions already admitted.  A worker
+follows it in two ways: while it is up, the SYNs already in its ring start no session
+(engine/core/table.py ``refuse_new``: the capture took them in before it began shedding, and at
+10 k SYNs/s a full ring is 8 k sessions, ~32 MB), and every SHED_SWEEP_INTERVAL_S it gives
+up its half-open sessions (the client sent a SYN and nothing after it: what a SYN flood
+leaves, ``shed_half_open``), which are the memory a flood holds.  The row's
+``active`` gauge is what the supervisor counts as lost if this process dies.  The stats
+line is the supervisor's job, so ``log_stats`` only flushes.
+
+Memory given back.  Ended sessions are freed by Python, but glibc keeps the freed heap
+(most of a session's ~4 KB) mapped, so a worker that held 100 k sessions stays that large
+after they are gone and the watchdog keeps seeing it.  When TRIM_AFTER_SESSIONS sessions
+left the table since the last time, ``malloc_trim(0)`` hands the free pages back (measured:
+470 -> 253 MB after 100 k sessions ended, the rest being their tuples' TIME_WAIT quarantine,
+which expires after 60 s); at most every TRIM_INTERVAL_S.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import selectors
+import signal
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+
+from engine.codec import packet
+from engine.core.config import ReplayConfig
+from engine.errors import DecodeError
+from engine.io.channel import InterceptChannels
+from engine.io.logs import LOGGER_NAME, RateLimiter, reopen_logs
+from engine.io.ring import RING_IDLE_POLL_S, Ring
+
+log = logging.getLogger(LOGGER_NAME)
+
+STARTUP_CONNECT_WAIT_S = 3.0
+"""Capture starts once an intercept is connected or after this long (then routes are counted
+as unannounced until one connects)."""
+NO_TUPLE_LOG_INTERVAL_S = 10.0
+"""At most one "refused: no free client tuple" warning per worker this often."""
+MEMORY_CHECK_INTERVAL_S = 60.0
+"""spec §3.17: the resource check runs every 60 s."""
+BYTES_PER_MB = 1024 * 1024
+GC_THRESHOLDS = (50_000, 20, 100)
+"""The cyclic collector's generation thresholds in a worker (Python's default: 700, 10, 10).
+Sessions, segments and packets are allocated by the hundred thousand and form no cycles
+(bench/bench_engine.py, 5,000 connections x 3 requests, left 88 unreachable objects, all from
+start-up); collecting the young generation every 700 allocations cost 8 % of the engine's
+rate on short connections and 11 % on keep-alive sessions with a backlog of held requests
+(same-process micro-benchmarks, gc defaults vs these)."""
+GC_FREEZE_INTERVAL_S = 1.0
+REFUSAL_LOG_INTERVAL_S = 10.0
+"""At most one log line per this interval about reconnects the sessions refused."""
+_REFUSAL_KEYS = (
+    "reconnect_refused_off",
+    "reconnect_refused_budget",
+    "reconnect_refused_unanswered",
+)
+"""Every this long the worker moves what the collector tracks into its permanent generation
+(gc.freeze): a collection then walks at most this long's survivors.  Without it, a full
+collection in a table holding a backlog of 200,000 segments took 150-300 ms (micro-benchmark;
+gc defaults), longer than a ring of 8,192 slots lasts at 40,000 packets/s: a worker that far
+behind would overflow its ring at every full pass, each drop a hole.  The price, cycles among
+frozen objects never being freed, is what the line above measured: none from the engine."""
+
+
+class Worker:
+    """Runs one SessionTable against capture sources, intercept channels and a sender.
+
+    `table` follows the table.SessionTable contract; `sources` the io/capture.py interface;
+    `sender` has send(bytes) -> bool and counters; `channels` is built here unless given (a
+    factory `channels(selector, on_response)` lets tests inject a fake).
+    """
+
+    def __init__(
+        self,
+        cfg: ReplayConfig,
+        table: object,
+        sources: Sequence[object],
+        sender: object,
+        *,
+        prefilter_counters: Counter[str] | None = None,
+        channels: Callable[[selectors.BaseSelector, Callable], object] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        memory_rss: Callable[[], int] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.table = table
+        self.sources = list(sources)
+        self.sender = sender
+        self.clock = clock
+        self.sel = selectors.DefaultSelector()
+        if channels is None:
+            self.channels = InterceptChannels(
+                cfg.intercepts,
+                cfg.connections,
+                self.sel,
+                self._on_response,
+                secret=cfg.intercept_secret,
+                live_routes=self._live_routes,
+                on_route_down=self._on_route_down,
+            )
+        else:
+            self.channels = channels(self.sel, self._on_response)
+        self.counters: Counter[str] = Counter()
+        self.prefilter_counters = (
+            prefilter_counters if prefilter_counters is not None else Counter()
+        )
+        self.memory_rss = memory_rss or _rss_bytes
+        self.exit_reason = ""
+        self.exit_code = 0
+        self._stop = False
+        self._pending_signals: list[int] = []
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self.started_at = 0.0
+        # Offline tail (ReplayConfig.offline_tail_s): once every source is exhausted, the
+        # time by which open sessions must have sent something, and the send count then.
+        self._tail_at: float | None = None
+        self._tail_sent = -1
+        self._input_error = False
+        self._no_tuple_seen = 0
+        self._no_tuple_log = RateLimiter(NO_TUPLE_LOG_INTERVAL_S)
+        self._refusals_logged = 0
+        self._refusal_log = RateLimiter(REFUSAL_LOG_INTERVAL_S)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def stop(self, reason: str, code: int = 0) -> None:
+        if not self._stop:
+            self._stop = True
+            self.exit_reason = reason
+            self.exit_code = code
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT: graceful stop; SIGHUP: reopen logs; all woken through a self-pipe."""
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+        # spec §1.7 QUIRK: C dies on SIGPIPE; channel sends use MSG_NOSIGNAL, and a stray
+        # SIGPIPE from anything else must not kill the replay either.
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self._pending_signals.append(signum)
+
+    def _on_wakeup(self, mask: int, now: float) -> None:
+        assert self._wake_r is not None
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _handle_signals(self) -> None:
+        while self._pending_signals:
+            signum = self._pending_signals.pop(0)
+            if signum == signal.SIGHUP:
+                reopen_logs()
+                log.info("SIGHUP: log file reopened")
+            else:
+                self.stop(f"stopped by {signal.Signals(signum).name}")
+
+    def run(self) -> int:
+        """The loop; returns the exit code (0 after a graceful stop)."""
+        now = self.clock()
+        self.started_at = now
+        self.channels.start(now)
+        self._wait_for_intercept(now)
+        now = self.clock()
+        for src in self.sources:
+            fd = src.fileno()
+            if fd is not None:
+                self.sel.register(fd, selectors.EVENT_READ, _SourceCallback(self, src))
+            elif hasattr(src, "start"):
+                src.start(now)
+        next_stats = now + self.cfg.stats_interval_s
+        next_memory = now + MEMORY_CHECK_INTERVAL_S
+        # Everything built so far (modules, config, sockets) lives as long as the process:
+        # keep it out of the cyclic collector's full passes, which otherwise walk it again
+        # and again while sessions churn (a pause that delays every held request).
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
+        next_freeze = now + GC_FREEZE_INTERVAL_S
+        while not self._stop:
+            deadline = min(
+                d
+                for d in (
+                    self.table.get_timer(),
+                    self.channels.get_timer(),
+                    next_stats,
+                    next_memory,
+                    self._tail_at,
+                    *(src.next_deadline() for src in self.sources),
+                )
+                if d is not None
+            )
+            timeout = max(0.0, deadline - now)
+            events = self.sel.select(timeout)
+            now = self.clock()
+            self._handle_signals()
+            # Responses first, drained at once: they open the request gate of held sessions,
+            # so their round trip sets the replay's pace and must not wait behind a capture
+            # batch.  Then the capture batches and timers, drained together.  Each drain is
+            # one sendmmsg (routes announced first).
+            captured = []
+            for key, mask in events:
+                if type(key.data) is _SourceCallback:
+                    captured.append((key, mask))
+                else:
+                    key.data(mask, now)
+            self._flush(now)
+            for key, mask in captured:
+                key.data(mask, now)
+            for src in self.sources:
+                due = src.next_deadline()
+                if due is not None and due <= now:
+                    self._on_ip_packets(src.read_batch(now), now)
+            timer = self.table.get_timer()
+            if timer is not None and timer <= now:
+                self.table.handle_timer(now)
+            self._flush(now)
+            self._log_refusals(now)
+            timer = self.channels.get_timer()
+            if timer is not None and timer <= now:
+                self.channels.handle_timer(now)
+            if now >= next_stats:
+                next_stats = now + self.cfg.stats_interval_s
+                self.log_stats(now)
+            if now >= next_freeze:
+                next_freeze = now + GC_FREEZE_INTERVAL_S
+                gc.freeze()
+            if now >= next_memory:
+                next_memory = now + MEMORY_CHECK_INTERVAL_S
+                self._check_memory()
+            if self._offline_done(now):
+                if self._input_error:  # single-process engine: a file source's error
+                    self.stop("a broken input file; the replay is incomplete", 1)
+                else:
+                    self.stop("offline replay is complete")
+        self.log_stats(self.clock(), final=True)
+        log.info("tcpcopy-mp exits: %s", self.exit_reason)
+        return self.exit_code
+
+    def close(self) -> None:
+        self.channels.close()
+        for src in self.sources:
+            src.close()
+        close = getattr(self.sender, "close", None)
+        if close is not None:
+            close()
+        if self._wake_r is not None:
+            signal.set_wakeup_fd(-1)
+            self._wake_r.close()
+            assert self._wake_w is not None
+            self._wake_w.close()
+        self.sel.close()
+
+    def _wait_for_intercept(self, start: float) -> None:
+        """Give the intercepts a moment to accept us before the first SYN needs a route."""
+        deadline = start + STARTUP_CONNECT_WAIT_S
+        now = start
+        while not self._stop and not self.channels.connected and now < deadline:
+            timer = self.channels.get_timer()
+            wake = deadline if timer is None else min(deadline, timer)
+            for key, mask in self.sel.select(max(0.0, wake - now)):
+                key.data(mask, now)
+            now = self.clock()
+            self._handle_signals()
+            timer = self.channels.get_timer()
+            if timer is not None and timer <= now:
+                self.channels.handle_timer(now)
+        if not self.channels.connected and not self._stop:
+            names = ", ".join(f"{h}:{p}" for h, p in self.cfg.intercepts)
+            log.warning(
+                "no intercept reachable at %s after %.0f s; capturing anyway and still "
+                "retrying; sessions started meanwhile are counted as route_unannounced",
+                names,
+                STARTUP_CONNECT_WAIT_S,
+            )
+
+    def _offline_done(self, now: float) -> bool:
+        """The input ended and every session finished, or the tail ran out (module
+        docstring, "Offline tail"): then the sessions still open are ended and counted."""
+        if not self.sources or not all(getattr(s, "exhausted", False) for s in self.sources):
+            return False
+        for src in self.sources:
+            error = getattr(src, "error", None)
+            if error and not self._input_error:
+                self._input_error = True
+                log.error("%s", error)
+        table = self.table
+        if table.active == 0:  # type: ignore[attr-defined]
+            return True
+        sent = table.counters.get("send", 0)  # type: ignore[attr-defined]
+        if sent != self._tail_sent:  # a session still works: the tail starts again
+            self._tail_sent = sent
+            self._tail_at = now + self.cfg.offline_tail_s
+        if self._tail_at is None or now < self._tail_at:
+            return False
+        ended = table.end_input(now)  # type: ignore[attr-defined]
+        self._flush(now)  # their RSTs free the target's side
+        table.forget_ended(now)  # type: ignore[attr-defined]
+        if ended:
+            log.warning(
+                "offline input ended and nothing was sent for %.0f s (--offline-tail): "
+                "%d session%s still open closed (ended_offline_end)",
+                self.cfg.offline_tail_s,
+                ended,
+                "" if ended == 1 else "s",
+            )
+        return True
+
+    # -- data path --------------------------------------------------------------------------
+
+    def _on_ip_packets(self, batch: Iterable[tuple[float, bytes]], now: float) -> None:
+        """Captured IPv4 packets (already past the -x pre-filter) into the session table."""
+        receive, parse = self.table.receive_client, packet.parse_ip
+        errors = 0
+        for _ts, ip in batch:
+            try:
+                pkt = parse(ip)
+            except DecodeError:
+                errors += 1
+                continue
+            receive(pkt, now)
+        if errors:
+            self.counters["capture_parse_errors"] += errors
+
+    def _on_response(self, pkt: object, now: float) -> None:
+        self.table.receive_response(pkt, now)
+
+    def _live_routes(self) -> list[object]:
+        """For a (re)made intercept connection: every live session's route (channel.py
+        "Re-announcing")."""
+        live = getattr(self.table, "live_routes", None)
+        return live() if live is not None else []
+
+    def _on_route_down(self, down: bool, now: float) -> None:
+        set_down = getattr(self.table, "set_route_down", None)
+        if set_down is not None:
+            set_down(down, now)
+        log.log(
+            logging.WARNING if down else logging.INFO,
+            "%s",
+            "an intercept is unreachable: sessions keep their state and retransmit until it is "
+            "back (no retransmission limit meanwhile)"
+            if down
+            else "every intercept is back: live sessions were announced again and resume",
+        )
+
+    def _flush(self, now: float) -> None:
+        routes, packets = self.table.drain()
+        if routes:
+            # If no intercept takes the CLIENT_ADD, the SYN still goes out: C would not start
+            # the session at all (spec §1.2), but a target that sees the SYN is more useful
+            # (its SYN-ACK may still reach an intercept that reconnects); channel.py counts
+            # route_unannounced so the loss is visible.
+            announce_batch = getattr(self.channels, "announce_batch", None)
+            if announce_batch is not None:
+                announce_batch(routes, now)
+            else:
+                announce = self.channels.announce
+                for route in routes:
+                    announce(route, now)
+        if packets:
+            send_batch = getattr(self.sender, "send_batch", None)
+            if send_batch is not None:
+                send_batch(packets)
+            else:
+                send = self.sender.send
+                for pkt in packets:
+                    send(pkt)
+
+    # -- reporting --------------------------------------------------------------------------
+
+    def _log_refusals(self, now: float) -> None:
+        """Reconnects the sessions refused since the last line (rate-limited)."""
+        c = getattr(self.table, "counters", None)
+        if c is None:
+            return
+        total = c["reconnect_refused_off"] + c["reconnect_refused_budget"]
+        total += c["reconnect_refused_unanswered"]
+        if total == self._refusals_logged or not self._refusal_log.allow("refused", now)[0]:
+            return
+        by = ", ".join(f"{k.removeprefix('reconnect_refused_')} {c[k]}" for k in _REFUSAL_KEYS)
+        log.warning(
+            "%d reconnect(s) refused since the last report (in all: %s); those sessions "
+            "ended with their requests unsent (see --no-reconnect, --reconnect-budget)",
+            total - self._refusals_logged,
+            by,
+        )
+        self._refusals_logged = total
+
+    def _check_memory(self) -> None:
+        """spec §3.17, on the current RSS (C checks the peak, which never comes back down)."""
+        limit = self.cfg.memory_limit_mb * BYTES_PER_MB
+        rss = self.memory_rss()
+        if rss > limit:
+            log.error(
+                "occupies too much memory, limit:%d MB, rss:%d MB",
+                self.cfg.memory_limit_mb,
+                rss // BYTES_PER_MB,
+            )
+            self.stop("memory limit exceeded (-m)", code=1)
+
+    def summary(self, now: float | None = None) -> dict[str, object]:
+        """The final counters as one flat JSON-able object (--summary-json)."""
+        if now is None:
+            now = self.clock()
+        out: dict[str, object] = {}
+        for key, value in self.table.counters.items():
+            out[_key(key)] = value
+        out["active"] = self.table.active
+        out["unsend"] = self.table.unsend
+        out.update(self.prefilter_counters)
+        for src in self.sources:
+            for key, value in src.counters.items():
+                out[key] = out.get(key, 0) + value  # type: ignore[operator]
+        out.update(self.counters)
+        out.update(self.sender.counters)
+        out.update(self.channels.counters)
+        out["channels_connected"] = self.channels.connected
+        out["uptime_s"] = round(now - self.started_at, 3)
+        out["exit_reason"] = self.exit_reason
+        return out
+
+    def warn_no_tuple(self, now: float) -> None:
+        """Connections refused for want of a free client tuple are logged, rate-limited,
+        with the fix: they are rare (spill over the -c pool, RFC 6191 reuse), so loud."""
+        total = int(self.table.counters.get("drop_no_tuple", 0))  # type: ignore[attr-defined]
+        new = total - self._no_tuple_seen
+        if new <= 0:
+            return
+        allowed, _ = self._no_tuple_log.allow("no_tuple", now)
+        if not allowed:
+            return
+        self._no_tuple_seen = total
+        pool = len(self.cfg.session.client_pool)
+        log.warning(
+            "%d new connection(s) refused (no_tuple, %d in all): every client port toward "
+            "the target is in use or in its TIME_WAIT%s; give -c a larger pool of fake "
+            "client addresses (each adds ~1,075 new connections/s)%s",
+            new,
+            total,
+            f" on all {pool} -c address(es)" if pool else " (no -c: the captured address)",
+            "" if not self.cfg.session.strict_time_wait else " or drop --strict-time-wait",
+        )
+
+    def log_stats(self, now: float, final: bool = False) -> None:
+        self.warn_no_tuple(now)
+        values = self.summary(now)
+        if any(isinstance(h, logging.Handler) and _is_json(h) for h in log.handlers):
+            log.info("stats", extra={"stats": values, "final": final})
+            return
+        for line in stats_lines(values):
+            log.info("%s", line)
+
+
+class _SourceCallback:
+    __slots__ = ("worker", "src")
+
+    def __init__(self, worker: Worker, src: object) -> None:
+        self.worker = worker
+        self.src = src
+
+    def __call__(self, mask: int, now: float) -> None:
+        self.worker._on_ip_packets(self.src.read_batch(now), now)
+
+
+def _key(key: object) -> str:
+    name = getattr(key, "name", None)  # DropReason enums
+    return str(name if isinstance(name, str) else key)
+
+
+def _is_json(handler: logging.Handler) -> bool:
+    from engine.io.logs import JsonFormatter
+
+    return isinstance(handler.formatter, JsonFormatter)
+
+
+# spec §3.18: the C statistics lines, labels unchanged so C users can read them, plus unsend.
+# Each value is looked up under the C label, its snake_case form, then the listed aliases.
+_STATS_LAYOUT: tuple[tuple[tuple[str, tuple[str, ...]], ...], ...] = (
+    (("active", ()), ("rel", ("released",)), ("obs del", ("obsolete",)), ("tw", ("linger",))),
+    (("conns", ()), ("resp", ("responses",)), ("c-resp", ("resp_cont",))),
+    (("resp fin", ()), ("resp rst", ())),
+    (("send", ("sent",)), ("send content", ())),
+    (("send syn", ()), ("fin", ("send_fin",)), ("reset", ("send_rst",))),
+    (("reconnect", ()), ("for no syn", ("fake_syn",)), ("reannounced", ("sessions_reannounced",))),
+    (("retransmit", ()),),
+    (("recv packs after retransmission", ()),),
+    (("syn cnt", ()), ("all clt", ()), ("clt cont", ())),
+    (("total cont retransmit", ()), ("frag", ("capture_fragment",))),
+    (("total captured packets", ("capture_packets",)),),
+    (
+        ("no tuple", ("drop_no_tuple",)),
+        ("tuples spilled", ("tuples_spilled",)),
+        ("tuples reused", ("tuples_reused",)),
+    ),
+    (
+        ("unsend", ()),
+        ("ring dropped", ()),
+        ("route unannounced", ()),
+        ("send errors", ()),
+        ("intercept conns", ("channels_connected",)),
+    ),
+)
+
+
+def _lookup(values: dict[str, object], label: str, aliases: tuple[str, ...]) -> object:
+    snake = label.replace(" ", "_").replace("-", "_")
+    for name in (label, snake, *aliases):
+        if name in values:
+            return values[name]
+    return 0
+
+
+def stats_lines(values: dict[str, object]) -> list[str]:
+    """The periodic statistics block (spec §3.18) from a summary() mapping."""
+    return [
+        ",".join(f"{label}:{_lookup(values, label, aliases)}" for label, aliases in line)
+        for line in _STATS_LAYOUT
+    ]
+
+
+def _rss_bytes() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def build_sources(cfg: ReplayConfig, prefilter: object) -> list[object]:
+    """The capture sources cfg asks for (sockets need root or CAP_NET_RAW)."""
+    from engine.io import capture
+
+    if cfg.capture == "offline":
+        pacer = capture.ReplayPacer(cfg.accelerate, cfg.idle_threshold_s)
+        return [capture.PcapFileSource(cfg.pcap_files, pacer, cfg.replays, prefilter)]
+    if cfg.capture == "packet":
+        ports = sorted({t.online_port for t in cfg.session.transfers})
+        devices = [d for d in cfg.interfaces if d != "any"] or [None]
+        if "any" in cfg.interfaces:
+            devices = [None]
+        return [
+            capture.open_live_source(dev, prefilter, cfg.capture_buffer_bytes, ports)  # type: ignore[arg-type]
+            for dev in devices
+        ]
+    # raw: what arrives at this host (PACKET_HOST on every device) through the TPACKET_V3
+    # ring; the IPPROTO_TCP raw socket (spec §3.2) when the kernel offers no ring.
+    return [
+        capture.open_live_source(None, prefilter, cfg.capture_buffer_bytes, host_only=True)  # type: ignore[arg-type]
+    ]
+
+
+def write_summary(path: str, values: dict[str, object]) -> None:
+    """One JSON object, written to a temporary file and renamed so readers never see half."""
+    from engine.io.logs import write_json_atomic
+
+    write_json_atomic(path, values)
+
+
+def run(cfg: ReplayConfig) -> int:
+    """Build the real table, sources, sender and channels from cfg and run until stopped."""
+    from engine.core.table import SessionTable
+    from engine.io import capture, send
+
+    prefilter = capture.TransferFilter.for_transfers(cfg.session.transfers, cfg.capture_filter)
+    table = SessionTable(cfg.session)
+    sources = build_sources(cfg, prefilter)
+    sender = send.build_senders(1, cfg)[0]
+    worker = Worker(cfg, table, sources, sender, prefilter_counters=prefilter.counters)
+    worker.install_signal_handlers()
+    log.info(
+        "tcpcopy-mp starts: capture %s, %d intercept(s) x %d connection(s), -x %d entr%s",
+        cfg.capture,
+        len(cfg.intercepts),
+        cfg.connections,
+        len(cfg.session.transfers),
+        "y" if len(cfg.session.transfers) == 1 else "ies",
+    )
+    try:
+        code = worker.run()
+    finally:
+        summary = worker.summary()
+        worker.close()
+        if cfg.summary_json:
+            try:
+                write_summary(cfg.summary_json, summary)
+            except OSError as exc:
+                log.error("--summary-json %s: %s", cfg.summary_json, exc.strerror or exc)
+    return code
+
+
+# The worker process: a Worker fed from its shared-memory ring.
+
+RING_BATCH_MAX_PACKETS = 1024
+"""Packets taken from the ring per read_batch (timers and responses are not starved)."""
+COUNTER_FLUSH_INTERVAL_S = 0.2
+"""How stale this worker's row (and so the supervisor's count of lost sessions) may get."""
+SHED_SWEEP_INTERVAL_S = 0.5
+"""While the watchdog sheds: how often the half-open sessions are given up."""
+TRIM_AFTER_SESSIONS = 1000
+"""Sessions removed from the table since the last trim that make the next one worth it."""
+TRIM_INTERVAL_S = 2.0
+"""malloc_trim at most this often (it walks the heap: milliseconds for hundreds of MB)."""
+
+
+class RingSource:
+    """The capture-source interface (engine/io/capture.py) over a ring's consumer side."""
+
+    def __init__(
+        self,
+        ring: Ring,
+        control: object | None = None,
+        tick: Callable[[float], None] | None = None,
+        batch_max: int = RING_BATCH_MAX_PACKETS,
+    ) -> None:
+        self.ring = ring
+        self.control = control
+        self.tick = tick
+        self.batch_max = batch_max
+        self.counters: Counter[str] = Counter()
+        self._last_read = float("-inf")
+        self._backlog = False
+        self._loss_marks = 0
+        # Called with `now` when a batch held a packet the capture marked "packets of this
+        # ring were dropped just before me" (ring.SLOT_FLAG_LOSS_BEFORE).
+        self.on_loss: Callable[[float], None] | None = None
+
+    def fileno(self) -> int | None:
+        return self.ring.efd
+
+    def next_deadline(self) -> float | None:
+        if self._backlog:
+            return self._last_read
+        return self._last_read + RING_IDLE_POLL_S
+
+    @property
+    def exhausted(self) -> bool:
+        control = self.control
+        return (
+            control is not None
+            and control.capture_done  # type: ignore[attr-defined]
+            and len(self.ring) == 0
+        )
+
+    def read_batch(self, now: float) -> list[tuple[float, bytes]]:
+        ring = self.ring
+        # Clear first: a push after our pop rings again, so nothing is slept through.
+        ring.clear_wakeup()
+        items = ring.pop_packets(self.batch_max)
+        self._last_read = now
+        if ring.loss_marks != self._loss_marks:
+            self._loss_marks = ring.loss_marks
+            if self.on_loss is not None:
+                self.on_loss(now)
+        # Anything in the ring now (pushed while we popped, or beyond batch_max) means come
+        # back at once: the producer rang the eventfd only if it saw our tail caught up, and
+        # it may have read the tail before we published it (ring.py "Wake-ups").  Testing
+        # only a full batch here missed those, and each miss slept RING_IDLE_POLL_S with
+        # packets waiting: under load the ring overflowed while the worker sat idle.
+        self._backlog = len(ring) > 0
+        if self.tick is not None:
+            self.tick(now)
+        return items
+
+    def close(self) -> None:
+        self.ring.close()
+
+
+class WorkerProcess(Worker):
+    """Worker plus the shared-memory duties of a worker process (see the module docstring)."""
+
+    def __init__(
+        self,
+        index: int,
+        cfg: object,
+        table: object,
+        source: RingSource,
+        sender: object,
+        *,
+        counters: object | None = None,
+        control: object | None = None,
+        **kw: object,
+    ) -> None:
+        kw.setdefault("memory_rss", _no_rss)  # -m is the supervisor's (the tree's RSS)
+        super().__init__(cfg, table, [source], sender, **kw)  # type: ignore[arg-type]
+        self.index = index
+        self.block = counters
+        self.control = control
+        self.row = counters.worker_row(index) if counters is not None else None  # type: ignore[attr-defined]
+        self.slot = 1 + index
+        self._next_flush = float("-inf")
+        self._next_shed_sweep = float("-inf")
+        self._shed_logged = False
+        self._next_trim = float("-inf")
+        self._released_at_trim = 0
+        self._trim = _malloc_trim()
+        source.tick = self.tick
+
+    def tick(self, now: float) -> None:
+        control = self.control
+        if control is not None:
+            control.beat(self.slot, now)  # type: ignore[attr-defined]
+            shed = bool(control.shed)  # type: ignore[attr-defined]
+            self.table.refuse_new = shed  # type: ignore[attr-defined]
+            if now >= self._next_shed_sweep:
+                self._next_shed_sweep = now + SHED_SWEEP_INTERVAL_S
+                if shed:
+                    self._shed_half_open(now)
+                else:
+                    self._shed_logged = False
+                self.table.expire_refused(now)  # type: ignore[attr-defined]
+        if now >= self._next_flush:
+            self._next_flush = now + COUNTER_FLUSH_INTERVAL_S
+            self.flush_counters()
+            self.warn_no_tuple(now)
+        if now >= self._next_trim:
+            released = self.table.counters["rel"]  # type: ignore[attr-defined]
+            if released - self._released_at_trim >= TRIM_AFTER_SESSIONS:
+                self._released_at_trim = released
+                self._next_trim = now + TRIM_INTERVAL_S
+                if self._trim is not None:
+                    self._trim(0)
+
+    def _shed_half_open(self, now: float) -> None:
+        table = self.table
+        ended = table.shed_half_open(now)  # type: ignore[attr-defined]
+        if not ended:
+            return
+        self._flush(now)  # their RSTs free the target's side, and they start to linger
+        if not self._shed_logged:
+            self._shed_logged = True
+            log.warning(
+                "memory above 90 %% of -m: %d half-open session%s (a SYN and nothing "
+                "after it) given up, and more while it lasts (ended_shed_half_open)",
+                ended,
+                "" if ended == 1 else "s",
+            )
+
+    def flush_counters(self) -> None:
+        if self.block is None:
+            return
+        table = self.table
+        self.block.from_counter(  # type: ignore[attr-defined]
+            self.row,
+            table.counters,  # type: ignore[attr-defined]
+            self.sender.counters,  # type: ignore[attr-defined]
+            self.channels.counters,  # type: ignore[attr-defined]
+            self.counters,
+            {
+                "active": table.active,  # type: ignore[attr-defined]
+                "unsend": table.unsend,  # type: ignore[attr-defined]
+                "channels_connected": self.channels.connected,  # type: ignore[attr-defined]
+            },
+        )
+
+    def log_stats(self, now: float, final: bool = False) -> None:
+        # The supervisor logs the aggregated stats line; a worker only publishes its row.
+        self.flush_counters()
+        self.warn_no_tuple(now)
+
+
+def _no_rss() -> int:
+    return 0
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None (another libc: nothing to hand back this way)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        return libc.malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
