@@ -28,6 +28,7 @@ from engine.arguments import (
 )
 from engine.config import ReplayConfig
 from engine.errors import ConfigError
+from engine.sigloop import daemonize
 
 __all__ = [
     "TCPCOPY_OPTIONS",
@@ -49,21 +50,6 @@ _apply_config_file = apply_config_file
 def _usage_error(message: str) -> int:
     print(f"{PROG}: {message}", file=sys.stderr)
     return EXIT_USAGE
-
-
-def _daemonize() -> None:
-    """-d: detach (double fork, new session, stdio to /dev/null), as C's daemonize()."""
-    if os.fork() > 0:
-        os._exit(0)
-    os.setsid()
-    if os.fork() > 0:
-        os._exit(0)
-    os.chdir("/")
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    if devnull > 2:
-        os.close(devnull)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         return _usage_error(f"-l: cannot open {cfg.log_path}: {exc.strerror or exc}")
     if cfg.daemon:
-        _daemonize()
+        daemonize()
     if args.pid_file:
         try:
             with open(args.pid_file, "w", encoding="ascii") as f:

@@ -69,7 +69,6 @@ import logging
 import os
 import selectors
 import signal
-import socket
 import sys
 import threading
 import time
@@ -80,6 +79,7 @@ from engine import notify
 from engine.config import ReplayConfig
 from engine.control import CAPTURE_SLOT, ControlBlock
 from engine.logs import LOGGER_NAME, reopen_logs
+from engine.sigloop import SignalPipe
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -196,9 +196,9 @@ class Supervisor:
         self.started_at = 0.0
         self._stopping = False
         self._kill_at: float | None = None
-        self._pending_signals: list[int] = []
-        self._wake_r: socket.socket | None = None
-        self._wake_w: socket.socket | None = None
+        self._signals = SignalPipe(
+            (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD), ignore_sigpipe=True
+        )
         self._sel: selectors.BaseSelector | None = None
         self._pid = os.getpid()
         self.exporter: Any = None  # the --metrics HTTP server (server_address: bound address)
@@ -288,28 +288,13 @@ class Supervisor:
         if self.block is not None and self._own_block:
             self.block.close()
             self.block.unlink()
-        if self._wake_r is not None:
-            signal.set_wakeup_fd(-1)
-            self._wake_r.close()
-            assert self._wake_w is not None
-            self._wake_w.close()
-            self._wake_r = self._wake_w = None
+        self._signals.close()
         if self._sel is not None:
             self._sel.close()
 
     def _install_signal_handlers(self) -> None:
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(signum, self._on_signal)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         self._sel = selectors.DefaultSelector()
-        self._sel.register(self._wake_r, selectors.EVENT_READ)
-
-    def _on_signal(self, signum: int, frame: object) -> None:
-        self._pending_signals.append(signum)
+        self._sel.register(self._signals.install(), selectors.EVENT_READ)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -415,7 +400,7 @@ class Supervisor:
                 + ([now + READY_POLL_S] if not self.ready else [])
             )
             for _key, _mask in self._sel.select(max(0.0, wake - now)):
-                self._drain_wakeup()
+                self._signals.drain()
             now = self.clock()
 
     def stop(self, reason: str, code: int = 0) -> None:
@@ -424,17 +409,8 @@ class Supervisor:
             self.exit_reason = reason
             self.exit_code = code
 
-    def _drain_wakeup(self) -> None:
-        assert self._wake_r is not None
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
-
     def _handle_signals(self) -> None:
-        while self._pending_signals:
-            signum = self._pending_signals.pop(0)
+        while (signum := self._signals.pop()) is not None:
             if signum == signal.SIGHUP:
                 reopen_logs()
                 log.info("SIGHUP: log file reopened")
@@ -630,7 +606,7 @@ class Supervisor:
                 break
             if self._sel is not None:
                 for _ in self._sel.select(min(LOOP_WAKE_S, max(0.0, deadline - now))):
-                    self._drain_wakeup()
+                    self._signals.drain()
             else:
                 time.sleep(0.01)  # no wake-up fd (set-up failed): a plain reap poll
 
@@ -638,14 +614,7 @@ class Supervisor:
 
     def _child_main(self, child: _Child) -> int:
         # Back to default dispositions: the child installs its own handlers.
-        signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(signum, signal.SIG_DFL)
-        if self._wake_r is not None:
-            self._wake_r.close()
-        if self._wake_w is not None:
-            self._wake_w.close()
-        self._wake_r = self._wake_w = None
+        self._signals.reset_in_child()
         if self._sel is not None:
             self._sel.close()
             self._sel = None

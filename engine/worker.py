@@ -37,7 +37,6 @@ import gc
 import logging
 import selectors
 import signal
-import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -47,6 +46,7 @@ from engine.channel import InterceptChannels
 from engine.config import ReplayConfig
 from engine.errors import DecodeError
 from engine.logs import LOGGER_NAME, RateLimiter, reopen_logs
+from engine.sigloop import SignalPipe
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -127,9 +127,9 @@ class Worker:
         self.exit_reason = ""
         self.exit_code = 0
         self._stop = False
-        self._pending_signals: list[int] = []
-        self._wake_r: socket.socket | None = None
-        self._wake_w: socket.socket | None = None
+        self._signals = SignalPipe(
+            (signal.SIGTERM, signal.SIGINT, signal.SIGHUP), ignore_sigpipe=True
+        )
         self.started_at = 0.0
         # Offline tail (ReplayConfig.offline_tail_s): once every source is exhausted, the
         # time by which open sessions must have sent something, and the send count then.
@@ -150,32 +150,15 @@ class Worker:
             self.exit_code = code
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT: graceful stop; SIGHUP: reopen logs; all woken through a self-pipe."""
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, self._on_signal)
-        # spec §1.7 QUIRK: C dies on SIGPIPE; channel sends use MSG_NOSIGNAL, and a stray
-        # SIGPIPE from anything else must not kill the replay either.
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
-
-    def _on_signal(self, signum: int, frame: object) -> None:
-        self._pending_signals.append(signum)
+        """SIGTERM/SIGINT: graceful stop; SIGHUP: reopen logs; all woken through a self-pipe
+        (SIGPIPE ignored: spec §1.7 QUIRK)."""
+        self.sel.register(self._signals.install(), selectors.EVENT_READ, self._on_wakeup)
 
     def _on_wakeup(self, mask: int, now: float) -> None:
-        assert self._wake_r is not None
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
+        self._signals.drain()
 
     def _handle_signals(self) -> None:
-        while self._pending_signals:
-            signum = self._pending_signals.pop(0)
+        while (signum := self._signals.pop()) is not None:
             if signum == signal.SIGHUP:
                 reopen_logs()
                 log.info("SIGHUP: log file reopened")
@@ -270,11 +253,7 @@ class Worker:
         close = getattr(self.sender, "close", None)
         if close is not None:
             close()
-        if self._wake_r is not None:
-            signal.set_wakeup_fd(-1)
-            self._wake_r.close()
-            assert self._wake_w is not None
-            self._wake_w.close()
+        self._signals.close()
         self.sel.close()
 
     def _wait_for_intercept(self, start: float) -> None:

@@ -30,6 +30,7 @@ from engine.options import (
     read_config_file,
 )
 from engine.packet import ip_from_str
+from engine.sigloop import daemonize
 
 __all__ = ["InterceptOptions", "parse_args", "main", "version_string", "INTERCEPT_SECTIONS"]
 
@@ -513,20 +514,6 @@ def _fail(log: logging.Logger, message: str) -> int:
     return 1
 
 
-def _daemonize() -> None:
-    """Classic double fork; stdio to /dev/null (the log is a file by then)."""
-    if os.fork() > 0:
-        os._exit(0)
-    os.setsid()
-    if os.fork() > 0:
-        os._exit(0)
-    os.chdir("/")
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    os.close(devnull)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "doctor":
@@ -613,7 +600,7 @@ def _run(opts: InterceptOptions, log: logging.Logger) -> int:
                 return _fail(log, "pcap mode needs the python-libpcap package")
             server.add_source(source)
         if opts.daemon:
-            _daemonize()
+            daemonize()
         if opts.pid_file:
             try:
                 with open(opts.pid_file, "w", encoding="ascii") as f:

@@ -149,18 +149,26 @@ class TestbedError(RuntimeError):
 # small helpers
 
 
+def poll(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
+    """Call ``predicate`` every ``interval`` s until it returns a truthy value or ``timeout``
+    passed; returns its last value (the one wait helper of the netns tier: the callers assert
+    or raise on what it returns)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
 def wait_until(
     predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition"
 ) -> Any:
     """Poll ``predicate`` until it returns a truthy value; return it, or raise TimeoutError."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(interval)
+    value = poll(predicate, timeout, interval)
+    if not value:
+        raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
+    return value
 
 
 def preflight_problems() -> list[str]:
@@ -214,11 +222,13 @@ def _kill_netns_processes(ns: str) -> None:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-    deadline = time.monotonic() + 5.0
-    while pids and time.monotonic() < deadline:
+
+    def all_gone() -> bool:
+        nonlocal pids
         pids = [p for p in pids if _pid_alive(p) and not _is_zombie(p)]
-        if pids:
-            time.sleep(0.05)
+        return not pids
+
+    poll(all_gone, 5.0)
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -1187,12 +1197,15 @@ class Testbed:
     ) -> int:
         """Poll the target's access log until ``expected`` requests under ``prefix`` arrived or
         ``timeout`` passed; returns the count seen (the caller asserts)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            n = len(with_prefix(self.access_log(role), prefix))
-            if n >= expected or time.monotonic() >= deadline:
-                return n
-            time.sleep(0.1)
+        seen = 0
+
+        def arrived() -> bool:
+            nonlocal seen
+            seen = len(with_prefix(self.access_log(role), prefix))
+            return seen >= expected
+
+        poll(arrived, timeout, interval=0.1)
+        return seen
 
     def start_tcpdump(
         self,
