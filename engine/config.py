@@ -32,7 +32,8 @@ from collections.abc import Callable
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, DecodeError
+from engine.packet import ip_from_str
 
 INTERCEPT_PORT_DEFAULT = 36524
 """spec §1.1: intercept's default listen port (`-p`)."""
@@ -79,15 +80,14 @@ def parse_float(where: str, text: object, lo_exclusive: float | None = None) -> 
 
 
 def parse_ipv4(where: str, text: str) -> int:
-    """A dotted-quad IPv4 address as the int of its 4 network-order bytes."""
-    parts = text.strip().split(".")
-    # isascii: str.isdigit() also accepts digits int() refuses ("²"), and other scripts.
-    if len(parts) != 4 or not all(p.isascii() and p.isdigit() and len(p) <= 3 for p in parts):
-        raise ConfigError(where, f"{text!r} is not a dotted-quad IPv4 address")
-    octets = [int(p) for p in parts]
-    if any(o > 255 for o in octets):
-        raise ConfigError(where, f"{text!r} is not a dotted-quad IPv4 address")
-    return int.from_bytes(bytes(octets), "big")
+    """A dotted-quad IPv4 address as the int of its 4 network-order bytes: the one strict
+    rule of ``packet.ip_from_str`` (no leading zero, which inet_aton would read as octal),
+    after trimming surrounding blanks; the error names ``where``."""
+    try:
+        return ip_from_str(text.strip())
+    except DecodeError as e:
+        reason = str(e).partition(": ")[2]
+        raise ConfigError(where, f"{text!r} is not a dotted-quad IPv4 address ({reason})") from None
 
 
 def parse_intercepts(spec: str, default_port: int = INTERCEPT_PORT_DEFAULT) -> tuple:

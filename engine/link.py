@@ -27,6 +27,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from engine.errors import DecodeError
+from engine.packet import ip_from_str
+
 __all__ = [
     "ETH_HEADER_BYTES",
     "ETH_P_IP",
@@ -183,10 +186,7 @@ def _hex_addr(text: str, little_endian: bool) -> int:
 
 
 def _ipv4(text: str) -> int | None:
-    parts = text.split(".")
-    if len(parts) != 4 or not all(p.isascii() and p.isdigit() and len(p) <= 3 for p in parts):
+    try:
+        return ip_from_str(text)
+    except DecodeError:
         return None
-    octets = [int(p) for p in parts]
-    if any(o > 255 for o in octets):
-        return None
-    return int.from_bytes(bytes(octets), "big")

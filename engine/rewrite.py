@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from engine import link
-from engine.errors import ConfigError
+from engine.errors import ConfigError, DecodeError
+from engine.packet import ip_from_str
 from engine.tcpseq import TS_CLOCK_HZ, after, ts_clock
 
 __all__ = [
@@ -69,22 +70,12 @@ PORT_SHIFT_FACTOR_MAX = 255
 
 
 def _parse_ip(text: str) -> int | None:
-    """Dotted quad -> int, or None.  Leading zeros are refused: inet_aton reads them as octal,
-    so "010.0.0.1" would mean 8.0.0.1 to the C tools; refusing is clearer than guessing."""
-    parts = text.split(".")
-    if len(parts) != 4:
+    """Dotted quad -> int, or None: ``packet.ip_from_str``'s strict rule (leading zeros are
+    refused: inet_aton reads them as octal, so "010.0.0.1" would mean 8.0.0.1 to C tools)."""
+    try:
+        return ip_from_str(text)
+    except DecodeError:
         return None
-    value = 0
-    for part in parts:
-        if not (part.isascii() and part.isdigit()) or len(part) > 3:
-            return None
-        if len(part) > 1 and part[0] == "0":
-            return None
-        octet = int(part)
-        if octet > 255:
-            return None
-        value = (value << 8) | octet
-    return value
 
 
 def _parse_port(text: str) -> int | None:
