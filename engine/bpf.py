@@ -45,6 +45,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from engine.link import ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP
+from engine.packet import IP_FRAG_OFFSET_MASK, IPPROTO_TCP
+
 __all__ = [
     "BPF_ACCEPT_BYTES",
     "IP_BASE",
@@ -91,12 +94,7 @@ NET_BASE = SKF_NET_OFF
 BPF_ACCEPT_BYTES = 0x40000
 """Snap length of an accepted packet: all of it (GRO aggregates exceed 64 KiB)."""
 
-ETH_P_IP = 0x0800
-ETH_P_8021Q = 0x8100
-ETH_P_8021AD = 0x88A8
 VLAN_TAG_BYTES = 4
-IPPROTO_TCP = 6
-IP_FRAG_OFFSET_MASK = 0x1FFF
 TCP_FIN, TCP_SYN, TCP_RST = 0x01, 0x02, 0x04
 TCP_FIN_SYN_RST = TCP_FIN | TCP_SYN | TCP_RST
 U32 = 0xFFFFFFFF

@@ -53,7 +53,9 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from engine import bpf, packet
+from engine.bpf import PACKET_OUTGOING
 from engine.errors import DecodeError
+from engine.link import ARPHRD_ETHER, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP
 from engine.logs import LOGGER_NAME
 from engine.pcapfile import PCAP_GLOBAL_HEADER_BYTES, PCAP_RECORD_HEADER_BYTES
 
@@ -67,15 +69,10 @@ BATCH_MAX_PACKETS = 1024
 """At most this many packets per read_batch, so timers and responses are not starved."""
 
 ETH_P_ALL = 0x0003
-ETH_P_IP = 0x0800
-ETH_P_8021Q = 0x8100
-ETH_P_8021AD = 0x88A8
-PACKET_OUTGOING = 4
 SO_ATTACH_FILTER = 26
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 # ARPHRD_* device types (linux/if_arp.h): which ones carry an Ethernet header.
-ARPHRD_ETHER = 1
 ARPHRD_LOOPBACK = 772
 _ARPHRD_ETHERNET_LIKE = {ARPHRD_ETHER, ARPHRD_LOOPBACK}
 _ARPHRD_RAW_IP = {65534, 519, 768, 776, 778}  # NONE, RAWIP, TUNNEL, SIT, IPGRE

@@ -55,9 +55,10 @@ from engine import packet
 from engine.capture import FrameBatch
 from engine.errors import DecodeError
 from engine.logs import LOGGER_NAME, reopen_logs
-from engine.ring import RING_SLOT_BYTES, RING_SLOTS, Ring
+from engine.ring import RING_SLOT_BYTES, RING_SLOTS, SLOT_HEADER_BYTES, Ring
 from engine.shed import REASON_RING_FULL, FlowGate
 from engine.sigloop import SignalPipe
+from metrics.counters import COUNTER_FLUSH_INTERVAL_S
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -66,12 +67,9 @@ FLOW_HASH_MULTIPLIER = 0x9E3779B97F4A7C15
 _U64 = (1 << 64) - 1
 HEARTBEAT_INTERVAL_S = 0.5
 """The loop wakes at least this often to write its heartbeat."""
-COUNTER_FLUSH_INTERVAL_S = 0.2
-"""How stale the capture row of the counter block may get."""
 RING_BYTES_PER_WORKER = RING_SLOTS * RING_SLOT_BYTES
 """Target size of one ring (16 MiB): larger slots (a large -M) mean fewer of them."""
 RING_SLOTS_MIN = 1024
-_SLOT_HEADER_BYTES = 16  # ring.py: length u32, flags u32, timestamp f64
 _SRC_NO_OPTIONS = struct.Struct("!12xI4xH")  # IPv4 src address, then (IHL 5) the TCP src port
 _SLOT_ALIGN_BYTES = 64
 
@@ -112,7 +110,7 @@ def flow_workers(keys: np.ndarray, workers: int) -> np.ndarray:
 
 def ring_slot_bytes(mtu: int) -> int:
     """Slot size that holds any packet of at most `mtu` bytes (never below RING_SLOT_BYTES)."""
-    need = mtu + _SLOT_HEADER_BYTES
+    need = mtu + SLOT_HEADER_BYTES
     need = -(-need // _SLOT_ALIGN_BYTES) * _SLOT_ALIGN_BYTES
     return max(RING_SLOT_BYTES, need)
 

@@ -62,6 +62,7 @@ from collections.abc import Callable, Iterable, Sequence
 from engine import wire
 from engine.errors import DecodeError
 from engine.logs import LOGGER_NAME, RateLimiter
+from engine.wire import OUT_BUFFER_MAX_BYTES
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -72,7 +73,6 @@ BACKOFF_RESET_AFTER_S = 10.0
 CONNECT_TIMEOUT_S = 3.0
 """A connect that has not completed by then is abandoned and retried (a silent peer would
 otherwise hold it for the kernel's ~2 minutes of SYN retries)."""
-OUT_BUFFER_MAX_BYTES = 4 * 1024 * 1024
 READ_BYTES = 65536
 READS_PER_EVENT_MAX = 64
 CONNECT_FAIL_LOG_INTERVAL_S = 30.0

@@ -35,6 +35,9 @@ from typing import Any
 from engine.errors import ConfigError, DecodeError
 from engine.packet import ip_from_str
 
+BYTES_PER_MB = 1024 * 1024
+"""The unit of the memory figures (-m, the stats line's rss)."""
+
 INTERCEPT_PORT_DEFAULT = 36524
 """spec §1.1: intercept's default listen port (`-p`)."""
 INTERCEPTS_MAX = 32
@@ -241,12 +244,15 @@ def option(
     cli_default: Any = None,
     factory: Any = MISSING,
     repr: bool = True,  # noqa: A002
+    flag_default: Any = MISSING,
 ) -> Any:
     """A dataclass field that is also a flag and a TOML key (the schema entry).
 
     ``shown_default`` is the default in the flag's unit for docs/config.md (the field's own
     default when not given); ``cli_default`` is what argparse stores when the flag is absent
-    (None = "not given", which the program resolves).
+    (None = "not given", which the program resolves); ``flag_default`` is the value in the
+    flag's unit a program takes when the option is absent, when ``shown_default`` is only a
+    description of it ("off").
     """
     parse = parse if parse is not None else Flag() if action == "store_true" else Text()
     meta = {
@@ -262,6 +268,18 @@ def option(
         "action": action,
         "cli_default": cli_default,
         "default": default if shown_default is MISSING else shown_default,
+        # The value a program uses when the flag is absent, in the flag's unit: the shown
+        # default when it is a value, else the field's own default; None when the shown
+        # default only describes what the program resolves ("CPU count", "timeout + 120").
+        "flag_default": (
+            flag_default
+            if flag_default is not MISSING
+            else default
+            if shown_default is MISSING
+            else None
+            if isinstance(shown_default, str)
+            else shown_default
+        ),
     }
     if factory is not MISSING:
         return field(default_factory=factory, metadata=meta, repr=repr)
@@ -324,6 +342,7 @@ class SessionConfig:
         help="replace client source 127.0.0.1 by IP",
         section=_REPL,
         shown_default="off",
+        flag_default=0,
     )
     """-H: a captured client source of 127.0.0.1 is replaced by this address (spec §3.3
     step 3), before -c and -r see it; 0 = off.  Refused when a -x target is 127.0.0.1 (C then
@@ -481,6 +500,7 @@ class SessionConfig:
         help="initial RTT in ms",
         section=_REPL,
         shown_default="0 (= 1 ms)",
+        flag_default=0,
     )
     """-R (ms in the flag): RTT assumed before one is measured."""
     response_wait_max_s: float = 3.0
@@ -683,6 +703,7 @@ class ReplayConfig:
         help="skip gaps longer than MS",
         section=_OFFL,
         shown_default="0 (off)",
+        flag_default=0,
     )
     """-I (ms in the flag): offline gaps longer than this are skipped; 0 = off."""
     replays: int = option(

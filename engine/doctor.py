@@ -38,8 +38,12 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 from engine import wire
+from engine.arguments import EXIT_USAGE
+from engine.arguments import PROG as TCPCOPY_PROG
 from engine.errors import ConfigError, DecodeError
+from engine.link import ARPHRD_ETHER
 from engine.packet import ACK, RST, SYN, TcpPacket, build, build_options, ip_to_str
+from engine.privileges import CAP_NET_ADMIN, CAP_NET_RAW
 
 __all__ = [
     "Finding",
@@ -70,16 +74,13 @@ __all__ = [
     "main",
 ]
 
-PROG = "tcpcopy-mp doctor"
+PROG = f"{TCPCOPY_PROG} doctor"
 EXIT_OK = 0
 EXIT_FAIL = 1
-EXIT_USAGE = 2
 
 OK, INFO, WARN, FAIL = "ok", "info", "warn", "fail"
 _LABELS = {OK: "[ok]", INFO: "[info]", WARN: "[warn]", FAIL: "[FAIL]"}
 
-CAP_NET_ADMIN = 12  # linux/capability.h
-CAP_NET_RAW = 13
 CAP_NAMES = {CAP_NET_ADMIN: "CAP_NET_ADMIN", CAP_NET_RAW: "CAP_NET_RAW"}
 
 CONNTRACK_WARN_RATIO = 0.8
@@ -707,7 +708,6 @@ def tcpcopy_checks(
 
 NEIGHBOUR_WAIT_S = 1.0
 """How long the doctor waits for a probed neighbour entry to appear."""
-ARPHRD_ETHER = 1
 
 
 def check_output(

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from engine.errors import DecodeError
-from engine.packet import ip_from_str
+from engine.packet import ETH_HEADER_BYTES, ip_from_str
 
 __all__ = [
     "ETH_HEADER_BYTES",
@@ -43,9 +43,10 @@ __all__ = [
     "parse_proc_route",
 ]
 
-ETH_HEADER_BYTES = 14
-"""Destination MAC (6), source MAC (6), ethertype (2)."""
 ETH_P_IP = 0x0800
+ETH_P_8021Q = 0x8100
+ETH_P_8021AD = 0x88A8
+ARPHRD_ETHER = 1  # linux/if_arp.h
 MAC_BYTES = 6
 MAC_TEXT_LEN = 17
 """spec §3.1: a MAC is written as exactly 17 characters, xx:xx:xx:xx:xx:xx."""

@@ -44,6 +44,7 @@ from collections.abc import Callable, Sequence
 
 from engine import link
 from engine.errors import ConfigError
+from engine.link import ARPHRD_ETHER
 from engine.logs import LOGGER_NAME, RateLimiter
 
 SNDBUF_BYTES = 64 * 1024 * 1024
@@ -63,7 +64,6 @@ DISCARD_PORT = 9
 """The probe datagram's port (RFC 863 discard): it only makes the kernel resolve the MAC."""
 PROC_NET_ARP = "/proc/net/arp"
 PROC_NET_ROUTE = "/proc/net/route"
-ARPHRD_ETHER = 1
 
 log = logging.getLogger(LOGGER_NAME)
 

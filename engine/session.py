@@ -99,6 +99,7 @@ from engine.packet import (
     RST,
     SYN,
     URG,
+    WSCALE_MAX,
     TcpPacket,
     build_fields,
     build_options,
@@ -161,7 +162,6 @@ FAKED_TTL = 64
 DEFAULT_MSS = 536
 """RFC 9293 §3.7.1: the MSS assumed when the SYN carried none."""
 WINDOW_MAX_BYTES = 65535
-WSCALE_MAX = 14
 CLIENT_GAP_WAIT_S = 1.0
 """How long a hole in the captured client stream may hold the session.  Capture reorders by
 microseconds, never by a second; a hole still open after this is a segment the capture lost

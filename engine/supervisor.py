@@ -76,14 +76,14 @@ from collections.abc import Callable
 from typing import Any
 
 from engine import notify
-from engine.config import ReplayConfig
+from engine.arguments import EXIT_RUNTIME, PROG
+from engine.config import BYTES_PER_MB, ReplayConfig
 from engine.control import CAPTURE_SLOT, ControlBlock
 from engine.logs import LOGGER_NAME, reopen_logs
 from engine.sigloop import SignalPipe
 
 log = logging.getLogger(LOGGER_NAME)
 
-PROG = "tcpcopy-mp"
 HEARTBEAT_TIMEOUT_S = 10.0
 """A child whose heartbeat is older than this is killed and restarted."""
 STOP_DEADLINE_S = 5.0
@@ -103,8 +103,6 @@ RESTART_YOUNG_S = 1.0
 RESTART_BACKOFF_MIN_S = 0.1
 RESTART_BACKOFF_MAX_S = 10.0
 """...doubling from MIN to MAX, so a child that cannot start does not spin the CPU."""
-BYTES_PER_MB = 1024 * 1024
-EXIT_RUNTIME = 1
 
 _PR_SET_NAME = 15
 _PR_SET_PDEATHSIG = 1

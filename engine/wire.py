@@ -52,7 +52,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine.errors import DecodeError
-from engine.packet import TcpPacket
+
+# Only the fixed IPv4 header travels; IP options are dropped (§1.3).
+from engine.packet import IP_HEADER_BYTES, TcpPacket
 
 __all__ = [
     "CLIENT_RECORD",
@@ -127,7 +129,9 @@ HANDSHAKE = CLIENT_RECORD.pack(0, 0, INTERNAL_VERSION, 0, 0)
 
 # --- intercept -> tcpcopy (spec §1.3-§1.4) ---------------------------------------------------
 
-IP_HEADER_BYTES = 20  # only the fixed IPv4 header travels; IP options are dropped (§1.3)
+OUT_BUFFER_MAX_BYTES = 4 * 1024 * 1024
+"""Either end of the channel stops queueing records for a peer whose unsent output exceeds
+this (tcpcopy's intercept channels, the intercept's tcpcopy connections)."""
 TCP_HEADER_MIN_BYTES = 20
 MAX_RESPONSE_TCP_HEADER_BYTES = 44  # 20 + MAX_OPTION_LEN 24
 MAX_PAYLOAD_IN_RECORD_BYTES = 128  # MAX_PAYLOAD_LEN

@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from engine import packet
 from engine.channel import InterceptChannels
-from engine.config import ReplayConfig
+from engine.config import BYTES_PER_MB, ReplayConfig
 from engine.errors import DecodeError
 from engine.logs import LOGGER_NAME, RateLimiter, reopen_logs
 from engine.sigloop import SignalPipe
@@ -57,7 +57,6 @@ NO_TUPLE_LOG_INTERVAL_S = 10.0
 """At most one "refused: no free client tuple" warning per worker this often."""
 MEMORY_CHECK_INTERVAL_S = 60.0
 """spec §3.17: the resource check runs every 60 s."""
-BYTES_PER_MB = 1024 * 1024
 GC_THRESHOLDS = (50_000, 20, 100)
 """The cyclic collector's generation thresholds in a worker (Python's default: 700, 10, 10).
 Sessions, segments and packets are allocated by the hundred thousand and form no cycles

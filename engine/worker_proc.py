@@ -44,13 +44,12 @@ from collections.abc import Callable
 from engine.logs import LOGGER_NAME
 from engine.ring import RING_IDLE_POLL_S, Ring
 from engine.worker import Worker
+from metrics.counters import COUNTER_FLUSH_INTERVAL_S
 
 log = logging.getLogger(LOGGER_NAME)
 
 RING_BATCH_MAX_PACKETS = 1024
 """Packets taken from the ring per read_batch (timers and responses are not starved)."""
-COUNTER_FLUSH_INTERVAL_S = 0.2
-"""How stale this worker's row (and so the supervisor's count of lost sessions) may get."""
 SHED_SWEEP_INTERVAL_S = 0.5
 """While the watchdog sheds: how often the half-open sessions are given up."""
 TRIM_AFTER_SESSIONS = 1000

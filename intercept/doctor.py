@@ -56,10 +56,11 @@ from engine.doctor import (
 )
 from engine.errors import ConfigError
 from engine.packet import ip_to_str
+from intercept import PROG as INTERCEPT_PROG
 
 __all__ = ["InterceptDoctorOptions", "parse_args", "intercept_checks", "main"]
 
-PROG = "intercept-mp doctor"
+PROG = f"{INTERCEPT_PROG} doctor"
 NFQUEUE_TABLES = ("raw", "mangle", "filter")
 """An NFQUEUE target works in the OUTPUT chain of any of these; a locally generated packet
 meets them in this order, and the first NFQUEUE rule that matches takes it."""

@@ -44,8 +44,8 @@ log = logging.getLogger("intercept.pcap")
 
 SNAPLEN_BYTES = 134  # REP_RCV_BUF_SIZE = 14 + 120 (spec §1.3)
 PCAP_TIMEOUT_MS = 10  # spec §2.1
-FILTER_MAX_CHARS = 4095  # C: filter length < 4096
-MAX_DEVICES = 32
+FILTER_MAX_CHARS = 4095  # spec §4.2, C: filter length < 4096
+MAX_DEVICES = 32  # spec §4.2 -i
 BACKLOG_MAX_FRAMES = 65536  # frames waiting between the reader threads and the loop
 BATCH_MAX_FRAMES = 512
 

@@ -67,6 +67,7 @@ from engine.errors import DecodeError
 from engine.logs import RateLimiter
 from engine.packet import ip_to_str
 from engine.sigloop import SignalPipe
+from engine.wire import OUT_BUFFER_MAX_BYTES
 from intercept.router import Router
 
 __all__ = [
@@ -88,7 +89,6 @@ DEFAULT_PORT = 36524  # SERVER_PORT (spec §1.1)
 LISTEN_BACKLOG = 128  # C uses 5; a burst of -C connections from many workers needs more
 RECV_CHUNK_BYTES = 65536
 #: Per-channel output bound: ~64 k records (~4 s of a busy target) before we drop.
-OUT_BUFFER_MAX_BYTES = 4 * 1024 * 1024
 STATS_INTERVAL_S = 30.0  # OUTPUT_INTERVAL (spec §2.3)
 EXPIRE_INTERVAL_S = 1.0  # how often the delay table drops lists older than 30 s
 POLL_MAX_S = 0.5  # C's poll fallback (spec §2.3)

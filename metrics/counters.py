@@ -70,6 +70,9 @@ import numpy as np
 
 from engine.session_events import DropReason, Outcome
 
+COUNTER_FLUSH_INTERVAL_S = 0.2
+"""How stale a process's row of the counter block may get (and so the supervisor's sums)."""
+
 __all__ = [
     "CounterBlock",
     "RowWriter",

@@ -26,8 +26,10 @@ from prometheus_client.registry import Collector
 from engine.errors import ConfigError, DecodeError
 from engine.packet import ip_from_str
 from metrics.counters import (
+    COUNTER,
     DROP_REASONS,
     GATE_RULES,
+    GAUGE,
     HANDSHAKE_FAILURES,
     OUTCOMES,
     RECONNECT_REFUSALS,
@@ -46,8 +48,6 @@ __all__ = [
     "start_exporter",
 ]
 
-COUNTER = "counter"
-GAUGE = "gauge"
 Snapshot = Mapping[str, Any]
 
 
