@@ -19,6 +19,8 @@ from collections.abc import Callable
 import orjson
 
 LOGGER_NAME = "tcpcopy"
+NOTICE = 25
+"""syslog's notice, between info and warn (intercept-mp's start, stop and rule lines)."""
 
 # C TCPCopy's level names, so a text line reads like the C log.
 _LEVEL_NAMES = {

@@ -57,6 +57,7 @@ from engine.doctor import (
 from engine.errors import ConfigError
 from engine.packet import ip_to_str
 from intercept import PROG as INTERCEPT_PROG
+from intercept.errors import UsageError
 
 __all__ = ["InterceptDoctorOptions", "parse_args", "intercept_checks", "main"]
 
@@ -95,13 +96,9 @@ class InterceptDoctorOptions:
         self.bind = bind
 
 
-class _UsageError(Exception):
-    pass
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(message)
+        raise UsageError("doctor", message)
 
 
 def _ports(text: str) -> tuple[int, ...]:
@@ -164,8 +161,8 @@ def parse_args(argv: Sequence[str]) -> tuple[InterceptDoctorOptions, bool]:
 
     try:
         a = _build_parser().parse_args(list(argv))
-    except _UsageError as exc:
-        raise ConfigError("doctor", str(exc)) from None
+    except UsageError as exc:
+        raise ConfigError(exc.where, exc.message) from None
     advanced = a.interfaces is not None or a.filter is not None
     if advanced and (a.queue_num is not None or a.install_rule):
         raise ConfigError("--queue-num", "NFQUEUE mode only; it cannot be used with -i/-F")

@@ -36,6 +36,8 @@ import subprocess
 import warnings
 from collections.abc import Iterable, Iterator
 
+from engine.logs import NOTICE
+from intercept.errors import RuleError
 from intercept.server import InterceptServer
 
 __all__ = [
@@ -64,10 +66,6 @@ BATCH_MAX_PACKETS = 256
 NETLINK_RECV_BYTES = 2048
 RULE_COMMENT = "intercept-mp"
 NF_QUEUE_PROC = "/proc/net/netfilter/nfnetlink_queue"
-
-
-class RuleError(Exception):
-    """iptables failed; str() is the one line the user sees."""
 
 
 # -- netlink (linux/netlink.h, linux/netfilter/nfnetlink{,_queue}.h) -----------------------------
@@ -340,7 +338,7 @@ def _iptables(action: str, sport: int, queue_num: int) -> subprocess.CompletedPr
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise RuleError(f"--install-rule: cannot run iptables: {e}") from None
+        raise RuleError("--install-rule", f"cannot run iptables: {e}") from None
 
 
 def install_rules(sports: Iterable[int], queue_num: int) -> list[int]:
@@ -357,12 +355,16 @@ def install_rules(sports: Iterable[int], queue_num: int) -> list[int]:
                 remove_rules(done, queue_num)
                 msg = (res.stderr or res.stdout).strip().splitlines()
                 raise RuleError(
-                    f"--install-rule: iptables -I failed for --sport {sport}: "
-                    f"{msg[-1] if msg else f'exit status {res.returncode}'}"
+                    "--install-rule",
+                    f"iptables -I failed for --sport {sport}: "
+                    f"{msg[-1] if msg else f'exit status {res.returncode}'}",
+                    sport,
                 )
-            log.log(25, "installed: %s (comment %s)", rule_command(sport, queue_num), RULE_COMMENT)
+            log.log(
+                NOTICE, "installed: %s (comment %s)", rule_command(sport, queue_num), RULE_COMMENT
+            )
         else:
-            log.log(25, "already installed, adopted: %s", rule_command(sport, queue_num))
+            log.log(NOTICE, "already installed, adopted: %s", rule_command(sport, queue_num))
         done.append(sport)
     return done
 
@@ -382,4 +384,4 @@ def remove_rules(sports: Iterable[int], queue_num: int) -> None:
                 (res.stderr or res.stdout).strip(),
             )
         else:
-            log.log(25, "removed the NFQUEUE rule for --sport %d", sport)
+            log.log(NOTICE, "removed the NFQUEUE rule for --sport %d", sport)

@@ -29,6 +29,7 @@ from collections.abc import Iterable
 
 from engine.errors import DecodeError
 from engine.packet import DLT_EN10MB, DLT_RAW, l2_offset
+from intercept.errors import PcapError
 from intercept.server import InterceptServer
 
 __all__ = [
@@ -58,10 +59,6 @@ _ARPHRD_TO_DLT = {
     778: DLT_RAW,  # ARPHRD_IPGRE
     65534: DLT_RAW,  # ARPHRD_NONE (tun, wireguard)
 }
-
-
-class PcapError(Exception):
-    """No device could be opened, or the filter does not compile; str() is the user's line."""
 
 
 def linktype_of(device: str) -> int | None:
@@ -143,7 +140,7 @@ class PcapSource:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         names = list(devices) if devices else list_capture_devices()
         if not names:
-            raise PcapError("-i: no capture device found")
+            raise PcapError("-i", "no capture device found")
         self.devices: list[_Device] = []
         failures: list[str] = []
         for name in names[:MAX_DEVICES]:
@@ -163,13 +160,23 @@ class PcapSource:
             except Exception as e:  # noqa: BLE001 - LibpcapError and friends: one line each
                 if "bpf" in str(e).lower():
                     self._close_pipe()
-                    raise PcapError(f"-F: filter does not compile: {filter_expr!r}") from None
+                    raise PcapError(
+                        "-F",
+                        f"filter does not compile: {filter_expr!r}",
+                        tuple(names),
+                        filter_expr,
+                    ) from None
                 failures.append(f"{name} ({e})")
                 continue
             self.devices.append(_Device(self, name, sniff, linktype))
         if not self.devices:
             self._close_pipe()
-            raise PcapError(f"-i: no device could be opened: {', '.join(failures)}")
+            raise PcapError(
+                "-i",
+                f"no device could be opened: {', '.join(failures)}",
+                tuple(names),
+                filter_expr,
+            )
         for failure in failures:
             # Spec §2.1: devices that fail to open are skipped.
             log.warning("-i: device skipped: %s", failure)
