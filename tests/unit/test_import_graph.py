@@ -34,6 +34,7 @@ PURE = frozenset(
         "engine.session",
         "engine.session_events",
         "engine.session_states",
+        "engine.session_parts",
         "engine.tcpseq",
         "engine.shard",
         "engine.wire",

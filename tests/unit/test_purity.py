@@ -18,6 +18,7 @@ PURE_MODULES = (
     "engine/session.py",
     "engine/session_events.py",
     "engine/session_states.py",
+    "engine/session_parts.py",
     "engine/tcpseq.py",
     "engine/shard.py",
     "engine/wire.py",
