@@ -2,8 +2,9 @@
 
 Theory of operation
 -------------------
-Every source offers the same small interface so the worker loop (and, later, the capture
-process that feeds the shared-memory rings, design §3) can drive any of them:
+Every source offers the same small interface so the capture process that feeds the
+shared-memory rings (engine/capture_proc.py, design §3) can drive any of them;
+``build_sources`` makes the ones a configuration asks for:
 
     src.fileno() -> int | None         # selectable fd, or None (a pcap file is paced by time)
     src.next_deadline() -> float|None  # when read_batch has something to return (files only)
@@ -1124,3 +1125,28 @@ class PcapFileSource:
             self._pending = (self.pacer.due(ts), ts, ip)
             self.counters["offline_idle_gaps"] = self.pacer.idle_gaps
             return
+
+
+def build_sources(cfg: Any, prefilter: object, opener: Any = None) -> list[object]:
+    """The capture sources cfg asks for (sockets need root or CAP_NET_RAW); ``opener``
+    opens an offline replay's files (privileges' kept descriptors; default: by path)."""
+    if cfg.capture == "offline":
+        pacer = ReplayPacer(cfg.accelerate, cfg.idle_threshold_s)
+        if opener is None:
+            return [PcapFileSource(cfg.pcap_files, pacer, cfg.replays, prefilter)]
+        paths = list(cfg.pcap_files)
+        return [PcapFileSource(paths, pacer, cfg.replays, prefilter, opener=opener)]
+    if cfg.capture == "packet":
+        ports = sorted({t.online_port for t in cfg.session.transfers})
+        devices = [d for d in cfg.interfaces if d != "any"] or [None]
+        if "any" in cfg.interfaces:
+            devices = [None]
+        return [
+            open_live_source(dev, prefilter, cfg.capture_buffer_bytes, ports)  # type: ignore[arg-type]
+            for dev in devices
+        ]
+    # raw: what arrives at this host (PACKET_HOST on every device) through the TPACKET_V3
+    # ring; the IPPROTO_TCP raw socket (spec §3.2) when the kernel offers no ring.
+    return [
+        open_live_source(None, prefilter, cfg.capture_buffer_bytes, host_only=True)  # type: ignore[arg-type]
+    ]

@@ -189,10 +189,6 @@ class InterceptChannels:
         """Number of connections (over all intercepts) that are up."""
         return sum(i.connected() for i in self.intercepts)
 
-    @property
-    def intercepts_connected(self) -> int:
-        return sum(1 for i in self.intercepts if i.connected())
-
     def start(self, now: float) -> None:
         for icpt in self.intercepts:
             for conn in icpt.conns:

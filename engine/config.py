@@ -872,8 +872,3 @@ def schema_fields(cls: type) -> list[Field]:
         elif f.name == "session":
             out.extend(schema_fields(SessionConfig))
     return out
-
-
-def flag_names(f: Field) -> str:
-    """`-r/--sample` (or `--workers`): how errors and docs name the option."""
-    return "/".join(x for x in (f.metadata["short"], f.metadata["long"]) if x)

@@ -239,3 +239,9 @@ def write_json_atomic(path: str, values: dict[str, object]) -> None:
     with open(tmp, "wb") as f:
         f.write(json_bytes(values))
     os.replace(tmp, path)
+
+
+def is_json(handler: logging.Handler) -> bool:
+    """Whether ``handler`` writes JSON lines (--log-format json): a stats record then carries
+    its values as one object instead of the C text lines."""
+    return isinstance(handler.formatter, JsonFormatter)

@@ -25,8 +25,10 @@ error at start, and a restarted child inherits the same socket).  Then it forks 
   RSS growth since that measure (one read of /proc/PID/statm each: a SYN flood grew the
   tree by ~40 MB/s, through the whole 90-100 % band between two 2 s measures).  Above
   SHED_FRACTION of the limit the "shed" flag goes up: the capture refuses new sessions
-  (``shed_sessions_memory``) and the workers give up their half-open ones
-  (``ended_shed_half_open``), which stops the growth; below SHED_RESUME_FRACTION (exact
+  (``shed_sessions_memory``), the workers refuse new flows too (the SYNs already in their
+  rings, taken in before the capture began shedding, start no session: shard.py
+  ``refuse_new``) and give up their half-open sessions (``ended_shed_half_open``), which
+  stops the growth; below SHED_RESUME_FRACTION (exact
   measures only) it comes down.  Above the limit, the last resort, confirmed by an exact
   measure, the replay stops with one line on stderr and status 1;
 * the periodic stats line (spec §3.18 names) is printed from the counter block's totals;
@@ -79,7 +81,8 @@ from engine import notify
 from engine.arguments import EXIT_RUNTIME, PROG
 from engine.config import BYTES_PER_MB, ReplayConfig
 from engine.control import CAPTURE_SLOT, ControlBlock
-from engine.logs import LOGGER_NAME, reopen_logs
+from engine.logs import LOGGER_NAME, is_json, reopen_logs
+from engine.report import stats_lines
 from engine.sigloop import SignalPipe
 
 log = logging.getLogger(LOGGER_NAME)
@@ -134,7 +137,7 @@ class Supervisor:
     """Runs the multi-process engine for `cfg` until stopped; ``run()`` returns the status.
 
     Test seams: `sender_factory(worker_index)` makes a worker's sender (default: a RawSender),
-    `sources_factory(cfg, prefilter)` the capture sources (default: worker.build_sources),
+    `sources_factory(cfg, prefilter)` the capture sources (default: capture.build_sources),
     `channels_factory(selector, on_response)` a worker's intercept channels, `counters` an
     existing CounterBlock with cfg.workers worker rows (the caller then owns it),
     `memory_usage()` the bytes the watchdog compares with -m.
@@ -193,7 +196,6 @@ class Supervisor:
         self._input_error = False  # offline: the capture stopped at a broken file
         self.started_at = 0.0
         self._stopping = False
-        self._kill_at: float | None = None
         self._signals = SignalPipe(
             (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD), ignore_sigpipe=True
         )
@@ -208,10 +210,10 @@ class Supervisor:
 
     def _setup(self) -> None:
         from engine import capture
+        from engine.capture import build_sources
         from engine.capture_proc import ring_slot_bytes, ring_slots
         from engine.ring import Ring
         from engine.tuple_history import TupleHistory
-        from engine.worker import build_sources
         from metrics.counters import CounterBlock
 
         cfg = self.cfg
@@ -793,12 +795,11 @@ class Supervisor:
     def log_stats(self, final: bool = False) -> None:
         if self.block is None:
             return
-        from engine.worker import _is_json, stats_lines
 
         values = self.summary()
         if self.ready and not final:
             notify.status(_status_text(values))
-        if any(_is_json(h) for h in log.handlers):
+        if any(is_json(h) for h in log.handlers):
             log.info("stats", extra={"stats": values, "final": final})
             return
         for line in stats_lines(values):
@@ -809,10 +810,9 @@ class Supervisor:
         if self.block is None:
             return
         from engine.report import final_summary, summary_text
-        from engine.worker import _is_json
 
         summary = final_summary(self.block.snapshot()["totals"])
-        if any(_is_json(h) for h in log.handlers):
+        if any(is_json(h) for h in log.handlers):
             log.info("summary", extra={"summary": summary})
         else:
             log.info("%s", summary_text(summary))

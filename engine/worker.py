@@ -4,8 +4,8 @@ Theory of operation
 -------------------
 One `selectors` loop owns every file descriptor of the worker:
 
-* capture fds (live sources) -> parse (packet.parse_ip) -> table.receive_client(pkt, now);
-  an offline source has no fd: its next due time is one more timer;
+* the source's fd (the ring's eventfd) -> parse (packet.parse_ip) -> table.receive_client;
+  a source without an fd (a paced file) has its next due time as one more timer;
 * intercept connections (channel.py) -> decoded response records -> table.receive_response;
 * a self-pipe woken by signals (signal.set_wakeup_fd), so SIGTERM/SIGINT/SIGHUP interrupt the
   wait at once instead of at the next timer;
@@ -27,8 +27,10 @@ ends with its summary.
 `now` is time.monotonic() read once per wake-up.  Nothing here decides TCP behaviour; that
 is the pure core's job, which this loop only feeds and drains.
 
-Later (the multi-process engine) the capture side moves to its own process and the worker's
-capture fd becomes a ring's eventfd; `_on_ip_packets` is the seam.
+The capture side runs in its own process (engine/capture_proc.py): in tcpcopy-mp a worker's
+one source is its ring (engine/worker_proc.py ``RingSource``, whose fd is the ring's eventfd);
+any object with the capture.py source interface will do (the unit tests feed packets
+directly).  `_on_ip_packets` is where the packets enter.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ from engine import packet
 from engine.channel import InterceptChannels
 from engine.config import BYTES_PER_MB, ReplayConfig
 from engine.errors import DecodeError
-from engine.logs import LOGGER_NAME, RateLimiter, reopen_logs
+from engine.logs import LOGGER_NAME, RateLimiter, is_json, reopen_logs
+from engine.report import stats_lines
 from engine.sigloop import SignalPipe
 
 log = logging.getLogger(LOGGER_NAME)
@@ -449,7 +452,7 @@ class Worker:
     def log_stats(self, now: float, final: bool = False) -> None:
         self.warn_no_tuple(now)
         values = self.summary(now)
-        if any(isinstance(h, logging.Handler) and _is_json(h) for h in log.handlers):
+        if any(isinstance(h, logging.Handler) and is_json(h) for h in log.handlers):
             log.info("stats", extra={"stats": values, "final": final})
             return
         for line in stats_lines(values):
@@ -472,120 +475,7 @@ def _key(key: object) -> str:
     return str(name if isinstance(name, str) else key)
 
 
-def _is_json(handler: logging.Handler) -> bool:
-    from engine.logs import JsonFormatter
-
-    return isinstance(handler.formatter, JsonFormatter)
-
-
-# spec §3.18: the C statistics lines, labels unchanged so C users can read them, plus unsend.
-# Each value is looked up under the C label, its snake_case form, then the listed aliases.
-_STATS_LAYOUT: tuple[tuple[tuple[str, tuple[str, ...]], ...], ...] = (
-    (("active", ()), ("rel", ("released",)), ("obs del", ("obsolete",)), ("tw", ("linger",))),
-    (("conns", ()), ("resp", ("responses",)), ("c-resp", ("resp_cont",))),
-    (("resp fin", ()), ("resp rst", ())),
-    (("send", ("sent",)), ("send content", ())),
-    (("send syn", ()), ("fin", ("send_fin",)), ("reset", ("send_rst",))),
-    (("reconnect", ()), ("for no syn", ("fake_syn",)), ("reannounced", ("sessions_reannounced",))),
-    (("retransmit", ()),),
-    (("recv packs after retransmission", ()),),
-    (("syn cnt", ()), ("all clt", ()), ("clt cont", ())),
-    (("total cont retransmit", ()), ("frag", ("capture_fragment",))),
-    (("total captured packets", ("capture_packets",)),),
-    (
-        ("no tuple", ("drop_no_tuple",)),
-        ("tuples spilled", ("tuples_spilled",)),
-        ("tuples reused", ("tuples_reused",)),
-    ),
-    (
-        ("unsend", ()),
-        ("ring dropped", ()),
-        ("route unannounced", ()),
-        ("send errors", ()),
-        ("intercept conns", ("channels_connected",)),
-    ),
-)
-
-
-def _lookup(values: dict[str, object], label: str, aliases: tuple[str, ...]) -> object:
-    snake = label.replace(" ", "_").replace("-", "_")
-    for name in (label, snake, *aliases):
-        if name in values:
-            return values[name]
-    return 0
-
-
-def stats_lines(values: dict[str, object]) -> list[str]:
-    """The periodic statistics block (spec §3.18) from a summary() mapping."""
-    return [
-        ",".join(f"{label}:{_lookup(values, label, aliases)}" for label, aliases in line)
-        for line in _STATS_LAYOUT
-    ]
-
-
 def _rss_bytes() -> int:
     import psutil
 
     return int(psutil.Process().memory_info().rss)
-
-
-def build_sources(cfg: ReplayConfig, prefilter: object) -> list[object]:
-    """The capture sources cfg asks for (sockets need root or CAP_NET_RAW)."""
-    from engine import capture
-
-    if cfg.capture == "offline":
-        pacer = capture.ReplayPacer(cfg.accelerate, cfg.idle_threshold_s)
-        return [capture.PcapFileSource(cfg.pcap_files, pacer, cfg.replays, prefilter)]
-    if cfg.capture == "packet":
-        ports = sorted({t.online_port for t in cfg.session.transfers})
-        devices = [d for d in cfg.interfaces if d != "any"] or [None]
-        if "any" in cfg.interfaces:
-            devices = [None]
-        return [
-            capture.open_live_source(dev, prefilter, cfg.capture_buffer_bytes, ports)  # type: ignore[arg-type]
-            for dev in devices
-        ]
-    # raw: what arrives at this host (PACKET_HOST on every device) through the TPACKET_V3
-    # ring; the IPPROTO_TCP raw socket (spec §3.2) when the kernel offers no ring.
-    return [
-        capture.open_live_source(None, prefilter, cfg.capture_buffer_bytes, host_only=True)  # type: ignore[arg-type]
-    ]
-
-
-def write_summary(path: str, values: dict[str, object]) -> None:
-    """One JSON object, written to a temporary file and renamed so readers never see half."""
-    from engine.logs import write_json_atomic
-
-    write_json_atomic(path, values)
-
-
-def run(cfg: ReplayConfig) -> int:
-    """Build the real table, sources, sender and channels from cfg and run until stopped."""
-    from engine import capture, send
-    from engine.shard import SessionTable
-
-    prefilter = capture.TransferFilter.for_transfers(cfg.session.transfers, cfg.capture_filter)
-    table = SessionTable(cfg.session)
-    sources = build_sources(cfg, prefilter)
-    sender = send.build_senders(1, cfg)[0]
-    worker = Worker(cfg, table, sources, sender, prefilter_counters=prefilter.counters)
-    worker.install_signal_handlers()
-    log.info(
-        "tcpcopy-mp starts: capture %s, %d intercept(s) x %d connection(s), -x %d entr%s",
-        cfg.capture,
-        len(cfg.intercepts),
-        cfg.connections,
-        len(cfg.session.transfers),
-        "y" if len(cfg.session.transfers) == 1 else "ies",
-    )
-    try:
-        code = worker.run()
-    finally:
-        summary = worker.summary()
-        worker.close()
-        if cfg.summary_json:
-            try:
-                write_summary(cfg.summary_json, summary)
-            except OSError as exc:
-                log.error("--summary-json %s: %s", cfg.summary_json, exc.strerror or exc)
-    return code
