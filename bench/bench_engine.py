@@ -22,11 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine import packet, wire  # noqa: E402
-from engine.config import SessionConfig  # noqa: E402
-from engine.packet import ACK, FIN, PSH, SYN, TcpPacket  # noqa: E402
-from engine.rewrite import parse_client_pool, parse_transfer  # noqa: E402
-from engine.shard import SessionTable  # noqa: E402
+from engine import packet, wire
+from engine.config import SessionConfig
+from engine.packet import ACK, FIN, PSH, SYN, TcpPacket
+from engine.rewrite import parse_client_pool, parse_transfer
+from engine.shard import SessionTable
 
 CLIENT_NET = packet.ip_from_str("198.18.1.0")
 ONLINE = (packet.ip_from_str("198.18.1.2"), 80)

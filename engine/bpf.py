@@ -55,8 +55,8 @@ __all__ = [
     "Insn",
     "ProgramTooLarge",
     "capture_program",
-    "keep_ipv4",
     "is_pure_ack",
+    "keep_ipv4",
     "rebase",
 ]
 
@@ -166,7 +166,9 @@ class _Asm:
         return out
 
 
-def _match_table(transfers: Iterable[tuple[int, int]], ports_only: bool) -> dict[int, frozenset]:
+def _match_table(
+    transfers: Iterable[tuple[int, int]], ports_only: bool
+) -> dict[int, frozenset[int]]:
     """port -> online ips it is replayed for; None-like empty frozenset = any ip."""
     wild: set[int] = set()
     ips: dict[int, set[int]] = {}
@@ -191,11 +193,11 @@ def rebase(program: Sequence[Insn], base: int) -> list[Insn]:
     out: list[Insn] = []
     for code, jt, jf, k in program:
         cls, mode = code & 0x07, code & 0xE0
-        if cls == BPF_LD and mode == BPF_ABS and k < 0x80000000:
-            k = _u32(k + base)
-        elif cls == BPF_LD and mode == BPF_IND:
-            k = _u32(k + base)
-        elif cls == BPF_LDX and mode == BPF_MSH:
+        if (
+            (cls == BPF_LD and mode == BPF_ABS and k < 0x80000000)
+            or (cls == BPF_LD and mode == BPF_IND)
+            or (cls == BPF_LDX and mode == BPF_MSH)
+        ):
             k = _u32(k + base)
         elif cls == BPF_RET and code & 0x18 == BPF_K and k:
             k = BPF_ACCEPT_BYTES
@@ -207,7 +209,7 @@ def _body(
     asm: _Asm,
     tag: str,
     base: int,
-    table: dict[int, frozenset],
+    table: dict[int, frozenset[int]],
     pure_acks: bool,
     user: Sequence[Insn] = (),
 ) -> None:

@@ -61,7 +61,7 @@ def parse_int(where: str, text: object, lo: int | None = None, hi: int | None = 
             value = int(str(text).strip(), 10)
         except ValueError:
             raise ConfigError(where, f"expected an integer, not {text!r}") from None
-    if lo is not None and value < lo or hi is not None and value > hi:
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f"{lo}..{hi}" if hi is not None else f">= {lo}"
         raise ConfigError(where, f"{value} is out of range ({bounds})")
     return value
@@ -234,7 +234,7 @@ def option(
     long: str,
     short: str | None = None,
     parse: Value | None = None,
-    help: str = "",  # noqa: A002 - argparse's word
+    help: str = "",
     section: str,
     unit: str | None = None,
     shown_default: Any = MISSING,
@@ -243,7 +243,7 @@ def option(
     action: str | None = None,
     cli_default: Any = None,
     factory: Any = MISSING,
-    repr: bool = True,  # noqa: A002
+    repr: bool = True,
     flag_default: Any = MISSING,
 ) -> Any:
     """A dataclass field that is also a flag and a TOML key (the schema entry).

@@ -64,9 +64,11 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD_ATTRS and not key.startswith("_"):
-                obj[key] = value
+        obj.update(
+            (key, value)
+            for key, value in record.__dict__.items()
+            if key not in _STANDARD_ATTRS and not key.startswith("_")
+        )
         if record.exc_info:
             obj["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(obj, default=str).decode()
@@ -109,7 +111,7 @@ class _ReopenableFileHandler(logging.StreamHandler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = (self.format(record) + self.terminator).encode("utf-8", "replace")
-        except Exception:  # noqa: BLE001 - a formatting bug: logging's own report
+        except Exception:
             self.handleError(record)
             return
         try:

@@ -25,12 +25,12 @@ from typing import IO, Any
 from metrics.counters import DROP_REASONS, OUTCOMES, SHED_REASONS
 
 __all__ = [
-    "final_summary",
-    "summary_text",
-    "stats_lines",
     "Progress",
+    "final_summary",
     "progress_fields",
     "progress_text",
+    "stats_lines",
+    "summary_text",
 ]
 
 TTY_INTERVAL_S = 0.5
@@ -146,7 +146,7 @@ def progress_fields(
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "?"
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
 

@@ -63,7 +63,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-__all__ = ["Ring", "RING_SLOT_BYTES", "RING_SLOTS", "RING_IDLE_POLL_S"]
+__all__ = ["RING_IDLE_POLL_S", "RING_SLOTS", "RING_SLOT_BYTES", "Ring"]
 
 RING_SLOT_BYTES = 2048
 RING_SLOTS = 8192

@@ -704,7 +704,7 @@ def build_senders(count: int, cfg: object) -> list[RawSender]:
     if not device:
         return [RawSender() for _ in range(count)]
     session = cfg.session  # type: ignore[attr-defined]
-    ifindex, mac, mtu, _ = device_facts(device)
+    _ifindex, mac, mtu, _ = device_facts(device)
     neighbours = NeighbourTable(device, mac, session.transfers)
     neighbours.resolve()
     if mtu < session.mtu:

@@ -68,9 +68,10 @@ Both counts start over at every request, so a shorter or longer answer on one ex
 shifts the next (a running total would: one byte short, and every later request waits the
 quiet; docs/replay.md has worked examples).  Continuations (same ack) go out at once.  Silence
 we caused is not the target's: beyond a LAN, while a request is held, response data is acked
-at once (the request would carry that ack anyway), and the quiet counts from that ACK.  A FIN or RST whose
-ack moved uses the same gate (never rule (b)), with a longer quiet (CLOSE_QUIET_MIN_S: a close
-that cuts a streaming answer makes the target abort it), and a FIN also waits until all data
+at once (the request would carry that ack anyway), and the quiet counts from that ACK.  A FIN
+or RST whose ack moved uses the same gate (never rule (b)), with a longer quiet
+(CLOSE_QUIET_MIN_S: a close that cuts a streaming answer makes the target abort it), and a FIN
+also waits until all data
 is acknowledged.
 
 Reconnects (spec §3.8 reconstruct_sess) happen only where they can work: the target closed or
@@ -145,13 +146,13 @@ __all__ = [
     "RTO_INITIAL_S",
     "RTO_MAX_S",
     "RTO_MIN_S",
-    "TcpSession",
-    "State",
     "DropReason",
+    "Event",
     "Outcome",
     "RouteNeeded",
     "SessionEnded",
-    "Event",
+    "State",
+    "TcpSession",
     "drop_key",
 ]
 
@@ -231,13 +232,13 @@ class TcpSession:
         online: tuple[int, int] = (0, 0),
         now: float = 0.0,
         *,
-        counters: Counter | None = None,
+        counters: Counter[str] | None = None,
     ) -> None:
         self.config = config
         self.client = client
         self.target = target
         self.online = online
-        self.counters: Counter = Counter() if counters is None else counters
+        self.counters: Counter[str] = Counter() if counters is None else counters
         self.state = _CLOSED
         self.outcome: str | None = None
         self.created_at = now

@@ -138,7 +138,7 @@ class GatedSession(Protocol):
     """What the request gate reads of its session (engine/session.TcpSession)."""
 
     config: SessionConfig
-    counters: Counter
+    counters: Counter[str]
 
     @property
     def rtt_estimator(self) -> RttEstimator: ...

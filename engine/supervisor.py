@@ -8,8 +8,9 @@ block (engine/control.py: heartbeats, "capture done", "shed"), one ring per work
 (engine/ring.py, slots sized from -M), one tuple history per worker (engine/tuple_history.py:
 a restarted worker does not reuse the tuples its dead predecessor left at the target), the
 capture sources and one raw send socket per worker (so a missing CAP_NET_RAW is one clear
-error at start, and a restarted child inherits the same socket).  Then it forks the capture process (engine/capture_proc.py) and the workers
-(engine/worker_proc.py) with os.fork and runs one loop:
+error at start, and a restarted child inherits the same socket).  Then it forks the capture
+process (engine/capture_proc.py) and the workers (engine/worker_proc.py) with os.fork and runs
+one loop:
 
 * signal handlers only queue (signal.set_wakeup_fd wakes the loop): SIGTERM/SIGINT stop
   gracefully, SIGHUP reopens the log and is forwarded to the children, SIGCHLD reaps;
@@ -463,10 +464,10 @@ class Supervisor:
             code = EXIT_RUNTIME
             try:
                 code = self._child_main(child)
-            except BaseException:  # noqa: BLE001 - the child must never return into run()
+            except BaseException:
                 try:
                     log.exception("%s crashed", child.name)
-                except BaseException:  # noqa: BLE001
+                except BaseException:
                     pass
             finally:
                 os._exit(code)

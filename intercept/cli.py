@@ -36,7 +36,7 @@ from intercept import PROG
 from intercept.errors import InterceptError, StartError
 from intercept.pcap import FILTER_MAX_CHARS, MAX_DEVICES
 
-__all__ = ["InterceptOptions", "parse_args", "main", "version_string", "INTERCEPT_SECTIONS"]
+__all__ = ["INTERCEPT_SECTIONS", "InterceptOptions", "main", "parse_args", "version_string"]
 
 LOGGER_NAME = "intercept"
 MAX_PASS_IPS = 32  # spec §4.2 -x
@@ -50,7 +50,7 @@ def version_string() -> str:
         from importlib.metadata import version
 
         ours = version("tcpcopy-mp")
-    except Exception:  # noqa: BLE001 - not installed: fall back to the source tree's
+    except Exception:
         from engine import __version__ as ours
     return f"{PROG} version:{ours} (compat 1.0, protocol {wire.INTERNAL_VERSION})"
 
@@ -535,7 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.addLevelName(NOTICE, "NOTICE")
     try:
         return _run(opts, log)
-    except Exception as e:  # noqa: BLE001 - a bug: one line for the user, details at debug
+    except Exception as e:
         log.debug("internal error", exc_info=True)
         return _fail(log, f"internal error: {type(e).__name__}: {e}")
 
@@ -741,7 +741,7 @@ def _auth_mode(opts: InterceptOptions) -> str:
     return "extended peers must prove --secret-file; compat peers refused"
 
 
-def _write_summary(path: str, server, log: logging.Logger) -> None:  # noqa: ANN001
+def _write_summary(path: str, server, log: logging.Logger) -> None:
     """The final counters (+ the router's, prefixed ``router_``) as one flat JSON object."""
     import orjson
 

@@ -59,7 +59,7 @@ from engine.packet import ip_to_str
 from intercept import PROG as INTERCEPT_PROG
 from intercept.errors import UsageError
 
-__all__ = ["InterceptDoctorOptions", "parse_args", "intercept_checks", "main"]
+__all__ = ["InterceptDoctorOptions", "intercept_checks", "main", "parse_args"]
 
 PROG = f"{INTERCEPT_PROG} doctor"
 NFQUEUE_TABLES = ("raw", "mangle", "filter")

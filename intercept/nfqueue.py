@@ -46,11 +46,11 @@ __all__ = [
     "RULE_COMMENT",
     "NfqueueSource",
     "RuleError",
-    "rule_spec",
-    "rule_command",
     "install_rules",
-    "remove_rules",
     "read_queue_dropped",
+    "remove_rules",
+    "rule_command",
+    "rule_spec",
 ]
 
 log = logging.getLogger("intercept.nfqueue")
@@ -294,7 +294,7 @@ class NfqueueSource:
             self._nfq.unbind()
 
 
-def _library_callback(pkt) -> None:  # noqa: ANN001 - netfilterqueue.Packet
+def _library_callback(pkt) -> None:
     # Never called: we read the socket ourselves and never hand messages to the library.
     # Should it ever be, the response must still not reach the fake client.
     pkt.drop()
@@ -325,7 +325,7 @@ def rule_spec(sport: int, queue_num: int, comment: bool = True) -> list[str]:
     spec = ["-p", "tcp", "--sport", str(sport)]
     if comment:
         spec += ["-m", "comment", "--comment", RULE_COMMENT]
-    return spec + ["-j", "NFQUEUE", "--queue-num", str(queue_num)]
+    return [*spec, "-j", "NFQUEUE", "--queue-num", str(queue_num)]
 
 
 def rule_command(sport: int | str, queue_num: int) -> str:

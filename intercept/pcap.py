@@ -33,12 +33,12 @@ from intercept.errors import PcapError
 from intercept.server import InterceptServer
 
 __all__ = [
-    "SNAPLEN_BYTES",
     "FILTER_MAX_CHARS",
+    "SNAPLEN_BYTES",
     "PcapError",
     "PcapSource",
-    "list_capture_devices",
     "linktype_of",
+    "list_capture_devices",
 ]
 
 log = logging.getLogger("intercept.pcap")
@@ -111,7 +111,7 @@ class _Device:
                         os.write(source._wake_w, b"\0")
                     except OSError:
                         pass  # the pipe is full: a wake-up is already pending
-        except Exception as e:  # noqa: BLE001 - a dying thread must say why, in one line
+        except Exception as e:
             if not source._closing:
                 log.error("capture on %s stopped: %s", self.name, e)
 
@@ -157,7 +157,7 @@ class PcapSource:
                     filters=filter_expr,
                     immediate_mode=1,
                 )
-            except Exception as e:  # noqa: BLE001 - LibpcapError and friends: one line each
+            except Exception as e:
                 if "bpf" in str(e).lower():
                     self._close_pipe()
                     raise PcapError(
@@ -235,7 +235,7 @@ class PcapSource:
         for dev in self.devices:
             try:
                 total += dev.sniff.stats().ps_drop  # type: ignore[attr-defined]
-            except Exception:  # noqa: BLE001 - stats are best effort
+            except Exception:
                 continue
         if total > self._kernel_dropped_seen:
             self.server.counters["capture_dropped"] += total - self._kernel_dropped_seen

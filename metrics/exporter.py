@@ -40,9 +40,9 @@ from metrics.counters import (
 )
 
 __all__ = [
+    "InterceptCollector",
     "Series",
     "TcpcopyCollector",
-    "InterceptCollector",
     "make_registry",
     "parse_metrics_addr",
     "start_exporter",

@@ -290,7 +290,7 @@ def in_netns(ns: str, fn: Callable[[], Any]) -> Any:
             finally:
                 os.close(fd)
             box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+        except BaseException as exc:
             box["error"] = exc
 
     thread = threading.Thread(target=run, name=f"netns-{ns}", daemon=True)
@@ -819,12 +819,12 @@ class Testbed:
         for proc in reversed(self.procs):
             try:
                 proc.stop(timeout=5.0)
-            except Exception:  # noqa: BLE001 - teardown continues whatever happens
+            except Exception:
                 pass
         for role in ROLES:
             try:
                 delete_netns(self.ns(role))
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
         for server in self.postgres.values():
             shutil.rmtree(server.dir, ignore_errors=True)
@@ -1040,7 +1040,8 @@ class Testbed:
         """pgbench's tables on ``role``'s server (over the unix socket: not replicated)."""
         sock = str(self.postgres[role].dir)
         self.run(role, PGBENCH_BIN, "-i", "-q", "-s", str(scale), "-h", sock,
-                 "-p", str(POSTGRES_PORT), "-U", POSTGRES_USER, "postgres", timeout=300.0)  # fmt: skip
+                 "-p", str(POSTGRES_PORT), "-U", POSTGRES_USER, "postgres",
+                 timeout=300.0)  # fmt: skip
 
     def pgbench(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         """pgbench from the client namespace against the online server (replicated)."""
@@ -1277,7 +1278,8 @@ def _last_json(proc: subprocess.CompletedProcess, what: str) -> dict:
             except json.JSONDecodeError:
                 break
     raise TestbedError(
-        f"{what} gave no JSON summary (rc={proc.returncode}): {proc.stdout[-500:]} {proc.stderr[-1500:]}"
+        f"{what} gave no JSON summary (rc={proc.returncode}): "
+        f"{proc.stdout[-500:]} {proc.stderr[-1500:]}"
     )
 
 
