@@ -31,11 +31,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_engine import client_packets  # noqa: E402
+from bench_engine import client_packets
 
-from engine import dataplane  # noqa: E402
-from engine.codec import packet  # noqa: E402
-from engine.codec.pcapfile import open_pcap  # noqa: E402
+from engine import dataplane
+from engine.codec import packet
+from engine.codec.pcapfile import open_pcap
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TARGET = packet.ip_from_str("198.18.2.2")
@@ -82,7 +82,7 @@ def python_pass(frames: list[bytes]) -> list[bytes]:
                 p.df,
                 p.urgent,
                 p.ip_options,
-            )  # fmt: skip
+            )
         )
     return out
 

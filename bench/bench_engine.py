@@ -22,11 +22,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.codec import packet, wire  # noqa: E402
-from engine.codec.packet import ACK, FIN, PSH, SYN, TcpPacket  # noqa: E402
-from engine.core.config import SessionConfig  # noqa: E402
-from engine.core.rewrite import parse_client_pool, parse_transfer  # noqa: E402
-from engine.core.table import SessionTable  # noqa: E402
+from engine.codec import packet, wire
+from engine.codec.packet import ACK, FIN, PSH, SYN, TcpPacket
+from engine.core.config import SessionConfig
+from engine.core.rewrite import parse_client_pool, parse_transfer
+from engine.core.table import SessionTable
 
 CLIENT_NET = packet.ip_from_str("198.18.1.0")
 ONLINE = (packet.ip_from_str("198.18.1.2"), 80)

@@ -649,7 +649,7 @@ class Intercept:
                     f"C intercept exited at start (rc={self.proc.popen.returncode}):\n"
                     f"{self.proc.tail()}\n{_tail(self.log)}"
                 )
-            return tb._listening("target", tbm.INTERCEPT_PORT)  # noqa: SLF001 - testbed helper
+            return tb._listening("target", tbm.INTERCEPT_PORT)
 
         try:
             tbm.wait_until(listening, READY_TIMEOUT_S, what="C intercept listening")
@@ -842,7 +842,7 @@ def run_live(ctx: Context, scenario: Scenario, rep: Replicator) -> dict[str, Any
             result["error"] = f"the intercept exited during the load:\n{intercept.proc.tail(5)}"
         else:
             result["status"] = "ok"
-    except Exception as exc:  # noqa: BLE001 - one failed run is reported, the others go on
+    except Exception as exc:
         result["error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if proc is not None:
             result["log_tail"] = proc.tail(12)
@@ -1079,7 +1079,7 @@ def run_offline(ctx: Context, scenario: Scenario, rep: Replicator) -> dict[str, 
             tcpcopy_exit=rc,
         )
         result["status"] = "ok"
-    except Exception as exc:  # noqa: BLE001 - one failed run is reported, the others go on
+    except Exception as exc:
         result["error"] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if proc is not None:
             result["log_tail"] = proc.tail(12)
@@ -1182,7 +1182,7 @@ def run_profile(ctx: Context, scenario: Scenario, workers: int, out: Path) -> di
             scenario=scenario.name, workers=workers, client_pool=pool, file=out.name, status="ok"
         )
         return summary
-    except Exception as exc:  # noqa: BLE001 - the profile is optional
+    except Exception as exc:
         return {"status": "failed", "error": str(exc).splitlines()[0] if str(exc) else repr(exc)}
     finally:
         if wrk_proc is not None and wrk_proc.poll() is None:
@@ -1545,7 +1545,7 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
                 say(f"recording {scenario.name}: {scenario.describe()} ...")
                 try:
                     rec = record_pcap(ctx, scenario)
-                except Exception as exc:  # noqa: BLE001 - reported, the replays then fail
+                except Exception as exc:
                     rec = {"error": str(exc).splitlines()[0] if str(exc) else repr(exc)}
                 ctx.recordings[scenario.name] = rec
                 say(

@@ -137,7 +137,8 @@ def run(args: argparse.Namespace, workdir: Path) -> int:
         ratio = total_tg / total_on if total_on else 0.0
         ok = ratio >= PASS_RATIO
         print(
-            f"\n  replication ratio {100 * ratio:.1f} % -> {'PASS' if ok else 'FAIL'} (needs >= 99 %)\n"
+            f"\n  replication ratio {100 * ratio:.1f} % -> {'PASS' if ok else 'FAIL'}"
+            " (needs >= 99 %)\n"
         )
         if not ok:
             for proc in tb.procs:

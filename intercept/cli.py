@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from engine.app.options import (
     OneLineArgumentParser,
@@ -27,7 +28,9 @@ from engine.app.options import (
 from engine.codec import wire
 from engine.errors import ConfigError
 from engine.io import notify
-from engine.io.logs import reopen_logs, setup_logging
+from engine.io.logs import NOTICE, reopen_logs, setup_logging
+from engine.io.sigloop import daemonize
+from intercept import PROG
 from intercept.config import (
     _PROC,
     DEFAULT_DAEMON_LOG,
@@ -36,10 +39,10 @@ from intercept.config import (
     MISSING_FILTER,
     InterceptOptions,
 )
+from intercept.errors import InterceptError, StartError
 
-__all__ = ["InterceptOptions", "parse_args", "main", "version_string", "INTERCEPT_SECTIONS"]
+__all__ = ["INTERCEPT_SECTIONS", "InterceptOptions", "main", "parse_args", "version_string"]
 
-PROG = "intercept-mp"
 LOGGER_NAME = "intercept"
 
 
@@ -48,7 +51,7 @@ def version_string() -> str:
         from importlib.metadata import version
 
         ours = version("tcpcopy-mp")
-    except Exception:  # noqa: BLE001 - not installed: fall back to the source tree's
+    except Exception:
         from engine import __version__ as ours
     return f"{PROG} version:{ours} (compat 1.0, protocol {wire.INTERNAL_VERSION})"
 
@@ -162,7 +165,7 @@ def parse_args(argv: Sequence[str] | None = None) -> InterceptOptions:
     )
 
 
-_LEVELS = {"debug": 10, "info": 20, "notice": 25, "warn": 30, "error": 40}
+_LEVELS = {"debug": 10, "info": 20, "notice": NOTICE, "warn": 30, "error": 40}
 
 
 def _fail(log: logging.Logger, message: str) -> int:
@@ -171,20 +174,6 @@ def _fail(log: logging.Logger, message: str) -> int:
     if any(getattr(h, "path", None) for h in log.handlers):  # engine.io.logs' file handler
         print(f"{PROG}: {message}", file=sys.stderr)
     return 1
-
-
-def _daemonize() -> None:
-    """Classic double fork; stdio to /dev/null (the log is a file by then)."""
-    if os.fork() > 0:
-        os._exit(0)
-    os.setsid()
-    if os.fork() > 0:
-        os._exit(0)
-    os.chdir("/")
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    os.close(devnull)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -204,92 +193,143 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as e:
         print(f"{PROG}: -l: cannot open log file {log_path}: {e.strerror or e}", file=sys.stderr)
         return 2
-    logging.addLevelName(25, "NOTICE")
+    logging.addLevelName(NOTICE, "NOTICE")
     try:
         return _run(opts, log)
-    except Exception as e:  # noqa: BLE001 - a bug: one line for the user, details at debug
+    except Exception as e:
         log.debug("internal error", exc_info=True)
         return _fail(log, f"internal error: {type(e).__name__}: {e}")
 
 
 def _run(opts: InterceptOptions, log: logging.Logger) -> int:
-    # Imported here so --help/--version and flag errors never need the live packages.
-    from intercept.router import Router
-    from intercept.server import InterceptServer
-
-    server = InterceptServer(
-        Router(max_routes_per_conn=opts.max_routes_per_conn),
-        bind_ip=opts.bind,
-        port=opts.port,
-        combine=opts.combine,
-        docker_map=opts.docker_map,
-        secret=opts.secret,
-        allow_compat=opts.allow_compat,
-    )
-    installed: list[int] = []
-    pid_written = False
-    exporter = None
-    # Until the loop installs its own handlers, a SIGTERM/SIGINT still ends us cleanly (the
-    # iptables rule removed): the stop is remembered and run() returns at once.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: server.request_stop(f"signal {signum}"))
+    """Start in phases, serve, stop; a failed phase is one line (``_fail``) and exit 1."""
+    life = _Lifecycle(opts, log)
     try:
+        life.start()
+        return life.serve()
+    except InterceptError as e:
+        return _fail(log, str(e))
+    finally:
+        life.close()
+
+
+class _Lifecycle:
+    """intercept-mp's run, phase by phase (each phase raises an ``InterceptError`` naming the
+    flag concerned; ``close`` undoes whatever was done, in reverse order):
+
+    1. ``listen``: the tcpcopy port (-b, -p);
+    2. ``open_source``: the NFQUEUE queue or the pcap handles (-i, -F, --queue-num);
+    3. ``install_rules``: --install-rule's iptables rules (NFQUEUE mode);
+    4. ``detach``: -d's double fork, then -P's pid file;
+    5. ``drop_privileges``: least privilege (engine/io/privileges.py), before any thread;
+    6. ``start_exporter``: --metrics (a thread, so after the fork and the drop);
+    then ``serve`` runs the loop until a signal, and writes the summary.
+    """
+
+    def __init__(self, opts: InterceptOptions, log: logging.Logger) -> None:
+        # Imported here so --help/--version and flag errors never need the live packages.
+        from intercept.router import Router
+        from intercept.server import InterceptServer
+
+        self.opts = opts
+        self.log = log
+        self.server = InterceptServer(
+            Router(max_routes_per_conn=opts.max_routes_per_conn),
+            bind_ip=opts.bind,
+            port=opts.port,
+            combine=opts.combine,
+            docker_map=opts.docker_map,
+            secret=opts.secret,
+            allow_compat=opts.allow_compat,
+        )
+        self.address: tuple[str, int] = (opts.bind, opts.port)
+        self.source: Any = None
+        self.installed: list[int] = []
+        self.pid_written = False
+        self.exporter: Any = None
+        # Until the loop installs its own handlers, a SIGTERM/SIGINT still ends us cleanly
+        # (the iptables rule removed): the stop is remembered and run() returns at once.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: self.server.request_stop(f"signal {signum}"))
+
+    def start(self) -> None:
+        self.listen()
+        self.open_source()
+        self.install_rules()
+        self.detach()
+        self.drop_privileges()
+        self.start_exporter()
+
+    def listen(self) -> None:
+        opts = self.opts
         try:
-            host, port = server.listen()
+            self.address = self.server.listen()
         except OSError as e:
-            return _fail(log, f"-p: cannot listen on {opts.bind}:{opts.port}: {e.strerror or e}")
-        source = None
+            raise StartError(
+                "-p", f"cannot listen on {opts.bind}:{opts.port}: {e.strerror or e}"
+            ) from None
+
+    def open_source(self) -> None:
+        opts = self.opts
         if opts.mode == "nfqueue":
             from intercept.sources import nfqueue
 
             try:
-                source = nfqueue.NfqueueSource(
-                    server.receive_ip_packets,
-                    server.counters,
+                self.source = nfqueue.NfqueueSource(
+                    self.server.receive_ip_packets,
+                    self.server.counters,
                     opts.queue_num,
                     pass_ips=opts.pass_ips,
                     queue_maxlen=opts.queue_maxlen,
                 )
             except (OSError, RuntimeError) as e:
-                return _fail(log, f"--queue-num: cannot bind NFQUEUE {opts.queue_num}: {e}")
+                raise StartError(
+                    "--queue-num", f"cannot bind NFQUEUE {opts.queue_num}: {e}"
+                ) from None
             except ImportError:
-                return _fail(log, "NFQUEUE mode needs the NetfilterQueue package")
-            server.add_source(source)
-            sports = opts.install_rule or ("PORT",)
-            for sport in sports:
-                log.log(25, "needs: %s", nfqueue.rule_command(sport, opts.queue_num))
-            if opts.install_rule:
-                try:
-                    installed = nfqueue.install_rules(opts.install_rule, opts.queue_num)
-                except nfqueue.RuleError as e:
-                    return _fail(log, str(e))
+                raise StartError("", "NFQUEUE mode needs the NetfilterQueue package") from None
+            for sport in opts.install_rule or ("PORT",):
+                self.log.log(NOTICE, "needs: %s", nfqueue.rule_command(sport, opts.queue_num))
         else:
             from intercept.sources import pcap
 
             try:
-                source = pcap.PcapSource(
-                    server.receive_ip_packets, server.counters, opts.devices, opts.filter_expr or ""
+                self.source = pcap.PcapSource(
+                    self.server.receive_ip_packets,
+                    self.server.counters,
+                    opts.devices,
+                    opts.filter_expr or "",
                 )
-            except pcap.PcapError as e:
-                return _fail(log, str(e))
             except ImportError:
-                return _fail(log, "pcap mode needs the python-libpcap package")
-            server.add_source(source)
+                raise StartError("", "pcap mode needs the python-libpcap package") from None
+        self.server.add_source(self.source)
+
+    def install_rules(self) -> None:
+        if self.opts.mode != "nfqueue" or not self.opts.install_rule:
+            return
+        from intercept.sources import nfqueue
+
+        self.installed = nfqueue.install_rules(self.opts.install_rule, self.opts.queue_num)
+
+    def detach(self) -> None:
+        opts = self.opts
         if opts.daemon:
-            _daemonize()
+            daemonize()
         if opts.pid_file:
             try:
                 with open(opts.pid_file, "w", encoding="ascii") as f:
                     f.write(f"{os.getpid()}\n")
-                pid_written = True
+                self.pid_written = True
             except OSError as e:
-                return _fail(log, f"-P: cannot write {opts.pid_file}: {e.strerror or e}")
-        # Least privilege (engine/io/privileges.py): the listener, the queue or pcap handles and
-        # the rule are in place; before the threads (metrics, pcap readers), which a drop
-        # would not reach (capabilities are per thread).  iptables at exit runs with the
-        # ambient CAP_NET_ADMIN.
+                raise StartError("-P", f"cannot write {opts.pid_file}: {e.strerror or e}") from None
+
+    def drop_privileges(self) -> None:
+        """Least privilege: the listener, the queue or pcap handles and the rule are in place;
+        before the threads (metrics, pcap readers), which a drop would not reach (capabilities
+        are per thread).  iptables at exit runs with the ambient CAP_NET_ADMIN."""
         from engine.io import privileges
 
+        opts, log = self.opts, self.log
         try:
             target = privileges.resolve_target(opts.user, opts.group)
             privileges.keep_files(target, outputs=[opts.summary_json] if opts.summary_json else ())
@@ -303,22 +343,30 @@ def _run(opts: InterceptOptions, log: logging.Logger) -> int:
                 needed_for="NFQUEUE and iptables" if nfq else "pcap capture",
             )
         except (OSError, ConfigError) as e:
-            return _fail(log, f"cannot drop privileges: {e}")
-        if opts.metrics:
-            # After the daemon fork: a thread does not survive fork().
-            from intercept.exporter import start_intercept_exporter
+            raise StartError("", f"cannot drop privileges: {e}") from None
 
-            try:
-                exporter = start_intercept_exporter(
-                    opts.metrics, server, opts.queue_num if opts.mode == "nfqueue" else None
-                )
-            except ConfigError as e:
-                return _fail(log, str(e))
+    def start_exporter(self) -> None:
+        opts = self.opts
+        if not opts.metrics:
+            return
+        # After the daemon fork: a thread does not survive fork().
+        from intercept.exporter import start_intercept_exporter
+
+        try:
+            self.exporter = start_intercept_exporter(
+                opts.metrics, self.server, opts.queue_num if opts.mode == "nfqueue" else None
+            )
+        except ConfigError as e:
+            raise StartError(e.where, e.message) from None
+
+    def serve(self) -> int:
+        opts, log, server, source = self.opts, self.log, self.server, self.source
         if hasattr(source, "start"):
             source.start()
         _install_sighup()
+        host, port = self.address
         log.log(
-            25,
+            NOTICE,
             "%s started: %s mode on %s, listening on %s:%d, %s",
             version_string(),
             opts.mode,
@@ -330,23 +378,24 @@ def _run(opts: InterceptOptions, log: logging.Logger) -> int:
         notify.ready(f"{opts.mode} mode on {source.name if source else '-'}, port {port}")
         reason = server.run()
         notify.stopping(f"stopping ({reason})")
-        log.log(25, "%s stopping (%s)", PROG, reason)
+        log.log(NOTICE, "%s stopping (%s)", PROG, reason)
         server.log_final_stats()
         if opts.summary_json:
             _write_summary(opts.summary_json, server, log)
         return 0
-    finally:
-        if exporter is not None:
-            exporter.shutdown()
-            exporter.server_close()
-        if installed:
+
+    def close(self) -> None:
+        if self.exporter is not None:
+            self.exporter.shutdown()
+            self.exporter.server_close()
+        if self.installed:
             from intercept.sources import nfqueue
 
-            nfqueue.remove_rules(installed, opts.queue_num)
-        server.close()
-        if pid_written and opts.pid_file:
+            nfqueue.remove_rules(self.installed, self.opts.queue_num)
+        self.server.close()
+        if self.pid_written and self.opts.pid_file:
             try:
-                os.unlink(opts.pid_file)
+                os.unlink(self.opts.pid_file)
             except OSError:
                 pass
 
@@ -359,7 +408,7 @@ def _auth_mode(opts: InterceptOptions) -> str:
     return "extended peers must prove --secret-file; compat peers refused"
 
 
-def _write_summary(path: str, server, log: logging.Logger) -> None:  # noqa: ANN001
+def _write_summary(path: str, server, log: logging.Logger) -> None:
     """The final counters (+ the router's, prefixed ``router_``) as one flat JSON object."""
     import orjson
 

@@ -17,7 +17,7 @@ from engine.errors import ConfigError, DecodeError
 
 MAX_PASS_IPS = 32  # spec §4.2 -x
 MAX_DEVICES = 32  # spec §4.2 -i
-FILTER_MAX_CHARS = 4095  # spec §4.2: < 4096
+FILTER_MAX_CHARS = 4095  # spec §4.2, C: filter length < 4096
 DEFAULT_DAEMON_LOG = "error_intercept.log"  # C: <prefix>logs/error_intercept.log
 MISSING_FILTER = "please set filter (-F param) for capturing packets"  # spec §2.1
 MAX_ROUTES_PER_CONN_DEFAULT = 1_000_000  # a hostile client cannot grow the table past this

@@ -29,12 +29,12 @@ import re
 import sys
 from collections.abc import Sequence
 
+from engine import EXIT_USAGE
 from engine.codec.packet import ip_to_str
 from engine.errors import ConfigError
 from engine.io.hostcheck import (
     CAP_NET_ADMIN,
     CAP_NET_RAW,
-    EXIT_USAGE,
     FAIL,
     INFO,
     OK,
@@ -56,10 +56,12 @@ from engine.io.hostcheck import (
     sysctl_int,
     sysctl_key,
 )
+from intercept import PROG as INTERCEPT_PROG
+from intercept.errors import UsageError
 
-__all__ = ["InterceptDoctorOptions", "parse_args", "intercept_checks", "main"]
+__all__ = ["InterceptDoctorOptions", "intercept_checks", "main", "parse_args"]
 
-PROG = "intercept-mp doctor"
+PROG = f"{INTERCEPT_PROG} doctor"
 NFQUEUE_TABLES = ("raw", "mangle", "filter")
 """An NFQUEUE target works in the OUTPUT chain of any of these; a locally generated packet
 meets them in this order, and the first NFQUEUE rule that matches takes it."""
@@ -94,13 +96,9 @@ class InterceptDoctorOptions:
         self.bind = bind
 
 
-class _UsageError(Exception):
-    pass
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(message)
+        raise UsageError("doctor", message)
 
 
 def _ports(text: str) -> tuple[int, ...]:
@@ -163,8 +161,8 @@ def parse_args(argv: Sequence[str]) -> tuple[InterceptDoctorOptions, bool]:
 
     try:
         a = _build_parser().parse_args(list(argv))
-    except _UsageError as exc:
-        raise ConfigError("doctor", str(exc)) from None
+    except UsageError as exc:
+        raise ConfigError(exc.where, exc.message) from None
     advanced = a.interfaces is not None or a.filter is not None
     if advanced and (a.queue_num is not None or a.install_rule):
         raise ConfigError("--queue-num", "NFQUEUE mode only; it cannot be used with -i/-F")

@@ -40,7 +40,7 @@ from collections.abc import Hashable
 
 from engine.errors import DecodeError
 
-__all__ = ["Router", "route_key_c", "RouteKey", "DELAY_S", "MAX_DELAYED_RECORDS"]
+__all__ = ["DELAY_S", "MAX_DELAYED_RECORDS", "RouteKey", "Router", "route_key_c"]
 
 DELAY_S = 30.0  # OUTPUT_INTERVAL: lifetime of a tuple's delayed list (spec §1.5, §2.3)
 MAX_DELAYED_RECORDS = 65536  # all tuples together; ours, C has no bound

@@ -64,8 +64,10 @@ from typing import Protocol
 
 from engine.codec import wire
 from engine.codec.packet import ip_to_str
+from engine.codec.wire import OUT_BUFFER_MAX_BYTES
 from engine.errors import DecodeError
 from engine.io.logs import RateLimiter
+from engine.io.sigloop import SignalPipe
 from intercept.router import Router
 
 __all__ = [
@@ -87,7 +89,6 @@ DEFAULT_PORT = 36524  # SERVER_PORT (spec §1.1)
 LISTEN_BACKLOG = 128  # C uses 5; a burst of -C connections from many workers needs more
 RECV_CHUNK_BYTES = 65536
 #: Per-channel output bound: ~64 k records (~4 s of a busy target) before we drop.
-OUT_BUFFER_MAX_BYTES = 4 * 1024 * 1024
 STATS_INTERVAL_S = 30.0  # OUTPUT_INTERVAL (spec §2.3)
 EXPIRE_INTERVAL_S = 1.0  # how often the delay table drops lists older than 30 s
 POLL_MAX_S = 0.5  # C's poll fallback (spec §2.3)
@@ -252,8 +253,7 @@ class InterceptServer:
         self._listener: socket.socket | None = None
         self._dirty: dict[Channel, None] = {}  # channels with pending records this pass
         self._stop_reason: str | None = None
-        self._wake_r: socket.socket | None = None
-        self._wake_w: socket.socket | None = None
+        self._signals = SignalPipe((signal.SIGTERM, signal.SIGINT), self._on_signal)
 
     # --- set-up ------------------------------------------------------------------------------
 
@@ -280,11 +280,7 @@ class InterceptServer:
         """Make ``run`` return after the current pass (safe from a signal handler)."""
         if self._stop_reason is None:
             self._stop_reason = reason
-        if self._wake_w is not None:
-            try:
-                self._wake_w.send(b"\0")
-            except OSError:
-                pass
+        self._signals.wake()
 
     # --- captured responses (spec §2.2) ------------------------------------------------------
 
@@ -637,14 +633,8 @@ class InterceptServer:
 
     def run(self) -> str:
         """Serve until ``request_stop`` or SIGTERM/SIGINT; returns the stop reason."""
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
-        old_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        old_handlers = {
-            sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)
-        }
+        wake = self._signals.install()
+        self._sel.register(wake, selectors.EVENT_READ, self._on_wake)
         clock = self.clock
         now = clock()
         next_stats = now + self.stats_interval_s
@@ -679,21 +669,15 @@ class InterceptServer:
                     self.log_stats()
                     next_stats = now + self.stats_interval_s
         finally:
-            signal.set_wakeup_fd(old_wakeup)
-            for sig, handler in old_handlers.items():
-                signal.signal(sig, handler)
+            self._sel.unregister(wake)
+            self._signals.close(restore_handlers=True)
         return self._stop_reason or "stopped"
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._stop_reason = f"signal {signal.Signals(signum).name}"
 
     def _on_wake(self, mask: int, now: float) -> None:
-        assert self._wake_r is not None
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
+        self._signals.drain()
 
     # --- stats and shutdown ------------------------------------------------------------------
 
@@ -759,14 +743,14 @@ class InterceptServer:
                 pass
             src.close()
         self.sources = []
-        for sock in (self._listener, self._wake_r, self._wake_w):
-            if sock is not None:
-                try:
-                    self._sel.unregister(sock)
-                except (KeyError, ValueError):
-                    pass
-                sock.close()
-        self._listener = self._wake_r = self._wake_w = None
+        if self._listener is not None:
+            try:
+                self._sel.unregister(self._listener)
+            except (KeyError, ValueError):
+                pass
+            self._listener.close()
+        self._listener = None
+        self._signals.close(restore_handlers=True)
         self._sel.close()
 
 

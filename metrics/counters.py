@@ -70,31 +70,34 @@ import numpy as np
 
 from engine.core.events import DropReason, Outcome
 
+COUNTER_FLUSH_INTERVAL_S = 0.2
+"""How stale a process's row of the counter block may get (and so the supervisor's sums)."""
+
 __all__ = [
+    "ACTIVE",
+    "CAPTURE_ROW",
+    "CHANNELS_CONNECTED",
+    "DROP_REASONS",
+    "HANDSHAKE_FAILURES",
+    "KEYS",
+    "OUTCOMES",
+    "RING_DROPPED",
+    "RSS_BYTES",
+    "SEND_ERRNOS",
+    "SENT_KINDS",
+    "SESSIONS_LOST",
+    "SHED_REASONS",
+    "SLOTS",
+    "SLOT_INDEX",
+    "TW",
+    "UNMAPPED_KEYS",
+    "UNSEND",
+    "WORKER_RESTARTS",
     "CounterBlock",
     "RowWriter",
     "Slot",
-    "SLOTS",
-    "SLOT_INDEX",
-    "KEYS",
-    "slot",
-    "CAPTURE_ROW",
-    "DROP_REASONS",
-    "OUTCOMES",
-    "SEND_ERRNOS",
-    "SENT_KINDS",
-    "HANDSHAKE_FAILURES",
-    "SHED_REASONS",
     "sent_by_kind",
-    "ACTIVE",
-    "UNSEND",
-    "TW",
-    "RING_DROPPED",
-    "CHANNELS_CONNECTED",
-    "RSS_BYTES",
-    "WORKER_RESTARTS",
-    "SESSIONS_LOST",
-    "UNMAPPED_KEYS",
+    "slot",
 ]
 
 COUNTER = "counter"
@@ -122,7 +125,7 @@ not parse, packets of sessions shed under overload (engine/core/shed.py)."""
 DROP_REASONS: tuple[str, ...] = tuple(r.value for r in DropReason) + DROP_EXTRA_REASONS + (OTHER,)
 """Values of the ``reason`` label of tcpcopy_packets_dropped_total (slot ``drop_<reason>``)."""
 
-OUTCOMES: tuple[str, ...] = tuple(o.value for o in Outcome) + (OTHER,)
+OUTCOMES: tuple[str, ...] = (*tuple(o.value for o in Outcome), OTHER)
 """Values of the ``outcome`` label of tcpcopy_sessions_total (slot ``ended_<outcome>``)."""
 
 SEND_ERRNOS: tuple[str, ...] = (

@@ -16,7 +16,6 @@ what is exposed; ``describe()`` and the dashboard test read it.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -24,10 +23,13 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from engine.errors import ConfigError
+from engine.codec.packet import ip_from_str
+from engine.errors import ConfigError, DecodeError
 from metrics.counters import (
+    COUNTER,
     DROP_REASONS,
     GATE_RULES,
+    GAUGE,
     HANDSHAKE_FAILURES,
     OUTCOMES,
     RECONNECT_REFUSALS,
@@ -38,16 +40,14 @@ from metrics.counters import (
 )
 
 __all__ = [
+    "InterceptCollector",
     "Series",
     "TcpcopyCollector",
-    "InterceptCollector",
     "make_registry",
     "parse_metrics_addr",
     "start_exporter",
 ]
 
-COUNTER = "counter"
-GAUGE = "gauge"
 Snapshot = Mapping[str, Any]
 
 
@@ -479,8 +479,8 @@ def parse_metrics_addr(addr: str) -> tuple[str, int]:
         # Looks like an IPv4 literal (a host name has letters): it must be a whole one, or
         # the bind fails only at start-up ("1.2.3" is not a host anybody meant).
         try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
+            ip_from_str(host)
+        except DecodeError:
             raise ConfigError(
                 "--metrics", f"{host!r} is not an IPv4 address (in {addr!r})"
             ) from None

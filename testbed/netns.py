@@ -149,18 +149,26 @@ class TestbedError(RuntimeError):
 # small helpers
 
 
+def poll(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
+    """Call ``predicate`` every ``interval`` s until it returns a truthy value or ``timeout``
+    passed; returns its last value (the one wait helper of the netns tier: the callers assert
+    or raise on what it returns)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
 def wait_until(
     predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "condition"
 ) -> Any:
     """Poll ``predicate`` until it returns a truthy value; return it, or raise TimeoutError."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
-        time.sleep(interval)
+    value = poll(predicate, timeout, interval)
+    if not value:
+        raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {what}")
+    return value
 
 
 def preflight_problems() -> list[str]:
@@ -214,11 +222,13 @@ def _kill_netns_processes(ns: str) -> None:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-    deadline = time.monotonic() + 5.0
-    while pids and time.monotonic() < deadline:
+
+    def all_gone() -> bool:
+        nonlocal pids
         pids = [p for p in pids if _pid_alive(p) and not _is_zombie(p)]
-        if pids:
-            time.sleep(0.05)
+        return not pids
+
+    poll(all_gone, 5.0)
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -280,7 +290,7 @@ def in_netns(ns: str, fn: Callable[[], Any]) -> Any:
             finally:
                 os.close(fd)
             box["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+        except BaseException as exc:
             box["error"] = exc
 
     thread = threading.Thread(target=run, name=f"netns-{ns}", daemon=True)
@@ -809,12 +819,12 @@ class Testbed:
         for proc in reversed(self.procs):
             try:
                 proc.stop(timeout=5.0)
-            except Exception:  # noqa: BLE001 - teardown continues whatever happens
+            except Exception:
                 pass
         for role in ROLES:
             try:
                 delete_netns(self.ns(role))
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
         for server in self.postgres.values():
             shutil.rmtree(server.dir, ignore_errors=True)
@@ -1030,7 +1040,8 @@ class Testbed:
         """pgbench's tables on ``role``'s server (over the unix socket: not replicated)."""
         sock = str(self.postgres[role].dir)
         self.run(role, PGBENCH_BIN, "-i", "-q", "-s", str(scale), "-h", sock,
-                 "-p", str(POSTGRES_PORT), "-U", POSTGRES_USER, "postgres", timeout=300.0)  # fmt: skip
+                 "-p", str(POSTGRES_PORT), "-U", POSTGRES_USER, "postgres",
+                 timeout=300.0)  # fmt: skip
 
     def pgbench(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         """pgbench from the client namespace against the online server (replicated)."""
@@ -1187,12 +1198,15 @@ class Testbed:
     ) -> int:
         """Poll the target's access log until ``expected`` requests under ``prefix`` arrived or
         ``timeout`` passed; returns the count seen (the caller asserts)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            n = len(with_prefix(self.access_log(role), prefix))
-            if n >= expected or time.monotonic() >= deadline:
-                return n
-            time.sleep(0.1)
+        seen = 0
+
+        def arrived() -> bool:
+            nonlocal seen
+            seen = len(with_prefix(self.access_log(role), prefix))
+            return seen >= expected
+
+        poll(arrived, timeout, interval=0.1)
+        return seen
 
     def start_tcpdump(
         self,
@@ -1264,7 +1278,8 @@ def _last_json(proc: subprocess.CompletedProcess, what: str) -> dict:
             except json.JSONDecodeError:
                 break
     raise TestbedError(
-        f"{what} gave no JSON summary (rc={proc.returncode}): {proc.stdout[-500:]} {proc.stderr[-1500:]}"
+        f"{what} gave no JSON summary (rc={proc.returncode}): "
+        f"{proc.stdout[-500:]} {proc.stderr[-1500:]}"
     )
 
 

@@ -37,7 +37,7 @@ def syn(src: int, dst: int, sport: int, dport: int, seq: int) -> bytes:
             flags=packet.SYN,
             window=64240,
             options=packet.build_options(mss=1460),
-        )  # fmt: skip
+        )
     )
 
 

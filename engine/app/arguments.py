@@ -18,7 +18,7 @@ import os
 import random
 from collections.abc import Sequence
 
-from engine import __version__
+from engine import PROG, __version__
 from engine.app.options import (
     ArgValues,
     OneLineArgumentParser,
@@ -28,7 +28,6 @@ from engine.app.options import (
 )
 from engine.core.config import (
     CONNECTIONS_MAX,
-    INTERCEPT_PORT_DEFAULT,
     TCPCOPY_SECTIONS,
     ReplayConfig,
     SessionConfig,
@@ -48,11 +47,6 @@ __all__ = [
     "parse_config",
 ]
 
-PROG = "tcpcopy-mp"
-EXIT_USAGE = 2
-EXIT_RUNTIME = 1
-TIMEOUT_DEFAULT_S = 600
-"""spec §4.1 -t: also what a negative value means."""
 KEEPALIVE_EXTRA_S = 120
 """spec §4.1 -k: default t + 120."""
 RAND_SHIFT_RANGE = 512
@@ -163,12 +157,12 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
 
     with v.located("transfers"):
         transfers = rewrite.parse_transfer(args.transfer)
-    intercept_port = v.get("intercept_port", INTERCEPT_PORT_DEFAULT)
+    intercept_port = v.get("intercept_port")
     with v.located("intercepts"):
         intercepts = parse_intercepts(args.intercepts, intercept_port)
 
     # spec §4.1: C clamps (0 -> 1, > 11 -> 11); we clamp to 1..16 and reject non-numbers.
-    connections = min(max(v.get("connections", 2), 1), CONNECTIONS_MAX)
+    connections = min(max(v.get("connections"), 1), CONNECTIONS_MAX)
 
     intercept_secret = None
     secret_file = v.get("secret_file")
@@ -184,18 +178,18 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
             pool = rewrite.parse_client_pool(args.clients, exclude=[t.target_ip for t in transfers])
 
     # spec §4.1: -n N means N copies in all; 0 and 1 both mean "just the session".
-    replicas = max(1, v.get("replicas", 1))
+    replicas = max(1, v.get("replicas"))
     # spec §4.1: 0 means all; C's 7-bit wrap of 150 -> 22 is a QUIRK: we refuse > 100.
-    sample = v.get("sample_percent", 100) or 100
-    gradual = bool(v.get("gradual", False))
+    sample = v.get("sample_percent") or 100
+    gradual = bool(v.get("gradual"))
     if gradual and sample < 100:
         # spec §3.3 step 6: C's ramp overwrites the -r percentage; -r would be ignored.
         raise ConfigError(
             v.where("gradual"), "cannot be combined with -r: the ramp replaces -r (up to 100 %)"
         )
     # spec §3.15: an 8-bit field in C (values >= 256 wrap); we refuse them instead.
-    port_shift = v.get("port_shift", 0)
-    localhost_ip = v.get("localhost_ip", 0)
+    port_shift = v.get("port_shift")
+    localhost_ip = v.get("localhost_ip")
     if localhost_ip and rewrite.targets_localhost(transfers):
         # spec §3.3 step 3: with a 127.0.0.1 target C keeps 127.0.0.1 sources; -H is unused.
         raise ConfigError(
@@ -203,13 +197,13 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
             "has no effect when a -x target is 127.0.0.1 (sources stay 127.0.0.1)",
         )
 
-    mtu = v.get("mtu", 1500)
-    mss = v.get("mss", 1460)
-    rtt_ms = v.get("rtt_initial_s", 0)
+    mtu = v.get("mtu")
+    mss = v.get("mss")
+    rtt_ms = v.get("rtt_initial_s")
 
-    timeout_s = v.get("session_timeout_s", TIMEOUT_DEFAULT_S)
+    timeout_s = v.get("session_timeout_s")
     if timeout_s < 0:
-        timeout_s = TIMEOUT_DEFAULT_S  # spec §4.1: negative -> 600
+        timeout_s = v.default("session_timeout_s")  # spec §4.1: negative -> 600
     if timeout_s == 0:
         raise ConfigError(
             v.where("session_timeout_s"), "0 would end every session at once; give seconds > 0"
@@ -219,10 +213,10 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
     if k is not None:
         keepalive_s = k if k > 0 else keepalive_s  # spec §4.1: <= 0 means the default
 
-    memory_mb = v.get("memory_limit_mb", 2048)
+    memory_mb = v.get("memory_limit_mb")
     pool_size_kb = v.get("pool_size_kb")
     snaplen = v.get("snaplen")
-    buffer_bytes = v.get("capture_buffer_bytes", 64) * 1024 * 1024
+    buffer_bytes = v.get("capture_buffer_bytes") * 1024 * 1024
 
     # Capture: -i FILE / --pcap FILE -> offline; -i DEV[,DEV] -> live.
     pcap_given = list(args.pcap or [])
@@ -269,16 +263,16 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
         with v.located("capture_filter"):
             compile_filter(capture_filter)  # a bad expression fails here, naming -F
 
-    accelerate = v.get("accelerate", 1.0)
-    idle_ms = v.get("idle_threshold_s", 0)
-    replays = v.get("replays", 1)
-    offline_tail_s = v.get("offline_tail_s", 10.0)
+    accelerate = v.get("accelerate")
+    idle_ms = v.get("idle_threshold_s")
+    replays = v.get("replays")
+    offline_tail_s = v.get("offline_tail_s")
 
     # design §3: one capture process feeds N workers; the default uses every CPU.
     workers = v.get("workers", min(os.cpu_count() or 1, WORKERS_MAX))
     metrics = v.get("metrics")
-    stats_s = v.get("stats_interval_s", 30.0)
-    log_format = v.get("log_format", "text")
+    stats_s = v.get("stats_interval_s")
+    log_format = v.get("log_format")
     for name in ("summary_json", "log_path", "pid_file"):
         path = v.get(name)
         if path:
@@ -298,13 +292,13 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
         wait_response=not args.no_wait,
         fake_handshake=not args.only_syn,
         reconnect=not args.no_reconnect,
-        reconnect_budget=v.get("reconnect_budget", 8),
+        reconnect_budget=v.get("reconnect_budget"),
         session_timeout_s=float(timeout_s),
         keepalive_timeout_s=float(keepalive_s),
         **({"rtt_initial_s": rtt_ms / 1000.0} if rtt_ms > 0 else {}),
         gradual=gradual,
         localhost_ip=localhost_ip,
-        strict_time_wait=bool(v.get("strict_time_wait", False)),
+        strict_time_wait=bool(v.get("strict_time_wait")),
         worker_index=0,
         worker_count=1,
     )
@@ -329,7 +323,7 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
         metrics=metrics,
         log_path=args.log,
         log_format=log_format,
-        stats_interval_s=stats_s,
+        stats_interval_s=float(stats_s),
         summary_json=args.summary_json,
         memory_limit_mb=memory_mb,
         daemon=bool(args.daemon),

@@ -13,9 +13,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from engine import EXIT_RUNTIME, EXIT_USAGE
 from engine.app.arguments import (
-    EXIT_RUNTIME,
-    EXIT_USAGE,
     PROG,
     TCPCOPY_OPTIONS,
     UsageError,
@@ -28,6 +27,7 @@ from engine.app.arguments import (
 from engine.core.config import ReplayConfig
 from engine.errors import ConfigError
 from engine.io import privileges
+from engine.io.sigloop import daemonize
 
 __all__ = [
     "TCPCOPY_OPTIONS",
@@ -49,21 +49,6 @@ _apply_config_file = apply_config_file
 def _usage_error(message: str) -> int:
     print(f"{PROG}: {message}", file=sys.stderr)
     return EXIT_USAGE
-
-
-def _daemonize() -> None:
-    """-d: detach (double fork, new session, stdio to /dev/null), as C's daemonize()."""
-    if os.fork() > 0:
-        os._exit(0)
-    os.setsid()
-    if os.fork() > 0:
-        os._exit(0)
-    os.chdir("/")
-    devnull = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(devnull, fd)
-    if devnull > 2:
-        os.close(devnull)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -92,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         return _usage_error(f"-l: cannot open {cfg.log_path}: {exc.strerror or exc}")
     if cfg.daemon:
-        _daemonize()
+        daemonize()
     if args.pid_file:
         try:
             with open(args.pid_file, "w", encoding="ascii") as f:

@@ -33,13 +33,15 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 
+from engine import EXIT_USAGE
+from engine import PROG as TCPCOPY_PROG
 from engine.codec import wire
+from engine.codec.link import ARPHRD_ETHER
 from engine.codec.packet import ACK, RST, SYN, TcpPacket, build, build_options, ip_to_str
 from engine.errors import ConfigError, DecodeError
 from engine.io.hostcheck import (
     CAP_NET_RAW,
     EXIT_OK,
-    EXIT_USAGE,
     FAIL,
     INFO,
     OK,
@@ -60,15 +62,9 @@ from engine.io.hostcheck import (
     sysctl_int,
 )
 
-__all__ = [
-    "TcpcopyInputs",
-    "tcpcopy_checks",
-    "probe_intercept",
-    "live_probe",
-    "main",
-]
+__all__ = ["TcpcopyInputs", "live_probe", "main", "probe_intercept", "tcpcopy_checks"]
 
-PROG = "tcpcopy-mp doctor"
+PROG = f"{TCPCOPY_PROG} doctor"
 CONNECT_TIMEOUT_S = 2.0
 """-s probe: a connect() to the intercept port that takes longer is a firewall or wrong IP."""
 HANDSHAKE_HOLD_S = 0.3
@@ -322,7 +318,6 @@ def tcpcopy_checks(
 
 NEIGHBOUR_WAIT_S = 1.0
 """How long the doctor waits for a probed neighbour entry to appear."""
-ARPHRD_ETHER = 1
 
 
 def check_output(

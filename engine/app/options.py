@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import Field, dataclass
+from dataclasses import MISSING, Field, dataclass
 from typing import Any
 
 from engine.core.config import Choice, Converter, Flag, Value
@@ -275,10 +275,17 @@ class ArgValues:
                 raise
             raise ConfigError(loc, exc.message) from None
 
-    def get(self, name: str, default: Any = None) -> Any:
+    def default(self, name: str) -> Any:
+        """The schema's value for an absent option, in the flag's unit (None: resolved by the
+        program)."""
+        return self._meta(name)["flag_default"]
+
+    def get(self, name: str, default: Any = MISSING) -> Any:
+        """The parsed value of option ``name``; when absent, ``default`` if given, else the
+        schema's (``default(name)``)."""
         raw = self.raw(name)
         if raw is None:
-            return default
+            return self.default(name) if default is MISSING else default
         with self.located(name):
             return self._meta(name)["parse"](self.where(name), raw)
 

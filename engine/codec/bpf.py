@@ -45,6 +45,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from engine.codec.link import ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP
+from engine.codec.packet import IP_FRAG_OFFSET_MASK, IPPROTO_TCP
+
 __all__ = [
     "BPF_ACCEPT_BYTES",
     "IP_BASE",
@@ -52,8 +55,8 @@ __all__ = [
     "Insn",
     "ProgramTooLarge",
     "capture_program",
-    "keep_ipv4",
     "is_pure_ack",
+    "keep_ipv4",
     "rebase",
 ]
 
@@ -91,12 +94,7 @@ NET_BASE = SKF_NET_OFF
 BPF_ACCEPT_BYTES = 0x40000
 """Snap length of an accepted packet: all of it (GRO aggregates exceed 64 KiB)."""
 
-ETH_P_IP = 0x0800
-ETH_P_8021Q = 0x8100
-ETH_P_8021AD = 0x88A8
 VLAN_TAG_BYTES = 4
-IPPROTO_TCP = 6
-IP_FRAG_OFFSET_MASK = 0x1FFF
 TCP_FIN, TCP_SYN, TCP_RST = 0x01, 0x02, 0x04
 TCP_FIN_SYN_RST = TCP_FIN | TCP_SYN | TCP_RST
 U32 = 0xFFFFFFFF
@@ -168,7 +166,9 @@ class _Asm:
         return out
 
 
-def _match_table(transfers: Iterable[tuple[int, int]], ports_only: bool) -> dict[int, frozenset]:
+def _match_table(
+    transfers: Iterable[tuple[int, int]], ports_only: bool
+) -> dict[int, frozenset[int]]:
     """port -> online ips it is replayed for; None-like empty frozenset = any ip."""
     wild: set[int] = set()
     ips: dict[int, set[int]] = {}
@@ -193,11 +193,11 @@ def rebase(program: Sequence[Insn], base: int) -> list[Insn]:
     out: list[Insn] = []
     for code, jt, jf, k in program:
         cls, mode = code & 0x07, code & 0xE0
-        if cls == BPF_LD and mode == BPF_ABS and k < 0x80000000:
-            k = _u32(k + base)
-        elif cls == BPF_LD and mode == BPF_IND:
-            k = _u32(k + base)
-        elif cls == BPF_LDX and mode == BPF_MSH:
+        if (
+            (cls == BPF_LD and mode == BPF_ABS and k < 0x80000000)
+            or (cls == BPF_LD and mode == BPF_IND)
+            or (cls == BPF_LDX and mode == BPF_MSH)
+        ):
             k = _u32(k + base)
         elif cls == BPF_RET and code & 0x18 == BPF_K and k:
             k = BPF_ACCEPT_BYTES
@@ -209,7 +209,7 @@ def _body(
     asm: _Asm,
     tag: str,
     base: int,
-    table: dict[int, frozenset],
+    table: dict[int, frozenset[int]],
     pure_acks: bool,
     user: Sequence[Insn] = (),
 ) -> None:

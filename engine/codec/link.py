@@ -27,6 +27,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from engine.codec.packet import ETH_HEADER_BYTES, ip_from_str
+from engine.errors import DecodeError
+
 __all__ = [
     "ETH_HEADER_BYTES",
     "ETH_P_IP",
@@ -40,9 +43,10 @@ __all__ = [
     "parse_proc_route",
 ]
 
-ETH_HEADER_BYTES = 14
-"""Destination MAC (6), source MAC (6), ethertype (2)."""
 ETH_P_IP = 0x0800
+ETH_P_8021Q = 0x8100
+ETH_P_8021AD = 0x88A8
+ARPHRD_ETHER = 1  # linux/if_arp.h
 MAC_BYTES = 6
 MAC_TEXT_LEN = 17
 """spec §3.1: a MAC is written as exactly 17 characters, xx:xx:xx:xx:xx:xx."""
@@ -183,10 +187,7 @@ def _hex_addr(text: str, little_endian: bool) -> int:
 
 
 def _ipv4(text: str) -> int | None:
-    parts = text.split(".")
-    if len(parts) != 4 or not all(p.isascii() and p.isdigit() and len(p) <= 3 for p in parts):
+    try:
+        return ip_from_str(text)
+    except DecodeError:
         return None
-    octets = [int(p) for p in parts]
-    if any(o > 255 for o in octets):
-        return None
-    return int.from_bytes(bytes(octets), "big")

@@ -47,13 +47,42 @@ from dataclasses import dataclass, field
 from engine.errors import DecodeError
 
 __all__ = [
-    "FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR",
-    "TcpPacket", "TcpOptions", "DecodeError",
-    "parse_ip", "build", "build_fields", "parse_options", "build_options", "set_timestamp", "split_mtu",
-    "l2_offset", "ip_from_str", "ip_to_str", "checksum", "tcp_checksum",
-    "DLT_EN10MB", "DLT_RAW", "DLT_LINUX_SLL", "DLT_IPV4", "DLT_LINUX_SLL2", "LINKTYPES",
-    "IP_HEADER", "TCP_HEADER", "IP_HEADER_BYTES", "TCP_HEADER_BYTES", "TCP_OPTIONS_MAX_BYTES",
-    "IPPROTO_TCP", "TS_OPTION_BYTES",
+    "ACK",
+    "CWR",
+    "DLT_EN10MB",
+    "DLT_IPV4",
+    "DLT_LINUX_SLL",
+    "DLT_LINUX_SLL2",
+    "DLT_RAW",
+    "ECE",
+    "FIN",
+    "IPPROTO_TCP",
+    "IP_HEADER",
+    "IP_HEADER_BYTES",
+    "LINKTYPES",
+    "PSH",
+    "RST",
+    "SYN",
+    "TCP_HEADER",
+    "TCP_HEADER_BYTES",
+    "TCP_OPTIONS_MAX_BYTES",
+    "TS_OPTION_BYTES",
+    "URG",
+    "DecodeError",
+    "TcpOptions",
+    "TcpPacket",
+    "build",
+    "build_fields",
+    "build_options",
+    "checksum",
+    "ip_from_str",
+    "ip_to_str",
+    "l2_offset",
+    "parse_ip",
+    "parse_options",
+    "set_timestamp",
+    "split_mtu",
+    "tcp_checksum",
 ]  # fmt: skip
 
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
@@ -94,6 +123,7 @@ IP_DF = 0x4000
 IP_FRAG_OFFSET_MASK = 0x1FFF
 
 ETH_HEADER_BYTES = 14
+"""Destination MAC (6), source MAC (6), ethertype (2)."""
 VLAN_HEADER_BYTES = 18
 SLL_HEADER_BYTES = 16
 SLL2_HEADER_BYTES = 20

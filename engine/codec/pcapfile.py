@@ -22,7 +22,7 @@ from typing import BinaryIO
 
 from engine.errors import DecodeError
 
-__all__ = ["PcapReader", "open_pcap", "PCAP_GLOBAL_HEADER", "PCAP_RECORD_HEADER"]
+__all__ = ["PCAP_GLOBAL_HEADER", "PCAP_RECORD_HEADER", "PcapReader", "open_pcap"]
 
 PCAP_GLOBAL_HEADER_BYTES = 24
 PCAP_RECORD_HEADER_BYTES = 16

@@ -77,7 +77,8 @@ def tsval(options: bytes) -> int | None:
     if not options:
         return None
     if options[:4] == _TS_PREFIX and len(options) >= 12:
-        return _TS_VALUES.unpack_from(options, 4)[0]
+        value: int = _TS_VALUES.unpack_from(options, 4)[0]
+        return value
     ts = parse_options(options).timestamp
     return None if ts is None else ts[0]
 

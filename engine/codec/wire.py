@@ -50,65 +50,67 @@ import hmac
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
-from engine.codec.packet import TcpPacket
+# Only the fixed IPv4 header travels; IP options are dropped (§1.3).
+from engine.codec.packet import IP_HEADER_BYTES, TcpPacket
 from engine.errors import DecodeError
 
 __all__ = [
     "CLIENT_RECORD",
     "CLIENT_RECORD_BYTES",
     "CLIENT_RECORD_MIN_BYTES",
-    "INTERNAL_VERSION",
-    "TYPE_CLIENT_ADD",
-    "TYPE_CLIENT_DEL",
-    "HANDSHAKE",
-    "RESPONSE_RECORD_BYTES",
-    "PAYLOAD_RECORD_BYTES",
     "COMB_MAX",
     "COMB_MAX_PAYLOAD",
-    "MAX_RESPONSE_TCP_HEADER_BYTES",
-    "MAX_PAYLOAD_IN_RECORD_BYTES",
-    "FRAME_COUNT",
-    "ClientRecord",
-    "encode_client_record",
-    "client_add",
-    "client_del",
-    "ClientStreamDecoder",
-    "EXT_HELLO_TYPE",
-    "EXT_MAGIC",
-    "EXT_VERSION",
-    "EXT_NONCE_BYTES",
-    "EXT_MAC_BYTES",
     "EXT_HELLO",
-    "EXT_SERVER_MSG",
-    "EXT_PROOF_MSG",
+    "EXT_HELLO_TYPE",
+    "EXT_INTERCEPT_CONTEXT",
+    "EXT_KIND_ACCEPT",
     "EXT_KIND_CHALLENGE",
     "EXT_KIND_PROOF",
-    "EXT_KIND_ACCEPT",
     "EXT_KIND_REFUSE",
-    "REFUSE_BAD_PROOF",
-    "REFUSE_NO_SECRET",
-    "REFUSE_VERSION",
-    "REFUSE_MALFORMED",
-    "REFUSE_REASONS",
+    "EXT_MAC_BYTES",
+    "EXT_MAGIC",
+    "EXT_NONCE_BYTES",
+    "EXT_PROOF_MSG",
+    "EXT_SERVER_MSG",
     "EXT_TCPCOPY_CONTEXT",
-    "EXT_INTERCEPT_CONTEXT",
-    "HandshakeRefused",
-    "ProofMismatch",
-    "ext_mac",
-    "encode_challenge",
-    "encode_proof",
-    "encode_accept",
-    "encode_refuse",
-    "ExtendedClientHandshake",
-    "InterceptStreamDecoder",
-    "encode_response_record",
-    "decode_response_record",
-    "encode_frame",
-    "max_records_per_frame",
-    "FrameDecoder",
-    "ResponseStreamDecoder",
+    "EXT_VERSION",
+    "FRAME_COUNT",
+    "HANDSHAKE",
+    "INTERNAL_VERSION",
+    "MAX_PAYLOAD_IN_RECORD_BYTES",
+    "MAX_RESPONSE_TCP_HEADER_BYTES",
+    "PAYLOAD_RECORD_BYTES",
+    "REFUSE_BAD_PROOF",
+    "REFUSE_MALFORMED",
+    "REFUSE_NO_SECRET",
+    "REFUSE_REASONS",
+    "REFUSE_VERSION",
+    "RESPONSE_RECORD_BYTES",
+    "TYPE_CLIENT_ADD",
+    "TYPE_CLIENT_DEL",
+    "ClientRecord",
+    "ClientStreamDecoder",
     "DecodeError",
+    "ExtendedClientHandshake",
+    "FrameDecoder",
+    "HandshakeRefused",
+    "InterceptStreamDecoder",
+    "ProofMismatch",
+    "ResponseStreamDecoder",
+    "client_add",
+    "client_del",
+    "decode_response_record",
+    "encode_accept",
+    "encode_challenge",
+    "encode_client_record",
+    "encode_frame",
+    "encode_proof",
+    "encode_refuse",
+    "encode_response_record",
+    "ext_mac",
+    "max_records_per_frame",
 ]
 
 # --- tcpcopy -> intercept (spec §1.2) -------------------------------------------------------
@@ -127,7 +129,9 @@ HANDSHAKE = CLIENT_RECORD.pack(0, 0, INTERNAL_VERSION, 0, 0)
 
 # --- intercept -> tcpcopy (spec §1.3-§1.4) ---------------------------------------------------
 
-IP_HEADER_BYTES = 20  # only the fixed IPv4 header travels; IP options are dropped (§1.3)
+OUT_BUFFER_MAX_BYTES = 4 * 1024 * 1024
+"""Either end of the channel stops queueing records for a peer whose unsent output exceeds
+this (tcpcopy's intercept channels, the intercept's tcpcopy connections)."""
 TCP_HEADER_MIN_BYTES = 20
 MAX_RESPONSE_TCP_HEADER_BYTES = 44  # 20 + MAX_OPTION_LEN 24
 MAX_PAYLOAD_IN_RECORD_BYTES = 128  # MAX_PAYLOAD_LEN
@@ -410,7 +414,7 @@ class ExtendedClientHandshake:
         if kind == EXT_KIND_CHALLENGE and code != EXT_VERSION:
             raise DecodeError(f"the intercept speaks extended version {code}, we {EXT_VERSION}")
         del buf[: EXT_SERVER_MSG.size]
-        return body
+        return cast(bytes, body)
 
     def take_leftover(self) -> bytes:
         """After ``done``: the bytes received past the ACCEPT (the frame stream's start)."""

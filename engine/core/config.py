@@ -32,7 +32,11 @@ from collections.abc import Callable
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
-from engine.errors import ConfigError
+from engine.codec.packet import ip_from_str
+from engine.errors import ConfigError, DecodeError
+
+BYTES_PER_MB = 1024 * 1024
+"""The unit of the memory figures (-m, the stats line's rss)."""
 
 INTERCEPT_PORT_DEFAULT = 36524
 """spec §1.1: intercept's default listen port (`-p`)."""
@@ -57,7 +61,7 @@ def parse_int(where: str, text: object, lo: int | None = None, hi: int | None = 
             value = int(str(text).strip(), 10)
         except ValueError:
             raise ConfigError(where, f"expected an integer, not {text!r}") from None
-    if lo is not None and value < lo or hi is not None and value > hi:
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f"{lo}..{hi}" if hi is not None else f">= {lo}"
         raise ConfigError(where, f"{value} is out of range ({bounds})")
     return value
@@ -79,18 +83,19 @@ def parse_float(where: str, text: object, lo_exclusive: float | None = None) -> 
 
 
 def parse_ipv4(where: str, text: str) -> int:
-    """A dotted-quad IPv4 address as the int of its 4 network-order bytes."""
-    parts = text.strip().split(".")
-    # isascii: str.isdigit() also accepts digits int() refuses ("²"), and other scripts.
-    if len(parts) != 4 or not all(p.isascii() and p.isdigit() and len(p) <= 3 for p in parts):
-        raise ConfigError(where, f"{text!r} is not a dotted-quad IPv4 address")
-    octets = [int(p) for p in parts]
-    if any(o > 255 for o in octets):
-        raise ConfigError(where, f"{text!r} is not a dotted-quad IPv4 address")
-    return int.from_bytes(bytes(octets), "big")
+    """A dotted-quad IPv4 address as the int of its 4 network-order bytes: the one strict
+    rule of ``packet.ip_from_str`` (no leading zero, which inet_aton would read as octal),
+    after trimming surrounding blanks; the error names ``where``."""
+    try:
+        return ip_from_str(text.strip())
+    except DecodeError as e:
+        reason = str(e).partition(": ")[2]
+        raise ConfigError(where, f"{text!r} is not a dotted-quad IPv4 address ({reason})") from None
 
 
-def parse_intercepts(spec: str, default_port: int = INTERCEPT_PORT_DEFAULT) -> tuple:
+def parse_intercepts(
+    spec: str, default_port: int = INTERCEPT_PORT_DEFAULT
+) -> tuple[tuple[str, int], ...]:
     """-s `ip[:port],...` (spec §1.1): a missing port or port 0 means `default_port` (-p).
 
     Returns ((ip_text, port), ...) with duplicates removed; ConfigError("-s", ...).
@@ -192,7 +197,7 @@ class Choice(Value):
         if text not in self.choices:
             wanted = ", ".join(repr(c) for c in self.choices)
             raise ConfigError(where, f"invalid choice: {text!r} (choose from {wanted})")
-        return text
+        return str(text)
 
 
 class IPv4(Value):
@@ -231,7 +236,7 @@ def option(
     long: str,
     short: str | None = None,
     parse: Value | None = None,
-    help: str = "",  # noqa: A002 - argparse's word
+    help: str = "",
     section: str,
     unit: str | None = None,
     shown_default: Any = MISSING,
@@ -240,13 +245,16 @@ def option(
     action: str | None = None,
     cli_default: Any = None,
     factory: Any = MISSING,
-    repr: bool = True,  # noqa: A002
+    repr: bool = True,
+    flag_default: Any = MISSING,
 ) -> Any:
     """A dataclass field that is also a flag and a TOML key (the schema entry).
 
     ``shown_default`` is the default in the flag's unit for docs/config.md (the field's own
     default when not given); ``cli_default`` is what argparse stores when the flag is absent
-    (None = "not given", which the program resolves).
+    (None = "not given", which the program resolves); ``flag_default`` is the value in the
+    flag's unit a program takes when the option is absent, when ``shown_default`` is only a
+    description of it ("off").
     """
     parse = parse if parse is not None else Flag() if action == "store_true" else Text()
     meta = {
@@ -262,6 +270,18 @@ def option(
         "action": action,
         "cli_default": cli_default,
         "default": default if shown_default is MISSING else shown_default,
+        # The value a program uses when the flag is absent, in the flag's unit: the shown
+        # default when it is a value, else the field's own default; None when the shown
+        # default only describes what the program resolves ("CPU count", "timeout + 120").
+        "flag_default": (
+            flag_default
+            if flag_default is not MISSING
+            else default
+            if shown_default is MISSING
+            else None
+            if isinstance(shown_default, str)
+            else shown_default
+        ),
     }
     if factory is not MISSING:
         return field(default_factory=factory, metadata=meta, repr=repr)
@@ -283,7 +303,7 @@ TCPCOPY_SECTIONS = (_REPL, _CAPT, _OFFL, _PROC)
 class SessionConfig:
     """Behaviour of the simulated client TCP stack (spec §3, design §5)."""
 
-    transfers: tuple = option(
+    transfers: tuple[Any, ...] = option(
         (),
         short="-x",
         long="--transfer",
@@ -324,6 +344,7 @@ class SessionConfig:
         help="replace client source 127.0.0.1 by IP",
         section=_REPL,
         shown_default="off",
+        flag_default=0,
     )
     """-H: a captured client source of 127.0.0.1 is replaced by this address (spec §3.3
     step 3), before -c and -r see it; 0 = off.  Refused when a -x target is 127.0.0.1 (C then
@@ -481,6 +502,7 @@ class SessionConfig:
         help="initial RTT in ms",
         section=_REPL,
         shown_default="0 (= 1 ms)",
+        flag_default=0,
     )
     """-R (ms in the flag): RTT assumed before one is measured."""
     response_wait_max_s: float = 3.0
@@ -683,6 +705,7 @@ class ReplayConfig:
         help="skip gaps longer than MS",
         section=_OFFL,
         shown_default="0 (off)",
+        flag_default=0,
     )
     """-I (ms in the flag): offline gaps longer than this are skipped; 0 = off."""
     replays: int = option(
@@ -841,18 +864,13 @@ class ReplayConfig:
 # The schema, walked
 
 
-def schema_fields(cls: type) -> list[Field]:
+def schema_fields(cls: type) -> list[Field[Any]]:
     """The user-facing fields of a config dataclass, in order; a nested SessionConfig field
     (ReplayConfig.session) is expanded in place."""
-    out: list[Field] = []
+    out: list[Field[Any]] = []
     for f in fields(cls):
         if "long" in f.metadata:
             out.append(f)
         elif f.name == "session":
             out.extend(schema_fields(SessionConfig))
     return out
-
-
-def flag_names(f: Field) -> str:
-    """`-r/--sample` (or `--workers`): how errors and docs name the option."""
-    return "/".join(x for x in (f.metadata["short"], f.metadata["long"]) if x)

@@ -25,27 +25,28 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from engine.codec import link
+from engine.codec.packet import ip_from_str
 from engine.codec.tcpseq import TS_CLOCK_HZ, after, ts_clock
-from engine.errors import ConfigError
+from engine.errors import ConfigError, DecodeError
 
 __all__ = [
-    "TransferEntry",
-    "parse_transfer",
-    "match_transfer",
-    "targets_localhost",
-    "parse_client_pool",
-    "choose_client_ip",
-    "spill_order",
-    "sample_keep",
-    "gap",
-    "shift_port",
-    "replica_port",
-    "TupleAllocator",
-    "SynInfo",
-    "MAX_CLIENT_IPS",
-    "PORT_MIN_UNPRIVILEGED",
-    "PORT_MAX",
     "LOCALHOST_IP",
+    "MAX_CLIENT_IPS",
+    "PORT_MAX",
+    "PORT_MIN_UNPRIVILEGED",
+    "SynInfo",
+    "TransferEntry",
+    "TupleAllocator",
+    "choose_client_ip",
+    "gap",
+    "match_transfer",
+    "parse_client_pool",
+    "parse_transfer",
+    "replica_port",
+    "sample_keep",
+    "shift_port",
+    "spill_order",
+    "targets_localhost",
 ]
 
 MAX_CLIENT_IPS = 4096
@@ -69,22 +70,12 @@ PORT_SHIFT_FACTOR_MAX = 255
 
 
 def _parse_ip(text: str) -> int | None:
-    """Dotted quad -> int, or None.  Leading zeros are refused: inet_aton reads them as octal,
-    so "010.0.0.1" would mean 8.0.0.1 to the C tools; refusing is clearer than guessing."""
-    parts = text.split(".")
-    if len(parts) != 4:
+    """Dotted quad -> int, or None: ``packet.ip_from_str``'s strict rule (leading zeros are
+    refused: inet_aton reads them as octal, so "010.0.0.1" would mean 8.0.0.1 to C tools)."""
+    try:
+        return ip_from_str(text)
+    except DecodeError:
         return None
-    value = 0
-    for part in parts:
-        if not (part.isascii() and part.isdigit()) or len(part) > 3:
-            return None
-        if len(part) > 1 and part[0] == "0":
-            return None
-        octet = int(part)
-        if octet > 255:
-            return None
-        value = (value << 8) | octet
-    return value
 
 
 def _parse_port(text: str) -> int | None:

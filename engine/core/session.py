@@ -52,8 +52,8 @@ request.  A captured client segment's ack says how many response bytes the *onli
 had sent when the client sent it; the difference between this request's ack and the previous
 request's ack (for the first request: the handshake ACK's, online ISN + 1) is what the online
 server answered to the previous request: ``online = ack - prev_ack``.  What the target has
-answered to it is ``got = _rcv_data - _rcv_data_at_req`` (``_rcv_data`` counts the response
-bytes of this connection; ``_rcv_data_at_req`` is its value when the previous request went
+answered to it is ``got = _rcv_data - rcv_data_at_req`` (``_rcv_data`` counts the response
+bytes of this connection; the gate's ``rcv_data_at_req`` is its value when the previous request went
 out).  A data segment whose ack differs from the previous one's is a new request; it is
 released when
   (a) got >= online: the target answered at least as much as production did;
@@ -68,9 +68,10 @@ Both counts start over at every request, so a shorter or longer answer on one ex
 shifts the next (a running total would: one byte short, and every later request waits the
 quiet; docs/replay.md has worked examples).  Continuations (same ack) go out at once.  Silence
 we caused is not the target's: beyond a LAN, while a request is held, response data is acked
-at once (the request would carry that ack anyway), and the quiet counts from that ACK.  A FIN or RST whose
-ack moved uses the same gate (never rule (b)), with a longer quiet (CLOSE_QUIET_MIN_S: a close
-that cuts a streaming answer makes the target abort it), and a FIN also waits until all data
+at once (the request would carry that ack anyway), and the quiet counts from that ACK.  A FIN
+or RST whose ack moved uses the same gate (never rule (b)), with a longer quiet
+(CLOSE_QUIET_MIN_S: a close that cuts a streaming answer makes the target abort it), and a FIN
+also waits until all data
 is acknowledged.
 
 Reconnects (spec §3.8 reconstruct_sess) happen only where they can work: the target closed or
@@ -98,6 +99,7 @@ from engine.codec.packet import (
     RST,
     SYN,
     URG,
+    WSCALE_MAX,
     TcpPacket,
     build_fields,
     build_options,
@@ -119,49 +121,52 @@ from engine.core.config import SessionConfig
 from engine.core.events import DROP_KEYS as _DROP_KEYS
 from engine.core.events import OBSOLETE_OUTCOMES as _OBSOLETE
 from engine.core.events import DropReason, Event, Outcome, RouteNeeded, SessionEnded, drop_key
+from engine.core.session_parts import (
+    CLOSE_QUIET_MIN_S,
+    LAN_RTT_MAX_S,
+    RESPONSE_QUIET_MIN_S,
+    RTO_GRANULARITY_S,
+    RTO_INITIAL_S,
+    RTO_MAX_S,
+    RTO_MIN_S,
+    RequestGate,
+    RetransmitQueue,
+    RttEstimator,
+)
+from engine.core.session_parts import GATE_CLOSE as _GATE_CLOSE
+from engine.core.session_parts import GATE_DATA as _GATE_DATA
 from engine.core.states import TRANSITIONS as _TRANSITIONS
 from engine.core.states import State
 
 __all__ = [
-    "TcpSession",
-    "State",
+    "CLOSE_QUIET_MIN_S",
+    "LAN_RTT_MAX_S",
+    "RESPONSE_QUIET_MIN_S",
+    "RTO_GRANULARITY_S",
+    "RTO_INITIAL_S",
+    "RTO_MAX_S",
+    "RTO_MIN_S",
     "DropReason",
+    "Event",
     "Outcome",
     "RouteNeeded",
     "SessionEnded",
-    "Event",
+    "State",
+    "TcpSession",
     "drop_key",
 ]
 
-RTO_INITIAL_S = 0.2
-"""Retransmission timeout before an RTT was measured (RFC 6298 says 1 s; a replay toward a
-test server on the same LAN wants faster recovery; the backoff makes it safe)."""
-RTO_MIN_S = 0.05
-RTO_MAX_S = 3.0
-RTO_GRANULARITY_S = 0.001
 RETRIES_MAX = 6
 """Consecutive RTO expiries without progress before the session gives up."""
 SYN_RTO_INITIAL_S = 0.5
 """QUIRK fixed (spec §3.9 retrans_pack, §5.2): C never retransmits a SYN."""
 DELAYED_ACK_S = 0.04
-RESPONSE_QUIET_MIN_S = 0.001
-"""Rule (c) of the request gate: a shorter answer is over after max(rtt / 2, this) of silence
-(spec §3.9 DELAY_ACK re-arms for rtt/2), counted from the later of its last data and our last
-ACK (silence we caused by not acking is not the target's).  The floor is the event loop's
-timer resolution."""
-LAN_RTT_MAX_S = 0.001
-"""Rule (c) on a LAN: with a path RTT up to this (C's internal_usage, spec §3.12: rtt <= 1 ms)
-a held request goes as soon as answer data has arrived, as C does (spec §3.8 step 5)."""
-CLOSE_QUIET_MIN_S = 0.5
-"""Rule (c) for a client FIN/RST: a close that cuts a still-streaming response short makes the
-target abort it (nginx logs a short body), so a close waits for a longer silence."""
 DUP_ACK_THRESHOLD = 3
 FAKED_WINDOW = 65535
 FAKED_TTL = 64
 DEFAULT_MSS = 536
 """RFC 9293 §3.7.1: the MSS assumed when the SYN carried none."""
 WINDOW_MAX_BYTES = 65535
-WSCALE_MAX = 14
 CLIENT_GAP_WAIT_S = 1.0
 """How long a hole in the captured client stream may hold the session.  Capture reorders by
 microseconds, never by a second; a hole still open after this is a segment the capture lost
@@ -189,9 +194,6 @@ _SYN_FLAGS = SYN | ECE | CWR
 # Outcomes where the target ended the connection (later client data is a reconnect in effect).
 _TARGET_ENDED = frozenset({Outcome.TARGET_CLOSED, Outcome.TARGET_RESET, Outcome.RECONNECT_LIMIT})
 
-# Gate kinds: a FIN/RST is never released by -W (spec §3.14: FIN/RST stay held).
-_GATE_DATA, _GATE_CLOSE = 0, 1
-
 
 class TcpSession:
     """One replayed connection (possibly reconnected); see the module docstring."""
@@ -215,11 +217,9 @@ class TcpSession:
         # timestamps and window
         "_ts_ok", "_ts_val", "_ts_recent", "_snd_wscale", "_snd_wnd",
         # retransmission
-        "_srtt", "_rtt_min", "_rttvar", "_backoff", "_retries", "_rto_at", "_retx_due", "_dupacks", "_recover",
+        "_est", "_retries", "_rto_at", "_retx_due", "_dupacks", "_recover",
         "_persist_at", "_persist_backoff", "_probe_due", "_retx_answered",
-        # request gate
-        "_online_base", "_last_data_ack", "_gate_ack", "_held_since", "_gate_at",
-        "_last_req_sent_at", "_rcv_data_at_req",
+        "_gate",
         # end
         "_fin_wait_at", "_linger_at", "_graceful", "_ctl", "_events", "_route_down",
     )  # fmt: skip
@@ -232,13 +232,13 @@ class TcpSession:
         online: tuple[int, int] = (0, 0),
         now: float = 0.0,
         *,
-        counters: Counter | None = None,
+        counters: Counter[str] | None = None,
     ) -> None:
         self.config = config
         self.client = client
         self.target = target
         self.online = online
-        self.counters: Counter = Counter() if counters is None else counters
+        self.counters: Counter[str] = Counter() if counters is None else counters
         self.state = _CLOSED
         self.outcome: str | None = None
         self.created_at = now
@@ -248,7 +248,7 @@ class TcpSession:
         self._snd_nxt = 0
         self._cap_end = 1
         self._pending: deque[_Seg] = deque()
-        self._unacked: deque[_Seg] = deque()
+        self._unacked = RetransmitQueue()
         self._syn_pkt: TcpPacket | None = None
         self._third_pkt: TcpPacket | None = None
         self._fin_seg: _Seg | None = None
@@ -293,10 +293,7 @@ class TcpSession:
         self._ts_recent = 0
         self._snd_wscale = 0
         self._snd_wnd = 0
-        self._srtt: float | None = None
-        self._rtt_min: float | None = None  # the smallest sample: the path, not our queueing
-        self._rttvar = 0.0
-        self._backoff = 0
+        self._est = RttEstimator(config.rtt_initial_s)
         self._retries = 0
         self._rto_at: float | None = None
         self._retx_due = False
@@ -306,13 +303,7 @@ class TcpSession:
         self._persist_backoff = 0
         self._probe_due = False
         self._retx_answered = True
-        self._online_base: int | None = None
-        self._last_data_ack: int | None = None
-        self._gate_ack: int | None = None
-        self._held_since: float | None = None
-        self._gate_at: float | None = None
-        self._last_req_sent_at = now
-        self._rcv_data_at_req = 0
+        self._gate = RequestGate()
         self._fin_wait_at: float | None = None
         self._linger_at: float | None = None
         self._graceful = False
@@ -442,7 +433,7 @@ class TcpSession:
             self._rto_at,
             self._ack_at,
             self._persist_at,
-            self._gate_at,
+            self._gate.at,
             self._fin_wait_at,
             self._gap_at,
         ):
@@ -495,7 +486,7 @@ class TcpSession:
         self._route_down = down
         if down or not (self.state is _ESTABLISHED or self.state is _FIN_WAIT):
             return
-        self._retries = self._backoff = 0
+        self._retries = self._est.backoff = 0
         if self._unacked:
             self._retx_due = True
         else:  # an old seq: the target answers with an ACK carrying its current seq
@@ -578,17 +569,18 @@ class TcpSession:
         self._drop(DropReason.SYN_CONFLICT)
 
     def _client_pure_ack(self, pkt: TcpPacket, off: int) -> None:
-        base = self._online_base
+        gate = self._gate
+        base = gate.online_base
         if (
             off == 1
             and self._syn_pkt is not None
-            and self._last_data_ack is None
+            and gate.last_data_ack is None
             and (base is None or _after(base, pkt.ack))
         ):
             # The handshake's ACK: online ISN + 1, the origin of the request gate's byte
             # count.  Later pure ACKs (the client reading responses) must not move it; without
             # a captured handshake the first data segment's ack is the origin instead.
-            self._online_base = pkt.ack
+            gate.online_base = pkt.ack
         if (
             self._syn_pkt is not None
             and self._third_pkt is None
@@ -731,7 +723,7 @@ class TcpSession:
         self._rcv_nxt = (pkt.seq + 1) & SEQ_MASK
         self._rcv_data = 0
         self._rcv_unacked = 0
-        self._rcv_data_at_req = 0
+        self._gate.rcv_data_at_req = 0
         ts = opts.timestamp if opts is not None else None
         self._ts_ok = self._syn_ts and ts is not None
         if self._ts_ok:
@@ -747,14 +739,13 @@ class TcpSession:
         self._snd_wnd = pkt.window
         self._snd_una = self._snd_nxt
         if not self._syn_retx:
-            self._rtt_sample(now - self._syn_sent_at)
+            self._est.sample(now - self._syn_sent_at)
         self._syn_at = None
         self._handshake_at = None
         self._syn_due = False
         self._set_state(_ESTABLISHED)
         self.counters["conns"] += 1
         self._need_third = True
-        self._last_req_sent_at = now
         self._last_resp_at = now
         self._last_resp_data_at = now
 
@@ -790,12 +781,7 @@ class TcpSession:
 
     def _acked(self, a: int, now: float) -> None:
         una = self._snd_una
-        unacked = self._unacked
-        sample: float | None = None
-        while unacked and unacked[0].end <= a:
-            seg = unacked.popleft()
-            # Karn's rule: no RTT sample from a retransmitted segment.
-            sample = None if seg.retx else now - seg.sent_at
+        sample = self._unacked.take_acked(a, now)  # Karn's rule: None after a retransmission
         acked = a - una
         fin = self._fin_seg
         if self._fin_sent and fin is not None and una <= fin.off < a:
@@ -805,15 +791,15 @@ class TcpSession:
             c["client_bytes_acked"] += acked
         self._snd_una = a
         self._retries = 0
-        self._backoff = 0
+        self._est.backoff = 0
         if sample is not None:
-            self._rtt_sample(sample)
+            self._est.sample(sample)
         if self._recover is not None:
             if a < self._recover:
                 self._retx_due = True  # NewReno partial ack: the next hole (RFC 6582)
             else:
                 self._recover = None
-        self._rto_at = now + self._rto() if a < self._snd_nxt else None
+        self._rto_at = now + self._est.rto() if a < self._snd_nxt else None
 
     def _process_data(self, seq: int, dlen: int, now: float) -> None:
         end = (seq + dlen) & SEQ_MASK
@@ -920,17 +906,18 @@ class TcpSession:
                         self._end(Outcome.RETRANSMIT_LIMIT, now, rst_off=self._snd_una)
                         return
                     self._retries = RETRIES_MAX  # deaf, not refused: go on at the max RTO
-                self._backoff = min(self._backoff + 1, RETRIES_MAX)
+                est = self._est
+                est.backoff = min(est.backoff + 1, RETRIES_MAX)
                 self._retx_due = True
                 self._dupacks = 0
                 # After a timeout every hole is retransmitted as the acks come (RFC 6582).
                 self._recover = self._snd_nxt
-                self._rto_at = now + self._rto()
+                self._rto_at = now + self._est.rto()
                 self.counters["rto"] += 1
         if self._persist_at is not None and now >= self._persist_at:
             self._probe_due = True
             self._persist_backoff += 1
-            self._persist_at = now + self._persist_interval()
+            self._persist_at = now + self._est.persist_interval(self._persist_backoff)
         if self._ack_at is not None and now >= self._ack_at:
             self._ack_at = None
             self._ack_due = True
@@ -980,7 +967,7 @@ class TcpSession:
         if self._unacked:
             # Sent data is still in flight: a reconnect would throw it away.  Look again
             # once the retransmission machinery has had its turn.
-            self._gap_at = now + self._rto()
+            self._gap_at = now + self._est.rto()
             return
         c = self.counters
         c["client gap abandoned"] += 1
@@ -995,49 +982,40 @@ class TcpSession:
             return
         self._reconnect(now, send_rst=True)
 
-    def _rtt_sample(self, r: float) -> None:
-        """RFC 6298 §2 smoothing; the minimum is kept apart (``_rtt_min``)."""
-        if r < 0:
-            return
-        if self._rtt_min is None or r < self._rtt_min:
-            self._rtt_min = r
-        if self._srtt is None:
-            self._srtt = r
-            self._rttvar = r / 2
-        else:
-            self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - r)
-            self._srtt = 0.875 * self._srtt + 0.125 * r
-
-    def _rto(self) -> float:
-        """The current RTO with exponential backoff (QUIRK fixed, spec §3.9: C's fixed 100 ms
-        RTO with no backoff, effectively disabled after the first fast response)."""
-        # min()/max() spelled as comparisons: this runs for every segment sent.
-        srtt = self._srtt
-        if srtt is None:
-            base = RTO_INITIAL_S
-        else:
-            var4 = 4 * self._rttvar
-            base = srtt + (var4 if var4 > RTO_GRANULARITY_S else RTO_GRANULARITY_S)
-            if base < RTO_MIN_S:
-                base = RTO_MIN_S
-            elif base > RTO_MAX_S:
-                base = RTO_MAX_S
-        if self._backoff:
-            base *= 1 << self._backoff
-        return base if base < RTO_MAX_S else RTO_MAX_S
-
-    def _persist_interval(self) -> float:
-        base = RTO_INITIAL_S if self._srtt is None else max(self._rto(), RTO_MIN_S)
-        return min(base * (1 << min(self._persist_backoff, 16)), RTO_MAX_S)
-
-    def _rtt(self) -> float:
-        return self.config.rtt_initial_s if self._srtt is None else self._srtt
-
     def _path_rtt(self) -> float:
-        """The round trip of the path to the target: the smallest sample (Linux's min_rtt).
-        The smoothed RTT also holds the time our own worker kept the answers queued under
-        load, which says nothing about gaps inside the target's answers."""
-        return self.config.rtt_initial_s if self._rtt_min is None else self._rtt_min
+        return self._est.path_rtt()
+
+    @property
+    def _srtt(self) -> float | None:
+        return self._est.srtt
+
+    # What the request gate reads of the receive side (engine/session_parts.RequestGate).
+
+    @property
+    def rtt_estimator(self) -> RttEstimator:
+        return self._est
+
+    @property
+    def rcv_data(self) -> int:
+        """Response bytes received on this connection."""
+        return self._rcv_data
+
+    @property
+    def rcv_unacked(self) -> int:
+        """Response bytes received and not yet acknowledged."""
+        return self._rcv_unacked
+
+    @property
+    def last_resp_data_at(self) -> float:
+        return self._last_resp_data_at
+
+    @property
+    def last_ack_at(self) -> float:
+        return self._last_ack_at
+
+    def ack_now(self) -> None:
+        """Owe the target an ACK at the next ``packets_to_send``."""
+        self._ack_due = True
 
     # -- state changes ----------------------------------------------------------------------
 
@@ -1065,7 +1043,7 @@ class TcpSession:
         if not self._fin_sent:
             self._fin_seg = None
         self._syn_at = self._handshake_at = self._rto_at = self._ack_at = None
-        self._persist_at = self._gate_at = self._fin_wait_at = self._gap_at = None
+        self._persist_at = self._gate.at = self._fin_wait_at = self._gap_at = None
         self._syn_due = self._retx_due = self._probe_due = self._ack_due = False
         self._need_third = False
         self._graceful = graceful
@@ -1103,24 +1081,20 @@ class TcpSession:
         self._reconnected = True
         # What was sent and never acknowledged is thrown away with the connection: the next
         # segment continues it only if it carries the same ack (the same request).
-        self._resync = (self._snd_nxt, self._last_data_ack)
+        self._resync = (self._snd_nxt, self._gate.last_data_ack)
         if send_rst:
             self._ctl.append((RST | ACK, self._seq(self._snd_nxt), self._rcv_nxt, b"", None))
         self._unacked.clear()
         self._set_state(_CLOSED)
         self._fake_syn = True
         self._need_third = False
-        self._rto_at = self._ack_at = self._persist_at = self._gate_at = None
+        self._rto_at = self._ack_at = self._persist_at = self._gate.at = None
         self._retx_due = self._probe_due = self._ack_due = False
         self._recover = None
-        self._dupacks = self._retries = self._backoff = self._persist_backoff = 0
+        self._dupacks = self._retries = self._est.backoff = self._persist_backoff = 0
         self._ts_ok = False
         self._snd_wscale = 0
-        # The gate starts over: the new connection's first request goes at once.
-        self._online_base = None
-        self._last_data_ack = None
-        self._gate_ack = None
-        self._held_since = None
+        self._gate.restart()  # the new connection's first request goes at once
         self._gap_held = False
         self._gap_at = None
 
@@ -1406,25 +1380,20 @@ class TcpSession:
 
     def _retransmit(self, now: float, out: list[bytes]) -> None:
         self._retx_due = False
-        if not self._unacked:
+        head = self._unacked.resend_head(self._snd_una)
+        if head is None:
             return
-        seg = self._unacked[0]
-        una = self._snd_una
-        payload = seg.payload
-        off = seg.off
-        if off < una:  # partly acked: only the rest
-            payload = payload[una - off :]
-            off = una
+        seg, off, payload = head
         self._emit(out, seg.flags, self._seq(off), self._rcv_nxt, payload, seg)
-        seg.retx = True
         self._retx_answered = False
         self.counters["retransmit"] += 1
-        self._rto_at = now + self._rto()
+        self._rto_at = now + self._est.rto()
 
     def _send_new(self, now: float, out: list[bytes]) -> None:
         """The pump: captured segments in order, through gap, gate and window checks."""
         c = self.counters
         pend = self._pending
+        gate = self._gate
         if self.state is _ESTABLISHED:
             while pend:
                 seg = pend[0]
@@ -1449,8 +1418,12 @@ class TcpSession:
                     seg.off = nxt
                     c["client overlap"] += 1
                 ack = seg.ack
-                new_req = ack != self._last_data_ack
-                if new_req and ack != self._gate_ack and not self._gate_open(ack, now, _GATE_DATA):
+                new_req = ack != gate.last_data_ack
+                if (
+                    new_req
+                    and ack != gate.released_ack
+                    and not gate.open(self, ack, now, _GATE_DATA)
+                ):
                     break
                 size = seg.end - seg.off
                 room = self._snd_una + self._snd_wnd - nxt
@@ -1460,7 +1433,9 @@ class TcpSession:
                     if room <= 0:
                         # Zero window: stop; probe until it reopens (spec §3.8, QUIRK fixed).
                         if self._persist_at is None:
-                            self._persist_at = now + self._persist_interval()
+                            self._persist_at = now + self._est.persist_interval(
+                                self._persist_backoff
+                            )
                         break
                     # Nothing in flight and a window smaller than the segment: send what fits.
                     head = _Seg(seg.off, seg.off + room, seg.pkt, seg.flags & ~PSH, b"")
@@ -1476,22 +1451,21 @@ class TcpSession:
                 self._unacked.append(seg)
                 self._snd_nxt = seg.end
                 if self._rto_at is None:
-                    self._rto_at = now + self._rto()
+                    self._rto_at = now + self._est.rto()
                 c["send"] += 1
                 c["send content"] += 1
                 if new_req:
                     c["requests"] += 1
-                    self._last_req_sent_at = now
-                    self._rcv_data_at_req = self._rcv_data
-                self._last_data_ack = ack
+                    gate.rcv_data_at_req = self._rcv_data
+                gate.last_data_ack = ack
             if not pend:
                 self._send_fin(now, out)
         rst = self._rst_seg
         if rst is not None and (not pend or pend[0].off > self._snd_nxt):
             if self.state < _LINGER and (
-                rst.ack == self._last_data_ack
-                or rst.ack == self._gate_ack
-                or self._gate_open(rst.ack, now, _GATE_CLOSE)
+                rst.ack == gate.last_data_ack
+                or rst.ack == gate.released_ack
+                or gate.open(self, rst.ack, now, _GATE_CLOSE)
             ):
                 # spec §3.7 step 1: seq clamped to what the target expects.
                 flags = rst.flags
@@ -1516,10 +1490,11 @@ class TcpSession:
         if self._snd_una != self._snd_nxt:
             return  # spec §3.13: the FIN waits until the target has acked all data
         ack = fin.ack
+        gate = self._gate
         if (
-            ack != self._last_data_ack
-            and ack != self._gate_ack
-            and not self._gate_open(ack, now, _GATE_CLOSE)
+            ack != gate.last_data_ack
+            and ack != gate.released_ack
+            and not gate.open(self, ack, now, _GATE_CLOSE)
         ):
             return
         fin.off = self._snd_nxt
@@ -1531,67 +1506,9 @@ class TcpSession:
         self._snd_nxt = fin.end
         self._fin_sent = True
         if self._rto_at is None:
-            self._rto_at = now + self._rto()
+            self._rto_at = now + self._est.rto()
         c = self.counters
         c["send"] += 1
         c["fin"] += 1
         self._set_state(_FIN_WAIT)
         self._fin_wait_at = now + self.config.fin_wait_timeout_s
-
-    def _gate_open(self, ack: int, now: float, kind: int) -> bool:
-        """The request gate, per exchange (module docstring); counts the rule that released."""
-        prev = self._last_data_ack  # the previous request's ack
-        if prev is None:
-            prev = self._online_base  # none sent yet: the handshake ACK's (online ISN + 1)
-            if prev is None:
-                prev = self._online_base = ack  # a mid-stream start: nothing to wait for
-        online = (ack - prev) & SEQ_MASK
-        if online >= SEQ_HALF:
-            online = 0  # the client's ack went backwards: not a new answer
-        got = self._rcv_data - self._rcv_data_at_req
-        c = self.counters
-        if got >= online:
-            rule = "gate_bytes"  # (a)
-        elif kind == _GATE_DATA and not self.config.wait_response:
-            rule = "gate_nowait"  # (b) -W
-        else:
-            held = self._held_since
-            if held is None:
-                held = self._held_since = now
-                c["requests_held"] += 1
-            quiet_at: float | None = None
-            rule = ""
-            if got > 0:
-                if kind == _GATE_DATA:
-                    # spec §3.9 DELAY_ACK: rtt/2 without new data
-                    quiet_s = self._path_rtt() / 2
-                    if quiet_s < RESPONSE_QUIET_MIN_S:
-                        quiet_s = RESPONSE_QUIET_MIN_S
-                else:
-                    quiet_s = max(2 * self._rtt(), CLOSE_QUIET_MIN_S)
-                if kind == _GATE_DATA and self._path_rtt() <= LAN_RTT_MAX_S:
-                    # spec §3.8 step 5, §3.12 internal_usage: on a LAN the next request goes
-                    # as soon as answer data has arrived (and carries our ACK).
-                    rule = "gate_quiet"  # (c)
-                elif self._rcv_unacked:
-                    # We owe the target an ACK, so its silence may be ours (Nagle, cwnd): the
-                    # ACK goes out now (the held request would carry it anyway) and the quiet
-                    # counts from it.
-                    self._ack_due = True
-                    quiet_at = now + quiet_s
-                else:
-                    quiet_at = max(self._last_resp_data_at, self._last_ack_at) + quiet_s
-                    if now >= quiet_at:
-                        rule = "gate_quiet"  # (c)
-            if not rule:
-                max_at = held + self.config.response_wait_max_s
-                if now >= max_at:
-                    rule = "gate_max_wait"  # (d)
-                else:
-                    self._gate_at = max_at if quiet_at is None or quiet_at > max_at else quiet_at
-                    return False
-        c[rule] += 1
-        self._held_since = None
-        self._gate_at = None
-        self._gate_ack = ack
-        return True

@@ -40,13 +40,13 @@ from itertools import repeat
 import numpy as np
 
 __all__ = [
-    "FlowGate",
+    "REASON_MEMORY",
+    "REASON_RING_FULL",
+    "SHED_IDLE_S",
+    "SHED_REASONS",
     "SHED_RING_HIGH",
     "SHED_RING_LOW",
-    "SHED_IDLE_S",
-    "REASON_RING_FULL",
-    "REASON_MEMORY",
-    "SHED_REASONS",
+    "FlowGate",
 ]
 
 SHED_RING_HIGH = 0.9

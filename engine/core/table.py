@@ -16,7 +16,9 @@ rewrite.TupleAllocator); ``SessionTable(config, tuple_history)`` (engine/io/tupl
 handed to the allocator; counted as "tuple_history_avoided"; the allocator's spills and
 RFC 6191 reuses as "tuples_spilled" and "tuples_reused"); ``t.live_routes()`` (the
 routes of every session not yet ended, for a re-announce) and ``t.set_route_down(down,
-now)`` (an intercept became unreachable / every one is back: TcpSession.handle_route_down).  ``counters`` is shared with every session of the table, so it holds
+now)`` (an intercept became unreachable / every one is back:
+TcpSession.handle_route_down).  ``counters`` is shared with every session of the table, so it
+holds
 the session counters (spec §3.18 labels, ``drop_<reason>``, ``ended_<outcome>``, fidelity
 bytes, gate rules) plus the table's own: "all clt", "clt cont", "syn cnt", "rel", "port reuse",
 "sessions refused", and the gauge "tw".
@@ -78,7 +80,7 @@ from engine.core.rewrite import (
 from engine.core.session import TcpSession
 from engine.core.states import State
 
-__all__ = ["SessionTable", "ClientRoute"]
+__all__ = ["ClientRoute", "SessionTable"]
 
 ClientRoute = RouteNeeded
 
@@ -124,7 +126,9 @@ class _Entry:
 
     __slots__ = ("session", "flow_key", "flow", "resp_key", "sched", "touched", "unsend", "gone")
 
-    def __init__(self, session: TcpSession, flow_key: Key4, flow: list, resp_key: Key4) -> None:
+    def __init__(
+        self, session: TcpSession, flow_key: Key4, flow: list[_Entry], resp_key: Key4
+    ) -> None:
         self.session = session
         self.flow_key = flow_key
         self.flow = flow  # the replica list this entry belongs to (shared)
@@ -140,7 +144,7 @@ class SessionTable:
 
     def __init__(self, config: SessionConfig, tuple_history: object | None = None) -> None:
         self.config = config
-        self.counters: Counter = Counter()
+        self.counters: Counter[str] = Counter()
         self.allocator = TupleAllocator(
             config.time_wait_s,
             config.worker_index,
@@ -423,7 +427,13 @@ class SessionTable:
         return e
 
     def _create(
-        self, fkey: Key4, flow: list, i: int, pkt: TcpPacket, now: float, entry: TransferEntry
+        self,
+        fkey: Key4,
+        flow: list[_Entry],
+        i: int,
+        pkt: TcpPacket,
+        now: float,
+        entry: TransferEntry,
     ) -> _Entry | None:
         """Allocate replica i's fake client tuple and make its session (not yet fed)."""
         cfg = self.config

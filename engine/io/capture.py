@@ -2,8 +2,9 @@
 
 Theory of operation
 -------------------
-Every source offers the same small interface so the worker loop (and, later, the capture
-process that feeds the shared-memory rings, design §3) can drive any of them:
+Every source offers the same small interface so the capture process that feeds the
+shared-memory rings (engine/proc/capture.py, design §3) can drive any of them;
+``build_sources`` makes the ones a configuration asks for:
 
     src.fileno() -> int | None         # selectable fd, or None (a pcap file is paced by time)
     src.next_deadline() -> float|None  # when read_batch has something to return (files only)
@@ -53,6 +54,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from engine.codec import bpf, packet
+from engine.codec.bpf import PACKET_OUTGOING
+from engine.codec.link import ARPHRD_ETHER, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP
 from engine.codec.pcapfile import PCAP_GLOBAL_HEADER_BYTES, PCAP_RECORD_HEADER_BYTES
 from engine.errors import DecodeError
 from engine.io.logs import LOGGER_NAME
@@ -67,15 +70,10 @@ BATCH_MAX_PACKETS = 1024
 """At most this many packets per read_batch, so timers and responses are not starved."""
 
 ETH_P_ALL = 0x0003
-ETH_P_IP = 0x0800
-ETH_P_8021Q = 0x8100
-ETH_P_8021AD = 0x88A8
-PACKET_OUTGOING = 4
 SO_ATTACH_FILTER = 26
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 # ARPHRD_* device types (linux/if_arp.h): which ones carry an Ethernet header.
-ARPHRD_ETHER = 1
 ARPHRD_LOOPBACK = 772
 _ARPHRD_ETHERNET_LIKE = {ARPHRD_ETHER, ARPHRD_LOOPBACK}
 _ARPHRD_RAW_IP = {65534, 519, 768, 776, 778}  # NONE, RAWIP, TUNNEL, SIT, IPGRE
@@ -1127,3 +1125,28 @@ class PcapFileSource:
             self._pending = (self.pacer.due(ts), ts, ip)
             self.counters["offline_idle_gaps"] = self.pacer.idle_gaps
             return
+
+
+def build_sources(cfg: Any, prefilter: object, opener: Any = None) -> list[object]:
+    """The capture sources cfg asks for (sockets need root or CAP_NET_RAW); ``opener``
+    opens an offline replay's files (privileges' kept descriptors; default: by path)."""
+    if cfg.capture == "offline":
+        pacer = ReplayPacer(cfg.accelerate, cfg.idle_threshold_s)
+        if opener is None:
+            return [PcapFileSource(cfg.pcap_files, pacer, cfg.replays, prefilter)]
+        paths = list(cfg.pcap_files)
+        return [PcapFileSource(paths, pacer, cfg.replays, prefilter, opener=opener)]
+    if cfg.capture == "packet":
+        ports = sorted({t.online_port for t in cfg.session.transfers})
+        devices = [d for d in cfg.interfaces if d != "any"] or [None]
+        if "any" in cfg.interfaces:
+            devices = [None]
+        return [
+            open_live_source(dev, prefilter, cfg.capture_buffer_bytes, ports)  # type: ignore[arg-type]
+            for dev in devices
+        ]
+    # raw: what arrives at this host (PACKET_HOST on every device) through the TPACKET_V3
+    # ring; the IPPROTO_TCP raw socket (spec §3.2) when the kernel offers no ring.
+    return [
+        open_live_source(None, prefilter, cfg.capture_buffer_bytes, host_only=True)  # type: ignore[arg-type]
+    ]

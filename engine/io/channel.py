@@ -60,6 +60,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 
 from engine.codec import wire
+from engine.codec.wire import OUT_BUFFER_MAX_BYTES
 from engine.errors import DecodeError
 from engine.io.logs import LOGGER_NAME, RateLimiter
 
@@ -72,7 +73,6 @@ BACKOFF_RESET_AFTER_S = 10.0
 CONNECT_TIMEOUT_S = 3.0
 """A connect that has not completed by then is abandoned and retried (a silent peer would
 otherwise hold it for the kernel's ~2 minutes of SYN retries)."""
-OUT_BUFFER_MAX_BYTES = 4 * 1024 * 1024
 READ_BYTES = 65536
 READS_PER_EVENT_MAX = 64
 CONNECT_FAIL_LOG_INTERVAL_S = 30.0
@@ -188,10 +188,6 @@ class InterceptChannels:
     def connected(self) -> int:
         """Number of connections (over all intercepts) that are up."""
         return sum(i.connected() for i in self.intercepts)
-
-    @property
-    def intercepts_connected(self) -> int:
-        return sum(1 for i in self.intercepts if i.connected())
 
     def start(self, now: float) -> None:
         for icpt in self.intercepts:

@@ -16,15 +16,15 @@ import shlex
 import subprocess
 from collections.abc import Iterable, Sequence
 
+from engine.io.privileges import CAP_NET_ADMIN, CAP_NET_RAW
+
 EXIT_OK = 0
 EXIT_FAIL = 1
-EXIT_USAGE = 2
+
 
 OK, INFO, WARN, FAIL = "ok", "info", "warn", "fail"
 _LABELS = {OK: "[ok]", INFO: "[info]", WARN: "[warn]", FAIL: "[FAIL]"}
 
-CAP_NET_ADMIN = 12  # linux/capability.h
-CAP_NET_RAW = 13
 CAP_NAMES = {CAP_NET_ADMIN: "CAP_NET_ADMIN", CAP_NET_RAW: "CAP_NET_RAW"}
 
 CONNTRACK_WARN_RATIO = 0.8

@@ -19,6 +19,8 @@ from collections.abc import Callable
 import orjson
 
 LOGGER_NAME = "tcpcopy"
+NOTICE = 25
+"""syslog's notice, between info and warn (intercept-mp's start, stop and rule lines)."""
 
 # C TCPCopy's level names, so a text line reads like the C log.
 _LEVEL_NAMES = {
@@ -62,9 +64,11 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD_ATTRS and not key.startswith("_"):
-                obj[key] = value
+        obj.update(
+            (key, value)
+            for key, value in record.__dict__.items()
+            if key not in _STANDARD_ATTRS and not key.startswith("_")
+        )
         if record.exc_info:
             obj["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(obj, default=str).decode()
@@ -107,7 +111,7 @@ class _ReopenableFileHandler(logging.StreamHandler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = (self.format(record) + self.terminator).encode("utf-8", "replace")
-        except Exception:  # noqa: BLE001 - a formatting bug: logging's own report
+        except Exception:
             self.handleError(record)
             return
         try:
@@ -237,3 +241,9 @@ def write_json_atomic(path: str, values: dict[str, object]) -> None:
     with open(tmp, "wb") as f:
         f.write(json_bytes(values))
     os.replace(tmp, path)
+
+
+def is_json(handler: logging.Handler) -> bool:
+    """Whether ``handler`` writes JSON lines (--log-format json): a stats record then carries
+    its values as one object instead of the C text lines."""
+    return isinstance(handler.formatter, JsonFormatter)

@@ -16,7 +16,7 @@ import os
 import socket
 from collections.abc import Mapping
 
-__all__ = ["notify", "ready", "status", "stopping", "notify_socket_address"]
+__all__ = ["notify", "notify_socket_address", "ready", "status", "stopping"]
 
 NOTIFY_SOCKET_ENV = "NOTIFY_SOCKET"
 STATUS_MAX_CHARS = 200

@@ -66,19 +66,19 @@ from engine.errors import ConfigError
 __all__ = [
     "CAP_NET_ADMIN",
     "CAP_NET_RAW",
-    "KEEP_CAPS_MASK",
     "DEFAULT_USER",
+    "KEEP_CAPS_MASK",
     "CapState",
-    "Target",
     "KeptFiles",
+    "Target",
     "cap_names",
-    "parse_status",
-    "read_status",
     "check_file_permissions",
     "check_open_file",
-    "resolve_target",
-    "enter_least_privilege",
     "drop_privileges",
+    "enter_least_privilege",
+    "parse_status",
+    "read_status",
+    "resolve_target",
     "write_kept",
     "write_summary",
 ]
@@ -639,9 +639,8 @@ def pcap_sources_factory(kept: KeptFiles) -> Callable[[object, object], list]:
     def build(cfg: object, prefilter: object) -> list:
         from engine.io import capture
 
-        pacer = capture.ReplayPacer(cfg.accelerate, cfg.idle_threshold_s)  # type: ignore[attr-defined]
         paths = list(cfg.pcap_files)  # type: ignore[attr-defined]
-        src = capture.PcapFileSource(paths, pacer, cfg.replays, prefilter, opener=kept.opener)  # type: ignore[attr-defined,arg-type]
+        src = capture.build_sources(cfg, prefilter, opener=kept.opener)[0]
         if all(p in kept.sizes for p in paths):
             src.counters["offline_bytes_total"] = sum(kept.sizes[p] for p in paths) * max(
                 1,

@@ -1,4 +1,5 @@
-"""What the supervisor tells a human: the final summary line and the offline progress display.
+"""What the supervisor tells a human: the stats block, the final summary line and the offline
+progress display.
 
 Both read the counter block's totals (metrics.counters.CounterBlock.snapshot()["totals"]), so
 they cost nothing on the data path.
@@ -23,7 +24,14 @@ from typing import IO, Any
 
 from metrics.counters import DROP_REASONS, OUTCOMES, SHED_REASONS
 
-__all__ = ["final_summary", "summary_text", "Progress", "progress_fields", "progress_text"]
+__all__ = [
+    "Progress",
+    "final_summary",
+    "progress_fields",
+    "progress_text",
+    "stats_lines",
+    "summary_text",
+]
 
 TTY_INTERVAL_S = 0.5
 """Terminal redraw period (about 2 per second: fast enough to look live, cheap)."""
@@ -138,7 +146,7 @@ def progress_fields(
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "?"
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
 
@@ -268,3 +276,48 @@ class _ClearProgressLine(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         self.progress.clear()
         return True
+
+
+# spec §3.18: the C statistics lines, labels unchanged so C users can read them, plus unsend.
+# Each value is looked up under the C label, its snake_case form, then the listed aliases.
+_STATS_LAYOUT: tuple[tuple[tuple[str, tuple[str, ...]], ...], ...] = (
+    (("active", ()), ("rel", ("released",)), ("obs del", ("obsolete",)), ("tw", ("linger",))),
+    (("conns", ()), ("resp", ("responses",)), ("c-resp", ("resp_cont",))),
+    (("resp fin", ()), ("resp rst", ())),
+    (("send", ("sent",)), ("send content", ())),
+    (("send syn", ()), ("fin", ("send_fin",)), ("reset", ("send_rst",))),
+    (("reconnect", ()), ("for no syn", ("fake_syn",)), ("reannounced", ("sessions_reannounced",))),
+    (("retransmit", ()),),
+    (("recv packs after retransmission", ()),),
+    (("syn cnt", ()), ("all clt", ()), ("clt cont", ())),
+    (("total cont retransmit", ()), ("frag", ("capture_fragment",))),
+    (("total captured packets", ("capture_packets",)),),
+    (
+        ("no tuple", ("drop_no_tuple",)),
+        ("tuples spilled", ("tuples_spilled",)),
+        ("tuples reused", ("tuples_reused",)),
+    ),
+    (
+        ("unsend", ()),
+        ("ring dropped", ()),
+        ("route unannounced", ()),
+        ("send errors", ()),
+        ("intercept conns", ("channels_connected",)),
+    ),
+)
+
+
+def _lookup(values: dict[str, object], label: str, aliases: tuple[str, ...]) -> object:
+    snake = label.replace(" ", "_").replace("-", "_")
+    for name in (label, snake, *aliases):
+        if name in values:
+            return values[name]
+    return 0
+
+
+def stats_lines(values: dict[str, object]) -> list[str]:
+    """The periodic statistics block (spec §3.18) from a summary() mapping."""
+    return [
+        ",".join(f"{label}:{_lookup(values, label, aliases)}" for label, aliases in line)
+        for line in _STATS_LAYOUT
+    ]

@@ -63,12 +63,13 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-__all__ = ["Ring", "RING_SLOT_BYTES", "RING_SLOTS", "RING_IDLE_POLL_S"]
+__all__ = ["RING_IDLE_POLL_S", "RING_SLOTS", "RING_SLOT_BYTES", "Ring"]
 
 RING_SLOT_BYTES = 2048
 RING_SLOTS = 8192
 RING_IDLE_POLL_S = 0.05
-_SLOT_HEADER = struct.Struct("=IId")
+_SLOT_HEADER = struct.Struct("=IId")  # length u32, flags u32, timestamp f64
+SLOT_HEADER_BYTES = _SLOT_HEADER.size
 _HEADER_BYTES = 128  # head and tail on separate cache lines
 SLOT_FLAG_LOSS_BEFORE = 1
 """A slot header's flag: the ring was full and dropped packets just before this one (the

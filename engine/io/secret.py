@@ -19,7 +19,7 @@ import stat
 from engine.errors import ConfigError
 from engine.io.privileges import check_file_permissions
 
-__all__ = ["SECRET_MIN_BYTES", "SECRET_FILE_MAX_BYTES", "load_secret_file"]
+__all__ = ["SECRET_FILE_MAX_BYTES", "SECRET_MIN_BYTES", "load_secret_file"]
 
 SECRET_MIN_BYTES = 16
 """A shorter secret could be guessed offline from one observed handshake (nonces and MACs

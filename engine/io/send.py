@@ -43,6 +43,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 from engine.codec import link
+from engine.codec.link import ARPHRD_ETHER
 from engine.errors import ConfigError
 from engine.io.logs import LOGGER_NAME, RateLimiter
 
@@ -63,7 +64,6 @@ DISCARD_PORT = 9
 """The probe datagram's port (RFC 863 discard): it only makes the kernel resolve the MAC."""
 PROC_NET_ARP = "/proc/net/arp"
 PROC_NET_ROUTE = "/proc/net/route"
-ARPHRD_ETHER = 1
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -704,7 +704,7 @@ def build_senders(count: int, cfg: object) -> list[RawSender]:
     if not device:
         return [RawSender() for _ in range(count)]
     session = cfg.session  # type: ignore[attr-defined]
-    ifindex, mac, mtu, _ = device_facts(device)
+    _ifindex, mac, mtu, _ = device_facts(device)
     neighbours = NeighbourTable(device, mac, session.transfers)
     neighbours.resolve()
     if mtu < session.mtu:

@@ -44,7 +44,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-__all__ = ["TupleHistory", "HISTORY_SLOTS"]
+__all__ = ["HISTORY_SLOTS", "TupleHistory"]
 
 HISTORY_SLOTS = 1 << 18
 """Filter slots per worker: 5 MiB of shared memory (4 + 8 + 8 bytes a slot)."""

@@ -44,7 +44,6 @@ from __future__ import annotations
 import logging
 import selectors
 import signal
-import socket
 import struct
 import time
 from collections import Counter
@@ -57,7 +56,9 @@ from engine.core.shed import REASON_RING_FULL, FlowGate
 from engine.errors import DecodeError
 from engine.io.capture import FrameBatch
 from engine.io.logs import LOGGER_NAME, reopen_logs
-from engine.io.ring import RING_SLOT_BYTES, RING_SLOTS, Ring
+from engine.io.ring import RING_SLOT_BYTES, RING_SLOTS, SLOT_HEADER_BYTES, Ring
+from engine.io.sigloop import SignalPipe
+from metrics.counters import COUNTER_FLUSH_INTERVAL_S
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -66,12 +67,9 @@ FLOW_HASH_MULTIPLIER = 0x9E3779B97F4A7C15
 _U64 = (1 << 64) - 1
 HEARTBEAT_INTERVAL_S = 0.5
 """The loop wakes at least this often to write its heartbeat."""
-COUNTER_FLUSH_INTERVAL_S = 0.2
-"""How stale the capture row of the counter block may get."""
 RING_BYTES_PER_WORKER = RING_SLOTS * RING_SLOT_BYTES
 """Target size of one ring (16 MiB): larger slots (a large -M) mean fewer of them."""
 RING_SLOTS_MIN = 1024
-_SLOT_HEADER_BYTES = 16  # ring.py: length u32, flags u32, timestamp f64
 _SRC_NO_OPTIONS = struct.Struct("!12xI4xH")  # IPv4 src address, then (IHL 5) the TCP src port
 _SLOT_ALIGN_BYTES = 64
 
@@ -112,7 +110,7 @@ def flow_workers(keys: np.ndarray, workers: int) -> np.ndarray:
 
 def ring_slot_bytes(mtu: int) -> int:
     """Slot size that holds any packet of at most `mtu` bytes (never below RING_SLOT_BYTES)."""
-    need = mtu + _SLOT_HEADER_BYTES
+    need = mtu + SLOT_HEADER_BYTES
     need = -(-need // _SLOT_ALIGN_BYTES) * _SLOT_ALIGN_BYTES
     return max(RING_SLOT_BYTES, need)
 
@@ -167,9 +165,9 @@ class CaptureProcess:
         self.backpressure = backpressure
         self._paused_since: float | None = None
         self._stop = False
-        self._pending_signals: list[int] = []
-        self._wake_r: socket.socket | None = None
-        self._wake_w: socket.socket | None = None
+        self._signals = SignalPipe(
+            (signal.SIGTERM, signal.SIGINT, signal.SIGHUP), ignore_sigpipe=True
+        )
         self.sel = selectors.DefaultSelector()
         # A restarted capture process continues the per-ring drop counts of its predecessor.
         self._dropped_base = [0] * len(self.rings)
@@ -192,21 +190,10 @@ class CaptureProcess:
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT stop, SIGHUP reopens the log; handlers only queue (self-pipe)."""
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, self._on_signal)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        self.sel.register(self._wake_r, selectors.EVENT_READ, None)
-
-    def _on_signal(self, signum: int, frame: object) -> None:
-        self._pending_signals.append(signum)
+        self.sel.register(self._signals.install(), selectors.EVENT_READ, None)
 
     def _handle_signals(self) -> None:
-        while self._pending_signals:
-            signum = self._pending_signals.pop(0)
+        while (signum := self._signals.pop()) is not None:
             if signum == signal.SIGHUP:
                 reopen_logs()
                 log.info("SIGHUP: log file reopened")
@@ -253,7 +240,7 @@ class CaptureProcess:
             self._handle_signals()
             for key, _mask in events:
                 if key.data is None:
-                    self._drain_wakeup()
+                    self._signals.drain()
                     continue
                 self._read(self.sources[key.data], now)
             for src in self.sources:
@@ -320,20 +307,8 @@ class CaptureProcess:
     def close(self) -> None:
         for src in self.sources:
             src.close()  # type: ignore[attr-defined]
-        if self._wake_r is not None:
-            signal.set_wakeup_fd(-1)
-            self._wake_r.close()
-            assert self._wake_w is not None
-            self._wake_w.close()
+        self._signals.close()
         self.sel.close()
-
-    def _drain_wakeup(self) -> None:
-        assert self._wake_r is not None
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
 
     def _offline_done(self) -> bool:
         return bool(self.sources) and all(getattr(s, "exhausted", False) for s in self.sources)

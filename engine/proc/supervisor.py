@@ -9,7 +9,8 @@ block (engine/io/control.py: heartbeats, "capture done", "shed"), one ring per w
 a restarted worker does not reuse the tuples its dead predecessor left at the target), the
 capture sources and one raw send socket per worker (so a missing CAP_NET_RAW is one clear
 error at start, and a restarted child inherits the same socket).  Then it forks the capture
-process (engine/proc/capture.py) and the workers (engine/proc/worker.py) with os.fork and runs one loop:
+process (engine/proc/capture.py) and the workers (engine/proc/worker.py) with os.fork and runs
+one loop:
 
 * signal handlers only queue (signal.set_wakeup_fd wakes the loop): SIGTERM/SIGINT stop
   gracefully, SIGHUP reopens the log and is forwarded to the children, SIGCHLD reaps;
@@ -25,8 +26,10 @@ process (engine/proc/capture.py) and the workers (engine/proc/worker.py) with os
   RSS growth since that measure (one read of /proc/PID/statm each: a SYN flood grew the
   tree by ~40 MB/s, through the whole 90-100 % band between two 2 s measures).  Above
   SHED_FRACTION of the limit the "shed" flag goes up: the capture refuses new sessions
-  (``shed_sessions_memory``) and the workers give up their half-open ones
-  (``ended_shed_half_open``), which stops the growth; below SHED_RESUME_FRACTION (exact
+  (``shed_sessions_memory``), the workers refuse new flows too (the SYNs already in their
+  rings, taken in before the capture began shedding, start no session: shard.py
+  ``refuse_new``) and give up their half-open sessions (``ended_shed_half_open``), which
+  stops the growth; below SHED_RESUME_FRACTION (exact
   measures only) it comes down.  Above the limit, the last resort, confirmed by an exact
   measure, the replay stops with one line on stderr and status 1;
 * the periodic stats line (spec §3.18 names) is printed from the counter block's totals;
@@ -69,21 +72,22 @@ import logging
 import os
 import selectors
 import signal
-import socket
 import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from engine.core.config import ReplayConfig
+from engine import EXIT_RUNTIME, PROG
+from engine.core.config import BYTES_PER_MB, ReplayConfig
 from engine.io import notify
 from engine.io.control import CAPTURE_SLOT, ControlBlock
-from engine.io.logs import LOGGER_NAME, reopen_logs
+from engine.io.logs import LOGGER_NAME, is_json, reopen_logs
+from engine.io.report import stats_lines
+from engine.io.sigloop import SignalPipe
 
 log = logging.getLogger(LOGGER_NAME)
 
-PROG = "tcpcopy-mp"
 HEARTBEAT_TIMEOUT_S = 10.0
 """A child whose heartbeat is older than this is killed and restarted."""
 STOP_DEADLINE_S = 5.0
@@ -103,8 +107,6 @@ RESTART_YOUNG_S = 1.0
 RESTART_BACKOFF_MIN_S = 0.1
 RESTART_BACKOFF_MAX_S = 10.0
 """...doubling from MIN to MAX, so a child that cannot start does not spin the CPU."""
-BYTES_PER_MB = 1024 * 1024
-EXIT_RUNTIME = 1
 
 _PR_SET_NAME = 15
 _PR_SET_PDEATHSIG = 1
@@ -136,7 +138,7 @@ class Supervisor:
     """Runs the multi-process engine for `cfg` until stopped; ``run()`` returns the status.
 
     Test seams: `sender_factory(worker_index)` makes a worker's sender (default: a RawSender),
-    `sources_factory(cfg, prefilter)` the capture sources (default: worker.build_sources),
+    `sources_factory(cfg, prefilter)` the capture sources (default: capture.build_sources),
     `channels_factory(selector, on_response)` a worker's intercept channels, `counters` an
     existing CounterBlock with cfg.workers worker rows (the caller then owns it),
     `memory_usage()` the bytes the watchdog compares with -m.
@@ -195,10 +197,9 @@ class Supervisor:
         self._input_error = False  # offline: the capture stopped at a broken file
         self.started_at = 0.0
         self._stopping = False
-        self._kill_at: float | None = None
-        self._pending_signals: list[int] = []
-        self._wake_r: socket.socket | None = None
-        self._wake_w: socket.socket | None = None
+        self._signals = SignalPipe(
+            (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD), ignore_sigpipe=True
+        )
         self._sel: selectors.BaseSelector | None = None
         self._pid = os.getpid()
         self.exporter: Any = None  # the --metrics HTTP server (server_address: bound address)
@@ -210,10 +211,10 @@ class Supervisor:
 
     def _setup(self) -> None:
         from engine.io import capture
+        from engine.io.capture import build_sources
         from engine.io.ring import Ring
         from engine.io.tuple_history import TupleHistory
         from engine.proc.capture import ring_slot_bytes, ring_slots
-        from engine.proc.worker import build_sources
         from metrics.counters import CounterBlock
 
         cfg = self.cfg
@@ -288,28 +289,13 @@ class Supervisor:
         if self.block is not None and self._own_block:
             self.block.close()
             self.block.unlink()
-        if self._wake_r is not None:
-            signal.set_wakeup_fd(-1)
-            self._wake_r.close()
-            assert self._wake_w is not None
-            self._wake_w.close()
-            self._wake_r = self._wake_w = None
+        self._signals.close()
         if self._sel is not None:
             self._sel.close()
 
     def _install_signal_handlers(self) -> None:
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(signum, self._on_signal)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
         self._sel = selectors.DefaultSelector()
-        self._sel.register(self._wake_r, selectors.EVENT_READ)
-
-    def _on_signal(self, signum: int, frame: object) -> None:
-        self._pending_signals.append(signum)
+        self._sel.register(self._signals.install(), selectors.EVENT_READ)
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -415,7 +401,7 @@ class Supervisor:
                 + ([now + READY_POLL_S] if not self.ready else [])
             )
             for _key, _mask in self._sel.select(max(0.0, wake - now)):
-                self._drain_wakeup()
+                self._signals.drain()
             now = self.clock()
 
     def stop(self, reason: str, code: int = 0) -> None:
@@ -424,17 +410,8 @@ class Supervisor:
             self.exit_reason = reason
             self.exit_code = code
 
-    def _drain_wakeup(self) -> None:
-        assert self._wake_r is not None
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
-
     def _handle_signals(self) -> None:
-        while self._pending_signals:
-            signum = self._pending_signals.pop(0)
+        while (signum := self._signals.pop()) is not None:
             if signum == signal.SIGHUP:
                 reopen_logs()
                 log.info("SIGHUP: log file reopened")
@@ -487,10 +464,10 @@ class Supervisor:
             code = EXIT_RUNTIME
             try:
                 code = self._child_main(child)
-            except BaseException:  # noqa: BLE001 - the child must never return into run()
+            except BaseException:
                 try:
                     log.exception("%s crashed", child.name)
-                except BaseException:  # noqa: BLE001
+                except BaseException:
                     pass
             finally:
                 os._exit(code)
@@ -630,7 +607,7 @@ class Supervisor:
                 break
             if self._sel is not None:
                 for _ in self._sel.select(min(LOOP_WAKE_S, max(0.0, deadline - now))):
-                    self._drain_wakeup()
+                    self._signals.drain()
             else:
                 time.sleep(0.01)  # no wake-up fd (set-up failed): a plain reap poll
 
@@ -638,14 +615,7 @@ class Supervisor:
 
     def _child_main(self, child: _Child) -> int:
         # Back to default dispositions: the child installs its own handlers.
-        signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(signum, signal.SIG_DFL)
-        if self._wake_r is not None:
-            self._wake_r.close()
-        if self._wake_w is not None:
-            self._wake_w.close()
-        self._wake_r = self._wake_w = None
+        self._signals.reset_in_child()
         if self._sel is not None:
             self._sel.close()
             self._sel = None
@@ -826,12 +796,11 @@ class Supervisor:
     def log_stats(self, final: bool = False) -> None:
         if self.block is None:
             return
-        from engine.proc.worker import _is_json, stats_lines
 
         values = self.summary()
         if self.ready and not final:
             notify.status(_status_text(values))
-        if any(_is_json(h) for h in log.handlers):
+        if any(is_json(h) for h in log.handlers):
             log.info("stats", extra={"stats": values, "final": final})
             return
         for line in stats_lines(values):
@@ -842,10 +811,9 @@ class Supervisor:
         if self.block is None:
             return
         from engine.io.report import final_summary, summary_text
-        from engine.proc.worker import _is_json
 
         summary = final_summary(self.block.snapshot()["totals"])
-        if any(_is_json(h) for h in log.handlers):
+        if any(is_json(h) for h in log.handlers):
             log.info("summary", extra={"summary": summary})
         else:
             log.info("%s", summary_text(summary))

@@ -4,8 +4,8 @@ Theory of operation
 -------------------
 One `selectors` loop owns every file descriptor of the worker:
 
-* capture fds (live sources) -> parse (packet.parse_ip) -> table.receive_client(pkt, now);
-  an offline source has no fd: its next due time is one more timer;
+* the source's fd (the ring's eventfd) -> parse (packet.parse_ip) -> table.receive_client;
+  a source without an fd (a paced file) has its next due time as one more timer;
 * intercept connections (channel.py) -> decoded response records -> table.receive_response;
 * a self-pipe woken by signals (signal.set_wakeup_fd), so SIGTERM/SIGINT/SIGHUP interrupt the
   wait at once instead of at the next timer;
@@ -27,8 +27,10 @@ ends with its summary.
 `now` is time.monotonic() read once per wake-up.  Nothing here decides TCP behaviour; that
 is the pure core's job, which this loop only feeds and drains.
 
-Later (the multi-process engine) the capture side moves to its own process and the worker's
-capture fd becomes a ring's eventfd; `_on_ip_packets` is the seam.
+The capture side runs in its own process (engine/proc/capture.py): in tcpcopy-mp a
+worker's one source is its ring (``RingSource`` below, whose fd is the ring's eventfd);
+any object with the engine/io/capture.py source interface will do (the unit tests feed
+packets directly).  `_on_ip_packets` is where the packets enter.
 
 The worker process (``WorkerProcess``)
 --------------------------------------
@@ -72,17 +74,19 @@ import gc
 import logging
 import selectors
 import signal
-import socket
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 
 from engine.codec import packet
-from engine.core.config import ReplayConfig
+from engine.core.config import BYTES_PER_MB, ReplayConfig
 from engine.errors import DecodeError
 from engine.io.channel import InterceptChannels
-from engine.io.logs import LOGGER_NAME, RateLimiter, reopen_logs
+from engine.io.logs import LOGGER_NAME, RateLimiter, is_json, reopen_logs
+from engine.io.report import stats_lines
 from engine.io.ring import RING_IDLE_POLL_S, Ring
+from engine.io.sigloop import SignalPipe
+from metrics.counters import COUNTER_FLUSH_INTERVAL_S
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -93,7 +97,6 @@ NO_TUPLE_LOG_INTERVAL_S = 10.0
 """At most one "refused: no free client tuple" warning per worker this often."""
 MEMORY_CHECK_INTERVAL_S = 60.0
 """spec §3.17: the resource check runs every 60 s."""
-BYTES_PER_MB = 1024 * 1024
 GC_THRESHOLDS = (50_000, 20, 100)
 """The cyclic collector's generation thresholds in a worker (Python's default: 700, 10, 10).
 Sessions, segments and packets are allocated by the hundred thousand and form no cycles
@@ -163,9 +166,9 @@ class Worker:
         self.exit_reason = ""
         self.exit_code = 0
         self._stop = False
-        self._pending_signals: list[int] = []
-        self._wake_r: socket.socket | None = None
-        self._wake_w: socket.socket | None = None
+        self._signals = SignalPipe(
+            (signal.SIGTERM, signal.SIGINT, signal.SIGHUP), ignore_sigpipe=True
+        )
         self.started_at = 0.0
         # Offline tail (ReplayConfig.offline_tail_s): once every source is exhausted, the
         # time by which open sessions must have sent something, and the send count then.
@@ -186,32 +189,15 @@ class Worker:
             self.exit_code = code
 
     def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT: graceful stop; SIGHUP: reopen logs; all woken through a self-pipe."""
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, self._on_signal)
-        # spec §1.7 QUIRK: C dies on SIGPIPE; channel sends use MSG_NOSIGNAL, and a stray
-        # SIGPIPE from anything else must not kill the replay either.
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-        self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wakeup)
-
-    def _on_signal(self, signum: int, frame: object) -> None:
-        self._pending_signals.append(signum)
+        """SIGTERM/SIGINT: graceful stop; SIGHUP: reopen logs; all woken through a self-pipe
+        (SIGPIPE ignored: spec §1.7 QUIRK)."""
+        self.sel.register(self._signals.install(), selectors.EVENT_READ, self._on_wakeup)
 
     def _on_wakeup(self, mask: int, now: float) -> None:
-        assert self._wake_r is not None
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
+        self._signals.drain()
 
     def _handle_signals(self) -> None:
-        while self._pending_signals:
-            signum = self._pending_signals.pop(0)
+        while (signum := self._signals.pop()) is not None:
             if signum == signal.SIGHUP:
                 reopen_logs()
                 log.info("SIGHUP: log file reopened")
@@ -306,11 +292,7 @@ class Worker:
         close = getattr(self.sender, "close", None)
         if close is not None:
             close()
-        if self._wake_r is not None:
-            signal.set_wakeup_fd(-1)
-            self._wake_r.close()
-            assert self._wake_w is not None
-            self._wake_w.close()
+        self._signals.close()
         self.sel.close()
 
     def _wait_for_intercept(self, start: float) -> None:
@@ -507,7 +489,7 @@ class Worker:
     def log_stats(self, now: float, final: bool = False) -> None:
         self.warn_no_tuple(now)
         values = self.summary(now)
-        if any(isinstance(h, logging.Handler) and _is_json(h) for h in log.handlers):
+        if any(isinstance(h, logging.Handler) and is_json(h) for h in log.handlers):
             log.info("stats", extra={"stats": values, "final": final})
             return
         for line in stats_lines(values):
@@ -530,131 +512,16 @@ def _key(key: object) -> str:
     return str(name if isinstance(name, str) else key)
 
 
-def _is_json(handler: logging.Handler) -> bool:
-    from engine.io.logs import JsonFormatter
-
-    return isinstance(handler.formatter, JsonFormatter)
-
-
-# spec §3.18: the C statistics lines, labels unchanged so C users can read them, plus unsend.
-# Each value is looked up under the C label, its snake_case form, then the listed aliases.
-_STATS_LAYOUT: tuple[tuple[tuple[str, tuple[str, ...]], ...], ...] = (
-    (("active", ()), ("rel", ("released",)), ("obs del", ("obsolete",)), ("tw", ("linger",))),
-    (("conns", ()), ("resp", ("responses",)), ("c-resp", ("resp_cont",))),
-    (("resp fin", ()), ("resp rst", ())),
-    (("send", ("sent",)), ("send content", ())),
-    (("send syn", ()), ("fin", ("send_fin",)), ("reset", ("send_rst",))),
-    (("reconnect", ()), ("for no syn", ("fake_syn",)), ("reannounced", ("sessions_reannounced",))),
-    (("retransmit", ()),),
-    (("recv packs after retransmission", ()),),
-    (("syn cnt", ()), ("all clt", ()), ("clt cont", ())),
-    (("total cont retransmit", ()), ("frag", ("capture_fragment",))),
-    (("total captured packets", ("capture_packets",)),),
-    (
-        ("no tuple", ("drop_no_tuple",)),
-        ("tuples spilled", ("tuples_spilled",)),
-        ("tuples reused", ("tuples_reused",)),
-    ),
-    (
-        ("unsend", ()),
-        ("ring dropped", ()),
-        ("route unannounced", ()),
-        ("send errors", ()),
-        ("intercept conns", ("channels_connected",)),
-    ),
-)
-
-
-def _lookup(values: dict[str, object], label: str, aliases: tuple[str, ...]) -> object:
-    snake = label.replace(" ", "_").replace("-", "_")
-    for name in (label, snake, *aliases):
-        if name in values:
-            return values[name]
-    return 0
-
-
-def stats_lines(values: dict[str, object]) -> list[str]:
-    """The periodic statistics block (spec §3.18) from a summary() mapping."""
-    return [
-        ",".join(f"{label}:{_lookup(values, label, aliases)}" for label, aliases in line)
-        for line in _STATS_LAYOUT
-    ]
-
-
 def _rss_bytes() -> int:
     import psutil
 
     return int(psutil.Process().memory_info().rss)
 
 
-def build_sources(cfg: ReplayConfig, prefilter: object) -> list[object]:
-    """The capture sources cfg asks for (sockets need root or CAP_NET_RAW)."""
-    from engine.io import capture
-
-    if cfg.capture == "offline":
-        pacer = capture.ReplayPacer(cfg.accelerate, cfg.idle_threshold_s)
-        return [capture.PcapFileSource(cfg.pcap_files, pacer, cfg.replays, prefilter)]
-    if cfg.capture == "packet":
-        ports = sorted({t.online_port for t in cfg.session.transfers})
-        devices = [d for d in cfg.interfaces if d != "any"] or [None]
-        if "any" in cfg.interfaces:
-            devices = [None]
-        return [
-            capture.open_live_source(dev, prefilter, cfg.capture_buffer_bytes, ports)  # type: ignore[arg-type]
-            for dev in devices
-        ]
-    # raw: what arrives at this host (PACKET_HOST on every device) through the TPACKET_V3
-    # ring; the IPPROTO_TCP raw socket (spec §3.2) when the kernel offers no ring.
-    return [
-        capture.open_live_source(None, prefilter, cfg.capture_buffer_bytes, host_only=True)  # type: ignore[arg-type]
-    ]
-
-
-def write_summary(path: str, values: dict[str, object]) -> None:
-    """One JSON object, written to a temporary file and renamed so readers never see half."""
-    from engine.io.logs import write_json_atomic
-
-    write_json_atomic(path, values)
-
-
-def run(cfg: ReplayConfig) -> int:
-    """Build the real table, sources, sender and channels from cfg and run until stopped."""
-    from engine.core.table import SessionTable
-    from engine.io import capture, send
-
-    prefilter = capture.TransferFilter.for_transfers(cfg.session.transfers, cfg.capture_filter)
-    table = SessionTable(cfg.session)
-    sources = build_sources(cfg, prefilter)
-    sender = send.build_senders(1, cfg)[0]
-    worker = Worker(cfg, table, sources, sender, prefilter_counters=prefilter.counters)
-    worker.install_signal_handlers()
-    log.info(
-        "tcpcopy-mp starts: capture %s, %d intercept(s) x %d connection(s), -x %d entr%s",
-        cfg.capture,
-        len(cfg.intercepts),
-        cfg.connections,
-        len(cfg.session.transfers),
-        "y" if len(cfg.session.transfers) == 1 else "ies",
-    )
-    try:
-        code = worker.run()
-    finally:
-        summary = worker.summary()
-        worker.close()
-        if cfg.summary_json:
-            try:
-                write_summary(cfg.summary_json, summary)
-            except OSError as exc:
-                log.error("--summary-json %s: %s", cfg.summary_json, exc.strerror or exc)
-    return code
-
-
 # The worker process: a Worker fed from its shared-memory ring.
 
 RING_BATCH_MAX_PACKETS = 1024
 """Packets taken from the ring per read_batch (timers and responses are not starved)."""
-COUNTER_FLUSH_INTERVAL_S = 0.2
-"""How stale this worker's row (and so the supervisor's count of lost sessions) may get."""
 SHED_SWEEP_INTERVAL_S = 0.5
 """While the watchdog sheds: how often the half-open sessions are given up."""
 TRIM_AFTER_SESSIONS = 1000

@@ -37,17 +37,20 @@ import subprocess
 import warnings
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 
+from engine.io.logs import NOTICE
+from intercept.errors import RuleError
+
 __all__ = [
     "COPY_RANGE_BYTES",
     "QUEUE_MAXLEN_DEFAULT",
     "RULE_COMMENT",
     "NfqueueSource",
     "RuleError",
-    "rule_spec",
-    "rule_command",
     "install_rules",
-    "remove_rules",
     "read_queue_dropped",
+    "remove_rules",
+    "rule_command",
+    "rule_spec",
 ]
 
 log = logging.getLogger("intercept.sources.nfqueue")
@@ -63,10 +66,6 @@ BATCH_MAX_PACKETS = 256
 NETLINK_RECV_BYTES = 2048
 RULE_COMMENT = "intercept-mp"
 NF_QUEUE_PROC = "/proc/net/netfilter/nfnetlink_queue"
-
-
-class RuleError(Exception):
-    """iptables failed; str() is the one line the user sees."""
 
 
 # -- netlink (linux/netlink.h, linux/netfilter/nfnetlink{,_queue}.h) -----------------------------
@@ -297,7 +296,7 @@ class NfqueueSource:
             self._nfq.unbind()
 
 
-def _library_callback(pkt) -> None:  # noqa: ANN001 - netfilterqueue.Packet
+def _library_callback(pkt) -> None:
     # Never called: we read the socket ourselves and never hand messages to the library.
     # Should it ever be, the response must still not reach the fake client.
     pkt.drop()
@@ -328,7 +327,7 @@ def rule_spec(sport: int, queue_num: int, comment: bool = True) -> list[str]:
     spec = ["-p", "tcp", "--sport", str(sport)]
     if comment:
         spec += ["-m", "comment", "--comment", RULE_COMMENT]
-    return spec + ["-j", "NFQUEUE", "--queue-num", str(queue_num)]
+    return [*spec, "-j", "NFQUEUE", "--queue-num", str(queue_num)]
 
 
 def rule_command(sport: int | str, queue_num: int) -> str:
@@ -341,7 +340,7 @@ def _iptables(action: str, sport: int, queue_num: int) -> subprocess.CompletedPr
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise RuleError(f"--install-rule: cannot run iptables: {e}") from None
+        raise RuleError("--install-rule", f"cannot run iptables: {e}") from None
 
 
 def install_rules(sports: Iterable[int], queue_num: int) -> list[int]:
@@ -358,12 +357,16 @@ def install_rules(sports: Iterable[int], queue_num: int) -> list[int]:
                 remove_rules(done, queue_num)
                 msg = (res.stderr or res.stdout).strip().splitlines()
                 raise RuleError(
-                    f"--install-rule: iptables -I failed for --sport {sport}: "
-                    f"{msg[-1] if msg else f'exit status {res.returncode}'}"
+                    "--install-rule",
+                    f"iptables -I failed for --sport {sport}: "
+                    f"{msg[-1] if msg else f'exit status {res.returncode}'}",
+                    sport,
                 )
-            log.log(25, "installed: %s (comment %s)", rule_command(sport, queue_num), RULE_COMMENT)
+            log.log(
+                NOTICE, "installed: %s (comment %s)", rule_command(sport, queue_num), RULE_COMMENT
+            )
         else:
-            log.log(25, "already installed, adopted: %s", rule_command(sport, queue_num))
+            log.log(NOTICE, "already installed, adopted: %s", rule_command(sport, queue_num))
         done.append(sport)
     return done
 
@@ -383,4 +386,4 @@ def remove_rules(sports: Iterable[int], queue_num: int) -> None:
                 (res.stderr or res.stdout).strip(),
             )
         else:
-            log.log(25, "removed the NFQUEUE rule for --sport %d", sport)
+            log.log(NOTICE, "removed the NFQUEUE rule for --sport %d", sport)

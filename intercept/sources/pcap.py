@@ -29,22 +29,22 @@ from collections.abc import Callable, Iterable, MutableMapping
 
 from engine.codec.packet import DLT_EN10MB, DLT_RAW, l2_offset
 from engine.errors import DecodeError
+from intercept.config import FILTER_MAX_CHARS, MAX_DEVICES
+from intercept.errors import PcapError
 
 __all__ = [
-    "SNAPLEN_BYTES",
     "FILTER_MAX_CHARS",
+    "SNAPLEN_BYTES",
     "PcapError",
     "PcapSource",
-    "list_capture_devices",
     "linktype_of",
+    "list_capture_devices",
 ]
 
 log = logging.getLogger("intercept.sources.pcap")
 
 SNAPLEN_BYTES = 134  # REP_RCV_BUF_SIZE = 14 + 120 (spec §1.3)
 PCAP_TIMEOUT_MS = 10  # spec §2.1
-FILTER_MAX_CHARS = 4095  # C: filter length < 4096
-MAX_DEVICES = 32
 BACKLOG_MAX_FRAMES = 65536  # frames waiting between the reader threads and the loop
 BATCH_MAX_FRAMES = 512
 
@@ -57,10 +57,6 @@ _ARPHRD_TO_DLT = {
     778: DLT_RAW,  # ARPHRD_IPGRE
     65534: DLT_RAW,  # ARPHRD_NONE (tun, wireguard)
 }
-
-
-class PcapError(Exception):
-    """No device could be opened, or the filter does not compile; str() is the user's line."""
 
 
 def linktype_of(device: str) -> int | None:
@@ -113,7 +109,7 @@ class _Device:
                         os.write(source._wake_w, b"\0")
                     except OSError:
                         pass  # the pipe is full: a wake-up is already pending
-        except Exception as e:  # noqa: BLE001 - a dying thread must say why, in one line
+        except Exception as e:
             if not source._closing:
                 log.error("capture on %s stopped: %s", self.name, e)
 
@@ -144,7 +140,7 @@ class PcapSource:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         names = list(devices) if devices else list_capture_devices()
         if not names:
-            raise PcapError("-i: no capture device found")
+            raise PcapError("-i", "no capture device found")
         self.devices: list[_Device] = []
         failures: list[str] = []
         for name in names[:MAX_DEVICES]:
@@ -161,16 +157,26 @@ class PcapSource:
                     filters=filter_expr,
                     immediate_mode=1,
                 )
-            except Exception as e:  # noqa: BLE001 - LibpcapError and friends: one line each
+            except Exception as e:
                 if "bpf" in str(e).lower():
                     self._close_pipe()
-                    raise PcapError(f"-F: filter does not compile: {filter_expr!r}") from None
+                    raise PcapError(
+                        "-F",
+                        f"filter does not compile: {filter_expr!r}",
+                        tuple(names),
+                        filter_expr,
+                    ) from None
                 failures.append(f"{name} ({e})")
                 continue
             self.devices.append(_Device(self, name, sniff, linktype))
         if not self.devices:
             self._close_pipe()
-            raise PcapError(f"-i: no device could be opened: {', '.join(failures)}")
+            raise PcapError(
+                "-i",
+                f"no device could be opened: {', '.join(failures)}",
+                tuple(names),
+                filter_expr,
+            )
         for failure in failures:
             # Spec §2.1: devices that fail to open are skipped.
             log.warning("-i: device skipped: %s", failure)
@@ -229,7 +235,7 @@ class PcapSource:
         for dev in self.devices:
             try:
                 total += dev.sniff.stats().ps_drop  # type: ignore[attr-defined]
-            except Exception:  # noqa: BLE001 - stats are best effort
+            except Exception:
                 continue
         if total > self._kernel_dropped_seen:
             self.counters["capture_dropped"] += total - self._kernel_dropped_seen

@@ -14,7 +14,8 @@ Theory of operation
    the instrumented modules under their real names before anything imports
    ``engine.dataplane``, checks that the ASan runtime is mapped, and fuzzes.
 3. Inputs: random mutations (tests/fuzz/run_fuzz.py's) of seeds cut from the real captures
-   (IP packets, and some whole frames) and of packets with every option kind.  Each input goes through ``exercise`` (a heap copy
+   (IP packets, and some whole frames) and of packets with every option kind.  Each input
+   goes through ``exercise`` (a heap copy
    of exactly its size, so a read one byte past the end hits a red zone; parse, option walk,
    checksum, link-layer offsets, rebuild into a block of exactly the built size), through
    ``l2_offset`` at a random link type and ``decode_ip``, both compared
@@ -275,7 +276,8 @@ def main() -> int:
             PYTHONMALLOC="malloc",
         )
         cmd = [sys.executable, __file__, "--worker", "--runs", str(a.runs), "--seed", str(a.seed),
-               "--build-dir", str(build_dir.resolve()), "--artifacts", str(a.artifacts)]  # fmt: skip
+               "--build-dir", str(build_dir.resolve()),
+               "--artifacts", str(a.artifacts)]  # fmt: skip
         rc = subprocess.run(cmd, env=env, check=False).returncode
         if rc != 0:
             print(f"dataplane asan: FAILED (worker exit status {rc}; the report is above)")

@@ -59,7 +59,7 @@ from engine.errors import ConfigError, DecodeError
 from intercept.router import Router
 from tests.paths import CONTROL_PCAP, ONLINE_HTTP_PCAP, TARGET_SIDE_PCAP
 
-__all__ = ["TARGETS", "SEEDS", "seeds", "Reader", "INTERNAL_ERROR_KEY"]
+__all__ = ["INTERNAL_ERROR_KEY", "SEEDS", "TARGETS", "Reader", "seeds"]
 
 M32 = 0xFFFFFFFF
 INTERNAL_ERROR_KEY = drop_key(DropReason.INTERNAL_ERROR)
@@ -100,7 +100,7 @@ class Reader:
         self.pos = len(self.data)
         return chunk
 
-    def choice(self, seq):  # noqa: ANN001, ANN201 - any sequence
+    def choice(self, seq):
         return seq[self.u8() % len(seq)]
 
 
@@ -588,7 +588,7 @@ _PATH_DESTS = {"interface", "pcap", "log", "pid_file", "summary_json", "config",
 
 def _argv(r: Reader, parser: argparse.ArgumentParser, base: list[str]) -> list[str]:
     flags = [
-        a for a in parser._actions  # noqa: SLF001 (argparse has no public listing)
+        a for a in parser._actions
         if a.option_strings and a.dest not in ("help", "version")
     ]  # fmt: skip
     argv = list(base) if r.u8() & 1 else []
@@ -613,7 +613,7 @@ def _argv(r: Reader, parser: argparse.ArgumentParser, base: list[str]) -> list[s
 
 
 def _toml(r: Reader, parser: argparse.ArgumentParser) -> str:
-    longs = sorted({o[2:] for a in parser._actions for o in a.option_strings if o[:2] == "--"})  # noqa: SLF001
+    longs = sorted({o[2:] for a in parser._actions for o in a.option_strings if o[:2] == "--"})
     lines = []
     if r.u8() & 1:
         lines.append("[tcpcopy]")
@@ -635,7 +635,7 @@ def _tcpcopy_parser_and_defaults() -> tuple[argparse.ArgumentParser, list, dict]
     from engine.app import cli
 
     p = cli.build_parser()
-    return p, [(a, a.default) for a in p._actions], dict(p._defaults)  # noqa: SLF001
+    return p, [(a, a.default) for a in p._actions], dict(p._defaults)
 
 
 def _tcpcopy_parser() -> argparse.ArgumentParser:
@@ -644,7 +644,7 @@ def _tcpcopy_parser() -> argparse.ArgumentParser:
     p, actions, defaults = _tcpcopy_parser_and_defaults()
     for action, default in actions:
         action.default = default
-    p._defaults = dict(defaults)  # noqa: SLF001
+    p._defaults = dict(defaults)
     return p
 
 
@@ -661,11 +661,11 @@ def fuzz_tcpcopy_cli(data: bytes) -> None:
             f.write(_toml(r, parser))
         argv += ["--config", conf]
     try:
-        path = cli._config_path(argv)  # noqa: SLF001 - main()'s own sequence
+        path = cli._config_path(argv)
         if path:
-            cli._apply_config_file(parser, path)  # noqa: SLF001
+            cli._apply_config_file(parser, path)
         cfg = cli.build_config(parser.parse_args(argv))
-    except (ConfigError, cli._UsageError) as e:  # noqa: SLF001
+    except (ConfigError, cli._UsageError) as e:
         _one_line(e)
         return
     assert cfg.session.replicas >= 1 and 1 <= cfg.connections <= 16
@@ -676,8 +676,8 @@ def fuzz_tcpcopy_cli(data: bytes) -> None:
 def _intercept_parser_and_defaults() -> tuple[argparse.ArgumentParser, list, dict]:
     from intercept import cli
 
-    p = cli._build_parser()  # noqa: SLF001
-    return p, [(a, a.default) for a in p._actions], dict(p._defaults)  # noqa: SLF001
+    p = cli._build_parser()
+    return p, [(a, a.default) for a in p._actions], dict(p._defaults)
 
 
 def fuzz_intercept_cli(data: bytes) -> None:
@@ -691,12 +691,12 @@ def fuzz_intercept_cli(data: bytes) -> None:
     parser, actions, defaults = _intercept_parser_and_defaults()
     for action, default in actions:
         action.default = default
-    parser._defaults = dict(defaults)  # noqa: SLF001
+    parser._defaults = dict(defaults)
     r = Reader(data)
     argv = _argv(r, parser, ["-F", "tcp and src port 8080"])
     err = io.StringIO()
-    build = cli._build_parser  # noqa: SLF001
-    cli._build_parser = lambda: parser  # noqa: SLF001
+    build = cli._build_parser
+    cli._build_parser = lambda: parser
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             opts = cli.parse_args(argv)
@@ -706,7 +706,7 @@ def fuzz_intercept_cli(data: bytes) -> None:
         assert text.endswith("\n") and text.count("\n") == 1, (argv, text)
         return
     finally:
-        cli._build_parser = build  # noqa: SLF001
+        cli._build_parser = build
     assert err.getvalue() == ""
     assert opts.mode in ("pcap", "nfqueue") and 1 <= opts.combine <= 16
 
@@ -726,7 +726,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
 # --- seeds from the real captures -----------------------------------------------------------------
 
 
-def _frames(path) -> list[bytes]:  # noqa: ANN001
+def _frames(path) -> list[bytes]:
     with open(path, "rb") as f:
         return [frame for _, _, frame in PcapReader(f, str(path))]
 
@@ -773,7 +773,7 @@ def seeds() -> dict[str, list[bytes]]:
     swapped = bytearray(pcap[:24])
     swapped[:4] = (0xA1B2C3D4).to_bytes(4, "big")
     records = [wire.encode_response_record(p) for p in ip_packets[:20]]
-    out = {
+    return {
         "packet": [b"\x00" + fr for fr in online[:60] + target[:60]]
         + [b"\x03" + p for p in ip_packets[:20]],
         "client_stream": [bytes([i]) + s for i, s in enumerate(up)]
@@ -789,7 +789,6 @@ def seeds() -> dict[str, list[bytes]]:
         "tcpcopy_cli": [bytes([i, 3, i * 7, i * 11, 200, 5]) for i in range(24)],
         "intercept_cli": [bytes([i, 3, i * 7, i * 11, 200, 5]) for i in range(24)],
     }  # fmt: skip
-    return out
 
 
 SEEDS = seeds

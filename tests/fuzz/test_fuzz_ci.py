@@ -3,7 +3,8 @@
 Each target runs as ``tests/fuzz/run_fuzz.py TARGET --runs 100000`` in its own process (two
 at a time: the CI machine has 2 cores).  The fast decoders run under atheris (coverage-
 guided); the session engine and the two command lines run the random-mutation loop, which
-is 2-3x faster for them than instrumented atheris and keeps the whole test near 2.5 minutes on an idle machine
+is 2-3x faster for them than instrumented atheris and keeps the whole test near 2.5 minutes on
+an idle machine
 (tests/fuzz/README.md has the measured times).  Zero crashes: a crash fails the test with
 the target's traceback and the saved reproducer.
 """

@@ -47,13 +47,16 @@ def wait_done(
 ) -> tuple[int, float]:
     """Poll ``count()`` until it reaches ``expected`` or ``limit_s`` passed; returns the count
     and the seconds from ``since`` (the end of the load) to when it was reached."""
-    deadline = since + limit_s
-    while True:
+    seen = (0, 0.0)
+
+    def reached() -> bool:
+        nonlocal seen
         n = count()
-        now = time.monotonic()
-        if n >= expected or now >= deadline:
-            return n, now - since
-        time.sleep(0.05)
+        seen = (n, time.monotonic() - since)
+        return n >= expected
+
+    tbm.poll(reached, max(0.0, since + limit_s - time.monotonic()))
+    return seen
 
 
 def summary_gate(summary: dict) -> str:

@@ -77,7 +77,8 @@ def test_overload_sheds_new_sessions_whole_and_the_ring_never_overflows(
     os.kill(worker_pid, signal.SIGSTOP)  # well under the heartbeat timeout
     try:
         wrk = tb.run(
-            "client", "wrk", "-t", "2", "-c", str(WRK_CONNECTIONS), "-d", "3s", "-H", "Connection: close",
+            "client", "wrk", "-t", "2", "-c", str(WRK_CONNECTIONS), "-d", "3s",
+            "-H", "Connection: close",
             f"http://{tbm.ONLINE_CLIENT_SIDE_IP}/shed/x", timeout=30,
         )  # fmt: skip
     finally:

@@ -264,7 +264,7 @@ def test_another_service_on_the_intercept_port(tb: tbm.Testbed) -> None:
     assert static["severity"] == "fail" and "another service" in static["message"], str(report)
 
 
-# -- -o DEV and -F ----------------------------------------------------------------------------------
+# -- -o DEV and -F ---------------------------------------------------------------------------
 
 
 def test_link_send_and_capture_filter(tb: tbm.Testbed) -> None:

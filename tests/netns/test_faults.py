@@ -487,7 +487,7 @@ def test_conntrack_full_send_eperm(testbed: tbm.Testbed, tmp_path: Path) -> None
         assert tcpcopy.alive(), diag(tb)
     finally:
         tb.run("online", "iptables", "-w", "-D", "OUTPUT", *rule, check=False)
-    recovery_s, probes = probe_recovery(tb, tcpcopy, "/rec/")
+    recovery_s, _probes = probe_recovery(tb, tcpcopy, "/rec/")
     after = replicate_after(tb)
     summary, isum = stop_both(tb, tcpcopy, intercept, tmp_path)
     full_online, full_target = ratio(tb, "/full/")
@@ -545,7 +545,7 @@ def test_full_ring_drops_and_recovers(testbed: tbm.Testbed, tmp_path: Path) -> N
     m = re.search(r"(\d+) requests in", wrk.stdout)
     burst = int(m.group(1)) if m else 0
     assert tcpcopy.alive(), diag(tb)
-    recovery_s, probes = probe_recovery(tb, tcpcopy, "/rec/")
+    recovery_s, _probes = probe_recovery(tb, tcpcopy, "/rec/")
     after = replicate_after(tb)
     same_worker = worker_pid in workers_of(tcpcopy).values()
     summary, isum = stop_both(tb, tcpcopy, intercept, tmp_path)

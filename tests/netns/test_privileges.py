@@ -111,14 +111,15 @@ def test_both_programs_drop_root_keep_two_caps(
     def listening() -> bool:
         if not intercept.alive():
             raise tbm.TestbedError(f"intercept-mp exited:\n{intercept.tail()}")
-        return tb._listening("target", tbm.INTERCEPT_PORT)  # noqa: SLF001 - testbed helper
+        return tb._listening("target", tbm.INTERCEPT_PORT)
 
     tbm.wait_until(listening, tbm.READY_TIMEOUT_S, what="intercept-mp listening")
     rules = lambda: tb.run("target", "iptables-save", "-t", "filter").stdout  # noqa: E731
     tbm.wait_until(lambda: "intercept-mp" in rules(), tbm.READY_TIMEOUT_S, what="NFQUEUE rule")
 
     summary = tmp_path / "tcpcopy-summary.json"
-    tcpcopy_argv = [str(readable.bin("tcpcopy-mp")), "-x", TRANSFER_HTTP, "-c", "198.19.1.x", "-s", tbm.TARGET_IP,
+    tcpcopy_argv = [str(readable.bin("tcpcopy-mp")), "-x", TRANSFER_HTTP, "-c", "198.19.1.x",
+                    "-s", tbm.TARGET_IP,
                     "--workers", "2", "--summary-json", str(summary)]  # fmt: skip
     tcpcopy = tb.spawn("online", "tcpcopy-mp", readable.wrap(tcpcopy_argv, tmp_path / "m-tcpcopy"))
     tb.wait_replicating(tcpcopy, timeout=DEADLINE_S)

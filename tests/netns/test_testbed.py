@@ -68,7 +68,10 @@ def test_compare_replication_detects_missing_extra_and_reordering() -> None:
 
 
 def test_parse_commandstats() -> None:
-    info = b"# Commandstats\r\ncmdstat_set:calls=2000,usec=1,usec_per_call=0.1\r\ncmdstat_config|get:calls=2\r\n"
+    info = (
+        b"# Commandstats\r\ncmdstat_set:calls=2000,usec=1,usec_per_call=0.1\r\n"
+        b"cmdstat_config|get:calls=2\r\n"
+    )
     assert tbm.parse_commandstats(info) == {"set": 2000, "config|get": 2}
 
 
@@ -110,7 +113,7 @@ def test_client_reaches_online_nginx_and_online_reaches_target(testbed: tbm.Test
     assert [(r.uri, r.remote_addr) for r in target_log] == [("/hello/2", tbm.ONLINE_SERVER_SIDE_IP)]
     assert tbm.can_connect(testbed.ns("online"), tbm.TARGET_IP, tbm.REDIS_PORT)
     # The client has no route to the server subnet at all.
-    with pytest.raises(OSError):
+    with pytest.raises(OSError):  # noqa: PT012 - the socket is made and closed in the block
         sock = tbm.netns_socket(testbed.ns("client"))
         try:
             sock.settimeout(2)

@@ -145,7 +145,7 @@ CASES = _cases()
 
 @pytest.fixture(scope="module")
 def results() -> dict[tuple[str, str], subprocess.CompletedProcess]:
-    def run(case):  # noqa: ANN001, ANN202
+    def run(case):
         prog, cid, argv, _ = case
         binary, base = PROGRAMS[prog][0], PROGRAMS[prog][1]
         try:

@@ -477,8 +477,9 @@ TCPCOPY_FLAGS: list[tuple[str, str | None, Callable[[ReplayConfig], bool]]] = [
 
 def test_tcpcopy_flag_table_is_the_spec_list():
     listed = {f for f, _, _ in TCPCOPY_FLAGS} | {"-h", "-v"}
-    spec = set("-x -c -H -s -p -C -n -f -r -g -W -O -L -M -D -R -U -m -t -k -l -P -d -h -v "
-               "-i -F -B -S -o -a -I -T".split())  # fmt: skip
+    spec = {"-x", "-c", "-H", "-s", "-p", "-C", "-n", "-f", "-r", "-g", "-W", "-O", "-L", "-M",
+            "-D", "-R", "-U", "-m", "-t", "-k", "-l", "-P", "-d", "-h", "-v", "-i", "-F", "-B",
+            "-S", "-o", "-a", "-I", "-T"}  # fmt: skip
     assert listed == spec
 
 
@@ -516,7 +517,9 @@ INTERCEPT_FLAGS: list[tuple[str, str | None, list[str], Callable[[Any], bool]]] 
 
 def test_intercept_flag_table_is_the_spec_list():
     listed = {f for f, _, _, _ in INTERCEPT_FLAGS} | {"-h", "-v"}
-    assert listed == set("-i -F -x -q -n -p -b -s -D -c -l -P -d -h -v".split())
+    assert listed == set(
+        ["-i", "-F", "-x", "-q", "-n", "-p", "-b", "-s", "-D", "-c", "-l", "-P", "-d", "-h", "-v"]
+    )
 
 
 @pytest.mark.parametrize(

@@ -132,7 +132,7 @@ def server() -> Iterator[InterceptServer]:
     srv.close()
 
 
-# --- who gets in -----------------------------------------------------------------------------------
+# --- who gets in ------------------------------------------------------------------------------
 
 
 def test_right_secret_accepted_then_client_add_and_responses_flow(server) -> None:

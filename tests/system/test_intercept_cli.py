@@ -146,7 +146,7 @@ def response(client: str, cport: int, flags: int = ACK, seq: int = 1) -> bytes:
             ack=99,
             flags=flags,
             payload=b"x" * 100,
-        )  # fmt: skip
+        )
     )
 
 
@@ -188,7 +188,7 @@ class ScriptedSource:
 
 def serve(
     steps: list[Callable], peer_bytes: bytes, **server_kw
-) -> tuple[InterceptServer, socket.socket]:  # noqa: E501
+) -> tuple[InterceptServer, socket.socket]:
     """Run the loop with one channel (a socketpair) whose peer already sent ``peer_bytes``."""
     server = InterceptServer(Router(), **server_kw)
     ours, theirs = socket.socketpair()
@@ -320,7 +320,7 @@ def test_old_client_closed_and_unknown_type_survives() -> None:
     server.run()
     assert server.counters["channels_old_client"] == 1
     assert old_peer.recv(10) == b""  # closed, and nothing was ever sent
-    assert list(server.channels.values())[0].peer == "ok"
+    assert next(iter(server.channels.values())).peer == "ok"
     server.close()
 
 
@@ -341,7 +341,7 @@ def test_periodic_stats_line_uses_the_c_names() -> None:
             burst("198.19.1.5", 40000, 3),
             lambda s, now: any(m.startswith("total resp packs:3, all:3") for m in messages),
         ]
-        server, peer = serve(steps, HELLO, stats_interval_s=0.01)
+        server, _peer = serve(steps, HELLO, stats_interval_s=0.01)
     finally:
         logger.removeHandler(handler)
     line = next(m for m in messages if m.startswith("total resp packs:3"))

@@ -13,6 +13,7 @@ import re
 import select
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -89,7 +90,7 @@ def test_on_a_terminal_progress_redraws_one_line(world, tmp_path):
     finally:
         os.close(fd)
     text = out.decode(errors="replace").replace("\r\n", "\n")  # the tty's ONLCR
-    log = open(log_path).read()
+    log = Path(log_path).read_text()
     assert code == 0, f"{text}\n{log}"
     lines = TTY_LINE.findall(text)
     assert len(lines) >= 3, text  # redrawn while the replay ran (~3 s at ~2/s)

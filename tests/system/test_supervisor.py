@@ -127,11 +127,15 @@ class FakeWorld:
             data = conn.recv(65536)
         except OSError:
             data = b""
-        if not data:
+        try:
+            # A worker killed by the test may have gone between the recv and here.
+            peer = conn.getpeername()[1] if data else None
+        except OSError:
+            peer = None
+        if peer is None:
             self.sel.unregister(conn)
             conn.close()
             return
-        peer = conn.getpeername()[1]
         try:
             records = decoder.feed(data)
         except DecodeError:

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from engine import dataplane
-from engine.codec import packet as P
+from engine.codec import packet as P  # noqa: N812 - as in the fuzz harness
 from engine.codec.pcapfile import open_pcap
 from tests.paths import CONTROL_PCAP, ONLINE_HTTP_PCAP, TARGET_SIDE_PCAP
 
@@ -89,7 +89,8 @@ def record_packet(buf: bytes, rec: np.void) -> P.TcpPacket:
     at, ihl, doff = int(rec["offset"]), int(rec["ip_header_bytes"]), int(rec["tcp_header_bytes"])
     assert int(rec["family"]) == 4 and bytes(rec["src"][:12]) == b"\0" * 10 + b"\xff\xff"
     return P.TcpPacket(
-        int.from_bytes(bytes(rec["src"][12:]), "big"), int.from_bytes(bytes(rec["dst"][12:]), "big"),
+        int.from_bytes(bytes(rec["src"][12:]), "big"),
+        int.from_bytes(bytes(rec["dst"][12:]), "big"),
         int(rec["sport"]), int(rec["dport"]), int(rec["seq"]), int(rec["ack"]), int(rec["flags"]),
         int(rec["window"]), buf[at + ihl + 20 : at + ihl + doff],
         buf[at + ihl + doff : at + ihl + doff + int(rec["payload_bytes"])], int(rec["data_len"]),
@@ -546,7 +547,7 @@ def test_mtu_split_builds_the_same_pieces(
 
 
 def test_exercise_reports_the_parse_code(captured: list[bytes]) -> None:
-    for frame in captured[:50] + [b"", b"\x45", captured[0][:30]]:
+    for frame in [*captured[:50], b"", b"E", captured[0][:30]]:
         assert D.exercise(frame) == D.decode_ip(frame)[0]
 
 

@@ -309,7 +309,10 @@ def test_intercept_doctor_flags():
 
 # -- tcpcopy-mp doctor's static checks ------------------------------------------------------------
 
-ONLINE_ADDRS = "2: cli0    inet 198.18.1.2/24 scope global cli0\n3: srv0    inet 198.18.2.2/24 scope global srv0\n"
+ONLINE_ADDRS = (
+    "2: cli0    inet 198.18.1.2/24 scope global cli0\n"
+    "3: srv0    inet 198.18.2.2/24 scope global srv0\n"
+)
 
 
 def online_host(mtu: int = 1500, **over) -> FakeHost:

@@ -86,7 +86,7 @@ def test_ramp_adds_one_percent_per_second_and_reaches_all():
     assert start_flow(tl, keys[50]) == []
     tl.now = 10.0 + 99.0  # 100 %: everything, from now on
     assert len(start_flow(tl, keys[99])) == 1
-    assert tl.table._ramp_done  # noqa: SLF001 - the ramp no longer runs per flow
+    assert tl.table._ramp_done
     assert tl.table.counters[SAMPLED_OUT] == 2
 
 

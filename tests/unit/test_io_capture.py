@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def test_pacer_skips_each_idle_gap_exactly_once():
     pacer = ReplayPacer(accelerate=1.0, idle_threshold_s=1.0)
     pacer.restart(0.0)
     got = [pacer.due(ts) for ts in stamps]
-    gaps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
     kept = [g for g in gaps if g <= 1.0]
     assert got[-1] == pytest.approx(sum(kept))  # both idle gaps gone, each only once
     assert pacer.idle_gaps == 2

@@ -117,7 +117,8 @@ def test_same_secret_authenticates_then_routes_and_receives() -> None:
                                 ROUTE.target_ip, ROUTE.target_port)  # fmt: skip
         pump(sel, chans, icpt, lambda: add in icpt.records[0] + icpt.records[1])
         synack = packet.TcpPacket(src=ROUTE.target_ip, dst=ROUTE.client_ip, sport=8080,
-                                  dport=40000, seq=7, ack=1, flags=packet.SYN | packet.ACK)  # fmt: skip
+                                  dport=40000, seq=7, ack=1,
+                                  flags=packet.SYN | packet.ACK)  # fmt: skip
         icpt.conns[0].sendall(
             wire.encode_frame([wire.encode_response_record(packet.build(synack))])
         )

@@ -74,7 +74,7 @@ def test_ethernet_header_layout() -> None:
 
 
 @pytest.mark.parametrize(
-    "text,want",
+    ("text", "want"),
     [
         ("02:aa:bb:cc:dd:03", TARGET_MAC),
         ("02:AA:BB:CC:DD:03", TARGET_MAC),
@@ -185,7 +185,9 @@ def test_neighbours_from_the_table_the_gateway_and_the_x_macs() -> None:
 def test_an_absent_neighbour_is_probed_then_found() -> None:
     host = FakeHost(
         arp=ARP_TEXT.replace("198.18.2.3 ", "198.18.2.33"),
-        appear_on_probe="198.18.2.3       0x1         0x2         02:aa:bb:cc:dd:03     *        srv0\n",
+        appear_on_probe=(
+            "198.18.2.3       0x1         0x2         02:aa:bb:cc:dd:03     *        srv0\n"
+        ),
     )
     table = host.table(_entries("80-198.18.2.3:8080"))
     table.resolve()
@@ -323,7 +325,7 @@ def test_ctypes_fallback_joins_header_and_packet() -> None:
 
 
 @pytest.mark.parametrize(
-    "expression,message",
+    ("expression", "message"),
     [
         ("tcp dst port", "syntax error"),
         ("ether host 02:aa:bb:cc:dd:03", "ethernet addresses"),

@@ -62,7 +62,7 @@ def test_cap_names() -> None:
     assert pv.cap_names(1 << 40) == ["cap_40"]
 
 
-def _stat(tmp_path, mode: int, name: str = "f"):  # noqa: ANN001, ANN202
+def _stat(tmp_path, mode: int, name: str = "f"):
     path = tmp_path / name
     path.write_text("x = 1\n")
     os.chmod(path, mode)
@@ -117,7 +117,7 @@ def test_resolve_target_as_non_root() -> None:
     me = pwd.getpwuid(1000).pw_name if _uid_exists(1000) else None
     # Not root: no switch by default; naming ourselves is fine; another user is an error.
     assert pv.resolve_target(None, None, euid=4242) is None
-    with pytest.raises(ConfigError, match="--user.*needs root"):
+    with pytest.raises(ConfigError, match=r"--user.*needs root"):
         pv.resolve_target("root", "nogroup" if _group_exists("nogroup") else "0", euid=4242)
     with pytest.raises(ConfigError, match="--group"):
         pv.resolve_target(None, "root", euid=4242)
@@ -145,7 +145,7 @@ def test_kept_output_is_rewritten_in_place(tmp_path) -> None:
     assert os.path.getsize(path) == 0
     assert kept.write(path, b'{"a": 1, "long": "xxxxxxxx"}\n')
     assert kept.write(path, b'{"a": 2}\n')  # shorter: the old tail is gone
-    assert open(path, "rb").read() == b'{"a": 2}\n'
+    assert Path(path).read_bytes() == b'{"a": 2}\n'
     assert not kept.write(str(tmp_path / "other"), b"x")
     kept.close()
 

@@ -168,7 +168,7 @@ def test_offline_source_waits_for_a_busy_ring_and_shifts_its_schedule(rings_fact
 
     rings = rings_factory(1, slots=64)
     clock = [100.0]
-    proc, flt, src = make_capture(rings, clock=lambda: clock[0])
+    proc, _flt, src = make_capture(rings, clock=lambda: clock[0])
     src.start(clock[0])
     for _ in range(int(64 * OFFLINE_PAUSE_FILL)):
         rings[0].push_batch([(b"x" * 40, 0.0)])
@@ -206,7 +206,8 @@ def test_oversized_packet_is_split_at_mtu_onto_one_ring(rings_factory):
     assert len(pieces) == 3 and all(len(packet.build(p)) <= 1500 for p in pieces)
     assert b"".join(p.payload for p in pieces) == payload
     assert [p.seq for p in pieces] == [1000, 1000 + len(pieces[0].payload),
-                                        1000 + len(pieces[0].payload) + len(pieces[1].payload)]  # fmt: skip
+                                        1000 + len(pieces[0].payload)
+                                        + len(pieces[1].payload)]  # fmt: skip
     assert proc.counters["capture_split"] == 1
 
 

@@ -44,7 +44,7 @@ def established(tl: TableLink, port: int) -> tuple[Client, tuple[int, int]]:
 def test_live_routes_are_those_of_sessions_not_yet_ended():
     tl = TableLink(SessionTable(SessionConfig(transfers=XFER, client_pool=POOL)))
     _, a = established(tl, 40001)
-    cb, b = established(tl, 40002)
+    cb, _b = established(tl, 40002)
     tl.client(cb.rst())  # b ends (lingers)
     assert tl.table.active == 2
     assert tl.table.live_routes() == [RouteNeeded(*a, *TARGET)]

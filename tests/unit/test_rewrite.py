@@ -109,7 +109,7 @@ def test_transfer_entry_is_frozen():
 def test_targets_localhost():
     assert targets_localhost(parse_transfer("80-198.18.1.2:8080,81-127.0.0.1:8081"))
     assert not targets_localhost(parse_transfer("127.0.0.1:80-198.18.1.2:8080"))
-    assert LOCALHOST_IP == ip("127.0.0.1")
+    assert ip("127.0.0.1") == LOCALHOST_IP
 
 
 BAD_TRANSFERS = [

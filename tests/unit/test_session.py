@@ -496,7 +496,7 @@ def keepalive_with_lost_request(lost: int, n: int = 6):
 def test_captured_gap_never_filled_reconnects_from_the_next_segment():
     # A keep-alive stream whose capture lost one request (ring overflow): C holds the
     # session until -t and every later request piles up (QUIRK fixed, spec §3.7 step 6d).
-    link, c, reqs = keepalive_with_lost_request(lost=2)
+    link, _c, reqs = keepalive_with_lost_request(lost=2)
     s = link.session
     t = link.target
     assert s.unsend == 3
@@ -585,7 +585,7 @@ def test_captured_overlap_is_trimmed_and_retransmission_skipped():
     link = mk()
     establish(link, c)
     p1 = c.data(b"A" * 100)
-    (d1,) = link.client(p1)
+    (_d1,) = link.client(p1)
     assert link.client(p1) == []  # a client retransmission
     assert counters(link)["total cont retransmit"] == 1
     assert counters(link)[drop_key(DropReason.CLIENT_RETRANSMIT)] == 1
@@ -710,7 +710,7 @@ def test_rto_retransmits_and_recovers():
     t = link.target
     establish(link, c, rtt=0.01)
     link.lose = 1
-    (d,) = link.client(c.data(REQ1))
+    (_d,) = link.client(c.data(REQ1))
     out = link.run(RTO_MIN_S + 0.011)
     assert [p.payload for p in out] == [REQ1]
     link.respond(t.send(10))
@@ -883,7 +883,7 @@ def test_client_fin_waits_for_ack_and_gate_then_clean_close():
     t = link.target
     establish(link, c)
     link.lose = 1
-    (d,) = link.client(c.data(REQ1))
+    (_d,) = link.client(c.data(REQ1))
     fin = c.fin(read=300)
     assert link.client(fin) == []
     assert link.respond(t.ack()) == []  # REQ1 not acked yet (it was lost)

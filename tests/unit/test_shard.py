@@ -275,7 +275,7 @@ def test_a_hole_after_a_reported_ring_loss_is_given_up_at_once(loss_noted):
     # that loss, so the session resynchronises after LOSS_GAP_WAIT_S, not a whole
     # CLIENT_GAP_WAIT_S; without the mark it still waits the second out (a reordering).
     tl = mk()
-    key, reqs = _keepalive_with_hole(tl, loss_noted)
+    _key, reqs = _keepalive_with_hole(tl, loss_noted)
     held_at = tl.now
     tl.run(held_at + LOSS_GAP_WAIT_S)
     out = [e.pkt for e in tl.log if e.at >= held_at and e.pkt.flags != ACK]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import random
 import struct
 from collections import defaultdict
@@ -121,7 +122,7 @@ def control() -> dict[int, dict[str, list[tuple[float, bytes]]]]:
 def random_splits(data: bytes, rng: random.Random) -> list[bytes]:
     cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(0, 12))))
     bounds = [0, *cuts, len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def feed_all(decoder, parts):
@@ -177,7 +178,7 @@ SYNACK_OPTIONS = bytes.fromhex("020405b4 0402 080a 01020304 05060708 01 030307".
 
 def test_constants_match_spec_sizes():
     assert CLIENT_RECORD.size == 14
-    assert HANDSHAKE == bytes.fromhex("0000000000000006 000000000000".replace(" ", ""))
+    assert bytes.fromhex("0000000000000006 000000000000".replace(" ", "")) == HANDSHAKE
     assert (INTERNAL_VERSION, TYPE_CLIENT_ADD, TYPE_CLIENT_DEL) == (6, 1, 2)
     assert RESPONSE_RECORD_BYTES == 20 + wire.MAX_RESPONSE_TCP_HEADER_BYTES == 64
     assert PAYLOAD_RECORD_BYTES == 64 + wire.MAX_PAYLOAD_IN_RECORD_BYTES == 192

@@ -53,7 +53,7 @@ def splits(data: bytes, rng: random.Random) -> list[bytes]:
 
 
 def test_hello_bytes_and_golden_exchange() -> None:
-    assert EXT_HELLO == bytes.fromhex("00000000 0000 4558 54434d50 0001")
+    assert bytes.fromhex("00000000 0000 4558 54434d50 0001") == EXT_HELLO
     challenge = b"TCMP" + bytes([1, 1, 0, 0]) + SN
     proof = b"TCMP" + bytes([2, 0, 0, 0]) + CN + mac(SECRET, b"tcpcopy-mp ext1 tcpcopy proof")
     accept = b"TCMP" + bytes([3, 0, 0, 0]) + mac(SECRET, b"tcpcopy-mp ext1 intercept proof")
@@ -235,7 +235,7 @@ records_st = st.lists(
 )
 
 
-def exchange(server, client, rng, records_after=b"", frames_after=b""):  # noqa: ANN001, ANN201
+def exchange(server, client, rng, records_after=b"", frames_after=b""):
     """Run the handshake over dribbled byte streams; returns (records, client leftover)."""
     got: list[ClientRecord] = []
     for part in splits(client.hello, rng):
@@ -277,7 +277,7 @@ def test_different_secrets_never_open(secret_a, secret_b, sn, cn, rng) -> None:
     assert server.refuse_code == REFUSE_BAD_PROOF and not server.handshake_done
 
 
-def outcome(feed_parts, decoder) -> tuple:  # noqa: ANN001
+def outcome(feed_parts, decoder) -> tuple:
     recs: list = []
     try:
         for part in feed_parts:
