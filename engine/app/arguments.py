@@ -126,14 +126,12 @@ def _check_pcap(where: str, path: str) -> None:
         raise ConfigError(where, str(exc)) from None
     except OSError as exc:
         raise ConfigError(where, f"cannot open {path}: {exc.strerror or exc}") from None
-    linktype = getattr(reader, "linktype", None)
-    close = getattr(reader, "close", None)
-    if close is not None:
-        close()
+    with reader:
+        linktype = reader.linktype
     from engine.codec import packet
     from engine.io.capture import unsupported_linktype
 
-    if linktype is not None and linktype not in packet.LINKTYPES:
+    if linktype not in packet.LINKTYPES:
         raise ConfigError(where, f"{path}: {unsupported_linktype(linktype)}")
 
 

@@ -104,6 +104,16 @@ class PcapReader:
             self.records += 1
             yield sec + frac / ticks, max(wire_len, caplen), frame
 
+    def close(self) -> None:
+        """Close the stream the reader was given (it owns it); closing twice is harmless."""
+        self._stream.close()
+
+    def __enter__(self) -> PcapReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     @property
     def offset(self) -> int:
         """Byte offset of the next record header (the end of the last whole record)."""
@@ -120,6 +130,6 @@ def open_pcap(path: str) -> PcapReader:
     stream = open(path, "rb")  # noqa: SIM115 - the reader owns the stream
     try:
         return PcapReader(stream, path)
-    except DecodeError:
+    except BaseException:
         stream.close()
         raise

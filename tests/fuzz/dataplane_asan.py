@@ -93,14 +93,14 @@ def seeds() -> list[bytes]:
 
     out = []
     for path in (ONLINE_HTTP_PCAP, TARGET_SIDE_PCAP, CONTROL_PCAP):
-        reader = open_pcap(str(path))
-        for k, (_ts, _n, frame) in enumerate(reader):
-            if k % 4 == 0:
-                out.append(frame)  # whole frames too: the link-layer readers' seeds
-            try:
-                out.append(frame[P.l2_offset(frame, reader.linktype) :])
-            except P.DecodeError:
-                pass
+        with open_pcap(str(path)) as reader:
+            for k, (_ts, _n, frame) in enumerate(reader):
+                if k % 4 == 0:
+                    out.append(frame)  # whole frames too: the link-layer readers' seeds
+                try:
+                    out.append(frame[P.l2_offset(frame, reader.linktype) :])
+                except P.DecodeError:
+                    pass
     opts = P.build_options(mss=1460, wscale=7, sack_permitted=True, timestamp=(1, 2))
     sack = P.build_options(timestamp=(3, 4), sack=[(5, 6), (7, 8), (9, 10)])
     for o in (opts, sack, b"\x01" * 40, b"\x05\x22" + bytes(32)):

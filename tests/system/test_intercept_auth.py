@@ -25,6 +25,7 @@ from intercept.config import MAX_ROUTES_PER_CONN_DEFAULT
 from intercept.router import Router
 from intercept.server import InterceptServer
 
+from .pairs import socketpair
 from .test_intercept_cli import TARGET, ScriptedSource, burst, read_frames, response, routed
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,7 +44,7 @@ class Peer:
     """One end of a socketpair attached to the server as a tcpcopy connection."""
 
     def __init__(self, server: InterceptServer, name: str = "198.18.0.9:40001") -> None:
-        ours, self.sock = socket.socketpair()
+        ours, self.sock = socketpair()
         self.sock.setblocking(False)
         server.attach_channel(ours, name)
         self.inbox = bytearray()

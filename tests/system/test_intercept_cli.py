@@ -23,6 +23,7 @@ from engine.codec.packet import ACK, RST, SYN, TcpPacket, build, ip_from_str
 from intercept.cli import parse_args
 from intercept.router import Router
 from intercept.server import InterceptServer
+from tests.system.pairs import socketpair
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = REPO / ".venv" / "bin" / "intercept-mp"
@@ -191,7 +192,7 @@ def serve(
 ) -> tuple[InterceptServer, socket.socket]:
     """Run the loop with one channel (a socketpair) whose peer already sent ``peer_bytes``."""
     server = InterceptServer(Router(), **server_kw)
-    ours, theirs = socket.socketpair()
+    ours, theirs = socketpair()
     theirs.sendall(peer_bytes)
     server.attach_channel(ours, "socketpair")
     server.add_source(ScriptedSource(server, steps))
@@ -261,7 +262,7 @@ def test_records_of_separate_passes_are_not_held_back() -> None:
 
 def test_delayed_syn_and_rst_flushed_on_client_add_unrouted_dropped() -> None:
     server = InterceptServer(Router())
-    ours, peer = socket.socketpair()
+    ours, peer = socketpair()
     server.attach_channel(ours, "socketpair")
 
     def before(server: InterceptServer, now: float) -> None:
@@ -309,8 +310,8 @@ def test_slow_peer_is_bounded_and_framing_survives() -> None:
 
 def test_old_client_closed_and_unknown_type_survives() -> None:
     server = InterceptServer(Router())
-    old_ours, old_peer = socket.socketpair()
-    ok_ours, ok_peer = socket.socketpair()
+    old_ours, old_peer = socketpair()
+    ok_ours, ok_peer = socketpair()
     server.attach_channel(old_ours, "old")
     server.attach_channel(ok_ours, "ok")
     old_peer.sendall(wire.client_add(ip_from_str("198.19.1.5"), 40000, 0, 0))

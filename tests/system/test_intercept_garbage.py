@@ -8,11 +8,11 @@ valid handshake, another (a well-behaved tcpcopy) routes responses beside it.
 from __future__ import annotations
 
 import logging
-import socket
 
 from engine.codec import wire
 from intercept.router import Router
 from intercept.server import BAD_RECORDS_MAX, InterceptServer
+from tests.system.pairs import socketpair
 from tests.system.test_intercept_cli import HELLO, ScriptedSource, burst, read_frames, routed
 
 BAD_RECORDS_SENT = 1000
@@ -37,9 +37,9 @@ def test_garbage_records_are_rate_limited_counted_and_the_peer_closed() -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     server = InterceptServer(Router())
-    good_ours, good_peer = socket.socketpair()
-    bad_ours, bad_peer = socket.socketpair()
-    again_ours, again_peer = socket.socketpair()
+    good_ours, good_peer = socketpair()
+    bad_ours, bad_peer = socketpair()
+    again_ours, again_peer = socketpair()
     try:
         server.attach_channel(good_ours, "198.18.0.7:5000")
         server.attach_channel(bad_ours, "198.18.0.9:6000")
@@ -93,7 +93,7 @@ def test_the_suppressed_count_is_told_when_the_next_line_is_allowed() -> None:
     logger.setLevel(logging.INFO)
     clock = [100.0]
     server = InterceptServer(Router(), clock=lambda: clock[0])
-    ours, peer = socket.socketpair()
+    ours, peer = socketpair()
     try:
         server.attach_channel(ours, "198.18.0.9:6000")
         peer.sendall(wire.HANDSHAKE + unknown_records(10))

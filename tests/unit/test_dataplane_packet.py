@@ -282,10 +282,10 @@ def test_compiled_parse_ip_raises_decode_error_with_the_code() -> None:
 
 
 def capture_packets(path: Path) -> list[bytes]:
-    reader = open_pcap(str(path))
     out = []
-    for _ts, _wire_len, frame in reader:
-        out.append(frame[P.l2_offset(frame, reader.linktype) :])
+    with open_pcap(str(path)) as reader:
+        for _ts, _wire_len, frame in reader:
+            out.append(frame[P.l2_offset(frame, reader.linktype) :])
     return out
 
 
@@ -645,8 +645,8 @@ def test_link_layer_offsets_agree(linktype: int, frame: bytes) -> None:
 
 def test_captured_frames_as_one_batch_with_their_link_type() -> None:
     for path in (ONLINE_HTTP_PCAP, TARGET_SIDE_PCAP, CONTROL_PCAP):
-        reader = open_pcap(str(path))
-        frames = [frame for _ts, _n, frame in reader]
+        with open_pcap(str(path)) as reader:
+            frames = [frame for _ts, _n, frame in reader]
         frames += [frames[0][:10], frames[0][:13] + b"\x86"]  # cut, and not IPv4
         buf, offsets, lengths = batch_of(frames)
         recs = np.empty(len(frames), D.PACKET_DTYPE)

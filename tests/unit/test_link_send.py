@@ -7,6 +7,7 @@ import errno
 import socket
 import struct
 from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -269,8 +270,22 @@ def _resolved(spec: str = "80-198.18.2.3:8080") -> send.NeighbourTable:
     return table
 
 
-def test_link_sender_frames_every_packet_and_counts_refusals() -> None:
-    s = FakeLinkSender(_resolved())
+@pytest.fixture
+def fake_sender() -> Iterator[Callable[..., FakeLinkSender]]:
+    """Makes FakeLinkSenders and closes their sockets after the test."""
+    made: list[FakeLinkSender] = []
+
+    def make(table: send.NeighbourTable, mtu: int = 1500) -> FakeLinkSender:
+        made.append(FakeLinkSender(table, mtu))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def test_link_sender_frames_every_packet_and_counts_refusals(fake_sender) -> None:
+    s = fake_sender(_resolved())
     unknown = _packet(dst=packet.ip_from_str("198.18.2.200"))
     pkts = [_packet(seq=1), unknown, _packet(seq=2), _packet(seq=3)]
     s.refuse[1] = errno.ENOBUFS  # the frame after the first one: the packet with seq 2
@@ -285,8 +300,8 @@ def test_link_sender_frames_every_packet_and_counts_refusals() -> None:
     assert packet.checksum(s.frames[0][14:34]) == 0
 
 
-def test_link_sender_splits_packets_larger_than_the_device_mtu() -> None:
-    s = FakeLinkSender(_resolved(), mtu=576)
+def test_link_sender_splits_packets_larger_than_the_device_mtu(fake_sender) -> None:
+    s = fake_sender(_resolved(), mtu=576)
     big = _packet(payload=bytes(range(256)) * 8, seq=5000)  # 2048 bytes of data
     assert s.send_batch([big]) == 4
     assert s.counters["send_split"] == 1
@@ -393,11 +408,11 @@ def test_offline_replay_applies_the_filter_to_the_files_packets(tmp_path: Path) 
     assert prefilter.counters["capture_filter_excluded"] == 2
 
 
-def test_link_sender_follows_the_neighbour_table_while_sending() -> None:
+def test_link_sender_follows_the_neighbour_table_while_sending(fake_sender) -> None:
     host = FakeHost()
     table = host.table(_entries("80-198.18.2.3:8080"))
     table.resolve()
-    s = FakeLinkSender(table)
+    s = fake_sender(table)
     now = [0.0]
     s.clock = lambda: now[0]
     s.send_batch([_packet(seq=1)])

@@ -132,6 +132,7 @@ def test_a_line_torn_by_a_short_write_is_ended_before_the_notice(
     try:
         handler = file_handler(lg)
         fake = _ShortThenFull(room=7)
+        handler.stream.close()  # type: ignore[attr-defined]  # the real file, replaced
         handler.stream = fake  # type: ignore[attr-defined]
         lg.info("first line, torn")
         lg.info("second line, lost")

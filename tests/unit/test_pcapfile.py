@@ -27,8 +27,8 @@ def make_pcap(records, order="<", nano=False, linktype=1):
 
 @pytest.mark.parametrize("name", ["online-http", "target-side", "control-36524"])
 def test_real_captures_read_whole(name):
-    reader = open_pcap(f"{DATA}/{name}.pcap")
-    recs = list(reader)
+    with open_pcap(f"{DATA}/{name}.pcap") as reader:
+        recs = list(reader)
     assert reader.linktype == 1
     assert reader.records == len(recs) > 100
     assert reader.truncated_tail == 0

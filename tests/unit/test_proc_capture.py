@@ -189,6 +189,7 @@ def test_offline_source_waits_for_a_busy_ring_and_shifts_its_schedule(rings_fact
     # The schedule moved by the 1.0 s waited: the first packet was due at due_before.
     assert src.pacer.start == pytest.approx(100.0 + 1.0)
     assert len(rings[0]) > 0  # due packets (now <= due + 1 s) were read after resuming
+    src.close()
 
 
 def test_oversized_packet_is_split_at_mtu_onto_one_ring(rings_factory):

@@ -445,10 +445,10 @@ def test_stale_heap_entries_are_skipped():
 def _online_capture():
     from engine.codec.pcapfile import open_pcap
 
-    r = open_pcap(str(ONLINE_HTTP_PCAP))
     pkts = []
-    for ts, _, frame in r:
-        pkts.append((ts, packet.parse_ip(frame[packet.l2_offset(frame, r.linktype) :])))
+    with open_pcap(str(ONLINE_HTTP_PCAP)) as r:
+        for ts, _, frame in r:
+            pkts.append((ts, packet.parse_ip(frame[packet.l2_offset(frame, r.linktype) :])))
     return pkts
 
 
