@@ -469,6 +469,8 @@ _FRAME_LEN = 16 // 4
 _FRAME_MAC = 24 // 2  # u16 words
 _FRAME_NET = 26 // 2
 _FRAME_PKTTYPE = 58  # bytes
+_BLOCK_HEADER_NEED = 20  # bytes of a block descriptor that are read (to offset_to_first_pkt)
+_FRAME_HEADER_NEED = 60  # bytes of a frame header that are read (to sll_pkttype)
 
 
 class FrameBatch(NamedTuple):
@@ -496,9 +498,11 @@ _MAC_NET_WORDS = np.array([_FRAME_MAC, _FRAME_NET], dtype=np.int64)  # u16 words
 
 
 def frame_fields(
-    u32: np.ndarray, u16: np.ndarray, u8: np.ndarray, frames: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """For frames at ``frames``: (ip start, ip length, pkttype, truncated) as arrays.
+    u32: np.ndarray, u16: np.ndarray, u8: np.ndarray, frames: np.ndarray, end: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For frames at ``frames`` (headers checked by ``walk_frames``): (ip start, ip length,
+    pkttype, truncated, inside) as arrays; ``inside`` is False for a frame whose captured
+    bytes pass ``end`` or whose IP header (tp_net) is not within them.
 
     A few numpy gathers per block, whatever its packet count (each numpy call costs about a
     microsecond, so the fields are taken as matrices, not one call per field)."""
@@ -506,9 +510,11 @@ def frame_fields(
     macnet = u16.take((frames >> 1)[:, None] + _MAC_NET_WORDS).astype(np.int64)
     snaplen = head[:, _FRAME_SNAPLEN]
     mac, net = macnet[:, 0], macnet[:, 1]
+    inside = (net >= mac) & (net <= mac + snaplen) & (frames + mac + snaplen <= end)
     starts = frames + net
     lengths = snaplen - (net - mac)
-    return starts, lengths, u8.take(frames + _FRAME_PKTTYPE), snaplen < head[:, _FRAME_LEN]
+    truncated = snaplen < head[:, _FRAME_LEN]
+    return starts, lengths, u8.take(frames + _FRAME_PKTTYPE), truncated, inside
 
 
 def ip_flow_fields(
@@ -636,11 +642,11 @@ class TPacketSource(_LiveSource):
             words[(off >> 2) + _BLOCK_STATUS] = TP_STATUS_KERNEL
         self._held.clear()
 
-    def read_frames(self, now: float) -> list[FrameBatch]:
-        """The ready blocks (at most TPACKET_BLOCKS_PER_READ), one FrameBatch each; call
-        ``release()`` once they are copied out."""
+    def ready_blocks(self) -> list[int]:
+        """The byte offsets of the ready blocks (at most TPACKET_BLOCKS_PER_READ), held
+        until ``release()``: what ``read_frames`` parses, and what the compiled walk
+        (engine/dataplane/capture.pyx) reads in place from ``buffer``."""
         self.release()
-        out: list[FrameBatch] = []
         c = self.counters
         for i in range(TPACKET_BLOCKS_PER_READ):
             block = self._ready_block(scan=i == 0)
@@ -648,16 +654,30 @@ class TPacketSource(_LiveSource):
                 break
             self._held.append(block)
             c["capture_blocks"] += 1
-            batch = self._parse_block(block, now)
-            if batch is not None:
-                out.append(batch)
-        if out or self._held:
+        if self._held:
             self._kernel_stats()
-        return out
+        return list(self._held)
 
-    def _parse_block(self, block: int, now: float) -> FrameBatch | None:
+    @property
+    def buffer(self) -> memoryview:
+        """The mapped ring (blocks at the offsets ``ready_blocks`` gives)."""
+        return self._view
+
+    def read_frames(self, now: float) -> list[FrameBatch]:
+        """The ready blocks (at most TPACKET_BLOCKS_PER_READ), one FrameBatch each (empty
+        for a block with nothing to replay); call ``release()`` once they are copied out."""
+        return [self._parse_block(block, now) for block in self.ready_blocks()]
+
+    def _parse_block(self, block: int, now: float) -> FrameBatch:
         starts, lengths, keys, flags, ok, truncated = parse_block(
-            self._words, self._u8, self._u16, self._u32, block, host_only=self.host_only
+            self._words,
+            self._u8,
+            self._u16,
+            self._u32,
+            block,
+            host_only=self.host_only,
+            block_bytes=self.block_bytes,
+            counters=self.counters,
         )
         c = self.counters
         if truncated:
@@ -672,8 +692,6 @@ class TPacketSource(_LiveSource):
             c["capture_packets"] += len(starts)
             c["capture_bytes"] += int(lengths.sum())
             c["capture_accepted"] += len(starts)
-        if len(starts) == 0:
-            return None
         return FrameBatch(self._view, starts, lengths, keys, flags, now)
 
     def _python_filter(self, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -731,20 +749,42 @@ class TPacketSource(_LiveSource):
         self.sock.close()
 
 
-def block_frames(words: memoryview, block: int) -> np.ndarray:
-    """Offsets (from the buffer's start) of the frames of the block at byte ``block``;
+def walk_frames(words: memoryview, block: int, end: int) -> tuple[np.ndarray, bool]:
+    """Offsets (from the buffer's start) of the frames of the block at byte ``block`` whose
+    header lies inside the block (it ends at byte ``end``), and whether the block lied.
+
     ``words`` is the buffer cast to u32.  The frames form a chain (tp_next_offset), so this
-    is the one per-frame Python step: one int read and one add per frame."""
+    is the one per-frame Python step: one int read and one add per frame.  The walk stops
+    (and says the block is bad) at a frame header that is not 4-byte aligned or not inside
+    the block, and after a frame whose tp_next_offset is 0 while num_pkts promises more: a
+    block is kernel memory, but nothing read from it is trusted (the compiled walk,
+    engine/dataplane/capture.pyx, applies the same rules).
+    """
+    end = min(end, len(words) * 4)
+    offsets: list[int] = []
+    if block < 0 or block + _BLOCK_HEADER_NEED > end:
+        return np.empty(0, dtype=np.int64), True
     base = block >> 2
     count = words[base + _BLOCK_NUM_PKTS]
-    if count == 0:
-        return np.empty(0, dtype=np.int64)
-    offsets = [0] * count
     off = block + words[base + _BLOCK_FIRST]
-    for i in range(count):
-        offsets[i] = off
-        off += words[off >> 2]
-    return np.array(offsets, dtype=np.int64)
+    bad = False
+    while len(offsets) < count:
+        if off & 3 or off < block or off + _FRAME_HEADER_NEED > end:
+            bad = True
+            break
+        offsets.append(off)
+        if len(offsets) < count:
+            step = words[off >> 2]
+            if step == 0:
+                bad = True
+                break
+            off += step
+    return np.array(offsets, dtype=np.int64), bad
+
+
+def block_frames(words: memoryview, block: int) -> np.ndarray:
+    """``walk_frames`` of a block that may reach the end of the buffer: the offsets only."""
+    return walk_frames(words, block, len(words) * 4)[0]
 
 
 def parse_block(
@@ -755,6 +795,8 @@ def parse_block(
     block: int,
     *,
     host_only: bool = False,
+    block_bytes: int | None = None,
+    counters: Counter[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """The IPv4 packets of the TPACKET_V3 block at byte ``block`` of a buffer seen as
     ``words`` (u32 memoryview) and ``u8``/``u16``/``u32`` (numpy views):
@@ -762,13 +804,25 @@ def parse_block(
 
     Frames we must not replay are already left out: our own outgoing ones (the kernel
     program drops them too), with ``host_only`` every frame not addressed to this host,
-    and frames cut short by the block (counted in the last item).
+    and frames cut short by the block (counted in the last item).  A block that lies
+    (``walk_frames``; or a frame whose captured bytes leave the block of ``block_bytes``,
+    default: up to the buffer's end, or whose IP header is not within them) is read up to
+    its first bad frame and counted once in ``counters`` as capture_block_errors.
     """
-    frames = block_frames(words, block)
-    if len(frames) == 0:
+    end = len(words) * 4 if block_bytes is None else block + block_bytes
+    frames, bad = walk_frames(words, block, end)
+    if len(frames):
+        starts, lengths, pkttype, truncated, inside = frame_fields(u32, u16, u8, frames, end)
+        if not inside.all():
+            bad = True
+            first = int(np.argmin(inside))
+            starts, lengths = starts[:first], lengths[:first]
+            pkttype, truncated = pkttype[:first], truncated[:first]
+    if bad and counters is not None:
+        counters["capture_block_errors"] += 1
+    if len(frames) == 0 or len(starts) == 0:
         empty = np.empty(0, dtype=np.int64)
         return empty, empty, empty.astype(np.uint64), empty.astype(np.uint8), empty > 0, 0
-    starts, lengths, pkttype, truncated = frame_fields(u32, u16, u8, frames)
     keep = pkttype != PACKET_OUTGOING
     if host_only:
         keep &= pkttype == 0  # PACKET_HOST: what a raw IP socket would have received

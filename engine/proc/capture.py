@@ -48,6 +48,7 @@ import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -56,7 +57,7 @@ from engine.core.shed import REASON_RING_FULL, FlowGate
 from engine.errors import DecodeError
 from engine.io.capture import FrameBatch
 from engine.io.logs import LOGGER_NAME, reopen_logs
-from engine.io.ring import RING_SLOT_BYTES, RING_SLOTS, SLOT_HEADER_BYTES, Ring
+from engine.io.ring import RING_SLOT_BYTES, RING_SLOTS, SLOT_HEADER_BYTES, Ring, slot_layout
 from engine.io.sigloop import SignalPipe
 from metrics.counters import COUNTER_FLUSH_INTERVAL_S
 
@@ -119,6 +120,13 @@ def ring_slots(slot_bytes: int) -> int:
     return max(RING_SLOTS_MIN, RING_BYTES_PER_WORKER // slot_bytes)
 
 
+def _compiled_capture() -> Any:
+    """engine.dataplane.capture when the data plane is built here, else None."""
+    from engine import dataplane
+
+    return dataplane.capture if dataplane.AVAILABLE else None
+
+
 EXIT_INPUT_ERROR = 3
 """The capture process's status when an offline input file is broken (it logged why)."""
 
@@ -144,6 +152,7 @@ class CaptureProcess:
         clock: Callable[[], float] = time.monotonic,
         shedding: bool = True,
         backpressure: bool = True,
+        compiled: bool | None = None,
     ) -> None:
         if not rings:
             raise ValueError("capture: no ring")
@@ -157,8 +166,17 @@ class CaptureProcess:
         self.control = control
         self.clock = clock
         self.counters: Counter[str] = Counter()
+        # The compiled walk (engine/dataplane/capture.pyx) where it was built, unless
+        # ``compiled`` says otherwise (False: the Python path, the specification).
+        self.dataplane = _compiled_capture() if compiled is not False else None
+        if compiled and self.dataplane is None:
+            raise ValueError("capture: the compiled walk is not built here")
+        self._walkers: dict[int, object] = {}
         # shedding=False (tests of the full-ring path only): a gate that never sheds.
-        self.gate = FlowGate(len(self.rings), counters=self.counters, enabled=shedding)
+        gate_class: Callable[..., FlowGate] = FlowGate
+        if self.dataplane is not None:
+            gate_class = self.dataplane.Gate
+        self.gate = gate_class(len(self.rings), counters=self.counters, enabled=shedding)
         self.exit_reason = ""
         self.exit_code = 0
         # Offline backpressure (module docstring); off only in tests of the full-ring path.
@@ -294,6 +312,10 @@ class CaptureProcess:
     def _read(self, src: object, now: float) -> None:
         if self._offline_paused(src, now):
             return
+        walker = self._walker(src)
+        if walker is not None:
+            self._walk_blocks(src, walker, now)
+            return
         read_frames = getattr(src, "read_frames", None)
         if read_frames is None:
             self.dispatch(src.read_batch(now), now)  # type: ignore[attr-defined]
@@ -303,6 +325,59 @@ class CaptureProcess:
                 self.dispatch_frames(batch)
         finally:
             src.release()  # type: ignore[attr-defined]
+
+    # -- the compiled walk -------------------------------------------------------------------
+
+    def _walker(self, src: object) -> Any:
+        """The compiled walker of a TPACKET_V3 source, or None (the Python path): no compiled
+        module, not a block source, or a prefilter rule the walk does not have (-F in
+        Python, a match without its -x pairs)."""
+        if self.dataplane is None or not hasattr(src, "ready_blocks"):
+            return None
+        key = id(src)
+        if key in self._walkers:
+            return self._walkers[key]
+        walker = None
+        flt: Any = getattr(src, "prefilter", None)
+        kernel = bool(getattr(src, "kernel_filtered", False))
+        if kernel or (flt is not None and flt.transfers and flt.user_filter is None):
+            walker = self.dataplane.BlockWalker(
+                self.rings,
+                self.gate,
+                self.mtu,
+                slot_layout(),
+                FLOW_HASH_MULTIPLIER,
+                kernel_filtered=kernel,
+                host_only=bool(getattr(src, "host_only", False)),
+                transfers=flt.transfers if flt is not None else (),
+                drop_pure_acks=flt.drop_pure_acks if flt is not None else True,
+            )
+        self._walkers[key] = walker
+        return walker
+
+    def _walk_blocks(self, src: Any, walker: Any, now: float) -> None:
+        """The ready blocks through the compiled walk: per block one ``step`` (more only
+        around a packet larger than -M, split here in capture order), counters per read."""
+        try:
+            blocks = src.ready_blocks()
+            if not blocks:
+                return
+            buf = src.buffer
+            block_bytes = src.block_bytes
+            for block in blocks:
+                self._update_gate()
+                gate_now = self.clock()
+                walker.begin(block)
+                while (worker := walker.step(buf, block_bytes, now, gate_now)) >= 0:
+                    s, n = walker.split_start, walker.split_length
+                    pieces: list[tuple[bytes, float]] = []
+                    self._split(buf[s : s + n].tobytes(), now, pieces)
+                    if pieces:
+                        self.rings[worker].push_batch(pieces)
+            flt = src.prefilter
+            walker.flush_counts(src.counters, flt.counters if flt is not None else None)
+        finally:
+            src.release()
 
     def close(self) -> None:
         for src in self.sources:
@@ -371,11 +446,12 @@ class CaptureProcess:
 
     def dispatch_frames(self, batch: FrameBatch) -> None:
         """A kernel block's packets to the rings: workers and shedding for the whole batch as
-        arrays, then one ``push_frames`` per ring copying from the block into the slots."""
+        arrays, then one ``push_frames`` per ring copying from the block into the slots.
+        The gate takes the rings' fill levels first, for every block (an empty one too)."""
+        self._update_gate()
         count = len(batch.keys)
         if count == 0:
             return
-        self._update_gate()
         rings = self.rings
         n = len(rings)
         workers = flow_workers(batch.keys, n) if n > 1 else np.zeros(count, dtype=np.uint64)
