@@ -9,7 +9,6 @@ rings, and blocks that lie about their frames."""
 from __future__ import annotations
 
 import random
-import struct
 from collections import Counter
 from typing import Any
 
@@ -22,170 +21,26 @@ from engine import dataplane
 from engine.codec import packet
 from engine.codec.pcapfile import open_pcap
 from engine.core.shed import FlowGate
-from engine.io import capture
-from engine.io.capture import PACKET_OUTGOING, TP_STATUS_USER, TransferFilter
-from engine.io.ring import RING_SLOT_BYTES, Ring
-from engine.proc.capture import FLOW_HASH_MULTIPLIER, CaptureProcess, flow_worker
+from engine.io.capture import PACKET_OUTGOING
+from engine.proc.capture import FLOW_HASH_MULTIPLIER, flow_worker
+from tests.blocks import (
+    ACK,
+    BLOCK,
+    CORRUPTIONS,
+    FIN,
+    PSH,
+    RST,
+    SYN,
+    Frame,
+    Walk,
+    corrupt,
+    eth,
+    make_block,
+    tcp_ip,
+)
 from tests.paths import CONTROL_PCAP, ONLINE_HTTP_PCAP, TARGET_SIDE_PCAP
 
 pytestmark = pytest.mark.skipif(not dataplane.AVAILABLE, reason=dataplane.UNAVAILABLE)
-
-BLOCK = 1 << 13
-FRAME_HDR = 48
-SLL = struct.Struct("=HHiHBB8s")
-ETH = 14
-ONLINE = "198.18.1.2"
-ONLINE_IP = packet.ip_from_str(ONLINE)
-SYN, FIN, RST, PSH, ACK = 0x02, 0x01, 0x04, 0x08, 0x10
-
-
-def align16(n: int) -> int:
-    return (n + 15) & ~15
-
-
-def tcp_ip(
-    src: str,
-    sport: int,
-    flags: int,
-    payload: bytes = b"",
-    *,
-    dport: int = 80,
-    dst: str = ONLINE,
-    proto: int = 6,
-    frag: int = 0,
-    options: bytes = b"",
-) -> bytes:
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, 7, 0, 5 << 4, flags, 65535, 0, 0) + payload
-    ihl = 5 + len(options) // 4
-    head = struct.pack(
-        "!BBHHHBBH4s4s",
-        0x40 | ihl,
-        0,
-        ihl * 4 + len(tcp),
-        0,
-        frag,
-        64,
-        proto,
-        0,
-        packet.ip_from_str(src).to_bytes(4, "big"),
-        packet.ip_from_str(dst).to_bytes(4, "big"),
-    )
-    return head + options + tcp
-
-
-def eth(ip: bytes) -> bytes:
-    return bytes(12) + b"\x08\x00" + ip
-
-
-class Frame:
-    """One frame of a synthetic block: link frame, pkttype, and how the header lies."""
-
-    def __init__(self, data: bytes, pkttype: int = 0, *, wire_extra: int = 0) -> None:
-        self.data = data
-        self.pkttype = pkttype
-        self.wire_extra = wire_extra  # > 0: cut short (tp_snaplen < tp_len)
-
-
-def make_block(frames: list[Frame], buf: bytearray, at: int, size: int = BLOCK) -> list[int]:
-    """Write one retired block at byte ``at`` as the kernel lays it out; returns the frame
-    header offsets (for tests that then corrupt them).  Frames that do not fit are left out."""
-    first = FRAME_HDR
-    off = at + first
-    heads: list[int] = []
-    mac = align16(FRAME_HDR + SLL.size) + 2
-    for frame in frames:
-        need = align16(mac + len(frame.data))
-        if off + need > at + size:
-            break
-        heads.append(off)
-        struct.pack_into(
-            "=IIIIIIHH",
-            buf,
-            off,
-            need,
-            1,
-            2,
-            len(frame.data),
-            len(frame.data) + frame.wire_extra,
-            1,
-            mac,
-            mac + ETH,
-        )
-        SLL.pack_into(buf, off + FRAME_HDR, 17, 0x0008, 2, 1, frame.pkttype, 6, bytes(8))
-        buf[off + mac : off + mac + len(frame.data)] = frame.data
-        off += need
-    if heads:
-        struct.pack_into("=I", buf, heads[-1], 0)  # the last frame's tp_next_offset
-    struct.pack_into("=IIIIIIQ", buf, at, 1, 0, TP_STATUS_USER, len(heads), first, off - at, 9)
-    return heads
-
-
-class BlockSource(capture.TPacketSource):
-    """A TPacketSource over a bytearray of blocks (no socket): ``queue`` the blocks the next
-    ``ready_blocks`` hands over."""
-
-    def __init__(
-        self,
-        buf: bytearray,
-        block_bytes: int,
-        prefilter: TransferFilter | None,
-        *,
-        kernel_filtered: bool,
-        host_only: bool,
-    ) -> None:
-        self.prefilter = prefilter
-        self.keep = prefilter.keep if prefilter is not None else capture._keep_all
-        self.kernel_filtered = kernel_filtered
-        self.host_only = host_only
-        self.device = None
-        self.counters = Counter()
-        self.block_bytes = block_bytes
-        self.blocks = len(buf) // block_bytes
-        self._mm = None
-        self._buf = buf
-        self._view = memoryview(buf)
-        self._u8 = np.frombuffer(buf, dtype=np.uint8)
-        self._u16 = self._u8.view(np.uint16)
-        self._u32 = self._u8.view(np.uint32)
-        self._words = memoryview(buf).cast("I")
-        self._held = []
-        self._queue: list[int] = []
-        self._drops_logged = 0
-
-    def queue(self, blocks: list[int]) -> None:
-        self._queue = list(blocks)
-
-    def _ready_block(self, scan: bool) -> int | None:
-        return self._queue.pop(0) if self._queue else None
-
-    def _kernel_stats(self) -> None:
-        pass
-
-    def release(self) -> None:
-        self._held.clear()
-
-    def close(self) -> None:
-        pass
-
-
-class Control:
-    def __init__(self) -> None:
-        self.shed = False
-
-    def beat(self, slot: int, now: float) -> None:
-        pass
-
-
-def make_filter(drop_pure_acks: bool = True) -> TransferFilter:
-    entries = [(ONLINE_IP, 80), (0, 8080)]
-
-    def match(ip: int, port: int) -> object:
-        for e_ip, e_port in entries:
-            if e_port == port and (e_ip == 0 or e_ip == ip):
-                return (e_ip, e_port)
-        return None
-
-    return TransferFilter(match, transfers=entries, drop_pure_acks=drop_pure_acks)
 
 
 def run_walk(
@@ -193,55 +48,26 @@ def run_walk(
     blocks: list[tuple[bytearray, float, bool]],
     *,
     pops: list[int] | None = None,
-    block_bytes: int,
-    workers: int,
     slots: int,
-    mtu: int,
-    kernel_filtered: bool,
-    host_only: bool,
-    drop_pure_acks: bool = True,
+    **kw: Any,
 ) -> dict[str, Any]:
     """Every block (its bytes, the clock, the memory flag) read by a capture process through
     one walk, each followed by ``pops[i]`` packets taken from every ring (a consumer, so a
     ring that was full takes packets again); returns what came out."""
-    flt = make_filter(drop_pure_acks)
-    rings = [Ring.create(slots, RING_SLOT_BYTES) for _ in range(workers)]
-    clock = [0.0]
-    control = Control()
+    buf = bytearray(max(len(b) for b, _t, _m in blocks))
+    walk = Walk(compiled, buf, slots=slots, **kw)
     try:
-        size = max(len(b) for b, _t, _m in blocks)
-        buf = bytearray(size)
-        src = BlockSource(buf, block_bytes, flt, kernel_filtered=kernel_filtered,
-                          host_only=host_only)  # fmt: skip
-        proc = CaptureProcess(
-            [src], rings, mtu, control=control, clock=lambda: clock[0], compiled=compiled
-        )
-        assert (proc._walker(src) is not None) == compiled
-        out: list[list[tuple[float, bytes]]] = [[] for _ in rings]
+        out: list[list[tuple[float, bytes]]] = [[] for _ in walk.rings]
         for i, (data, now, memory) in enumerate(blocks):
             buf[: len(data)] = data
-            clock[0] = now
-            control.shed = memory
-            src.queue([0])
-            proc._read(src, now)
-            for ring, got in zip(rings, out, strict=True):
-                got.extend(ring.pop_packets(pops[i] if pops else 0))
-        for ring, got in zip(rings, out, strict=True):
-            got.extend(ring.pop_packets(slots))
-        return {
-            "rings": out,
-            "loss_marks": [r.loss_marks for r in rings],
-            "dropped": [r.dropped for r in rings],
-            "oversize": [r.oversize for r in rings],
-            "proc": +proc.counters,
-            "source": +src.counters,
-            "filter": +flt.counters,
-            "known": dict(proc.gate.known),
-            "shed": dict(proc.gate.shed),
-        }
+            walk.read(now, memory)
+            for got, popped in zip(out, walk.pop(pops[i] if pops else 0), strict=True):
+                got.extend(popped)
+        for got, popped in zip(out, walk.pop(slots), strict=True):
+            got.extend(popped)
+        return {"rings": out, **walk.state()}
     finally:
-        for r in rings:
-            r.close()
+        walk.close()
 
 
 def both(blocks: list[tuple[bytearray, float, bool]], **kw: Any) -> dict[str, Any]:
@@ -332,23 +158,7 @@ def test_a_full_ring_drops_and_marks_the_same_packets():
     assert out["dropped"] == [14 + 1] and out["loss_marks"] == [1]
 
 
-def corrupt(buf: bytearray, heads: list[int], how: str, rng: random.Random) -> None:
-    if how == "next" and heads:
-        at = rng.choice(heads)
-        struct.pack_into("=I", buf, at, rng.choice((0, 1, 2, 4, 60, BLOCK, 2**32 - 1)))
-    elif how == "snaplen" and heads:
-        at = rng.choice(heads)
-        struct.pack_into("=I", buf, at + 12, rng.choice((0, 13, BLOCK, 2**32 - 1)))
-    elif how == "num_pkts":
-        struct.pack_into("=I", buf, 12, rng.choice((0, len(heads) + 1, 2**32 - 1)))
-    elif how == "first":
-        struct.pack_into("=I", buf, 16, rng.choice((0, 2, BLOCK - 40, 2**32 - 1)))
-    elif how == "macnet" and heads:
-        at = rng.choice(heads)
-        struct.pack_into("=HH", buf, at + 24, rng.randrange(1 << 16), rng.randrange(1 << 16))
-
-
-@pytest.mark.parametrize("how", ["next", "snaplen", "num_pkts", "first", "macnet"])
+@pytest.mark.parametrize("how", CORRUPTIONS)
 def test_a_block_that_lies_is_read_to_its_first_bad_frame_by_both(how):
     rng = random.Random(how)
     for _ in range(30):
