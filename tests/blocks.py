@@ -128,17 +128,21 @@ class BlockSource(capture.TPacketSource):
         self.device = None
         self.counters = Counter()
         self.block_bytes = block_bytes
-        self.blocks = len(buf) // block_bytes
         self._mm = None
-        self._buf = buf
-        self._view = memoryview(buf)
-        self._u8 = np.frombuffer(buf, dtype=np.uint8)  # type: ignore[call-overload]
-        self._u16 = self._u8.view(np.uint16)
-        self._u32 = self._u8.view(np.uint32)
-        self._words = memoryview(buf).cast("I")
+        self.set_buffer(buf)
         self._held = []
         self._queue: list[int] = []
         self._drops_logged = 0
+
+    def set_buffer(self, buf: Any) -> None:
+        """Read blocks from ``buf`` from now on (its length: a multiple of 4)."""
+        self.blocks = max(1, len(buf) // self.block_bytes)
+        self._buf = buf
+        self._view = memoryview(buf)
+        self._u8 = np.frombuffer(buf, dtype=np.uint8)  # type: ignore[call-overload]
+        self._u16 = self._u8[: len(buf) // 2 * 2].view(np.uint16)
+        self._u32 = self._u8[: len(buf) // 4 * 4].view(np.uint32)
+        self._words = memoryview(buf)[: len(buf) // 4 * 4].cast("I")
 
     def queue(self, blocks: list[int]) -> None:
         self._queue = list(blocks)
@@ -239,21 +243,25 @@ class Walk:
 
 def corrupt(buf: Any, heads: list[int], how: str, rng: random.Random, at: int = 0) -> None:
     """Make the block at byte ``at`` lie: a frame's tp_next_offset, tp_snaplen or
-    tp_mac/tp_net, or the block's num_pkts or offset_to_first_pkt ("" : leave it)."""
+    tp_mac/tp_net, or the block's num_pkts or offset_to_first_pkt ("" : leave it).  A field
+    that is not inside ``buf`` (a buffer cut short) is left alone."""
     size = len(buf) - at
-    if how == "next" and heads:
-        h = rng.choice(heads)
-        struct.pack_into("=I", buf, h, rng.choice((0, 1, 2, 4, 60, size, 2**32 - 1)))
-    elif how == "snaplen" and heads:
-        h = rng.choice(heads)
-        struct.pack_into("=I", buf, h + 12, rng.choice((0, 13, size, 2**32 - 1)))
+
+    def put(fmt: str, where: int, *values: int) -> None:
+        if where >= 0 and where + struct.calcsize(fmt) <= len(buf):
+            struct.pack_into(fmt, buf, where, *values)
+
+    h = rng.choice(heads) if heads else -(1 << 20)
+    if how == "next":
+        put("=I", h, rng.choice((0, 1, 2, 4, 60, size, 2**32 - 1)))
+    elif how == "snaplen":
+        put("=I", h + 12, rng.choice((0, 13, size, 2**32 - 1)))
     elif how == "num_pkts":
-        struct.pack_into("=I", buf, at + 12, rng.choice((0, len(heads) + 1, 2**32 - 1)))
+        put("=I", at + 12, rng.choice((0, len(heads) + 1, 2**32 - 1)))
     elif how == "first":
-        struct.pack_into("=I", buf, at + 16, rng.choice((0, 2, size - 40, 2**32 - 1)))
-    elif how == "macnet" and heads:
-        h = rng.choice(heads)
-        struct.pack_into("=HH", buf, h + 24, rng.randrange(1 << 16), rng.randrange(1 << 16))
+        put("=I", at + 16, rng.choice((0, 2, size - 40, 2**32 - 1)) & 0xFFFFFFFF)
+    elif how == "macnet":
+        put("=HH", h + 24, rng.randrange(1 << 16), rng.randrange(1 << 16))
 
 
 CORRUPTIONS = ("next", "snaplen", "num_pkts", "first", "macnet")

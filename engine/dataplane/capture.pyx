@@ -751,8 +751,8 @@ cdef class BlockWalker:
         cdef uint8_t pkttype, flag
         cdef const uint8_t* ip
         cdef uint64_t key, worker, workers = self.n_rings
-        if end > buf_len:
-            end = buf_len
+        if end > (buf_len & ~3):  # whole u32 words, as engine/io/capture.walk_frames reads
+            end = buf_len & ~3
         if self.frame_off < 0:
             self.frame_index = 0
             self.frame_count = 0

@@ -809,7 +809,9 @@ def parse_block(
     default: up to the buffer's end, or whose IP header is not within them) is read up to
     its first bad frame and counted once in ``counters`` as capture_block_errors.
     """
-    end = len(words) * 4 if block_bytes is None else block + block_bytes
+    end = len(words) * 4
+    if block_bytes is not None:
+        end = min(end, block + block_bytes)
     frames, bad = walk_frames(words, block, end)
     if len(frames):
         starts, lengths, pkttype, truncated, inside = frame_fields(u32, u16, u8, frames, end)
