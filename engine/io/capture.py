@@ -582,23 +582,15 @@ class TPacketSource(_LiveSource):
                 block_bytes, blocks, TPACKET_FRAME_BYTES, frames, retire_ms, 0, 0
             )
             sock.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
-            self._mm = mmap.mmap(
-                sock.fileno(),
-                blocks * block_bytes,
-                mmap.MAP_SHARED,
-                mmap.PROT_READ | mmap.PROT_WRITE,
-            )
         except OSError:
             sock.close()
             raise
         super().__init__(sock, prefilter)
         self.blocks = blocks
         self.block_bytes = block_bytes
-        self._view = memoryview(self._mm)
-        self._u8 = np.frombuffer(self._mm, dtype=np.uint8)
-        self._u16 = self._u8.view(np.uint16)
-        self._u32 = self._u8.view(np.uint32)
-        self._words = memoryview(self._mm).cast("I")
+        # Mapped by the first read (``_map``), in the process that reads: the supervisor,
+        # which opens the socket before it forks the capture process, never maps the ring.
+        self._view: memoryview | None = None  # type: ignore[assignment]
         self._next = 0  # the block the kernel fills next (they are retired in order)
         self._held: list[int] = []  # blocks handed out by read_frames, not yet released
         self._drops_logged = 0
@@ -611,6 +603,27 @@ class TPacketSource(_LiveSource):
             raise
 
     # -- blocks ------------------------------------------------------------------------------
+
+    def _map(self) -> None:
+        """Map the ring (once, in the process that reads it)."""
+        if self._mm is not None:
+            return
+        self._mm = mmap.mmap(
+            self.sock.fileno(),
+            self.blocks * self.block_bytes,
+            mmap.MAP_SHARED,
+            mmap.PROT_READ | mmap.PROT_WRITE,
+        )
+        self._view = memoryview(self._mm)
+        self._u8 = np.frombuffer(self._mm, dtype=np.uint8)
+        self._u16 = self._u8.view(np.uint16)
+        self._u32 = self._u8.view(np.uint32)
+        self._words = memoryview(self._mm).cast("I")
+
+    @property
+    def mapped(self) -> bool:
+        """The ring is mapped in this process."""
+        return self._mm is not None
 
     def _ready_block(self, scan: bool) -> int | None:
         words, size = self._words, self.block_bytes
@@ -637,6 +650,8 @@ class TPacketSource(_LiveSource):
 
     def release(self) -> None:
         """Hand the blocks of the last read_frames back to the kernel."""
+        if not self._held:
+            return
         words = self._words
         for off in self._held:
             words[(off >> 2) + _BLOCK_STATUS] = TP_STATUS_KERNEL
@@ -646,6 +661,7 @@ class TPacketSource(_LiveSource):
         """The byte offsets of the ready blocks (at most TPACKET_BLOCKS_PER_READ), held
         until ``release()``: what ``read_frames`` parses, and what the compiled walk
         (engine/dataplane/capture.pyx) reads in place from ``buffer``."""
+        self._map()
         self.release()
         c = self.counters
         for i in range(TPACKET_BLOCKS_PER_READ):
@@ -661,6 +677,8 @@ class TPacketSource(_LiveSource):
     @property
     def buffer(self) -> memoryview:
         """The mapped ring (blocks at the offsets ``ready_blocks`` gives)."""
+        self._map()
+        assert self._view is not None
         return self._view
 
     def read_frames(self, now: float) -> list[FrameBatch]:

@@ -42,6 +42,7 @@ consumer).  A restarted capture process continues those counts from what is in t
 from __future__ import annotations
 
 import logging
+import math
 import selectors
 import signal
 import struct
@@ -55,7 +56,7 @@ import numpy as np
 from engine.codec import packet
 from engine.core.shed import REASON_RING_FULL, FlowGate
 from engine.errors import DecodeError
-from engine.io.capture import FrameBatch
+from engine.io.capture import BATCH_MAX_PACKETS, FrameBatch
 from engine.io.logs import LOGGER_NAME, reopen_logs
 from engine.io.ring import RING_SLOT_BYTES, RING_SLOTS, SLOT_HEADER_BYTES, Ring, slot_layout
 from engine.io.sigloop import SignalPipe
@@ -69,7 +70,9 @@ _U64 = (1 << 64) - 1
 HEARTBEAT_INTERVAL_S = 0.5
 """The loop wakes at least this often to write its heartbeat."""
 RING_BYTES_PER_WORKER = RING_SLOTS * RING_SLOT_BYTES
-"""Target size of one ring (16 MiB): larger slots (a large -M) mean fewer of them."""
+"""The largest derived ring (16 MiB): larger slots (a large -M) mean fewer of them."""
+RING_BYTES_MIN = 2 * 1024 * 1024
+"""The smallest derived ring of a live capture (1,024 slots of 2 KiB)."""
 RING_SLOTS_MIN = 1024
 _SRC_NO_OPTIONS = struct.Struct("!12xI4xH")  # IPv4 src address, then (IHL 5) the TCP src port
 _SLOT_ALIGN_BYTES = 64
@@ -116,8 +119,28 @@ def ring_slot_bytes(mtu: int) -> int:
     return max(RING_SLOT_BYTES, need)
 
 
-def ring_slots(slot_bytes: int) -> int:
-    return max(RING_SLOTS_MIN, RING_BYTES_PER_WORKER // slot_bytes)
+def ring_slots(slot_bytes: int, ring_bytes: int = RING_BYTES_PER_WORKER) -> int:
+    """Slots of ``slot_bytes`` in a ring of ``ring_bytes`` (never fewer than RING_SLOTS_MIN)."""
+    return max(RING_SLOTS_MIN, ring_bytes // slot_bytes)
+
+
+def ring_bytes(cfg: Any) -> int:
+    """The bytes of each worker's ring: --ring-size, else derived from the load (the rule is
+    --ring-size's help in engine/core/config.py and docs/memory.md):
+
+    * live capture: the worker's share of the kernel buffer (-B / workers), between
+      RING_BYTES_MIN and RING_BYTES_PER_WORKER: the rings together take what the kernel
+      ring can, and a larger -B (a burstier load) gets larger rings;
+    * offline replay: room for two read batches past the pause mark (the file waits while
+      a ring is OFFLINE_PAUSE_FILL full), in default slots: 4,096 slots, 8 MiB.
+    """
+    if cfg.ring_bytes:
+        return int(cfg.ring_bytes)
+    if cfg.capture == "offline":
+        slots = math.ceil(2 * BATCH_MAX_PACKETS / (1.0 - OFFLINE_PAUSE_FILL))
+        return slots * RING_SLOT_BYTES
+    share = cfg.capture_buffer_bytes // max(1, cfg.workers)
+    return int(min(RING_BYTES_PER_WORKER, max(RING_BYTES_MIN, share)))
 
 
 def _compiled_capture() -> Any:
