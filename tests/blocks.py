@@ -144,7 +144,7 @@ class BlockSource(capture.TPacketSource):
         self._u32 = self._u8[: len(buf) // 4 * 4].view(np.uint32)
         self._words = memoryview(buf)[: len(buf) // 4 * 4].cast("I")
 
-    def _map(self) -> None:
+    def map_ring(self) -> None:
         pass  # the buffer is the ring
 
     def queue(self, blocks: list[int]) -> None:

@@ -588,7 +588,7 @@ class TPacketSource(_LiveSource):
         super().__init__(sock, prefilter)
         self.blocks = blocks
         self.block_bytes = block_bytes
-        # Mapped by the first read (``_map``), in the process that reads: the supervisor,
+        # Mapped by the first read (``map_ring``), in the process that reads: the supervisor,
         # which opens the socket before it forks the capture process, never maps the ring.
         self._view: memoryview | None = None  # type: ignore[assignment]
         self._next = 0  # the block the kernel fills next (they are retired in order)
@@ -604,7 +604,7 @@ class TPacketSource(_LiveSource):
 
     # -- blocks ------------------------------------------------------------------------------
 
-    def _map(self) -> None:
+    def map_ring(self) -> None:
         """Map the ring (once, in the process that reads it)."""
         if self._mm is not None:
             return
@@ -661,7 +661,7 @@ class TPacketSource(_LiveSource):
         """The byte offsets of the ready blocks (at most TPACKET_BLOCKS_PER_READ), held
         until ``release()``: what ``read_frames`` parses, and what the compiled walk
         (engine/dataplane/capture.pyx) reads in place from ``buffer``."""
-        self._map()
+        self.map_ring()
         self.release()
         c = self.counters
         for i in range(TPACKET_BLOCKS_PER_READ):
@@ -677,7 +677,7 @@ class TPacketSource(_LiveSource):
     @property
     def buffer(self) -> memoryview:
         """The mapped ring (blocks at the offsets ``ready_blocks`` gives)."""
-        self._map()
+        self.map_ring()
         assert self._view is not None
         return self._view
 

@@ -245,6 +245,12 @@ class CaptureProcess:
                 self.stop(f"stopped by {signal.Signals(signum).name}")
 
     def run(self) -> int:
+        for src in self.sources:
+            # A TPACKET_V3 ring is mapped here, in the process that reads it (the supervisor
+            # that opened the socket never maps it).
+            map_ring = getattr(src, "map_ring", None)
+            if map_ring is not None:
+                map_ring()
         now = self.clock()
         for i, src in enumerate(self.sources):
             fd = src.fileno()  # type: ignore[attr-defined]
