@@ -665,7 +665,7 @@ class ReplayConfig:
     rises with -B; offline replay, 8 MB (4,096 slots of 2 KiB): the file waits while a ring
     is half full, so a ring only needs room for two read batches of 1,024 packets past its
     pause mark.  Slots are sized from -M (2 KiB up to -M 2032); a larger -M gives fewer,
-    larger slots in the same bytes, never fewer than 1,024."""
+    larger slots in the same bytes, never fewer than 1,024 (docs/memory.md)."""
     snaplen: int | None = option(
         None,
         short="-S",
