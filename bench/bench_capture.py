@@ -18,7 +18,7 @@ sends, the waits for the kernel to hand the packets over and the ring consumers 
     .venv/bin/python bench/bench_capture.py --synthetic [--packets 200000]
 
 ``--synthetic`` (no root, no kernel): the two walks alone, Python and compiled, over the
-same TPACKET_V3 blocks built in memory (tests/blocks.py) from the same packets, the rings
+same TPACKET_V3 blocks built in memory (testbed/blocks.py) from the same packets, the rings
 drained between blocks (untimed).
 
 Results are noisy on a shared 2-CPU machine: each source runs --repeat times and the best
@@ -168,7 +168,7 @@ def run(kind: str, packets: list[bytes], workers: int) -> dict[str, float]:
 
 def synthetic(packets: list[bytes], workers: int, repeat: int) -> list[dict[str, object]]:
     """The two walks over the same in-memory blocks (``--synthetic``)."""
-    from tests.blocks import Frame, Walk, eth, make_block
+    from testbed.blocks import Frame, Walk, eth, make_block
 
     block_bytes = capture.TPACKET_BLOCK_BYTES
     wanted = [p for p in packets if len(p) > 40]  # what the kernel program lets through

@@ -21,7 +21,11 @@ shared-memory rings (engine/proc/capture.py, design §3) can drive any of them;
   block over per wake-up; no recv per packet.  `read_frames` returns a block as a
   `FrameBatch` (numpy arrays of IP offsets, lengths, flow keys and TCP flags, pulled for
   every frame of the block at once), which the capture process copies straight into the
-  rings; `release` gives the blocks back to the kernel.
+  rings; `release` gives the blocks back to the kernel.  Where the data plane is compiled the
+  capture process reads the blocks in place instead (`ready_blocks`, `buffer`: one call of
+  engine/dataplane/capture.pyx per block); this module's walk is its specification.  The ring
+  is mapped by the process that reads it (`map_ring`), never by the supervisor that opened
+  the socket.
 * `PcapFileSource`: offline replay (spec §3.16) paced by `ReplayPacer`, a pure schedule.
 
 What a live source hands on is decided by one rule (engine/codec/bpf.py): IPv4 TCP to a -x

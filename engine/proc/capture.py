@@ -17,7 +17,12 @@ PcapFileSource with its offline pacing) and their -x pre-filter.  Every accepted
 Sources with ``read_frames`` (capture.TPacketSource) hand over whole kernel blocks as numpy
 arrays (``FrameBatch``): the worker index of every packet is computed vectorized
 (``flow_workers``), and each ring gets its packets with one ``Ring.push_frames``, copied
-straight from the kernel's block into the ring's slots.
+straight from the kernel's block into the ring's slots.  Where engine.dataplane is compiled
+(``compiled=None``, the default: when ``engine.dataplane.AVAILABLE``; True or False to
+choose) the blocks are walked in place instead by engine/dataplane/capture.pyx, one call per
+block: the frame walk, the -x rule, the flow hash, the shed gate (its ``Gate``, which also
+serves ``dispatch``) and the copy into the rings in C.  This module's path is its
+specification (tests/unit/test_dataplane_capture.py holds the two equal).
 
 Overload (engine/core/shed.py): before each batch the rings' fill levels and the memory
 watchdog's flag update a ``FlowGate``; a worker past SHED_RING_HIGH (or all workers while
@@ -251,6 +256,10 @@ class CaptureProcess:
             map_ring = getattr(src, "map_ring", None)
             if map_ring is not None:
                 map_ring()
+        if any(hasattr(src, "ready_blocks") for src in self.sources):
+            walks = {"compiled" if self._walker(src) is not None else "Python" for src in
+                     self.sources if hasattr(src, "ready_blocks")}  # fmt: skip
+            log.info("capture: the %s block walk", " and ".join(sorted(walks)))
         now = self.clock()
         for i, src in enumerate(self.sources):
             fd = src.fileno()  # type: ignore[attr-defined]

@@ -31,7 +31,7 @@ Theory of operation
    num_pkts larger than the chain; offset_to_first_pkt anywhere; tp_mac/tp_net at random;
    random u32/u16 pokes into frame headers; byte flips; the buffer cut short), each in a
    heap block of exactly its size, read by a capture process through the compiled walk and
-   by one through the Python walk (tests/blocks.py): the same ring contents, drops, loss
+   by one through the Python walk (testbed/blocks.py): the same ring contents, drops, loss
    marks and counters, or it is a finding.  Rings are drained at random, so they also run
    full; the clock and the memory flag move, so the gate sheds and expires flows.
    The module names a hook for the session engine's entry points (``ENGINE_TARGETS``):
@@ -270,7 +270,7 @@ BLOCK_BYTES = 1 << 13
 def block_seeds(rng: random.Random) -> list[bytes]:
     """Blocks of the captured packets, some frames outgoing, broadcast or cut short, some
     packets larger than the -M of the run (576)."""
-    from tests.blocks import Frame, eth, make_block
+    from testbed.blocks import Frame, eth, make_block
 
     packets = [p for p in seeds() if p and p[0] >> 4 == 4]
     out = []
@@ -290,7 +290,7 @@ def block_seeds(rng: random.Random) -> list[bytes]:
 
 def mutate_block(rng: random.Random, data: bytes) -> bytes:
     """A few lies told by the block (see the module docstring)."""
-    from tests.blocks import CORRUPTIONS, corrupt
+    from testbed.blocks import CORRUPTIONS, corrupt
 
     buf = bytearray(data)
     heads = []
@@ -326,7 +326,7 @@ def mutate_block(rng: random.Random, data: bytes) -> bytes:
 def fuzz_blocks(build_dir: Path, runs: int, seed: int, artifacts: Path) -> int:
     import numpy as np
 
-    from tests.blocks import Walk
+    from testbed.blocks import Walk
 
     load_instrumented(build_dir)
     from engine import dataplane

@@ -23,7 +23,7 @@ from engine.codec.pcapfile import open_pcap
 from engine.core.shed import FlowGate
 from engine.io.capture import PACKET_OUTGOING
 from engine.proc.capture import FLOW_HASH_MULTIPLIER, flow_worker
-from tests.blocks import (
+from testbed.blocks import (
     ACK,
     BLOCK,
     CORRUPTIONS,

@@ -1,7 +1,8 @@
 """Synthetic TPACKET_V3 blocks, laid out as the kernel lays them out (linux/if_packet.h:
 tpacket_block_desc, tpacket3_hdr, sockaddr_ll), a capture source over them, and a capture
-process that reads them through the Python or the compiled walk: shared by
-tests/unit/test_dataplane_capture.py and the sanitizer fuzzer (tests/fuzz/dataplane_asan.py)."""
+process that reads them through the Python or the compiled walk: the fixture of
+tests/unit/test_dataplane_capture.py, the sanitizer fuzzer (tests/fuzz/dataplane_asan.py)
+and bench/bench_capture.py --synthetic."""
 
 from __future__ import annotations
 
