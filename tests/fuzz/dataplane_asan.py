@@ -55,6 +55,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -260,9 +261,36 @@ def _batch(D, np, rng: random.Random, group: list[bytes]) -> None:  # type: igno
     D.parse_slots(ring, 0, slot_bytes, header, slots, first, recs, count)
 
 
-ENGINE_TARGETS: dict[str, object] = {}
-"""The session engine's compiled entry points, by module name, when engine/dataplane has
-them: each a ``fuzz(D, rng, data)`` to add as a ``--target``.  None yet."""
+ENGINE_TARGETS: dict[str, Callable[[object, random.Random, bytes], None]] = {}
+"""The hook for the session engine's compiled entry points (an engine module of
+engine/dataplane, which does not exist yet): name -> ``fuzz(dataplane, rng, data)``, fed
+mutated packets like the packet target (``fuzz_engine``); each name becomes a --target."""
+
+
+def fuzz_engine(build_dir: Path, name: str, runs: int, seed: int, artifacts: Path) -> int:
+    """An ENGINE_TARGETS entry over mutated packets, under the sanitizers."""
+    from tests.fuzz.run_fuzz import _mutate
+
+    load_instrumented(build_dir)
+    from engine import dataplane
+
+    target = ENGINE_TARGETS[name]
+    rng = random.Random(seed)
+    pool = seeds()
+    t0 = time.monotonic()
+    for i in range(runs):
+        data = pool[i] if i < len(pool) else _mutate(rng, rng.choice(pool), pool, MAX_LEN)
+        try:
+            target(dataplane, rng, data)
+        except Exception:
+            path = artifacts / f"crash-{name}-{hashlib.sha1(data).hexdigest()}"
+            path.write_bytes(data)
+            print(f"dataplane asan: finding on input {i} (saved as {path})", file=sys.stderr)
+            raise
+    dt = time.monotonic() - t0
+    print(f"dataplane asan: {runs} inputs in {dt:.1f} s ({runs / dt:.0f}/s), 0 findings")
+    return 0
+
 
 BLOCK_BYTES = 1 << 13
 
@@ -390,7 +418,7 @@ def fuzz_blocks(build_dir: Path, runs: int, seed: int, artifacts: Path) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=1_000_000)
-    ap.add_argument("--target", choices=("packet", "block"), default="packet",
+    ap.add_argument("--target", choices=("packet", "block", *ENGINE_TARGETS), default="packet",
                     help="packet.pyx's entry points, or capture.pyx's block walk")  # fmt: skip
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--build-dir", type=Path, help="keep the sanitizer build here")
@@ -403,6 +431,8 @@ def main() -> int:
     if a.worker:
         if a.target == "block":
             return fuzz_blocks(a.build_dir, a.runs, a.seed, a.artifacts)
+        if a.target in ENGINE_TARGETS:
+            return fuzz_engine(a.build_dir, a.target, a.runs, a.seed, a.artifacts)
         return fuzz(a.build_dir, a.runs, a.seed, a.artifacts)
     a.artifacts.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="dataplane-asan-") as tmp:
