@@ -256,10 +256,10 @@ class CaptureProcess:
             map_ring = getattr(src, "map_ring", None)
             if map_ring is not None:
                 map_ring()
-        if any(hasattr(src, "ready_blocks") for src in self.sources):
-            walks = {"compiled" if self._walker(src) is not None else "Python" for src in
-                     self.sources if hasattr(src, "ready_blocks")}  # fmt: skip
-            log.info("capture: the %s block walk", " and ".join(sorted(walks)))
+        block_sources = [src for src in self.sources if hasattr(src, "ready_blocks")]
+        if block_sources:
+            walks = {"Python" if self._walker(src) is None else "compiled" for src in block_sources}
+            log.info("the %s block walk", " and ".join(sorted(walks)))
         now = self.clock()
         for i, src in enumerate(self.sources):
             fd = src.fileno()  # type: ignore[attr-defined]

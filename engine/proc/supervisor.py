@@ -651,6 +651,9 @@ class Supervisor:
             if close is not None:
                 close()
         rings = [Ring.attach(r.spec()) for r in self.rings]
+        # An engine switch set to "python" selects the Python walk; otherwise the compiled
+        # one runs where engine.dataplane is built.
+        python_engine = getattr(self.cfg, "engine", None) == "python"
         proc = CaptureProcess(
             self.sources,
             rings,
@@ -659,6 +662,7 @@ class Supervisor:
             counters=self.block,
             control=self.control,
             clock=self.clock,
+            compiled=False if python_engine else None,
         )
         proc.install_signal_handlers()
         return proc.run()
