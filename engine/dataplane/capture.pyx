@@ -4,7 +4,7 @@ shed gate and the copy into the workers' rings.
 
 Theory of operation
 -------------------
-This is the compiled twin of four pieces of Python that stay its specification:
+This is the compiled twin of five pieces of Python that stay its specification:
 
 * the block walk of engine/io/capture.py (``block_frames``, ``frame_fields``,
   ``ip_flow_fields``, ``parse_block``): frames chained by tp_next_offset, the IP packet at
@@ -27,7 +27,8 @@ This is the compiled twin of four pieces of Python that stay its specification:
   then the data; a full ring drops and counts, a packet larger than a slot is counted.
 
 ``BlockWalker.step`` walks one block from where it stopped: per packet only C types, no
-Python object and no Python call.  It stops early at a packet larger than -M (a GRO
+Python object and no Python call (every per-packet function is ``noexcept nogil``, so the
+compiler refuses any; tests/unit/test_dataplane_packet.py checks their ``cython -a`` score).  It stops early at a packet larger than -M (a GRO
 aggregate the caller splits in Python, engine/codec/packet.split_mtu, then calls ``step``
 again), so every ring gets its packets in capture order.  The rings' producer state (head,
 free slots, loss mark) is loaded from the Ring objects when ``step`` starts and written back
