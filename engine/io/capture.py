@@ -555,7 +555,8 @@ class TPacketSource(_LiveSource):
 
     counters (besides the live-source ones): capture_truncated (frames cut short by the
     block size), capture_kernel_dropped (the kernel's count of packets the full ring lost,
-    PACKET_STATISTICS), capture_blocks (blocks read).
+    PACKET_STATISTICS), capture_blocks (blocks read), capture_block_errors (blocks that lied
+    about their frames: read up to the first bad one, ``parse_block``).
     """
 
     def __init__(
