@@ -5,7 +5,9 @@ Compares, on the same offered packets, packets per second of capture-side CPU wo
 * ``raw``:     RawTcpSource (IPPROTO_TCP raw socket, one recv per packet) + dispatch,
 * ``packet``:  PacketSource (AF_PACKET recvfrom per packet) + dispatch,
 * ``tpacket``: TPacketSource (TPACKET_V3 mmap ring, a block per wake-up, numpy fields)
-  + dispatch_frames (vectorized hash, one push_frames per ring),
+  + dispatch_frames (vectorized hash, one push_frames per ring): the Python walk,
+* ``tpacket-c``: the same source through the compiled walk (engine/dataplane/capture.pyx:
+  block walk, hash, shed gate and ring copy in C, one call per block),
 
 all with the same exact kernel BPF filter.  It runs as root inside a network namespace of
 its own (198.18.0.1 on lo; nothing leaves it): packets are injected with an IPPROTO_RAW
@@ -13,6 +15,11 @@ socket to 198.18.0.1:80 in chunks; only the source's reads and the dispatch are 
 sends, the waits for the kernel to hand the packets over and the ring consumers are not).
 
     sudo .venv/bin/python bench/bench_capture.py [--packets 200000] [--workers 2]
+    .venv/bin/python bench/bench_capture.py --synthetic [--packets 200000]
+
+``--synthetic`` (no root, no kernel): the two walks alone, Python and compiled, over the
+same TPACKET_V3 blocks built in memory (testbed/blocks.py) from the same packets, the rings
+drained between blocks (untimed).
 
 Results are noisy on a shared 2-CPU machine: each source runs --repeat times and the best
 run is reported (with all of them).  ``--tree=/path/to/checkout`` imports the engine from
@@ -69,6 +76,14 @@ def build_packets(count: int, flows: int, seed: int = 1) -> list[bytes]:
     return out
 
 
+def _compiled() -> bool:
+    try:
+        from engine import dataplane
+    except ImportError:
+        return False
+    return bool(getattr(dataplane, "capture", None))
+
+
 def make_filter() -> TransferFilter:
     online = (packet.ip_from_str(ONLINE_IP), 80)
     return TransferFilter(
@@ -85,6 +100,14 @@ def make_source(kind: str) -> object:
     return capture.TPacketSource("lo", flt, BUFFER_BYTES)
 
 
+def _proc_kw(kind: str) -> dict[str, bool]:
+    params = inspect.signature(CaptureProcess).parameters
+    kw = {"shedding": False} if "shedding" in params else {}
+    if "compiled" in params:
+        kw["compiled"] = kind == "tpacket-c"
+    return kw
+
+
 def run(kind: str, packets: list[bytes], workers: int) -> dict[str, float]:
     wanted = sum(1 for p in packets if len(p) > 40)
     src = make_source(kind)
@@ -92,11 +115,11 @@ def run(kind: str, packets: list[bytes], workers: int) -> dict[str, float]:
     for ring in rings:  # touch every page once: a live ring is warm after its first lap
         ring.push_batch([(bytes(RING_SLOT_BYTES - 16), 0.0)] * ring.slots)
         ring.pop_batch(ring.slots)
-    kw = {"shedding": False} if "shedding" in inspect.signature(CaptureProcess).parameters else {}
-    proc = CaptureProcess([src], rings, 1500, **kw)
+    proc = CaptureProcess([src], rings, 1500, **_proc_kw(kind))
     with_now = "now" in inspect.signature(proc.dispatch).parameters
     tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     frames = getattr(src, "read_frames", None)
+    walker = proc._walker(src) if hasattr(proc, "_walker") else None
     delivered = 0
     spent = 0.0
     try:
@@ -109,7 +132,9 @@ def run(kind: str, packets: list[bytes], workers: int) -> dict[str, float]:
             while delivered < expect and time.monotonic() < deadline:
                 select.select([src.fileno()], [], [], 0.05)  # untimed: the kernel's latency
                 t0 = time.perf_counter()
-                if frames is not None:
+                if walker is not None:
+                    proc._walk_blocks(src, walker, t0)
+                elif frames is not None:
                     for batch in frames(t0):
                         proc.dispatch_frames(batch)
                     src.release()
@@ -141,12 +166,56 @@ def run(kind: str, packets: list[bytes], workers: int) -> dict[str, float]:
     }
 
 
+def synthetic(packets: list[bytes], workers: int, repeat: int) -> list[dict[str, object]]:
+    """The two walks over the same in-memory blocks (``--synthetic``)."""
+    from testbed.blocks import Frame, Walk, eth, make_block
+
+    block_bytes = capture.TPACKET_BLOCK_BYTES
+    wanted = [p for p in packets if len(p) > 40]  # what the kernel program lets through
+    blocks: list[bytearray] = []
+    at = 0
+    while at < len(wanted):
+        buf = bytearray(block_bytes)
+        heads = make_block([Frame(eth(p)) for p in wanted[at : at + 1024]], buf, 0, block_bytes)
+        blocks.append(buf)
+        at += len(heads)
+    results = []
+    for kind, compiled in (("py-walk", False), ("c-walk", True)):
+        best: dict[str, object] = {}
+        for _ in range(max(1, repeat)):
+            buf = bytearray(block_bytes)
+            walk = Walk(compiled, buf, block_bytes=block_bytes, workers=workers, slots=8192,
+                        mtu=1500, kernel_filtered=True, host_only=False)  # fmt: skip
+            walk.proc.gate = type(walk.proc.gate)(workers, counters=walk.proc.counters,
+                                                  enabled=False)  # fmt: skip
+            walk.proc._walkers.clear()
+            spent = 0.0
+            delivered = 0
+            try:
+                for block in blocks:
+                    buf[:] = block
+                    t0 = time.perf_counter()
+                    walk.read(t0)
+                    spent += time.perf_counter() - t0
+                    delivered += sum(len(r) for r in walk.pop(1 << 20))
+            finally:
+                walk.close()
+            rate = round(delivered / spent) if spent else 0
+            if not best or rate > best["packets_per_s"]:  # type: ignore[operator]
+                best = {"walk": kind, "delivered": delivered, "wanted": len(wanted),
+                        "walk_s": round(spent, 4), "packets_per_s": rate,
+                        "us_per_packet": round(spent / max(1, delivered) * 1e6, 3)}  # fmt: skip
+        results.append(best)
+    return results
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--packets", type=int, default=200_000)
     p.add_argument("--flows", type=int, default=500)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--sources", default="raw,packet,tpacket")
+    p.add_argument("--sources", default="raw,packet,tpacket,tpacket-c")
+    p.add_argument("--synthetic", action="store_true", help="the two walks over in-memory blocks")
     p.add_argument("--repeat", type=int, default=3, help="runs per source; the best is shown")
     p.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tree", help="import engine from this checkout (before/after figures)")
@@ -154,6 +223,15 @@ def main() -> int:
     if args.packets < 1 or args.packets > 5_000_000:
         print("bench_capture: --packets must be 1..5000000", file=sys.stderr)
         return 2
+    if args.synthetic:
+        results = synthetic(build_packets(args.packets, args.flows), args.workers, args.repeat)
+        for r in results:
+            print(
+                f"{r['walk']:8s} delivered {r['delivered']}/{r['wanted']}  "
+                f"{r['packets_per_s']:>11,} packets/s  {r['us_per_packet']:.3f} us/packet"
+            )
+        print(json.dumps(results))
+        return 0
     if not args.inside:
         if os.geteuid() != 0:
             print("bench_capture: needs root (a network namespace)", file=sys.stderr)
@@ -171,8 +249,12 @@ def main() -> int:
             subprocess.run(["ip", "netns", "del", ns], check=False)
     packets = build_packets(args.packets, args.flows)
     kinds = [
-        k for k in args.sources.split(",") if k != "tpacket" or hasattr(capture, "TPacketSource")
+        k
+        for k in args.sources.split(",")
+        if not k.startswith("tpacket") or hasattr(capture, "TPacketSource")
     ]
+    if "compiled" not in inspect.signature(CaptureProcess).parameters or not _compiled():
+        kinds = [k for k in kinds if k != "tpacket-c"]  # a tree without the compiled walk
     for kind in kinds:  # warm-up: the kernel's ring pages, the interpreter's caches
         run(kind, packets[: 4 * CHUNK_PACKETS], args.workers)
     results = []
@@ -183,7 +265,7 @@ def main() -> int:
         results.append(best)
     for r in results:
         print(
-            f"{r['source']:8s} delivered {r['delivered']}/{r['wanted']}  "
+            f"{r['source']:9s} delivered {r['delivered']}/{r['wanted']}  "
             f"{r['packets_per_s']:>9,} packets/s  {r['us_per_packet']:.3f} us/packet  "
             f"(best of {r['all_packets_per_s']})"
         )

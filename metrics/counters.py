@@ -183,6 +183,7 @@ _SCHEMA: list[Slot] = [
         "capture_not_matched",
         "capture_accepted",
         "capture_truncated",
+        "capture_block_errors",  # TPACKET_V3 blocks that lied (read to their first bad frame)
         "capture_l2_error",
         "capture_l2_unsupported",
         "capture_file_error",  # a pcap file that stopped the replay (bad header, link type)

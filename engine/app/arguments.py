@@ -215,6 +215,7 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
     pool_size_kb = v.get("pool_size_kb")
     snaplen = v.get("snaplen")
     buffer_bytes = v.get("capture_buffer_bytes") * 1024 * 1024
+    ring_mb = v.get("ring_bytes")
 
     # Capture: -i FILE / --pcap FILE -> offline; -i DEV[,DEV] -> live.
     pcap_given = list(args.pcap or [])
@@ -310,6 +311,7 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
         interfaces=tuple(interfaces),
         capture_filter=capture_filter,
         capture_buffer_bytes=buffer_bytes,
+        ring_bytes=None if ring_mb is None else ring_mb * 1024 * 1024,
         snaplen=snaplen,
         output_interface=output_interface,
         pcap_files=tuple(pcap_files),

@@ -645,7 +645,27 @@ class ReplayConfig:
         section=_CAPT,
         shown_default=64,
     )
-    """-B (MB in the flag): kernel receive buffer of the capture socket."""
+    """-B (MB in the flag): the capture's kernel buffer: the TPACKET_V3 ring (blocks of
+    128 KiB; mapped in the capture process only), or SO_RCVBUF of the socket it falls back
+    to.  It holds what arrives while the capture process is off the CPU."""
+    ring_bytes: int | None = option(
+        None,
+        long="--ring-size",
+        parse=Int(1, 1024),
+        unit="MB",
+        metavar="MB",
+        help="each worker's packet ring in MB (derived from the load)",
+        section=_CAPT,
+        shown_default="derived",
+    )
+    """--ring-size (MB in the flag): the shared-memory ring that carries a worker's share of
+    the captured packets from the capture process to it (its pages are committed at start).
+    Derived when not given: live capture, the worker's share of -B (-B / workers) between
+    2 and 16 MB, so the rings together can take what the kernel buffer can, and the ring
+    rises with -B; offline replay, 8 MB (4,096 slots of 2 KiB): the file waits while a ring
+    is half full, so a ring only needs room for two read batches of 1,024 packets past its
+    pause mark.  Slots are sized from -M (2 KiB up to -M 2032); a larger -M gives fewer,
+    larger slots in the same bytes, never fewer than 1,024 (docs/memory.md)."""
     snaplen: int | None = option(
         None,
         short="-S",

@@ -12,21 +12,25 @@ Modules:
   options, link-layer offsets, the Internet checksum, and a builder into a caller's buffer
   (whole or split to an MTU); batch entry points over numpy arrays (``parse_batch``,
   ``parse_slots`` on a shared-memory ring, ``build_batch``).
+- ``capture`` (capture.pyx): the capture process's per-packet path: the TPACKET_V3 block
+  walk, the -x prefilter, the flow hash, the shed gate (``Gate``) and the copy into the
+  workers' rings (``BlockWalker``); engine/proc/capture.py uses it when it is here.
 """
 
 from __future__ import annotations
 
 from types import ModuleType
 
-__all__ = ["AVAILABLE", "UNAVAILABLE", "packet"]
+__all__ = ["AVAILABLE", "UNAVAILABLE", "capture", "packet"]
 
 packet: ModuleType | None
+capture: ModuleType | None
 try:
-    from engine.dataplane import packet
+    from engine.dataplane import capture, packet
 except ImportError as exc:  # not compiled here: the pure-Python engine is the fallback
-    packet = None
+    packet = capture = None
     UNAVAILABLE = f"engine.dataplane is not compiled ({exc}); reinstall with gcc and python3-dev"
 else:
     UNAVAILABLE = ""
 
-AVAILABLE = packet is not None
+AVAILABLE = packet is not None and capture is not None

@@ -21,7 +21,11 @@ shared-memory rings (engine/proc/capture.py, design §3) can drive any of them;
   block over per wake-up; no recv per packet.  `read_frames` returns a block as a
   `FrameBatch` (numpy arrays of IP offsets, lengths, flow keys and TCP flags, pulled for
   every frame of the block at once), which the capture process copies straight into the
-  rings; `release` gives the blocks back to the kernel.
+  rings; `release` gives the blocks back to the kernel.  Where the data plane is compiled the
+  capture process reads the blocks in place instead (`ready_blocks`, `buffer`: one call of
+  engine/dataplane/capture.pyx per block); this module's walk is its specification.  The ring
+  is mapped by the process that reads it (`map_ring`), never by the supervisor that opened
+  the socket.
 * `PcapFileSource`: offline replay (spec §3.16) paced by `ReplayPacer`, a pure schedule.
 
 What a live source hands on is decided by one rule (engine/codec/bpf.py): IPv4 TCP to a -x
@@ -469,6 +473,8 @@ _FRAME_LEN = 16 // 4
 _FRAME_MAC = 24 // 2  # u16 words
 _FRAME_NET = 26 // 2
 _FRAME_PKTTYPE = 58  # bytes
+_BLOCK_HEADER_NEED = 20  # bytes of a block descriptor that are read (to offset_to_first_pkt)
+_FRAME_HEADER_NEED = 60  # bytes of a frame header that are read (to sll_pkttype)
 
 
 class FrameBatch(NamedTuple):
@@ -496,9 +502,11 @@ _MAC_NET_WORDS = np.array([_FRAME_MAC, _FRAME_NET], dtype=np.int64)  # u16 words
 
 
 def frame_fields(
-    u32: np.ndarray, u16: np.ndarray, u8: np.ndarray, frames: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """For frames at ``frames``: (ip start, ip length, pkttype, truncated) as arrays.
+    u32: np.ndarray, u16: np.ndarray, u8: np.ndarray, frames: np.ndarray, end: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For frames at ``frames`` (headers checked by ``walk_frames``): (ip start, ip length,
+    pkttype, truncated, inside) as arrays; ``inside`` is False for a frame whose captured
+    bytes pass ``end`` or whose IP header (tp_net) is not within them.
 
     A few numpy gathers per block, whatever its packet count (each numpy call costs about a
     microsecond, so the fields are taken as matrices, not one call per field)."""
@@ -506,9 +514,11 @@ def frame_fields(
     macnet = u16.take((frames >> 1)[:, None] + _MAC_NET_WORDS).astype(np.int64)
     snaplen = head[:, _FRAME_SNAPLEN]
     mac, net = macnet[:, 0], macnet[:, 1]
+    inside = (net >= mac) & (net <= mac + snaplen) & (frames + mac + snaplen <= end)
     starts = frames + net
     lengths = snaplen - (net - mac)
-    return starts, lengths, u8.take(frames + _FRAME_PKTTYPE), snaplen < head[:, _FRAME_LEN]
+    truncated = snaplen < head[:, _FRAME_LEN]
+    return starts, lengths, u8.take(frames + _FRAME_PKTTYPE), truncated, inside
 
 
 def ip_flow_fields(
@@ -545,7 +555,8 @@ class TPacketSource(_LiveSource):
 
     counters (besides the live-source ones): capture_truncated (frames cut short by the
     block size), capture_kernel_dropped (the kernel's count of packets the full ring lost,
-    PACKET_STATISTICS), capture_blocks (blocks read).
+    PACKET_STATISTICS), capture_blocks (blocks read), capture_block_errors (blocks that lied
+    about their frames: read up to the first bad one, ``parse_block``).
     """
 
     def __init__(
@@ -576,23 +587,15 @@ class TPacketSource(_LiveSource):
                 block_bytes, blocks, TPACKET_FRAME_BYTES, frames, retire_ms, 0, 0
             )
             sock.setsockopt(SOL_PACKET, PACKET_RX_RING, req)
-            self._mm = mmap.mmap(
-                sock.fileno(),
-                blocks * block_bytes,
-                mmap.MAP_SHARED,
-                mmap.PROT_READ | mmap.PROT_WRITE,
-            )
         except OSError:
             sock.close()
             raise
         super().__init__(sock, prefilter)
         self.blocks = blocks
         self.block_bytes = block_bytes
-        self._view = memoryview(self._mm)
-        self._u8 = np.frombuffer(self._mm, dtype=np.uint8)
-        self._u16 = self._u8.view(np.uint16)
-        self._u32 = self._u8.view(np.uint32)
-        self._words = memoryview(self._mm).cast("I")
+        # Mapped by the first read (``map_ring``), in the process that reads: the supervisor,
+        # which opens the socket before it forks the capture process, never maps the ring.
+        self._view: memoryview | None = None  # type: ignore[assignment]
         self._next = 0  # the block the kernel fills next (they are retired in order)
         self._held: list[int] = []  # blocks handed out by read_frames, not yet released
         self._drops_logged = 0
@@ -605,6 +608,27 @@ class TPacketSource(_LiveSource):
             raise
 
     # -- blocks ------------------------------------------------------------------------------
+
+    def map_ring(self) -> None:
+        """Map the ring (once, in the process that reads it)."""
+        if self._mm is not None:
+            return
+        self._mm = mmap.mmap(
+            self.sock.fileno(),
+            self.blocks * self.block_bytes,
+            mmap.MAP_SHARED,
+            mmap.PROT_READ | mmap.PROT_WRITE,
+        )
+        self._view = memoryview(self._mm)
+        self._u8 = np.frombuffer(self._mm, dtype=np.uint8)
+        self._u16 = self._u8.view(np.uint16)
+        self._u32 = self._u8.view(np.uint32)
+        self._words = memoryview(self._mm).cast("I")
+
+    @property
+    def mapped(self) -> bool:
+        """The ring is mapped in this process."""
+        return self._mm is not None
 
     def _ready_block(self, scan: bool) -> int | None:
         words, size = self._words, self.block_bytes
@@ -631,16 +655,19 @@ class TPacketSource(_LiveSource):
 
     def release(self) -> None:
         """Hand the blocks of the last read_frames back to the kernel."""
+        if not self._held:
+            return
         words = self._words
         for off in self._held:
             words[(off >> 2) + _BLOCK_STATUS] = TP_STATUS_KERNEL
         self._held.clear()
 
-    def read_frames(self, now: float) -> list[FrameBatch]:
-        """The ready blocks (at most TPACKET_BLOCKS_PER_READ), one FrameBatch each; call
-        ``release()`` once they are copied out."""
+    def ready_blocks(self) -> list[int]:
+        """The byte offsets of the ready blocks (at most TPACKET_BLOCKS_PER_READ), held
+        until ``release()``: what ``read_frames`` parses, and what the compiled walk
+        (engine/dataplane/capture.pyx) reads in place from ``buffer``."""
+        self.map_ring()
         self.release()
-        out: list[FrameBatch] = []
         c = self.counters
         for i in range(TPACKET_BLOCKS_PER_READ):
             block = self._ready_block(scan=i == 0)
@@ -648,16 +675,32 @@ class TPacketSource(_LiveSource):
                 break
             self._held.append(block)
             c["capture_blocks"] += 1
-            batch = self._parse_block(block, now)
-            if batch is not None:
-                out.append(batch)
-        if out or self._held:
+        if self._held:
             self._kernel_stats()
-        return out
+        return list(self._held)
 
-    def _parse_block(self, block: int, now: float) -> FrameBatch | None:
+    @property
+    def buffer(self) -> memoryview:
+        """The mapped ring (blocks at the offsets ``ready_blocks`` gives)."""
+        self.map_ring()
+        assert self._view is not None
+        return self._view
+
+    def read_frames(self, now: float) -> list[FrameBatch]:
+        """The ready blocks (at most TPACKET_BLOCKS_PER_READ), one FrameBatch each (empty
+        for a block with nothing to replay); call ``release()`` once they are copied out."""
+        return [self._parse_block(block, now) for block in self.ready_blocks()]
+
+    def _parse_block(self, block: int, now: float) -> FrameBatch:
         starts, lengths, keys, flags, ok, truncated = parse_block(
-            self._words, self._u8, self._u16, self._u32, block, host_only=self.host_only
+            self._words,
+            self._u8,
+            self._u16,
+            self._u32,
+            block,
+            host_only=self.host_only,
+            block_bytes=self.block_bytes,
+            counters=self.counters,
         )
         c = self.counters
         if truncated:
@@ -672,8 +715,6 @@ class TPacketSource(_LiveSource):
             c["capture_packets"] += len(starts)
             c["capture_bytes"] += int(lengths.sum())
             c["capture_accepted"] += len(starts)
-        if len(starts) == 0:
-            return None
         return FrameBatch(self._view, starts, lengths, keys, flags, now)
 
     def _python_filter(self, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -731,20 +772,42 @@ class TPacketSource(_LiveSource):
         self.sock.close()
 
 
-def block_frames(words: memoryview, block: int) -> np.ndarray:
-    """Offsets (from the buffer's start) of the frames of the block at byte ``block``;
+def walk_frames(words: memoryview, block: int, end: int) -> tuple[np.ndarray, bool]:
+    """Offsets (from the buffer's start) of the frames of the block at byte ``block`` whose
+    header lies inside the block (it ends at byte ``end``), and whether the block lied.
+
     ``words`` is the buffer cast to u32.  The frames form a chain (tp_next_offset), so this
-    is the one per-frame Python step: one int read and one add per frame."""
+    is the one per-frame Python step: one int read and one add per frame.  The walk stops
+    (and says the block is bad) at a frame header that is not 4-byte aligned or not inside
+    the block, and after a frame whose tp_next_offset is 0 while num_pkts promises more: a
+    block is kernel memory, but nothing read from it is trusted (the compiled walk,
+    engine/dataplane/capture.pyx, applies the same rules).
+    """
+    end = min(end, len(words) * 4)
+    offsets: list[int] = []
+    if block < 0 or block + _BLOCK_HEADER_NEED > end:
+        return np.empty(0, dtype=np.int64), True
     base = block >> 2
     count = words[base + _BLOCK_NUM_PKTS]
-    if count == 0:
-        return np.empty(0, dtype=np.int64)
-    offsets = [0] * count
     off = block + words[base + _BLOCK_FIRST]
-    for i in range(count):
-        offsets[i] = off
-        off += words[off >> 2]
-    return np.array(offsets, dtype=np.int64)
+    bad = False
+    while len(offsets) < count:
+        if off & 3 or off < block or off + _FRAME_HEADER_NEED > end:
+            bad = True
+            break
+        offsets.append(off)
+        if len(offsets) < count:
+            step = words[off >> 2]
+            if step == 0:
+                bad = True
+                break
+            off += step
+    return np.array(offsets, dtype=np.int64), bad
+
+
+def block_frames(words: memoryview, block: int) -> np.ndarray:
+    """``walk_frames`` of a block that may reach the end of the buffer: the offsets only."""
+    return walk_frames(words, block, len(words) * 4)[0]
 
 
 def parse_block(
@@ -755,6 +818,8 @@ def parse_block(
     block: int,
     *,
     host_only: bool = False,
+    block_bytes: int | None = None,
+    counters: Counter[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """The IPv4 packets of the TPACKET_V3 block at byte ``block`` of a buffer seen as
     ``words`` (u32 memoryview) and ``u8``/``u16``/``u32`` (numpy views):
@@ -762,13 +827,27 @@ def parse_block(
 
     Frames we must not replay are already left out: our own outgoing ones (the kernel
     program drops them too), with ``host_only`` every frame not addressed to this host,
-    and frames cut short by the block (counted in the last item).
+    and frames cut short by the block (counted in the last item).  A block that lies
+    (``walk_frames``; or a frame whose captured bytes leave the block of ``block_bytes``,
+    default: up to the buffer's end, or whose IP header is not within them) is read up to
+    its first bad frame and counted once in ``counters`` as capture_block_errors.
     """
-    frames = block_frames(words, block)
-    if len(frames) == 0:
+    end = len(words) * 4
+    if block_bytes is not None:
+        end = min(end, block + block_bytes)
+    frames, bad = walk_frames(words, block, end)
+    if len(frames):
+        starts, lengths, pkttype, truncated, inside = frame_fields(u32, u16, u8, frames, end)
+        if not inside.all():
+            bad = True
+            first = int(np.argmin(inside))
+            starts, lengths = starts[:first], lengths[:first]
+            pkttype, truncated = pkttype[:first], truncated[:first]
+    if bad and counters is not None:
+        counters["capture_block_errors"] += 1
+    if len(frames) == 0 or len(starts) == 0:
         empty = np.empty(0, dtype=np.int64)
         return empty, empty, empty.astype(np.uint64), empty.astype(np.uint8), empty > 0, 0
-    starts, lengths, pkttype, truncated = frame_fields(u32, u16, u8, frames)
     keep = pkttype != PACKET_OUTGOING
     if host_only:
         keep &= pkttype == 0  # PACKET_HOST: what a raw IP socket would have received

@@ -79,6 +79,22 @@ _HEAD_WORD = 0  # 8-byte word index of head in the header
 _TAIL_WORD = 8  # byte 64: its own cache line
 
 
+def slot_layout() -> dict[str, int]:
+    """The geometry above as byte offsets, for code that writes slots without this class
+    (engine/dataplane/capture.pyx reads it once at import): the block's header size, where
+    head and tail are in it, and where a slot's length, flags, timestamp and data start."""
+    return {
+        "header_bytes": _HEADER_BYTES,
+        "head_at": _HEAD_WORD * 8,
+        "tail_at": _TAIL_WORD * 8,
+        "length_at": 0,
+        "flags_at": struct.calcsize("=I"),
+        "ts_at": struct.calcsize("=II"),
+        "data_at": SLOT_HEADER_BYTES,
+        "flag_loss_before": SLOT_FLAG_LOSS_BEFORE,
+    }
+
+
 class Ring:
     """One SPSC ring.  Create in the parent (``Ring.create``), attach in children by name."""
 

@@ -17,7 +17,12 @@ PcapFileSource with its offline pacing) and their -x pre-filter.  Every accepted
 Sources with ``read_frames`` (capture.TPacketSource) hand over whole kernel blocks as numpy
 arrays (``FrameBatch``): the worker index of every packet is computed vectorized
 (``flow_workers``), and each ring gets its packets with one ``Ring.push_frames``, copied
-straight from the kernel's block into the ring's slots.
+straight from the kernel's block into the ring's slots.  Where engine.dataplane is compiled
+(``compiled=None``, the default: when ``engine.dataplane.AVAILABLE``; True or False to
+choose) the blocks are walked in place instead by engine/dataplane/capture.pyx, one call per
+block: the frame walk, the -x rule, the flow hash, the shed gate (its ``Gate``, which also
+serves ``dispatch``) and the copy into the rings in C.  This module's path is its
+specification (tests/unit/test_dataplane_capture.py holds the two equal).
 
 Overload (engine/core/shed.py): before each batch the rings' fill levels and the memory
 watchdog's flag update a ``FlowGate``; a worker past SHED_RING_HIGH (or all workers while
@@ -42,21 +47,23 @@ consumer).  A restarted capture process continues those counts from what is in t
 from __future__ import annotations
 
 import logging
+import math
 import selectors
 import signal
 import struct
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from engine.codec import packet
 from engine.core.shed import REASON_RING_FULL, FlowGate
 from engine.errors import DecodeError
-from engine.io.capture import FrameBatch
+from engine.io.capture import BATCH_MAX_PACKETS, FrameBatch
 from engine.io.logs import LOGGER_NAME, reopen_logs
-from engine.io.ring import RING_SLOT_BYTES, RING_SLOTS, SLOT_HEADER_BYTES, Ring
+from engine.io.ring import RING_SLOT_BYTES, RING_SLOTS, SLOT_HEADER_BYTES, Ring, slot_layout
 from engine.io.sigloop import SignalPipe
 from metrics.counters import COUNTER_FLUSH_INTERVAL_S
 
@@ -68,7 +75,9 @@ _U64 = (1 << 64) - 1
 HEARTBEAT_INTERVAL_S = 0.5
 """The loop wakes at least this often to write its heartbeat."""
 RING_BYTES_PER_WORKER = RING_SLOTS * RING_SLOT_BYTES
-"""Target size of one ring (16 MiB): larger slots (a large -M) mean fewer of them."""
+"""The largest derived ring (16 MiB): larger slots (a large -M) mean fewer of them."""
+RING_BYTES_MIN = 2 * 1024 * 1024
+"""The smallest derived ring of a live capture (1,024 slots of 2 KiB)."""
 RING_SLOTS_MIN = 1024
 _SRC_NO_OPTIONS = struct.Struct("!12xI4xH")  # IPv4 src address, then (IHL 5) the TCP src port
 _SLOT_ALIGN_BYTES = 64
@@ -115,8 +124,35 @@ def ring_slot_bytes(mtu: int) -> int:
     return max(RING_SLOT_BYTES, need)
 
 
-def ring_slots(slot_bytes: int) -> int:
-    return max(RING_SLOTS_MIN, RING_BYTES_PER_WORKER // slot_bytes)
+def ring_slots(slot_bytes: int, ring_bytes: int = RING_BYTES_PER_WORKER) -> int:
+    """Slots of ``slot_bytes`` in a ring of ``ring_bytes`` (never fewer than RING_SLOTS_MIN)."""
+    return max(RING_SLOTS_MIN, ring_bytes // slot_bytes)
+
+
+def ring_bytes(cfg: Any) -> int:
+    """The bytes of each worker's ring: --ring-size, else derived from the load (the rule is
+    --ring-size's help in engine/core/config.py and docs/memory.md):
+
+    * live capture: the worker's share of the kernel buffer (-B / workers), between
+      RING_BYTES_MIN and RING_BYTES_PER_WORKER: the rings together take what the kernel
+      ring can, and a larger -B (a burstier load) gets larger rings;
+    * offline replay: room for two read batches past the pause mark (the file waits while
+      a ring is OFFLINE_PAUSE_FILL full), in default slots: 4,096 slots, 8 MiB.
+    """
+    if cfg.ring_bytes:
+        return int(cfg.ring_bytes)
+    if cfg.capture == "offline":
+        slots = math.ceil(2 * BATCH_MAX_PACKETS / (1.0 - OFFLINE_PAUSE_FILL))
+        return slots * RING_SLOT_BYTES
+    share = cfg.capture_buffer_bytes // max(1, cfg.workers)
+    return int(min(RING_BYTES_PER_WORKER, max(RING_BYTES_MIN, share)))
+
+
+def _compiled_capture() -> Any:
+    """engine.dataplane.capture when the data plane is built here, else None."""
+    from engine import dataplane
+
+    return dataplane.capture if dataplane.AVAILABLE else None
 
 
 EXIT_INPUT_ERROR = 3
@@ -144,6 +180,7 @@ class CaptureProcess:
         clock: Callable[[], float] = time.monotonic,
         shedding: bool = True,
         backpressure: bool = True,
+        compiled: bool | None = None,
     ) -> None:
         if not rings:
             raise ValueError("capture: no ring")
@@ -157,8 +194,17 @@ class CaptureProcess:
         self.control = control
         self.clock = clock
         self.counters: Counter[str] = Counter()
+        # The compiled walk (engine/dataplane/capture.pyx) where it was built, unless
+        # ``compiled`` says otherwise (False: the Python path, the specification).
+        self.dataplane = _compiled_capture() if compiled is not False else None
+        if compiled and self.dataplane is None:
+            raise ValueError("capture: the compiled walk is not built here")
+        self._walkers: dict[int, object] = {}
         # shedding=False (tests of the full-ring path only): a gate that never sheds.
-        self.gate = FlowGate(len(self.rings), counters=self.counters, enabled=shedding)
+        gate_class: Callable[..., FlowGate] = FlowGate
+        if self.dataplane is not None:
+            gate_class = self.dataplane.Gate
+        self.gate = gate_class(len(self.rings), counters=self.counters, enabled=shedding)
         self.exit_reason = ""
         self.exit_code = 0
         # Offline backpressure (module docstring); off only in tests of the full-ring path.
@@ -204,6 +250,16 @@ class CaptureProcess:
                 self.stop(f"stopped by {signal.Signals(signum).name}")
 
     def run(self) -> int:
+        for src in self.sources:
+            # A TPACKET_V3 ring is mapped here, in the process that reads it (the supervisor
+            # that opened the socket never maps it).
+            map_ring = getattr(src, "map_ring", None)
+            if map_ring is not None:
+                map_ring()
+        block_sources = [src for src in self.sources if hasattr(src, "ready_blocks")]
+        if block_sources:
+            walks = {"Python" if self._walker(src) is None else "compiled" for src in block_sources}
+            log.info("the %s block walk", " and ".join(sorted(walks)))
         now = self.clock()
         for i, src in enumerate(self.sources):
             fd = src.fileno()  # type: ignore[attr-defined]
@@ -294,6 +350,10 @@ class CaptureProcess:
     def _read(self, src: object, now: float) -> None:
         if self._offline_paused(src, now):
             return
+        walker = self._walker(src)
+        if walker is not None:
+            self._walk_blocks(src, walker, now)
+            return
         read_frames = getattr(src, "read_frames", None)
         if read_frames is None:
             self.dispatch(src.read_batch(now), now)  # type: ignore[attr-defined]
@@ -303,6 +363,59 @@ class CaptureProcess:
                 self.dispatch_frames(batch)
         finally:
             src.release()  # type: ignore[attr-defined]
+
+    # -- the compiled walk -------------------------------------------------------------------
+
+    def _walker(self, src: object) -> Any:
+        """The compiled walker of a TPACKET_V3 source, or None (the Python path): no compiled
+        module, not a block source, or a prefilter rule the walk does not have (-F in
+        Python, a match without its -x pairs)."""
+        if self.dataplane is None or not hasattr(src, "ready_blocks"):
+            return None
+        key = id(src)
+        if key in self._walkers:
+            return self._walkers[key]
+        walker = None
+        flt: Any = getattr(src, "prefilter", None)
+        kernel = bool(getattr(src, "kernel_filtered", False))
+        if kernel or (flt is not None and flt.transfers and flt.user_filter is None):
+            walker = self.dataplane.BlockWalker(
+                self.rings,
+                self.gate,
+                self.mtu,
+                slot_layout(),
+                FLOW_HASH_MULTIPLIER,
+                kernel_filtered=kernel,
+                host_only=bool(getattr(src, "host_only", False)),
+                transfers=flt.transfers if flt is not None else (),
+                drop_pure_acks=flt.drop_pure_acks if flt is not None else True,
+            )
+        self._walkers[key] = walker
+        return walker
+
+    def _walk_blocks(self, src: Any, walker: Any, now: float) -> None:
+        """The ready blocks through the compiled walk: per block one ``step`` (more only
+        around a packet larger than -M, split here in capture order), counters per read."""
+        try:
+            blocks = src.ready_blocks()
+            if not blocks:
+                return
+            buf = src.buffer
+            block_bytes = src.block_bytes
+            for block in blocks:
+                self._update_gate()
+                gate_now = self.clock()
+                walker.begin(block)
+                while (worker := walker.step(buf, block_bytes, now, gate_now)) >= 0:
+                    s, n = walker.split_start, walker.split_length
+                    pieces: list[tuple[bytes, float]] = []
+                    self._split(buf[s : s + n].tobytes(), now, pieces)
+                    if pieces:
+                        self.rings[worker].push_batch(pieces)
+            flt = src.prefilter
+            walker.flush_counts(src.counters, flt.counters if flt is not None else None)
+        finally:
+            src.release()
 
     def close(self) -> None:
         for src in self.sources:
@@ -371,11 +484,12 @@ class CaptureProcess:
 
     def dispatch_frames(self, batch: FrameBatch) -> None:
         """A kernel block's packets to the rings: workers and shedding for the whole batch as
-        arrays, then one ``push_frames`` per ring copying from the block into the slots."""
+        arrays, then one ``push_frames`` per ring copying from the block into the slots.
+        The gate takes the rings' fill levels first, for every block (an empty one too)."""
+        self._update_gate()
         count = len(batch.keys)
         if count == 0:
             return
-        self._update_gate()
         rings = self.rings
         n = len(rings)
         workers = flow_workers(batch.keys, n) if n > 1 else np.zeros(count, dtype=np.uint64)

@@ -214,7 +214,7 @@ class Supervisor:
         from engine.io.capture import build_sources
         from engine.io.ring import Ring
         from engine.io.tuple_history import TupleHistory
-        from engine.proc.capture import ring_slot_bytes, ring_slots
+        from engine.proc.capture import ring_bytes, ring_slot_bytes, ring_slots
         from metrics.counters import CounterBlock
 
         cfg = self.cfg
@@ -224,8 +224,16 @@ class Supervisor:
         self._start_exporter()  # first: a busy --metrics port fails before anything is built
         self.control = ControlBlock(self.workers)
         slot_bytes = ring_slot_bytes(cfg.session.mtu)
-        slots = self.ring_slots or ring_slots(slot_bytes)
+        slots = self.ring_slots or ring_slots(slot_bytes, ring_bytes(cfg))
         self.rings = [Ring.create(slots, slot_bytes) for _ in range(self.workers)]
+        log.info(
+            "rings: %d x %d slots of %d bytes (%.1f MB each%s)",
+            self.workers,
+            slots,
+            slot_bytes,
+            slots * slot_bytes / BYTES_PER_MB,
+            ", --ring-size" if cfg.ring_bytes else ", derived from the load",
+        )
         self.histories = [TupleHistory.create() for _ in range(self.workers)]
         self.prefilter = capture.TransferFilter.for_transfers(
             cfg.session.transfers, cfg.capture_filter
@@ -643,6 +651,9 @@ class Supervisor:
             if close is not None:
                 close()
         rings = [Ring.attach(r.spec()) for r in self.rings]
+        # An engine switch set to "python" selects the Python walk; otherwise the compiled
+        # one runs where engine.dataplane is built.
+        python_engine = getattr(self.cfg, "engine", None) == "python"
         proc = CaptureProcess(
             self.sources,
             rings,
@@ -651,6 +662,7 @@ class Supervisor:
             counters=self.block,
             control=self.control,
             clock=self.clock,
+            compiled=False if python_engine else None,
         )
         proc.install_signal_handlers()
         return proc.run()

@@ -1,6 +1,7 @@
 """Fuzz the compiled data plane under AddressSanitizer and UndefinedBehaviorSanitizer.
 
     .venv/bin/python tests/fuzz/dataplane_asan.py --runs 1000000 [--seed 1] [--build-dir D]
+    .venv/bin/python tests/fuzz/dataplane_asan.py --target block --runs 1000000
 
 Theory of operation
 -------------------
@@ -24,6 +25,17 @@ Theory of operation
    256 inputs the whole group goes through ``parse_batch`` (with some offsets and lengths
    pointing outside the buffer), ``build_batch`` into an output of exactly the needed size,
    and ``parse_slots`` over the same packets laid out as a ring of random geometry.
+4. ``--target block`` (engine/dataplane/capture.pyx): TPACKET_V3 blocks built from the same
+   captured packets (random pkttypes, frames cut short, aggregates larger than -M), then
+   made to lie (tp_next_offset 0, unaligned or past the block; tp_snaplen past the block;
+   num_pkts larger than the chain; offset_to_first_pkt anywhere; tp_mac/tp_net at random;
+   random u32/u16 pokes into frame headers; byte flips; the buffer cut short), each in a
+   heap block of exactly its size, read by a capture process through the compiled walk and
+   by one through the Python walk (testbed/blocks.py): the same ring contents, drops, loss
+   marks and counters, or it is a finding.  Rings are drained at random, so they also run
+   full; the clock and the memory flag move, so the gate sheds and expires flows.
+   The module names a hook for the session engine's entry points (``ENGINE_TARGETS``):
+   empty until engine/dataplane has that module.
 
 A sanitizer report aborts the worker (its report is on stderr) and the script exits non-zero;
 so does a mismatch, with the input saved under ``--artifacts``.  On success the last line is
@@ -43,6 +55,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -248,9 +261,165 @@ def _batch(D, np, rng: random.Random, group: list[bytes]) -> None:  # type: igno
     D.parse_slots(ring, 0, slot_bytes, header, slots, first, recs, count)
 
 
+ENGINE_TARGETS: dict[str, Callable[[object, random.Random, bytes], None]] = {}
+"""The hook for the session engine's compiled entry points (an engine module of
+engine/dataplane, which does not exist yet): name -> ``fuzz(dataplane, rng, data)``, fed
+mutated packets like the packet target (``fuzz_engine``); each name becomes a --target."""
+
+
+def fuzz_engine(build_dir: Path, name: str, runs: int, seed: int, artifacts: Path) -> int:
+    """An ENGINE_TARGETS entry over mutated packets, under the sanitizers."""
+    from tests.fuzz.run_fuzz import _mutate
+
+    load_instrumented(build_dir)
+    from engine import dataplane
+
+    target = ENGINE_TARGETS[name]
+    rng = random.Random(seed)
+    pool = seeds()
+    t0 = time.monotonic()
+    for i in range(runs):
+        data = pool[i] if i < len(pool) else _mutate(rng, rng.choice(pool), pool, MAX_LEN)
+        try:
+            target(dataplane, rng, data)
+        except Exception:
+            path = artifacts / f"crash-{name}-{hashlib.sha1(data).hexdigest()}"
+            path.write_bytes(data)
+            print(f"dataplane asan: finding on input {i} (saved as {path})", file=sys.stderr)
+            raise
+    dt = time.monotonic() - t0
+    print(f"dataplane asan: {runs} inputs in {dt:.1f} s ({runs / dt:.0f}/s), 0 findings")
+    return 0
+
+
+BLOCK_BYTES = 1 << 13
+
+
+def block_seeds(rng: random.Random) -> list[bytes]:
+    """Blocks of the captured packets, some frames outgoing, broadcast or cut short, some
+    packets larger than the -M of the run (576)."""
+    from testbed.blocks import Frame, eth, make_block
+
+    packets = [p for p in seeds() if p and p[0] >> 4 == 4]
+    out = []
+    for k in range(64):
+        frames = []
+        for _ in range(rng.randrange(1, 40)):
+            pkttype = rng.choice((0, 0, 0, 0, 1, 4))
+            frames.append(Frame(eth(rng.choice(packets)), pkttype,
+                                wire_extra=rng.choice((0,) * 9 + (64,))))  # fmt: skip
+        buf = bytearray(BLOCK_BYTES)
+        make_block(frames, buf, 0, BLOCK_BYTES)
+        out.append(bytes(buf))
+        if k % 8 == 0:
+            out.append(bytes(buf[: rng.randrange(0, BLOCK_BYTES)]))
+    return out
+
+
+def mutate_block(rng: random.Random, data: bytes) -> bytes:
+    """A few lies told by the block (see the module docstring)."""
+    from testbed.blocks import CORRUPTIONS, corrupt
+
+    buf = bytearray(data)
+    heads = []
+    if len(buf) >= 20:
+        first = int.from_bytes(buf[16:20], sys.byteorder)
+        off = first
+        while off >= 0 and off + 60 <= len(buf) and len(heads) < 64:
+            heads.append(off)
+            step = int.from_bytes(buf[off : off + 4], sys.byteorder)
+            if step == 0:
+                break
+            off += step
+    for _ in range(rng.choice((1, 1, 2, 3))):
+        op = rng.randrange(5)
+        if op == 0 and len(buf) >= 20:
+            corrupt(buf, heads, rng.choice(CORRUPTIONS), rng)
+        elif op == 1 and heads:
+            at = rng.choice(heads) + rng.randrange(0, 60, 2)
+            width = rng.choice((2, 4)) if at + 4 <= len(buf) else 2
+            value = rng.choice((0, 1, 2, 3, 4, 15, 16, 48, 60, 0x7FFF, 0xFFFF, 2**31, 2**32 - 1,
+                                rng.randrange(2**32)))  # fmt: skip
+            buf[at : at + width] = (value & ((1 << (8 * width)) - 1)).to_bytes(width, "little")
+        elif op == 2 and buf:
+            buf[rng.randrange(len(buf))] ^= 1 << rng.randrange(8)
+        elif op == 3 and buf:
+            del buf[rng.randrange(len(buf)) :]
+        elif len(buf) >= 4:
+            at = rng.randrange(len(buf) - 3)
+            buf[at : at + 4] = rng.randrange(2**32).to_bytes(4, "little")
+    return bytes(buf)
+
+
+def fuzz_blocks(build_dir: Path, runs: int, seed: int, artifacts: Path) -> int:
+    import numpy as np
+
+    from testbed.blocks import Walk
+
+    load_instrumented(build_dir)
+    from engine import dataplane
+
+    assert dataplane.capture is not None
+    assert Path(dataplane.capture.__file__).parent == build_dir
+    rng = random.Random(seed)
+    pool = block_seeds(rng)
+    settings = {"block_bytes": BLOCK_BYTES, "workers": 3, "slots": 64, "mtu": 576}
+    walks = {}
+    for kernel in (True, False):
+        for host_only in (False, True):
+            walks[kernel, host_only] = tuple(
+                Walk(c, bytearray(BLOCK_BYTES), kernel_filtered=kernel, host_only=host_only,
+                     **settings)
+                for c in (False, True)
+            )  # fmt: skip
+    now = 0.0
+    t0 = time.monotonic()
+    findings = 0
+    try:
+        for i in range(runs):
+            data = pool[i] if i < len(pool) else mutate_block(rng, rng.choice(pool))
+            data = data[: len(data) // 4 * 4]
+            # A heap block of exactly the input's size: a read past it is an ASan report.
+            buf = np.empty(len(data), np.uint8)
+            buf[:] = np.frombuffer(data, np.uint8)
+            ref, walk = walks[rng.random() < 0.5, rng.random() < 0.3]
+            now += rng.choice((0.0, 0.001, 0.5, 2.0, 70.0))
+            memory = rng.random() < 0.1
+            try:
+                for w in (ref, walk):
+                    w.src.set_buffer(buf)
+                    w.read(now, memory)
+                take = rng.choice((0, 8, 64))
+                assert walk.pop(take) == ref.pop(take), "ring contents differ"
+                got, want = walk.state(), ref.state()
+                if i % 16:  # the flow tables (copied out whole) are compared less often
+                    del got["known"], got["shed"], want["known"], want["shed"]
+                assert got == want, f"compiled {got} / Python {want}"
+            except Exception:
+                findings += 1
+                path = artifacts / f"crash-block-{hashlib.sha1(data).hexdigest()}"
+                path.write_bytes(data)
+                print(f"dataplane asan: finding on block {i} (saved as {path})", file=sys.stderr)
+                raise
+            finally:
+                for w in (ref, walk):
+                    w.src.set_buffer(bytearray(BLOCK_BYTES))
+            if i % 32 == 0 and len(pool) < 1024:
+                pool.append(data)
+    finally:
+        for pair in walks.values():
+            for w in pair:
+                w.close()
+    dt = time.monotonic() - t0
+    print(f"dataplane asan: {runs} blocks in {dt:.1f} s ({runs / dt:.0f}/s), {findings} findings")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=1_000_000)
+    ap.add_argument("--target", choices=("packet", "block", *ENGINE_TARGETS), default="packet",
+                    help="packet.pyx's entry points, or capture.pyx's block walk")  # fmt: skip
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--build-dir", type=Path, help="keep the sanitizer build here")
     ap.add_argument("--artifacts", type=Path, default=Path(tempfile.gettempdir()))
@@ -260,6 +429,10 @@ def main() -> int:
         ap.error("--runs must be >= 1")
     sys.path.insert(0, str(REPO))
     if a.worker:
+        if a.target == "block":
+            return fuzz_blocks(a.build_dir, a.runs, a.seed, a.artifacts)
+        if a.target in ENGINE_TARGETS:
+            return fuzz_engine(a.build_dir, a.target, a.runs, a.seed, a.artifacts)
         return fuzz(a.build_dir, a.runs, a.seed, a.artifacts)
     a.artifacts.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="dataplane-asan-") as tmp:
@@ -276,6 +449,7 @@ def main() -> int:
             PYTHONMALLOC="malloc",
         )
         cmd = [sys.executable, __file__, "--worker", "--runs", str(a.runs), "--seed", str(a.seed),
+               "--target", a.target,
                "--build-dir", str(build_dir.resolve()),
                "--artifacts", str(a.artifacts)]  # fmt: skip
         rc = subprocess.run(cmd, env=env, check=False).returncode

@@ -16,6 +16,7 @@ import re
 import signal
 from pathlib import Path
 
+import psutil
 import pytest
 
 from testbed import netns as tbm
@@ -44,6 +45,23 @@ ARGS = ["-x", TRANSFER_HTTP, "-c", "198.19.1.x"]
 WRK_CONNECTIONS = 8
 
 
+def packet_ring_mappings(pid: int) -> int:
+    """Shared mappings of a socket (the TPACKET_V3 ring) in the process ``pid``."""
+    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    return sum(1 for line in maps if line.split()[-1].startswith("socket:"))
+
+
+def children_named(pid: int, name: str) -> list[int]:
+    out = []
+    for child in psutil.Process(pid).children():
+        try:
+            if child.name() == name and child.status() != psutil.STATUS_ZOMBIE:
+                out.append(child.pid)
+        except psutil.Error:
+            continue
+    return out
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("capture", ["default", "packet"])
 def test_tpacket_capture_replicates_exactly(
@@ -56,6 +74,10 @@ def test_tpacket_capture_replicates_exactly(
     _, tcpcopy = start_pair(testbed, tmp_path, args)
     run_standard_load(testbed)
     seen = wait_counts(testbed, {"/ka/": KEEPALIVE_REQUESTS, "/sc/": SHORT_CONNECTIONS})
+    # The kernel ring is mapped by the capture process only, not by the supervisor.
+    assert packet_ring_mappings(tcpcopy.pid) == 0
+    (capture_pid,) = children_named(tcpcopy.pid, "tcmp-capture")
+    assert packet_ring_mappings(capture_pid) == 1
     summary = stop_tcpcopy(testbed, tcpcopy, tmp_path)
     assert seen == {"/ka/": KEEPALIVE_REQUESTS, "/sc/": SHORT_CONNECTIONS}, diag(testbed)
     assert_exact(testbed, "/ka/", KEEPALIVE_REQUESTS)

@@ -59,6 +59,7 @@ TCPCOPY_BAD: dict[str, tuple[str, ...]] = {
     "--capture": ("pcap", ""),
     "--filter": ("tcp and and", "ether host 02:00:00:00:00:01"),
     "--buffer": ("0", "4097", "big"),
+    "--ring-size": ("0", "1025", "big"),
     "--snaplen": ("-1", "big"),
     "--output-interface": ("no-such-dev0",),
     "--pcap": ("/nonexistent.pcap", "/etc/hostname"),

@@ -121,6 +121,7 @@ TCPCOPY_EXPECT: dict[str, Check] = {
     "interface": (lambda c: c.interfaces, lambda v, t: tuple(v.split(","))),
     "filter": (lambda c: c.capture_filter, lambda v, t: v),
     "buffer": (lambda c: c.capture_buffer_bytes, lambda v, t: v * 1024 * 1024),
+    "ring_size": (lambda c: c.ring_bytes, lambda v, t: v * 1024 * 1024),
     "snaplen": (lambda c: c.snaplen, lambda v, t: v),
     "output_interface": (lambda c: c.output_interface, lambda v, t: v),
     "pcap": (lambda c: list(c.pcap_files), lambda v, t: v if isinstance(v, list) else [v]),

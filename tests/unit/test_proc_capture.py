@@ -271,3 +271,28 @@ def test_ring_source_comes_back_at_once_for_a_push_that_raced_its_pop(rings_fact
     assert [d for _t, d in src.read_batch(1.0)] == [b"late"]
     assert src.next_deadline() == 1.0 + RING_IDLE_POLL_S
     src.close()
+
+
+def _cfg(**kw):
+    from types import SimpleNamespace
+
+    base = {"ring_bytes": None, "capture": "raw", "capture_buffer_bytes": 64 << 20, "workers": 1}
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def test_ring_size_derived_from_the_load():
+    from engine.proc.capture import RING_BYTES_MIN, RING_BYTES_PER_WORKER, ring_bytes
+
+    # live: the worker's share of -B, between 2 and 16 MiB
+    assert ring_bytes(_cfg()) == RING_BYTES_PER_WORKER == 16 << 20
+    assert ring_bytes(_cfg(workers=8)) == 8 << 20
+    assert ring_bytes(_cfg(workers=64)) == RING_BYTES_MIN == 2 << 20
+    assert ring_bytes(_cfg(capture_buffer_bytes=4 << 20)) == 4 << 20
+    assert ring_bytes(_cfg(capture_buffer_bytes=1024 << 20, workers=2)) == 16 << 20
+    # offline: two read batches past the pause mark
+    assert ring_bytes(_cfg(capture="offline")) == 4096 * RING_SLOT_BYTES
+    # --ring-size wins
+    assert ring_bytes(_cfg(ring_bytes=3 << 20, capture="offline")) == 3 << 20
+    assert ring_slots(RING_SLOT_BYTES, 3 << 20) == 1536
+    assert ring_slots(RING_SLOT_BYTES, 1 << 20) == 1024  # never under RING_SLOTS_MIN

@@ -1,0 +1,848 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""The capture process's per-packet path in C: TPACKET_V3 block walk, -x prefilter, flow hash,
+shed gate and the copy into the workers' rings.
+
+Theory of operation
+-------------------
+This is the compiled twin of five pieces of Python that stay its specification:
+
+* the block walk of engine/io/capture.py (``block_frames``, ``frame_fields``,
+  ``ip_flow_fields``, ``parse_block``): frames chained by tp_next_offset, the IP packet at
+  tp_net, our own outgoing frames (and with ``host_only`` everything not PACKET_HOST) left
+  out, frames cut short by the block counted, and a block that lies (a frame header or its
+  data outside the block, a tp_next_offset of 0 before num_pkts frames) walked up to its
+  first bad frame and counted once as ``capture_block_errors``;
+* ``TransferFilter._keep`` (the -x rule, when the kernel program is not exact): the same
+  checks, in the same order, with the same counters;
+* ``flow_worker`` (engine/proc/capture.py, which passes its multiplier in: this layer
+  imports neither io nor proc): Fibonacci hashing of client ip << 16 | port, the worker
+  from the top bits;
+* ``FlowGate`` (engine/core/shed.py): ``Gate`` keeps the known and shed flows in two C hash
+  tables (open addressing, linear probing, deletion by backward shift) and decides packet by
+  packet what FlowGate decides for a batch (its batch rules reduce to one decision per
+  packet in order: a flow is fast or slow for the whole batch, and the last packet of a flow
+  sets its state);
+* ``Ring.push_frames`` (engine/io/ring.py, whose ``slot_layout()`` the walker is given): a
+  slot's length, flags (loss mark on the first packet written after a drop) and timestamp,
+  then the data; a full ring drops and counts, a packet larger than a slot is counted.
+
+``BlockWalker.step`` walks one block from where it stopped: per packet only C types, no
+Python object and no Python call (every per-packet function is ``noexcept nogil``, so the
+compiler refuses any; tests/unit/test_dataplane_packet.py checks their ``cython -a`` score).  It stops early at a packet larger than -M (a GRO
+aggregate the caller splits in Python, engine/codec/packet.split_mtu, then calls ``step``
+again), so every ring gets its packets in capture order.  The rings' producer state (head,
+free slots, loss mark) is loaded from the Ring objects when ``step`` starts and written back
+when it returns; counters are C arrays added to the callers' Counters once per call.
+
+Untrusted input: the block is the kernel's, but nothing here trusts it: every frame header
+and every packet is checked against the end of the block before it is read, and the ring
+copy against the slot size.  tests/fuzz/dataplane_asan.py fuzzes ``step`` under ASan.
+"""
+
+from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
+from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport malloc, calloc, free
+from libc.string cimport memcpy
+
+import numpy as np
+
+from engine.core.shed import (
+    EXPIRE_INTERVAL_S, REASON_MEMORY, REASON_RING_FULL, SHED_FLOWS_MAX, SHED_IDLE_S,
+    SHED_RING_HIGH, SHED_RING_LOW,
+)
+
+__all__ = ["BlockWalker", "Gate", "flow_worker", "walk_counters"]
+
+# -- constants ------------------------------------------------------------------------------
+
+cdef enum:
+    # tpacket_block_desc / tpacket_hdr_v1 (linux/if_packet.h)
+    BLOCK_NUM_PKTS = 12
+    BLOCK_FIRST = 16
+    # tpacket3_hdr, then sockaddr_ll at 48 (sll_pkttype at 58)
+    FRAME_NEXT = 0
+    FRAME_SNAPLEN = 12
+    FRAME_LEN = 16
+    FRAME_MAC = 24
+    FRAME_NET = 26
+    FRAME_PKTTYPE = 58
+    FRAME_HEADER_NEED = 60    # bytes of a frame header that are read
+    PACKET_HOST = 0
+    PACKET_OUTGOING = 4
+    IPPROTO_TCP = 6
+    TCP_FIN = 0x01
+    TCP_SYN = 0x02
+    TCP_RST = 0x04
+    TCP_ACK = 0x10
+    TCP_END = TCP_FIN | TCP_RST
+    TCP_SYN_ACK = TCP_SYN | TCP_ACK
+    REASON_NONE = 0
+    REASON_RING = 1
+    REASON_MEM = 2
+
+# Counters of one step (indexes into a C array; names below, per owner).
+cdef enum:
+    C_SRC_TRUNCATED = 0
+    C_SRC_PACKETS
+    C_SRC_BYTES
+    C_SRC_ACCEPTED
+    C_SRC_BLOCK_ERRORS
+    C_FLT_PACKETS
+    C_FLT_BYTES
+    C_FLT_NOT_TCP
+    C_FLT_FRAGMENT
+    C_FLT_NOT_MATCHED
+    C_FLT_PURE_ACK
+    C_FLT_ACCEPTED
+    C_GATE_DROP_SHED
+    C_GATE_SHED_RING
+    C_GATE_SHED_MEMORY
+    C_COUNT
+
+_SOURCE_NAMES = (
+    (C_SRC_TRUNCATED, "capture_truncated"),
+    (C_SRC_PACKETS, "capture_packets"),
+    (C_SRC_BYTES, "capture_bytes"),
+    (C_SRC_ACCEPTED, "capture_accepted"),
+    (C_SRC_BLOCK_ERRORS, "capture_block_errors"),
+)
+_FILTER_NAMES = (
+    (C_FLT_PACKETS, "capture_packets"),
+    (C_FLT_BYTES, "capture_bytes"),
+    (C_FLT_NOT_TCP, "capture_not_tcp"),
+    (C_FLT_FRAGMENT, "capture_fragment"),
+    (C_FLT_NOT_MATCHED, "capture_not_matched"),
+    (C_FLT_PURE_ACK, "capture_pure_ack_dropped"),
+    (C_FLT_PURE_ACK, "drop_pure_ack"),
+    (C_FLT_ACCEPTED, "capture_accepted"),
+)
+_GATE_NAMES = (
+    (C_GATE_DROP_SHED, "drop_shed"),
+    (C_GATE_SHED_RING, "shed_sessions_" + REASON_RING_FULL),
+    (C_GATE_SHED_MEMORY, "shed_sessions_" + REASON_MEMORY),
+)
+
+
+def walk_counters():
+    """The counter names a step may add to, by owner (source, prefilter, gate)."""
+    return (
+        tuple(n for _i, n in _SOURCE_NAMES),
+        tuple(n for _i, n in _FILTER_NAMES),
+        tuple(n for _i, n in _GATE_NAMES),
+    )
+
+
+cdef void _add_counts(const int64_t* counts, names, counter):
+    if counter is None:
+        return
+    for i, name in names:
+        if counts[i]:
+            counter[name] += counts[i]
+
+
+# The flow tables' own hash (any odd constant; Fibonacci hashing's, as the worker hash).
+cdef uint64_t TABLE_MULTIPLIER = 0x9E3779B97F4A7C15ULL
+cdef Py_ssize_t FLOWS_SHED_MAX = SHED_FLOWS_MAX
+cdef double EXPIRE_EVERY_S = EXPIRE_INTERVAL_S
+cdef uint64_t EMPTY_KEY = 0xFFFFFFFFFFFFFFFFULL  # flow keys have 48 bits: never a real one
+
+
+cdef inline uint16_t _be16(const uint8_t* p) noexcept nogil:
+    return <uint16_t>((p[0] << 8) | p[1])
+
+
+cdef inline uint32_t _be32(const uint8_t* p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+
+cdef inline uint32_t _host32(const uint8_t* p) noexcept nogil:
+    cdef uint32_t v
+    memcpy(&v, p, 4)
+    return v
+
+
+cdef inline uint16_t _host16(const uint8_t* p) noexcept nogil:
+    cdef uint16_t v
+    memcpy(&v, p, 2)
+    return v
+
+
+cdef inline uint64_t _worker_of(uint64_t key, uint64_t multiplier,
+                                uint64_t workers) noexcept nogil:
+    # engine/proc/capture.flow_worker: the top 32 bits of the product, scaled to workers.
+    cdef uint64_t high = (key * multiplier) >> 32
+    return (high * workers) >> 32
+
+
+def flow_worker(uint64_t client_ip, uint64_t client_port, uint64_t workers,
+                uint64_t multiplier):
+    """engine/proc/capture.flow_worker, compiled (``multiplier``: its FLOW_HASH_MULTIPLIER;
+    for the tests that hold the two equal)."""
+    return _worker_of((client_ip << 16) | client_port, multiplier, workers)
+
+
+# -- flow tables ----------------------------------------------------------------------------
+
+cdef struct FlowTable:
+    uint64_t* keys
+    double* times
+    Py_ssize_t cap       # a power of two
+    Py_ssize_t used
+
+
+cdef inline Py_ssize_t _slot_of(const FlowTable* t, uint64_t key) noexcept nogil:
+    return <Py_ssize_t>((key * TABLE_MULTIPLIER) >> 32) & (t.cap - 1)
+
+
+cdef int _ft_init(FlowTable* t, Py_ssize_t cap) noexcept nogil:
+    cdef Py_ssize_t i
+    t.keys = <uint64_t*>malloc(cap * sizeof(uint64_t))
+    t.times = <double*>malloc(cap * sizeof(double))
+    if t.keys == NULL or t.times == NULL:
+        free(t.keys)
+        free(t.times)
+        t.keys = NULL
+        t.times = NULL
+        return -1
+    for i in range(cap):
+        t.keys[i] = EMPTY_KEY
+    t.cap = cap
+    t.used = 0
+    return 0
+
+
+cdef void _ft_free(FlowTable* t) noexcept nogil:
+    free(t.keys)
+    free(t.times)
+    t.keys = NULL
+    t.times = NULL
+    t.cap = 0
+    t.used = 0
+
+
+cdef inline Py_ssize_t _ft_find(const FlowTable* t, uint64_t key) noexcept nogil:
+    cdef Py_ssize_t mask = t.cap - 1
+    cdef Py_ssize_t i = _slot_of(t, key)
+    while True:
+        if t.keys[i] == key:
+            return i
+        if t.keys[i] == EMPTY_KEY:
+            return -1
+        i = (i + 1) & mask
+
+
+cdef int _ft_grow(FlowTable* t) noexcept nogil:
+    cdef FlowTable bigger
+    cdef Py_ssize_t i, j, mask
+    if _ft_init(&bigger, t.cap * 2) != 0:
+        return -1
+    mask = bigger.cap - 1
+    for i in range(t.cap):
+        if t.keys[i] != EMPTY_KEY:
+            j = _slot_of(&bigger, t.keys[i])
+            while bigger.keys[j] != EMPTY_KEY:
+                j = (j + 1) & mask
+            bigger.keys[j] = t.keys[i]
+            bigger.times[j] = t.times[i]
+    bigger.used = t.used
+    _ft_free(t)
+    t[0] = bigger
+    return 0
+
+
+cdef int _ft_set(FlowTable* t, uint64_t key, double when) noexcept nogil:
+    """Insert or refresh; -1 only when memory for a larger table could not be had (the flow
+    is then not remembered: judged afresh by its next packet)."""
+    cdef Py_ssize_t mask, i
+    if (t.used + 1) * 2 > t.cap:
+        if _ft_grow(t) != 0:
+            return -1
+    mask = t.cap - 1
+    i = _slot_of(t, key)
+    while True:
+        if t.keys[i] == key:
+            t.times[i] = when
+            return 0
+        if t.keys[i] == EMPTY_KEY:
+            t.keys[i] = key
+            t.times[i] = when
+            t.used += 1
+            return 0
+        i = (i + 1) & mask
+
+
+cdef void _ft_delete_at(FlowTable* t, Py_ssize_t i) noexcept nogil:
+    # Backward-shift deletion: entries after the hole that may move into it do, so lookups
+    # never need tombstones.
+    cdef Py_ssize_t mask = t.cap - 1
+    cdef Py_ssize_t j = i, home
+    while True:
+        j = (j + 1) & mask
+        if t.keys[j] == EMPTY_KEY:
+            break
+        home = _slot_of(t, t.keys[j])
+        # Move j into the hole i unless its home lies cyclically in (i, j].
+        if (j > i and (home <= i or home > j)) or (j < i and (home <= i and home > j)):
+            t.keys[i] = t.keys[j]
+            t.times[i] = t.times[j]
+            i = j
+    t.keys[i] = EMPTY_KEY
+    t.used -= 1
+
+
+cdef inline void _ft_delete(FlowTable* t, uint64_t key) noexcept nogil:
+    cdef Py_ssize_t i = _ft_find(t, key)
+    if i >= 0:
+        _ft_delete_at(t, i)
+
+
+cdef void _ft_expire(FlowTable* t, double cutoff) noexcept nogil:
+    """Drop entries older than cutoff: rebuilt in place, survivors reinserted."""
+    cdef Py_ssize_t i, n = 0, j, mask = t.cap - 1
+    cdef uint64_t* keep_keys
+    cdef double* keep_times
+    if t.used == 0:
+        return
+    keep_keys = <uint64_t*>malloc(t.used * sizeof(uint64_t))
+    keep_times = <double*>malloc(t.used * sizeof(double))
+    if keep_keys == NULL or keep_times == NULL:
+        free(keep_keys)
+        free(keep_times)
+        return
+    for i in range(t.cap):
+        if t.keys[i] != EMPTY_KEY:
+            if not t.times[i] < cutoff:
+                keep_keys[n] = t.keys[i]
+                keep_times[n] = t.times[i]
+                n += 1
+            t.keys[i] = EMPTY_KEY
+    for i in range(n):
+        j = _slot_of(t, keep_keys[i])
+        while t.keys[j] != EMPTY_KEY:
+            j = (j + 1) & mask
+        t.keys[j] = keep_keys[i]
+        t.times[j] = keep_times[i]
+    t.used = n
+    free(keep_keys)
+    free(keep_times)
+
+
+# -- the shed gate --------------------------------------------------------------------------
+
+cdef class Gate:
+    """engine/core/shed.FlowGate with its flow tables in C: the same constructor, the same
+    ``update``/``admit``/``expire`` and the same counters (added to ``counters`` per call)."""
+
+    cdef FlowTable known_t
+    cdef FlowTable shed_t
+    cdef int8_t* reasons
+    cdef readonly int workers
+    cdef readonly bint enabled
+    cdef readonly double high, low, idle_s
+    cdef double next_expire
+    cdef int64_t counts[C_COUNT]
+    cdef list _ring_shedding
+    cdef public object counters
+
+    def __cinit__(self, int workers, *args, **kwargs):
+        if workers < 1:
+            raise ValueError("gate: no worker")
+        self.reasons = <int8_t*>calloc(workers, sizeof(int8_t))
+        if self.reasons == NULL or _ft_init(&self.known_t, 1024) != 0 or \
+                _ft_init(&self.shed_t, 64) != 0:
+            raise MemoryError()
+
+    def __init__(self, int workers, *, double high=SHED_RING_HIGH, double low=SHED_RING_LOW,
+                 double idle_s=SHED_IDLE_S, counters=None, bint enabled=True):
+        from collections import Counter
+
+        if not 0.0 < low <= high <= 1.0:
+            raise ValueError(f"gate: bad thresholds low={low} high={high}")
+        self.workers = workers
+        self.enabled = enabled
+        self.high = high
+        self.low = low
+        self.idle_s = idle_s
+        self.counters = counters if counters is not None else Counter()
+        self._ring_shedding = [False] * workers
+        self.next_expire = float("-inf")
+        for i in range(C_COUNT):
+            self.counts[i] = 0
+
+    def __dealloc__(self):
+        _ft_free(&self.known_t)
+        _ft_free(&self.shed_t)
+        free(self.reasons)
+
+    # -- the decision per worker (FlowGate.update, per batch: Python is fine) --------------
+
+    def update(self, fills, bint memory=False):
+        names = {REASON_RING: REASON_RING_FULL, REASON_MEM: REASON_MEMORY}
+        changes = []
+        if not self.enabled:
+            return changes
+        for i, fill in enumerate(fills):
+            was = self._ring_shedding[i]
+            if not was and fill >= self.high:
+                self._ring_shedding[i] = True
+            elif was and fill < self.low:
+                self._ring_shedding[i] = False
+        for i in range(self.workers):
+            state = REASON_MEM if memory else (REASON_RING if self._ring_shedding[i] else 0)
+            if state != self.reasons[i]:
+                if state != REASON_NONE and self.reasons[i] == REASON_NONE:
+                    self.counters["shed_starts"] += 1
+                self.reasons[i] = state
+                changes.append((i, names.get(state, "")))
+        return changes
+
+    @property
+    def shedding(self):
+        for i in range(self.workers):
+            if self.reasons[i] != REASON_NONE:
+                return True
+        return False
+
+    @property
+    def reason(self):
+        return np.array([self.reasons[i] for i in range(self.workers)], dtype=np.int8)
+
+    @property
+    def known(self):
+        """The known flows as {key: last seen} (a copy, for tests and tools)."""
+        return _table_dict(&self.known_t)
+
+    @property
+    def shed(self):
+        """The shed flows as {key: last seen} (a copy)."""
+        return _table_dict(&self.shed_t)
+
+    # -- the decision per packet ----------------------------------------------------------
+
+    cdef inline bint decide(self, uint64_t key, uint8_t flag, uint64_t worker,
+                            double now) noexcept nogil:
+        """FlowGate.admit for one packet, in capture order (module docstring)."""
+        cdef int8_t reason = self.reasons[worker]
+        cdef bint end = (flag & TCP_END) != 0
+        cdef Py_ssize_t at
+        if reason == REASON_NONE and self.shed_t.used == 0:
+            if end:
+                _ft_delete(&self.known_t, key)
+            else:
+                _ft_set(&self.known_t, key, now)
+            return True
+        at = _ft_find(&self.shed_t, key)
+        if reason == REASON_NONE and at < 0:
+            if end:
+                _ft_delete(&self.known_t, key)
+            else:
+                _ft_set(&self.known_t, key, now)
+            return True
+        if at >= 0:
+            # A SYN on a shed flow's tuple while its worker still sheds: a retransmission
+            # (or a new session shed again) - dropped, not counted twice.
+            if (flag & TCP_SYN_ACK) != TCP_SYN or reason != REASON_NONE:
+                self.counts[C_GATE_DROP_SHED] += 1
+                if end:
+                    _ft_delete_at(&self.shed_t, at)
+                else:
+                    self.shed_t.times[at] = now
+                return False
+            # Its worker recovered: a session that begins here, whole from its SYN on.
+            _ft_delete_at(&self.shed_t, at)
+        at = _ft_find(&self.known_t, key)
+        if at >= 0:
+            if end:
+                _ft_delete_at(&self.known_t, at)
+            else:
+                self.known_t.times[at] = now
+            return True
+        if reason == REASON_NONE:
+            if not end:
+                _ft_set(&self.known_t, key, now)
+            return True
+        self.counts[C_GATE_DROP_SHED] += 1
+        if not end:
+            if self.shed_t.used < FLOWS_SHED_MAX:
+                _ft_set(&self.shed_t, key, now)
+            self.counts[C_GATE_SHED_RING if reason == REASON_RING else C_GATE_SHED_MEMORY] += 1
+        return False
+
+    cdef inline void begin(self, double now) noexcept nogil:
+        if now >= self.next_expire:
+            self._expire(now)
+
+    cdef void _expire(self, double now) noexcept nogil:
+        self.next_expire = now + EXPIRE_EVERY_S
+        _ft_expire(&self.known_t, now - self.idle_s)
+        _ft_expire(&self.shed_t, now - self.idle_s)
+
+    def expire(self, double now):
+        """Forget flows idle for ``idle_s``."""
+        self._expire(now)
+
+    cdef void flush_counts(self):
+        _add_counts(self.counts, _GATE_NAMES, self.counters)
+        for i in range(C_COUNT):
+            self.counts[i] = 0
+
+    def admit(self, keys, flags, workers, double now):
+        """FlowGate.admit: the mask of packets to hand on, or None when every one goes in."""
+        cdef const uint64_t[::1] k64 = np.ascontiguousarray(keys, dtype=np.uint64)
+        cdef const uint8_t[::1] f8 = np.ascontiguousarray(flags, dtype=np.uint8)
+        cdef const uint64_t[::1] w = np.ascontiguousarray(workers, dtype=np.uint64)
+        cdef Py_ssize_t i, n = k64.shape[0]
+        cdef uint64_t wn = self.workers
+        cdef bint all_in = True
+        if f8.shape[0] != n or w.shape[0] != n:
+            raise ValueError("gate: keys, flags and workers differ in length")
+        for i in range(n):
+            if w[i] >= wn:
+                raise ValueError(f"gate: worker {w[i]} of packet {i} out of range")
+        self.begin(now)
+        if n == 0:
+            return None
+        keep = np.ones(n, dtype=bool)
+        cdef uint8_t[::1] k = keep.view(np.uint8)
+        for i in range(n):
+            if not self.decide(k64[i], f8[i], w[i], now):
+                k[i] = 0
+                all_in = False
+        self.flush_counts()
+        return None if all_in else keep
+
+
+cdef dict _table_dict(const FlowTable* t):
+    out = {}
+    for i in range(t.cap):
+        if t.keys[i] != EMPTY_KEY:
+            out[t.keys[i]] = t.times[i]
+    return out
+
+
+# -- the block walk -------------------------------------------------------------------------
+
+cdef struct RingState:
+    uint8_t* base
+    Py_ssize_t size
+    uint64_t slots
+    uint64_t slot_bytes
+    uint64_t max_packet
+    uint64_t head
+    uint64_t start_head
+    uint64_t free
+    uint64_t dropped
+    uint64_t oversize
+    bint loss_pending
+    bint was_empty
+
+
+cdef struct Transfer:
+    uint32_t ip           # 0: any address
+    uint16_t port
+
+
+cdef class BlockWalker:
+    """Walks TPACKET_V3 blocks into the rings (module docstring).
+
+    ``rings``: the producer side of every worker's ring (engine.io.ring.Ring), in worker
+    order; ``layout``: their geometry (engine.io.ring.slot_layout()); ``multiplier``: the
+    flow hash's (engine.proc.capture.FLOW_HASH_MULTIPLIER).  ``gate``: a ``Gate``.
+    ``kernel_filtered``: the exact kernel program is attached (frames not IPv4/TCP are left out silently, and what is kept is counted on the source);
+    otherwise ``transfers`` ((online ip, online port) pairs of the -x entries) and
+    ``drop_pure_acks`` are the prefilter's rule, counted on the prefilter's counters.
+
+    ``begin(block)`` then ``step(buf, block_bytes, ts, now)`` until it returns -1: a value
+    >= 0 is the worker of a packet larger than ``mtu`` at ``split_start``/``split_length``,
+    admitted and left for the caller to split.
+    """
+
+    cdef list rings
+    cdef Gate gate
+    cdef Py_ssize_t n_rings
+    cdef RingState* states
+    cdef Py_buffer* views
+    cdef Transfer* transfers
+    cdef Py_ssize_t n_transfers
+    cdef readonly bint kernel_filtered, host_only, drop_pure_acks
+    cdef readonly Py_ssize_t mtu
+    cdef int64_t counts[C_COUNT]
+    # the cursor inside the current block
+    cdef Py_ssize_t block
+    cdef uint64_t frame_index
+    cdef uint64_t frame_count
+    cdef Py_ssize_t frame_off
+    cdef readonly Py_ssize_t split_start, split_length
+    # engine/io/ring.py's geometry (slot_layout) and engine/proc/capture.py's hash
+    cdef Py_ssize_t ring_header, slot_length_at, slot_flags_at, slot_ts_at, slot_data_at
+    cdef uint32_t flag_loss
+    cdef uint64_t multiplier
+
+    def __cinit__(self, rings, Gate gate not None, Py_ssize_t mtu, layout, multiplier, *,
+                  bint kernel_filtered=True, bint host_only=False, transfers=(),
+                  bint drop_pure_acks=True):
+        self.n_rings = len(rings)
+        if self.n_rings < 1 or self.n_rings != gate.workers:
+            raise ValueError("walker: one ring per worker of the gate")
+        self.states = <RingState*>calloc(self.n_rings, sizeof(RingState))
+        self.views = <Py_buffer*>calloc(self.n_rings, sizeof(Py_buffer))
+        pairs = list(transfers)
+        self.n_transfers = len(pairs)
+        self.transfers = <Transfer*>calloc(max(1, self.n_transfers), sizeof(Transfer))
+        if self.states == NULL or self.views == NULL or self.transfers == NULL:
+            raise MemoryError()
+        for i, (ip, port) in enumerate(pairs):
+            self.transfers[i].ip = ip
+            self.transfers[i].port = port
+
+    def __init__(self, rings, Gate gate not None, Py_ssize_t mtu, layout, multiplier, *,
+                 bint kernel_filtered=True, bint host_only=False, transfers=(),
+                 bint drop_pure_acks=True):
+        self.ring_header = layout["header_bytes"]
+        self.slot_length_at = layout["length_at"]
+        self.slot_flags_at = layout["flags_at"]
+        self.slot_ts_at = layout["ts_at"]
+        self.slot_data_at = layout["data_at"]
+        self.flag_loss = layout["flag_loss_before"]
+        self.multiplier = multiplier
+        self.rings = list(rings)
+        self.gate = gate
+        self.mtu = mtu
+        self.kernel_filtered = kernel_filtered
+        self.host_only = host_only
+        self.drop_pure_acks = drop_pure_acks
+        self.frame_index = self.frame_count = 0
+        for i in range(C_COUNT):
+            self.counts[i] = 0
+
+    def __dealloc__(self):
+        free(self.states)
+        free(self.views)
+        free(self.transfers)
+
+    def begin(self, Py_ssize_t block):
+        """Start the block at byte ``block`` of the buffer given to ``step``."""
+        self.block = block
+        self.frame_index = 0
+        self.frame_count = 0
+        self.frame_off = -1  # read from the block descriptor by the first step
+
+    @property
+    def done(self):
+        return self.frame_off >= 0 and self.frame_index >= self.frame_count
+
+    # -- rings: loaded from / stored to the Ring objects once per step ----------------------
+
+    cdef int _load_rings(self) except -1:
+        cdef RingState* s
+        cdef Py_ssize_t i, got = 0
+        try:
+            for i in range(self.n_rings):
+                ring = self.rings[i]
+                PyObject_GetBuffer(ring._buf, &self.views[i], PyBUF_SIMPLE | PyBUF_WRITABLE)
+                got += 1
+                s = &self.states[i]
+                s.base = <uint8_t*>self.views[i].buf
+                s.size = self.views[i].len
+                s.slots = ring.slots
+                s.slot_bytes = ring.slot_bytes
+                s.max_packet = ring.max_packet_bytes
+                if self.ring_header + <Py_ssize_t>(s.slots * s.slot_bytes) > s.size:
+                    raise ValueError(f"walker: ring {i} is smaller than its geometry")
+                s.head = ring._head_mine
+                s.start_head = s.head
+                s.free = ring._producer_free()
+                s.was_empty = s.free == s.slots
+                s.loss_pending = ring._loss_pending
+                s.dropped = 0
+                s.oversize = 0
+        except BaseException:
+            for i in range(got):
+                PyBuffer_Release(&self.views[i])
+            raise
+        return 0
+
+    cdef void _store_rings(self):
+        cdef RingState* s
+        cdef Py_ssize_t i
+        cdef uint64_t written
+        for i in range(self.n_rings):
+            s = &self.states[i]
+            ring = self.rings[i]
+            PyBuffer_Release(&self.views[i])
+            written = s.head - s.start_head
+            ring.dropped += s.dropped
+            ring.oversize += s.oversize
+            ring._loss_pending = s.loss_pending
+            if written:
+                ring._publish_head(s.head)
+                if s.was_empty or ring._tail() == s.head - written:
+                    ring._ring()
+
+    cdef inline void _push(self, RingState* s, const uint8_t* data, uint64_t n,
+                           double ts) noexcept nogil:
+        """Ring.push_frames for one packet (engine/io/ring.py)."""
+        cdef uint8_t* slot
+        cdef uint32_t length32 = <uint32_t>n
+        cdef uint32_t flags32
+        if n > s.max_packet:
+            s.oversize += 1
+            return
+        if s.free == 0:
+            s.dropped += 1
+            s.loss_pending = True
+            return
+        slot = s.base + self.ring_header + (s.head % s.slots) * s.slot_bytes
+        flags32 = self.flag_loss if s.loss_pending else 0
+        s.loss_pending = False
+        memcpy(slot + self.slot_length_at, &length32, 4)
+        memcpy(slot + self.slot_flags_at, &flags32, 4)
+        memcpy(slot + self.slot_ts_at, &ts, 8)
+        memcpy(slot + self.slot_data_at, data, n)
+        s.head += 1
+        s.free -= 1
+
+    # -- the -x rule (TransferFilter._keep) --------------------------------------------------
+
+    cdef inline bint _keep(self, const uint8_t* ip, Py_ssize_t n) noexcept nogil:
+        cdef Py_ssize_t ihl, i
+        cdef uint32_t dst_ip
+        cdef uint16_t dst_port
+        cdef bint matched = False
+        self.counts[C_FLT_PACKETS] += 1
+        self.counts[C_FLT_BYTES] += n
+        if n < 20 or ip[0] >> 4 != 4 or ip[9] != IPPROTO_TCP:
+            self.counts[C_FLT_NOT_TCP] += 1
+            return False
+        if _be16(ip + 6) & 0x1FFF:
+            self.counts[C_FLT_FRAGMENT] += 1
+            return False
+        ihl = (ip[0] & 0x0F) * 4
+        if ihl < 20 or n < ihl + 14:
+            self.counts[C_FLT_NOT_TCP] += 1
+            return False
+        dst_ip = _be32(ip + 16)
+        dst_port = _be16(ip + ihl + 2)
+        for i in range(self.n_transfers):
+            if self.transfers[i].port == dst_port and (
+                self.transfers[i].ip == 0 or self.transfers[i].ip == dst_ip
+            ):
+                matched = True
+                break
+        if not matched:
+            self.counts[C_FLT_NOT_MATCHED] += 1
+            return False
+        # bpf.is_pure_ack: no SYN/FIN/RST and tot_len == ihl + doff
+        if self.drop_pure_acks and not (ip[ihl + 13] & (TCP_FIN | TCP_SYN | TCP_RST)) and \
+                _be16(ip + 2) == ihl + ((ip[ihl + 12] >> 4) << 2):
+            self.counts[C_FLT_PURE_ACK] += 1
+            return False
+        self.counts[C_FLT_ACCEPTED] += 1
+        return True
+
+    # -- the walk ----------------------------------------------------------------------------
+
+    cdef Py_ssize_t _walk(self, const uint8_t* buf, Py_ssize_t buf_len, Py_ssize_t block_bytes,
+                          double ts, double now) noexcept nogil:
+        cdef Py_ssize_t block = self.block
+        cdef Py_ssize_t end = block + block_bytes
+        cdef Py_ssize_t off, start, length, ihl
+        cdef uint32_t snaplen, wire_len, next_off
+        cdef uint16_t mac, net
+        cdef uint8_t pkttype, flag
+        cdef const uint8_t* ip
+        cdef uint64_t key, worker, workers = self.n_rings
+        if end > (buf_len & ~3):  # whole u32 words, as engine/io/capture.walk_frames reads
+            end = buf_len & ~3
+        if self.frame_off < 0:
+            self.frame_index = 0
+            self.frame_count = 0
+            self.frame_off = end  # nothing to read unless the descriptor is there
+            if block < 0 or block + BLOCK_FIRST + 4 > end:
+                self.counts[C_SRC_BLOCK_ERRORS] += 1
+                return -1
+            self.frame_count = _host32(buf + block + BLOCK_NUM_PKTS)
+            self.frame_off = block + <Py_ssize_t>_host32(buf + block + BLOCK_FIRST)
+        while self.frame_index < self.frame_count:
+            off = self.frame_off
+            # the header (to sll_pkttype), 4-byte aligned, inside the block
+            if off & 3 or off < block or off + FRAME_HEADER_NEED > end:
+                self.counts[C_SRC_BLOCK_ERRORS] += 1
+                self.frame_index = self.frame_count
+                return -1
+            snaplen = _host32(buf + off + FRAME_SNAPLEN)
+            wire_len = _host32(buf + off + FRAME_LEN)
+            mac = _host16(buf + off + FRAME_MAC)
+            net = _host16(buf + off + FRAME_NET)
+            next_off = _host32(buf + off + FRAME_NEXT)
+            # the packet's bytes inside the block, the IP header inside the captured bytes
+            if net < mac or <uint64_t>net > <uint64_t>mac + snaplen or \
+                    <uint64_t>off + mac + snaplen > <uint64_t>end:
+                self.counts[C_SRC_BLOCK_ERRORS] += 1
+                self.frame_index = self.frame_count
+                return -1
+            self.frame_index += 1
+            if self.frame_index < self.frame_count:
+                if next_off == 0:  # num_pkts promises more frames than the chain has
+                    self.counts[C_SRC_BLOCK_ERRORS] += 1
+                    self.frame_count = self.frame_index
+                self.frame_off = off + next_off
+            pkttype = buf[off + FRAME_PKTTYPE]
+            if pkttype == PACKET_OUTGOING or (self.host_only and pkttype != PACKET_HOST):
+                continue
+            if snaplen < wire_len:
+                self.counts[C_SRC_TRUNCATED] += 1
+                continue
+            start = off + net
+            length = <Py_ssize_t>snaplen - (net - mac)
+            ip = buf + start
+            if self.kernel_filtered:
+                # ip_flow_fields' well-formed mask
+                if length < 20 or ip[0] >> 4 != 4 or ip[9] != IPPROTO_TCP:
+                    continue
+                ihl = (ip[0] & 0x0F) << 2
+                if ihl < 20 or length < ihl + 14:
+                    continue
+                self.counts[C_SRC_PACKETS] += 1
+                self.counts[C_SRC_BYTES] += length
+                self.counts[C_SRC_ACCEPTED] += 1
+            else:
+                if not self._keep(ip, length):
+                    continue
+                ihl = (ip[0] & 0x0F) << 2
+            key = (<uint64_t>_be32(ip + 12) << 16) | _be16(ip + ihl)
+            flag = ip[ihl + 13]
+            worker = _worker_of(key, self.multiplier, workers)
+            self.gate.begin(now)  # FlowGate.admit's expiry: before a block's first decision
+            if not self.gate.decide(key, flag, worker, now):
+                continue
+            if length > self.mtu:
+                self.split_start = start
+                self.split_length = length
+                return <Py_ssize_t>worker
+            self._push(&self.states[worker], ip, length, ts)
+        return -1
+
+    def step(self, buf, Py_ssize_t block_bytes, double ts, double now):
+        """Walk the current block from where the last step stopped (see the class)."""
+        cdef Py_buffer view
+        cdef Py_ssize_t result
+        PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+        try:
+            self._load_rings()
+            try:
+                result = self._walk(<const uint8_t*>view.buf, view.len, block_bytes, ts, now)
+            finally:
+                self._store_rings()
+        finally:
+            PyBuffer_Release(&view)
+        return result
+
+    def flush_counts(self, source_counters, filter_counters):
+        """Add what the steps counted to the source's, the prefilter's and the gate's
+        Counters, and start again from zero."""
+        _add_counts(self.counts, _SOURCE_NAMES, source_counters)
+        _add_counts(self.counts, _FILTER_NAMES, filter_counters)
+        for i in range(C_COUNT):
+            self.counts[i] = 0
+        self.gate.flush_counts()
