@@ -44,7 +44,7 @@ def test_each_drain_is_one_send_batch_and_one_announce_batch():
     sender = BatchSender(log)
     chans: list[BatchChannels] = []
 
-    def make_channels(sel, on_response):
+    def make_channels(sel, on_records):
         chans.append(BatchChannels(log))
         return chans[0]
 
