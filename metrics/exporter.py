@@ -40,6 +40,7 @@ from metrics.counters import (
 )
 
 __all__ = [
+    "BuildInfoCollector",
     "InterceptCollector",
     "Series",
     "TcpcopyCollector",
@@ -320,6 +321,31 @@ TCPCOPY_SERIES: tuple[tuple[Series, Callable[[Snapshot], Any]], ...] = (
         _per_worker("channels_connected"),
     ),
 )
+
+
+BUILD_INFO = Series(
+    "tcpcopy_build_info",
+    GAUGE,
+    ("engine", "version"),
+    "Always 1: the session engine the workers run (compiled | python) and the version.",
+)
+
+
+class BuildInfoCollector(Collector):
+    """``tcpcopy_build_info{engine=..., version=...} 1`` (fixed for the process's life)."""
+
+    SERIES: tuple[Series, ...] = (BUILD_INFO,)
+
+    def __init__(self, *, engine: str, version: str) -> None:
+        self.labels = [engine, version]
+
+    def describe(self) -> Iterator[Metric]:
+        yield _family(BUILD_INFO)
+
+    def collect(self) -> Iterator[Metric]:
+        fam = _family(BUILD_INFO)
+        fam.add_metric(self.labels, 1)
+        yield fam
 
 
 class TcpcopyCollector(Collector):

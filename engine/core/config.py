@@ -746,6 +746,20 @@ class ReplayConfig:
         shown_default="CPU count",
     )
     """--workers: worker processes, each owning a shard of the sessions."""
+    engine: str = option(
+        "auto",
+        long="--engine",
+        parse=Choice("auto", "compiled", "python"),
+        help="session engine: auto (compiled if built, else python), compiled, python",
+        section=_PROC,
+    )
+    """--engine: which session engine the workers run.  ``compiled``: the Cython extension
+    engine.dataplane.engine (built by the normal install when a C compiler is present), the
+    fast path; ``python``: the pure-Python engine (engine/core), the specification, several
+    times slower; ``auto``: compiled when it is built, else python with a logged notice
+    naming why.  ``compiled`` when it is not built is a configuration error.  The start log
+    line, the exit line, --summary-json (``engine``) and /metrics (``tcpcopy_build_info``)
+    name the engine that runs."""
     metrics: tuple[str, int] | None = option(
         None,
         long="--metrics",
