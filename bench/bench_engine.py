@@ -9,8 +9,8 @@ batch calls are the adapter's loop over parse_ip / receive_client / decode_respo
 receive_response / drain), ``--engine compiled`` the compiled one, ``both`` (the default)
 the same traffic through each, then the ratio of their rates and whether their counters
 are the same (issue target: compiled >= 20x python).  A scripted target answers every
-packet the engine sends.  The time spent in the scripted target is measured separately and reported, so the
-engine's own rate is not flattered or penalised by it.
+packet the engine sends.  The time spent in the scripted target is measured separately and
+reported, so the engine's own rate is not flattered or penalised by it.
 
 It reports; it does not assert.  Usage:
     .venv/bin/python bench/bench_engine.py [--engine python|compiled|both] [--connections 5000]
