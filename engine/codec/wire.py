@@ -805,7 +805,7 @@ class FrameDecoder:
             pos = avail - avail % size
             out = bytes(buf[:pos])
         else:
-            pieces: list[bytes] = []
+            pieces: list[bytes | bytearray] = []
             max_count = self.max_count
             frames = 0
             while avail - pos >= 2:
