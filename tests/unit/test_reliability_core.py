@@ -11,10 +11,11 @@ import pytest
 
 from engine.codec import packet
 from engine.core.config import SessionConfig
-from engine.core.rewrite import TransferEntry, TupleAllocator
+from engine.core.rewrite import TransferEntry
 from engine.core.session import RouteNeeded, TcpSession
 from engine.core.table import SessionTable
 from engine.io.tuple_history import TupleHistory
+from tests.unit.engines import ENGINES, rewrite_module
 from tests.unit.link import ONLINE, TARGET, Client, TableLink
 
 XFER = (TransferEntry(ONLINE[0], ONLINE[1], TARGET[0], TARGET[1]),)
@@ -100,9 +101,11 @@ class FakeHistory:
         return key in self.busy_keys
 
 
-def test_allocator_tells_its_history_every_claim_and_release():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_allocator_tells_its_history_every_claim_and_release(engine):
+    rw = rewrite_module(engine)
     h = FakeHistory()
-    alloc = TupleAllocator(TW_S, history=h)
+    alloc = rw.TupleAllocator(TW_S, history=h)
     assert alloc.allocate(CIP, 40000, TIP, TPORT, 1.0) == (CIP, 40000)
     alloc.release(CIP, 40000, TIP, TPORT, 2.0)
     alloc.release(CIP, 40002, TIP, TPORT, 3.0)  # never claimed (the target saw it anyway)
@@ -111,24 +114,29 @@ def test_allocator_tells_its_history_every_claim_and_release():
     assert h.released == [(key, 2.0, True), ((CIP, 40002, TIP, TPORT), 3.0, False)]
 
 
-def test_allocator_skips_inherited_tuples_until_the_horizon():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_allocator_skips_inherited_tuples_until_the_horizon(engine):
+    rw = rewrite_module(engine)
     h = FakeHistory(busy={(CIP, 40000, TIP, TPORT), (CIP, 40001, TIP, TPORT)})
     h.inherited_until = 100.0
-    alloc = TupleAllocator(TW_S, history=h)
+    alloc = rw.TupleAllocator(TW_S, history=h)
     got = alloc.allocate(CIP, 40000, TIP, TPORT, 10.0)
     assert got is not None and got[1] not in (40000, 40001)
     assert alloc.stats["inherited_hits"] >= 1
     assert alloc.allocate(CIP, 40001, TIP, TPORT, 100.0) == (CIP, 40001)  # horizon over
 
 
-def test_allocator_with_every_port_inherited_reports_exhaustion_instead_of_spinning():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_allocator_with_every_port_inherited_reports_exhaustion_instead_of_spinning(engine):
+    rw = rewrite_module(engine)
+
     class AllBusy(FakeHistory):
         def busy(self, key, since):
             return True
 
     h = AllBusy()
     h.inherited_until = 100.0
-    alloc = TupleAllocator(TW_S, worker_index=0, worker_count=64, history=h)
+    alloc = rw.TupleAllocator(TW_S, worker_index=0, worker_count=64, history=h)
     assert alloc.allocate(CIP, 40000, TIP, TPORT, 1.0) is None
     assert alloc.stats["exhausted"] == 1
 
@@ -205,12 +213,14 @@ def test_free_tuples_are_mostly_not_busy(history):
     assert false_busy < 150  # 200 of 4096 slots used: about 5 % expected
 
 
-def test_allocator_over_a_real_history_after_a_restart(history):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_allocator_over_a_real_history_after_a_restart(engine, history):
+    rw = rewrite_module(engine)
     history.adopt(0.0, TW_S)
-    first = TupleAllocator(TW_S, history=history)
+    first = rw.TupleAllocator(TW_S, history=history)
     assert first.allocate(CIP, 40000, TIP, TPORT, 1.0) == (CIP, 40000)
     history.adopt(5.0, TW_S)  # the first worker died holding it
-    second = TupleAllocator(TW_S, history=history)
+    second = rw.TupleAllocator(TW_S, history=history)
     got = second.allocate(CIP, 40000, TIP, TPORT, 5.5)
     assert got is not None and got != (CIP, 40000)
     assert second.stats["inherited_hits"] >= 1
