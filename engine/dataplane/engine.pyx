@@ -10,8 +10,10 @@ functions work on C types only; the classes at the end of each part are the Pyth
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
 
-include "hmap.pxi"
-include "rewrite.pxi"
+include "counters.pxi"   # EC_* counter indices, EC_NAMES
+include "session.pxi"    # the session state machine (and its test wrapper, Session)
+include "hmap.pxi"       # the C hash map of the allocator and the table
+include "rewrite.pxi"    # -x/-c/-r/-n/-f rules, TupleAllocator
 
 
 # -- Python API of the rewrite part --------------------------------------------------------------
