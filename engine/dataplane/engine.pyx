@@ -8,7 +8,7 @@ functions work on C types only; the classes at the end of each part are the Pyth
 ``Session``: TcpSession's, for tests).
 """
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t, intptr_t
 
 include "counters.pxi"   # EC_* counter indices, EC_NAMES
 include "session.pxi"    # the session state machine (and its test wrapper, Session)
@@ -308,3 +308,6 @@ cdef class TupleAllocator:
                 out[(<uint32_t>(s.k0 >> 32), s.k1 >> 16, <uint32_t>(s.k0 & 0xFFFFFFFFu),
                      s.k1 & 0xFFFF)] = None if s.flags & RW_LIVE else s.d
         return out
+
+
+include "table.pxi"      # SessionTable: flows, responses, timers, drain; class Table

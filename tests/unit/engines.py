@@ -31,3 +31,20 @@ def rewrite_module(engine: str) -> ModuleType:
         return rewrite
     assert compiled is not None
     return compiled
+
+
+def table_class(engine: str) -> type:
+    """SessionTable (python) or the compiled Table: the same constructor and API."""
+    if engine == "python":
+        from engine.core.table import SessionTable
+
+        return SessionTable
+    assert compiled is not None
+    return compiled.Table
+
+
+def heap_size(table: object) -> int:
+    """Items in a table's timer heap, live and stale (a private figure of either engine)."""
+    if compiled is not None and isinstance(table, compiled.Table):
+        return int(table.heap_size)
+    return len(table._heap)  # type: ignore[attr-defined]
