@@ -690,8 +690,10 @@ cdef class Table:
         cdef uint32_t end_seq = 0, ts_last = 0
         cdef bint has_end, has_ts
         e.gone = 1
+        e.heap_refs += 1  # pinned: the compaction may drop its last item
         if self.heap_n > 2 * self.by_resp.n + TB_HEAP_SLACK:
             self.tb_compact()
+        e.heap_refs -= 1
         self.c[EC_REL] += 1
         self.c[EC_TW] -= 1
         self.unsend_total -= e.unsend

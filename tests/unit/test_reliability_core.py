@@ -13,9 +13,8 @@ from engine.codec import packet
 from engine.core.config import SessionConfig
 from engine.core.rewrite import TransferEntry
 from engine.core.session import RouteNeeded, TcpSession
-from engine.core.table import SessionTable
 from engine.io.tuple_history import TupleHistory
-from tests.unit.engines import ENGINES, rewrite_module
+from tests.unit.engines import ENGINES, rewrite_module, table_class
 from tests.unit.link import ONLINE, TARGET, Client, TableLink
 
 XFER = (TransferEntry(ONLINE[0], ONLINE[1], TARGET[0], TARGET[1]),)
@@ -42,8 +41,9 @@ def established(tl: TableLink, port: int) -> tuple[Client, tuple[int, int]]:
 # -- SessionTable -------------------------------------------------------------------------------
 
 
-def test_live_routes_are_those_of_sessions_not_yet_ended():
-    tl = TableLink(SessionTable(SessionConfig(transfers=XFER, client_pool=POOL)))
+@pytest.mark.parametrize("engine", ENGINES)
+def test_live_routes_are_those_of_sessions_not_yet_ended(engine):
+    tl = TableLink(table_class(engine)(SessionConfig(transfers=XFER, client_pool=POOL)))
     _, a = established(tl, 40001)
     cb, _b = established(tl, 40002)
     tl.client(cb.rst())  # b ends (lingers)
@@ -51,8 +51,9 @@ def test_live_routes_are_those_of_sessions_not_yet_ended():
     assert tl.table.live_routes() == [RouteNeeded(*a, *TARGET)]
 
 
-def test_route_down_suspends_the_limit_for_old_and_new_sessions_and_back_resumes_them():
-    tl = TableLink(SessionTable(SessionConfig(transfers=XFER, client_pool=POOL)))
+@pytest.mark.parametrize("engine", ENGINES)
+def test_route_down_suspends_the_limit_for_old_and_new_sessions_and_back_resumes_them(engine):
+    tl = TableLink(table_class(engine)(SessionConfig(transfers=XFER, client_pool=POOL)))
     c1, a = established(tl, 40001)
     tl.client(c1.data(REQ))
     tl.table.set_route_down(True, tl.now)
@@ -74,8 +75,9 @@ def test_route_down_suspends_the_limit_for_old_and_new_sessions_and_back_resumes
     assert tl.table.live_routes() == [RouteNeeded(*a, *TARGET)]
 
 
-def test_route_down_twice_is_one_edge():
-    tl = TableLink(SessionTable(SessionConfig(transfers=XFER, client_pool=POOL)))
+@pytest.mark.parametrize("engine", ENGINES)
+def test_route_down_twice_is_one_edge(engine):
+    tl = TableLink(table_class(engine)(SessionConfig(transfers=XFER, client_pool=POOL)))
     established(tl, 40001)
     tl.table.set_route_down(False, 0.0)
     assert tl.drain() == []  # not down: nothing to resume
@@ -141,10 +143,11 @@ def test_allocator_with_every_port_inherited_reports_exhaustion_instead_of_spinn
     assert alloc.stats["exhausted"] == 1
 
 
-def test_table_counts_tuples_the_history_made_it_avoid():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_table_counts_tuples_the_history_made_it_avoid(engine):
     h = FakeHistory(busy={(CIP, 40001, TIP, TPORT)})
     h.inherited_until = 100.0
-    tl = TableLink(SessionTable(SessionConfig(transfers=XFER, client_pool=POOL), h))
+    tl = TableLink(table_class(engine)(SessionConfig(transfers=XFER, client_pool=POOL), h))
     _, fake = established(tl, 40001)
     assert fake[1] != 40001
     assert tl.table.counters["tuple_history_avoided"] == 1

@@ -3,18 +3,28 @@ sessions are shed whole, running ones go on and drain it."""
 
 from __future__ import annotations
 
+import pytest
+
 from engine.codec import packet
 from engine.core.config import SessionConfig
 from engine.core.rewrite import TransferEntry
 from engine.core.table import SessionTable
+from tests.unit.engines import ENGINES, table_class
 from tests.unit.link import ONLINE, TARGET, Client, TableLink
 
 XFER = (TransferEntry(ONLINE[0], ONLINE[1], TARGET[0], TARGET[1]),)
 REQUEST = b"GET /" + b"x" * 195 + b" HTTP/1.1\r\n\r\n"
+TABLE: dict[int, type] = {0: SessionTable}
+
+
+@pytest.fixture(autouse=True, params=ENGINES)
+def engine(request, monkeypatch):
+    monkeypatch.setitem(TABLE, 0, table_class(request.param))
+    return request.param
 
 
 def mk(budget: int) -> TableLink:
-    return TableLink(SessionTable(SessionConfig(transfers=XFER, backlog_max_bytes=budget)))
+    return TableLink(TABLE[0](SessionConfig(transfers=XFER, backlog_max_bytes=budget)))
 
 
 def client(i: int) -> Client:
@@ -61,6 +71,7 @@ def test_past_the_budget_new_sessions_are_shed_whole_and_running_ones_go_on():
     assert tl.client(late.data(b"more")) == []  # the refused flow stays refused
     again = Client(isn=9000, addr=late.addr)  # a new SYN on that tuple: a new, whole session
     assert [p.flags for p in tl.client(again.syn())] == [packet.SYN]
+    k = table.counters
     assert table.active == 2 and k["shed_sessions_backlog"] == 1
     other = client(3)
     assert [p.flags for p in tl.client(other.syn())] == [packet.SYN]

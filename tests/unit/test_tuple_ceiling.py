@@ -26,9 +26,8 @@ from engine.core.rewrite import (
     spill_order,
 )
 from engine.core.session import TcpSession
-from engine.core.table import SessionTable
 from engine.io.tuple_history import TupleHistory
-from tests.unit.engines import ENGINES, rewrite_module
+from tests.unit.engines import ENGINES, rewrite_module, table_class
 from tests.unit.link import ONLINE, TARGET, Client, TableLink
 
 TIP, TPORT = TARGET
@@ -268,12 +267,13 @@ XFER = (TransferEntry(ONLINE[0], ONLINE[1], TIP, TPORT),)
 REQ = b"GET /x HTTP/1.1\r\nConnection: close\r\n\r\n"
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize(
     ("client_ts", "target_ts"),
     [(True, True), (False, True), (True, False)],
     ids=["timestamps", "syn-without-ts", "target-tcp_timestamps-0"],
 )
-def test_table_reopens_time_wait_tuples_the_target_accepts(client_ts, target_ts):
+def test_table_reopens_time_wait_tuples_the_target_accepts(engine, client_ts, target_ts):
     """Short connections from one client address through a SessionTable with 32 ports per
     address: the server closes first (its TIME_WAIT), and every SYN on a tuple still in it
     passes Linux's test, fed from the packets the target actually received."""
@@ -284,7 +284,7 @@ def test_table_reopens_time_wait_tuples_the_target_accepts(client_ts, target_ts)
         worker_count=2016,  # 32 ports per client address
         linger_s=0.2,
     )
-    tl = TableLink(SessionTable(cfg), ts=9000 if target_ts else None)
+    tl = TableLink(table_class(engine)(cfg), ts=9000 if target_ts else None)
     model = TimeWaitModel()
     rng = random.Random(6191)
     n = 300
