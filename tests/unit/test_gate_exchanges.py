@@ -18,7 +18,6 @@ from engine.core.config import SessionConfig
 from engine.core.session import RESPONSE_QUIET_MIN_S, TcpSession
 from tests.unit.link import FAKE_CLIENT, ONLINE, TARGET, Client, Link, Target
 
-
 LAN = (0.0001, 0.002)
 """(one way to the target, production period): a LAN (0.2 ms round trip: C's internal_usage,
 answer data releases at once), a client sending a request every 2 ms."""

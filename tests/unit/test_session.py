@@ -240,7 +240,8 @@ def test_held_request_released_after_quiet_response_rule_c():
     # that ack anyway), so the silence after it is the target's own.
     out = link.respond(t.send(200))
     assert [(p.flags, p.ack) for p in out] == [(ACK, t.isn + 1 + 200)]
-    quiet = max(link.session.rtt_estimator.path_rtt() / 2, RESPONSE_QUIET_MIN_S)  # rtt/2 (spec §3.9)
+    # rtt/2 (spec §3.9)
+    quiet = max(link.session.rtt_estimator.path_rtt() / 2, RESPONSE_QUIET_MIN_S)
     assert 0.001 < quiet < 0.004
     out = link.run(0.020 + quiet - 0.0001)
     assert [p.payload for p in out if p.payload] == []
