@@ -58,6 +58,57 @@ cdef bytes _packet_buffer(object pkt, dp_packet* p):
     return buf
 
 
+_EC_INDEX = {name: i for i, name in enumerate(EC_NAMES)}
+
+
+cdef class CounterView:
+    """A live, read-only view of a session's counter array with a Counter's reading API
+    (a missing key reads 0; the keys are those whose count is not zero)."""
+
+    cdef uint64_t* c
+    cdef object owner
+
+    def __getitem__(self, key):
+        i = _EC_INDEX.get(key)
+        return 0 if i is None else self.c[<int>i]
+
+    def get(self, key, default=None):
+        v = self[key]
+        return v if v else default
+
+    def counter(self):
+        """A collections.Counter snapshot."""
+        out = _collections.Counter()
+        for i in range(EC_COUNT):
+            if self.c[i]:
+                out[EC_NAMES[i]] = self.c[i]
+        return out
+
+    def keys(self):
+        return self.counter().keys()
+
+    def values(self):
+        return self.counter().values()
+
+    def items(self):
+        return self.counter().items()
+
+    def __iter__(self):
+        return iter(self.counter())
+
+    def __len__(self):
+        return len(self.counter())
+
+    def __contains__(self, key):
+        return bool(self[key])
+
+    def __eq__(self, other):
+        return self.counter() == other
+
+    def __repr__(self):
+        return repr(self.counter())
+
+
 class _Estimator:
     """What the tests read of TcpSession.rtt_estimator."""
 
@@ -128,11 +179,11 @@ cdef class Session:
 
     @property
     def counters(self):
-        c = _collections.Counter()
-        for i in range(EC_COUNT):
-            if self._counters[i]:
-                c[EC_NAMES[i]] = self._counters[i]
-        return c
+        """A live view of the counter array (as TcpSession.counters is a live Counter)."""
+        cdef CounterView v = CounterView.__new__(CounterView)
+        v.c = self._counters
+        v.owner = self
+        return v
 
     @property
     def state(self):
