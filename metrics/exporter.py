@@ -152,8 +152,9 @@ TCPCOPY_SERIES: tuple[tuple[Series, Callable[[Snapshot], Any]], ...] = (
             "tcpcopy_sessions_shed",
             COUNTER,
             ("reason",),
-            "Whole sessions the capture did not admit under overload, by reason "
-            "(ring_full: the worker's ring past 90 %; memory: -m past 90 %).",
+            "Whole sessions not admitted under overload, by reason "
+            "(ring_full: the worker's ring past 90 %; memory: -m past 90 %; "
+            "backlog: the worker's held captured data past --backlog-max-bytes).",
         ),
         _labelled("shed_sessions_", SHED_REASONS),
     ),

@@ -302,6 +302,7 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
         gradual=gradual,
         localhost_ip=localhost_ip,
         strict_time_wait=bool(v.get("strict_time_wait")),
+        backlog_max_bytes=v.get("backlog_max_bytes"),
         worker_index=0,
         worker_count=1,
     )

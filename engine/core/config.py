@@ -37,6 +37,8 @@ from engine.errors import ConfigError, DecodeError
 
 BYTES_PER_MB = 1024 * 1024
 """The unit of the memory figures (-m, the stats line's rss)."""
+BACKLOG_MAX_BYTES_DEFAULT = 256 * BYTES_PER_MB
+"""--backlog-max-bytes default: a worker's held captured data before new sessions are shed."""
 
 INTERCEPT_PORT_DEFAULT = 36524
 """spec §1.1: intercept's default listen port (`-p`)."""
@@ -534,6 +536,20 @@ class SessionConfig:
     """Number of shards."""
     max_sessions: int = 0
     """0 = unlimited; otherwise new sessions beyond this are refused and counted."""
+    backlog_max_bytes: int = option(
+        BACKLOG_MAX_BYTES_DEFAULT,
+        long="--backlog-max-bytes",
+        parse=Int(0),
+        unit="bytes",
+        metavar="BYTES",
+        help="byte budget of the captured data a worker holds unsent (256 MiB; 0 = none)",
+        section=_REPL,
+    )
+    """--backlog-max-bytes: per worker, the payload bytes its sessions may hold captured and
+    not yet sent (requests waiting for the target).  Past it a packet that would start a new
+    session starts none: the flow is shed whole (counted ``shed_sessions_backlog``, exported
+    as ``shed{reason="backlog"}``) and its later packets are dropped until its FIN/RST or 60 s
+    idle; sessions already running keep going.  0 = no budget (only -m bounds the memory)."""
     fin_wait_timeout_s: float = 60.0
     """After the client's FIN was sent, wait this long for the target's FIN (Linux's
     tcp_fin_timeout); then the session ends with a RST."""

@@ -1,0 +1,168 @@
+"""The compiled Table against SessionTable (the specification): the same random captured
+packets, response records and clock steps give the same routes, packets (bytes), timers,
+counters and gauges, after every step."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine.codec import packet
+from engine.codec.packet import SYN
+from engine.core.config import SessionConfig
+from engine.core.rewrite import TransferEntry
+from engine.core.table import SessionTable
+from tests.unit.engines import compiled
+from tests.unit.link import ONLINE, TARGET, Client, Target
+
+pytestmark = pytest.mark.skipif(compiled is None, reason="engine.dataplane is not compiled")
+
+XFER = (TransferEntry(ONLINE[0], ONLINE[1], TARGET[0], TARGET[1]),)
+POOL = (packet.ip_from_str("198.19.1.10"), packet.ip_from_str("198.19.1.11"))
+FLOWS = 4
+CONFIGS = {
+    "plain": {},
+    "pool-replicas": {"client_pool": POOL, "replicas": 2},
+    "limits": {"max_sessions": 2, "backlog_max_bytes": 300, "worker_count": 32256},
+    "shift-sample": {"port_shift": 3, "rand_shift": 17, "sample_percent": 60},
+    "gradual-no-fake": {"gradual": True, "fake_handshake": False, "linger_s": 0.5},
+}
+
+client_op = st.one_of(
+    st.tuples(st.sampled_from(["syn", "ack", "fin", "rst", "newsyn"]), st.integers(0, FLOWS - 1)),
+    st.tuples(st.just("data"), st.integers(0, FLOWS - 1), st.integers(1, 3000)),
+)
+target_op = st.one_of(
+    st.tuples(st.sampled_from(["synack", "tack", "tfin", "trst"]), st.integers(0, 7)),
+    st.tuples(st.just("tdata"), st.integers(0, 7), st.integers(1, 5000)),
+)
+clock_op = st.tuples(st.just("tick"), st.floats(0.0, 3.0))
+other_op = st.sampled_from(
+    [("loss",), ("route_down",), ("route_up",), ("shed",), ("refuse",), ("admit",), ("forget",)]
+)
+ops = st.lists(
+    st.one_of(client_op, client_op, target_op, target_op, clock_op, other_op), max_size=60
+)
+
+
+def nonzero(c: Counter) -> dict[str, int]:
+    return {k: v for k, v in c.items() if v}
+
+
+class Pair:
+    def __init__(self, cfg: SessionConfig) -> None:
+        self.py = SessionTable(cfg)
+        self.c = compiled.Table(cfg)
+        self.now = 0.0
+        self.targets: dict[tuple[int, int], Target] = {}
+        self.order: list[tuple[int, int]] = []
+
+    def both(self, name: str, *args):
+        a = getattr(self.py, name)(*args)
+        b = getattr(self.c, name)(*args)
+        assert a == b, name
+        return a
+
+    def drain(self) -> None:
+        routes, raws = self.py.drain()
+        assert self.c.drain() == (routes, raws)
+        for raw in raws:
+            p = packet.parse_ip(raw)
+            key = (p.src, p.sport)
+            if key not in self.targets:
+                self.targets[key] = Target(client=key, isn=7_000_000 + 1000 * len(self.order))
+                self.order.append(key)
+            self.targets[key].observe(p)
+
+    def check(self) -> None:
+        assert self.py.get_timer() == self.c.get_timer()
+        assert nonzero(self.py.counters) == nonzero(self.c.counters)
+        for name in ("active", "lingering", "unsend", "held_bytes"):
+            assert getattr(self.py, name) == getattr(self.c, name), name
+        assert self.py.live_routes() == self.c.live_routes()
+        assert self.py.allocator.stats == self.c.allocator.stats
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(sorted(CONFIGS)), ops)
+def test_same_outputs_as_the_specification(config, steps):
+    cfg = SessionConfig(transfers=XFER, **CONFIGS[config])
+    pair = Pair(cfg)
+    clients = [
+        Client(isn=1000 + 977 * i, addr=(packet.ip_from_str("198.18.7.1") + i, 30000 + i), ts=5)
+        for i in range(FLOWS)
+    ]
+    for step in steps:
+        kind = step[0]
+        now = pair.now
+        if kind in ("syn", "ack", "fin", "rst", "data", "newsyn"):
+            c = clients[step[1]]
+            if kind == "newsyn":  # the port reused by a new connection
+                c = clients[step[1]] = Client(isn=c.isn + 100_003, addr=c.addr, ts=c.ts)
+                kind = "syn"
+            pkt = (
+                c.data(bytes(step[2] % 251 for _ in range(step[2])))
+                if kind == "data"
+                else (getattr(c, kind)())
+            )
+            pair.both("receive_client", pkt, now)
+        elif kind in ("synack", "tack", "tfin", "trst", "tdata"):
+            if not pair.order:
+                continue
+            t = pair.targets[pair.order[step[1] % len(pair.order)]]
+            if kind == "synack":
+                pkt = t.synack()
+            elif kind == "tack":
+                pkt = t.ack()
+            elif kind == "tfin":
+                pkt = t.fin()
+            elif kind == "trst":
+                pkt = t.rst()
+            else:
+                pkt = t.send(step[2])
+            pair.both("receive_response", pkt, now)
+        elif kind == "tick":
+            pair.now += step[1]
+            while (t := pair.py.get_timer()) is not None and t <= pair.now:
+                assert pair.c.get_timer() == t
+                pair.both("handle_timer", t)
+                pair.drain()
+        elif kind == "loss":
+            pair.both("note_capture_loss", now)
+        elif kind in ("route_down", "route_up"):
+            pair.both("set_route_down", kind == "route_down", now)
+        elif kind == "shed":
+            pair.both("shed_half_open", now)
+        elif kind in ("refuse", "admit"):
+            pair.py.refuse_new = pair.c.refuse_new = kind == "refuse"
+            pair.both("expire_refused", now)
+        elif kind == "forget":
+            pair.both("forget_ended", now)
+        pair.drain()
+        pair.check()
+    pair.both("end_input", pair.now)
+    pair.drain()
+    pair.check()
+
+
+def test_a_whole_flow_matches_byte_for_byte():
+    """The smallest complete exchange, as a readable anchor for the property above."""
+    pair = Pair(SessionConfig(transfers=XFER))
+    c = Client(ts=1)
+    for p in (c.syn(), c.ack(), c.data(b"GET / HTTP/1.1\r\n\r\n")):
+        pair.both("receive_client", p, 0.0)
+    pair.drain()
+    (key,) = pair.order
+    t = pair.targets[key]
+    for p in (t.synack(), t.send(100), t.fin()):
+        pair.both("receive_response", p, 0.001)
+        pair.drain()
+    pair.both("receive_client", c.fin(read=101), 0.002)
+    pair.drain()
+    pair.check()
+    assert pair.c.counters["send content"] == 1 and pair.py.counters["conns"] == 1
+    sent = [p for p in t.received if p.flags & SYN]
+    assert len(sent) == 1
