@@ -258,8 +258,15 @@ class Pair:
     now = 0.0
 
 
+SHELL_KEYS = {"response_decode_errors"}
+"""Counted by whoever decodes the records: the harness in per-packet steps (the compiled
+table's ``counters`` is a snapshot that takes no increments), the table in batch steps."""
+
+
 def _counters(c: Counter) -> dict[str, int]:
-    return {str(getattr(k, "name", k)): int(v) for k, v in c.items() if v}
+    return {
+        str(getattr(k, "name", k)): int(v) for k, v in c.items() if v and str(k) not in SHELL_KEYS
+    }
 
 
 def describe(raw: bytes) -> str:
