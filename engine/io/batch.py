@@ -85,12 +85,23 @@ class PyBatchTable:
     def __init__(self, table: Any) -> None:
         self.table = table
         self._pending: list[bytes] = []
+        # A table whose ``counters`` is built on each access (the compiled one) takes no
+        # increment: the records that did not decode are then kept here and added on read.
+        self._live_counters = getattr(table, "counters", None) is getattr(table, "counters", 0)
+        self._decode_errors = 0
+
+    @property
+    def counters(self) -> Any:
+        counters = self.table.counters
+        if self._decode_errors:
+            counters["response_decode_errors"] += self._decode_errors
+        return counters
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.table, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("table", "_pending"):
+        if name in ("table", "_pending", "_live_counters", "_decode_errors"):
             object.__setattr__(self, name, value)
         else:
             setattr(self.table, name, value)
@@ -152,7 +163,10 @@ class PyBatchTable:
                 continue
             receive(pkt, now)
         if bad:
-            self.table.counters["response_decode_errors"] += bad
+            if self._live_counters:
+                self.table.counters["response_decode_errors"] += bad
+            else:
+                self._decode_errors += bad
         return count * record_bytes
 
     def drain_into(self, sendbuf: SendBuffer) -> tuple[list[Any], int]:

@@ -168,3 +168,21 @@ def test_the_channel_hands_each_read_to_one_call() -> None:
         calls["reads"] += 1
         got += blob
     assert got == b"".join(recs) and dec.frames == 2 and dec.pending_bytes == 0
+
+
+def test_bad_records_are_counted_over_a_table_whose_counters_are_a_snapshot() -> None:
+    class Snapshot:
+        def __init__(self) -> None:
+            self.inner = SessionTable(SessionConfig(transfers=XFER))
+
+        @property
+        def counters(self) -> Counter:
+            return Counter(self.inner.counters)
+
+        def receive_response(self, pkt: object, now: float) -> None:
+            self.inner.receive_response(pkt, now)
+
+    table = PyBatchTable(Snapshot())
+    assert table.receive_records(b"\x00" * 128, 1.0) == 128
+    assert table.counters["response_decode_errors"] == 2
+    assert table.counters["response_decode_errors"] == 2  # not added twice
