@@ -455,13 +455,19 @@ def run(data: st.DataObject, make_test: Any) -> None:
             what = data.draw(
                 st.sampled_from(["client"] * 5 + ["response"] * 4 + ["clock"] * 2 + ["table"])
             )
-            if what == "client":
-                raws, text = client_packets(data, w)
-                log.append(f"t={pair.now:.4f} client {text}")
+            if what == "client":  # one capture batch: up to 3 steps of the clients
+                raws = []
+                for _ in range(data.draw(st.integers(1, 3))):
+                    more, text = client_packets(data, w)
+                    log.append(f"t={pair.now:.4f} client {text}")
+                    raws += more
                 pair.client(raws, batch)
-            elif what == "response":
-                recs, text = response_records(data, w)
-                log.append(f"t={pair.now:.4f} response {text}")
+            elif what == "response":  # one intercept read: up to 3 answers
+                recs = []
+                for _ in range(data.draw(st.integers(1, 3))):
+                    more, text = response_records(data, w)
+                    log.append(f"t={pair.now:.4f} response {text}")
+                    recs += more
                 pair.responses(recs, batch)
             elif what == "clock":
                 timer = pair.ref.get_timer()
