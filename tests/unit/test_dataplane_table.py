@@ -4,17 +4,20 @@ counters and gauges, after every step."""
 
 from __future__ import annotations
 
+import struct
+from array import array
 from collections import Counter
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.codec import packet
+from engine.codec import packet, wire
 from engine.codec.packet import SYN
 from engine.core.config import SessionConfig
 from engine.core.rewrite import TransferEntry
 from engine.core.table import SessionTable
+from engine.errors import DecodeError
 from tests.unit.engines import compiled
 from tests.unit.link import ONLINE, TARGET, Client, Target
 
@@ -23,6 +26,7 @@ pytestmark = pytest.mark.skipif(compiled is None, reason="engine.dataplane is no
 XFER = (TransferEntry(ONLINE[0], ONLINE[1], TARGET[0], TARGET[1]),)
 POOL = (packet.ip_from_str("198.19.1.10"), packet.ip_from_str("198.19.1.11"))
 FLOWS = 4
+ORIG = packet.ip_from_str("198.18.9.1")
 CONFIGS = {
     "plain": {},
     "pool-replicas": {"client_pool": POOL, "replicas": 2},
@@ -166,3 +170,101 @@ def test_a_whole_flow_matches_byte_for_byte():
     assert pair.c.counters["send content"] == 1 and pair.py.counters["conns"] == 1
     sent = [p for p in t.received if p.flags & SYN]
     assert len(sent) == 1
+
+
+# -- the batch calls: the same effect as the per-packet calls they loop over ---------------------
+
+
+class SendBuf:
+    """engine/io batch send buffer's shape: data (bytearray), view, lengths (u32 array)."""
+
+    def __init__(self, nbytes: int, max_packets: int) -> None:
+        self.data = bytearray(nbytes)
+        self.view = memoryview(self.data)
+        self.lengths = array("I", bytes(4 * max_packets))
+
+    def packets(self, n: int) -> list[bytes]:
+        out, off = [], 0
+        for length in self.lengths[:n]:
+            out.append(bytes(self.view[off : off + length]))
+            off += length
+        return out
+
+
+def captured(clients: list[Client]) -> list[bytes]:
+    pkts = []
+    for c in clients:
+        pkts += [c.syn(), c.ack(), c.data(b"GET /a HTTP/1.1\r\n\r\n"), c.data(b"x" * 700)]
+    return [packet.build(p) for p in pkts]
+
+
+def test_batch_calls_match_the_per_packet_calls():
+    cfg = SessionConfig(transfers=XFER, client_pool=POOL, replicas=2)
+    py, c = SessionTable(cfg), compiled.Table(cfg)
+    clients = [Client(isn=100 + i, addr=(ORIG + i, 40000 + i), ts=3) for i in range(5)]
+    raws = captured(clients)
+    raws.insert(3, b"\x45\x00garbage")  # does not parse
+    buf = b"".join(raws)
+    offsets, off = [], 0
+    for r in raws:
+        offsets.append(off)
+        off += len(r)
+    lengths = [len(r) for r in raws] + [10]
+    offsets.append(len(buf) - 5)  # reaches past the buffer
+    errors = 0
+    for r in raws:
+        try:
+            py.receive_client(packet.parse_ip(r), 1.0)
+        except DecodeError:
+            errors += 1
+    assert c.receive_client_ips(buf, offsets, lengths, len(lengths), 1.0) == errors + 1
+    routes, packets = py.drain()
+    send = SendBuf(4000, 3)  # small: drain_into hands the packets out over several calls
+    got_routes, got = [], []
+    while True:
+        r, n = c.drain_into(send)
+        got_routes += r
+        got += send.packets(n)
+        if not n:
+            break
+    assert (got_routes, got) == (routes, packets) and len(packets) == 10
+    assert nonzero(py.counters) == nonzero(c.counters)
+    # The targets answer: records back to back (frame counts removed), one of them broken.
+    records = []
+    for raw in packets:
+        p = packet.parse_ip(raw)
+        t = Target(client=(p.src, p.sport))
+        t.observe(p)
+        for answer in (t.synack(), t.send(300)):
+            records.append(wire.encode_response_record(packet.build(answer)))
+    records.insert(2, bytes(64))  # version 0: not a record
+    stream = b"".join(records) + b"\x45" * 10  # and the start of the next record
+    for rec in records:
+        try:
+            py.receive_response(wire.decode_response_record(rec), 2.0)
+        except DecodeError:
+            py.counters["response_decode_errors"] += 1
+    assert c.receive_records(stream, 2.0) == 64 * len(records)
+    assert py.drain() == c.drain()
+    assert nonzero(py.counters) == nonzero(c.counters)
+    assert c.counters["response_decode_errors"] == 1
+
+
+def test_ring_slots_are_read_in_place():
+    cfg = SessionConfig(transfers=XFER)
+    py, c = SessionTable(cfg), compiled.Table(cfg)
+    raws = captured([Client(isn=7, addr=(ORIG, 41000), ts=None)])
+    slot_bytes, slots = 1024, 4
+    mem = bytearray(slot_bytes * slots)
+    first = 2  # the batch wraps around the ring's end
+    for k, raw in enumerate(raws):
+        off = ((first + k) % slots) * slot_bytes
+        length = len(raw) if k != 1 else slot_bytes  # slot 1 claims more than a slot holds
+        struct.pack_into("=IId", mem, off, length, 0, 0.0)
+        mem[off + 16 : off + 16 + len(raw)] = raw
+    for k, raw in enumerate(raws):
+        if k != 1:
+            py.receive_client(packet.parse_ip(raw), 1.0)
+    assert c.receive_slots(mem, slot_bytes, slots, first, len(raws), 1.0) == 1
+    assert py.drain() == c.drain()
+    assert nonzero(py.counters) == nonzero(c.counters)
