@@ -4,9 +4,14 @@ counters and gauges, after every step."""
 
 from __future__ import annotations
 
+import re
+import shutil
 import struct
+import subprocess
+import sys
 from array import array
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -268,3 +273,60 @@ def test_ring_slots_are_read_in_place():
     assert c.receive_slots(mem, slot_bytes, slots, first, len(raws), 1.0) == 1
     assert py.drain() == c.drain()
     assert nonzero(py.counters) == nonzero(c.counters)
+
+
+# -- the per-packet code is C only ----------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+HOT_PREFIXES = ("tb", "ta", "rw", "th", "hm", "wr")
+"""The table's (tb_), the allocator's (ta_), the rewrite rules' (rw_), the tuple history's
+(th_), the hash map's (hm_) and the record decoder's (wr_) C functions."""
+
+
+def test_table_rewrite_and_map_functions_make_no_python_calls(tmp_path: Path) -> None:
+    """``cython -a``: every line of every ``nogil`` function or method of table.pxi,
+    rewrite.pxi and hmap.pxi, and of every ``with nogil:`` block (the batch calls' loops),
+    has score 0.  Excepted: the ``with gil:`` branches of the tuple history that call a
+    Python object's methods (tests hand the allocator fake histories; a TupleHistory block
+    never takes them)."""
+    cython = shutil.which("cython", path=str(Path(sys.executable).parent))
+    assert cython, "cython is not installed in this environment"
+    out_c = tmp_path / "engine.c"
+    cmd = [cython, "-a", "-3", "-I", str(ROOT), "engine/dataplane/engine.pyx", "-o", str(out_c)]
+    subprocess.run(cmd, cwd=ROOT, check=True, timeout=300)
+    prefixes = "|".join(HOT_PREFIXES)
+    signature = re.compile(rf"\s*cdef (inline )?[\w*]+ ({prefixes})_\w+\(")
+    checked = 0
+    for name in ("table", "rewrite", "hmap"):
+        html = (tmp_path / f"{name}.html").read_text()
+        score = {
+            int(m[2]): int(m[1])
+            for m in re.finditer(
+                r'class="cython line score-(\d+)"[^>]*>.{0,12}?<span class="">(\d+)</span>', html
+            )
+        }
+        lines = (ROOT / "engine" / "dataplane" / f"{name}.pxi").read_text().splitlines()
+        hot: list[int] = []
+        block = gil = -1
+        for no, line in enumerate(lines, 1):
+            indent = len(line) - len(line.lstrip())
+            text = line.strip()
+            if text and block >= 0 and indent <= block:
+                block = -1
+            if text and gil >= 0 and indent <= gil:
+                gil = -1
+            if signature.match(line) and "nogil" in " ".join(lines[no - 1 : no + 4]):
+                block = indent
+                continue
+            if text in ("with nogil:", "with gil:"):
+                if text == "with nogil:":
+                    block = indent
+                else:
+                    gil = indent
+                continue
+            if block >= 0 and gil < 0 and text and not text.startswith(("#", '"""')):
+                hot.append(no)
+        yellow = [f"{name}.pxi:{n}: {lines[n - 1].strip()}" for n in hot if score.get(n, 0)]
+        assert not yellow, "Python calls on the per-packet path:\n" + "\n".join(yellow)
+        checked += len(hot)
+    assert checked > 900
