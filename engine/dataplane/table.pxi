@@ -910,6 +910,13 @@ cdef class Table:
         self._check()
         return out_routes, packets
 
+    def close(self):
+        """Let go of the tuple history's shared block (its ``close`` needs the export gone);
+        the table allocates without a history from then on."""
+        memset(&self.alloc.history, 0, sizeof(RwHistory))
+        self.has_history = False
+        self._keep = None
+
     # -- batch calls (engine/io/batch.py is their specification) ------------------------------
 
     cdef int tb_client_ip(self, const uint8_t* pkt, size_t n, double now) noexcept nogil:

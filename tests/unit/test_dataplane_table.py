@@ -330,3 +330,59 @@ def test_table_rewrite_and_map_functions_make_no_python_calls(tmp_path: Path) ->
         assert not yellow, "Python calls on the per-packet path:\n" + "\n".join(yellow)
         checked += len(hot)
     assert checked > 900
+
+
+def test_established_sessions_allocate_no_python_objects_per_packet():
+    """100,000+ packets of established keep-alive sessions through the batch calls (client
+    data in, records of the target's ACKs in, packets out into a send buffer): the
+    interpreter's allocated block count does not grow with the packets."""
+    flows = 64
+    cfg = SessionConfig(transfers=XFER, wait_response=False)
+    table = compiled.Table(cfg)
+    clients = [Client(isn=10_000 * i, addr=(ORIG + i, 42000 + i), ts=None) for i in range(flows)]
+    send = SendBuf(1 << 20, 1024)
+    targets = []
+    for c in clients:
+        table.receive_client(c.syn(), 0.0)
+        table.receive_client(c.ack(), 0.0)
+        _, n = table.drain_into(send)
+        (syn,) = [packet.parse_ip(r) for r in send.packets(n)]
+        t = Target(client=(syn.src, syn.sport), ts=None)
+        t.observe(syn)
+        table.receive_response(t.synack(), 0.0)
+        table.drain_into(send)
+        targets.append(t)
+    request = b"GET /k HTTP/1.1\r\n\r\n".ljust(100, b"x")
+    data = [packet.build(c.data(request)) for c in clients]
+    buf = bytearray(b"".join(data))
+    offsets = array("q", [sum(map(len, data[:i])) for i in range(flows)])
+    lengths = array("q", map(len, data))
+    acks = bytearray(b"".join(wire.encode_response_record(packet.build(t.ack())) for t in targets))
+    seqs = [c.seq - len(request) for c in clients]  # the first request's seq
+    rounds = 100_000 // flows + 1
+    state = {"now": 1.0, "k": 0}
+
+    def run() -> None:
+        for _ in range(rounds):
+            k = state["k"]
+            now = state["now"]
+            for i in range(flows):
+                seq = (seqs[i] + k * len(request)) & 0xFFFFFFFF
+                struct.pack_into("!I", buf, offsets[i] + 24, seq)
+                struct.pack_into("!I", acks, 64 * i + 28, (seq + len(request)) & 0xFFFFFFFF)
+            assert table.receive_client_ips(buf, offsets, lengths, flows, now) == 0
+            assert table.drain_into(send)[1] == flows
+            table.receive_records(acks, now)
+            table.drain_into(send)
+            table.handle_timer(now)
+            state["k"] = k + 1
+            state["now"] = now + 0.001
+
+    run()  # warm: caches, interned names, the C arrays at their size
+    sent = table.counters["send content"]
+    before = sys.getallocatedblocks()
+    run()
+    grown = sys.getallocatedblocks() - before
+    assert table.counters["send content"] - sent == rounds * flows >= 100_000
+    assert table.counters["retransmit"] == 0 and table.active == flows
+    assert grown < 10, f"{grown} blocks more after {rounds * flows} packets"
