@@ -386,3 +386,49 @@ def test_established_sessions_allocate_no_python_objects_per_packet():
     assert table.counters["send content"] - sent == rounds * flows >= 100_000
     assert table.counters["retransmit"] == 0 and table.active == flows
     assert grown < 10, f"{grown} blocks more after {rounds * flows} packets"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 191), st.integers(0, 255)), min_size=0, max_size=12
+    ),  # byte edits
+    st.sampled_from([64, 192]),
+    st.integers(0, 300),
+)
+def test_hostile_records_decode_like_wire_py(edits, record_bytes, extra):
+    """Response records with random bytes edited (header fields, IHL, data offset, lengths):
+    each is decoded or refused as wire.decode_response_record does, and what it does to the
+    sessions is the same."""
+    cfg = SessionConfig(transfers=XFER)
+    py, c = SessionTable(cfg), compiled.Table(cfg)
+    client = Client(ts=2)
+    for p in (client.syn(), client.ack()):
+        py.receive_client(p, 0.0)
+        c.receive_client(p, 0.0)
+    routes, raws = py.drain()
+    assert c.drain() == (routes, raws)
+    syn = packet.parse_ip(raws[0])
+    t = Target(client=(syn.src, syn.sport))
+    t.observe(syn)
+    recs = []
+    for p in (t.synack(), t.send(100 + extra), t.ack()):
+        rec = bytearray(
+            wire.encode_response_record(packet.build(p), with_payload=record_bytes == 192)
+        )
+        recs.append(rec)
+    for at, value in edits:
+        recs[at % 3][at % record_bytes] = value
+    bad = 0
+    for rec in recs:
+        try:
+            pkt = wire.decode_response_record(bytes(rec))
+        except DecodeError:
+            bad += 1
+            continue
+        py.receive_response(pkt, 0.01)
+    assert c.receive_records(b"".join(recs), 0.01, record_bytes) == 3 * record_bytes
+    assert py.drain() == c.drain()
+    got = nonzero(c.counters)
+    assert got.pop("response_decode_errors", 0) == bad
+    assert got == nonzero(py.counters)
