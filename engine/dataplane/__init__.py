@@ -12,6 +12,12 @@ Modules:
   options, link-layer offsets, the Internet checksum, and a builder into a caller's buffer
   (whole or split to an MTU); batch entry points over numpy arrays (``parse_batch``,
   ``parse_slots`` on a shared-memory ring, ``build_batch``).
+- ``engine`` (engine.pyx and its include files): the session engine in C.  hmap.pxi, an
+  open-addressing hash map; rewrite.pxi, the -x/-c/-r/-n/-f rules and the TupleAllocator
+  (engine/core/rewrite.py; it shares engine/io/tuple_history.py's block bit for bit);
+  table.pxi, the session table (engine/core/table.py) as ``Table``, with the worker's batch
+  calls (``receive_client_ips``, ``receive_slots``, ``receive_records``, ``drain_into``);
+  counters.pxi and session.pxi, the session state machine (engine/core/session.py).
 """
 
 from __future__ import annotations

@@ -296,6 +296,12 @@ cdef class TupleAllocator:
                       ts_last is not None, 0 if ts_last is None else ts_last) < 0:
             raise MemoryError()
 
+    def close(self):
+        """Let go of the tuple history's shared block (see Table.close)."""
+        if self.owner:
+            memset(&self.a.history, 0, sizeof(RwHistory))
+            self._keep = None
+
     def tuples(self):
         """{(client ip, port, target ip, target port): None (live) or its release time}: the
         Python allocator's ``_state`` (for tests)."""

@@ -12,6 +12,7 @@
 # bytes (dp_live_blocks / dp_live_bytes) so that tests can see leaks and measure a session.
 # A None of the Python code is NaN for a time (tset() tests it) and a has_* flag otherwise.
 
+cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, free, realloc
 from libc.string cimport memcpy, memset, memmove
@@ -1586,6 +1587,7 @@ cdef void pend_insert(ESession* s, ESeg* g) noexcept nogil:
     s.pend_n += 1
 
 
+@cython.cdivision(True)
 cdef void store_data(ESession* s, const ECap* c, int64_t off, uint32_t dlen) noexcept nogil:
     """port of TcpSession._store_data (with packet.split_mtu for GRO/TSO aggregates)"""
     cdef int64_t end_ = off + dlen

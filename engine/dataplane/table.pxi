@@ -16,9 +16,11 @@
 # only, no Python object, no Python call.
 
 from libc.math cimport NAN
-from engine.dataplane.packet cimport dp_parse_ipv4_tcp
+from engine.dataplane.packet cimport dp_parse_ipv4_tcp, DP_OK
 
 import collections as _tb_collections
+
+import numpy as _np
 
 from engine.core.events import RouteNeeded as _RouteNeeded
 
@@ -39,9 +41,65 @@ cdef enum:
 cdef enum:
     TX_SHED_SESSIONS_MEMORY = 0
     TX_SHED_SESSIONS_BACKLOG = 1
-    TX_COUNT = 2
+    TX_RESPONSE_DECODE_ERRORS = 2
+    TX_COUNT = 3
 
-TX_NAMES = ("shed_sessions_memory", "shed_sessions_backlog")
+TX_NAMES = ("shed_sessions_memory", "shed_sessions_backlog", "response_decode_errors")
+
+# Response records (engine/codec/wire.py): 64 bytes, or 192 with the payload build.
+cdef enum:
+    WR_RESPONSE_RECORD_BYTES = 64
+    WR_PAYLOAD_RECORD_BYTES = 192
+    WR_TCP_AT = 20                   # the TCP header's offset in a record, whatever IHL says
+    WR_MAX_TCP_HEADER_BYTES = 44
+    WR_MAX_PAYLOAD_IN_RECORD = 128
+    RING_SLOT_HEADER_BYTES = 16      # engine/io/ring.py: length u32, flags u32, timestamp f64
+
+
+cdef int wr_decode_record(const uint8_t* rec, size_t n, dp_packet* p) noexcept nogil:
+    """wire.decode_response_record into *p: 0, or -1 where it raises DecodeError.  The
+    options are parsed into p.opts (a response reaches the session as headers only; its
+    payload bytes are not read); p.offset/ip_header_bytes/tcp_header_bytes place the options
+    at rec + 40 for a reader of the buffer."""
+    cdef uint32_t ihl_bytes, doff_bytes, tot_len, area
+    cdef int64_t data_len
+    memset(p, 0, sizeof(dp_packet))
+    if n != WR_RESPONSE_RECORD_BYTES and n != WR_PAYLOAD_RECORD_BYTES:
+        return -1
+    ihl_bytes = (rec[0] & 0x0F) * 4
+    doff_bytes = (rec[WR_TCP_AT + 12] >> 4) * 4
+    if rec[0] >> 4 != 4 or ihl_bytes < 20 or rec[9] != 6:
+        return -1
+    if doff_bytes < 20:
+        return -1
+    area = doff_bytes if doff_bytes < WR_MAX_TCP_HEADER_BYTES else WR_MAX_TCP_HEADER_BYTES
+    tot_len = (<uint32_t>rec[2] << 8) | rec[3]
+    data_len = <int64_t>tot_len - ihl_bytes - doff_bytes
+    if data_len < 0:
+        data_len = 0
+    p.family = DP_FAMILY_IPV4
+    p.src[10] = p.src[11] = p.dst[10] = p.dst[11] = 0xFF
+    memcpy(p.src + 12, rec + 12, 4)
+    memcpy(p.dst + 12, rec + 16, 4)
+    p.tos = rec[1]
+    p.ip_id = (<uint16_t>rec[4] << 8) | rec[5]
+    p.df = 1 if rec[6] & 0x40 else 0
+    p.ttl = rec[8]
+    p.sport = (<uint16_t>rec[20] << 8) | rec[21]
+    p.dport = (<uint16_t>rec[22] << 8) | rec[23]
+    p.seq = be32(rec + 24)
+    p.ack = be32(rec + 28)
+    p.flags = rec[33]
+    p.window = (<uint16_t>rec[34] << 8) | rec[35]
+    p.urgent = (<uint16_t>rec[38] << 8) | rec[39]
+    p.ip_header_bytes = WR_TCP_AT
+    p.tcp_header_bytes = <uint16_t>area
+    p.data_len = <uint16_t>data_len
+    if n == WR_PAYLOAD_RECORD_BYTES and 1 <= data_len <= WR_MAX_PAYLOAD_IN_RECORD:
+        p.payload_bytes = <uint16_t>min(<size_t>data_len, n - (WR_TCP_AT + doff_bytes)
+                                        if WR_TCP_AT + doff_bytes < n else 0)
+    dp_parse_tcp_options(rec + WR_TCP_AT + 20, area - 20, &p.opts)
+    return 0
 
 
 cdef struct TFlow
@@ -173,6 +231,8 @@ cdef class Table:
     cdef EEvent* routes
     cdef size_t routes_n
     cdef size_t routes_cap
+    cdef uint32_t pend_at                # drain_into: the next queued packet of self.out
+    cdef size_t pend_off
     cdef double now
     cdef int64_t unsend_total
     cdef int64_t held_total
@@ -833,6 +893,8 @@ cdef class Table:
         if not self.touched_n:
             return [], []
         eout_reset(&self.out)
+        self.pend_at = 0
+        self.pend_off = 0
         self.routes_n = 0
         self.tb_drain_out()
         r = self.routes
@@ -847,6 +909,129 @@ cdef class Table:
         eout_reset(&self.out)
         self._check()
         return out_routes, packets
+
+    def close(self):
+        """Let go of the tuple history's shared block (its ``close`` needs the export gone);
+        the table allocates without a history from then on."""
+        memset(&self.alloc.history, 0, sizeof(RwHistory))
+        self.has_history = False
+        self._keep = None
+
+    # -- batch calls (engine/io/batch.py is their specification) ------------------------------
+
+    cdef int tb_client_ip(self, const uint8_t* pkt, size_t n, double now) noexcept nogil:
+        cdef dp_packet p
+        if dp_parse_ipv4_tcp(pkt, n, &p) != DP_OK:
+            return 1
+        self.tb_receive_client(&p, pkt, now)
+        return 0
+
+    def receive_client_ips(self, buf, offsets, lengths, Py_ssize_t n, double now):
+        """``n`` captured IPv4 packets, packet i at buf[offsets[i]:offsets[i] + lengths[i]];
+        returns how many did not parse (one reaching past buf does not)."""
+        cdef const uint8_t[::1] b = _as_bytes_view(buf)
+        cdef const int64_t[::1] offs = _np.ascontiguousarray(offsets[:n], dtype=_np.int64)
+        cdef const int64_t[::1] lens = _np.ascontiguousarray(lengths[:n], dtype=_np.int64)
+        cdef Py_ssize_t i, size = b.shape[0]
+        cdef int64_t off, length
+        cdef int errors = 0
+        cdef const uint8_t* base = &b[0] if size else NULL
+        if offs.shape[0] < n or lens.shape[0] < n:
+            raise ValueError(f"{n} packets but {offs.shape[0]} offsets, {lens.shape[0]} lengths")
+        with nogil:
+            for i in range(n):
+                off = offs[i]
+                length = lens[i]
+                if off < 0 or length < 0 or off + length > size:
+                    errors += 1
+                    continue
+                errors += self.tb_client_ip(base + off, <size_t>length, now)
+        self._check()
+        return errors
+
+    def receive_slots(self, mem, Py_ssize_t slot_bytes, Py_ssize_t slots, Py_ssize_t first,
+                      Py_ssize_t n, double now):
+        """``n`` packets of a shared-memory ring read in place (engine/io/batch.py); returns
+        how many did not parse."""
+        cdef const uint8_t[::1] b = _as_bytes_view(mem)
+        cdef Py_ssize_t k, off, size = b.shape[0]
+        cdef uint32_t length
+        cdef int errors = 0
+        cdef const uint8_t* base = &b[0] if size else NULL
+        if slot_bytes <= RING_SLOT_HEADER_BYTES or slots <= 0 or first < 0:
+            raise ValueError(f"bad ring geometry: {slots} slots of {slot_bytes} bytes")
+        with nogil:
+            for k in range(n):
+                off = ((first + k) % slots) * slot_bytes
+                if off + RING_SLOT_HEADER_BYTES > size:
+                    errors += 1
+                    continue
+                memcpy(&length, base + off, 4)
+                if length > slot_bytes - RING_SLOT_HEADER_BYTES or (
+                    off + RING_SLOT_HEADER_BYTES + length > size
+                ):
+                    errors += 1
+                    continue
+                errors += self.tb_client_ip(base + off + RING_SLOT_HEADER_BYTES, length, now)
+        self._check()
+        return errors
+
+    def receive_records(self, buf, double now, Py_ssize_t record_bytes=WR_RESPONSE_RECORD_BYTES):
+        """Response records back to back (frame counts removed): ``len(buf) // record_bytes``
+        decoded in place and fed; returns the bytes consumed.  A record that does not decode
+        is skipped and counted (``response_decode_errors``)."""
+        cdef const uint8_t[::1] b = _as_bytes_view(buf)
+        cdef Py_ssize_t i, count
+        cdef dp_packet p
+        cdef const uint8_t* base = &b[0] if b.shape[0] else NULL
+        if record_bytes <= 0:
+            raise ValueError(f"record_bytes must be positive, not {record_bytes}")
+        count = b.shape[0] // record_bytes
+        with nogil:
+            for i in range(count):
+                if wr_decode_record(base + i * record_bytes, record_bytes, &p) < 0:
+                    self.tx[TX_RESPONSE_DECODE_ERRORS] += 1
+                    continue
+                self.tb_receive_response(&p, now)
+        self._check()
+        return count * record_bytes
+
+    def drain_into(self, sendbuf):
+        """drain()'s routes, and its packets written back to back into ``sendbuf.data``
+        (through ``sendbuf.view``) with their lengths in ``sendbuf.lengths``: returns
+        (routes, n).  What does not fit stays queued for the next call (engine/io/batch.py)."""
+        cdef uint8_t[::1] data = sendbuf.view
+        cdef uint32_t[::1] lengths = sendbuf.lengths
+        cdef size_t cap = data.shape[0], max_n = lengths.shape[0], off = 0, size, i
+        cdef uint32_t n = 0
+        cdef EEvent* r
+        routes = []
+        if self.pend_at >= self.out.n:
+            eout_reset(&self.out)
+            self.pend_at = 0
+            self.pend_off = 0
+            if self.touched_n:
+                self.routes_n = 0
+                self.tb_drain_out()
+                r = self.routes
+                routes = [
+                    _RouteNeeded(r[i].cip, r[i].cport, r[i].tip, r[i].tport)
+                    for i in range(self.routes_n)
+                ]
+                self.routes_n = 0
+        with nogil:
+            while self.pend_at < self.out.n:
+                size = self.out.lens[self.pend_at]
+                if n == max_n or off + size > cap:
+                    break
+                memcpy(&data[0] + off, self.out.buf + self.pend_off, size)
+                lengths[n] = <uint32_t>size
+                off += size
+                n += 1
+                self.pend_off += size
+                self.pend_at += 1
+        self._check()
+        return routes, n
 
     @property
     def counters(self):
@@ -1001,3 +1186,13 @@ cdef int64_t tb_held_bytes(ESession* s) noexcept nogil:
         n += g.end - g.off
         g = g.next
     return n
+
+
+cdef const uint8_t[::1] _as_bytes_view(object buf):
+    """A byte view of any buffer (bytes, bytearray, memoryview, mmap, numpy)."""
+    mv = memoryview(buf)
+    if mv.ndim != 1 or mv.itemsize != 1 or not mv.c_contiguous:
+        mv = mv.cast("B")
+    if mv.format != "B":
+        mv = mv.cast("B")
+    return mv
