@@ -65,9 +65,9 @@ settings.register_profile(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
-PROFILE = (
-    "engine-diff-long" if os.environ.get("TCPCOPY_ENGINE_DIFF") == "long" else "engine-diff-ci"
-)
+LONG = os.environ.get("TCPCOPY_ENGINE_DIFF") == "long"
+PROFILE = "engine-diff-long" if LONG else "engine-diff-ci"
+pytestmark = pytest.mark.timeout(3600 if LONG else 300)
 STEPS_MAX = 60
 
 
