@@ -359,7 +359,7 @@ class Supervisor:
                 self.progress.finish(self.block.snapshot()["totals"], self.clock())
             self.log_stats(final=True)
             self.log_final_summary()
-            log.info("tcpcopy-mp exits (%s engine): %s", self.engine, self.exit_reason)
+            log.info("tcpcopy-mp exits: %s (%s engine)", self.exit_reason, self.engine)
             if cfg.summary_json:
                 from engine.io.privileges import write_summary  # in place if kept at the drop
 
