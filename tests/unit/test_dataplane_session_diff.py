@@ -159,6 +159,8 @@ class Model:
         if draw(st.integers(0, 9)) == 0:
             flags &= ~ACK
         window = draw(st.sampled_from([502, 502, 0, 65535]))
+        if draw(st.integers(0, 9)) == 0:  # IP options: the MTU split counts them
+            kw["ip_options"] = b"\x01" * draw(st.sampled_from([4, 8, 40]))
         return self._cpkt(base + at, flags, payload, window=window, **kw)
 
     def observe(self, raws: list[bytes]) -> None:
