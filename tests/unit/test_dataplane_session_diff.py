@@ -159,6 +159,8 @@ class Model:
         if draw(st.integers(0, 9)) == 0:
             flags &= ~ACK
         window = draw(st.sampled_from([502, 502, 0, 65535]))
+        if draw(st.integers(0, 9)) == 0:  # IP options: the MTU split counts them
+            kw["ip_options"] = b"\x01" * draw(st.sampled_from([4, 8, 40]))
         return self._cpkt(base + at, flags, payload, window=window, **kw)
 
     def observe(self, raws: list[bytes]) -> None:
@@ -279,6 +281,14 @@ def test_compiled_session_matches_the_python_session(compiled, cfg, data):
             )
         py.receive_client(first, now)
         cc.receive_client(first, now)
+
+    def settle(where: str) -> None:
+        out_py = py.packets_to_send(now)
+        out_cc = cc.packets_to_send(now)
+        assert out_cc == out_py, f"{where}: packets differ"
+        m.observe(out_py)
+        assert _state_of(cc) == _state_of(py), f"{where}: state differs"
+
     steps = data.draw(st.integers(1, STEPS_MAX), label="steps")
     for step in range(steps):
         action = data.draw(
@@ -297,7 +307,17 @@ def test_compiled_session_matches_the_python_session(compiled, cfg, data):
                 py.receive_response(p, now)
                 cc.receive_response(p, now)
         elif action == "clock":
-            how = data.draw(st.sampled_from(["timer"] * 4 + ["small"] * 4 + ["big"]))
+            how = data.draw(st.sampled_from(["timer"] * 4 + ["small"] * 4 + ["big", "silence"]))
+            if how == "silence":  # the target says nothing: timer after timer
+                for i in range(data.draw(st.integers(2, 12), label="timers")):
+                    t = py.get_timer()
+                    if t is None:
+                        break
+                    now = max(now, t)
+                    py.handle_timer(now)
+                    cc.handle_timer(now)
+                    settle(f"step {step} (timer {i})")
+                continue
             t = py.get_timer()
             if how == "timer" and t is not None and t > now:
                 now = t
@@ -332,8 +352,4 @@ def test_compiled_session_matches_the_python_session(compiled, cfg, data):
                 assert py.is_later_data(p) == cc.is_later_data(p)
                 if py.is_later_data(p):
                     assert py.may_continue(p, now) == cc.may_continue(p, now)
-        out_py = py.packets_to_send(now)
-        out_cc = cc.packets_to_send(now)
-        assert out_cc == out_py, f"step {step} ({action}): packets differ"
-        m.observe(out_py)
-        assert _state_of(cc) == _state_of(py), f"step {step} ({action}): state differs"
+        settle(f"step {step} ({action})")
