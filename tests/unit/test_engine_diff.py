@@ -384,7 +384,9 @@ def response_records(data: st.DataObject, w: World) -> tuple[list[bytes], str]:
     key = data.draw(st.sampled_from(live))
     peer = w.peers[key]
     kind = data.draw(
-        st.sampled_from(["synack", "ack", "ack", "zero", "data", "data", "fin", "rst", "junk"])
+        st.sampled_from(
+            ["synack", "ack", "ack", "zero", "data", "data", "fin", "rst", "junk", "ts2"]
+        )
     )
     if not peer.synacked and kind not in ("rst", "junk"):
         kind = "synack"
@@ -428,6 +430,11 @@ def response_records(data: st.DataObject, w: World) -> tuple[list[bytes], str]:
         return [record_of(p, 0)], f"fin {key[1]}"
     if kind == "rst":
         return [record_of(pkt(RST | ACK, peer.snd_nxt, rcv, 0, b""), 0)], f"rst {key[1]}"
+    if kind == "ts2":  # two timestamp options: the first one counts (tcpseq.tsval)
+        first, second = data.draw(st.integers(0, M32)), data.draw(st.integers(0, M32))
+        opts = packet.build_options(timestamp=(first, peer.ts_recent))
+        opts += packet.build_options(timestamp=(second, peer.ts_recent))
+        return [record_of(pkt(ACK, peer.snd_nxt, rcv, 29200, opts), 0)], f"ts2 {key[1]}"
     rec = bytearray(record_of(pkt(ACK, peer.snd_nxt, rcv, 29200), 0))
     where = data.draw(st.integers(0, len(rec) - 1))
     rec[where] = data.draw(st.integers(0, 255))
