@@ -773,9 +773,9 @@ class ReplayConfig:
     engine.dataplane.engine (built by the normal install when a C compiler is present), the
     fast path; ``python``: the pure-Python engine (engine/core), the specification, 25-35x
     slower per input (bench/bench_engine.py); ``auto``: compiled when it is built, else
-    python with a logged notice naming why.  ``compiled`` when it is not built is a configuration error.  The start log
-    line, the exit line, --summary-json (``engine``) and /metrics (``tcpcopy_build_info``)
-    name the engine that runs."""
+    python with a logged notice naming why.  ``compiled`` when it is not built is a
+    configuration error.  The start log line, the exit line, --summary-json (``engine``) and
+    /metrics (``tcpcopy_build_info``) name the engine that runs."""
     metrics: tuple[str, int] | None = option(
         None,
         long="--metrics",
