@@ -156,9 +156,10 @@ RECONNECT_REFUSALS: tuple[str, ...] = ("off", "budget", "unanswered")
 """Values of the ``reason`` label of tcpcopy_reconnects_refused_total (slot
 ``reconnect_refused_<reason>``)."""
 
-SHED_REASONS: tuple[str, ...] = ("ring_full", "memory")
+SHED_REASONS: tuple[str, ...] = ("ring_full", "memory", "backlog")
 """Values of the ``reason`` label of tcpcopy_sessions_shed_total (slot ``shed_sessions_<reason>``,
-engine/core/shed.py's REASON_*): whole sessions the capture did not admit under overload."""
+engine/core/shed.py's REASON_*, and "backlog": the session table's byte budget of held
+captured data, engine/core/table.py): whole sessions not admitted under overload."""
 
 HANDSHAKE_FAILURES: dict[str, str] = {
     "refused": "ended_" + Outcome.REFUSED.value,

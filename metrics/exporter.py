@@ -40,6 +40,7 @@ from metrics.counters import (
 )
 
 __all__ = [
+    "BuildInfoCollector",
     "InterceptCollector",
     "Series",
     "TcpcopyCollector",
@@ -151,8 +152,9 @@ TCPCOPY_SERIES: tuple[tuple[Series, Callable[[Snapshot], Any]], ...] = (
             "tcpcopy_sessions_shed",
             COUNTER,
             ("reason",),
-            "Whole sessions the capture did not admit under overload, by reason "
-            "(ring_full: the worker's ring past 90 %; memory: -m past 90 %).",
+            "Whole sessions not admitted under overload, by reason "
+            "(ring_full: the worker's ring past 90 %; memory: -m past 90 %; "
+            "backlog: the worker's held captured data past --backlog-max-bytes).",
         ),
         _labelled("shed_sessions_", SHED_REASONS),
     ),
@@ -320,6 +322,31 @@ TCPCOPY_SERIES: tuple[tuple[Series, Callable[[Snapshot], Any]], ...] = (
         _per_worker("channels_connected"),
     ),
 )
+
+
+BUILD_INFO = Series(
+    "tcpcopy_build_info",
+    GAUGE,
+    ("engine", "version"),
+    "Always 1: the session engine the workers run (compiled | python) and the version.",
+)
+
+
+class BuildInfoCollector(Collector):
+    """``tcpcopy_build_info{engine=..., version=...} 1`` (fixed for the process's life)."""
+
+    SERIES: tuple[Series, ...] = (BUILD_INFO,)
+
+    def __init__(self, *, engine: str, version: str) -> None:
+        self.labels = [engine, version]
+
+    def describe(self) -> Iterator[Metric]:
+        yield _family(BUILD_INFO)
+
+    def collect(self) -> Iterator[Metric]:
+        fam = _family(BUILD_INFO)
+        fam.add_metric(self.labels, 1)
+        yield fam
 
 
 class TcpcopyCollector(Collector):

@@ -269,6 +269,11 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
 
     # design §3: one capture process feeds N workers; the default uses every CPU.
     workers = v.get("workers", min(os.cpu_count() or 1, WORKERS_MAX))
+    engine = v.get("engine")
+    if engine == "compiled":
+        from engine.io.engines import resolve_engine
+
+        resolve_engine(engine, v.where("engine"))  # not built: one line naming --engine
     metrics = v.get("metrics")
     stats_s = v.get("stats_interval_s")
     log_format = v.get("log_format")
@@ -298,6 +303,7 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
         gradual=gradual,
         localhost_ip=localhost_ip,
         strict_time_wait=bool(v.get("strict_time_wait")),
+        backlog_max_bytes=v.get("backlog_max_bytes"),
         worker_index=0,
         worker_count=1,
     )
@@ -320,6 +326,7 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
         replays=replays,
         offline_tail_s=offline_tail_s,
         workers=workers,
+        engine=engine,
         metrics=metrics,
         log_path=args.log,
         log_format=log_format,

@@ -790,6 +790,45 @@ class FrameDecoder:
             self.frames += len(out)
         return out
 
+    def feed_records(self, data: bytes) -> bytes:
+        """Like ``feed`` but the complete records come back as one bytes, back to back
+        (frame counts removed): what a batch call decodes in place (``len // record_bytes``
+        records).  Same errors as ``feed``."""
+        if self._error is not None:
+            raise self._error
+        buf = self._buf
+        buf += data
+        size = self.record_bytes
+        avail = len(buf)
+        pos = 0
+        if not self.combined:
+            pos = avail - avail % size
+            out = bytes(buf[:pos])
+        else:
+            pieces: list[bytes | bytearray] = []
+            max_count = self.max_count
+            frames = 0
+            while avail - pos >= 2:
+                count = (buf[pos] << 8) | buf[pos + 1]
+                if count == 0 or count > max_count:
+                    self._error = DecodeError(
+                        f"frame of {count} records (allowed 1..{max_count}) at stream offset +{pos}"
+                    )
+                    raise self._error
+                end = pos + 2 + count * size
+                if end > avail:
+                    break
+                pieces.append(buf[pos + 2 : end])
+                frames += 1
+                pos = end
+            out = b"".join(pieces)
+            self.frames += frames
+        if pos:
+            del buf[:pos]
+            if not self.combined:
+                self.frames += pos // size
+        return out
+
 
 class ResponseStreamDecoder:
     """tcpcopy's side in one object: ``FrameDecoder`` + ``decode_response_record``.

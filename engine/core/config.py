@@ -37,6 +37,8 @@ from engine.errors import ConfigError, DecodeError
 
 BYTES_PER_MB = 1024 * 1024
 """The unit of the memory figures (-m, the stats line's rss)."""
+BACKLOG_MAX_BYTES_DEFAULT = 256 * BYTES_PER_MB
+"""--backlog-max-bytes default: a worker's held captured data before new sessions are shed."""
 
 INTERCEPT_PORT_DEFAULT = 36524
 """spec §1.1: intercept's default listen port (`-p`)."""
@@ -534,6 +536,20 @@ class SessionConfig:
     """Number of shards."""
     max_sessions: int = 0
     """0 = unlimited; otherwise new sessions beyond this are refused and counted."""
+    backlog_max_bytes: int = option(
+        BACKLOG_MAX_BYTES_DEFAULT,
+        long="--backlog-max-bytes",
+        parse=Int(0),
+        unit="bytes",
+        metavar="BYTES",
+        help="byte budget of the captured data a worker holds unsent (256 MiB; 0 = none)",
+        section=_REPL,
+    )
+    """--backlog-max-bytes: per worker, the payload bytes its sessions may hold captured and
+    not yet sent (requests waiting for the target).  Past it a packet that would start a new
+    session starts none: the flow is shed whole (counted ``shed_sessions_backlog``, exported
+    as ``shed{reason="backlog"}``) and its later packets are dropped until its FIN/RST or 60 s
+    idle; sessions already running keep going.  0 = no budget (only -m bounds the memory)."""
     fin_wait_timeout_s: float = 60.0
     """After the client's FIN was sent, wait this long for the target's FIN (Linux's
     tcp_fin_timeout); then the session ends with a RST."""
@@ -766,6 +782,20 @@ class ReplayConfig:
         shown_default="CPU count",
     )
     """--workers: worker processes, each owning a shard of the sessions."""
+    engine: str = option(
+        "auto",
+        long="--engine",
+        parse=Choice("auto", "compiled", "python"),
+        help="session engine: auto (compiled if built, else python), compiled, python",
+        section=_PROC,
+    )
+    """--engine: which session engine the workers run.  ``compiled``: the Cython extension
+    engine.dataplane.engine (built by the normal install when a C compiler is present), the
+    fast path; ``python``: the pure-Python engine (engine/core), the specification, 25-35x
+    slower per input (bench/bench_engine.py); ``auto``: compiled when it is built, else
+    python with a logged notice naming why.  ``compiled`` when it is not built is a
+    configuration error.  The start log line, the exit line, --summary-json (``engine``) and
+    /metrics (``tcpcopy_build_info``) name the engine that runs."""
     metrics: tuple[str, int] | None = option(
         None,
         long="--metrics",

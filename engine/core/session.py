@@ -11,6 +11,7 @@ CONTRACT (design §5):
     s.next_event() -> Event | None          # RouteNeeded before any SYN; SessionEnded
     s.finished -> bool                      # may be removed from the table (linger over)
     s.unsend -> int                         # captured client segments not yet sent
+    s.held_bytes -> int                     # their payload bytes (the held backlog)
     s.counters: collections.Counter         # spec §3.18 names + drops by DropReason
 
 Additions to the contract (used by table.SessionTable):
@@ -204,7 +205,8 @@ class TcpSession:
     __slots__ = (
         "config", "client", "target", "online", "counters", "state", "outcome", "created_at",
         # client stream
-        "_base", "_iss", "_snd_una", "_snd_nxt", "_cap_end", "_pending", "_unacked", "_syn_pkt",
+        "_base", "_iss", "_snd_una", "_snd_nxt", "_cap_end", "_pending", "_held", "_unacked",
+        "_syn_pkt",
         "_third_pkt", "_fin_seg", "_rst_seg", "_fin_sent", "_fake_syn", "_fake_wnd", "_ip_id",
         "_gap_held", "_gap_at", "_gap_fast", "_reconnects", "_reconnected", "_resync", "_cap_ack",
         "_restart_refused",
@@ -248,6 +250,7 @@ class TcpSession:
         self._snd_nxt = 0
         self._cap_end = 1
         self._pending: deque[_Seg] = deque()
+        self._held = 0  # sum of (end - off) over _pending, kept as it changes
         self._unacked = RetransmitQueue()
         self._syn_pkt: TcpPacket | None = None
         self._third_pkt: TcpPacket | None = None
@@ -332,6 +335,12 @@ class TcpSession:
         if self._rst_seg is not None:
             n += 1
         return n
+
+    @property
+    def held_bytes(self) -> int:
+        """Payload bytes of the captured segments not yet sent (the held backlog the table's
+        byte budget counts); kept up to date as segments are queued, trimmed and sent."""
+        return self._held
 
     @property
     def syn_seq(self) -> int | None:
@@ -625,6 +634,7 @@ class TcpSession:
         for seg in segs:
             if not pend or pend[-1].off <= seg.off:
                 pend.append(seg)
+                self._held += seg.end - seg.off
                 continue
             # Reordered capture: insert in offset order (rare; scan from the tail).
             i = len(pend) - 1
@@ -636,6 +646,7 @@ class TcpSession:
                 self._drop(DropReason.CLIENT_RETRANSMIT)
                 continue
             pend.insert(i, seg)
+            self._held += seg.end - seg.off
 
     # -- responses --------------------------------------------------------------------------
 
@@ -1038,6 +1049,7 @@ class TcpSession:
         if self.unsend:
             c["unsend dropped"] += self.unsend
         self._pending.clear()
+        self._held = 0
         self._unacked.clear()
         self._rst_seg = None
         if not self._fin_sent:
@@ -1149,10 +1161,12 @@ class TcpSession:
             seg = pend[0]
             if seg.end <= end:
                 pend.popleft()  # a captured retransmission of what went before
+                self._held -= seg.end - seg.off
                 continue
             if seg.ack != ack and seg.off >= end:
                 break
             pend.popleft()
+            self._held -= seg.end - seg.off
             skipped += seg.end - max(seg.off, end)
             end, ack = seg.end, seg.ack
         if skipped:
@@ -1400,6 +1414,7 @@ class TcpSession:
                 nxt = self._snd_nxt
                 if seg.end <= nxt:
                     pend.popleft()  # all of it was sent already (a captured retransmission)
+                    self._held -= seg.end - seg.off
                     c["total cont retransmit"] += 1
                     self._drop(DropReason.CLIENT_RETRANSMIT)
                     continue
@@ -1414,6 +1429,7 @@ class TcpSession:
                 self._gap_held = False
                 self._gap_at = None
                 if seg.off < nxt:  # overlap: send only the new part
+                    self._held -= nxt - seg.off
                     seg.payload = seg.payload[nxt - seg.off :]
                     seg.off = nxt
                     c["client overlap"] += 1
@@ -1442,9 +1458,11 @@ class TcpSession:
                     head.payload = seg.payload[:room]
                     seg.payload = seg.payload[room:]
                     seg.off += room
+                    self._held -= room
                     seg = head
                 else:
                     pend.popleft()
+                    self._held -= seg.end - seg.off
                 self._emit(out, seg.flags, self._seq(seg.off), self._rcv_nxt, seg.payload, seg)
                 seg.sent_at = now
                 seg.retx = False

@@ -53,6 +53,13 @@ watchdog's flag), a packet that would start a session does not: it is counted in
 packet of it is dropped too (``drop_shed``) until its FIN/RST or SHED_IDLE_S: the SYNs the
 capture queued in the ring before it began shedding become no session, and none of them
 becomes half a session later (engine/core/shed.py keeps the same rule at the capture).
+
+Backlog budget (``config.backlog_max_bytes``): the table keeps the sum of its sessions'
+``held_bytes`` (captured payload not yet sent), updated per touched session at ``drain`` (so
+"as of the last drain", like ``unsend``) and when a session is removed.  While it is at or
+above the budget, a packet that would start a session starts none, exactly as under
+``refuse_new`` but counted in ``shed_sessions_backlog``: the backlog cannot grow by new
+sessions, only by the ones running, which drain it as their target answers.
 Sessions touched by an input are queued once (``_touched``) and handled by ``drain``, which
 is O(touched).
 """
@@ -124,7 +131,17 @@ ints costs half of what one packed 96-bit int did."""
 class _Entry:
     """A session plus the table's bookkeeping for it."""
 
-    __slots__ = ("session", "flow_key", "flow", "resp_key", "sched", "touched", "unsend", "gone")
+    __slots__ = (
+        "session",
+        "flow_key",
+        "flow",
+        "resp_key",
+        "sched",
+        "touched",
+        "unsend",
+        "held",
+        "gone",
+    )
 
     def __init__(
         self, session: TcpSession, flow_key: Key4, flow: list[_Entry], resp_key: Key4
@@ -136,6 +153,7 @@ class _Entry:
         self.sched: float | None = None
         self.touched = False
         self.unsend = 0
+        self.held = 0
         self.gone = False
 
 
@@ -160,6 +178,7 @@ class SessionTable:
         self._touched: list[_Entry] = []
         self._now = 0.0
         self._unsend = 0
+        self._held = 0  # the sessions' held_bytes as of the last drain (docstring)
         # -g: when the ramp started (the first flow kept), and whether it reached 100 %.
         self._ramp_start: float | None = None
         self._ramp_done = not config.gradual
@@ -183,6 +202,11 @@ class SessionTable:
     def unsend(self) -> int:
         """Captured client segments not yet sent, over all sessions (as of the last drain)."""
         return self._unsend
+
+    @property
+    def held_bytes(self) -> int:
+        """Their payload bytes (the held backlog), as of the last drain."""
+        return self._held
 
     # -- routes -------------------------------------------------------------------------------
 
@@ -321,8 +345,9 @@ class SessionTable:
             if not self.config.fake_handshake:
                 c[_DROP_NO_SYN] += 1  # -O
                 return
-        if self.refuse_new:
-            c["shed_sessions_memory"] += 1
+        budget = self.config.backlog_max_bytes
+        if self.refuse_new or (budget and self._held >= budget):
+            c["shed_sessions_memory" if self.refuse_new else "shed_sessions_backlog"] += 1
             c[_DROP_SHED] += 1
             if not flags & (FIN | RST):
                 self._refused[fkey] = now
@@ -332,7 +357,7 @@ class SessionTable:
     def _still_refused(self, fkey: Key4, flags: int, now: float) -> bool:
         """A packet of a refused flow: dropped (True) until the flow ends or goes idle; a
         SYN once refusing stopped begins a new, whole session (False)."""
-        if now - self._refused[fkey] > REFUSED_IDLE_S or (flags & SYN and not self.refuse_new):
+        if now - self._refused[fkey] > REFUSED_IDLE_S or (flags & SYN and not self._shedding()):
             del self._refused[fkey]
             return False
         self.counters[_DROP_SHED] += 1
@@ -341,6 +366,11 @@ class SessionTable:
         else:
             self._refused[fkey] = now
         return True
+
+    def _shedding(self) -> bool:
+        """New sessions are refused now: memory pressure, or the backlog budget is spent."""
+        budget = self.config.backlog_max_bytes
+        return self.refuse_new or bool(budget and self._held >= budget)
 
     def expire_refused(self, now: float) -> None:
         """Forget refused flows idle for REFUSED_IDLE_S (the worker calls it now and then)."""
@@ -550,6 +580,10 @@ class SessionTable:
             if u != e.unsend:
                 self._unsend += u - e.unsend
                 e.unsend = u
+            h = s.held_bytes
+            if h != e.held:
+                self._held += h - e.held
+                e.held = h
             if s.state is _FINISHED:
                 self._remove(e, now)
             else:
@@ -568,6 +602,8 @@ class SessionTable:
         c["tw"] -= 1
         self._unsend -= e.unsend
         e.unsend = 0
+        self._held -= e.held
+        e.held = 0
         if self._by_resp.get(e.resp_key) is e:
             del self._by_resp[e.resp_key]
         flow = e.flow

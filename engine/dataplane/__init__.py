@@ -15,6 +15,12 @@ Modules:
 - ``capture`` (capture.pyx): the capture process's per-packet path: the TPACKET_V3 block
   walk, the -x prefilter, the flow hash, the shed gate (``Gate``) and the copy into the
   workers' rings (``BlockWalker``); engine/proc/capture.py uses it when it is here.
+- ``engine`` (engine.pyx and its include files): the session engine in C.  hmap.pxi, an
+  open-addressing hash map; rewrite.pxi, the -x/-c/-r/-n/-f rules and the TupleAllocator
+  (engine/core/rewrite.py; it shares engine/io/tuple_history.py's block bit for bit);
+  table.pxi, the session table (engine/core/table.py) as ``Table``, with the worker's batch
+  calls (``receive_client_ips``, ``receive_slots``, ``receive_records``, ``drain_into``);
+  counters.pxi and session.pxi, the session state machine (engine/core/session.py).
 """
 
 from __future__ import annotations

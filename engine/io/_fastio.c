@@ -22,6 +22,13 @@
  *       daddr has no record is refused with EHOSTUNREACH (no next-hop MAC), one shorter
  *       than an IPv4 header with EINVAL.  Same stop-and-report contract as above.
  *
+ *   send_raw_buffer(fd, buf, lengths, n, start=0) -> (sent, errno)
+ *   send_link_buffer(fd, ifindex, buf, lengths, n, headers, start=0) -> (sent, errno)
+ *       The same two, for packets written back to back into one buffer (a drain's send
+ *       buffer, engine/io/batch.py SendBuffer): packet i is `lengths[i]` bytes (a u32
+ *       buffer) after packets 0..i-1.  No Python object per packet.  `n` beyond `lengths`, or
+ *       packets reaching past `buf`, raise ValueError before anything is sent.
+ *
  *   recv_batch(fd, max, bufsize) -> list[bytes]
  *       recvmmsg(2) with MSG_DONTWAIT: up to `max` datagrams in one syscall (the NFQUEUE
  *       netlink socket).  Returns [] on EAGAIN; raises OSError on any other error, except
@@ -230,6 +237,188 @@ send_link_batch(PyObject *self, PyObject *args)
     return Py_BuildValue("(ni)", i - first, err);
 }
 
+/* Packet i of a send buffer: the u32 lengths, summed once into offsets by the caller. */
+static int
+buffer_packets(Py_buffer *buf, Py_buffer *lens, Py_ssize_t n, size_t **offsets_out)
+{
+    if (lens->len % 4 != 0 || n < 0 || n > lens->len / 4) {
+        PyErr_SetString(PyExc_ValueError, "n is beyond the lengths buffer");
+        return -1;
+    }
+    size_t *offsets = PyMem_Malloc(((size_t)n + 1) * sizeof(size_t));
+    if (offsets == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    const uint32_t *l = (const uint32_t *)lens->buf;
+    size_t off = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        offsets[i] = off;
+        off += l[i];
+        if (off > (size_t)buf->len) {
+            PyMem_Free(offsets);
+            PyErr_SetString(PyExc_ValueError, "packets reach past the buffer");
+            return -1;
+        }
+    }
+    offsets[n] = off;
+    *offsets_out = offsets;
+    return 0;
+}
+
+static PyObject *
+send_raw_buffer(PyObject *self, PyObject *args)
+{
+    int fd;
+    Py_buffer buf, lens;
+    Py_ssize_t n, start = 0;
+    if (!PyArg_ParseTuple(args, "iy*y*n|n:send_raw_buffer", &fd, &buf, &lens, &n, &start))
+        return NULL;
+    size_t *offsets = NULL;
+    if (buffer_packets(&buf, &lens, n, &offsets) < 0) {
+        PyBuffer_Release(&buf);
+        PyBuffer_Release(&lens);
+        return NULL;
+    }
+    const uint32_t *l = (const uint32_t *)lens.buf;
+    char *base = (char *)buf.buf;
+    struct mmsghdr msgs[CHUNK];
+    struct iovec iov[CHUNK];
+    struct sockaddr_in addr[CHUNK];
+    Py_ssize_t i = start < 0 ? 0 : start;
+    Py_ssize_t first = i;
+    int err = 0;
+
+    Py_BEGIN_ALLOW_THREADS
+    while (i < n && err == 0) {
+        int k = 0;
+        while (k < CHUNK && i + k < n) {
+            char *p = base + offsets[i + k];
+            uint32_t len = l[i + k];
+            if (len < IPV4_HDR_MIN)
+                break;
+            memset(&addr[k], 0, sizeof(addr[k]));
+            addr[k].sin_family = AF_INET;
+            memcpy(&addr[k].sin_addr, p + 16, 4);
+            iov[k].iov_base = p;
+            iov[k].iov_len = len;
+            memset(&msgs[k], 0, sizeof(msgs[k]));
+            msgs[k].msg_hdr.msg_name = &addr[k];
+            msgs[k].msg_hdr.msg_namelen = sizeof(addr[k]);
+            msgs[k].msg_hdr.msg_iov = &iov[k];
+            msgs[k].msg_hdr.msg_iovlen = 1;
+            k++;
+        }
+        if (k == 0) {
+            err = EINVAL; /* packet i is shorter than an IPv4 header */
+            break;
+        }
+        int r;
+        do {
+            r = sendmmsg(fd, msgs, (unsigned int)k, MSG_DONTWAIT);
+        } while (r < 0 && errno == EINTR);
+        if (r < 0)
+            err = errno;
+        else
+            i += r;
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_Free(offsets);
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&lens);
+    return Py_BuildValue("(ni)", i - first, err);
+}
+
+static PyObject *
+send_link_buffer(PyObject *self, PyObject *args)
+{
+    int fd, ifindex;
+    Py_buffer buf, lens;
+    const char *table;
+    Py_ssize_t table_len;
+    Py_ssize_t n, start = 0;
+    if (!PyArg_ParseTuple(args, "iiy*y*ny#|n:send_link_buffer", &fd, &ifindex, &buf, &lens, &n,
+                          &table, &table_len, &start))
+        return NULL;
+    size_t *offsets = NULL;
+    if (table_len % LINK_RECORD != 0) {
+        PyErr_SetString(PyExc_ValueError, "headers must be 18-byte records");
+    } else {
+        buffer_packets(&buf, &lens, n, &offsets);
+    }
+    if (offsets == NULL) {
+        PyBuffer_Release(&buf);
+        PyBuffer_Release(&lens);
+        return NULL;
+    }
+    Py_ssize_t records = table_len / LINK_RECORD;
+    const uint32_t *l = (const uint32_t *)lens.buf;
+    char *base = (char *)buf.buf;
+    struct mmsghdr msgs[CHUNK];
+    struct iovec iov[2 * CHUNK];
+    struct sockaddr_ll addr;
+    memset(&addr, 0, sizeof(addr));
+    addr.sll_family = AF_PACKET;
+    addr.sll_protocol = htons(ETH_P_IP);
+    addr.sll_ifindex = ifindex;
+    addr.sll_halen = 6;
+    Py_ssize_t i = start < 0 ? 0 : start;
+    Py_ssize_t first = i;
+    int err = 0;
+
+    Py_BEGIN_ALLOW_THREADS
+    while (i < n && err == 0) {
+        int k = 0;
+        int stop = 0;
+        while (k < CHUNK && i + k < n) {
+            char *p = base + offsets[i + k];
+            uint32_t len = l[i + k];
+            if (len < IPV4_HDR_MIN) {
+                stop = EINVAL;
+                break;
+            }
+            const char *hdr = NULL;
+            for (Py_ssize_t r = 0; r < records; r++) {
+                if (memcmp(table + r * LINK_RECORD, p + 16, 4) == 0) {
+                    hdr = table + r * LINK_RECORD + 4;
+                    break;
+                }
+            }
+            if (hdr == NULL) {
+                stop = EHOSTUNREACH;
+                break;
+            }
+            iov[2 * k].iov_base = (void *)hdr;
+            iov[2 * k].iov_len = LINK_HDR;
+            iov[2 * k + 1].iov_base = p;
+            iov[2 * k + 1].iov_len = len;
+            memset(&msgs[k], 0, sizeof(msgs[k]));
+            msgs[k].msg_hdr.msg_name = &addr;
+            msgs[k].msg_hdr.msg_namelen = sizeof(addr);
+            msgs[k].msg_hdr.msg_iov = &iov[2 * k];
+            msgs[k].msg_hdr.msg_iovlen = 2;
+            k++;
+        }
+        if (k == 0) {
+            err = stop;
+            break;
+        }
+        int r;
+        do {
+            r = sendmmsg(fd, msgs, (unsigned int)k, MSG_DONTWAIT);
+        } while (r < 0 && errno == EINTR);
+        if (r < 0)
+            err = errno;
+        else
+            i += r;
+    }
+    Py_END_ALLOW_THREADS
+    PyMem_Free(offsets);
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&lens);
+    return Py_BuildValue("(ni)", i - first, err);
+}
+
 static PyObject *
 recv_batch(PyObject *self, PyObject *args)
 {
@@ -392,6 +581,12 @@ static PyMethodDef methods[] = {
     {"send_link_batch", send_link_batch, METH_VARARGS,
      "send_link_batch(fd, ifindex, packets, headers, start=0) -> (sent, errno): sendmmsg of "
      "IPv4 packets as Ethernet frames on an AF_PACKET socket; stops at the first refusal."},
+    {"send_raw_buffer", send_raw_buffer, METH_VARARGS,
+     "send_raw_buffer(fd, buf, lengths, n, start=0) -> (sent, errno): send_raw_batch of n "
+     "packets lying back to back in buf (u32 lengths)."},
+    {"send_link_buffer", send_link_buffer, METH_VARARGS,
+     "send_link_buffer(fd, ifindex, buf, lengths, n, headers, start=0) -> (sent, errno): "
+     "send_link_batch of n packets lying back to back in buf (u32 lengths)."},
     {"recv_batch", recv_batch, METH_VARARGS,
      "recv_batch(fd, max=64, bufsize=4096) -> list[bytes] | -ENOBUFS: recvmmsg, non-blocking."},
     {NULL, NULL, 0, NULL},

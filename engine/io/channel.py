@@ -10,8 +10,9 @@ and on reaching CONNECTED sends the 14-byte version handshake before anything el
 Every CLIENT_ADD goes to *every* intercept that has a connected connection, on one of its
 connections chosen round-robin (§1.2): intercept routes a flow's responses to the connection
 that delivered its latest CLIENT_ADD, so which one we pick does not matter, spreading them
-does.  Responses arrive as combined frames (`!H count` + 64-byte records, §1.4) and are
-decoded into TcpPackets for the session table.
+does.  Responses arrive as combined frames (`!H count` + 64-byte records, §1.4); the complete
+records of each read go to the session table back to back in one call (``on_records``), which
+decodes them where they lie.
 
 Differences from C, on purpose (spec §1.7 QUIRKs):
 * A lost or refused connection is retried with exponential backoff (0.5 s doubling to 10 s),
@@ -82,7 +83,9 @@ AUTH_TIMEOUT_S = 5.0
 
 IDLE, CONNECTING, AUTHENTICATING, CONNECTED = "idle", "connecting", "authenticating", "connected"
 
-ResponseHandler = Callable[[object, float], None]
+RecordsHandler = Callable[[bytes, float, int], int]
+"""on_records(records, now, record_bytes) -> bytes consumed: the complete records of one read,
+back to back (engine/io/batch.py ``receive_records``)."""
 
 
 class _Conn:
@@ -137,11 +140,12 @@ class _Intercept:
 class InterceptChannels:
     """All connections of one worker to all intercepts.
 
-    `on_response(pkt, now)` receives every decoded response record (a packet.TcpPacket).
+    `on_records(records, now, record_bytes)` receives the complete response records of each
+    read, back to back, in one call (it decodes them, and counts those that do not decode).
 
     counters: channel_connects, channel_disconnects, channel_connect_failures,
     channel_frame_errors, channel_overflows, route_announced, route_unannounced,
-    route_records_sent, responses_received, response_decode_errors, sessions_reannounced
+    route_records_sent, responses_received (records handed on), sessions_reannounced
     (CLIENT_ADD records sent again for live sessions, see "Re-announcing"); with a secret also
     channel_auth_ok, channel_auth_refused, channel_auth_bad_proof, channel_auth_failures
     (no answer in time, or not the extended protocol).
@@ -157,7 +161,7 @@ class InterceptChannels:
         intercepts: Sequence[tuple[str, int]],
         connections: int,
         selector: selectors.BaseSelector,
-        on_response: ResponseHandler,
+        on_records: RecordsHandler,
         *,
         record_bytes: int = 64,  # wire.RESPONSE_RECORD_BYTES (192 with payload)
         combined: bool = True,
@@ -170,7 +174,7 @@ class InterceptChannels:
             raise ValueError("no intercept")
         self.intercepts = [_Intercept(h, p, max(1, connections)) for h, p in intercepts]
         self.selector = selector
-        self.on_response = on_response
+        self.on_records = on_records
         self.record_bytes = record_bytes
         self.combined = combined
         self.secret = secret or None
@@ -587,25 +591,15 @@ class InterceptChannels:
             decoder = conn.decoder
             assert decoder is not None
             try:
-                records = decoder.feed(data)
+                records = decoder.feed_records(data)
             except DecodeError as exc:
                 # spec §1.4: a bad frame count is fatal for that connection in C too.
                 self.counters["channel_frame_errors"] += 1
                 self._fail(conn, now, f"bad frame: {exc}")
                 return
-            decode, on_response = wire.decode_response_record, self.on_response
-            bad = 0
-            for rec in records:
-                try:
-                    pkt = decode(rec)
-                except DecodeError:
-                    bad += 1
-                    continue
-                on_response(pkt, now)
             if records:
-                self.counters["responses_received"] += len(records) - bad
-                if bad:
-                    self.counters["response_decode_errors"] += bad
+                self.on_records(records, now, self.record_bytes)
+                self.counters["responses_received"] += len(records) // self.record_bytes
             if drained:
                 return
 
@@ -652,3 +646,22 @@ def _set_keepalive(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
     except OSError:
         pass
+
+
+def per_record(on_response: Callable[[object, float], None]) -> RecordsHandler:
+    """An ``on_records`` that decodes each record and calls ``on_response(pkt, now)`` (records
+    that do not decode are skipped): for callers without a session table's batch call."""
+
+    def on_records(records: bytes, now: float, record_bytes: int) -> int:
+        count = len(records) // record_bytes
+        for i in range(count):
+            try:
+                pkt = wire.decode_response_record(
+                    records[i * record_bytes : (i + 1) * record_bytes]
+                )
+            except DecodeError:
+                continue
+            on_response(pkt, now)
+        return count * record_bytes
+
+    return on_records

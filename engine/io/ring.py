@@ -327,6 +327,31 @@ class Ring:
         self._publish_tail(tail + count)
         return out
 
+    @property
+    def slot_area(self) -> memoryview:
+        """The slots, from slot 0's header on: what a batch call reads in place (the slot
+        ``i`` at byte ``i * slot_bytes``, see the module docstring's layout)."""
+        return self._buf[_HEADER_BYTES:]
+
+    def peek_slots(self, max_items: int = 256) -> tuple[int, int]:
+        """(first, count): up to ``max_items`` packets ready to read in place, oldest first,
+        slot ``(first + k) % slots`` for k < count.  They stay the consumer's until
+        ``release(count)``; loss marks are counted here, as ``pop_packets`` does."""
+        tail = self._tail_mine
+        count = min(self._consumer_available(), max_items)
+        if count <= 0:
+            return tail % self.slots, 0
+        index = np.arange(tail, tail + count, dtype=np.int64) % self.slots
+        marks = self._u32[index * self._slot_words32 + 1]
+        if marks.any():
+            self.loss_marks += int(np.count_nonzero(marks & SLOT_FLAG_LOSS_BEFORE))
+        return tail % self.slots, count
+
+    def release(self, count: int) -> None:
+        """Hand ``count`` slots taken with ``peek_slots`` back to the producer."""
+        if count > 0:
+            self._publish_tail(self._tail_mine + count)
+
     def clear_wakeup(self) -> None:
         """Consume the eventfd after it polled readable."""
         try:

@@ -85,6 +85,14 @@ class TupleHistory:
         return self._shm.name
 
     @property
+    def block(self) -> memoryview:
+        """The whole shared block (layout in the module docstring): the compiled engine's
+        allocator reads and writes it in place, with the same slot hash (``_slot``)."""
+        buf = self._shm.buf
+        assert buf is not None
+        return buf
+
+    @property
     def incarnations(self) -> int:
         """How many workers adopted this history so far."""
         return int(_HEADER.unpack_from(self._shm.buf, 0)[0])

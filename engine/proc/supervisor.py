@@ -82,6 +82,7 @@ from engine import EXIT_RUNTIME, PROG
 from engine.core.config import BYTES_PER_MB, ReplayConfig
 from engine.io import notify
 from engine.io.control import CAPTURE_SLOT, ControlBlock
+from engine.io.engines import build_table, resolve_engine
 from engine.io.logs import LOGGER_NAME, is_json, reopen_logs
 from engine.io.report import stats_lines
 from engine.io.sigloop import SignalPipe
@@ -139,7 +140,7 @@ class Supervisor:
 
     Test seams: `sender_factory(worker_index)` makes a worker's sender (default: a RawSender),
     `sources_factory(cfg, prefilter)` the capture sources (default: capture.build_sources),
-    `channels_factory(selector, on_response)` a worker's intercept channels, `counters` an
+    `channels_factory(selector, on_records)` a worker's intercept channels, `counters` an
     existing CounterBlock with cfg.workers worker rows (the caller then owns it),
     `memory_usage()` the bytes the watchdog compares with -m.
     """
@@ -161,6 +162,8 @@ class Supervisor:
     ) -> None:
         self.cfg = cfg
         self.workers = max(1, cfg.workers)
+        # --engine: resolved once here, so the children (forked) all run the same one.
+        self.engine, self.engine_notice = resolve_engine(cfg.engine)
         self.sender_factory = sender_factory
         self.sources_factory = sources_factory
         self.channels_factory = channels_factory
@@ -260,10 +263,19 @@ class Supervisor:
         """--metrics: serve the counter block (ConfigError naming --metrics if it cannot bind)."""
         if self.cfg.metrics is None:
             return
-        from metrics.exporter import TcpcopyCollector, make_registry, start_exporter
+        from engine import __version__
+        from metrics.exporter import (
+            BuildInfoCollector,
+            TcpcopyCollector,
+            make_registry,
+            start_exporter,
+        )
 
         host, port = self.cfg.metrics
-        registry = make_registry(TcpcopyCollector(self._scrape_snapshot))
+        registry = make_registry(
+            TcpcopyCollector(self._scrape_snapshot),
+            BuildInfoCollector(engine=self.engine, version=__version__),
+        )
         self.exporter = start_exporter(f"{host}:{port}", registry)
         bound = self.exporter.server_address
         log.info("Prometheus metrics on http://%s:%d/metrics", bound[0], bound[1])
@@ -318,9 +330,15 @@ class Supervisor:
             self._install_signal_handlers()
             now = self.clock()
             self.started_at = now
+            if self.engine_notice:
+                log.warning(
+                    "--engine auto: running the Python engine (several times slower): %s",
+                    self.engine_notice,
+                )
             log.info(
-                "tcpcopy-mp starts: capture %s, %d worker(s), %d intercept(s) x %d "
+                "tcpcopy-mp starts: %s engine, capture %s, %d worker(s), %d intercept(s) x %d "
                 "connection(s), -x %d entr%s",
+                self.engine,
                 cfg.capture,
                 self.workers,
                 len(cfg.intercepts),
@@ -349,7 +367,7 @@ class Supervisor:
                 self.progress.finish(self.block.snapshot()["totals"], self.clock())
             self.log_stats(final=True)
             self.log_final_summary()
-            log.info("tcpcopy-mp exits: %s", self.exit_reason)
+            log.info("tcpcopy-mp exits: %s (%s engine)", self.exit_reason, self.engine)
             if cfg.summary_json:
                 from engine.io.privileges import write_summary  # in place if kept at the drop
 
@@ -668,7 +686,6 @@ class Supervisor:
         return proc.run()
 
     def _worker_main(self, index: int) -> int:
-        from engine.core.table import SessionTable
         from engine.io.ring import Ring
         from engine.proc.worker import RingSource, WorkerProcess
 
@@ -690,7 +707,7 @@ class Supervisor:
                     carried,
                     session.time_wait_s,
                 )
-        table = SessionTable(session, tuple_history=history)
+        table = build_table(self.engine, session, history)
         source = RingSource(Ring.attach(self.rings[index].spec()), self.control)
         source.on_loss = table.note_capture_loss
         kw: dict[str, Any] = {"clock": self.clock}
@@ -798,6 +815,7 @@ class Supervisor:
             out["capture"] = _nonzero(snap["capture"])
             out["supervisor"] = _nonzero(snap["supervisor"])
         out["workers"] = self.workers
+        out["engine"] = self.engine
         out["capture_restarts"] = self.capture_restarts
         out["shedding"] = bool(self.control is not None and self.control.shed)
         out["uptime_s"] = round(self.clock() - self.started_at, 3) if self.started_at else 0.0

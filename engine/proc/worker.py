@@ -4,9 +4,12 @@ Theory of operation
 -------------------
 One `selectors` loop owns every file descriptor of the worker:
 
-* the source's fd (the ring's eventfd) -> parse (packet.parse_ip) -> table.receive_client;
-  a source without an fd (a paced file) has its next due time as one more timer;
-* intercept connections (channel.py) -> decoded response records -> table.receive_response;
+* the source's fd (the ring's eventfd) -> one batch call per ring batch: the ring's slots
+  read in place (``table.receive_slots``), or the packets of any other source packed into one
+  buffer (``table.receive_client_ips``); a source without an fd (a paced file) has its next
+  due time as one more timer;
+* intercept connections (channel.py) -> the complete response records of each read, back to
+  back -> one ``table.receive_records``;
 * a self-pipe woken by signals (signal.set_wakeup_fd), so SIGTERM/SIGINT/SIGHUP interrupt the
   wait at once instead of at the next timer;
 * timers: the table's next deadline, the channel's reconnects, the offline pacing, the stats
@@ -16,7 +19,12 @@ Twice per wake-up the table is drained: after the intercept responses (they rele
 requests, so they leave before the capture batch is even parsed), and after the capture
 batches and timers.  A drain announces its routes first (CLIENT_ADD to every intercept, spec
 §1.2: before the SYN they announce; one write per connection), then sends its packets in one
-raw sendmmsg batch (engine/io/send.py).
+raw sendmmsg batch (engine/io/send.py): ``table.drain_into`` writes the packets into the
+worker's one preallocated SendBuffer and the sender sends them from there.
+
+The table is either engine (engine/io/engines.py): the compiled one has the batch calls
+itself, the Python one gets them from engine/io/batch.py's adapter, which loops over its
+per-packet calls and is the specification of what each batch call does.
 Offline tail: once every source is exhausted (an offline replay's input ended), the loop
 stops when the table is empty, or when no session sent a packet for ``offline_tail_s``
 (ReplayConfig explains the 10 s default): the sessions still open (a lone SYN, an idle
@@ -30,7 +38,8 @@ is the pure core's job, which this loop only feeds and drains.
 The capture side runs in its own process (engine/proc/capture.py): in tcpcopy-mp a
 worker's one source is its ring (``RingSource`` below, whose fd is the ring's eventfd);
 any object with the engine/io/capture.py source interface will do (the unit tests feed
-packets directly).  `_on_ip_packets` is where the packets enter.
+packets directly).  `_on_ip_packets` is where the packets of such a source enter; a source
+with ``receive_into(table, now)`` (RingSource) hands its batch to the table itself.
 
 The worker process (``WorkerProcess``)
 --------------------------------------
@@ -75,12 +84,14 @@ import logging
 import selectors
 import signal
 import time
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from itertools import accumulate
 
-from engine.codec import packet
+from engine.codec.wire import RESPONSE_RECORD_BYTES
 from engine.core.config import BYTES_PER_MB, ReplayConfig
-from engine.errors import DecodeError
+from engine.io.batch import SendBuffer, as_batch
 from engine.io.channel import InterceptChannels
 from engine.io.logs import LOGGER_NAME, RateLimiter, is_json, reopen_logs
 from engine.io.report import stats_lines
@@ -123,9 +134,11 @@ frozen objects never being freed, is what the line above measured: none from the
 class Worker:
     """Runs one SessionTable against capture sources, intercept channels and a sender.
 
-    `table` follows the table.SessionTable contract; `sources` the io/capture.py interface;
-    `sender` has send(bytes) -> bool and counters; `channels` is built here unless given (a
-    factory `channels(selector, on_response)` lets tests inject a fake).
+    `table` follows the table.SessionTable contract (wrapped in engine/io/batch.py's adapter
+    unless it has the batch calls); `sources` the io/capture.py interface; `sender` has
+    send_buffer(sendbuf, n), send_batch(list[bytes]) or send(bytes), and counters;
+    `channels` is built here unless given (a factory `channels(selector, on_records)` lets
+    tests inject a fake; ``on_records(blob, now, record_bytes)`` takes a read's records).
     """
 
     def __init__(
@@ -141,7 +154,8 @@ class Worker:
         memory_rss: Callable[[], int] | None = None,
     ) -> None:
         self.cfg = cfg
-        self.table = table
+        self.table = as_batch(table)
+        self.sendbuf = SendBuffer()
         self.sources = list(sources)
         self.sender = sender
         self.clock = clock
@@ -151,13 +165,13 @@ class Worker:
                 cfg.intercepts,
                 cfg.connections,
                 self.sel,
-                self._on_response,
+                self._on_records,
                 secret=cfg.intercept_secret,
                 live_routes=self._live_routes,
                 on_route_down=self._on_route_down,
             )
         else:
-            self.channels = channels(self.sel, self._on_response)
+            self.channels = channels(self.sel, self._on_records)
         self.counters: Counter[str] = Counter()
         self.prefilter_counters = (
             prefilter_counters if prefilter_counters is not None else Counter()
@@ -258,7 +272,7 @@ class Worker:
             for src in self.sources:
                 due = src.next_deadline()
                 if due is not None and due <= now:
-                    self._on_ip_packets(src.read_batch(now), now)
+                    self._read_source(src, now)
             timer = self.table.get_timer()
             if timer is not None and timer <= now:
                 self.table.handle_timer(now)
@@ -352,22 +366,33 @@ class Worker:
 
     # -- data path --------------------------------------------------------------------------
 
+    def _read_source(self, src: object, now: float) -> None:
+        """One batch of ``src`` into the table: in place when the source can (a ring)."""
+        receive_into = getattr(src, "receive_into", None)
+        if receive_into is not None:
+            errors = receive_into(self.table, now)
+            if errors:
+                self.counters["capture_parse_errors"] += errors
+        else:
+            self._on_ip_packets(src.read_batch(now), now)  # type: ignore[attr-defined]
+
     def _on_ip_packets(self, batch: Iterable[tuple[float, bytes]], now: float) -> None:
-        """Captured IPv4 packets (already past the -x pre-filter) into the session table."""
-        receive, parse = self.table.receive_client, packet.parse_ip
-        errors = 0
-        for _ts, ip in batch:
-            try:
-                pkt = parse(ip)
-            except DecodeError:
-                errors += 1
-                continue
-            receive(pkt, now)
+        """Captured IPv4 packets (already past the -x pre-filter) into the session table:
+        packed into one buffer, one batch call."""
+        ips = [ip for _ts, ip in batch]
+        if not ips:
+            return
+        lengths = array("I", map(len, ips))
+        offsets = array("I", accumulate(lengths, initial=0))
+        errors = self.table.receive_client_ips(b"".join(ips), offsets, lengths, len(ips), now)
         if errors:
             self.counters["capture_parse_errors"] += errors
 
-    def _on_response(self, pkt: object, now: float) -> None:
-        self.table.receive_response(pkt, now)
+    def _on_records(
+        self, blob: bytes, now: float, record_bytes: int = RESPONSE_RECORD_BYTES
+    ) -> int:
+        """The complete response records of one intercept read into the table."""
+        return int(self.table.receive_records(blob, now, record_bytes))
 
     def _live_routes(self) -> list[object]:
         """For a (re)made intercept connection: every live session's route (channel.py
@@ -389,7 +414,14 @@ class Worker:
         )
 
     def _flush(self, now: float) -> None:
-        routes, packets = self.table.drain()
+        sendbuf = self.sendbuf
+        while True:
+            routes, n = self.table.drain_into(sendbuf)
+            self._send(routes, n, now)
+            if not n:
+                return
+
+    def _send(self, routes: list[object], n: int, now: float) -> None:
         if routes:
             # If no intercept takes the CLIENT_ADD, the SYN still goes out: C would not start
             # the session at all (spec §1.2), but a target that sees the SYN is more useful
@@ -402,14 +434,20 @@ class Worker:
                 announce = self.channels.announce
                 for route in routes:
                     announce(route, now)
-        if packets:
-            send_batch = getattr(self.sender, "send_batch", None)
-            if send_batch is not None:
-                send_batch(packets)
-            else:
-                send = self.sender.send
-                for pkt in packets:
-                    send(pkt)
+        if not n:
+            return
+        send_buffer = getattr(self.sender, "send_buffer", None)
+        if send_buffer is not None:
+            send_buffer(self.sendbuf, n)
+            return
+        packets = self.sendbuf.packets(n)
+        send_batch = getattr(self.sender, "send_batch", None)
+        if send_batch is not None:
+            send_batch(packets)
+        else:
+            send = self.sender.send
+            for pkt in packets:
+                send(pkt)
 
     # -- reporting --------------------------------------------------------------------------
 
@@ -504,7 +542,7 @@ class _SourceCallback:
         self.src = src
 
     def __call__(self, mask: int, now: float) -> None:
-        self.worker._on_ip_packets(self.src.read_batch(now), now)
+        self.worker._read_source(self.src, now)
 
 
 def _key(key: object) -> str:
@@ -548,6 +586,7 @@ class RingSource:
         self._last_read = float("-inf")
         self._backlog = False
         self._loss_marks = 0
+        self._slots: memoryview | None = None  # the ring's slot area, for receive_into
         # Called with `now` when a batch held a packet the capture marked "packets of this
         # ring were dropped just before me" (ring.SLOT_FLAG_LOSS_BEFORE).
         self.on_loss: Callable[[float], None] | None = None
@@ -569,11 +608,37 @@ class RingSource:
             and len(self.ring) == 0
         )
 
+    def receive_into(self, table: object, now: float) -> int:
+        """``read_batch``'s batch handed to ``table.receive_slots`` where it lies in the ring
+        (no copy); returns the packets that did not parse."""
+        ring = self.ring
+        ring.clear_wakeup()
+        first, count = ring.peek_slots(self.batch_max)
+        self._after_read(now, count)  # before the batch, as read_batch's caller sees it
+        errors = 0
+        if count:
+            if self._slots is None:
+                self._slots = ring.slot_area
+            try:
+                errors = table.receive_slots(  # type: ignore[attr-defined]
+                    self._slots, ring.slot_bytes, ring.slots, first, count, now
+                )
+            finally:
+                ring.release(count)
+        return int(errors)
+
     def read_batch(self, now: float) -> list[tuple[float, bytes]]:
         ring = self.ring
         # Clear first: a push after our pop rings again, so nothing is slept through.
         ring.clear_wakeup()
         items = ring.pop_packets(self.batch_max)
+        self._after_read(now)
+        return items
+
+    def _after_read(self, now: float, held: int = 0) -> None:
+        """What follows every read: loss marks, the backlog test, the tick; ``held`` slots
+        were taken in place and are not released yet (they are not a backlog)."""
+        ring = self.ring
         self._last_read = now
         if ring.loss_marks != self._loss_marks:
             self._loss_marks = ring.loss_marks
@@ -584,12 +649,14 @@ class RingSource:
         # it may have read the tail before we published it (ring.py "Wake-ups").  Testing
         # only a full batch here missed those, and each miss slept RING_IDLE_POLL_S with
         # packets waiting: under load the ring overflowed while the worker sat idle.
-        self._backlog = len(ring) > 0
+        self._backlog = len(ring) > held
         if self.tick is not None:
             self.tick(now)
-        return items
 
     def close(self) -> None:
+        if self._slots is not None:
+            self._slots.release()
+            self._slots = None
         self.ring.close()
 
 

@@ -19,6 +19,7 @@ import pytest
 from engine.codec import packet
 from engine.codec.packet import ACK, PSH, TcpPacket
 from engine.io import send
+from engine.io.batch import SendBuffer
 from testbed import netns as tbm
 
 pytestmark = [
@@ -151,3 +152,45 @@ def test_an_empty_batch_sends_nothing(ns: str) -> None:
     finally:
         sender.close()
         rx.close()
+
+
+def _buffer(batch: list[bytes]) -> SendBuffer:
+    buf = SendBuffer()
+    off = 0
+    for i, p in enumerate(batch):
+        buf.data[off : off + len(p)] = p
+        buf.lengths[i] = len(p)
+        off += len(p)
+    return buf
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_send_buffer_goes_out_as_its_packets_would(ns: str, path: str) -> None:
+    """send_buffer (a drain's packets back to back, engine/io/batch.py) sends and counts
+    exactly as send_batch of the same packets: in order, each refusal under its errno."""
+    if path == "fastio":
+        pytest.importorskip("engine.io._fastio")
+    good = [21000 + i for i in range(600)]  # > one sendmmsg chunk
+    batch = [
+        _pkt(NOROUTE, 1),
+        *(_pkt(LOCAL, p, b"z" * (p % 40)) for p in good[:300]),
+        b"\x45\x00\x00",
+        _pkt(NOROUTE, 2),
+        *(_pkt(LOCAL, p) for p in good[300:]),
+        _pkt(NOROUTE, 3),
+    ]
+    sender, rx = _open(ns, path)
+    ref, rx2 = _open(ns, path)
+    try:
+        assert sender.send_buffer(_buffer(batch), len(batch)) == len(good)
+        assert _received_sports(rx, len(good)) == good
+        assert ref.send_batch(batch) == len(good)
+        assert {k: v for k, v in sender.counters.items() if v} == {
+            k: v for k, v in ref.counters.items() if v
+        }
+        assert sender.counters["send_error_ENETUNREACH"] == 3
+    finally:
+        for s in (sender, ref):
+            s.close()
+        for r in (rx, rx2):
+            r.close()

@@ -130,6 +130,8 @@ TCPCOPY_EXPECT: dict[str, Check] = {
     "replays": (lambda c: c.replays, lambda v, t: v),
     "offline_tail": (lambda c: c.offline_tail_s, lambda v, t: float(v)),
     "workers": (lambda c: c.workers, lambda v, t: v),
+    "engine": (lambda c: c.engine, lambda v, t: v),
+    "backlog_max_bytes": (lambda c: c.session.backlog_max_bytes, lambda v, t: v),
     "metrics": (lambda c: c.metrics, lambda v, t: _host_port(v)),
     "log": (lambda c: c.log_path, lambda v, t: v),
     "log_format": (lambda c: c.log_format, lambda v, t: v),

@@ -22,7 +22,9 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine import __version__
 from engine.app import cli
+from engine.io.engines import compiled_table_class
 from engine.io.logs import setup_logging
 from engine.proc.supervisor import Supervisor
 from tests.system.test_supervisor import PCAP, TARGET_IP, FakeWorld, UdpSender
@@ -147,6 +149,11 @@ def test_metrics_endpoint_survives_worker_restarts(start):
     )
     assert first[("tcpcopy_rss_bytes", ())] > 1024 * 1024  # the watchdog's tree measure (PSS)
     assert ("tcpcopy_sessions_active", (("worker", "1"),)) in first
+    # The engine that runs (--engine auto: the compiled one when it is built).
+    engine = "compiled" if compiled_table_class()[0] is not None else "python"
+    info = [k for k in first if k[0] == "tcpcopy_build_info"]
+    assert info == [("tcpcopy_build_info", (("engine", engine), ("version", __version__)))]
+    assert first[info[0]] == 1
     # Kill a worker while scraping: the restart forks with the HTTP thread alive.
     victim = wait_for(
         lambda: [k for k in run.children() if k.name() == "tcmp-worker0"], "worker 0", run
@@ -240,8 +247,11 @@ def test_sighup_reopens_the_log_in_every_process(start, tmp_path):
     assert run.wait_exit() == 0
     new = run.text()
     assert "tcpcopy-mp exits: stopped by SIGTERM" in new
+    engine = "compiled" if compiled_table_class()[0] is not None else "python"
+    assert f"tcpcopy-mp exits: stopped by SIGTERM ({engine} engine)" in new
     assert "worker 0: tcpcopy-mp exits" in new and "capture: capture exits" in new
     assert "SIGHUP" not in rotated.read_text()  # nothing was written to the old file after
+    assert f"tcpcopy-mp starts: {engine} engine, " in rotated.read_text()
 
 
 def test_final_summary_and_stats_lines_text(start):

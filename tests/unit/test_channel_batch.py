@@ -7,14 +7,14 @@ import selectors
 import time
 
 from engine.codec import wire
-from engine.io.channel import InterceptChannels
+from engine.io.channel import InterceptChannels, per_record
 from tests.unit.test_io_channel import FakeIntercept, Route, pump
 
 
 def _announce(batched: bool, n: int) -> tuple[list[bytes], dict[str, int]]:
     icpt = FakeIntercept()
     sel = selectors.DefaultSelector()
-    chans = InterceptChannels([("127.0.0.1", icpt.port)], 2, sel, lambda pkt, now: None)
+    chans = InterceptChannels([("127.0.0.1", icpt.port)], 2, sel, per_record(lambda pkt, now: None))
     try:
         chans.start(time.monotonic())
         pump(sel, chans, icpt, lambda: chans.connected == 2 and len(icpt.conns) == 2)
@@ -58,7 +58,7 @@ def test_batch_spreads_and_counts_like_single_announces() -> None:
 def test_batch_without_a_connection_counts_every_route_unannounced() -> None:
     sel = selectors.DefaultSelector()
     # Nothing listens on this port of the loopback: never connected.
-    chans = InterceptChannels([("127.0.0.1", 9)], 2, sel, lambda pkt, now: None)
+    chans = InterceptChannels([("127.0.0.1", 9)], 2, sel, per_record(lambda pkt, now: None))
     try:
         routes = [Route(0xC6130100 + i, 40000 + i, 0xC6120203, 8080) for i in range(3)]
         assert chans.announce_batch(routes, time.monotonic()) == 0

@@ -28,8 +28,9 @@ SEGMENT_GAP_S = 0.00002
 
 
 @pytest.fixture(autouse=True)
-def strict(monkeypatch):
-    monkeypatch.setattr(TcpSession, "strict", True)
+def engine(session_engine, monkeypatch):
+    """Every test here runs against both session engines (tests/unit/conftest.py)."""
+    monkeypatch.setitem(globals(), "TcpSession", session_engine)
 
 
 Answer = Callable[[int, int], list[int]]
@@ -103,7 +104,7 @@ def replay(
         "reqs": reqs,
         "delays": delays,
         "counters": s.counters,
-        "quiet_s": max(s._path_rtt() / 2, RESPONSE_QUIET_MIN_S),
+        "quiet_s": max(s.rtt_estimator.path_rtt() / 2, RESPONSE_QUIET_MIN_S),
     }
 
 
@@ -200,7 +201,7 @@ def test_quiet_scales_with_the_path_rtt():
     link.client(c.data(b"GET /b\r\n", read=500))
     link.now = 0.020 + 0.100  # answered 100 ms later (queued in our worker, say)
     link.respond(link.target.send(100))
-    assert s._srtt > 0.025  # the smoothed RTT grew
+    assert s.rtt_estimator.srtt > 0.025  # the smoothed RTT grew
     start = link.now
     assert [p.payload for p in link.run(start + 0.010 - 0.0001) if p.payload] == []
     assert [p.payload for p in link.run(start + 0.010) if p.payload] == [b"GET /b\r\n"]

@@ -19,6 +19,7 @@ from engine.core.rewrite import LOCALHOST_IP, TransferEntry, choose_client_ip, s
 from engine.core.session import DropReason, TcpSession, drop_key
 from engine.core.table import SessionTable
 from engine.errors import ConfigError
+from tests.unit.engines import ENGINES, table_class
 from tests.unit.link import ONLINE, ORIG_CLIENT, TARGET, Client, TableLink
 
 XFER = (TransferEntry(ONLINE[0], ONLINE[1], TARGET[0], TARGET[1]),)
@@ -28,14 +29,19 @@ POOL = (packet.ip_from_str("198.19.1.10"), packet.ip_from_str("198.19.1.11"))
 SAMPLED_OUT = drop_key(DropReason.SAMPLED_OUT)
 
 
-@pytest.fixture(autouse=True)
-def strict(monkeypatch):
+TABLE: dict[int, type] = {0: SessionTable}
+
+
+@pytest.fixture(autouse=True, params=ENGINES)
+def engine(request, monkeypatch):
     monkeypatch.setattr(TcpSession, "strict", True)
+    monkeypatch.setitem(TABLE, 0, table_class(request.param))
+    return request.param
 
 
 def mk(**kw) -> TableLink:
     kw.setdefault("transfers", XFER)
-    return TableLink(SessionTable(SessionConfig(**kw)))
+    return TableLink(TABLE[0](SessionConfig(**kw)))
 
 
 def sample_key(ip: int, port: int) -> int:
@@ -86,7 +92,8 @@ def test_ramp_adds_one_percent_per_second_and_reaches_all():
     assert start_flow(tl, keys[50]) == []
     tl.now = 10.0 + 99.0  # 100 %: everything, from now on
     assert len(start_flow(tl, keys[99])) == 1
-    assert tl.table._ramp_done
+    tl.now = 10.0 + 5.0  # a clock step back: the ramp is over for good (6 % would refuse it)
+    assert len(start_flow(tl, keys[90])) == 1
     assert tl.table.counters[SAMPLED_OUT] == 2
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 
 from engine.codec import packet, wire
-from engine.io.channel import BACKOFF_MAX_S, BACKOFF_MIN_S, InterceptChannels
+from engine.io.channel import BACKOFF_MAX_S, BACKOFF_MIN_S, InterceptChannels, per_record
 
 DEADLINE_S = 5.0
 
@@ -65,7 +65,7 @@ def setup():
     sel = selectors.DefaultSelector()
     responses: list[packet.TcpPacket] = []
     chans = InterceptChannels(
-        [("127.0.0.1", icpt.port)], 2, sel, lambda pkt, now: responses.append(pkt)
+        [("127.0.0.1", icpt.port)], 2, sel, per_record(lambda pkt, now: responses.append(pkt))
     )
     yield icpt, sel, chans, responses
     chans.close()
@@ -197,7 +197,7 @@ def test_unreachable_intercept_backs_off_and_counts_unannounced_routes():
     port = probe.getsockname()[1]
     probe.close()  # nothing listens there now: connect is refused
     sel = selectors.DefaultSelector()
-    chans = InterceptChannels([("127.0.0.1", port)], 1, sel, lambda pkt, now: None)
+    chans = InterceptChannels([("127.0.0.1", port)], 1, sel, per_record(lambda pkt, now: None))
     try:
         chans.start(100.0)
         pump(sel, chans, None, lambda: chans.counters["channel_connect_failures"] >= 1)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from engine.codec import packet, wire
-from engine.io.channel import AUTH_TIMEOUT_S, InterceptChannels
+from engine.io.channel import AUTH_TIMEOUT_S, InterceptChannels, per_record
 from engine.io.logs import LOGGER_NAME
 
 from .test_io_channel import FakeIntercept, Route, pump
@@ -95,7 +95,7 @@ def make(icpt: FakeIntercept, secret: bytes | None = SECRET, connections: int = 
         [("127.0.0.1", icpt.port)],
         connections,
         sel,
-        lambda pkt, now: responses.append(pkt),
+        per_record(lambda pkt, now: responses.append(pkt)),
         secret=secret,
     )
     return sel, chans, responses

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from engine.codec import wire
-from engine.io.channel import InterceptChannels
+from engine.io.channel import InterceptChannels, per_record
 from tests.unit.test_io_channel import FakeIntercept, Route, pump
 
 ROUTES = [Route(0xC6130100 + i, 40000 + i, 0xC6120203, 8080) for i in range(5)]
@@ -32,7 +32,7 @@ def setup():
         [("127.0.0.1", icpt.port)],
         2,
         sel,
-        lambda pkt, now: None,
+        per_record(lambda pkt, now: None),
         live_routes=lambda: live,
         on_route_down=lambda down, now: edges.append(down),
     )

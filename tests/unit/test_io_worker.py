@@ -131,7 +131,7 @@ def test_offline_run_feeds_table_orders_routes_first_and_exits_when_idle():
         [src],
         FakeSender(log),
         prefilter_counters=flt.counters,
-        channels=lambda sel, on_response: FakeChannels(log),
+        channels=lambda sel, on_records: FakeChannels(log),
         memory_rss=lambda: 0,
     )
     try:
@@ -171,7 +171,7 @@ def test_reconnect_refusals_are_logged_rate_limited(caplog):
         table,
         [],
         FakeSender([]),
-        channels=lambda sel, on_response: FakeChannels([]),
+        channels=lambda sel, on_records: FakeChannels([]),
         memory_rss=lambda: 0,
     )
     try:

@@ -11,10 +11,10 @@ import pytest
 
 from engine.codec import packet
 from engine.core.config import SessionConfig
-from engine.core.rewrite import TransferEntry, TupleAllocator
+from engine.core.rewrite import TransferEntry
 from engine.core.session import RouteNeeded, TcpSession
-from engine.core.table import SessionTable
 from engine.io.tuple_history import TupleHistory
+from tests.unit.engines import ENGINES, rewrite_module, table_class
 from tests.unit.link import ONLINE, TARGET, Client, TableLink
 
 XFER = (TransferEntry(ONLINE[0], ONLINE[1], TARGET[0], TARGET[1]),)
@@ -41,8 +41,9 @@ def established(tl: TableLink, port: int) -> tuple[Client, tuple[int, int]]:
 # -- SessionTable -------------------------------------------------------------------------------
 
 
-def test_live_routes_are_those_of_sessions_not_yet_ended():
-    tl = TableLink(SessionTable(SessionConfig(transfers=XFER, client_pool=POOL)))
+@pytest.mark.parametrize("engine", ENGINES)
+def test_live_routes_are_those_of_sessions_not_yet_ended(engine):
+    tl = TableLink(table_class(engine)(SessionConfig(transfers=XFER, client_pool=POOL)))
     _, a = established(tl, 40001)
     cb, _b = established(tl, 40002)
     tl.client(cb.rst())  # b ends (lingers)
@@ -50,8 +51,9 @@ def test_live_routes_are_those_of_sessions_not_yet_ended():
     assert tl.table.live_routes() == [RouteNeeded(*a, *TARGET)]
 
 
-def test_route_down_suspends_the_limit_for_old_and_new_sessions_and_back_resumes_them():
-    tl = TableLink(SessionTable(SessionConfig(transfers=XFER, client_pool=POOL)))
+@pytest.mark.parametrize("engine", ENGINES)
+def test_route_down_suspends_the_limit_for_old_and_new_sessions_and_back_resumes_them(engine):
+    tl = TableLink(table_class(engine)(SessionConfig(transfers=XFER, client_pool=POOL)))
     c1, a = established(tl, 40001)
     tl.client(c1.data(REQ))
     tl.table.set_route_down(True, tl.now)
@@ -73,8 +75,9 @@ def test_route_down_suspends_the_limit_for_old_and_new_sessions_and_back_resumes
     assert tl.table.live_routes() == [RouteNeeded(*a, *TARGET)]
 
 
-def test_route_down_twice_is_one_edge():
-    tl = TableLink(SessionTable(SessionConfig(transfers=XFER, client_pool=POOL)))
+@pytest.mark.parametrize("engine", ENGINES)
+def test_route_down_twice_is_one_edge(engine):
+    tl = TableLink(table_class(engine)(SessionConfig(transfers=XFER, client_pool=POOL)))
     established(tl, 40001)
     tl.table.set_route_down(False, 0.0)
     assert tl.drain() == []  # not down: nothing to resume
@@ -100,9 +103,11 @@ class FakeHistory:
         return key in self.busy_keys
 
 
-def test_allocator_tells_its_history_every_claim_and_release():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_allocator_tells_its_history_every_claim_and_release(engine):
+    rw = rewrite_module(engine)
     h = FakeHistory()
-    alloc = TupleAllocator(TW_S, history=h)
+    alloc = rw.TupleAllocator(TW_S, history=h)
     assert alloc.allocate(CIP, 40000, TIP, TPORT, 1.0) == (CIP, 40000)
     alloc.release(CIP, 40000, TIP, TPORT, 2.0)
     alloc.release(CIP, 40002, TIP, TPORT, 3.0)  # never claimed (the target saw it anyway)
@@ -111,32 +116,38 @@ def test_allocator_tells_its_history_every_claim_and_release():
     assert h.released == [(key, 2.0, True), ((CIP, 40002, TIP, TPORT), 3.0, False)]
 
 
-def test_allocator_skips_inherited_tuples_until_the_horizon():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_allocator_skips_inherited_tuples_until_the_horizon(engine):
+    rw = rewrite_module(engine)
     h = FakeHistory(busy={(CIP, 40000, TIP, TPORT), (CIP, 40001, TIP, TPORT)})
     h.inherited_until = 100.0
-    alloc = TupleAllocator(TW_S, history=h)
+    alloc = rw.TupleAllocator(TW_S, history=h)
     got = alloc.allocate(CIP, 40000, TIP, TPORT, 10.0)
     assert got is not None and got[1] not in (40000, 40001)
     assert alloc.stats["inherited_hits"] >= 1
     assert alloc.allocate(CIP, 40001, TIP, TPORT, 100.0) == (CIP, 40001)  # horizon over
 
 
-def test_allocator_with_every_port_inherited_reports_exhaustion_instead_of_spinning():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_allocator_with_every_port_inherited_reports_exhaustion_instead_of_spinning(engine):
+    rw = rewrite_module(engine)
+
     class AllBusy(FakeHistory):
         def busy(self, key, since):
             return True
 
     h = AllBusy()
     h.inherited_until = 100.0
-    alloc = TupleAllocator(TW_S, worker_index=0, worker_count=64, history=h)
+    alloc = rw.TupleAllocator(TW_S, worker_index=0, worker_count=64, history=h)
     assert alloc.allocate(CIP, 40000, TIP, TPORT, 1.0) is None
     assert alloc.stats["exhausted"] == 1
 
 
-def test_table_counts_tuples_the_history_made_it_avoid():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_table_counts_tuples_the_history_made_it_avoid(engine):
     h = FakeHistory(busy={(CIP, 40001, TIP, TPORT)})
     h.inherited_until = 100.0
-    tl = TableLink(SessionTable(SessionConfig(transfers=XFER, client_pool=POOL), h))
+    tl = TableLink(table_class(engine)(SessionConfig(transfers=XFER, client_pool=POOL), h))
     _, fake = established(tl, 40001)
     assert fake[1] != 40001
     assert tl.table.counters["tuple_history_avoided"] == 1
@@ -205,12 +216,14 @@ def test_free_tuples_are_mostly_not_busy(history):
     assert false_busy < 150  # 200 of 4096 slots used: about 5 % expected
 
 
-def test_allocator_over_a_real_history_after_a_restart(history):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_allocator_over_a_real_history_after_a_restart(engine, history):
+    rw = rewrite_module(engine)
     history.adopt(0.0, TW_S)
-    first = TupleAllocator(TW_S, history=history)
+    first = rw.TupleAllocator(TW_S, history=history)
     assert first.allocate(CIP, 40000, TIP, TPORT, 1.0) == (CIP, 40000)
     history.adopt(5.0, TW_S)  # the first worker died holding it
-    second = TupleAllocator(TW_S, history=history)
+    second = rw.TupleAllocator(TW_S, history=history)
     got = second.allocate(CIP, 40000, TIP, TPORT, 5.5)
     assert got is not None and got != (CIP, 40000)
     assert second.stats["inherited_hits"] >= 1

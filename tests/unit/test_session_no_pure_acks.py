@@ -12,14 +12,21 @@ from engine.core.session import CLIENT_SEQ_JUMP_MAX_BYTES, DropReason, State, Tc
 from engine.core.table import SessionTable
 from tests.unit.link import FAKE_CLIENT, ONLINE, TARGET, Client, Link, TableLink, Target
 
+PyTcpSession = TcpSession
 M32 = 0xFFFFFFFF
 REQ1 = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
 REQ2 = b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"
 
 
+@pytest.fixture
+def engine(session_engine, monkeypatch):
+    """The session tests here run against both session engines (tests/unit/conftest.py)."""
+    monkeypatch.setitem(globals(), "TcpSession", session_engine)
+
+
 @pytest.fixture(autouse=True)
 def strict(monkeypatch):
-    monkeypatch.setattr(TcpSession, "strict", True)
+    monkeypatch.setattr(PyTcpSession, "strict", True)
 
 
 def mk() -> Link:
@@ -28,6 +35,7 @@ def mk() -> Link:
     return Link(s, Target(), mtu=cfg.mtu)
 
 
+@pytest.mark.usefixtures("engine")
 def test_syn_then_data_without_any_ack_completes_the_handshake_and_sends_the_data():
     c = Client(ts=100)
     link = mk()
@@ -69,6 +77,7 @@ def established(link: Link, c: Client) -> None:
     link.client(c.data(REQ1))
 
 
+@pytest.mark.usefixtures("engine")
 def test_segment_of_another_connection_is_not_counted_as_gigabytes():
     """A packet whose seq lies far beyond the captured stream (the next connection on this
     client tuple, whose SYN was lost) must not add ~2^31 bytes to client_bytes_captured."""

@@ -16,8 +16,9 @@ M32 = 0xFFFFFFFF
 
 
 @pytest.fixture(autouse=True)
-def strict(monkeypatch):
-    monkeypatch.setattr(TcpSession, "strict", True)
+def engine(session_engine, monkeypatch):
+    """Every test here runs against both session engines (tests/unit/conftest.py)."""
+    monkeypatch.setitem(globals(), "TcpSession", session_engine)
 
 
 def mk() -> Link:

@@ -1,4 +1,7 @@
-"""SessionTable: flows, replicas, tuple allocation, response lookup, timers, drain."""
+"""SessionTable: flows, replicas, tuple allocation, response lookup, timers, drain.
+
+Every test runs on both engines (tests/unit/engines.py): ``mk`` builds the table of the
+engine the autouse fixture ``engine`` selects."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from engine.core.rewrite import TransferEntry, sample_keep, shift_port
 from engine.core.session import CLIENT_GAP_WAIT_S, DropReason, RouteNeeded, TcpSession, drop_key
 from engine.core.table import LOSS_GAP_WAIT_S, LOSS_RECENT_S, ClientRoute, SessionTable
 from tests.paths import ONLINE_HTTP_PCAP
+from tests.unit.engines import ENGINES, heap_size, table_class
 from tests.unit.link import ONLINE, ORIG_CLIENT, TARGET, Client, TableLink, Target
 
 POOL = (packet.ip_from_str("198.19.1.10"), packet.ip_from_str("198.19.1.11"))
@@ -18,14 +22,19 @@ XFER = (TransferEntry(ONLINE[0], ONLINE[1], TARGET[0], TARGET[1]),)
 REQ = b"GET / HTTP/1.1\r\n\r\n"
 
 
-@pytest.fixture(autouse=True)
-def strict(monkeypatch):
+TABLE: dict[int, type] = {0: SessionTable}
+
+
+@pytest.fixture(autouse=True, params=ENGINES)
+def engine(request, monkeypatch):
     monkeypatch.setattr(TcpSession, "strict", True)
+    monkeypatch.setitem(TABLE, 0, table_class(request.param))
+    return request.param
 
 
 def mk(**kw) -> TableLink:
     kw.setdefault("transfers", XFER)
-    return TableLink(SessionTable(SessionConfig(**kw)))
+    return TableLink(TABLE[0](SessionConfig(**kw)))
 
 
 def handshake(tl: TableLink, syns) -> None:
@@ -212,7 +221,7 @@ def test_heap_does_not_grow_with_moving_idle_deadline():
     for _ in range(200):
         tl.now += 0.1
         tl.respond(t.ack())  # each response moves the idle deadline later
-    assert len(tl.table._heap) < 10
+    assert heap_size(tl.table) < 10
 
 
 def test_lingering_flow_with_later_data_starts_new_session():
@@ -289,6 +298,7 @@ def test_a_hole_after_a_reported_ring_loss_is_given_up_at_once(loss_noted):
         tl.run(held_at + CLIENT_GAP_WAIT_S)
         out = [e.pkt for e in tl.log if e.at >= held_at and e.pkt.flags != ACK]
         assert [p.flags for p in out] == [RST | ACK, SYN]
+    k = tl.table.counters  # the compiled table's is a snapshot
     assert k["client gap abandoned"] == 1
 
 
@@ -436,7 +446,7 @@ def test_stale_heap_entries_are_skipped():
     tl.now = 0.001
     tl.respond(tl.target((syn.src, syn.sport)).synack())
     tl.client(c.ack(), c.data(REQ))  # the RTO (earlier) is pushed; 0.5 is now stale
-    assert len(tl.table._heap) == 2
+    assert heap_size(tl.table) == 2
     out = tl.run(0.3)
     assert out and all(p.payload == REQ for p in out)  # retransmitted by the RTO
     assert tl.table.get_timer() > 0.3
@@ -460,7 +470,7 @@ def test_replay_of_real_capture_reaches_target_complete():
     pkts = _online_capture()
     online = (pkts[0][1].dst, 80)
     xfer = (TransferEntry(online[0], 80, TARGET[0], TARGET[1]),)
-    table = SessionTable(SessionConfig(transfers=xfer, client_pool=POOL, linger_s=1.0))
+    table = TABLE[0](SessionConfig(transfers=xfer, client_pool=POOL, linger_s=1.0))
     # The online server's answers per client port, and what each client sent.
     turns: dict[int, list] = {}
     sent: dict[int, bytearray] = {}

@@ -26,8 +26,8 @@ from engine.core.rewrite import (
     spill_order,
 )
 from engine.core.session import TcpSession
-from engine.core.table import SessionTable
 from engine.io.tuple_history import TupleHistory
+from tests.unit.engines import ENGINES, rewrite_module, table_class
 from tests.unit.link import ONLINE, TARGET, Client, TableLink
 
 TIP, TPORT = TARGET
@@ -104,8 +104,10 @@ def drive_allocator(alloc: TupleAllocator, syn_ts: bool, seed: int = 15) -> Time
     return model
 
 
-def test_pool_of_254_gives_one_client_250k_tuples_in_60_s_by_spilling():
-    alloc = TupleAllocator(TW_S, pool=POOL254)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pool_of_254_gives_one_client_250k_tuples_in_60_s_by_spilling(engine):
+    rw = rewrite_module(engine)
+    alloc = rw.TupleAllocator(TW_S, pool=POOL254)
     model = drive_allocator(alloc, syn_ts=True)
     stats = alloc.stats
     assert stats["allocated"] == CONNS
@@ -115,15 +117,19 @@ def test_pool_of_254_gives_one_client_250k_tuples_in_60_s_by_spilling():
     assert stats["spilled"] <= CONNS - 60_000
 
 
-def test_strict_pool_of_254_is_the_same_without_reuse():
-    alloc = TupleAllocator(TW_S, pool=POOL254, strict=True)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_strict_pool_of_254_is_the_same_without_reuse(engine):
+    rw = rewrite_module(engine)
+    alloc = rw.TupleAllocator(TW_S, pool=POOL254, strict=True)
     drive_allocator(alloc, syn_ts=True)
     assert alloc.stats["reused"] == 0
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("pool", [ONE, ()], ids=["one-address", "no-c"])
-def test_one_address_reuses_time_wait_tuples_by_timestamp(pool):
-    alloc = TupleAllocator(TW_S, pool=pool)
+def test_one_address_reuses_time_wait_tuples_by_timestamp(engine, pool):
+    rw = rewrite_module(engine)
+    alloc = rw.TupleAllocator(TW_S, pool=pool)
     model = drive_allocator(alloc, syn_ts=True)
     stats = alloc.stats
     assert stats["allocated"] == CONNS and stats["spilled"] == 0
@@ -131,24 +137,30 @@ def test_one_address_reuses_time_wait_tuples_by_timestamp(pool):
     assert model.reopened == stats["reused"]
 
 
-def test_one_address_without_timestamps_reuses_by_sequence_number():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_one_address_without_timestamps_reuses_by_sequence_number(engine):
     """A SYN without TS option (or a target with tcp_timestamps=0): only tuples whose old
     connection ended before the new ISN are taken."""
-    alloc = TupleAllocator(TW_S, pool=ONE)
+    rw = rewrite_module(engine)
+    alloc = rw.TupleAllocator(TW_S, pool=ONE)
     model = drive_allocator(alloc, syn_ts=False)
     assert alloc.stats["reused"] >= CONNS - 64_512
     assert model.reopened == alloc.stats["reused"]
 
 
-def test_strict_one_address_stops_at_the_ceiling():
-    alloc = TupleAllocator(TW_S, pool=ONE, strict=True)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_strict_one_address_stops_at_the_ceiling(engine):
+    rw = rewrite_module(engine)
+    alloc = rw.TupleAllocator(TW_S, pool=ONE, strict=True)
     with pytest.raises(AssertionError, match="refused"):
         drive_allocator(alloc, syn_ts=True)
     assert alloc.stats["allocated"] == 64_512
 
 
-def test_reuse_needs_what_the_old_connection_left():
-    alloc = TupleAllocator(TW_S, worker_index=0, worker_count=32256)  # 2 ports: 1024, 33280
+@pytest.mark.parametrize("engine", ENGINES)
+def test_reuse_needs_what_the_old_connection_left(engine):
+    rw = rewrite_module(engine)
+    alloc = rw.TupleAllocator(TW_S, worker_index=0, worker_count=32256)  # 2 ports: 1024, 33280
     a = alloc.allocate(CLIENT, 1024, TIP, TPORT, 1.0, syn=SynInfo(100, True))
     b = alloc.allocate(CLIENT, 1024, TIP, TPORT, 1.0, syn=SynInfo(100, True))
     assert a is not None and b is not None
@@ -173,8 +185,10 @@ def test_spill_order_is_fixed_and_skips_the_sticky_address():
     assert spill_order(ONE[0], ONE) == []
 
 
-def test_spill_does_not_cross_worker_port_classes():
-    workers = [TupleAllocator(TW_S, i, 4, pool=POOL254[:2]) for i in range(4)]
+@pytest.mark.parametrize("engine", ENGINES)
+def test_spill_does_not_cross_worker_port_classes(engine):
+    rw = rewrite_module(engine)
+    workers = [rw.TupleAllocator(TW_S, i, 4, pool=POOL254[:2]) for i in range(4)]
     seen: set[tuple] = set()
     for w, alloc in enumerate(workers):
         for _ in range(2 * alloc.ports_per_client):
@@ -189,11 +203,13 @@ def test_spill_does_not_cross_worker_port_classes():
 # -- after a worker restart: the shared history ------------------------------------------------
 
 
-def test_restarted_worker_reuses_the_dead_ones_tuples_by_timestamp_only():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_restarted_worker_reuses_the_dead_ones_tuples_by_timestamp_only(engine):
+    rw = rewrite_module(engine)
     history = TupleHistory.create()
     try:
         history.adopt(0.0, TW_S)
-        first = TupleAllocator(TW_S, history=history, pool=ONE)
+        first = rw.TupleAllocator(TW_S, history=history, pool=ONE)
         keys = []
         for i in range(64_512):
             got = first.allocate(ONE[0], 1024 + i, TIP, TPORT, i / 2000, syn=SynInfo(i, True))
@@ -203,7 +219,7 @@ def test_restarted_worker_reuses_the_dead_ones_tuples_by_timestamp_only():
         for i, key in enumerate(keys[100:]):
             first.release(*key, 33.0, end_seq=i, ts_last=ts_clock(32.5))
         history.adopt(35.0, TW_S)  # the worker died at 34 s; the next one starts
-        second = TupleAllocator(TW_S, history=history, pool=ONE)
+        second = rw.TupleAllocator(TW_S, history=history, pool=ONE)
         # A SYN without TS option cannot reopen a tuple whose end seq is forgotten.
         assert second.allocate(ONE[0], 1024, TIP, TPORT, 35.0, syn=SynInfo(7, False)) is None
         got = [
@@ -214,10 +230,14 @@ def test_restarted_worker_reuses_the_dead_ones_tuples_by_timestamp_only():
         assert not {(*g, TIP, TPORT) for g in got} & held  # maybe ESTABLISHED at the target
         assert second.stats["reused"] == 500
     finally:
+        first = second = None  # the compiled allocators hold the block until they go
         history.close()
 
 
-def test_after_a_restart_a_free_port_beyond_the_bounded_look_is_still_found():
+@pytest.mark.parametrize("engine", ENGINES)
+def test_after_a_restart_a_free_port_beyond_the_bounded_look_is_still_found(engine):
+    rw = rewrite_module(engine)
+
     class Held:
         """A dead incarnation left ports 1024..1323 live (ESTABLISHED at the target)."""
 
@@ -235,7 +255,7 @@ def test_after_a_restart_a_free_port_beyond_the_bounded_look_is_still_found():
         def record_released(self, key, now, was_live, reusable=False):
             pass
 
-    alloc = TupleAllocator(TW_S, history=Held(), pool=ONE)
+    alloc = rw.TupleAllocator(TW_S, history=Held(), pool=ONE)
     got = alloc.allocate(ONE[0], 1024, TIP, TPORT, 1.0, syn=SynInfo(1, False))
     assert got == (ONE[0], 1324)
     assert alloc.stats["exhausted"] == 0 and alloc.stats["reused"] == 0
@@ -247,12 +267,13 @@ XFER = (TransferEntry(ONLINE[0], ONLINE[1], TIP, TPORT),)
 REQ = b"GET /x HTTP/1.1\r\nConnection: close\r\n\r\n"
 
 
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize(
     ("client_ts", "target_ts"),
     [(True, True), (False, True), (True, False)],
     ids=["timestamps", "syn-without-ts", "target-tcp_timestamps-0"],
 )
-def test_table_reopens_time_wait_tuples_the_target_accepts(client_ts, target_ts):
+def test_table_reopens_time_wait_tuples_the_target_accepts(engine, client_ts, target_ts):
     """Short connections from one client address through a SessionTable with 32 ports per
     address: the server closes first (its TIME_WAIT), and every SYN on a tuple still in it
     passes Linux's test, fed from the packets the target actually received."""
@@ -263,7 +284,7 @@ def test_table_reopens_time_wait_tuples_the_target_accepts(client_ts, target_ts)
         worker_count=2016,  # 32 ports per client address
         linger_s=0.2,
     )
-    tl = TableLink(SessionTable(cfg), ts=9000 if target_ts else None)
+    tl = TableLink(table_class(engine)(cfg), ts=9000 if target_ts else None)
     model = TimeWaitModel()
     rng = random.Random(6191)
     n = 300

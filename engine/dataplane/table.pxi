@@ -1,0 +1,1198 @@
+# The session table in C (included by engine.pyx): a port of engine/core/table.py
+# (SessionTable), which is the specification; read its theory of operation.  Here:
+#
+# * flows: hmap original 4-tuple -> TFlow (the replica list); responses: hmap fake tuple ->
+#   TEntry; refused flows: hmap original 4-tuple -> last packet time (slot.d).  The entries
+#   are also linked in the order they entered the response map, the order in which the Python
+#   table's dict iterates (end_input, shed_half_open, live_routes, ... visit them so).
+# * the timer heap: (deadline, seq, entry) items with lazy invalidation, compacted past twice
+#   the table plus TB_HEAP_SLACK items, as table.py does.  An entry removed from the table
+#   frees its session at once; the small TEntry stays until no heap item refers to it.
+# * touched: an array of entries, handled by drain.
+# * counters: the table's uint64_t[EC_COUNT] (shared with its sessions) plus TX_* for the
+#   keys counters.pxi does not have yet (the table's shed reasons).
+#
+# Per packet (tb_receive_client, tb_receive_response, tb_handle_timer, tb_drain_out): C types
+# only, no Python object, no Python call.
+
+from libc.math cimport NAN
+from engine.dataplane.packet cimport dp_parse_ipv4_tcp, DP_OK
+
+import collections as _tb_collections
+
+import numpy as _np
+
+from engine.core.events import RouteNeeded as _RouteNeeded
+
+
+cdef double TB_REFUSED_IDLE_S = 60.0         # table.REFUSED_IDLE_S
+cdef double TB_HALF_OPEN_SHED_AGE_S = 1.0    # table.HALF_OPEN_SHED_AGE_S
+cdef double TB_LOSS_RECENT_S = 1.0           # table.LOSS_RECENT_S
+cdef double TB_LOSS_GAP_WAIT_S = 0.01        # table.LOSS_GAP_WAIT_S
+cdef size_t TB_HEAP_SLACK = 4096             # table.HEAP_SLACK (Table.heap_slack sets it)
+
+cdef enum:
+    TB_SYN = 0x02
+    TB_FIN = 0x01
+    TB_RST = 0x04
+    TB_ACK = 0x10
+
+# Counter keys of the table that counters.pxi has no index for (yet).
+cdef enum:
+    TX_SHED_SESSIONS_MEMORY = 0
+    TX_SHED_SESSIONS_BACKLOG = 1
+    TX_RESPONSE_DECODE_ERRORS = 2
+    TX_COUNT = 3
+
+TX_NAMES = ("shed_sessions_memory", "shed_sessions_backlog", "response_decode_errors")
+
+# Response records (engine/codec/wire.py): 64 bytes, or 192 with the payload build.
+cdef enum:
+    WR_RESPONSE_RECORD_BYTES = 64
+    WR_PAYLOAD_RECORD_BYTES = 192
+    WR_TCP_AT = 20                   # the TCP header's offset in a record, whatever IHL says
+    WR_MAX_TCP_HEADER_BYTES = 44
+    WR_MAX_PAYLOAD_IN_RECORD = 128
+    RING_SLOT_HEADER_BYTES = 16      # engine/io/ring.py: length u32, flags u32, timestamp f64
+
+
+cdef int wr_decode_record(const uint8_t* rec, size_t n, dp_packet* p) noexcept nogil:
+    """wire.decode_response_record into *p: 0, or -1 where it raises DecodeError.  The
+    options are parsed into p.opts (a response reaches the session as headers only; its
+    payload bytes are not read); p.offset/ip_header_bytes/tcp_header_bytes place the options
+    at rec + 40 for a reader of the buffer."""
+    cdef uint32_t ihl_bytes, doff_bytes, tot_len, area
+    cdef int64_t data_len
+    memset(p, 0, sizeof(dp_packet))
+    if n != WR_RESPONSE_RECORD_BYTES and n != WR_PAYLOAD_RECORD_BYTES:
+        return -1
+    ihl_bytes = (rec[0] & 0x0F) * 4
+    doff_bytes = (rec[WR_TCP_AT + 12] >> 4) * 4
+    if rec[0] >> 4 != 4 or ihl_bytes < 20 or rec[9] != 6:
+        return -1
+    if doff_bytes < 20:
+        return -1
+    area = doff_bytes if doff_bytes < WR_MAX_TCP_HEADER_BYTES else WR_MAX_TCP_HEADER_BYTES
+    tot_len = (<uint32_t>rec[2] << 8) | rec[3]
+    data_len = <int64_t>tot_len - ihl_bytes - doff_bytes
+    if data_len < 0:
+        data_len = 0
+    p.family = DP_FAMILY_IPV4
+    p.src[10] = p.src[11] = p.dst[10] = p.dst[11] = 0xFF
+    memcpy(p.src + 12, rec + 12, 4)
+    memcpy(p.dst + 12, rec + 16, 4)
+    p.tos = rec[1]
+    p.ip_id = (<uint16_t>rec[4] << 8) | rec[5]
+    p.df = 1 if rec[6] & 0x40 else 0
+    p.ttl = rec[8]
+    p.sport = (<uint16_t>rec[20] << 8) | rec[21]
+    p.dport = (<uint16_t>rec[22] << 8) | rec[23]
+    p.seq = be32(rec + 24)
+    p.ack = be32(rec + 28)
+    p.flags = rec[33]
+    p.window = (<uint16_t>rec[34] << 8) | rec[35]
+    p.urgent = (<uint16_t>rec[38] << 8) | rec[39]
+    p.ip_header_bytes = WR_TCP_AT
+    p.tcp_header_bytes = <uint16_t>area
+    p.data_len = <uint16_t>data_len
+    if n == WR_PAYLOAD_RECORD_BYTES and 1 <= data_len <= WR_MAX_PAYLOAD_IN_RECORD:
+        p.payload_bytes = <uint16_t>min(<size_t>data_len, n - (WR_TCP_AT + doff_bytes)
+                                        if WR_TCP_AT + doff_bytes < n else 0)
+    dp_parse_tcp_options(rec + WR_TCP_AT + 20, area - 20, &p.opts)
+    return 0
+
+
+cdef struct TFlow
+
+
+cdef struct TEntry:
+    ESession* s
+    TFlow* flow
+    TEntry* prev                # the response map's order
+    TEntry* next
+    uint64_t fk0                # the flow key (hm_key4 of the original 4-tuple)
+    uint32_t fk1
+    uint32_t heap_refs          # heap items that point here
+    double sched                # NaN: None
+    int64_t unsend
+    int64_t held
+    uint8_t touched
+    uint8_t gone
+
+
+cdef struct TFlow:
+    TEntry** items
+    uint32_t n
+    uint32_t cap
+    uint8_t in_map
+
+
+ctypedef struct THeapItem:
+    double t
+    uint64_t seq
+    TEntry* e
+
+
+cdef inline uint32_t tb_ip4(const uint8_t* a) noexcept nogil:
+    return (<uint32_t>a[12] << 24) | (<uint32_t>a[13] << 16) | (<uint32_t>a[14] << 8) | a[15]
+
+
+cdef inline bint tb_heap_less(const THeapItem* a, const THeapItem* b) noexcept nogil:
+    return a.t < b.t or (a.t == b.t and a.seq < b.seq)
+
+
+cdef void tb_sift_down(THeapItem* h, size_t n, size_t i) noexcept nogil:
+    cdef THeapItem x = h[i]
+    cdef size_t c
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            break
+        if c + 1 < n and tb_heap_less(&h[c + 1], &h[c]):
+            c += 1
+        if not tb_heap_less(&h[c], &x):
+            break
+        h[i] = h[c]
+        i = c
+    h[i] = x
+
+
+cdef void tb_sift_up(THeapItem* h, size_t i) noexcept nogil:
+    cdef THeapItem x = h[i]
+    cdef size_t p
+    while i > 0:
+        p = (i - 1) // 2
+        if not tb_heap_less(&x, &h[p]):
+            break
+        h[i] = h[p]
+        i = p
+    h[i] = x
+
+
+cdef TFlow* tb_flow_new(uint32_t cap) noexcept nogil:
+    cdef TFlow* f = <TFlow*>calloc(1, sizeof(TFlow))
+    if f == NULL:
+        return NULL
+    f.items = <TEntry**>malloc((cap if cap else 1) * sizeof(TEntry*))
+    if f.items == NULL:
+        free(f)
+        return NULL
+    f.cap = cap if cap else 1
+    return f
+
+
+cdef void tb_flow_free(TFlow* f) noexcept nogil:
+    free(f.items)
+    free(f)
+
+
+cdef inline bint tb_opt_tsval_of(const dp_packet* p, const uint8_t* buf) noexcept nogil:
+    """tsval(pkt.options) is not None."""
+    cdef uint32_t v
+    cdef size_t n = p.tcp_header_bytes - 20 if p.tcp_header_bytes > 20 else 0
+    return opt_tsval(buf + p.offset + p.ip_header_bytes + 20, n, &v)
+
+
+cdef class Table:
+    """engine/core/table.SessionTable's Python API over the C table (see table.pxi)."""
+
+    cdef ECfg ecfg
+    cdef uint64_t c[EC_COUNT]
+    cdef uint64_t tx[TX_COUNT]
+    cdef TAlloc alloc
+    cdef bint alloc_ready
+    cdef RwTransfer* transfers
+    cdef int ntransfers
+    cdef uint32_t* pool
+    cdef size_t npool
+    cdef int replicas
+    cdef uint32_t port_shift
+    cdef uint32_t rand_shift
+    cdef int sample_percent
+    cdef uint32_t localhost_ip
+    cdef int64_t max_sessions
+    cdef bint fake_handshake
+    cdef int64_t backlog_max
+    cdef bint has_history
+    cdef hmap flows
+    cdef hmap by_resp
+    cdef hmap refused
+    cdef TEntry* order_head
+    cdef TEntry* order_tail
+    cdef THeapItem* heap
+    cdef size_t heap_n
+    cdef size_t heap_cap
+    cdef uint64_t heap_seq
+    cdef TEntry** touched
+    cdef size_t touched_n
+    cdef size_t touched_cap
+    cdef TEntry** draining
+    cdef size_t draining_cap
+    cdef EEvent* routes
+    cdef size_t routes_n
+    cdef size_t routes_cap
+    cdef uint32_t pend_at                # drain_into: the next queued packet of self.out
+    cdef size_t pend_off
+    cdef double now
+    cdef int64_t unsend_total
+    cdef int64_t held_total
+    cdef bint has_ramp_start
+    cdef double ramp_start
+    cdef bint ramp_done
+    cdef bint route_down
+    cdef bint has_loss
+    cdef double loss_at
+    cdef bint oom
+    cdef EOut out
+    cdef public bint refuse_new
+    cdef readonly object config
+    cdef object _history
+    cdef object _keep
+    cdef tuple _pool
+
+    def __cinit__(self):
+        eout_init(&self.out)
+        self.transfers = NULL
+        self.pool = NULL
+        self.heap = NULL
+        self.touched = NULL
+        self.draining = NULL
+        self.routes = NULL
+        self.order_head = NULL
+        self.order_tail = NULL
+        self.alloc_ready = False
+
+    def __init__(self, config, tuple_history=None):
+        cdef Py_ssize_t i
+        ecfg_fill(&self.ecfg, config)
+        self.config = config
+        memset(self.c, 0, sizeof(self.c))
+        memset(self.tx, 0, sizeof(self.tx))
+        self.ntransfers = rw_fill_transfers(&self.transfers, config.transfers)
+        self._pool = tuple(config.client_pool)
+        self.npool = len(self._pool)
+        if self.npool:
+            self.pool = <uint32_t*>malloc(self.npool * sizeof(uint32_t))
+            if self.pool == NULL:
+                raise MemoryError()
+            for i in range(<Py_ssize_t>self.npool):
+                self.pool[i] = self._pool[i]
+        wc, wi = config.worker_count, config.worker_index
+        span = RW_PORT_MAX - RW_PORT_MIN_UNPRIVILEGED + 1
+        if not 1 <= wc <= span:
+            raise ValueError(f"worker_count {wc} is not in 1..{span}")
+        if not 0 <= wi < wc:
+            raise ValueError(f"worker_index {wi} is not in 0..{wc - 1}")
+        if config.time_wait_s < 0:
+            raise ValueError(f"time_wait_s {config.time_wait_s} is negative")
+        if ta_init(&self.alloc, float(config.time_wait_s), wi, wc, self.pool, self.npool,
+                   bool(config.strict_time_wait)) < 0:
+            raise MemoryError()
+        self.alloc_ready = True
+        self._history = tuple_history
+        self.has_history = tuple_history is not None
+        self._keep = _history_block_views(&self.alloc.history, tuple_history)
+        self.replicas = max(1, int(config.replicas))
+        self.port_shift = config.port_shift
+        self.rand_shift = config.rand_shift
+        self.sample_percent = config.sample_percent
+        self.localhost_ip = config.localhost_ip or 0
+        self.max_sessions = config.max_sessions or 0
+        self.fake_handshake = bool(config.fake_handshake)
+        self.backlog_max = getattr(config, "backlog_max_bytes", 0) or 0
+        self.ramp_done = not config.gradual
+        self.now = 0.0
+        self.refuse_new = False
+
+    def __dealloc__(self):
+        # Every entry is on the order list (live), in the heap or in touched (live or gone):
+        # each is freed once, with its session (live ones) and its flow (via the flows seen).
+        cdef hmap seen
+        cdef hmap flows
+        cdef bint created
+        cdef size_t i
+        cdef TEntry* e
+        cdef hslot* slot
+        memset(&seen, 0, sizeof(hmap))
+        memset(&flows, 0, sizeof(hmap))
+        e = self.order_head
+        while e != NULL:
+            hm_put(&seen, <uint64_t><intptr_t>e, 0, &created)
+            e = e.next
+        for i in range(self.heap_n):
+            hm_put(&seen, <uint64_t><intptr_t>self.heap[i].e, 0, &created)
+        for i in range(self.touched_n):
+            hm_put(&seen, <uint64_t><intptr_t>self.touched[i], 0, &created)
+        for i in range(self.flows.cap):
+            if self.flows.slots[i].used:
+                hm_put(&flows, <uint64_t>self.flows.slots[i].a, 0, &created)
+        for i in range(seen.cap):
+            if seen.slots[i].used:
+                e = <TEntry*><intptr_t>seen.slots[i].k0
+                if e.flow != NULL:
+                    hm_put(&flows, <uint64_t><intptr_t>e.flow, 0, &created)
+                sess_free(e.s)
+                free(e)
+        for i in range(flows.cap):
+            if flows.slots[i].used:
+                tb_flow_free(<TFlow*><intptr_t>flows.slots[i].k0)
+        hm_free(&seen)
+        hm_free(&flows)
+        free(self.heap)
+        free(self.touched)
+        free(self.draining)
+        free(self.routes)
+        hm_free(&self.flows)
+        hm_free(&self.by_resp)
+        hm_free(&self.refused)
+        free(self.transfers)
+        free(self.pool)
+        if self.alloc_ready:
+            ta_free(&self.alloc)
+        eout_free(&self.out)
+
+    # -- the C core -------------------------------------------------------------------------
+
+    cdef inline bint tb_shedding(self) noexcept nogil:
+        """New sessions are refused now: memory pressure, or the backlog budget is spent."""
+        return self.refuse_new or (self.backlog_max and self.held_total >= self.backlog_max)
+
+    cdef int tb_touch(self, TEntry* e) noexcept nogil:
+        cdef size_t cap
+        cdef TEntry** t
+        if e.touched:
+            return 0
+        if self.touched_n == self.touched_cap:
+            cap = self.touched_cap * 2 if self.touched_cap else 64
+            t = <TEntry**>realloc(self.touched, cap * sizeof(TEntry*))
+            if t == NULL:
+                self.oom = True
+                return -1
+            self.touched = t
+            self.touched_cap = cap
+        e.touched = 1
+        self.touched[self.touched_n] = e
+        self.touched_n += 1
+        return 0
+
+    cdef void tb_maybe_free(self, TEntry* e) noexcept nogil:
+        if e.gone and e.heap_refs == 0 and not e.touched:
+            free(e)
+
+    cdef uint32_t tb_source(self, uint32_t src) noexcept nogil:
+        """table._source: -H."""
+        if src == RW_LOCALHOST_IP and self.localhost_ip:
+            return self.localhost_ip
+        return src
+
+    cdef int tb_ramp_percent(self, double now) noexcept nogil:
+        """table._ramp_percent (-g)."""
+        cdef int64_t percent
+        if not self.has_ramp_start:
+            return 1
+        percent = <int64_t>(now - self.ramp_start) + 1
+        if percent >= 100:
+            self.ramp_done = True
+            return 100
+        return <int>percent if percent > 1 else 1
+
+    cdef bint tb_still_refused(self, hslot* r, uint8_t flags, double now) noexcept nogil:
+        """table._still_refused."""
+        if now - r.d > TB_REFUSED_IDLE_S or (flags & TB_SYN and not self.tb_shedding()):
+            hm_del(&self.refused, r)
+            return False
+        self.c[EC_DROP_SHED] += 1
+        if flags & (TB_FIN | TB_RST):
+            hm_del(&self.refused, r)
+        else:
+            r.d = now
+        return True
+
+    cdef TEntry* tb_create(self, uint64_t fk0, uint32_t fk1, TFlow* flow, uint32_t i,
+                           const dp_packet* p, const uint8_t* buf, double now,
+                           int tindex) noexcept nogil:
+        """table._create: replica i's fake client tuple and its session (not yet fed)."""
+        cdef uint32_t src = self.tb_source(tb_ip4(p.src)), ip, tip, gip = 0
+        cdef uint16_t port, tport, gport = 0
+        cdef uint32_t syn_seq
+        cdef bint syn_ts
+        cdef int rc
+        cdef ESession* s
+        cdef TEntry* e
+        cdef hslot* slot
+        cdef bint created
+        cdef uint64_t k0
+        cdef uint32_t k1
+        ip = rw_choose_client_ip(src, self.pool, self.npool, i) if self.npool else src
+        port = rw_shift_port(p.sport, self.port_shift, self.rand_shift) if self.port_shift \
+            else p.sport
+        if i:
+            port = rw_replica_port(port, i, self.rand_shift)
+            if self.port_shift:
+                port = rw_shift_port(port, self.port_shift, self.rand_shift)
+        tip = self.transfers[tindex].target_ip
+        tport = self.transfers[tindex].target_port
+        if p.flags & TB_SYN:
+            syn_seq = p.seq
+            syn_ts = tb_opt_tsval_of(p, buf)
+        else:
+            syn_seq = p.seq - 1
+            syn_ts = False
+        rc = ta_allocate(&self.alloc, ip, port, tip, tport, now, NULL, 0, True, syn_seq, syn_ts,
+                         &gip, &gport)
+        if self.has_history:
+            self.c[EC_TUPLE_HISTORY_AVOIDED] = self.alloc.stats.inherited_hits
+        self.c[EC_TUPLES_SPILLED] = self.alloc.stats.spilled
+        self.c[EC_TUPLES_REUSED] = self.alloc.stats.reused
+        if rc < 0:
+            self.oom = True
+            return NULL
+        if rc == 0:
+            self.c[EC_DROP_NO_TUPLE] += 1
+            return NULL
+        s = sess_new(&self.ecfg, self.c, gip, gport, tip, tport, tb_ip4(p.dst), p.dport, now)
+        e = <TEntry*>calloc(1, sizeof(TEntry))
+        hm_key4(gip, gport, tip, tport, &k0, &k1)
+        slot = NULL
+        if s != NULL and e != NULL:
+            slot = hm_put(&self.by_resp, k0, k1, &created)
+        if slot == NULL:
+            sess_free(s)
+            free(e)
+            ta_release(&self.alloc, gip, gport, tip, tport, now, False, 0, False, 0)
+            self.oom = True
+            return NULL
+        if self.route_down:
+            sess_handle_route_down(s, True, now)
+        e.s = s
+        e.flow = flow
+        e.fk0 = fk0
+        e.fk1 = fk1
+        e.sched = NAN
+        slot.a = <int64_t><intptr_t>e
+        e.prev = self.order_tail
+        if self.order_tail != NULL:
+            self.order_tail.next = e
+        else:
+            self.order_head = e
+        self.order_tail = e
+        return e
+
+    cdef void tb_new_flow(self, uint64_t fk0, uint32_t fk1, const dp_packet* p,
+                          const uint8_t* buf, double now, int tindex) noexcept nogil:
+        """table._new_flow."""
+        cdef int percent, replicas = self.replicas
+        cdef uint32_t src, ip0, i
+        cdef TFlow* flow
+        cdef TEntry* e
+        cdef hslot* slot
+        cdef bint created
+        if tindex < 0:
+            tindex = rw_match_transfer(self.transfers, self.ntransfers, tb_ip4(p.dst), p.dport)
+            if tindex < 0:
+                self.c[EC_DROP_NO_TRANSFER] += 1
+                return
+        percent = self.sample_percent if self.ramp_done else self.tb_ramp_percent(now)
+        if percent < 100:
+            # spec §3.3 step 7: the rewritten address and the original port, once per flow.
+            src = self.tb_source(tb_ip4(p.src))
+            ip0 = rw_choose_client_ip(src, self.pool, self.npool, 0) if self.npool else src
+            if not rw_sample_keep(ip0, p.sport, percent):
+                self.c[EC_DROP_SAMPLED_OUT] += 1
+                return
+        if not self.ramp_done and not self.has_ramp_start:
+            self.has_ramp_start = True
+            self.ramp_start = now
+        if self.max_sessions and <int64_t>self.by_resp.n + replicas > self.max_sessions:
+            self.c[EC_SESSIONS_REFUSED] += 1
+            self.c[EC_DROP_SESSION_LIMIT] += 1
+            return
+        flow = tb_flow_new(replicas)
+        if flow == NULL:
+            self.oom = True
+            return
+        for i in range(<uint32_t>replicas):
+            e = self.tb_create(fk0, fk1, flow, i, p, buf, now, tindex)
+            if e != NULL:
+                flow.items[flow.n] = e
+                flow.n += 1
+        if flow.n == 0:
+            tb_flow_free(flow)
+            return
+        slot = hm_put(&self.flows, fk0, fk1, &created)
+        if slot == NULL:
+            self.oom = True  # the sessions stay reachable by their responses; the flow is lost
+        else:
+            if not created:  # (never: the callers found no flow, or took it out)
+                (<TFlow*><intptr_t>slot.a).in_map = 0
+            slot.a = <int64_t><intptr_t>flow
+            flow.in_map = 1
+        self.c[EC_ALL_CLT] += 1
+        if p.data_len:
+            self.c[EC_CLT_CONT] += 1
+        for i in range(flow.n):
+            e = flow.items[i]
+            sess_receive_client(e.s, p, buf, now)
+            self.tb_touch(e)
+
+    cdef TEntry* tb_replace(self, TFlow* flow, uint32_t i, const dp_packet* p,
+                            const uint8_t* buf, double now) noexcept nogil:
+        """table._replace: a new session in replica slot i; the lingering one is detached."""
+        cdef TEntry* old = flow.items[i]
+        cdef TEntry* e
+        cdef TFlow* alone
+        cdef int tindex
+        if self.max_sessions and <int64_t>self.by_resp.n >= self.max_sessions:
+            self.c[EC_SESSIONS_REFUSED] += 1
+            self.c[EC_DROP_SESSION_LIMIT] += 1
+            return NULL
+        tindex = rw_match_transfer(self.transfers, self.ntransfers, tb_ip4(p.dst), p.dport)
+        if tindex < 0:
+            return NULL
+        alone = tb_flow_new(1)
+        if alone == NULL:
+            self.oom = True
+            return NULL
+        e = self.tb_create(old.fk0, old.fk1, flow, i, p, buf, now, tindex)
+        if e == NULL:
+            tb_flow_free(alone)
+            return NULL
+        alone.items[0] = old
+        alone.n = 1
+        old.flow = alone  # its removal must not touch the live flow
+        flow.items[i] = e
+        return e
+
+    cdef void tb_receive_client(self, const dp_packet* p, const uint8_t* buf,
+                                double now) noexcept nogil:
+        """table.SessionTable.receive_client: an original captured client packet."""
+        cdef uint64_t fk0
+        cdef uint32_t fk1, i
+        cdef hslot* fs
+        cdef hslot* r
+        cdef TFlow* flow = NULL
+        cdef uint8_t flags = p.flags
+        cdef TEntry* e
+        cdef TEntry* fresh
+        cdef ESession* s
+        cdef int tindex
+        cdef bint created
+        self.now = now
+        hm_key4(tb_ip4(p.src), p.sport, tb_ip4(p.dst), p.dport, &fk0, &fk1)
+        fs = hm_get(&self.flows, fk0, fk1)
+        if fs != NULL:
+            flow = <TFlow*><intptr_t>fs.a
+        if self.refused.n:
+            r = hm_get(&self.refused, fk0, fk1)
+            if r != NULL and self.tb_still_refused(r, flags, now):
+                return
+        if flags & TB_SYN:
+            if flags & TB_ACK:
+                self.c[EC_DROP_CLIENT_SYN_ACK] += 1
+                return
+            self.c[EC_SYN_CNT] += 1
+        if flow != NULL:
+            if flags & TB_SYN and not sess_owns_syn(flow.items[0].s, p.seq):
+                # spec §3.6 drops this SYN; it is a new connection reusing the port.  The old
+                # sessions run on by their fake tuples until they end.
+                self.c[EC_PORT_REUSE] += 1
+                hm_del(&self.flows, fs)
+                flow.in_map = 0
+                self.tb_new_flow(fk0, fk1, p, buf, now, -1)
+                return
+            self.c[EC_ALL_CLT] += 1
+            if p.data_len:
+                self.c[EC_CLT_CONT] += 1
+            for i in range(flow.n):
+                e = flow.items[i]
+                s = e.s
+                if s.state == ST_LINGER and p.data_len and sess_is_later_data(s, p):
+                    # spec §3.6: new traffic on a lingering tuple starts a new (faked) session
+                    if not sess_may_continue(s, p, now):
+                        continue
+                    fresh = self.tb_replace(flow, i, p, buf, now)
+                    if fresh == NULL:
+                        continue
+                    sess_continue_from(fresh.s, s)
+                    e = fresh
+                    s = fresh.s
+                sess_receive_client(s, p, buf, now)
+                self.tb_touch(e)
+            return
+        tindex = rw_match_transfer(self.transfers, self.ntransfers, tb_ip4(p.dst), p.dport)
+        if tindex < 0:
+            self.c[EC_DROP_NO_TRANSFER] += 1
+            return
+        if not flags & TB_SYN:
+            if not p.data_len:
+                self.c[EC_DROP_NO_SESSION] += 1  # spec §3.6: a SYN or payload starts one
+                return
+            if not self.fake_handshake:
+                self.c[EC_DROP_NO_SYN] += 1  # -O
+                return
+        if self.tb_shedding():
+            self.tx[TX_SHED_SESSIONS_MEMORY if self.refuse_new else TX_SHED_SESSIONS_BACKLOG] += 1
+            self.c[EC_DROP_SHED] += 1
+            if not flags & (TB_FIN | TB_RST):
+                r = hm_put(&self.refused, fk0, fk1, &created)
+                if r == NULL:
+                    self.oom = True
+                else:
+                    r.d = now
+            return
+        self.tb_new_flow(fk0, fk1, p, buf, now, tindex)
+
+    cdef void tb_receive_response(self, const dp_packet* p, double now) noexcept nogil:
+        """table.SessionTable.receive_response: a decoded response record."""
+        cdef uint64_t k0
+        cdef uint32_t k1
+        cdef hslot* slot
+        cdef TEntry* e
+        self.now = now
+        hm_key4(tb_ip4(p.dst), p.dport, tb_ip4(p.src), p.sport, &k0, &k1)
+        slot = hm_get(&self.by_resp, k0, k1)
+        if slot == NULL:
+            self.c[EC_DROP_UNKNOWN_RESPONSE] += 1
+            return
+        e = <TEntry*><intptr_t>slot.a
+        sess_receive_response(e.s, p, now)
+        self.tb_touch(e)
+
+    cdef void tb_heap_pop(self) noexcept nogil:
+        cdef TEntry* e = self.heap[0].e
+        self.heap_n -= 1
+        if self.heap_n:
+            self.heap[0] = self.heap[self.heap_n]
+            tb_sift_down(self.heap, self.heap_n, 0)
+        e.heap_refs -= 1
+        self.tb_maybe_free(e)
+
+    cdef void tb_handle_timer(self, double now) noexcept nogil:
+        """table.SessionTable.handle_timer."""
+        cdef double t
+        cdef TEntry* e
+        self.now = now
+        while self.heap_n and self.heap[0].t <= now:
+            t = self.heap[0].t
+            e = self.heap[0].e
+            e.heap_refs += 1  # kept while it is looked at
+            self.tb_heap_pop()
+            e.heap_refs -= 1
+            if e.sched != t or e.gone:
+                self.tb_maybe_free(e)
+                continue  # stale: rescheduled earlier meanwhile, or removed
+            e.sched = NAN
+            sess_handle_timer(e.s, now)
+            self.tb_touch(e)
+
+    cdef double tb_get_timer(self) noexcept nogil:
+        """table.SessionTable.get_timer; NaN: None."""
+        cdef TEntry* e
+        if self.touched_n:
+            return self.now
+        while self.heap_n:
+            e = self.heap[0].e
+            if e.sched == self.heap[0].t and not e.gone:
+                return self.heap[0].t
+            self.tb_heap_pop()
+        return NAN
+
+    cdef int tb_schedule(self, TEntry* e) noexcept nogil:
+        """table._schedule."""
+        cdef double t = sess_timer(e.s)
+        cdef size_t cap
+        cdef THeapItem* h
+        if tset(t) and (not tset(e.sched) or t < e.sched):
+            if self.heap_n == self.heap_cap:
+                cap = self.heap_cap * 2 if self.heap_cap else 256
+                h = <THeapItem*>realloc(self.heap, cap * sizeof(THeapItem))
+                if h == NULL:
+                    self.oom = True
+                    return -1
+                self.heap = h
+                self.heap_cap = cap
+            e.sched = t
+            self.heap_seq += 1
+            self.heap[self.heap_n].t = t
+            self.heap[self.heap_n].seq = self.heap_seq
+            self.heap[self.heap_n].e = e
+            e.heap_refs += 1
+            self.heap_n += 1
+            tb_sift_up(self.heap, self.heap_n - 1)
+        return 0
+
+    cdef void tb_compact(self) noexcept nogil:
+        """The dead heap items dropped in one pass (table._remove)."""
+        cdef size_t i, j = 0
+        cdef TEntry* e
+        for i in range(self.heap_n):
+            e = self.heap[i].e
+            if e.sched == self.heap[i].t and not e.gone:
+                self.heap[j] = self.heap[i]
+                j += 1
+            else:
+                e.heap_refs -= 1
+                self.tb_maybe_free(e)
+        self.heap_n = j
+        if j > 1:
+            i = j // 2
+            while i > 0:
+                i -= 1
+                tb_sift_down(self.heap, j, i)
+
+    cdef void tb_remove(self, TEntry* e, double now) noexcept nogil:
+        """table._remove: out of the maps, the tuple quarantined, the session freed."""
+        cdef ESession* s = e.s
+        cdef uint64_t k0
+        cdef uint32_t k1, i, j
+        cdef hslot* slot
+        cdef TFlow* flow
+        cdef uint32_t end_seq = 0, ts_last = 0
+        cdef bint has_end, has_ts
+        e.gone = 1
+        e.heap_refs += 1  # pinned: the compaction may drop its last item
+        if self.heap_n > 2 * self.by_resp.n + TB_HEAP_SLACK:
+            self.tb_compact()
+        e.heap_refs -= 1
+        self.c[EC_REL] += 1
+        self.c[EC_TW] -= 1
+        self.unsend_total -= e.unsend
+        e.unsend = 0
+        self.held_total -= e.held
+        e.held = 0
+        hm_key4(s.client_ip, s.client_port, s.target_ip, s.target_port, &k0, &k1)
+        slot = hm_get(&self.by_resp, k0, k1)
+        if slot != NULL and <TEntry*><intptr_t>slot.a == e:
+            hm_del(&self.by_resp, slot)
+            if e.prev != NULL:
+                e.prev.next = e.next
+            else:
+                self.order_head = e.next
+            if e.next != NULL:
+                e.next.prev = e.prev
+            else:
+                self.order_tail = e.prev
+            e.prev = e.next = NULL
+        flow = e.flow
+        for i in range(flow.n):
+            if flow.items[i] == e:
+                for j in range(i + 1, flow.n):
+                    flow.items[j - 1] = flow.items[j]
+                flow.n -= 1
+                break
+        if flow.n == 0:
+            if flow.in_map:
+                slot = hm_get(&self.flows, e.fk0, e.fk1)
+                if slot != NULL and <TFlow*><intptr_t>slot.a == flow:
+                    hm_del(&self.flows, slot)
+                flow.in_map = 0
+            tb_flow_free(flow)
+        e.flow = NULL
+        # The target keeps the tuple in TIME_WAIT: quarantine it (design §9).
+        has_end = sess_end_seq(s, &end_seq)
+        has_ts = sess_ts_last(s, &ts_last)
+        if ta_release(&self.alloc, s.client_ip, s.client_port, s.target_ip, s.target_port, now,
+                      has_end, end_seq, has_ts, ts_last) < 0:
+            self.oom = True
+        sess_free(s)
+        e.s = NULL
+        self.tb_maybe_free(e)
+
+    cdef int tb_route(self, const EEvent* ev) noexcept nogil:
+        cdef size_t cap
+        cdef EEvent* r
+        if self.routes_n == self.routes_cap:
+            cap = self.routes_cap * 2 if self.routes_cap else 64
+            r = <EEvent*>realloc(self.routes, cap * sizeof(EEvent))
+            if r == NULL:
+                self.oom = True
+                return -1
+            self.routes = r
+            self.routes_cap = cap
+        self.routes[self.routes_n] = ev[0]
+        self.routes_n += 1
+        return 0
+
+    cdef void tb_drain_out(self) noexcept nogil:
+        """table.SessionTable.drain in C: the packets appended to self.out, the routes to
+        self.routes[0:routes_n] (both reset by the caller)."""
+        cdef size_t k, n, cap
+        cdef TEntry* e
+        cdef ESession* s
+        cdef double now = self.now
+        cdef bint loss_recent = self.has_loss and now - self.loss_at <= TB_LOSS_RECENT_S
+        cdef EEvent ev
+        cdef int64_t u, h
+        cdef TEntry** taken
+        n = self.touched_n
+        taken = self.touched
+        cap = self.touched_cap
+        self.touched = self.draining
+        self.touched_cap = self.draining_cap
+        self.touched_n = 0
+        self.draining = taken
+        self.draining_cap = cap
+        for k in range(n):
+            e = taken[k]
+            e.touched = 0
+            if e.gone:
+                self.tb_maybe_free(e)
+                continue
+            s = e.s
+            if sess_packets_to_send(s, now, &self.out) < 0:
+                self.oom = True
+            if loss_recent:
+                sess_expedite_gap(s, now + TB_LOSS_GAP_WAIT_S)
+            while sess_next_event(s, &ev):
+                self.tb_route(&ev)
+            u = sess_unsend(s)
+            if u != e.unsend:
+                self.unsend_total += u - e.unsend
+                e.unsend = u
+            h = tb_held_bytes(s)
+            if h != e.held:
+                self.held_total += h - e.held
+                e.held = h
+            if s.state == ST_FINISHED:
+                self.tb_remove(e, now)
+            else:
+                self.tb_schedule(e)
+
+    # -- Python API (table.SessionTable's) -----------------------------------------------------
+
+    cdef void _check(self) except *:
+        if self.oom:
+            self.oom = False
+            raise MemoryError("the session table ran out of memory")
+
+    def receive_client(self, pkt, double now):
+        cdef dp_packet p
+        cdef bytes buf = _packet_buffer(pkt, &p)
+        cdef const uint8_t* b = buf
+        self.tb_receive_client(&p, b, now)
+        self._check()
+
+    def receive_response(self, pkt, double now):
+        cdef dp_packet p
+        cdef bytes buf = _packet_buffer(pkt, &p)
+        self.tb_receive_response(&p, now)
+        self._check()
+
+    def handle_timer(self, double now):
+        self.tb_handle_timer(now)
+        self._check()
+
+    def get_timer(self):
+        cdef double t = self.tb_get_timer()
+        return t if tset(t) else None
+
+    def drain(self):
+        """(routes as RouteNeeded, packets as bytes), as SessionTable.drain."""
+        cdef size_t at = 0, i
+        cdef EEvent* r
+        if not self.touched_n:
+            return [], []
+        eout_reset(&self.out)
+        self.pend_at = 0
+        self.pend_off = 0
+        self.routes_n = 0
+        self.tb_drain_out()
+        r = self.routes
+        out_routes = [
+            _RouteNeeded(r[i].cip, r[i].cport, r[i].tip, r[i].tport) for i in range(self.routes_n)
+        ]
+        self.routes_n = 0
+        packets = []
+        for i in range(self.out.n):
+            packets.append((<char*>self.out.buf)[at:at + self.out.lens[i]])
+            at += self.out.lens[i]
+        eout_reset(&self.out)
+        self._check()
+        return out_routes, packets
+
+    def close(self):
+        """Let go of the tuple history's shared block (its ``close`` needs the export gone);
+        the table allocates without a history from then on."""
+        memset(&self.alloc.history, 0, sizeof(RwHistory))
+        self.has_history = False
+        self._keep = None
+
+    # -- batch calls (engine/io/batch.py is their specification) ------------------------------
+
+    cdef int tb_client_ip(self, const uint8_t* pkt, size_t n, double now) noexcept nogil:
+        cdef dp_packet p
+        if dp_parse_ipv4_tcp(pkt, n, &p) != DP_OK:
+            return 1
+        self.tb_receive_client(&p, pkt, now)
+        return 0
+
+    def receive_client_ips(self, buf, offsets, lengths, Py_ssize_t n, double now):
+        """``n`` captured IPv4 packets, packet i at buf[offsets[i]:offsets[i] + lengths[i]];
+        returns how many did not parse (one reaching past buf does not)."""
+        cdef const uint8_t[::1] b = _as_bytes_view(buf)
+        cdef const int64_t[::1] offs = _np.ascontiguousarray(offsets[:n], dtype=_np.int64)
+        cdef const int64_t[::1] lens = _np.ascontiguousarray(lengths[:n], dtype=_np.int64)
+        cdef Py_ssize_t i, size = b.shape[0]
+        cdef int64_t off, length
+        cdef int errors = 0
+        cdef const uint8_t* base = &b[0] if size else NULL
+        if offs.shape[0] < n or lens.shape[0] < n:
+            raise ValueError(f"{n} packets but {offs.shape[0]} offsets, {lens.shape[0]} lengths")
+        with nogil:
+            for i in range(n):
+                off = offs[i]
+                length = lens[i]
+                if off < 0 or length < 0 or off + length > size:
+                    errors += 1
+                    continue
+                errors += self.tb_client_ip(base + off, <size_t>length, now)
+        self._check()
+        return errors
+
+    def receive_slots(self, mem, Py_ssize_t slot_bytes, Py_ssize_t slots, Py_ssize_t first,
+                      Py_ssize_t n, double now):
+        """``n`` packets of a shared-memory ring read in place (engine/io/batch.py); returns
+        how many did not parse."""
+        cdef const uint8_t[::1] b = _as_bytes_view(mem)
+        cdef Py_ssize_t k, off, size = b.shape[0]
+        cdef uint32_t length
+        cdef int errors = 0
+        cdef const uint8_t* base = &b[0] if size else NULL
+        if slot_bytes <= RING_SLOT_HEADER_BYTES or slots <= 0 or first < 0:
+            raise ValueError(f"bad ring geometry: {slots} slots of {slot_bytes} bytes")
+        with nogil:
+            for k in range(n):
+                off = ((first + k) % slots) * slot_bytes
+                if off + RING_SLOT_HEADER_BYTES > size:
+                    errors += 1
+                    continue
+                memcpy(&length, base + off, 4)
+                if length > slot_bytes - RING_SLOT_HEADER_BYTES or (
+                    off + RING_SLOT_HEADER_BYTES + length > size
+                ):
+                    errors += 1
+                    continue
+                errors += self.tb_client_ip(base + off + RING_SLOT_HEADER_BYTES, length, now)
+        self._check()
+        return errors
+
+    def receive_records(self, buf, double now, Py_ssize_t record_bytes=WR_RESPONSE_RECORD_BYTES):
+        """Response records back to back (frame counts removed): ``len(buf) // record_bytes``
+        decoded in place and fed; returns the bytes consumed.  A record that does not decode
+        is skipped and counted (``response_decode_errors``)."""
+        cdef const uint8_t[::1] b = _as_bytes_view(buf)
+        cdef Py_ssize_t i, count
+        cdef dp_packet p
+        cdef const uint8_t* base = &b[0] if b.shape[0] else NULL
+        if record_bytes <= 0:
+            raise ValueError(f"record_bytes must be positive, not {record_bytes}")
+        count = b.shape[0] // record_bytes
+        with nogil:
+            for i in range(count):
+                if wr_decode_record(base + i * record_bytes, record_bytes, &p) < 0:
+                    self.tx[TX_RESPONSE_DECODE_ERRORS] += 1
+                    continue
+                self.tb_receive_response(&p, now)
+        self._check()
+        return count * record_bytes
+
+    def drain_into(self, sendbuf):
+        """drain()'s routes, and its packets written back to back into ``sendbuf.data``
+        (through ``sendbuf.view``) with their lengths in ``sendbuf.lengths``: returns
+        (routes, n).  What does not fit stays queued for the next call (engine/io/batch.py)."""
+        cdef uint8_t[::1] data = sendbuf.view
+        cdef uint32_t[::1] lengths = sendbuf.lengths
+        cdef size_t cap = data.shape[0], max_n = lengths.shape[0], off = 0, size, i
+        cdef uint32_t n = 0
+        cdef EEvent* r
+        routes = []
+        if self.pend_at >= self.out.n:
+            eout_reset(&self.out)
+            self.pend_at = 0
+            self.pend_off = 0
+            if self.touched_n:
+                self.routes_n = 0
+                self.tb_drain_out()
+                r = self.routes
+                routes = [
+                    _RouteNeeded(r[i].cip, r[i].cport, r[i].tip, r[i].tport)
+                    for i in range(self.routes_n)
+                ]
+                self.routes_n = 0
+        with nogil:
+            while self.pend_at < self.out.n:
+                size = self.out.lens[self.pend_at]
+                if n == max_n or off + size > cap:
+                    break
+                memcpy(&data[0] + off, self.out.buf + self.pend_off, size)
+                lengths[n] = <uint32_t>size
+                off += size
+                n += 1
+                self.pend_off += size
+                self.pend_at += 1
+        self._check()
+        return routes, n
+
+    @property
+    def counters(self):
+        """A Counter built from the C arrays (zero entries left out)."""
+        cdef int i
+        c = _tb_collections.Counter()
+        for i in range(EC_COUNT):
+            if self.c[i]:
+                c[EC_NAMES[i]] = <int64_t>self.c[i]
+        for i in range(TX_COUNT):
+            if self.tx[i]:
+                c[TX_NAMES[i]] = <int64_t>self.tx[i]
+        return c
+
+    @property
+    def active(self):
+        return self.by_resp.n
+
+    @property
+    def lingering(self):
+        return <int64_t>self.c[EC_TW]
+
+    @property
+    def unsend(self):
+        return self.unsend_total
+
+    @property
+    def held_bytes(self):
+        return self.held_total
+
+    @property
+    def allocator(self):
+        return TupleAllocator.view(&self.alloc, self, self._history, self._pool)
+
+    @property
+    def heap_size(self):
+        """Items in the timer heap (live and stale): for tests of its compaction."""
+        return self.heap_n
+
+    @staticmethod
+    def set_heap_slack(size_t slack):
+        """Tests: the compaction threshold (table.HEAP_SLACK)."""
+        global TB_HEAP_SLACK
+        TB_HEAP_SLACK = slack
+
+    def live_routes(self):
+        cdef TEntry* e = self.order_head
+        out = []
+        while e != NULL:
+            if e.s.state < ST_LINGER:
+                out.append(_RouteNeeded(e.s.client_ip, e.s.client_port, e.s.target_ip,
+                                        e.s.target_port))
+            e = e.next
+        return out
+
+    def set_route_down(self, down, double now):
+        cdef TEntry* e = self.order_head
+        cdef bint d = bool(down)
+        if d == self.route_down:
+            return
+        self.route_down = d
+        self.now = now
+        while e != NULL:
+            if e.s.state < ST_LINGER:
+                sess_handle_route_down(e.s, d, now)
+                if not d:
+                    self.tb_touch(e)
+            e = e.next
+        self._check()
+
+    def end_input(self, double now):
+        cdef TEntry* e = self.order_head
+        cdef int ended = 0
+        self.now = now
+        while e != NULL:
+            if sess_end_input(e.s, now):
+                ended += 1
+                self.tb_touch(e)
+            e = e.next
+        self._check()
+        return ended
+
+    def shed_half_open(self, double now, limit=None):
+        cdef double cutoff = now - TB_HALF_OPEN_SHED_AGE_S
+        cdef TEntry* e = self.order_head
+        cdef size_t n = self.by_resp.n, nu = 0, na = 0, k, total
+        cdef TEntry** unanswered
+        cdef TEntry** answered
+        self.now = now
+        unanswered = <TEntry**>malloc((n + 1) * sizeof(TEntry*))
+        answered = <TEntry**>malloc((n + 1) * sizeof(TEntry*))
+        if unanswered == NULL or answered == NULL:
+            free(unanswered)
+            free(answered)
+            raise MemoryError()
+        while e != NULL:
+            if e.s.created_at <= cutoff and sess_half_open(e.s):
+                if e.s.state > ST_SYN_SENT:
+                    answered[na] = e
+                    na += 1
+                else:
+                    unanswered[nu] = e
+                    nu += 1
+            e = e.next
+        total = nu + na
+        if limit is not None:
+            total = min(total, <size_t>max(0, limit))
+        for k in range(total):
+            e = unanswered[k] if k < nu else answered[k - nu]
+            sess_shed_half_open(e.s, now)
+            self.tb_touch(e)
+        free(unanswered)
+        free(answered)
+        self._check()
+        return total
+
+    def forget_ended(self, double now):
+        cdef TEntry* e = self.order_head
+        cdef TEntry* nxt
+        self.now = now
+        while e != NULL:
+            nxt = e.next
+            if e.s.state >= ST_LINGER and not e.gone:
+                self.tb_remove(e, now)
+            e = nxt
+        self._check()
+
+    def note_capture_loss(self, double now):
+        self.has_loss = True
+        self.loss_at = now
+
+    def expire_refused(self, double now):
+        cdef double cutoff = now - TB_REFUSED_IDLE_S
+        cdef size_t i, n = 0
+        cdef hslot* s
+        stale = []
+        for i in range(self.refused.cap):
+            s = &self.refused.slots[i]
+            if s.used and s.d < cutoff:
+                stale.append((s.k0, s.k1))
+        for k0, k1 in stale:
+            s = hm_get(&self.refused, k0, k1)
+            if s != NULL:
+                hm_del(&self.refused, s)
+
+
+cdef int64_t tb_held_bytes(ESession* s) noexcept nogil:
+    """TcpSession.held_bytes: payload bytes of the captured segments not yet sent."""
+    cdef int64_t n = 0
+    cdef ESeg* g = s.pend_head
+    while g != NULL:
+        n += g.end - g.off
+        g = g.next
+    return n
+
+
+cdef const uint8_t[::1] _as_bytes_view(object buf):
+    """A byte view of any buffer (bytes, bytearray, memoryview, mmap, numpy)."""
+    mv = memoryview(buf)
+    if mv.ndim != 1 or mv.itemsize != 1 or not mv.c_contiguous:
+        mv = mv.cast("B")
+    if mv.format != "B":
+        mv = mv.cast("B")
+    return mv
