@@ -27,6 +27,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 SOCKET_TIMEOUT_S = 15.0
@@ -175,6 +176,73 @@ def _finish(mode: str, tally: Tally, started: float, **extra: object) -> dict:
     }
 
 
+def _run_threads(target: Callable[..., None], args_list: list[tuple]) -> None:
+    threads = [threading.Thread(target=target, args=args) for args in args_list]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def _paced_pool(
+    count: int,
+    concurrency: int,
+    pacer: Pacer,
+    deadline: float,
+    late: Callable[[int], None],
+    job: Callable[[int], None],
+) -> None:
+    """``job(k)`` for k in range(count) on ``concurrency`` threads, each one at its pacing turn
+    k; ``late(k)`` instead for those whose turn falls after ``deadline``."""
+    indices = iter(range(count))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                k = next(indices, None)
+            if k is None:
+                return
+            if pacer.wait_turn(k, deadline):
+                job(k)
+            else:
+                late(k)
+
+    _run_threads(worker, [() for _ in range(concurrency)])
+
+
+def _paced_requests(
+    conn: HttpConnection,
+    c: int,
+    first: int,
+    total: int,
+    turn: Callable[[int], int],
+    path: Callable[[int], str],
+    pacer: Pacer,
+    deadline: float,
+    tally: Tally,
+) -> None:
+    """GET ``path(i)`` for i in first..total-1 on connection ``c``, each at its pacing turn
+    ``turn(i)``, until the deadline or the first error; closes ``conn`` and counts the
+    requests not done as failed."""
+    done = first
+    try:
+        for i in range(first, total):
+            if not pacer.wait_turn(turn(i), deadline):
+                break
+            status, nbytes, _ = conn.request("GET", path(i))
+            if status != 200:
+                raise HttpError(f"status {status}")
+            tally.success(nbytes)
+            done += 1
+    except (OSError, HttpError, ValueError) as exc:
+        tally.failure(f"conn {c} req {done}: {exc}", 0)
+    finally:
+        conn.close()
+        if total - done:
+            tally.failure(f"conn {c}: {total - done} not done", total - done)
+
+
 def run_keepalive(args: argparse.Namespace) -> dict:
     """N connections, requests spread round-robin: path /<prefix>/<conn>/<i>."""
     started = time.monotonic()
@@ -191,28 +259,13 @@ def run_keepalive(args: argparse.Namespace) -> dict:
         except OSError as exc:
             tally.failure(f"conn {c}: connect: {exc}", per_conn[c])
             return
-        done = 0
-        try:
-            for i in range(per_conn[c]):
-                if not pacer.wait_turn(i * n_conn + c, deadline):
-                    break
-                status, nbytes, _ = conn.request("GET", f"/{args.prefix}/{c}/{i}")
-                if status != 200:
-                    raise HttpError(f"status {status}")
-                tally.success(nbytes)
-                done += 1
-        except (OSError, HttpError, ValueError) as exc:
-            tally.failure(f"conn {c} req {done}: {exc}", 0)
-        finally:
-            conn.close()
-            if per_conn[c] - done:
-                tally.failure(f"conn {c}: {per_conn[c] - done} not done", per_conn[c] - done)
+        _paced_requests(
+            conn, c, 0, per_conn[c],
+            lambda i: i * n_conn + c, lambda i: f"/{args.prefix}/{c}/{i}",
+            pacer, deadline, tally,
+        )  # fmt: skip
 
-    threads = [threading.Thread(target=worker, args=(c,)) for c in range(n_conn)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _run_threads(worker, [(c,) for c in range(n_conn)])
     return _finish("keepalive", tally, started, connections=n_conn)
 
 
@@ -221,37 +274,26 @@ def run_short(args: argparse.Namespace) -> dict:
     started = time.monotonic()
     deadline = started + args.deadline
     tally, pacer = Tally(), Pacer(args.rate)
-    indices = iter(range(args.requests))
-    lock = threading.Lock()
 
-    def worker() -> None:
-        while True:
-            with lock:
-                i = next(indices, None)
-            if i is None:
-                return
-            if not pacer.wait_turn(i, deadline):
-                tally.failure(f"req {i}: deadline", 1)
-                continue
+    def late(i: int) -> None:
+        tally.failure(f"req {i}: deadline", 1)
+
+    def job(i: int) -> None:
+        try:
+            conn = HttpConnection(args.host, args.port)
             try:
-                conn = HttpConnection(args.host, args.port)
-                try:
-                    status, nbytes, _ = conn.request(
-                        "GET", f"/{args.prefix}/{i}", close=args.server_close
-                    )
-                finally:
-                    conn.close()
-                if status != 200:
-                    raise HttpError(f"status {status}")
-                tally.success(nbytes)
-            except (OSError, HttpError, ValueError) as exc:
-                tally.failure(f"req {i}: {exc}")
+                status, nbytes, _ = conn.request(
+                    "GET", f"/{args.prefix}/{i}", close=args.server_close
+                )
+            finally:
+                conn.close()
+            if status != 200:
+                raise HttpError(f"status {status}")
+            tally.success(nbytes)
+        except (OSError, HttpError, ValueError) as exc:
+            tally.failure(f"req {i}: {exc}")
 
-    threads = [threading.Thread(target=worker) for _ in range(args.concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _paced_pool(args.requests, args.concurrency, pacer, deadline, late, job)
     return _finish("short", tally, started)
 
 
@@ -260,41 +302,30 @@ def run_sessions(args: argparse.Namespace) -> dict:
     started = time.monotonic()
     deadline = started + args.deadline
     tally, pacer = Tally(), Pacer(args.rate)
-    indices = iter(range(args.requests))
-    lock = threading.Lock()
 
-    def worker() -> None:
-        while True:
-            with lock:
-                c = next(indices, None)
-            if c is None:
-                return
-            if not pacer.wait_turn(c, deadline):
-                tally.failure(f"conn {c}: deadline", args.per_conn)
-                continue
-            done = 0
+    def late(c: int) -> None:
+        tally.failure(f"conn {c}: deadline", args.per_conn)
+
+    def job(c: int) -> None:
+        done = 0
+        try:
+            conn = HttpConnection(args.host, args.port)
             try:
-                conn = HttpConnection(args.host, args.port)
-                try:
-                    for i in range(args.per_conn):
-                        last = i == args.per_conn - 1
-                        status, nbytes, _ = conn.request(
-                            "GET", f"/{args.prefix}/{c}/{i}", close=last and args.server_close
-                        )
-                        if status != 200:
-                            raise HttpError(f"status {status}")
-                        tally.success(nbytes)
-                        done += 1
-                finally:
-                    conn.close()
-            except (OSError, HttpError, ValueError) as exc:
-                tally.failure(f"conn {c} req {done}: {exc}", args.per_conn - done)
+                for i in range(args.per_conn):
+                    last = i == args.per_conn - 1
+                    status, nbytes, _ = conn.request(
+                        "GET", f"/{args.prefix}/{c}/{i}", close=last and args.server_close
+                    )
+                    if status != 200:
+                        raise HttpError(f"status {status}")
+                    tally.success(nbytes)
+                    done += 1
+            finally:
+                conn.close()
+        except (OSError, HttpError, ValueError) as exc:
+            tally.failure(f"conn {c} req {done}: {exc}", args.per_conn - done)
 
-    threads = [threading.Thread(target=worker) for _ in range(args.concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _paced_pool(args.requests, args.concurrency, pacer, deadline, late, job)
     return _finish("sessions", tally, started)
 
 
@@ -337,30 +368,13 @@ def run_preopen(args: argparse.Namespace) -> dict:
     pacer = Pacer(args.rate)
 
     def worker(c: int, conn: HttpConnection) -> None:
-        done = 1
-        try:
-            for i in range(1, per_conn):
-                if not pacer.wait_turn((i - 1) * n_conn + c, deadline):
-                    break
-                status, nbytes, _ = conn.request("GET", f"/{args.prefix}/{c}/{i}")
-                if status != 200:
-                    raise HttpError(f"status {status}")
-                tally.success(nbytes)
-                done += 1
-        except (OSError, HttpError, ValueError) as exc:
-            tally.failure(f"conn {c} req {done}: {exc}", 0)
-        finally:
-            conn.close()
-            if per_conn - done:
-                tally.failure(f"conn {c}: {per_conn - done} not done", per_conn - done)
+        _paced_requests(
+            conn, c, 1, per_conn,
+            lambda i: (i - 1) * n_conn + c, lambda i: f"/{args.prefix}/{c}/{i}",
+            pacer, deadline, tally,
+        )  # fmt: skip
 
-    threads = [
-        threading.Thread(target=worker, args=(c, conn)) for c, conn in enumerate(conns) if conn
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _run_threads(worker, [(c, conn) for c, conn in enumerate(conns) if conn])
     return _finish(
         "preopen", tally, started, go=True, after_go_s=round(time.monotonic() - go_at, 3)
     )

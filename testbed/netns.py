@@ -110,6 +110,11 @@ DIFFER_BODY_BYTES = {
 """/differ/... on the two nginx: the same URLs, bodies of other lengths (a migrated server)."""
 INTERCEPT_PORT = 36524
 
+# tcpcopy-mp's -x specs of the tests: online port -> the target's address and port.
+TRANSFER_HTTP = f"{ONLINE_HTTP_PORT}-{TARGET_IP}:{TARGET_HTTP_PORT}"
+TRANSFER_REDIS = f"{REDIS_PORT}-{TARGET_IP}:{REDIS_PORT}"
+TRANSFER_PG = f"{POSTGRES_PORT}-{TARGET_IP}:{POSTGRES_PORT}"
+
 BIG_FILE_PATH = "/big.bin"
 BIG_FILE_BYTES = 10 * 1024 * 1024
 BIG_FILE_SEED = 20240601
@@ -559,7 +564,8 @@ class Proc:
             return None
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT_S) -> int | None:
-        """Signal, wait up to ``timeout``, then SIGKILL. Returns the exit code of the first stop
+        """Signal, wait up to ``timeout``, then SIGKILL; close the log and the pipes the
+        caller asked for (``stdin``/``stdout=PIPE``).  Returns the exit code of the first stop
         (None if it had to be killed)."""
         rc: int | None
         if self.alive():
@@ -570,8 +576,12 @@ class Proc:
                 self.popen.wait(timeout=10)
         else:
             rc = self.popen.returncode
-        if not self._log.closed:
-            self._log.close()
+        for stream in (self.popen.stdin, self.popen.stdout, self.popen.stderr, self._log):
+            if stream is not None and not stream.closed:
+                try:
+                    stream.close()
+                except OSError:
+                    pass  # stdin's unread buffer: the process is gone (BrokenPipeError)
         return rc
 
     def output(self) -> str:
@@ -1193,6 +1203,20 @@ class Testbed:
         wait_until(probe, timeout, interval=0.2, what=f"{tcpcopy.name} replicating a probe")
         return sent
 
+    def wait_redis_replicating(self, tcpcopy: Proc, timeout: float = 30.0) -> None:
+        """Send redis ECHO probes from the client until the target's redis counted one (the
+        readiness signal when tcpcopy-mp replicates the redis port only)."""
+
+        def probe_seen() -> bool:
+            if not tcpcopy.alive():
+                raise TestbedError(f"{tcpcopy.name} exited:\n{tcpcopy.tail()}")
+            if self.redis_stats("target").get("echo", 0) > 0:
+                return True
+            self.redis_ping_from_client("ECHO", "probe")
+            return False
+
+        wait_until(probe_seen, timeout, interval=0.2, what="a replicated redis ECHO probe")
+
     def wait_target_count(
         self, prefix: str, expected: int, timeout: float = 60.0, role: str = "target"
     ) -> int:
@@ -1295,3 +1319,49 @@ def read_summary(path: Path) -> dict | None:
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     return value if isinstance(value, dict) else None
+
+
+# -- a replicating pair, for the tests and benchmarks ------------------------------------------
+
+
+def diag(tb: Testbed) -> str:
+    """Log tails and --summary-json of the programs under test, for assertion messages."""
+    parts = []
+    for proc in tb.procs:
+        if proc.name.startswith(("tcpcopy", "intercept")):
+            parts.append(f"--- {proc.name} (rc={proc.popen.returncode}) ---\n{proc.tail(25)}")
+            summary = read_summary(proc.summary_path) if proc.summary_path else None
+            if summary:
+                nonzero = {k: v for k, v in summary.items() if v not in (0, None, "")}
+                parts.append(f"--- {proc.name} --summary-json (non-zero) ---\n{nonzero}")
+    return "\n".join(parts)
+
+
+def start_pair(
+    tb: Testbed,
+    workdir: Path,
+    tcpcopy_args: list[str],
+    mode: str = TRADITIONAL,
+    ports: tuple[int, ...] = (TARGET_HTTP_PORT,),
+    probe: bool = True,
+) -> tuple[Proc, Proc]:
+    """intercept-mp for ``mode`` then tcpcopy-mp, their --summary-json in ``workdir``; returns
+    once an HTTP probe was replicated (``probe``)."""
+    tb.set_mode(mode)
+    intercept = tb.start_intercept(install_ports=ports, summary=workdir / "intercept-summary.json")
+    tcpcopy = tb.start_tcpcopy(tcpcopy_args, summary=workdir / "tcpcopy-summary.json")
+    if probe:
+        tb.wait_replicating(tcpcopy)
+    return intercept, tcpcopy
+
+
+def stop_tcpcopy(tb: Testbed, tcpcopy: Proc, workdir: Path) -> dict:
+    """SIGTERM: tcpcopy-mp must exit 0 with a --summary-json object (the CLI contract); the
+    object.  A broken contract is an AssertionError naming it, with ``diag``."""
+    rc = tcpcopy.stop(signal.SIGTERM, timeout=20)
+    summary = read_summary(workdir / "tcpcopy-summary.json")
+    if rc != 0:
+        raise AssertionError(f"tcpcopy-mp exited {rc} on SIGTERM\n{diag(tb)}")
+    if summary is None:
+        raise AssertionError(f"tcpcopy-mp wrote no --summary-json object\n{diag(tb)}")
+    return summary

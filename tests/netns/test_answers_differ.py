@@ -22,7 +22,6 @@ import pytest
 
 from testbed import netns as tbm
 from tests.netns.conftest import SKIP_NO_NETNS
-from tests.netns.test_replication import diag, start_pair, stop_tcpcopy
 
 pytestmark = [
     pytest.mark.netns,
@@ -31,9 +30,6 @@ pytestmark = [
     pytest.mark.usefixtures("programs"),
 ]
 
-TRANSFER_HTTP = f"{tbm.ONLINE_HTTP_PORT}-{tbm.TARGET_IP}:{tbm.TARGET_HTTP_PORT}"
-TRANSFER_REDIS = f"{tbm.REDIS_PORT}-{tbm.TARGET_IP}:{tbm.REDIS_PORT}"
-TRANSFER_PG = f"{tbm.POSTGRES_PORT}-{tbm.TARGET_IP}:{tbm.POSTGRES_PORT}"
 REPLICATED_MIN = 0.999
 DONE_AFTER_LOAD_S = 5.0
 """C TCPCopy 1.0 is done at once on these loads (a LAN: its internal_usage path), so the
@@ -75,7 +71,7 @@ HTTP_REQUESTS = 4000
 def test_http_bodies_of_other_lengths_keepalive_full_speed(
     testbed: tbm.Testbed, tmp_path: Path
 ) -> None:
-    _, tcpcopy = start_pair(testbed, tmp_path, ["-x", TRANSFER_HTTP, "-c", "198.19.1.x"])
+    _, tcpcopy = tbm.start_pair(testbed, tmp_path, ["-x", tbm.TRANSFER_HTTP, "-c", "198.19.1.x"])
     prefix = tbm.DIFFER_PREFIX
     started = time.monotonic()
     load = testbed.loadgen(
@@ -95,18 +91,18 @@ def test_http_bodies_of_other_lengths_keepalive_full_speed(
         load_end,
         CATCH_UP_LIMIT_S,
     )
-    summary = stop_tcpcopy(testbed, tcpcopy, tmp_path)
+    summary = tbm.stop_tcpcopy(testbed, tcpcopy, tmp_path)
     what = (
         f"target {seen}/{HTTP_REQUESTS} requests {after:.1f} s after a {load_end - started:.1f} s "
         f"load; {summary_gate(summary)}"
     )
     print(what)
-    assert seen >= REPLICATED_MIN * HTTP_REQUESTS, f"{what}\n{diag(testbed)}"
-    assert after <= DONE_AFTER_LOAD_S, f"{what}\n{diag(testbed)}"
+    assert seen >= REPLICATED_MIN * HTTP_REQUESTS, f"{what}\n{tbm.diag(testbed)}"
+    assert after <= DONE_AFTER_LOAD_S, f"{what}\n{tbm.diag(testbed)}"
     report = tbm.compare_replication(
         testbed.access_log("online"), testbed.access_log("target"), prefix
     )
-    assert report.exact, f"{report.summary()}\n{diag(testbed)}"
+    assert report.exact, f"{report.summary()}\n{tbm.diag(testbed)}"
     target_sizes = {
         r.body_bytes_sent for r in tbm.with_prefix(testbed.access_log("target"), prefix)
     }
@@ -126,23 +122,14 @@ def redis(tb: tbm.Testbed, role: str, *args: str) -> bytes:
 
 @pytest.mark.timeout(240)
 def test_redis_incr_lpush_from_50_connections(testbed: tbm.Testbed, tmp_path: Path) -> None:
-    _, tcpcopy = start_pair(
+    _, tcpcopy = tbm.start_pair(
         testbed,
         tmp_path,
-        ["-x", TRANSFER_REDIS, "-c", "198.19.1.x"],
+        ["-x", tbm.TRANSFER_REDIS, "-c", "198.19.1.x"],
         ports=(tbm.REDIS_PORT,),
         probe=False,
     )
-
-    def probe_seen() -> bool:
-        if not tcpcopy.alive():
-            raise tbm.TestbedError(f"tcpcopy-mp exited:\n{tcpcopy.tail()}")
-        if testbed.redis_stats("target").get("echo", 0) > 0:
-            return True
-        testbed.redis_ping_from_client("ECHO", "probe")
-        return False
-
-    tbm.wait_until(probe_seen, 30, interval=0.2, what="a replicated redis ECHO probe")
+    testbed.wait_redis_replicating(tcpcopy)
     started = time.monotonic()
     testbed.redis_benchmark(
         "-n", str(REDIS_REQUESTS), "-c", str(REDIS_CONNECTIONS), "-t", "incr,lpush", "-q"
@@ -158,14 +145,14 @@ def test_redis_incr_lpush_from_50_connections(testbed: tbm.Testbed, tmp_path: Pa
         return sum(stats.get(c, 0) for c in commands)
 
     seen, after = wait_done(replicated, expected, load_end, CATCH_UP_LIMIT_S)
-    summary = stop_tcpcopy(testbed, tcpcopy, tmp_path)
+    summary = tbm.stop_tcpcopy(testbed, tcpcopy, tmp_path)
     what = (
         f"target {seen}/{expected} commands {after:.1f} s after a {load_end - started:.1f} s "
         f"load; {summary_gate(summary)}"
     )
     print(what)
-    assert seen >= REPLICATED_MIN * expected, f"{what}\n{diag(testbed)}"
-    assert after <= DONE_AFTER_LOAD_S, f"{what}\n{diag(testbed)}"
+    assert seen >= REPLICATED_MIN * expected, f"{what}\n{tbm.diag(testbed)}"
+    assert after <= DONE_AFTER_LOAD_S, f"{what}\n{tbm.diag(testbed)}"
     # The same final contents: the counter reached the same value, the list has as many items.
     digests = {role: redis(testbed, role, "DEBUG", "DIGEST") for role in ("online", "target")}
     assert digests["online"] == digests["target"], (digests, what)
@@ -191,10 +178,10 @@ def start_postgres_pair(tb: tbm.Testbed, tmp_path: Path, extra: list[str]) -> tb
     for role in ("online", "target"):
         tb.start_postgres(role)
         tb.pgbench_init(role)
-    _, tcpcopy = start_pair(
+    _, tcpcopy = tbm.start_pair(
         tb,
         tmp_path,
-        ["-x", TRANSFER_PG, "-c", "198.19.1.x", *extra],
+        ["-x", tbm.TRANSFER_PG, "-c", "198.19.1.x", *extra],
         ports=(tbm.POSTGRES_PORT,),
         probe=False,
     )
@@ -240,14 +227,14 @@ def test_pgbench_tpcb_replays_at_pace_with_equal_balances(
             interval=0.2,
             what="equal balances",
         )
-    summary = stop_tcpcopy(testbed, tcpcopy, tmp_path)
+    summary = tbm.stop_tcpcopy(testbed, tcpcopy, tmp_path)
     what = (
         f"target {seen}/{online} transactions {after:.1f} s after a {load_end - started:.1f} s "
         f"load; {summary_gate(summary)}"
     )
     print(what)
-    assert seen >= REPLICATED_MIN * online, f"{what}\n{diag(testbed)}"
-    assert after <= PG_DONE_AFTER_LOAD_S, f"{what}\n{diag(testbed)}"
+    assert seen >= REPLICATED_MIN * online, f"{what}\n{tbm.diag(testbed)}"
+    assert after <= PG_DONE_AFTER_LOAD_S, f"{what}\n{tbm.diag(testbed)}"
     balances = {role: testbed.psql(role, BALANCES) for role in ("online", "target")}
     assert balances["online"] == balances["target"], (balances, what)
     assert testbed.client_leak_packets() == 0
@@ -291,16 +278,18 @@ def test_no_wait_on_postgres_never_storms_the_target_with_reconnects(
         return time.monotonic() - last[1] >= 3.0
 
     tbm.wait_until(settled, 60, interval=0.2, what="the target's connection count to settle")
-    summary = stop_tcpcopy(testbed, tcpcopy, tmp_path)
+    summary = tbm.stop_tcpcopy(testbed, tcpcopy, tmp_path)
     made = target_conns() - before[1]
     what = f"target {made} connections for {clients} client ones; {summary_gate(summary)}"
     print(what)
     if reconnect == "default":
         reconnects = summary.get("reconnect", 0)
         # (A reconnect whose SYN the target never answered leaves no log line.)
-        assert clients <= made <= clients + reconnects <= 2 * clients, f"{what}\n{diag(testbed)}"
+        assert clients <= made <= clients + reconnects <= 2 * clients, (
+            f"{what}\n{tbm.diag(testbed)}"
+        )
         # Each further attempt was refused (unless the client closed first).
         assert summary.get("reconnect_refused_unanswered", 0) <= reconnects, what
     else:
-        assert made == clients, f"{what}\n{diag(testbed)}"
+        assert made == clients, f"{what}\n{tbm.diag(testbed)}"
         assert summary.get("reconnect", 0) == 0, what

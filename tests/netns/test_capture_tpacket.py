@@ -25,12 +25,8 @@ from tests.netns.test_faults import workers_of
 from tests.netns.test_replication import (
     KEEPALIVE_REQUESTS,
     SHORT_CONNECTIONS,
-    TRANSFER_HTTP,
     assert_exact,
-    diag,
     run_standard_load,
-    start_pair,
-    stop_tcpcopy,
     wait_counts,
 )
 
@@ -41,7 +37,7 @@ pytestmark = [
     pytest.mark.usefixtures("programs"),
 ]
 
-ARGS = ["-x", TRANSFER_HTTP, "-c", "198.19.1.x"]
+ARGS = ["-x", tbm.TRANSFER_HTTP, "-c", "198.19.1.x"]
 WRK_CONNECTIONS = 8
 
 
@@ -71,15 +67,15 @@ def test_tpacket_capture_replicates_exactly(
     args = list(ARGS)
     if capture == "packet":
         args += ["--capture", "packet", "-i", tbm.ONLINE_CLIENT_IFACE]
-    _, tcpcopy = start_pair(testbed, tmp_path, args)
+    _, tcpcopy = tbm.start_pair(testbed, tmp_path, args)
     run_standard_load(testbed)
     seen = wait_counts(testbed, {"/ka/": KEEPALIVE_REQUESTS, "/sc/": SHORT_CONNECTIONS})
     # The kernel ring is mapped by the capture process only, not by the supervisor.
     assert packet_ring_mappings(tcpcopy.pid) == 0
     (capture_pid,) = children_named(tcpcopy.pid, "tcmp-capture")
     assert packet_ring_mappings(capture_pid) == 1
-    summary = stop_tcpcopy(testbed, tcpcopy, tmp_path)
-    assert seen == {"/ka/": KEEPALIVE_REQUESTS, "/sc/": SHORT_CONNECTIONS}, diag(testbed)
+    summary = tbm.stop_tcpcopy(testbed, tcpcopy, tmp_path)
+    assert seen == {"/ka/": KEEPALIVE_REQUESTS, "/sc/": SHORT_CONNECTIONS}, tbm.diag(testbed)
     assert_exact(testbed, "/ka/", KEEPALIVE_REQUESTS)
     assert_exact(testbed, "/sc/", SHORT_CONNECTIONS)
     assert summary["capture_blocks"] > 0, summary  # the mmap ring, not the recv fallback
@@ -94,7 +90,7 @@ def test_overload_sheds_new_sessions_whole_and_the_ring_never_overflows(
 ) -> None:
     tb = testbed
     tb.tcpcopy_workers = 1
-    _, tcpcopy = start_pair(tb, tmp_path, ARGS)
+    _, tcpcopy = tbm.start_pair(tb, tmp_path, ARGS)
     (worker_pid,) = workers_of(tcpcopy).values()
     os.kill(worker_pid, signal.SIGSTOP)  # well under the heartbeat timeout
     try:
@@ -120,7 +116,7 @@ def test_overload_sheds_new_sessions_whole_and_the_ring_never_overflows(
     )
     tb.wait_replicating(tcpcopy, timeout=60, prefix="/after1/")
     tb.wait_replicating(tcpcopy, timeout=60, prefix="/after2/")
-    summary = stop_tcpcopy(tb, tcpcopy, tmp_path)
+    summary = tbm.stop_tcpcopy(tb, tcpcopy, tmp_path)
     shed = summary["shed_sessions_ring_full"]
     at_target = len(tbm.with_prefix(tb.access_log("target"), "/shed/"))
     figures = {
@@ -136,4 +132,4 @@ def test_overload_sheds_new_sessions_whole_and_the_ring_never_overflows(
     # Every online request is at the target or in a shed session.  The other way round up
     # to -c sessions more: the connections wrk cuts at the end of -d opened a session (SYN)
     # whose request never completed online.
-    assert online <= at_target + shed <= online + WRK_CONNECTIONS, f"{figures}\n{diag(tb)}"
+    assert online <= at_target + shed <= online + WRK_CONNECTIONS, f"{figures}\n{tbm.diag(tb)}"

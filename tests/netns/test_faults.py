@@ -39,7 +39,6 @@ import pytest
 from engine.proc.supervisor import STOP_DEADLINE_S
 from testbed import netns as tbm
 from tests.netns.conftest import SKIP_NO_NETNS
-from tests.netns.test_replication import TRANSFER_HTTP, diag, start_pair, stop_tcpcopy
 
 pytestmark = [
     pytest.mark.netns,
@@ -50,7 +49,7 @@ pytestmark = [
 
 WORKERS = 2
 CONNECTIONS_PER_INTERCEPT = 2  # tcpcopy-mp's -C default
-ARGS = ["-x", TRANSFER_HTTP, "-c", "198.19.1.x"]
+ARGS = ["-x", tbm.TRANSFER_HTTP, "-c", "198.19.1.x"]
 RECOVERY_DEADLINE_S = 15.0
 REPLICATION_DEADLINE_S = 60.0
 AFTER_SHORT = 200
@@ -116,7 +115,7 @@ def probe_recovery(
 
     def seen() -> bool:
         nonlocal sent
-        assert tcpcopy.alive(), f"tcpcopy-mp died\n{diag(tb)}"
+        assert tcpcopy.alive(), f"tcpcopy-mp died\n{tbm.diag(tb)}"
         if target_count(tb, prefix):
             return True
         tbm.http_get(
@@ -157,9 +156,9 @@ def stop_both(
     tb: tbm.Testbed, tcpcopy: tbm.Proc, intercept: tbm.Proc, tmp_path: Path
 ) -> tuple[dict, dict]:
     """Both programs survived the fault; stop them (SIGTERM, exit 0) and read both summaries."""
-    assert tcpcopy.alive(), f"tcpcopy-mp died\n{diag(tb)}"
-    assert intercept.alive(), f"intercept-mp died\n{diag(tb)}"
-    summary = stop_tcpcopy(tb, tcpcopy, tmp_path)
+    assert tcpcopy.alive(), f"tcpcopy-mp died\n{tbm.diag(tb)}"
+    assert intercept.alive(), f"intercept-mp died\n{tbm.diag(tb)}"
+    summary = tbm.stop_tcpcopy(tb, tcpcopy, tmp_path)
     return summary, stop_intercept(intercept, tmp_path / "intercept-summary.json")
 
 
@@ -218,7 +217,7 @@ def test_intercept_killed_and_restarted(testbed: tbm.Testbed, tmp_path: Path) ->
     keep-alive sessions that span the outage survive it (none ends at the retransmission
     limit) and replicate again within 1 s of the reconnect."""
     tb = testbed
-    intercept, tcpcopy = start_pair(tb, tmp_path, ARGS)
+    intercept, tcpcopy = tbm.start_pair(tb, tmp_path, ARGS)
     span = spawn_loadgen(
         tb, "loadgen-span",
         "keepalive", "--connections", "5", "--requests", "1000", "--rate", "50",
@@ -232,7 +231,7 @@ def test_intercept_killed_and_restarted(testbed: tbm.Testbed, tmp_path: Path) ->
     assert intercept.wait(10) is not None
     down = tb.loadgen("short", "--requests", "40", "--rate", "10", "--prefix", "down")
     assert down["ok"] == 40, down
-    assert tcpcopy.alive(), f"tcpcopy-mp died without its intercept\n{diag(tb)}"
+    assert tcpcopy.alive(), f"tcpcopy-mp died without its intercept\n{tbm.diag(tb)}"
 
     summary2 = tmp_path / "intercept2-summary.json"
     intercept2 = tb.start_intercept(name="intercept-mp-2", summary=summary2)
@@ -253,8 +252,8 @@ def test_intercept_killed_and_restarted(testbed: tbm.Testbed, tmp_path: Path) ->
 
     span_res = loadgen_result(span, 90)
     tb.wait_target_count("/span/", 1, timeout=5)
-    assert tcpcopy.alive() and intercept2.alive(), diag(tb)
-    summary = stop_tcpcopy(tb, tcpcopy, tmp_path)
+    assert tcpcopy.alive() and intercept2.alive(), tbm.diag(tb)
+    summary = tbm.stop_tcpcopy(tb, tcpcopy, tmp_path)
     isum = stop_intercept(intercept2, summary2)
     down_online, down_target = ratio(tb, "/down/")
     span_target = {r.uri for r in tbm.with_prefix(tb.access_log("target"), "/span/")}
@@ -298,16 +297,16 @@ def test_intercept_killed_and_restarted(testbed: tbm.Testbed, tmp_path: Path) ->
         intercept2=pick(isum, "channels_accepted", *INTERCEPT_KEYS),
         **figures,
     )
-    assert recovery_s <= RECOVERY_DEADLINE_S, (recovery_s, diag(tb))
-    assert after.exact, f"{after.summary()}\n{diag(tb)}"
-    assert ka_seen == 1000, diag(tb)
+    assert recovery_s <= RECOVERY_DEADLINE_S, (recovery_s, tbm.diag(tb))
+    assert after.exact, f"{after.summary()}\n{tbm.diag(tb)}"
+    assert ka_seen == 1000, tbm.diag(tb)
     assert span_res["ok"] == 1000, span_res
     # The spanning sessions survived (no retransmission-limit end, no pick-up) and every
     # request issued more than 1 s after the reconnect reached the target.
     assert summary["sessions_reannounced"] >= 5, figures
     assert summary.get("ended_retransmit_limit", 0) == 0, figures
     assert summary.get("sessions_lost", 0) == 0, figures
-    assert span_after and span_after <= span_target, (sorted(missing_s)[-5:], diag(tb))
+    assert span_after and span_after <= span_target, (sorted(missing_s)[-5:], tbm.diag(tb))
     links = WORKERS * CONNECTIONS_PER_INTERCEPT
     # Every worker connection was lost once and made again (plus the first connects).
     assert summary["channel_disconnects"] >= links, figures
@@ -325,7 +324,7 @@ def test_target_server_down_for_10s(testbed: tbm.Testbed, tmp_path: Path) -> Non
     counted (RST to the SYN: sessions ``refused``), new connections after the restart
     replicate; long keep-alive connections that span the outage are reported."""
     tb = testbed
-    intercept, tcpcopy = start_pair(tb, tmp_path, ARGS)
+    intercept, tcpcopy = tbm.start_pair(tb, tmp_path, ARGS)
     span = spawn_loadgen(
         tb, "loadgen-span",
         "keepalive", "--connections", "5", "--requests", "1500", "--rate", "50",
@@ -349,7 +348,7 @@ def test_target_server_down_for_10s(testbed: tbm.Testbed, tmp_path: Path) -> Non
     after = replicate_after(tb)
 
     span_res = loadgen_result(span, 120)
-    assert tcpcopy.alive(), diag(tb)
+    assert tcpcopy.alive(), tbm.diag(tb)
     summary, isum = stop_both(tb, tcpcopy, intercept, tmp_path)
     down_online, down_target = ratio(tb, "/down/")
     on_span_after = {
@@ -381,7 +380,7 @@ def test_target_server_down_for_10s(testbed: tbm.Testbed, tmp_path: Path) -> Non
         **figures,
     )
     assert span_res["ok"] == 1500, span_res
-    assert after.exact, f"{after.summary()}\n{diag(tb)}"
+    assert after.exact, f"{after.summary()}\n{tbm.diag(tb)}"
     assert recovery_s <= RECOVERY_DEADLINE_S, recovery_s
     # Lost connections are counted: each /down/ connection that did not arrive ended refused
     # (the target's RST to our SYN) or, had the RST been lost, timed out in the handshake.
@@ -400,7 +399,7 @@ def test_lossy_reordering_path(testbed: tbm.Testbed, tmp_path: Path) -> None:
     target (replayed packets and the intercept channel): >= 99 % of a few thousand requests
     still replicate, and the retransmission counters show the repair work."""
     tb = testbed
-    intercept, tcpcopy = start_pair(tb, tmp_path, ARGS)
+    intercept, tcpcopy = tbm.start_pair(tb, tmp_path, ARGS)
     impair = tb.spawn(
         "online", "impair",
         [str(tbm.PYTHON), "-m", "testbed.impair", "--queue", "7", "--loss", "0.01",
@@ -427,7 +426,7 @@ def test_lossy_reordering_path(testbed: tbm.Testbed, tmp_path: Path) -> None:
         tb.run("online", "iptables", "-w", "-t", "mangle", "-D", "OUTPUT", *rule, check=False)
         impair.stop(signal.SIGTERM)
     impaired = json.loads(impair.output().strip().splitlines()[-1])
-    assert tcpcopy.alive(), diag(tb)
+    assert tcpcopy.alive(), tbm.diag(tb)
     summary, isum = stop_both(tb, tcpcopy, intercept, tmp_path)
     ka_on, ka_tg = ratio(tb, "/ka/")
     sc_on, sc_tg = ratio(tb, "/sc/")
@@ -453,7 +452,7 @@ def test_lossy_reordering_path(testbed: tbm.Testbed, tmp_path: Path) -> None:
         **figures,
     )
     assert impaired["dropped"] > 0 and impaired["delayed"] > 0, impaired
-    assert total >= 0.99, f"{total:.4f} replicated\n{diag(tb)}"
+    assert total >= 0.99, f"{total:.4f} replicated\n{tbm.diag(tb)}"
     assert summary.get("retransmit", 0) + summary.get("syn retransmit", 0) > 0, figures
 
 
@@ -467,7 +466,7 @@ def test_conntrack_full_send_eperm(testbed: tbm.Testbed, tmp_path: Path) -> None
     send_error_EPERM, logs it rate-limited; once the table has room again, replication
     resumes."""
     tb = testbed
-    intercept, tcpcopy = start_pair(tb, tmp_path, ARGS)
+    intercept, tcpcopy = tbm.start_pair(tb, tmp_path, ARGS)
     # Emulation of a full table (nf_conntrack_max is read-only inside a netns here): a packet
     # whose conntrack entry is not yet CONFIRMED (in the table) would need a new slot.
     rule = ["-o", tbm.ONLINE_SERVER_IFACE, "-d", tbm.TARGET_IP, "-p", "tcp",
@@ -484,7 +483,7 @@ def test_conntrack_full_send_eperm(testbed: tbm.Testbed, tmp_path: Path) -> None
         )
         count = int(tb.run("online", "sysctl", "-n", "net.netfilter.nf_conntrack_count").stdout)
         fault_s = time.monotonic() - t0
-        assert tcpcopy.alive(), diag(tb)
+        assert tcpcopy.alive(), tbm.diag(tb)
     finally:
         tb.run("online", "iptables", "-w", "-D", "OUTPUT", *rule, check=False)
     recovery_s, _probes = probe_recovery(tb, tcpcopy, "/rec/")
@@ -518,7 +517,7 @@ def test_conntrack_full_send_eperm(testbed: tbm.Testbed, tmp_path: Path) -> None
     assert len(eperm_lines) <= WORKERS * (fault_s / 5.0 + 2), len(eperm_lines)
     assert len(eperm_lines) < summary["send_error_EPERM"], figures
     assert recovery_s <= RECOVERY_DEADLINE_S, recovery_s
-    assert after.exact, f"{after.summary()}\n{diag(tb)}"
+    assert after.exact, f"{after.summary()}\n{tbm.diag(tb)}"
 
 
 # -- 5. a full ring ------------------------------------------------------------------------------
@@ -532,7 +531,7 @@ def test_full_ring_drops_and_recovers(testbed: tbm.Testbed, tmp_path: Path) -> N
     drains its backlog and new connections replicate."""
     tb = testbed
     tb.tcpcopy_workers = 1
-    intercept, tcpcopy = start_pair(tb, tmp_path, ARGS)
+    intercept, tcpcopy = tbm.start_pair(tb, tmp_path, ARGS)
     (worker_pid,) = workers_of(tcpcopy).values()
     os.kill(worker_pid, signal.SIGSTOP)
     try:
@@ -544,7 +543,7 @@ def test_full_ring_drops_and_recovers(testbed: tbm.Testbed, tmp_path: Path) -> N
         os.kill(worker_pid, signal.SIGCONT)
     m = re.search(r"(\d+) requests in", wrk.stdout)
     burst = int(m.group(1)) if m else 0
-    assert tcpcopy.alive(), diag(tb)
+    assert tcpcopy.alive(), tbm.diag(tb)
     recovery_s, _probes = probe_recovery(tb, tcpcopy, "/rec/")
     after = replicate_after(tb)
     same_worker = worker_pid in workers_of(tcpcopy).values()
@@ -570,7 +569,7 @@ def test_full_ring_drops_and_recovers(testbed: tbm.Testbed, tmp_path: Path) -> N
     assert told and sum(map(int, told)) == summary["ring_dropped"], (told, figures)
     assert summary.get("worker_restarts", 0) == 0, figures  # frozen, not killed
     assert recovery_s <= RECOVERY_DEADLINE_S, recovery_s
-    assert after.exact, f"{after.summary()}\n{diag(tb)}"
+    assert after.exact, f"{after.summary()}\n{tbm.diag(tb)}"
 
 
 # -- 6. a worker killed under load, six times ---------------------------------------------------
@@ -593,7 +592,7 @@ def test_worker_killed_under_load(testbed: tbm.Testbed, tmp_path: Path) -> None:
     the dead one did not use (its tuple history survives in shared memory), so every request
     not in flight at a kill reaches the target."""
     tb = testbed
-    intercept, tcpcopy = start_pair(tb, tmp_path, ARGS)
+    intercept, tcpcopy = tbm.start_pair(tb, tmp_path, ARGS)
     n_ka = 6000
     ka = spawn_loadgen(
         tb, "loadgen-ka",
@@ -633,7 +632,7 @@ def test_worker_killed_under_load(testbed: tbm.Testbed, tmp_path: Path) -> None:
     except TimeoutError:
         pass  # asserted below, with the figures
     after = replicate_after(tb)
-    assert tcpcopy.alive(), diag(tb)
+    assert tcpcopy.alive(), tbm.diag(tb)
     summary, isum = stop_both(tb, tcpcopy, intercept, tmp_path)
     tg = target_ka()
     lost_per_kill = []
@@ -675,7 +674,7 @@ def test_worker_killed_under_load(testbed: tbm.Testbed, tmp_path: Path) -> None:
         **figures,
     )
     assert ka_res["ok"] == n_ka, ka_res
-    assert len(restarts) == KILLS, (restarts, diag(tb))
+    assert len(restarts) == KILLS, (restarts, tbm.diag(tb))
     assert [w for w, _ in restarts] == [i % WORKERS for i in range(KILLS)], restarts
     assert summary["worker_restarts"] == KILLS, figures
     # Each kill is counted: the sessions the dead worker held, summed over the six kills.
@@ -683,8 +682,8 @@ def test_worker_killed_under_load(testbed: tbm.Testbed, tmp_path: Path) -> None:
     assert summary["sessions_lost"] == sum(n for _, n in restarts), (restarts, figures)
     # The restarted workers picked the connections up on tuples their predecessors did not use.
     assert summary.get("tuple_history_avoided", 0) >= 1, figures
-    assert expected and expected <= tg, (len(expected - tg), lost_per_kill, diag(tb))
-    assert after.exact, f"{after.summary()}\n{diag(tb)}"
+    assert expected and expected <= tg, (len(expected - tg), lost_per_kill, tbm.diag(tb))
+    assert after.exact, f"{after.summary()}\n{tbm.diag(tb)}"
 
 
 # -- 7. SIGTERM under load -----------------------------------------------------------------------
@@ -696,7 +695,7 @@ def test_sigterm_under_load_exits_cleanly(testbed: tbm.Testbed, tmp_path: Path) 
     every child stopped by itself (no SIGKILL), the final stats, summary and exit lines
     logged, --summary-json written."""
     tb = testbed
-    intercept, tcpcopy = start_pair(tb, tmp_path, ARGS)
+    intercept, tcpcopy = tbm.start_pair(tb, tmp_path, ARGS)
     ka = spawn_loadgen(
         tb, "loadgen-ka",
         "keepalive", "--connections", "20", "--requests", "30000", "--rate", "0",
@@ -708,7 +707,7 @@ def test_sigterm_under_load_exits_cleanly(testbed: tbm.Testbed, tmp_path: Path) 
     rc = tcpcopy.wait(STOP_DEADLINE_S + 10)
     stop_s = time.monotonic() - t0
     ka.stop(signal.SIGTERM)
-    assert intercept.alive(), diag(tb)
+    assert intercept.alive(), tbm.diag(tb)
     summary = tbm.read_summary(tmp_path / "tcpcopy-summary.json")
     out = tcpcopy.output()
     record(
@@ -719,7 +718,7 @@ def test_sigterm_under_load_exits_cleanly(testbed: tbm.Testbed, tmp_path: Path) 
         requests=(summary or {}).get("requests"),
         exit_reason=(summary or {}).get("exit_reason"),
     )
-    assert rc == 0, f"rc={rc}\n{diag(tb)}"
+    assert rc == 0, f"rc={rc}\n{tbm.diag(tb)}"
     assert stop_s <= STOP_DEADLINE_S + 2.0, stop_s
     assert summary is not None and summary["exit_reason"] == "stopped by SIGTERM", summary
     assert summary["requests"] > 0, summary
@@ -766,7 +765,7 @@ def test_log_disk_full(testbed: tbm.Testbed, tmp_path: Path, tiny_fs: Path) -> N
     traceback per line."""
     tb = testbed
     log_file = tiny_fs / "tcpcopy.log"
-    intercept, tcpcopy = start_pair(
+    intercept, tcpcopy = tbm.start_pair(
         tb, tmp_path, [*ARGS, "-l", str(log_file), "--stats-interval", "1"]
     )
     fill(tiny_fs)
@@ -800,7 +799,7 @@ def test_log_disk_full(testbed: tbm.Testbed, tmp_path: Path, tiny_fs: Path) -> N
         notice=notice[0],
     )
     assert alive and rc == 0, stderr[-2000:]
-    assert seen == 300, diag(tb)
+    assert seen == 300, tbm.diag(tb)
     assert summary is not None and summary["requests"] >= 300, summary
     assert tracebacks == 0, f"{tracebacks} logging tracebacks on stderr"
     assert len(stderr.splitlines()) <= 10, stderr[-2000:]

@@ -18,7 +18,6 @@ from engine.codec.packet import ip_from_str
 from engine.core.rewrite import choose_client_ip, parse_client_pool, sample_keep
 from testbed import netns as tbm
 from tests.netns.conftest import SKIP_NO_NETNS
-from tests.netns.test_replication import TRANSFER_HTTP, diag, start_pair, stop_tcpcopy
 
 pytestmark = [
     pytest.mark.netns,
@@ -42,8 +41,8 @@ def sample_key(ip: int, port: int) -> int:
 def test_gradual_ramp_follows_c_formula(testbed: tbm.Testbed, tmp_path: Path) -> None:
     testbed.tcpcopy_workers = 1  # one session table: one ramp
     pool = parse_client_pool(POOL_SPEC, exclude=[ip_from_str(tbm.TARGET_IP)])
-    _, tcpcopy = start_pair(
-        testbed, tmp_path, ["-x", TRANSFER_HTTP, "-c", POOL_SPEC, "-g"], probe=False
+    _, tcpcopy = tbm.start_pair(
+        testbed, tmp_path, ["-x", tbm.TRANSFER_HTTP, "-c", POOL_SPEC, "-g"], probe=False
     )
     load = testbed.loadgen(
         "sessions",
@@ -85,11 +84,11 @@ def test_gradual_ramp_follows_c_formula(testbed: tbm.Testbed, tmp_path: Path) ->
             what="every session the ramp covers replicated",
         )
     finally:
-        summary = stop_tcpcopy(testbed, tcpcopy, tmp_path)
+        summary = tbm.stop_tcpcopy(testbed, tcpcopy, tmp_path)
     got = replicated()
     t0, keep, drop = expected_now()
     first = min(got, key=lambda u: online[u].msec)
-    assert keys[first] == 0, f"the ramp started at a key-{keys[first]} session\n{diag(testbed)}"
+    assert keys[first] == 0, f"the ramp started at a key-{keys[first]} session\n{tbm.diag(testbed)}"
     assert len(keep) >= 10 and len(drop) >= 100, (len(keep), len(drop))
     wrongly_kept = sorted(got & drop)
     assert not wrongly_kept, (

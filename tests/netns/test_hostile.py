@@ -32,7 +32,6 @@ from tests.netns.test_faults import (
     spawn_loadgen,
     stop_both,
 )
-from tests.netns.test_replication import diag, start_pair
 
 pytestmark = [
     pytest.mark.netns,
@@ -119,7 +118,7 @@ def test_syn_flood_beside_keepalive_load_no_restart(testbed: tbm.Testbed, tmp_pa
     legitimate load: no worker dies (the ring's counters can no longer be read negative),
     and >= 99 % of the legitimate requests reach the target."""
     tb = testbed
-    intercept, tcpcopy = start_pair(tb, tmp_path, ARGS, mode=tbm.ADVANCED)
+    intercept, tcpcopy = tbm.start_pair(tb, tmp_path, ARGS, mode=tbm.ADVANCED)
     requests = KA_RATE_PER_S * 40
     ka = keepalive_load(tb, "ka", requests)
     tbm.wait_until(
@@ -148,7 +147,7 @@ def test_syn_flood_beside_keepalive_load_no_restart(testbed: tbm.Testbed, tmp_pa
     assert fres["sent"] >= FLOOD_SYNS, fres
     assert ka_res["ok"] == requests, ka_res
     assert summary["worker_restarts"] == 0, figures
-    assert "ValueError" not in tcpcopy.output(), diag(tb)
+    assert "ValueError" not in tcpcopy.output(), tbm.diag(tb)
     # The flood did reach the replay: sessions were started or shed by the thousand.
     flood_seen = summary["syn cnt"] + summary["shed_sessions_ring_full"]
     assert flood_seen >= FLOOD_SYNS // 10, figures
@@ -163,7 +162,7 @@ def test_syn_flood_with_a_tight_memory_limit_sheds_and_keeps_running(
     sheds new sessions (shed_sessions_memory > 0) and gives up half-open ones, its memory
     stays below the limit, and the legitimate load is still replicated."""
     tb = testbed
-    intercept, probe_run = start_pair(tb, tmp_path, ARGS, mode=tbm.ADVANCED)
+    intercept, probe_run = tbm.start_pair(tb, tmp_path, ARGS, mode=tbm.ADVANCED)
     idle_mb = tree_memory_bytes(probe_run.pid) / BYTES_PER_MB
     assert probe_run.stop(timeout=20) == 0, probe_run.tail()
     limit_mb = int(idle_mb + MEMORY_MARGIN_MB)
@@ -182,7 +181,7 @@ def test_syn_flood_with_a_tight_memory_limit_sheds_and_keeps_running(
     peak = 0
     deadline = time.monotonic() + 90
     while fl.alive() and time.monotonic() < deadline:
-        assert tcpcopy.alive(), f"tcpcopy-mp stopped under -m {limit_mb}\n{diag(tb)}"
+        assert tcpcopy.alive(), f"tcpcopy-mp stopped under -m {limit_mb}\n{tbm.diag(tb)}"
         peak = max(peak, tree_memory_bytes(tcpcopy.pid))
         time.sleep(MEMORY_SAMPLE_S)  # the sampling period of this measure, not a wait
     fres = flood_result(fl)
@@ -205,7 +204,7 @@ def test_syn_flood_with_a_tight_memory_limit_sheds_and_keeps_running(
     assert ka_res["ok"] == requests, ka_res
     assert summary["shed_sessions_memory"] > 0, figures
     assert summary["worker_restarts"] == 0, figures
-    assert "memory limit exceeded" not in tcpcopy.output(), diag(tb)
+    assert "memory limit exceeded" not in tcpcopy.output(), tbm.diag(tb)
     assert peak < limit_mb * BYTES_PER_MB, (peak / BYTES_PER_MB, limit_mb)
     assert summary["memory_peak_mb"] < limit_mb, figures
     assert online >= requests and seen >= LEGIT_MIN_RATIO * online, (seen, online, figures)

@@ -24,7 +24,6 @@ pytestmark = [
     pytest.mark.usefixtures("programs"),
 ]
 
-TRANSFER_HTTP = f"{tbm.ONLINE_HTTP_PORT}-{tbm.TARGET_IP}:{tbm.TARGET_HTTP_PORT}"
 REQUESTS = 5
 DEADLINE_S = 60.0
 # How long requests sent while the secrets differ are given to show up at the target (they
@@ -49,7 +48,7 @@ def start(
         extra=["--secret-file", str(intercept_secret), "-b", tbm.TARGET_IP], summary=summary
     )
     tcpcopy = tb.start_tcpcopy(
-        ["-x", TRANSFER_HTTP, "-c", "198.19.1.x", "--secret-file", str(tcpcopy_secret)],
+        ["-x", tbm.TRANSFER_HTTP, "-c", "198.19.1.x", "--secret-file", str(tcpcopy_secret)],
         summary=tmp_path / "tcpcopy-summary.json",
     )
     return intercept, tcpcopy, summary

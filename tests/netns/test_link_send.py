@@ -17,7 +17,6 @@ import pytest
 
 from testbed import netns as tbm
 from tests.netns.conftest import SKIP_NO_NETNS
-from tests.netns.test_replication import diag, start_pair, stop_tcpcopy
 
 pytestmark = [
     pytest.mark.netns,
@@ -26,7 +25,6 @@ pytestmark = [
     pytest.mark.usefixtures("programs"),
 ]
 
-TRANSFER_HTTP = f"{tbm.ONLINE_HTTP_PORT}-{tbm.TARGET_IP}:{tbm.TARGET_HTTP_PORT}"
 SHORT_CONNECTIONS = 600
 KEEPALIVE_REQUESTS = 1400
 REQUIRED_RATIO = 0.999
@@ -47,10 +45,10 @@ def test_link_send_bypasses_the_output_chain(testbed: tbm.Testbed, tmp_path: Pat
     """The raw IP path is dropped by OUTPUT; -o srv0 still replicates >= 99.9 % of 600
     one-request connections and 1,400 keep-alive requests, and the rule counts 0 packets."""
     testbed.run("online", "iptables", "-w", "-A", *DROP_RULE, "-j", "DROP")
-    _, tcpcopy = start_pair(
+    _, tcpcopy = tbm.start_pair(
         testbed,
         tmp_path,
-        ["-x", TRANSFER_HTTP, "-c", "198.19.3.x", "-o", tbm.ONLINE_SERVER_IFACE],
+        ["-x", tbm.TRANSFER_HTTP, "-c", "198.19.3.x", "-o", tbm.ONLINE_SERVER_IFACE],
     )
     sc = testbed.loadgen("short", "--requests", str(SHORT_CONNECTIONS), "--rate", "200")
     ka = testbed.loadgen(
@@ -60,10 +58,10 @@ def test_link_send_bypasses_the_output_chain(testbed: tbm.Testbed, tmp_path: Pat
     online = {p: len(tbm.with_prefix(testbed.access_log("online"), p)) for p in ("/sc/", "/ka/")}
     assert online == {"/sc/": SHORT_CONNECTIONS, "/ka/": KEEPALIVE_REQUESTS}, online
     seen = {p: testbed.wait_target_count(p, n, timeout=DEADLINE_S) for p, n in online.items()}
-    summary = stop_tcpcopy(testbed, tcpcopy, tmp_path)
+    summary = tbm.stop_tcpcopy(testbed, tcpcopy, tmp_path)
     print(f"-o: online {online}, target {seen}, sent {summary.get('send_packets')} frames")
     for prefix, n in online.items():
-        assert seen[prefix] >= REQUIRED_RATIO * n, f"{prefix}: {seen}\n{diag(testbed)}"
+        assert seen[prefix] >= REQUIRED_RATIO * n, f"{prefix}: {seen}\n{tbm.diag(testbed)}"
         report = tbm.compare_replication(
             testbed.access_log("online"), testbed.access_log("target"), prefix
         )
@@ -81,10 +79,10 @@ def test_capture_filter_leaves_one_client_out(
     """-F 'not src host B': none of client B's 300 connections reach the target; client A's
     300 connections and 700 keep-alive requests do (>= 99.9 %)."""
     testbed.ip("client", "addr", "add", f"{SECOND_CLIENT_IP}/24", "dev", tbm.CLIENT_IFACE)
-    args = ["-x", TRANSFER_HTTP, "-c", "198.19.4.x", "-F", f"not src host {SECOND_CLIENT_IP}"]
+    args = ["-x", tbm.TRANSFER_HTTP, "-c", "198.19.4.x", "-F", f"not src host {SECOND_CLIENT_IP}"]
     if capture == "packet":
         args += ["-i", tbm.ONLINE_CLIENT_IFACE]
-    _, tcpcopy = start_pair(testbed, tmp_path, args)
+    _, tcpcopy = tbm.start_pair(testbed, tmp_path, args)
     a_short = testbed.loadgen(
         "short", "--requests", "300", "--rate", "200", "--prefix", "fa",
         "--source", tbm.CLIENT_IP,
@@ -104,7 +102,7 @@ def test_capture_filter_leaves_one_client_out(
     seen = {p: testbed.wait_target_count(p, n, timeout=DEADLINE_S) for p, n in expected.items()}
     # Client B's requests were sent before client A's keep-alive load, which all arrived:
     # anything of B's still on its way would have arrived by now.
-    summary = stop_tcpcopy(testbed, tcpcopy, tmp_path)
+    summary = tbm.stop_tcpcopy(testbed, tcpcopy, tmp_path)
     # The combined -x/-F program ran in the kernel (no fall-back to filtering in Python).
     assert summary.get("capture_kernel_filter_failed", 0) == 0, summary
     assert summary.get("capture_filter_excluded", 0) == 0, summary
@@ -112,6 +110,6 @@ def test_capture_filter_leaves_one_client_out(
     print(f"-F ({capture}): expected {expected}, target {seen}, client B at the target: "
           f"{len(tbm.with_prefix(target, '/fb/'))} of 300")  # fmt: skip
     for prefix, n in expected.items():
-        assert seen[prefix] >= REQUIRED_RATIO * n, f"{prefix}: {seen}\n{diag(testbed)}"
+        assert seen[prefix] >= REQUIRED_RATIO * n, f"{prefix}: {seen}\n{tbm.diag(testbed)}"
     assert tbm.with_prefix(target, "/fb/") == [], "-F did not leave client B out"
     assert testbed.client_leak_packets() == 0

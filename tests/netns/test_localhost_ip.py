@@ -17,7 +17,6 @@ from engine.codec.packet import checksum, ip_from_str, tcp_checksum
 from engine.core.rewrite import LOCALHOST_IP
 from testbed import netns as tbm
 from tests.netns.conftest import SKIP_NO_NETNS
-from tests.netns.test_replication import TRANSFER_HTTP
 
 pytestmark = [
     pytest.mark.netns,
@@ -84,7 +83,7 @@ def test_localhost_sessions_replay_from_the_h_address(testbed: tbm.Testbed, tmp_
     testbed.start_intercept()
     summary_path = tmp_path / "tcpcopy-offline.json"
     replay = testbed.start_tcpcopy(
-        ["--pcap", str(local), "-x", TRANSFER_HTTP, "-H", H_ADDR],
+        ["--pcap", str(local), "-x", tbm.TRANSFER_HTTP, "-H", H_ADDR],
         name="tcpcopy-offline-h",
         summary=summary_path,
     )

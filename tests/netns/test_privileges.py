@@ -33,7 +33,6 @@ from tests.readable_install import ReadableInstall
 
 pytestmark = [pytest.mark.netns, SKIP_NO_NETNS, pytest.mark.usefixtures("programs")]
 
-TRANSFER_HTTP = f"{tbm.ONLINE_HTTP_PORT}-{tbm.TARGET_IP}:{tbm.TARGET_HTTP_PORT}"
 KEPT_MASK = (1 << CAP_NET_ADMIN) | (1 << CAP_NET_RAW)
 REQUESTS = 5
 DEADLINE_S = 30.0
@@ -118,7 +117,7 @@ def test_both_programs_drop_root_keep_two_caps(
     tbm.wait_until(lambda: "intercept-mp" in rules(), tbm.READY_TIMEOUT_S, what="NFQUEUE rule")
 
     summary = tmp_path / "tcpcopy-summary.json"
-    tcpcopy_argv = [str(readable.bin("tcpcopy-mp")), "-x", TRANSFER_HTTP, "-c", "198.19.1.x",
+    tcpcopy_argv = [str(readable.bin("tcpcopy-mp")), "-x", tbm.TRANSFER_HTTP, "-c", "198.19.1.x",
                     "-s", tbm.TARGET_IP,
                     "--workers", "2", "--summary-json", str(summary)]  # fmt: skip
     tcpcopy = tb.spawn("online", "tcpcopy-mp", readable.wrap(tcpcopy_argv, tmp_path / "m-tcpcopy"))

@@ -34,7 +34,6 @@ pytestmark = [
     ),
 ]
 
-TRANSFER_HTTP = f"{tbm.ONLINE_HTTP_PORT}-{tbm.TARGET_IP}:{tbm.TARGET_HTTP_PORT}"
 TCPCOPY_METRICS = f"{tbm.ONLINE_CLIENT_SIDE_IP}:9100"
 INTERCEPT_METRICS = f"{tbm.TARGET_IP}:9101"
 PROMETHEUS_IP, PROMETHEUS_PORT = tbm.ONLINE_CLIENT_SIDE_IP, 9090
@@ -111,7 +110,7 @@ def test_prometheus_sees_fidelity_loss_unsend_and_queue_drops(testbed: tbm.Testb
         extra=["--metrics", INTERCEPT_METRICS], summary=tmp_path / "intercept-summary.json"
     )
     tcpcopy = tb.start_tcpcopy(
-        ["-x", TRANSFER_HTTP, "-c", "198.19.1.x", "--metrics", TCPCOPY_METRICS],
+        ["-x", tbm.TRANSFER_HTTP, "-c", "198.19.1.x", "--metrics", TCPCOPY_METRICS],
         summary=tmp_path / "tcpcopy-summary.json",
     )
     tb.wait_replicating(tcpcopy)

@@ -31,8 +31,6 @@ pytestmark = [
     pytest.mark.usefixtures("programs"),
 ]
 
-TRANSFER_HTTP = f"{tbm.ONLINE_HTTP_PORT}-{tbm.TARGET_IP}:{tbm.TARGET_HTTP_PORT}"
-TRANSFER_REDIS = f"{tbm.REDIS_PORT}-{tbm.TARGET_IP}:{tbm.REDIS_PORT}"
 
 KEEPALIVE_REQUESTS = 2000
 KEEPALIVE_CONNECTIONS = 20
@@ -54,45 +52,6 @@ def workers(request: pytest.FixtureRequest, testbed: tbm.Testbed) -> int:
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def diag(tb: tbm.Testbed) -> str:
-    """Log tails of the programs under test, for assertion messages."""
-    parts = []
-    for proc in tb.procs:
-        if proc.name.startswith(("tcpcopy", "intercept")):
-            parts.append(f"--- {proc.name} (rc={proc.popen.returncode}) ---\n{proc.tail(25)}")
-            summary = tbm.read_summary(proc.summary_path) if proc.summary_path else None
-            if summary:
-                nonzero = {k: v for k, v in summary.items() if v not in (0, None, "")}
-                parts.append(f"--- {proc.name} --summary-json (non-zero) ---\n{nonzero}")
-    return "\n".join(parts)
-
-
-def start_pair(
-    tb: tbm.Testbed,
-    tmp_path: Path,
-    tcpcopy_args: list[str],
-    mode: str = tbm.TRADITIONAL,
-    ports: tuple[int, ...] = (tbm.TARGET_HTTP_PORT,),
-    probe: bool = True,
-) -> tuple[tbm.Proc, tbm.Proc]:
-    """intercept-mp for ``mode`` then tcpcopy-mp; returns once a probe was replicated."""
-    tb.set_mode(mode)
-    intercept = tb.start_intercept(install_ports=ports, summary=tmp_path / "intercept-summary.json")
-    tcpcopy = tb.start_tcpcopy(tcpcopy_args, summary=tmp_path / "tcpcopy-summary.json")
-    if probe:
-        tb.wait_replicating(tcpcopy)
-    return intercept, tcpcopy
-
-
-def stop_tcpcopy(tb: tbm.Testbed, tcpcopy: tbm.Proc, tmp_path: Path) -> dict:
-    """SIGTERM → exit 0 with a --summary-json object (the CLI contract)."""
-    rc = tcpcopy.stop(signal.SIGTERM, timeout=20)
-    summary = tbm.read_summary(tmp_path / "tcpcopy-summary.json")
-    assert rc == 0, f"tcpcopy-mp exited {rc} on SIGTERM\n{diag(tb)}"
-    assert summary is not None, f"tcpcopy-mp wrote no --summary-json object\n{diag(tb)}"
-    return summary
-
-
 def run_standard_load(tb: tbm.Testbed) -> None:
     ka = tb.loadgen(
         "keepalive",
@@ -108,7 +67,7 @@ def run_standard_load(tb: tbm.Testbed) -> None:
 def assert_exact(tb: tbm.Testbed, prefix: str, expected: int) -> tbm.ReplicationReport:
     report = tbm.compare_replication(tb.access_log("online"), tb.access_log("target"), prefix)
     assert report.online_requests == expected, report.summary()
-    assert report.exact, f"{prefix}: {report.summary()}\n{diag(tb)}"
+    assert report.exact, f"{prefix}: {report.summary()}\n{tbm.diag(tb)}"
     return report
 
 
@@ -142,12 +101,14 @@ def test_live_replication_is_complete_and_ordered(
     """2,000 keep-alive requests over 20 connections + 500 one-request connections: the target
     gets exactly the same requests, per connection in the same order, from 198.19.1.x only, and
     not one packet of the target reaches the client."""
-    _, tcpcopy = start_pair(testbed, tmp_path, ["-x", TRANSFER_HTTP, "-c", "198.19.1.x"], mode=mode)
+    _, tcpcopy = tbm.start_pair(
+        testbed, tmp_path, ["-x", tbm.TRANSFER_HTTP, "-c", "198.19.1.x"], mode=mode
+    )
     run_standard_load(testbed)
     seen = wait_counts(testbed, {"/ka/": KEEPALIVE_REQUESTS, "/sc/": SHORT_CONNECTIONS})
-    stop_tcpcopy(testbed, tcpcopy, tmp_path)
+    tbm.stop_tcpcopy(testbed, tcpcopy, tmp_path)
     assert seen == {"/ka/": KEEPALIVE_REQUESTS, "/sc/": SHORT_CONNECTIONS}, (
-        f"{seen}\n{diag(testbed)}"
+        f"{seen}\n{tbm.diag(testbed)}"
     )
     assert_exact(testbed, "/ka/", KEEPALIVE_REQUESTS)
     assert_exact(testbed, "/sc/", SHORT_CONNECTIONS)
@@ -174,20 +135,20 @@ def test_mid_stream_connections_are_picked_up(testbed: tbm.Testbed, tmp_path: Pa
     )
     ready = lg.popen.stdout.readline()
     assert '"ready": true' in ready and f'"opened": {n_conn}' in ready, ready
-    _, tcpcopy = start_pair(testbed, tmp_path, ["-x", TRANSFER_HTTP, "-c", "198.19.1.x"])
+    _, tcpcopy = tbm.start_pair(testbed, tmp_path, ["-x", tbm.TRANSFER_HTTP, "-c", "198.19.1.x"])
     out, _ = lg.popen.communicate("go\n", timeout=90)
     summary = json.loads(out.strip().splitlines()[-1])
     assert (summary["ok"], summary["failed"]) == (total, 0), summary
     after_start = total - n_conn
     seen = testbed.wait_target_count("/mid/", after_start, timeout=REPLICATION_DEADLINE_S)
-    stop_tcpcopy(testbed, tcpcopy, tmp_path)
+    tbm.stop_tcpcopy(testbed, tcpcopy, tmp_path)
     online = [
         r
         for r in testbed.access_log("online")
         if r.uri.startswith("/mid/") and not r.uri.endswith("/0")
     ]
     report = tbm.compare_replication(online, testbed.access_log("target"), "/mid/")
-    assert seen == after_start and report.exact, f"{report.summary()}\n{diag(testbed)}"
+    assert seen == after_start and report.exact, f"{report.summary()}\n{tbm.diag(testbed)}"
     assert testbed.client_leak_packets() == 0
 
 
@@ -198,12 +159,12 @@ def test_mid_stream_connections_are_picked_up(testbed: tbm.Testbed, tmp_path: Pa
 def test_client_pool_rewrite(testbed: tbm.Testbed, tmp_path: Path) -> None:
     """-c with an explicit list: the target sees only those addresses."""
     pool = ["198.19.7.1", "198.19.7.2", "198.19.7.3"]
-    _, tcpcopy = start_pair(testbed, tmp_path, ["-x", TRANSFER_HTTP, "-c", ",".join(pool)])
+    _, tcpcopy = tbm.start_pair(testbed, tmp_path, ["-x", tbm.TRANSFER_HTTP, "-c", ",".join(pool)])
     sc = testbed.loadgen("short", "--requests", "200", "--rate", str(SHORT_RATE_PER_S))
     assert sc["ok"] == 200
     seen = testbed.wait_target_count("/sc/", 200, timeout=REPLICATION_DEADLINE_S)
-    stop_tcpcopy(testbed, tcpcopy, tmp_path)
-    assert seen == 200, diag(testbed)
+    tbm.stop_tcpcopy(testbed, tcpcopy, tmp_path)
+    assert seen == 200, tbm.diag(testbed)
     addrs = target_addresses(testbed, "/")
     assert addrs and addrs <= set(pool), addrs
     assert_exact(testbed, "/sc/", 200)
@@ -212,11 +173,13 @@ def test_client_pool_rewrite(testbed: tbm.Testbed, tmp_path: Path) -> None:
 @pytest.mark.timeout(180)
 def test_replicas_triple_the_sessions(testbed: tbm.Testbed, tmp_path: Path) -> None:
     """-n 3: every session arrives three times, each copy complete and in order."""
-    _, tcpcopy = start_pair(testbed, tmp_path, ["-x", TRANSFER_HTTP, "-c", "198.19.1.x", "-n", "3"])
+    _, tcpcopy = tbm.start_pair(
+        testbed, tmp_path, ["-x", tbm.TRANSFER_HTTP, "-c", "198.19.1.x", "-n", "3"]
+    )
     ss = testbed.loadgen("sessions", "--requests", "100", "--per-conn", "3", "--rate", "100")
     assert ss["ok"] == 300
     seen = testbed.wait_target_count("/ss/", 900, timeout=REPLICATION_DEADLINE_S)
-    stop_tcpcopy(testbed, tcpcopy, tmp_path)
+    tbm.stop_tcpcopy(testbed, tcpcopy, tmp_path)
     online = tbm.group_by_connection(tbm.with_prefix(testbed.access_log("online"), "/ss/"))
     target = tbm.group_by_connection(tbm.with_prefix(testbed.access_log("target"), "/ss/"))
     copies: dict[tuple[str, ...], int] = {}
@@ -226,7 +189,7 @@ def test_replicas_triple_the_sessions(testbed: tbm.Testbed, tmp_path: Path) -> N
     assert seen == 900 and copies == expected, (
         f"seen={seen}; sessions with wrong copy count: "
         f"{[(k, copies.get(k), v) for k, v in expected.items() if copies.get(k) != v][:5]}; "
-        f"unknown: {[k for k in copies if k not in expected][:5]}\n{diag(testbed)}"
+        f"unknown: {[k for k in copies if k not in expected][:5]}\n{tbm.diag(testbed)}"
     )
     # Each copy is its own connection from its own (address, port).
     assert len({(a, p) for a, p, _ in target}) == 300
@@ -236,8 +199,8 @@ def test_replicas_triple_the_sessions(testbed: tbm.Testbed, tmp_path: Path) -> N
 def test_sampling_keeps_whole_sessions(testbed: tbm.Testbed, tmp_path: Path) -> None:
     """-r 50: about half of ~200 sessions are replicated, each wholly or not at all."""
     n_sessions, per_conn = 200, 3
-    _, tcpcopy = start_pair(
-        testbed, tmp_path, ["-x", TRANSFER_HTTP, "-c", "198.19.1.x", "-r", "50"]
+    _, tcpcopy = tbm.start_pair(
+        testbed, tmp_path, ["-x", tbm.TRANSFER_HTTP, "-c", "198.19.1.x", "-r", "50"]
     )
     ss = testbed.loadgen(
         "sessions", "--requests", str(n_sessions), "--per-conn", str(per_conn), "--rate", "100"
@@ -261,7 +224,7 @@ def test_sampling_keeps_whole_sessions(testbed: tbm.Testbed, tmp_path: Path) -> 
             settled, REPLICATION_DEADLINE_S, interval=0.2, what="sampled sessions settled"
         )
     finally:
-        stop_tcpcopy(testbed, tcpcopy, tmp_path)
+        tbm.stop_tcpcopy(testbed, tcpcopy, tmp_path)
     online = {
         paths[0]: paths
         for paths in tbm.group_by_connection(
@@ -270,7 +233,7 @@ def test_sampling_keeps_whole_sessions(testbed: tbm.Testbed, tmp_path: Path) -> 
     }
     target = tbm.group_by_connection(tbm.with_prefix(testbed.access_log("target"), "/ss/"))
     partial = [paths for paths in target.values() if online.get(paths[0]) != paths]
-    assert not partial, f"sessions not replicated whole: {partial[:5]}\n{diag(testbed)}"
+    assert not partial, f"sessions not replicated whole: {partial[:5]}\n{tbm.diag(testbed)}"
     fraction = len(target) / n_sessions
     assert 0.30 <= fraction <= 0.70, f"{len(target)}/{n_sessions} sessions replicated"
 
@@ -281,23 +244,14 @@ def test_sampling_keeps_whole_sessions(testbed: tbm.Testbed, tmp_path: Path) -> 
 @pytest.mark.timeout(240)
 def test_redis_commands_replicate_exactly(testbed: tbm.Testbed, tmp_path: Path) -> None:
     """redis-benchmark with and without -P 16: the target's INFO commandstats match online's."""
-    _, tcpcopy = start_pair(
+    _, tcpcopy = tbm.start_pair(
         testbed,
         tmp_path,
-        ["-x", TRANSFER_REDIS, "-c", "198.19.1.x"],
+        ["-x", tbm.TRANSFER_REDIS, "-c", "198.19.1.x"],
         ports=(tbm.REDIS_PORT,),
         probe=False,
     )
-
-    def probe_seen() -> bool:
-        if not tcpcopy.alive():
-            raise tbm.TestbedError(f"tcpcopy-mp exited:\n{tcpcopy.tail()}")
-        if testbed.redis_stats("target").get("echo", 0) > 0:
-            return True
-        testbed.redis_ping_from_client("ECHO", "probe")
-        return False
-
-    tbm.wait_until(probe_seen, 30, interval=0.2, what="a replicated redis ECHO probe")
+    testbed.wait_redis_replicating(tcpcopy)
     tests = "set,get,incr,lpush,rpop,sadd,hset"
     testbed.redis_benchmark("-n", "3000", "-c", "10", "-t", tests, "-q")
     testbed.redis_benchmark("-n", "3200", "-c", "10", "-P", "16", "-t", tests, "-q")
@@ -313,9 +267,9 @@ def test_redis_commands_replicate_exactly(testbed: tbm.Testbed, tmp_path: Path) 
         tbm.wait_until(matched, REPLICATION_DEADLINE_S, interval=0.2, what="target commandstats")
     except TimeoutError:
         pass
-    stop_tcpcopy(testbed, tcpcopy, tmp_path)
+    tbm.stop_tcpcopy(testbed, tcpcopy, tmp_path)
     target = {c: testbed.redis_stats("target").get(c, 0) for c in commands}
-    assert target == online, f"online={online} target={target}\n{diag(testbed)}"
+    assert target == online, f"online={online} target={target}\n{tbm.diag(testbed)}"
     assert testbed.client_leak_packets() == 0
 
 
@@ -325,13 +279,13 @@ def test_redis_commands_replicate_exactly(testbed: tbm.Testbed, tmp_path: Path) 
 @pytest.mark.timeout(180)
 def test_large_request_and_response_replicate_intact(testbed: tbm.Testbed, tmp_path: Path) -> None:
     """A 1 MB request body arrives byte-identical; the target serves the whole 10 MB response."""
-    _, tcpcopy = start_pair(testbed, tmp_path, ["-x", TRANSFER_HTTP, "-c", "198.19.1.x"])
+    _, tcpcopy = tbm.start_pair(testbed, tmp_path, ["-x", tbm.TRANSFER_HTTP, "-c", "198.19.1.x"])
     post = testbed.loadgen("post", "--size", str(1024 * 1024), "--seed", "42", "--tag", "big")
     get = testbed.loadgen("get", "--path", tbm.BIG_FILE_PATH)
     assert post["ok"] == 1 and get["ok"] == 1 and get["bytes_received"] == tbm.BIG_FILE_BYTES
     seen = wait_counts(testbed, {"/upload/": 1, tbm.BIG_FILE_PATH: 1})
-    stop_tcpcopy(testbed, tcpcopy, tmp_path)
-    assert seen == {"/upload/": 1, tbm.BIG_FILE_PATH: 1}, f"{seen}\n{diag(testbed)}"
+    tbm.stop_tcpcopy(testbed, tcpcopy, tmp_path)
+    assert seen == {"/upload/": 1, tbm.BIG_FILE_PATH: 1}, f"{seen}\n{tbm.diag(testbed)}"
     (on_post,) = tbm.with_prefix(testbed.access_log("online"), "/upload/")
     (tg_post,) = tbm.with_prefix(testbed.access_log("target"), "/upload/")
     assert (tg_post.status, tg_post.request_length) == (200, on_post.request_length)
@@ -339,7 +293,7 @@ def test_large_request_and_response_replicate_intact(testbed: tbm.Testbed, tmp_p
         assert testbed.body_file_sha256("target", tg_post) == post["sha256"]
     (tg_get,) = tbm.with_prefix(testbed.access_log("target"), tbm.BIG_FILE_PATH)
     # nginx logs $body_bytes_sent when the response is finished: all 10 MB were acked to it.
-    assert (tg_get.status, tg_get.body_bytes_sent) == (200, tbm.BIG_FILE_BYTES), diag(testbed)
+    assert (tg_get.status, tg_get.body_bytes_sent) == (200, tbm.BIG_FILE_BYTES), tbm.diag(testbed)
     assert hashlib.sha256(tbm.big_file_content()).hexdigest() == get["sha256"]
 
 
@@ -373,7 +327,7 @@ def test_offline_replay_complete_and_accelerated(testbed: tbm.Testbed, tmp_path:
         (1, "198.19.2.x", "198.19.2.0/24"),
         (10, "198.19.3.x", "198.19.3.0/24"),
     ):
-        args = ["--pcap", str(pcap), "-x", TRANSFER_HTTP, "-c", pool]
+        args = ["--pcap", str(pcap), "-x", tbm.TRANSFER_HTTP, "-c", pool]
         if accel != 1:
             args += ["-a", str(accel)]
         summary_path = tmp_path / f"tcpcopy-offline-{accel}.json"

@@ -132,13 +132,14 @@ def test_refused_packets_are_counted_by_errno_and_the_rest_still_go(ns: str, pat
         sent_bytes = sum(len(p) for p in batch if len(p) >= 20 and p[16:20] != unroutable)
         assert c["send_bytes"] == sent_bytes
         # The per-packet send counts the same way.
-        one, _ = _open(ns, "sendto")
+        one, one_rx = _open(ns, "sendto")
         try:
             for p in batch:
                 one.send(p)
             assert {k: v for k, v in one.counters.items() if v} == {k: v for k, v in c.items() if v}
         finally:
             one.close()
+            one_rx.close()
     finally:
         sender.close()
         rx.close()

@@ -24,7 +24,9 @@ from intercept.cli import parse_args
 from intercept.config import MAX_ROUTES_PER_CONN_DEFAULT
 from intercept.router import Router
 from intercept.server import InterceptServer
+from testbed.netns import in_netns
 
+from .conftest import NETNS_ADDRESS, needs_root_netns
 from .pairs import socketpair
 from .test_intercept_cli import TARGET, ScriptedSource, burst, read_frames, response, routed
 
@@ -262,15 +264,24 @@ def until_closed_all(peers: list[Peer]) -> Callable:
     return step
 
 
-def test_bind_address_is_honoured() -> None:
-    server = InterceptServer(Router(), bind_ip="127.0.0.2", port=0)
+@pytest.mark.netns
+@needs_root_netns
+def test_bind_address_is_honoured(netns: str) -> None:
+    """In a private namespace where 198.18.200.1 and .2 are both local, a server bound to .2
+    accepts there and not on .1."""
+    bound = "198.18.200.2"  # NETNS_ADDRESS is .1
+    server = InterceptServer(Router(), bind_ip=bound, port=0)
     try:
-        host, port = server.listen()
-        assert host == "127.0.0.2"
-        with socket.socket() as s:
-            assert s.connect_ex(("127.0.0.1", port)) != 0  # not listening there
-        with socket.create_connection(("127.0.0.2", port), timeout=2):
-            pass
+        host, port = in_netns(netns, server.listen)  # the socket lives in the namespace
+        assert host == bound
+
+        def connect(ip: str) -> int:
+            with socket.socket() as s:
+                s.settimeout(2)
+                return s.connect_ex((ip, port))
+
+        assert in_netns(netns, lambda: connect(NETNS_ADDRESS)) != 0  # not listening there
+        assert in_netns(netns, lambda: connect(bound)) == 0
     finally:
         server.close()
 

@@ -7,7 +7,6 @@ no privileges and send nothing.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -20,6 +19,7 @@ import pytest
 
 import engine
 from tests.paths import ONLINE_HTTP_PCAP
+from tests.system.conftest import needs_root_netns
 
 BIN = Path(sys.executable).with_name("tcpcopy-mp")
 if not BIN.exists():
@@ -161,25 +161,6 @@ def _have_session_table() -> bool:
     except ImportError:
         return False
     return True
-
-
-needs_root_netns = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("ip") is None, reason="needs root and iproute2"
-)
-
-
-@pytest.fixture
-def netns():
-    name = f"tcmp-cli-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        subprocess.run(
-            ["ip", "-n", name, "addr", "add", "198.18.200.1/24", "dev", "lo"], check=True
-        )
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def _wait_for(predicate, deadline_s: float) -> bool:
