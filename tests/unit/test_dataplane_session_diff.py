@@ -198,6 +198,9 @@ class Model:
         if self.t_ts is not None:
             self.t_ts = (self.t_ts + draw(st.integers(0, 5))) & M32
             opts = packet.build_options(timestamp=(self.t_ts, 0))
+            if draw(st.integers(0, 9)) == 0:  # two TS options: tcpseq.tsval reads the first
+                other = draw(st.integers(0, M32))
+                opts += packet.build_options(timestamp=(other, 0))
         tseq = self.tisn + 1 + self.tnxt
         if kind == "dup" and self.last_response is not None:
             return self.last_response  # the same record again (a duplicate ACK, data again)
