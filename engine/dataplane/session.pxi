@@ -1900,11 +1900,14 @@ cdef void linger_response(ESession* s, const dp_packet* p) noexcept nogil:
     drop(s, DR_STRAY_RESPONSE)
 
 
-cdef void receive_response(ESession* s, const dp_packet* p, double now) noexcept nogil:
-    """port of TcpSession._receive_response"""
+cdef void receive_response(ESession* s, const dp_packet* p, const uint8_t* buf,
+                           double now) noexcept nogil:
+    """port of TcpSession._receive_response (buf: see sess_receive_response_buf)"""
     cdef int st = s.state
     cdef uint8_t flags = p.flags
-    cdef uint32_t tsv, ahead, d
+    cdef uint32_t tsv = 0, ahead, d
+    cdef bint has_tsv
+    cdef const uint8_t* opts
     cnt(s, EC_RESP, 1)
     if flags & F_RST:
         cnt(s, EC_RESP_RST, 1)
@@ -1921,9 +1924,14 @@ cdef void receive_response(ESession* s, const dp_packet* p, double now) noexcept
     if flags & F_SYN:
         s.ack_due = 1   # the SYN-ACK again: our third packet was lost
         return
-    if s.ts_ok and (p.opts.present & DP_OPT_TS):
-        tsv = p.opts.ts_val
-        if not seq_after(s.ts_recent, tsv):
+    if s.ts_ok and p.tcp_header_bytes > 20:
+        if buf != NULL:     # tcpseq.tsval on the record's own option bytes
+            opts = buf + p.offset + p.ip_header_bytes + 20
+            has_tsv = opt_tsval(opts, p.tcp_header_bytes - 20, &tsv)
+        else:               # the parsed options (the last TS option, where tsval's fast
+            has_tsv = (p.opts.present & DP_OPT_TS) != 0     # path reads the first)
+            tsv = p.opts.ts_val
+        if has_tsv and not seq_after(s.ts_recent, tsv):
             s.ts_recent = tsv
     if flags & F_ACK and not process_ack(s, p, now):
         return
@@ -2124,8 +2132,18 @@ cdef void sess_receive_client(ESession* s, const dp_packet* p, const uint8_t* bu
 
 
 cdef void sess_receive_response(ESession* s, const dp_packet* p, double now) noexcept nogil:
-    """port of TcpSession.receive_response"""
-    receive_response(s, p, now)
+    """port of TcpSession.receive_response, from the parsed record alone: a record with two
+    TS options gives its last TSval here, its first in the Python engine (tcpseq.tsval's
+    fast path); sess_receive_response_buf is exact."""
+    receive_response(s, p, NULL, now)
+    after_input(s, now)
+
+
+cdef void sess_receive_response_buf(ESession* s, const dp_packet* p, const uint8_t* buf,
+                                    double now) noexcept nogil:
+    """port of TcpSession.receive_response; buf + p.offset = the record's IP header (its
+    TCP options are read as the Python engine reads them)."""
+    receive_response(s, p, buf, now)
     after_input(s, now)
 
 

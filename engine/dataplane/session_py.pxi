@@ -249,8 +249,8 @@ cdef class Session:
 
     def receive_response(self, pkt, double now):
         cdef dp_packet p
-        _packet_buffer(pkt, &p)
-        sess_receive_response(self.s, &p, now)
+        cdef bytes buf = _packet_buffer(pkt, &p)
+        sess_receive_response_buf(self.s, &p, buf, now)
 
     def handle_timer(self, double now):
         sess_handle_timer(self.s, now)

@@ -991,6 +991,21 @@ def test_timestamps_rewritten_monotonic_and_echo_target():
     assert link.session.ts_last == ts_clock(2.25)
 
 
+def test_a_response_with_two_ts_options_echoes_the_first():
+    """tcpseq.tsval: a record whose options start NOP, NOP, TS reads that TSval (the fast
+    path), even when another TS option follows."""
+    c = Client(ts=5000)
+    link = mk(ts=9000)
+    t = link.target
+    establish(link, c)
+    first, last = 20000, 30000  # the last is newer: a walk of the options would take it
+    opts = packet.build_options(timestamp=(first, 0)) + packet.build_options(timestamp=(last, 0))
+    link.respond(t.send(10, options=opts))
+    link.now = 1.0
+    (d,) = link.client(c.data(REQ1))
+    assert ts_of(d)[1] == first
+
+
 # -- timeouts and linger -------------------------------------------------------------------
 
 
