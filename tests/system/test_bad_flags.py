@@ -69,6 +69,8 @@ TCPCOPY_BAD: dict[str, tuple[str, ...]] = {
     "--offline-tail": ("0", "-1", "long", "nan"),
     "--reconnect-budget": ("-1", "1000001", "many"),
     "--workers": ("0", "1025", "all"),
+    "--engine": ("fast", "", "C"),
+    "--backlog-max-bytes": ("-1", "big", "1.5"),
     "--config": ("/nonexistent.toml",),
     "--metrics": ("127.0.0.1:http", "127.0.0.1:0", "1.2.3:9100", "127.0.0.1:65536"),
     "--log": (NO_DIR,),
