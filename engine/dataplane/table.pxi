@@ -642,8 +642,10 @@ cdef class Table:
             return
         self.tb_new_flow(fk0, fk1, p, buf, now, tindex)
 
-    cdef void tb_receive_response(self, const dp_packet* p, double now) noexcept nogil:
-        """table.SessionTable.receive_response: a decoded response record."""
+    cdef void tb_receive_response(self, const dp_packet* p, const uint8_t* buf,
+                                  double now) noexcept nogil:
+        """table.SessionTable.receive_response: a decoded response record (buf + p.offset:
+        its IP header, whose TCP options the session reads as tcpseq.tsval does)."""
         cdef uint64_t k0
         cdef uint32_t k1
         cdef hslot* slot
@@ -655,7 +657,7 @@ cdef class Table:
             self.c[EC_DROP_UNKNOWN_RESPONSE] += 1
             return
         e = <TEntry*><intptr_t>slot.a
-        sess_receive_response(e.s, p, now)
+        sess_receive_response_buf(e.s, p, buf, now)
         self.tb_touch(e)
 
     cdef void tb_heap_pop(self) noexcept nogil:
@@ -875,7 +877,7 @@ cdef class Table:
     def receive_response(self, pkt, double now):
         cdef dp_packet p
         cdef bytes buf = _packet_buffer(pkt, &p)
-        self.tb_receive_response(&p, now)
+        self.tb_receive_response(&p, buf, now)
         self._check()
 
     def handle_timer(self, double now):
@@ -992,7 +994,7 @@ cdef class Table:
                 if wr_decode_record(base + i * record_bytes, record_bytes, &p) < 0:
                     self.tx[TX_RESPONSE_DECODE_ERRORS] += 1
                     continue
-                self.tb_receive_response(&p, now)
+                self.tb_receive_response(&p, base + i * record_bytes, now)
         self._check()
         return count * record_bytes
 
