@@ -851,7 +851,7 @@ cdef class Table:
             if u != e.unsend:
                 self.unsend_total += u - e.unsend
                 e.unsend = u
-            h = tb_held_bytes(s)
+            h = <int64_t>sess_held_bytes(s)
             if h != e.held:
                 self.held_total += h - e.held
                 e.held = h
@@ -1178,16 +1178,6 @@ cdef class Table:
             s = hm_get(&self.refused, k0, k1)
             if s != NULL:
                 hm_del(&self.refused, s)
-
-
-cdef int64_t tb_held_bytes(ESession* s) noexcept nogil:
-    """TcpSession.held_bytes: payload bytes of the captured segments not yet sent."""
-    cdef int64_t n = 0
-    cdef ESeg* g = s.pend_head
-    while g != NULL:
-        n += g.end - g.off
-        g = g.next
-    return n
 
 
 cdef const uint8_t[::1] _as_bytes_view(object buf):
