@@ -9,8 +9,7 @@
 #   the table plus TB_HEAP_SLACK items, as table.py does.  An entry removed from the table
 #   frees its session at once; the small TEntry stays until no heap item refers to it.
 # * touched: an array of entries, handled by drain.
-# * counters: the table's uint64_t[EC_COUNT] (shared with its sessions) plus TX_* for the
-#   keys counters.pxi does not have yet (the table's shed reasons).
+# * counters: the table's uint64_t[EC_COUNT] (shared with its sessions).
 #
 # Per packet (tb_receive_client, tb_receive_response, tb_handle_timer, tb_drain_out): C types
 # only, no Python object, no Python call.
@@ -36,15 +35,6 @@ cdef enum:
     TB_FIN = 0x01
     TB_RST = 0x04
     TB_ACK = 0x10
-
-# Counter keys of the table that counters.pxi has no index for (yet).
-cdef enum:
-    TX_SHED_SESSIONS_MEMORY = 0
-    TX_SHED_SESSIONS_BACKLOG = 1
-    TX_RESPONSE_DECODE_ERRORS = 2
-    TX_COUNT = 3
-
-TX_NAMES = ("shed_sessions_memory", "shed_sessions_backlog", "response_decode_errors")
 
 # Response records (engine/codec/wire.py): 64 bytes, or 192 with the payload build.
 cdef enum:
@@ -198,7 +188,6 @@ cdef class Table:
 
     cdef ECfg ecfg
     cdef uint64_t c[EC_COUNT]
-    cdef uint64_t tx[TX_COUNT]
     cdef TAlloc alloc
     cdef bint alloc_ready
     cdef RwTransfer* transfers
@@ -267,7 +256,6 @@ cdef class Table:
         ecfg_fill(&self.ecfg, config)
         self.config = config
         memset(self.c, 0, sizeof(self.c))
-        memset(self.tx, 0, sizeof(self.tx))
         self.ntransfers = rw_fill_transfers(&self.transfers, config.transfers)
         self._pool = tuple(config.client_pool)
         self.npool = len(self._pool)
@@ -631,7 +619,7 @@ cdef class Table:
                 self.c[EC_DROP_NO_SYN] += 1  # -O
                 return
         if self.tb_shedding():
-            self.tx[TX_SHED_SESSIONS_MEMORY if self.refuse_new else TX_SHED_SESSIONS_BACKLOG] += 1
+            self.c[EC_SHED_SESSIONS_MEMORY if self.refuse_new else EC_SHED_SESSIONS_BACKLOG] += 1
             self.c[EC_DROP_SHED] += 1
             if not flags & (TB_FIN | TB_RST):
                 r = hm_put(&self.refused, fk0, fk1, &created)
@@ -992,7 +980,7 @@ cdef class Table:
         with nogil:
             for i in range(count):
                 if wr_decode_record(base + i * record_bytes, record_bytes, &p) < 0:
-                    self.tx[TX_RESPONSE_DECODE_ERRORS] += 1
+                    self.c[EC_RESPONSE_DECODE_ERRORS] += 1
                     continue
                 self.tb_receive_response(&p, base + i * record_bytes, now)
         self._check()
@@ -1037,15 +1025,12 @@ cdef class Table:
 
     @property
     def counters(self):
-        """A Counter built from the C arrays (zero entries left out)."""
+        """A Counter built from the C array (zero entries left out)."""
         cdef int i
         c = _tb_collections.Counter()
         for i in range(EC_COUNT):
             if self.c[i]:
                 c[EC_NAMES[i]] = <int64_t>self.c[i]
-        for i in range(TX_COUNT):
-            if self.tx[i]:
-                c[TX_NAMES[i]] = <int64_t>self.tx[i]
         return c
 
     @property
