@@ -3,7 +3,8 @@
 Hypothesis drives a reference ``engine.core.table.SessionTable`` (per-packet calls: the
 specification) and a table under test with the same random client packets, response records
 and clock steps, and after every step requires the same ``drain()`` (routes, then packet
-bytes, in order), the same counters, ``active``/``unsend``/``lingering`` and ``get_timer()``.
+bytes, in order), the same counters, ``active``/``unsend``/``lingering``/``held_bytes`` and
+``get_timer()``.
 The table under test is the compiled ``engine.dataplane.engine.Table`` (skipped with the
 reason when it is not built) and, always, a second Python table behind engine/io/batch.py's
 adapter, which checks the harness and the batch calls' semantics at once.
@@ -253,6 +254,7 @@ class Pair:
         ref, dut = self.ref, self.dut
         assert _counters(dut.counters) == _counters(ref.counters), "counters"
         assert (dut.active, dut.unsend, dut.lingering) == (ref.active, ref.unsend, ref.lingering)
+        assert dut.held_bytes == ref.held_bytes, "held_bytes"
         assert dut.get_timer() == ref.get_timer(), "get_timer"
 
     now = 0.0
