@@ -90,7 +90,10 @@ cdef enum:
     EC_ENDED_ABORTED = 83  # 'ended_aborted'
     EC_ENDED_OFFLINE_END = 84  # 'ended_offline_end'
     EC_ENDED_SHED_HALF_OPEN = 85  # 'ended_shed_half_open'
-    EC_COUNT = 86
+    EC_SHED_SESSIONS_MEMORY = 86  # 'shed_sessions_memory'
+    EC_SHED_SESSIONS_BACKLOG = 87  # 'shed_sessions_backlog'
+    EC_RESPONSE_DECODE_ERRORS = 88  # 'response_decode_errors'
+    EC_COUNT = 89
 
 # The Counter key of each index (Python side only: reading and converting the array).
 EC_NAMES = (
@@ -180,5 +183,8 @@ EC_NAMES = (
     'ended_aborted',
     'ended_offline_end',
     'ended_shed_half_open',
+    'shed_sessions_memory',
+    'shed_sessions_backlog',
+    'response_decode_errors',
 )
 

@@ -186,6 +186,7 @@ ctypedef struct ESession:
     ESeg* pend_head
     ESeg* pend_tail
     uint32_t pend_n
+    int64_t pend_held           # sum of (end - off) over the pending queue (TcpSession._held)
     ESeg* unacked_head          # sent data segments, oldest first; the FIN (fin_unacked)
     ESeg* unacked_tail          # is the queue's virtual tail
     ESeg* syn_pkt               # freed once its SYN is built (has_syn, syn_seq stay)
@@ -637,6 +638,7 @@ cdef inline void pend_unlink_head(ESession* s) noexcept nogil:
     else:
         s.pend_tail = NULL
     s.pend_n -= 1
+    s.pend_held -= g.end - g.off
     g.next = NULL
 
 
@@ -656,6 +658,7 @@ cdef void pend_clear(ESession* s) noexcept nogil:
     s.pend_head = NULL
     s.pend_tail = NULL
     s.pend_n = 0
+    s.pend_held = 0
 
 
 cdef inline bint uq_any(ESession* s) noexcept nogil:
@@ -1405,6 +1408,7 @@ cdef void send_new(ESession* s, double now, EOut* out) noexcept nogil:
                 else:
                     g.payload += k
                     g.plen -= <uint32_t>k
+                s.pend_held -= k
                 g.off = nxt
                 cnt(s, EC_CLIENT_OVERLAP, 1)
             ack = g.ack
@@ -1433,6 +1437,7 @@ cdef void send_new(ESession* s, double now, EOut* out) noexcept nogil:
                 else:
                     g.payload += room
                     g.plen -= <uint32_t>room
+                s.pend_held -= room
                 g.off += room
                 g = head
             else:
@@ -1566,6 +1571,7 @@ cdef void pend_insert(ESession* s, ESeg* g) noexcept nogil:
             s.pend_head = g
         s.pend_tail = g
         s.pend_n += 1
+        s.pend_held += g.end - g.off
         return
     # Reordered capture: insert in offset order (rare; scan from the tail).
     node = s.pend_tail
@@ -1585,6 +1591,7 @@ cdef void pend_insert(ESession* s, ESeg* g) noexcept nogil:
     else:
         s.pend_head = g
     s.pend_n += 1
+    s.pend_held += g.end - g.off
 
 
 @cython.cdivision(True)
@@ -2335,17 +2342,9 @@ cdef bint sess_expedite_gap(ESession* s, double due) noexcept nogil:
 
 
 cdef size_t sess_held_bytes(ESession* s) noexcept nogil:
-    """Captured payload bytes the session holds (unsent and unacknowledged)."""
-    cdef size_t n = 0
-    cdef ESeg* g = s.pend_head
-    while g != NULL:
-        n += g.plen
-        g = g.next
-    g = s.unacked_head
-    while g != NULL:
-        n += g.plen
-        g = g.next
-    return n
+    """port of TcpSession.held_bytes: the captured bytes not yet sent (end - off over the
+    pending queue), kept as the queue changes."""
+    return <size_t>s.pend_held
 
 
 cdef bint sess_end_seq(ESession* s, uint32_t* out) noexcept nogil:

@@ -9,8 +9,7 @@
 #   the table plus TB_HEAP_SLACK items, as table.py does.  An entry removed from the table
 #   frees its session at once; the small TEntry stays until no heap item refers to it.
 # * touched: an array of entries, handled by drain.
-# * counters: the table's uint64_t[EC_COUNT] (shared with its sessions) plus TX_* for the
-#   keys counters.pxi does not have yet (the table's shed reasons).
+# * counters: the table's uint64_t[EC_COUNT] (shared with its sessions).
 #
 # Per packet (tb_receive_client, tb_receive_response, tb_handle_timer, tb_drain_out): C types
 # only, no Python object, no Python call.
@@ -36,15 +35,6 @@ cdef enum:
     TB_FIN = 0x01
     TB_RST = 0x04
     TB_ACK = 0x10
-
-# Counter keys of the table that counters.pxi has no index for (yet).
-cdef enum:
-    TX_SHED_SESSIONS_MEMORY = 0
-    TX_SHED_SESSIONS_BACKLOG = 1
-    TX_RESPONSE_DECODE_ERRORS = 2
-    TX_COUNT = 3
-
-TX_NAMES = ("shed_sessions_memory", "shed_sessions_backlog", "response_decode_errors")
 
 # Response records (engine/codec/wire.py): 64 bytes, or 192 with the payload build.
 cdef enum:
@@ -198,7 +188,6 @@ cdef class Table:
 
     cdef ECfg ecfg
     cdef uint64_t c[EC_COUNT]
-    cdef uint64_t tx[TX_COUNT]
     cdef TAlloc alloc
     cdef bint alloc_ready
     cdef RwTransfer* transfers
@@ -267,7 +256,6 @@ cdef class Table:
         ecfg_fill(&self.ecfg, config)
         self.config = config
         memset(self.c, 0, sizeof(self.c))
-        memset(self.tx, 0, sizeof(self.tx))
         self.ntransfers = rw_fill_transfers(&self.transfers, config.transfers)
         self._pool = tuple(config.client_pool)
         self.npool = len(self._pool)
@@ -631,7 +619,7 @@ cdef class Table:
                 self.c[EC_DROP_NO_SYN] += 1  # -O
                 return
         if self.tb_shedding():
-            self.tx[TX_SHED_SESSIONS_MEMORY if self.refuse_new else TX_SHED_SESSIONS_BACKLOG] += 1
+            self.c[EC_SHED_SESSIONS_MEMORY if self.refuse_new else EC_SHED_SESSIONS_BACKLOG] += 1
             self.c[EC_DROP_SHED] += 1
             if not flags & (TB_FIN | TB_RST):
                 r = hm_put(&self.refused, fk0, fk1, &created)
@@ -642,8 +630,10 @@ cdef class Table:
             return
         self.tb_new_flow(fk0, fk1, p, buf, now, tindex)
 
-    cdef void tb_receive_response(self, const dp_packet* p, double now) noexcept nogil:
-        """table.SessionTable.receive_response: a decoded response record."""
+    cdef void tb_receive_response(self, const dp_packet* p, const uint8_t* buf,
+                                  double now) noexcept nogil:
+        """table.SessionTable.receive_response: a decoded response record (buf + p.offset:
+        its IP header, whose TCP options the session reads as tcpseq.tsval does)."""
         cdef uint64_t k0
         cdef uint32_t k1
         cdef hslot* slot
@@ -655,7 +645,7 @@ cdef class Table:
             self.c[EC_DROP_UNKNOWN_RESPONSE] += 1
             return
         e = <TEntry*><intptr_t>slot.a
-        sess_receive_response(e.s, p, now)
+        sess_receive_response_buf(e.s, p, buf, now)
         self.tb_touch(e)
 
     cdef void tb_heap_pop(self) noexcept nogil:
@@ -849,7 +839,7 @@ cdef class Table:
             if u != e.unsend:
                 self.unsend_total += u - e.unsend
                 e.unsend = u
-            h = tb_held_bytes(s)
+            h = <int64_t>sess_held_bytes(s)
             if h != e.held:
                 self.held_total += h - e.held
                 e.held = h
@@ -875,7 +865,7 @@ cdef class Table:
     def receive_response(self, pkt, double now):
         cdef dp_packet p
         cdef bytes buf = _packet_buffer(pkt, &p)
-        self.tb_receive_response(&p, now)
+        self.tb_receive_response(&p, buf, now)
         self._check()
 
     def handle_timer(self, double now):
@@ -990,9 +980,9 @@ cdef class Table:
         with nogil:
             for i in range(count):
                 if wr_decode_record(base + i * record_bytes, record_bytes, &p) < 0:
-                    self.tx[TX_RESPONSE_DECODE_ERRORS] += 1
+                    self.c[EC_RESPONSE_DECODE_ERRORS] += 1
                     continue
-                self.tb_receive_response(&p, now)
+                self.tb_receive_response(&p, base + i * record_bytes, now)
         self._check()
         return count * record_bytes
 
@@ -1035,15 +1025,12 @@ cdef class Table:
 
     @property
     def counters(self):
-        """A Counter built from the C arrays (zero entries left out)."""
+        """A Counter built from the C array (zero entries left out)."""
         cdef int i
         c = _tb_collections.Counter()
         for i in range(EC_COUNT):
             if self.c[i]:
                 c[EC_NAMES[i]] = <int64_t>self.c[i]
-        for i in range(TX_COUNT):
-            if self.tx[i]:
-                c[TX_NAMES[i]] = <int64_t>self.tx[i]
         return c
 
     @property
@@ -1176,16 +1163,6 @@ cdef class Table:
             s = hm_get(&self.refused, k0, k1)
             if s != NULL:
                 hm_del(&self.refused, s)
-
-
-cdef int64_t tb_held_bytes(ESession* s) noexcept nogil:
-    """TcpSession.held_bytes: payload bytes of the captured segments not yet sent."""
-    cdef int64_t n = 0
-    cdef ESeg* g = s.pend_head
-    while g != NULL:
-        n += g.end - g.off
-        g = g.next
-    return n
 
 
 cdef const uint8_t[::1] _as_bytes_view(object buf):

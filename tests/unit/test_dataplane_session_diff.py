@@ -265,6 +265,7 @@ def _state_of(s) -> tuple:
         int(s.state),
         s.outcome,
         s.unsend,
+        s.held_bytes,
         s.lingering,
         s.finished,
         s.half_open,

@@ -3,7 +3,8 @@
 Hypothesis drives a reference ``engine.core.table.SessionTable`` (per-packet calls: the
 specification) and a table under test with the same random client packets, response records
 and clock steps, and after every step requires the same ``drain()`` (routes, then packet
-bytes, in order), the same counters, ``active``/``unsend``/``lingering`` and ``get_timer()``.
+bytes, in order), the same counters, ``active``/``unsend``/``lingering``/``held_bytes`` and
+``get_timer()``.
 The table under test is the compiled ``engine.dataplane.engine.Table`` (skipped with the
 reason when it is not built) and, always, a second Python table behind engine/io/batch.py's
 adapter, which checks the harness and the batch calls' semantics at once.
@@ -253,6 +254,7 @@ class Pair:
         ref, dut = self.ref, self.dut
         assert _counters(dut.counters) == _counters(ref.counters), "counters"
         assert (dut.active, dut.unsend, dut.lingering) == (ref.active, ref.unsend, ref.lingering)
+        assert dut.held_bytes == ref.held_bytes, "held_bytes"
         assert dut.get_timer() == ref.get_timer(), "get_timer"
 
     now = 0.0
@@ -376,7 +378,7 @@ def client_packets(data: st.DataObject, w: World) -> tuple[list[bytes], str]:
     return [bytes(raw)], f"mangle {slot} byte {where}"
 
 
-def response_records(data: st.DataObject, w: World, ts2: bool = True) -> tuple[list[bytes], str]:
+def response_records(data: st.DataObject, w: World) -> tuple[list[bytes], str]:
     """One step of the target side: an answer to what the reference sent, sometimes off."""
     live = sorted(k for k, p in w.peers.items() if p.rcv_nxt is not None)
     if not live:
@@ -388,8 +390,6 @@ def response_records(data: st.DataObject, w: World, ts2: bool = True) -> tuple[l
             ["synack", "ack", "ack", "zero", "data", "data", "fin", "rst", "junk", "ts2"]
         )
     )
-    if kind == "ts2" and not ts2:
-        kind = "ack"
     if not peer.synacked and kind not in ("rst", "junk"):
         kind = "synack"
 
@@ -443,7 +443,7 @@ def response_records(data: st.DataObject, w: World, ts2: bool = True) -> tuple[l
     return [bytes(rec)], f"junk {key[1]} byte {where}"
 
 
-def run(data: st.DataObject, make_test: Any, ts2: bool = True) -> None:
+def run(data: st.DataObject, make_test: Any) -> None:
     cfg = SessionConfig(
         transfers=XFER,
         client_pool=data.draw(st.sampled_from([(), POOL])),
@@ -474,7 +474,7 @@ def run(data: st.DataObject, make_test: Any, ts2: bool = True) -> None:
             elif what == "response":  # one intercept read: up to 3 answers
                 recs = []
                 for _ in range(data.draw(st.integers(1, 3))):
-                    more, text = response_records(data, w, ts2)
+                    more, text = response_records(data, w)
                     log.append(f"t={pair.now:.4f} response {text}")
                     recs += more
                 pair.responses(recs, batch)
@@ -552,9 +552,7 @@ COMPILED, WHY_NOT = compiled_table_class()
 @settings(settings.get_profile(PROFILE))
 @given(st.data())
 def test_compiled_engine_matches_the_python_engine(data: st.DataObject) -> None:
-    # Records with two timestamp options are left out here while the compiled Table reads
-    # the second one: test_two_timestamp_options_in_a_response (strict xfail) pins it.
-    run(data, lambda cfg: as_batch(COMPILED(cfg)), ts2=False)
+    run(data, lambda cfg: as_batch(COMPILED(cfg)))
 
 
 def _two_ts_options_exchange(make_test: Any, batch: bool) -> None:
@@ -600,12 +598,6 @@ def test_two_timestamp_options_in_a_response_python(batch: bool) -> None:
 
 
 @pytest.mark.skipif(COMPILED is None, reason=f"the compiled engine is not built: {WHY_NOT}")
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the compiled Table feeds responses through sess_receive_response, which echoes "
-    "the last of two TS options; the Python engine (tcpseq.tsval) echoes the first",
-)
 @pytest.mark.parametrize("batch", [False, True])
 def test_two_timestamp_options_in_a_response(batch: bool) -> None:
     _two_ts_options_exchange(lambda cfg: as_batch(COMPILED(cfg)), batch)
