@@ -1171,7 +1171,7 @@ def run_profile(ctx: Context, scenario: Scenario, workers: int, out: Path) -> di
         )  # fmt: skip
         tbm.wait_until(lambda: online.count() > 0, 10, what="load reaching the online server")
         spy = subprocess.run(
-            [str(PYSPY_BIN), "record", "--pid", str(tcpcopy.pid), "--subprocesses",
+            [str(PYSPY_BIN), "record", "--pid", str(tcpcopy.pid), "--subprocesses", "--native",
              "-d", str(PROFILE_DURATION_S), "--format", "raw", "-o", str(out)],
             capture_output=True, text=True, timeout=PROFILE_DURATION_S + 60,
         )  # fmt: skip

@@ -117,6 +117,9 @@ rate on short connections and 11 % on keep-alive sessions with a backlog of held
 (same-process micro-benchmarks, gc defaults vs these)."""
 GC_FREEZE_INTERVAL_S = 1.0
 REFUSAL_LOG_INTERVAL_S = 10.0
+REFUSAL_CHECK_INTERVAL_S = 1.0
+"""How often the loop looks for refused reconnects: the compiled table builds its counters on
+each read, so not on every wake-up."""
 """At most one log line per this interval about reconnects the sessions refused."""
 _REFUSAL_KEYS = (
     "reconnect_refused_off",
@@ -239,6 +242,7 @@ class Worker:
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
         next_freeze = now + GC_FREEZE_INTERVAL_S
+        next_refusals = now
         while not self._stop:
             deadline = min(
                 d
@@ -277,7 +281,9 @@ class Worker:
             if timer is not None and timer <= now:
                 self.table.handle_timer(now)
             self._flush(now)
-            self._log_refusals(now)
+            if now >= next_refusals:
+                next_refusals = now + REFUSAL_CHECK_INTERVAL_S
+                self._log_refusals(now)
             timer = self.channels.get_timer()
             if timer is not None and timer <= now:
                 self.channels.handle_timer(now)
@@ -708,10 +714,12 @@ class WorkerProcess(Worker):
             self.flush_counters()
             self.warn_no_tuple(now)
         if now >= self._next_trim:
+            # Checked at most every TRIM_INTERVAL_S whether it trims or not: the compiled
+            # table builds its counters on each read, and this runs once per ring batch.
+            self._next_trim = now + TRIM_INTERVAL_S
             released = self.table.counters["rel"]  # type: ignore[attr-defined]
             if released - self._released_at_trim >= TRIM_AFTER_SESSIONS:
                 self._released_at_trim = released
-                self._next_trim = now + TRIM_INTERVAL_S
                 if self._trim is not None:
                     self._trim(0)
 
