@@ -148,7 +148,7 @@ def load_instrumented(build_dir: Path) -> object:
         stem = so_file.name[: -len(suffix)]
         module = sys.modules["engine.dataplane." + stem]
         setattr(dataplane, stem, module)
-        assert Path(module.__file__).parent == build_dir, f"{module.__file__} not instrumented"
+        assert Path(str(module.__file__)).parent == build_dir, f"{module.__file__} not instrumented"
     assert dataplane.packet is not None
     maps = Path("/proc/self/maps").read_text()
     assert "libasan" in maps, "the ASan runtime is not loaded"
