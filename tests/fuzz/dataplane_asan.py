@@ -66,6 +66,7 @@ CFLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-fno-strict-aliasing", "-fPIC
 BATCH = 256
 LINKTYPES = (1, 101, 113, 228, 276, 12, 0)
 MAX_LEN = 1600
+PROGRESS_EVERY = 50_000  # a progress line of the engine targets (long runs)
 
 
 def build(out_dir: Path) -> list[Path]:
@@ -316,6 +317,10 @@ def fuzz_engine(build_dir: Path, name: str, runs: int, seed: int, artifacts: Pat
             path.write_bytes(data)
             print(f"dataplane asan: finding on input {i} (saved as {path})", file=sys.stderr)
             raise
+        if (i + 1) % PROGRESS_EVERY == 0 and i + 1 < runs:
+            dt = time.monotonic() - t0
+            print(f"dataplane asan: progress: {i + 1} inputs in {dt:.1f} s, 0 findings",
+                  flush=True)  # fmt: skip
     dt = time.monotonic() - t0
     print(f"dataplane asan: {runs} inputs in {dt:.1f} s ({runs / dt:.0f}/s), 0 findings")
     return 0
