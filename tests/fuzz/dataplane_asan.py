@@ -66,6 +66,7 @@ CFLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-fno-strict-aliasing", "-fPIC
 BATCH = 256
 LINKTYPES = (1, 101, 113, 228, 276, 12, 0)
 MAX_LEN = 1600
+PROGRESS_EVERY = 50_000  # a progress line of the engine targets (long runs)
 
 
 def build(out_dir: Path) -> list[Path]:
@@ -127,16 +128,29 @@ def seeds() -> list[bytes]:
 def load_instrumented(build_dir: Path) -> object:
     """Put the sanitizer builds in sys.modules under their real names, then import."""
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
-    for so_file in sorted(build_dir.glob("*" + suffix)):
-        name = "engine.dataplane." + so_file.name[: -len(suffix)]
+    # packet first: the others cimport it.  A module's init may import the package, whose
+    # __init__ then imports the installed build of a module not loaded yet: each module is
+    # put on the package too, so both lookups reach the instrumented one.
+    files = sorted(build_dir.glob("*" + suffix), key=lambda f: (f.name[:7] != "packet.", f.name))
+    for so_file in files:
+        stem = so_file.name[: -len(suffix)]
+        name = "engine.dataplane." + stem
         spec = importlib.util.spec_from_file_location(name, so_file)
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
+        package = sys.modules.get("engine.dataplane")
+        if package is not None:
+            setattr(package, stem, module)
     from engine import dataplane
 
-    assert dataplane.packet is not None and Path(dataplane.packet.__file__).parent == build_dir
+    for so_file in files:
+        stem = so_file.name[: -len(suffix)]
+        module = sys.modules["engine.dataplane." + stem]
+        setattr(dataplane, stem, module)
+        assert Path(str(module.__file__)).parent == build_dir, f"{module.__file__} not instrumented"
+    assert dataplane.packet is not None
     maps = Path("/proc/self/maps").read_text()
     assert "libasan" in maps, "the ASan runtime is not loaded"
     return dataplane.packet
@@ -261,10 +275,24 @@ def _batch(D, np, rng: random.Random, group: list[bytes]) -> None:  # type: igno
     D.parse_slots(ring, 0, slot_bytes, header, slots, first, recs, count)
 
 
-ENGINE_TARGETS: dict[str, Callable[[object, random.Random, bytes], None]] = {}
-"""The hook for the session engine's compiled entry points (an engine module of
-engine/dataplane, which does not exist yet): name -> ``fuzz(dataplane, rng, data)``, fed
-mutated packets like the packet target (``fuzz_engine``); each name becomes a --target."""
+def _engine_target(name: str) -> Callable[[object, random.Random, bytes], None]:
+    def run(dataplane: object, rng: random.Random, data: bytes) -> None:
+        # Imported here: engine.* must not load before the instrumented modules are in place.
+        from tests.fuzz.engine_targets import TARGETS
+
+        TARGETS[name](dataplane, rng, data)
+
+    return run
+
+
+ENGINE_TARGETS: dict[str, Callable[[object, random.Random, bytes], None]] = {
+    name: _engine_target(name) for name in ("records", "client")
+}
+"""The session engine's compiled entry points (engine/dataplane/engine.pyx's Table), in
+tests/fuzz/engine_targets.py: name -> ``fuzz(dataplane, rng, data)``, fed mutated packets
+like the packet target (``fuzz_engine``); each name is a --target.  ``records``: intercept
+response records through ``receive_records``; ``client``: captured client packets of live
+sessions through ``receive_client_ips``, then ``drain_into`` and the timers."""
 
 
 def fuzz_engine(build_dir: Path, name: str, runs: int, seed: int, artifacts: Path) -> int:
@@ -274,6 +302,8 @@ def fuzz_engine(build_dir: Path, name: str, runs: int, seed: int, artifacts: Pat
     load_instrumented(build_dir)
     from engine import dataplane
 
+    engine = getattr(dataplane, "engine", None)
+    assert engine is not None and Path(engine.__file__).parent == build_dir
     target = ENGINE_TARGETS[name]
     rng = random.Random(seed)
     pool = seeds()
@@ -287,6 +317,10 @@ def fuzz_engine(build_dir: Path, name: str, runs: int, seed: int, artifacts: Pat
             path.write_bytes(data)
             print(f"dataplane asan: finding on input {i} (saved as {path})", file=sys.stderr)
             raise
+        if (i + 1) % PROGRESS_EVERY == 0 and i + 1 < runs:
+            dt = time.monotonic() - t0
+            print(f"dataplane asan: progress: {i + 1} inputs in {dt:.1f} s, 0 findings",
+                  flush=True)  # fmt: skip
     dt = time.monotonic() - t0
     print(f"dataplane asan: {runs} inputs in {dt:.1f} s ({runs / dt:.0f}/s), 0 findings")
     return 0
@@ -422,6 +456,8 @@ def main() -> int:
                     help="packet.pyx's entry points, or capture.pyx's block walk")  # fmt: skip
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--build-dir", type=Path, help="keep the sanitizer build here")
+    ap.add_argument("--prebuilt", action="store_true",
+                    help="reuse the sanitizer build already in --build-dir")  # fmt: skip
     ap.add_argument("--artifacts", type=Path, default=Path(tempfile.gettempdir()))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -438,9 +474,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="dataplane-asan-") as tmp:
         build_dir = a.build_dir or Path(tmp)
         build_dir.mkdir(parents=True, exist_ok=True)
-        t0 = time.monotonic()
-        built = build(build_dir.resolve())
-        print(f"dataplane asan: built {len(built)} module(s) in {time.monotonic() - t0:.0f} s")
+        if a.prebuilt:
+            if a.build_dir is None or not list(build_dir.glob("*.so")):
+                ap.error("--prebuilt needs a --build-dir that holds a sanitizer build")
+        else:
+            t0 = time.monotonic()
+            built = build(build_dir.resolve())
+            print(f"dataplane asan: built {len(built)} module(s) in {time.monotonic() - t0:.0f} s")
         env = dict(os.environ)
         env.update(
             LD_PRELOAD=":".join(runtime_libraries()),
