@@ -117,10 +117,10 @@ rate on short connections and 11 % on keep-alive sessions with a backlog of held
 (same-process micro-benchmarks, gc defaults vs these)."""
 GC_FREEZE_INTERVAL_S = 1.0
 REFUSAL_LOG_INTERVAL_S = 10.0
+"""At most one log line per this interval about reconnects the sessions refused."""
 REFUSAL_CHECK_INTERVAL_S = 1.0
 """How often the loop looks for refused reconnects: the compiled table builds its counters on
 each read, so not on every wake-up."""
-"""At most one log line per this interval about reconnects the sessions refused."""
 _REFUSAL_KEYS = (
     "reconnect_refused_off",
     "reconnect_refused_budget",
