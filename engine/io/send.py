@@ -141,9 +141,19 @@ class RawSender:
             return self.send_batch(sendbuf.packets(n))
         fd = self.sock.fileno()
         data, lengths = sendbuf.data, sendbuf.lengths
+        return self._send_from_buffer(
+            sendbuf, n, lambda start: fastio.send_raw_buffer(fd, data, lengths, n, start)
+        )
+
+    def _send_from_buffer(
+        self, sendbuf: Any, n: int, send_from: Callable[[int], tuple[int, int]]
+    ) -> int:
+        """Send the first ``n`` packets of ``sendbuf`` with ``send_from(start) -> (sent,
+        errno)`` (one sendmmsg from packet ``start``): a refused packet is counted and
+        skipped, the rest go on."""
         start = ok = 0
         while start < n:
-            sent, err = fastio.send_raw_buffer(fd, data, lengths, n, start)
+            sent, err = send_from(start)
             ok += sent
             start += sent
             if start >= n:
@@ -511,20 +521,13 @@ class LinkSender(RawSender):
         self._maybe_refresh()
         fd = self.sock.fileno()
         data, lengths = sendbuf.data, sendbuf.lengths
-        start = ok = 0
-        while start < n:
-            sent, err = fastio.send_link_buffer(
+        return self._send_from_buffer(
+            sendbuf,
+            n,
+            lambda start: fastio.send_link_buffer(
                 fd, self.ifindex, data, lengths, n, self._table, start
-            )
-            ok += sent
-            start += sent
-            if start >= n:
-                break
-            if not err:
-                continue
-            self._refused_in_buffer(sendbuf, start, err)
-            start += 1
-        return self._count_buffer(sendbuf, n, ok)
+            ),
+        )
 
     def _refused_packet(self, pkt: bytes, err: int) -> None:
         self._refused(pkt, err)
