@@ -91,12 +91,13 @@ def workers_of(tcpcopy: tbm.Proc) -> dict[int, int]:
     """worker index -> pid, from the process names the supervisor sets (tcmp-worker<i>)."""
     out = {}
     for child in psutil.Process(tcpcopy.pid).children():
-        try:
+        try:  # a killed worker may be reaped between the listing and these reads
             name = child.name()
+            zombie = child.status() == psutil.STATUS_ZOMBIE
         except psutil.Error:
             continue
         m = re.fullmatch(r"tcmp-worker(\d+)", name)
-        if m and child.status() != psutil.STATUS_ZOMBIE:
+        if m and not zombie:
             out[int(m.group(1))] = child.pid
     return out
 
