@@ -132,3 +132,17 @@ cdef void hm_del(hmap* m, hslot* s) noexcept nogil:
             i = j
     m.slots[i].used = 0
     m.n -= 1
+
+
+cdef int hm_shrink(hmap* m) noexcept nogil:
+    """Rebuilt smaller when under 1/8 full (and larger than HM_MIN_CAP); -1: no memory (the
+    map is left as it was).  Invalidates slot pointers, like hm_put."""
+    cdef size_t cap = m.cap
+    if cap <= HM_MIN_CAP or m.n * 8 >= cap:
+        return 0
+    while cap > HM_MIN_CAP and m.n * 10 <= (cap // 2) * 4:
+        cap //= 2
+    if m.n == 0:
+        hm_free(m)
+        return 0
+    return hm_resize(m, cap)

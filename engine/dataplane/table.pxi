@@ -674,6 +674,26 @@ cdef class Table:
             e.sched = NAN
             sess_handle_timer(e.s, now)
             self.tb_touch(e)
+        self.tb_shrink()
+
+    cdef void tb_shrink(self) noexcept nogil:
+        """Memory given back after a flood: the maps and the timer heap shrink when mostly
+        empty (no slot pointer is held here; a failed shrink leaves things as they were)."""
+        cdef size_t cap
+        cdef THeapItem* h
+        hm_shrink(&self.flows)
+        hm_shrink(&self.by_resp)
+        hm_shrink(&self.refused)
+        hm_shrink(&self.alloc.state)
+        hm_shrink(&self.alloc.groups)
+        cap = self.heap_cap
+        while cap > 256 and self.heap_n * 8 < cap:
+            cap //= 2
+        if cap != self.heap_cap:
+            h = <THeapItem*>realloc(self.heap, cap * sizeof(THeapItem))
+            if h != NULL:
+                self.heap = h
+                self.heap_cap = cap
 
     cdef double tb_get_timer(self) noexcept nogil:
         """table.SessionTable.get_timer; NaN: None."""
@@ -1057,6 +1077,13 @@ cdef class Table:
     def heap_size(self):
         """Items in the timer heap (live and stale): for tests of its compaction."""
         return self.heap_n
+
+    @property
+    def index_bytes(self):
+        """Bytes of the table's C indexes (flow, response and refused maps, the allocator's
+        maps, the timer heap): what grows with a flood and shrinks after it."""
+        return ((self.flows.cap + self.by_resp.cap + self.refused.cap + self.alloc.state.cap
+                 + self.alloc.groups.cap) * sizeof(hslot) + self.heap_cap * sizeof(THeapItem))
 
     @staticmethod
     def set_heap_slack(size_t slack):
