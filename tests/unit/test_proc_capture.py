@@ -276,7 +276,7 @@ def test_ring_source_comes_back_at_once_for_a_push_that_raced_its_pop(rings_fact
 def _cfg(**kw):
     from types import SimpleNamespace
 
-    base = {"ring_bytes": None, "capture": "raw", "capture_buffer_bytes": 64 << 20, "workers": 1}
+    base = {"ring_bytes": None, "capture": "raw", "capture_buffer_bytes": 16 << 20, "workers": 1}
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -284,12 +284,14 @@ def _cfg(**kw):
 def test_ring_size_derived_from_the_load():
     from engine.proc.capture import RING_BYTES_MIN, RING_BYTES_PER_WORKER, ring_bytes
 
-    # live: the worker's share of -B, between 2 and 16 MiB
-    assert ring_bytes(_cfg()) == RING_BYTES_PER_WORKER == 16 << 20
-    assert ring_bytes(_cfg(workers=8)) == 8 << 20
-    assert ring_bytes(_cfg(workers=64)) == RING_BYTES_MIN == 2 << 20
-    assert ring_bytes(_cfg(capture_buffer_bytes=4 << 20)) == 4 << 20
-    assert ring_bytes(_cfg(capture_buffer_bytes=1024 << 20, workers=2)) == 16 << 20
+    # live: a quarter of the worker's share of -B, between 2 and 16 MiB
+    assert ring_bytes(_cfg()) == 4 << 20  # the default -B 16, one worker: 2,048 slots
+    assert ring_bytes(_cfg(workers=2)) == RING_BYTES_MIN == 2 << 20
+    assert ring_bytes(_cfg(workers=64)) == RING_BYTES_MIN
+    assert ring_bytes(_cfg(capture_buffer_bytes=64 << 20, workers=2)) == 8 << 20
+    assert ring_bytes(_cfg(capture_buffer_bytes=4 << 20)) == RING_BYTES_MIN
+    assert ring_bytes(_cfg(capture_buffer_bytes=1024 << 20, workers=2)) == RING_BYTES_PER_WORKER
+    assert RING_BYTES_PER_WORKER == 16 << 20
     # offline: two read batches past the pause mark
     assert ring_bytes(_cfg(capture="offline")) == 4096 * RING_SLOT_BYTES
     # --ring-size wins
