@@ -284,12 +284,11 @@ def _cfg(**kw):
 def test_ring_size_derived_from_the_load():
     from engine.proc.capture import RING_BYTES_MIN, RING_BYTES_PER_WORKER, ring_bytes
 
-    # live: a quarter of the worker's share of -B, between 2 and 16 MiB
-    assert ring_bytes(_cfg()) == 4 << 20  # the default -B 16, one worker: 2,048 slots
-    assert ring_bytes(_cfg(workers=2)) == RING_BYTES_MIN == 2 << 20
-    assert ring_bytes(_cfg(workers=64)) == RING_BYTES_MIN
-    assert ring_bytes(_cfg(capture_buffer_bytes=64 << 20, workers=2)) == 8 << 20
-    assert ring_bytes(_cfg(capture_buffer_bytes=4 << 20)) == RING_BYTES_MIN
+    # live: half of -B per worker, between 2 and 16 MiB
+    assert ring_bytes(_cfg()) == 8 << 20  # the default -B 16: 4,096 slots
+    assert ring_bytes(_cfg(workers=2)) == ring_bytes(_cfg(workers=64)) == 8 << 20
+    assert ring_bytes(_cfg(capture_buffer_bytes=20 << 20, workers=2)) == 10 << 20
+    assert ring_bytes(_cfg(capture_buffer_bytes=4 << 20)) == RING_BYTES_MIN == 2 << 20
     assert ring_bytes(_cfg(capture_buffer_bytes=1024 << 20, workers=2)) == RING_BYTES_PER_WORKER
     assert RING_BYTES_PER_WORKER == 16 << 20
     # offline: two read batches past the pause mark
