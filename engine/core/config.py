@@ -679,13 +679,13 @@ class ReplayConfig:
     )
     """--ring-size (MB in the flag): the shared-memory ring that carries a worker's share of
     the captured packets from the capture process to it (its pages are committed at start).
-    Derived when not given: live capture, half of -B per worker (-B / 2) between 2 and
-    16 MB: the kernel ring holds what arrives while the capture process is off the CPU, a
-    worker's ring what arrives while that worker is, and a slot takes 2 KiB for what is
-    mostly a packet of about 100 bytes, so it is sized in packets, not in -B's bytes: the
-    default -B 16 gives each worker 4,096 slots (8 MB, about 60 ms of a 70,000 packets/s
-    load; more workers take fewer packets each but wait longer for a CPU, so the ring does
-    not shrink with them), and the ring rises with -B; offline replay, 8 MB
+    Derived when not given: live capture, the worker's share of 64 MB (or of -B if larger)
+    between 2 and 16 MB: 16 MB (8,192 slots of 2 KiB) per worker up to 4 workers, 8 MB
+    with 8, 2 MB from 32 on.  A worker's ring holds what arrives while that worker is off
+    the CPU (the kernel ring, -B, what arrives while the capture process is), and a slot
+    takes 2 KiB for what is mostly a packet of about 100 bytes, so rings are sized in
+    packets, not in -B's bytes: on 2 CPUs, 2,048 and 4,096 slots shed new sessions under
+    the benchmark's loads where 8,192 did not (docs/memory.md); offline replay, 8 MB
     (4,096 slots of 2 KiB): the file waits while a ring is half full, so a ring only needs
     room for two read batches of 1,024 packets past its pause mark.  Slots are sized from
     -M (2 KiB up to -M 2032); a larger -M gives fewer, larger slots in the same bytes, never

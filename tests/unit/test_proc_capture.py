@@ -284,12 +284,13 @@ def _cfg(**kw):
 def test_ring_size_derived_from_the_load():
     from engine.proc.capture import RING_BYTES_MIN, RING_BYTES_PER_WORKER, ring_bytes
 
-    # live: half of -B per worker, between 2 and 16 MiB
-    assert ring_bytes(_cfg()) == 8 << 20  # the default -B 16: 4,096 slots
-    assert ring_bytes(_cfg(workers=2)) == ring_bytes(_cfg(workers=64)) == 8 << 20
-    assert ring_bytes(_cfg(capture_buffer_bytes=20 << 20, workers=2)) == 10 << 20
-    assert ring_bytes(_cfg(capture_buffer_bytes=4 << 20)) == RING_BYTES_MIN == 2 << 20
-    assert ring_bytes(_cfg(capture_buffer_bytes=1024 << 20, workers=2)) == RING_BYTES_PER_WORKER
+    # live: the worker's share of 64 MiB (or of -B if larger), between 2 and 16 MiB
+    assert ring_bytes(_cfg()) == RING_BYTES_PER_WORKER == 16 << 20  # 8,192 slots
+    assert ring_bytes(_cfg(workers=4)) == RING_BYTES_PER_WORKER
+    assert ring_bytes(_cfg(workers=8)) == 8 << 20
+    assert ring_bytes(_cfg(workers=64)) == RING_BYTES_MIN == 2 << 20
+    assert ring_bytes(_cfg(capture_buffer_bytes=1 << 20)) == RING_BYTES_PER_WORKER
+    assert ring_bytes(_cfg(capture_buffer_bytes=256 << 20, workers=32)) == 8 << 20
     assert RING_BYTES_PER_WORKER == 16 << 20
     # offline: two read batches past the pause mark
     assert ring_bytes(_cfg(capture="offline")) == 4096 * RING_SLOT_BYTES
