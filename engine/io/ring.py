@@ -74,7 +74,9 @@ import numpy as np
 
 __all__ = ["RING_IDLE_POLL_S", "RING_SLOTS", "RING_SLOT_BYTES", "Ring"]
 
-RING_SLOT_BYTES = 2048
+RING_SLOT_BYTES = 1536
+"""The default slot: a packet of up to 1,520 bytes (the capture splits anything larger than
+-M, 1500 by default) after its 16-byte header, a multiple of 64 bytes."""
 RING_SLOTS = 8192
 RING_IDLE_POLL_S = 0.05
 _SLOT_HEADER = struct.Struct("=IId")  # length u32, flags u32, timestamp f64
