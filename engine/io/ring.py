@@ -57,8 +57,8 @@ timestamps as arrays) and one memoryview slice copy per packet: no Python object
 Memory: the block is a memfd (no name in /dev/shm, nothing for multiprocessing's resource
 tracker to follow), created by the supervisor before it forks and inherited by every capture
 process and worker it starts, restarted ones included (``spec`` carries its descriptor).  Its
-pages are committed when it is created (``posix_fallocate``) but mapped in no process yet: the
-supervisor never touches them, and a child that attaches maps them all at once
+pages are committed when it is created (``posix_fallocate``) but not faulted in by it: the
+supervisor reads the header page only, and a child that attaches maps them all at once
 (``MAP_POPULATE``), so the ring is in the footprint the memory watchdog (-m) reads from the
 child's start, split between its two users (a flood would otherwise touch its last pages
 within a second, and that growth looked like sessions), and the hot path takes no page fault.
