@@ -486,17 +486,22 @@ def _pss_bytes(pid: int) -> int | None:
     return None
 
 
-def tree_mem(pid: int) -> tuple[int, int]:
-    """(sum of RSS, sum of PSS) over the tree (PSS falls back to RSS where unreadable)."""
+def tree_mem(pid: int, by_process: dict[str, int] | None = None) -> tuple[int, int]:
+    """(sum of RSS, sum of PSS) over the tree (PSS falls back to RSS where unreadable);
+    ``by_process`` gets each process's PSS by name."""
     rss = pss = 0
     for proc in process_tree(pid):
         try:
             r = proc.memory_info().rss
+            name = proc.name()
         except psutil.NoSuchProcess:
             continue
         rss += r
         p = _pss_bytes(proc.pid)
         pss += r if p is None else p
+        if by_process is not None:
+            key = name if name not in by_process else f"{name} ({proc.pid})"
+            by_process[key] = r if p is None else p
     return rss, pss
 
 
@@ -506,14 +511,22 @@ class MemSampler:
 
     def __init__(self, pid: int):
         self.pid = pid
-        self.peak_rss, self.peak_pss = tree_mem(pid)
+        self.peak_by_process: dict[str, int] = {}
+        """Each process's PSS in the sample where the summed PSS peaked."""
+        self.peak_rss, self.peak_pss = tree_mem(pid, self.peak_by_process)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mem-sampler", daemon=True)
 
     def _sample(self) -> None:
-        rss, pss = tree_mem(self.pid)
+        by_process: dict[str, int] = {}
+        rss, pss = tree_mem(self.pid, by_process)
         self.peak_rss = max(self.peak_rss, rss)
-        self.peak_pss = max(self.peak_pss, pss)
+        if pss > self.peak_pss:
+            self.peak_pss = pss
+            self.peak_by_process = by_process
+
+    def peak_mb_by_process(self) -> dict[str, float]:
+        return {k: round(v / 2**20, 1) for k, v in self.peak_by_process.items()}
 
     def _run(self) -> None:
         while not self._stop.wait(MEM_SAMPLE_INTERVAL_S):
@@ -833,6 +846,7 @@ def run_live(ctx: Context, scenario: Scenario, rep: Replicator) -> dict[str, Any
             ),
             peak_rss_mb=round(mem.peak_rss / 2**20, 1),
             peak_pss_mb=round(mem.peak_pss / 2**20, 1),
+            peak_pss_mb_by_process=mem.peak_mb_by_process(),
             cpu_s_per_1k=per_1k(tc_cpu, n_target),
             cpu_s_per_1k_with_intercept=per_1k(tc_cpu + ic_cpu, n_target),
         )
@@ -1074,6 +1088,7 @@ def run_offline(ctx: Context, scenario: Scenario, rep: Replicator) -> dict[str, 
             ),
             peak_rss_mb=round(mem.peak_rss / 2**20, 1),
             peak_pss_mb=round(mem.peak_pss / 2**20, 1),
+            peak_pss_mb_by_process=mem.peak_mb_by_process(),
             cpu_s_per_1k=per_1k(cpu, n_target),
             cpu_s_per_1k_with_intercept=per_1k(None if cpu is None else cpu + ic_cpu, n_target),
             tcpcopy_exit=rc,

@@ -5,7 +5,7 @@
     sudo .venv/bin/python bench/mem_idle.py --tree=/path/to/other/checkout   # a "before"
 
 tcpcopy-mp runs in a network namespace of its own (``unshare -n``, lo up; nothing leaves
-it) with the default live capture (the TPACKET_V3 ring, -B 64) and -x 80-198.18.0.2:80; no
+it) with the default live capture (the TPACKET_V3 ring, -B 16) and -x 80-198.18.0.2:80; no
 intercept answers, which costs nothing at idle.  RSS counts a page shared by forked
 processes once per process; PSS splits it between them, so the PSS sum is the tree's real
 footprint (the kernel's packet ring included once, wherever it is mapped).
@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -28,16 +29,41 @@ REPO = Path(__file__).resolve().parent.parent
 MB = 1024 * 1024
 
 
-def tree_figures(pid: int) -> dict[str, dict[str, float]]:
+def top_mappings(pid: int, count: int) -> list[tuple[float, str]]:
+    """The ``count`` mappings of a process with the largest PSS, as (MB, what): a file's
+    name, or the kernel's label ([heap], [anon], /dev/shm names, the packet socket)."""
+    found: list[tuple[float, str]] = []
+    what = ""
+    try:
+        with open(f"/proc/{pid}/smaps") as f:
+            for line in f:
+                head = line.split()
+                if head and "-" in head[0] and not head[0].endswith(":"):
+                    what = head[5] if len(head) > 5 else "[anon]"
+                    what = what.rsplit("/", 1)[-1]
+                elif head and head[0] == "Pss:":
+                    found.append((int(head[1]) / 1024, what))
+    except OSError:
+        return []
+    merged: dict[str, float] = {}
+    for mb, name in found:
+        merged[name] = merged.get(name, 0.0) + mb
+    return sorted(((mb, n) for n, mb in merged.items()), reverse=True)[:count]
+
+
+def tree_figures(pid: int, maps: int = 0) -> dict[str, dict[str, Any]]:
     root = psutil.Process(pid)
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, Any]] = {}
     for proc in [root, *root.children(recursive=True)]:
         try:
             info = proc.memory_full_info()
             name = proc.name()
         except psutil.Error:
             continue
-        out[f"{name} ({proc.pid})"] = {"rss_mb": info.rss / MB, "pss_mb": info.pss / MB}
+        row: dict[str, Any] = {"rss_mb": info.rss / MB, "pss_mb": info.pss / MB}
+        if maps:
+            row["maps"] = [(round(mb, 1), n) for mb, n in top_mappings(proc.pid, maps)]
+        out[f"{name} ({proc.pid})"] = row
     return out
 
 
@@ -47,6 +73,9 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--settle", type=float, default=5.0, help="seconds idle before measuring")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument(
+        "--maps", type=int, default=0, metavar="N", help="also each process's N largest mappings"
+    )
     ap.add_argument("extra", nargs="*", help="more tcpcopy-mp arguments (after --)")
     a = ap.parse_args()
     if os.geteuid() != 0:
@@ -71,7 +100,7 @@ def main() -> int:
                 return 1
             time.sleep(0.2)
         time.sleep(a.settle)
-        figures = tree_figures(proc.pid)
+        figures = tree_figures(proc.pid, a.maps)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -88,6 +117,8 @@ def main() -> int:
         return 0
     for name, f in figures.items():
         print(f"{name:28s} RSS {f['rss_mb']:7.1f} MB   PSS {f['pss_mb']:7.1f} MB")
+        for mb, what in f.get("maps", []):
+            print(f"    {mb:7.1f} MB  {what}")
     print(f"{'tree':28s} RSS {total['rss_mb']:7.1f} MB   PSS {total['pss_mb']:7.1f} MB")
     return 0
 

@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-One int64 matrix lives in ``multiprocessing.shared_memory``: one *row* per writer process and
+One int64 matrix lives in a shared memfd block: one *row* per writer process and
 one *slot* (column) per counter key of a fixed, ordered schema (``SLOTS``), so the shape never
 changes while the engine runs.  Row layout (``CounterBlock.create(workers=N)``):
 
@@ -46,24 +46,24 @@ gauges are zeroed.  ``ring_dropped`` is the exception: the *capture* process wri
 each worker's row (the ring outlives its consumer), so it is kept.  ``retire`` and ``read``
 take one lock, so the supervisor's HTTP thread never sees a fold half done.
 
-Lifetime.  Create in the parent before forking; children attach by name
-(``CounterBlock.attach(block.name)``) or simply use the inherited object.  Workers are
-*forked*, so they share the creator's resource tracker: attaching re-registers the same name (a
-no-op) and nothing is unregistered in children; the creator alone unlinks (``unlink`` does
-nothing in any other process).  Spawned children would get a tracker of their own that
-unlinks the block when they exit (CPython < 3.13): do not spawn.
+Lifetime.  Create in the parent before forking; children simply use the inherited object,
+or attach by name (``CounterBlock.attach(block.name)``): the name is the creator's descriptor
+of the memfd under /proc, so it resolves while the creator lives and has not unlinked.
+Nothing is in /dev/shm and multiprocessing's resource tracker (a process of its own) is never
+started; the creator alone unlinks, i.e. closes that descriptor (``unlink`` does nothing in
+any other process), and the memory goes with the last mapping.
 """
 
 from __future__ import annotations
 
 import errno as _errno
+import mmap
 import os
 import struct
 import threading
 import time
 import zlib
 from collections.abc import Mapping
-from multiprocessing import shared_memory
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -457,13 +457,16 @@ class RowWriter:
 class CounterBlock:
     """The shared counter matrix: ``create`` in the parent, ``attach`` by name in children."""
 
-    def __init__(self, shm: shared_memory.SharedMemory, workers: int, owner: bool) -> None:
-        self._shm = shm
+    def __init__(self, block: mmap.mmap, name: str, fd: int | None, workers: int) -> None:
+        self._map = block
+        self._buf: memoryview | None = memoryview(block)
+        self._name = name
+        self._fd = fd  # the creator's: its descriptor is the name
         self.workers = workers
         self.rows = workers + 2
-        self._owner_pid = os.getpid() if owner else None
+        self._owner_pid = os.getpid() if fd is not None else None
         size = self.rows * len(SLOTS) * SLOT_BYTES
-        self._data = shm.buf[HEADER_BYTES : HEADER_BYTES + size]
+        self._data = self._buf[HEADER_BYTES : HEADER_BYTES + size]
         self._array = np.ndarray((self.rows, len(SLOTS)), dtype=np.int64, buffer=self._data)
         self._writers: dict[int, RowWriter] = {}
         self._views: list[memoryview] = []
@@ -474,38 +477,51 @@ class CounterBlock:
 
     # -- lifetime ------------------------------------------------------------------------
     @classmethod
-    def create(cls, workers: int, *, name: str | None = None) -> CounterBlock:
+    def create(cls, workers: int) -> CounterBlock:
         """A zeroed block for a capture row, ``workers`` worker rows and a supervisor row."""
         if workers < 0:
             raise ValueError(f"counter block: bad worker count {workers}")
         size = HEADER_BYTES + (workers + 2) * len(SLOTS) * SLOT_BYTES
-        shm = shared_memory.SharedMemory(name=name, create=True, size=size)
-        shm.buf[:size] = bytes(size)
-        _HEADER.pack_into(shm.buf, 0, _MAGIC, _VERSION, workers, len(SLOTS), SCHEMA_FINGERPRINT)
-        return cls(shm, workers, owner=True)
+        fd = os.memfd_create("tcpcopy-mp-counters", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)  # reads as zeros
+            block = mmap.mmap(fd, size)
+        except OSError:
+            os.close(fd)
+            raise
+        _HEADER.pack_into(block, 0, _MAGIC, _VERSION, workers, len(SLOTS), SCHEMA_FINGERPRINT)
+        return cls(block, f"/proc/{os.getpid()}/fd/{fd}", fd, workers)
 
     @classmethod
     def attach(cls, name: str) -> CounterBlock:
         """Map an existing block (FileNotFoundError if it is gone, ValueError if foreign)."""
-        shm = shared_memory.SharedMemory(name=name)
+        fd = os.open(name, os.O_RDWR | os.O_CLOEXEC)
         try:
-            magic, version, workers, nslots, fingerprint = _HEADER.unpack_from(shm.buf, 0)
+            block = mmap.mmap(fd, 0)
+        except (OSError, ValueError) as e:  # ValueError: an empty file
+            raise ValueError(f"counter block {name}: not a tcpcopy-mp counter block") from e
+        finally:
+            os.close(fd)  # the mapping stays
+        try:
+            if len(block) < _HEADER.size:
+                raise ValueError(f"counter block {name}: not a tcpcopy-mp counter block")
+            magic, version, workers, nslots, fingerprint = _HEADER.unpack_from(block, 0)
             if magic != _MAGIC or version != _VERSION:
                 raise ValueError(f"counter block {name}: not a tcpcopy-mp counter block")
             if nslots != len(SLOTS) or fingerprint != SCHEMA_FINGERPRINT:
                 raise ValueError(f"counter block {name}: written by another counter schema")
         except Exception:
-            shm.close()
+            block.close()
             raise
-        return cls(shm, workers, owner=False)
+        return cls(block, name, None, workers)
 
     @property
     def name(self) -> str:
-        return self._shm.name
+        return self._name
 
     def close(self) -> None:
         """Unmap (every process, once).  Writers of this block are unusable afterwards."""
-        if self._shm.buf is None:
+        if self._buf is None:
             return
         self._writers.clear()
         for view in self._views:
@@ -513,13 +529,16 @@ class CounterBlock:
         self._views.clear()
         del self._array
         self._data.release()
-        self._shm.close()
+        self._buf.release()
+        self._buf = None
+        self._map.close()
 
     def unlink(self) -> None:
         """Remove the block's name (creator only; a no-op in any other process)."""
-        if self._owner_pid == os.getpid():
+        if self._owner_pid == os.getpid() and self._fd is not None:
             self._owner_pid = None
-            self._shm.unlink()
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> CounterBlock:
         return self

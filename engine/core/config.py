@@ -651,19 +651,22 @@ class ReplayConfig:
     resolved once, at start.  Example: `not src net 10.1.0.0/16` leaves that subnet's
     clients out of the copy."""
     capture_buffer_bytes: int = option(
-        64 * 1024 * 1024,
+        16 * 1024 * 1024,
         short="-B",
         long="--buffer",
         parse=Int(1, 4096),
         unit="MB",
         metavar="MB",
-        help="capture buffer in MB (64)",
+        help="capture buffer in MB (16)",
         section=_CAPT,
-        shown_default=64,
+        shown_default=16,
     )
     """-B (MB in the flag): the capture's kernel buffer: the TPACKET_V3 ring (blocks of
-    128 KiB; mapped in the capture process only), or SO_RCVBUF of the socket it falls back
-    to.  It holds what arrives while the capture process is off the CPU."""
+    128 KiB; mapped in the capture process only, so its pages are in that process's memory),
+    or SO_RCVBUF of the socket it falls back to.  It holds what arrives while the capture
+    process is off the CPU: 16 MB (C TCPCopy's default) is 128 blocks, at least 1 s of
+    packets at low rates (a block is handed over 8 ms after its first packet) and about
+    80,000 packets of 100 bytes (a frame takes about 200 bytes of the ring) at high ones."""
     ring_bytes: int | None = option(
         None,
         long="--ring-size",
@@ -676,12 +679,17 @@ class ReplayConfig:
     )
     """--ring-size (MB in the flag): the shared-memory ring that carries a worker's share of
     the captured packets from the capture process to it (its pages are committed at start).
-    Derived when not given: live capture, the worker's share of -B (-B / workers) between
-    2 and 16 MB, so the rings together can take what the kernel buffer can, and the ring
-    rises with -B; offline replay, 8 MB (4,096 slots of 2 KiB): the file waits while a ring
-    is half full, so a ring only needs room for two read batches of 1,024 packets past its
-    pause mark.  Slots are sized from -M (2 KiB up to -M 2032); a larger -M gives fewer,
-    larger slots in the same bytes, never fewer than 1,024 (docs/memory.md)."""
+    Derived when not given: live capture, the worker's share of 48 MB (or of -B if larger)
+    between 1.5 and 12 MB: 12 MB (8,192 slots of 1.5 KiB) per worker up to 4 workers, 6 MB
+    with 8, 1.5 MB from 32 on.  A worker's ring holds what arrives while that worker is off
+    the CPU (the kernel ring, -B, what arrives while the capture process is), and a slot
+    takes 1.5 KiB for what is mostly a packet of about 100 bytes, so rings are sized in
+    packets, not in -B's bytes: on 2 CPUs, 2,048 and 4,096 slots shed new sessions under
+    the benchmark's loads where 8,192 did not (docs/memory.md); offline replay, 6 MB
+    (4,096 slots of 1.5 KiB): the file waits while a ring is half full, so a ring only needs
+    room for two read batches of 1,024 packets past its pause mark.  Slots are sized from
+    -M (1.5 KiB up to -M 1520); a larger -M gives fewer, larger slots in the same bytes, never
+    fewer than 1,024 (docs/memory.md)."""
     snaplen: int | None = option(
         None,
         short="-S",

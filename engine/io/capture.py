@@ -458,7 +458,7 @@ TPACKET_RETIRE_MS = 8
 """A block that is not full is handed over this long after its first frame: the capture's
 added latency at low load.  It also sets how long the capture process may be off the CPU
 before the kernel drops: at low rates each block carries one timeout's worth of packets, so
-the ring holds blocks x TPACKET_RETIRE_MS (512 x 8 ms = 4 s with the default -B 64); a
+the ring holds blocks x TPACKET_RETIRE_MS (128 x 8 ms = 1 s with the default -B 16); a
 2 ms timeout lost packets on this shared 2-CPU machine under load (0.5 s)."""
 TPACKET_BLOCKS_PER_READ = 8
 """Blocks read per read_frames call before the loop looks at its timers again."""

@@ -24,11 +24,11 @@ forks or starts a thread:
    user still need a superset of our permitted capabilities, which that process lacks.
 
 Why this point (and not after the sockets are open): the supervisor creates its shared
-memory (rings, counter and control blocks, in /dev/shm) and then forks children that attach to
-it by name; created as root they would be unreadable by the children after the drop, and
-unremovable (/dev/shm is sticky) by the supervisor at exit.  Dropping first, with the two
-capabilities kept, means every object is created by the user that uses it, and a restarted
-child (which only ever runs as that user) can still open raw/AF_PACKET sockets if it needs to.
+memory (rings, counter, control and tuple-history blocks: memfds and anonymous mappings that
+its children inherit) and then forks children that use it; dropping first, with the two
+capabilities kept, means every object is created by the user that uses it (the counter
+block can also be opened by name, through /proc, by that user), and a restarted child
+(which only ever runs as that user) can still open raw/AF_PACKET sockets if it needs to.
 
 Files.  What was opened before the drop stays usable (the -l log file, the --pid-file write).
 Files the program touches *later* are opened here first, as root (``KeptFiles``): the pcap
@@ -550,9 +550,8 @@ def enter_least_privilege(
             return None
         blocked = unreadable_for(target, program_paths())
         if blocked:
-            # Python runs code it reads later (lazy imports) and execs itself (the shared
-            # memory resource tracker): as a user who cannot read it, it would fail later and
-            # piecemeal.  Staying root, loudly, beats a half-working replay.
+            # Python runs code it reads later (lazy imports): as a user who cannot read it,
+            # it would fail later and piecemeal.  Staying root, loudly, beats a half-working replay.
             logger.warning(
                 "%s keeps running as root: user %s cannot read %s (the Python installation "
                 "or the program, needed after the switch).  Install them where %s can read "

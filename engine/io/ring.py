@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 The capture process (the only producer) hands packets to one worker (the only consumer)
-through a ring of fixed-size slots in a ``multiprocessing.shared_memory`` block:
+through a ring of fixed-size slots in a shared block (memory: see "Memory" below):
 
     [ head u64 | pad ][ tail u64 | pad ][ slot 0 ][ slot 1 ] ... [ slot N-1 ]
     slot = [ length u32 | flags u32 | timestamp f64 | data (RING_SLOT_BYTES - 16) ]
@@ -53,19 +53,30 @@ Batching: both sides read the other's counter once and publish their own once pe
 capture's mmap ring) with the slot headers set by numpy views over the block (lengths and
 timestamps as arrays) and one memoryview slice copy per packet: no Python object per packet.
 ``pop_packets`` reads the batch's lengths and timestamps the same way.
+
+Memory: the block is a memfd (no name in /dev/shm, nothing for multiprocessing's resource
+tracker to follow), created by the supervisor before it forks and inherited by every capture
+process and worker it starts, restarted ones included (``spec`` carries its descriptor).  Its
+pages are committed when it is created (``posix_fallocate``) but not faulted in by it: the
+supervisor reads the header page only, and a child that attaches maps them all at once
+(``MAP_POPULATE``), so the ring is in the footprint the memory watchdog (-m) reads from the
+child's start, split between its two users (a flood would otherwise touch its last pages
+within a second, and that growth looked like sessions), and the hot path takes no page fault.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
-from multiprocessing import shared_memory
 
 import numpy as np
 
 __all__ = ["RING_IDLE_POLL_S", "RING_SLOTS", "RING_SLOT_BYTES", "Ring"]
 
-RING_SLOT_BYTES = 2048
+RING_SLOT_BYTES = 1536
+"""The default slot: a packet of up to 1,520 bytes (the capture splits anything larger than
+-M, 1500 by default) after its 16-byte header, a multiple of 64 bytes."""
 RING_SLOTS = 8192
 RING_IDLE_POLL_S = 0.05
 _SLOT_HEADER = struct.Struct("=IId")  # length u32, flags u32, timestamp f64
@@ -96,15 +107,18 @@ def slot_layout() -> dict[str, int]:
 
 
 class Ring:
-    """One SPSC ring.  Create in the parent (``Ring.create``), attach in children by name."""
+    """One SPSC ring.  Create in the parent (``Ring.create``), attach in forked children
+    (``Ring.attach(ring.spec())``)."""
 
     def __init__(
-        self, shm: shared_memory.SharedMemory, slots: int, slot_bytes: int, efd: int, owner: bool
+        self, fd: int, slots: int, slot_bytes: int, efd: int, owner: bool, populate: bool = False
     ) -> None:
-        self._shm = shm
-        self._buf = shm.buf
+        self._fd = fd
+        flags = mmap.MAP_SHARED | (mmap.MAP_POPULATE if populate else 0)
+        self._map = mmap.mmap(fd, _HEADER_BYTES + slots * slot_bytes, flags=flags)
+        self._buf = memoryview(self._map)
         # The counters' one access path (module docstring, "Counters").
-        self._counters = shm.buf[:_HEADER_BYTES].cast("Q")
+        self._counters = self._buf[:_HEADER_BYTES].cast("Q")
         self.slots = slots
         self.slot_bytes = slot_bytes
         self.max_packet_bytes = slot_bytes - _SLOT_HEADER.size
@@ -130,28 +144,28 @@ class Ring:
     def create(cls, slots: int = RING_SLOTS, slot_bytes: int = RING_SLOT_BYTES) -> Ring:
         if slots < 2 or slot_bytes < 64 or slot_bytes % 8:
             raise ValueError(f"ring: bad geometry slots={slots} slot_bytes={slot_bytes}")
-        shm = shared_memory.SharedMemory(create=True, size=_HEADER_BYTES + slots * slot_bytes)
-        # Every page written now: the ring's memory is committed at start, so the footprint
-        # the -m watchdog sees at idle already includes it (a flood would otherwise touch
-        # the last untouched 16 MB of each ring within a second, and that growth looked
-        # like sessions), and the hot path takes no page fault.
-        whole = np.frombuffer(shm.buf, dtype=np.uint8)
-        whole[:] = 0
-        del whole
-        efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        return cls(shm, slots, slot_bytes, efd, owner=True)
+        size = _HEADER_BYTES + slots * slot_bytes
+        fd = os.memfd_create("tcpcopy-mp-ring", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            # Committed, not mapped (module docstring, "Memory"): reads as zeros.
+            os.posix_fallocate(fd, 0, size)
+            efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        except OSError:
+            os.close(fd)
+            raise
+        return cls(fd, slots, slot_bytes, efd, owner=True)
 
-    def spec(self) -> tuple[str, int, int, int]:
-        """What a child needs to attach (the eventfd is inherited through fork)."""
-        return (self._shm.name, self.slots, self.slot_bytes, self.efd)
+    def spec(self) -> tuple[int, int, int, int]:
+        """What a forked child needs to attach: the block's and the eventfd's descriptors
+        (both inherited through fork) and the geometry."""
+        return (self._fd, self.slots, self.slot_bytes, self.efd)
 
     @classmethod
-    def attach(cls, spec: tuple[str, int, int, int]) -> Ring:
-        name, slots, slot_bytes, efd = spec
-        # Workers are forked, so they share the creator's resource tracker: attaching
-        # re-registers the same name (a no-op) and the creator alone unlinks the block.
-        shm = shared_memory.SharedMemory(name=name)
-        return cls(shm, slots, slot_bytes, efd, owner=False)
+    def attach(cls, spec: tuple[int, int, int, int]) -> Ring:
+        fd, slots, slot_bytes, efd = spec
+        # The creator alone closes the descriptors; this side maps every page now.
+        return cls(fd, slots, slot_bytes, efd, owner=False, populate=True)
 
     # -- counters --------------------------------------------------------------------------
     def _head(self) -> int:
@@ -361,8 +375,8 @@ class Ring:
 
     # -- lifetime --------------------------------------------------------------------------
     def __del__(self) -> None:
-        # The numpy views export the block's buffer: drop them before SharedMemory.__del__
-        # tries to close it (a ring that was never closed, e.g. in a test that failed).
+        # The numpy views export the block's buffer: drop them before the mapping goes (a
+        # ring that was never closed, e.g. in a test that failed).
         self._u32 = self._f64 = None  # type: ignore[assignment]
         counters = getattr(self, "_counters", None)
         if counters is not None:
@@ -372,11 +386,10 @@ class Ring:
         # The numpy views export the buffer: they must go before the block can be closed.
         self._u32 = self._f64 = None  # type: ignore[assignment]
         self._counters.release()  # a released view may be released again (__del__)
+        if self._buf is not None:
+            self._buf.release()
         self._buf = None  # type: ignore[assignment]
-        self._shm.close()
+        self._map.close()
         if self._owner:
-            try:
-                self._shm.unlink()
-            except FileNotFoundError:
-                pass
+            os.close(self._fd)
             os.close(self.efd)

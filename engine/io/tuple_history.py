@@ -39,8 +39,8 @@ of claims skip one port, during the first minute after a restart only.
 
 from __future__ import annotations
 
+import mmap
 import struct
-from multiprocessing import shared_memory
 
 import numpy as np
 
@@ -58,14 +58,13 @@ class TupleHistory:
     """One worker's tuple history (see the module docstring).  Create in the supervisor
     before forking (``create``); every incarnation of the worker uses the inherited object."""
 
-    def __init__(self, shm: shared_memory.SharedMemory, slots: int, owner: bool) -> None:
+    def __init__(self, block: mmap.mmap, slots: int) -> None:
         if slots & (slots - 1) or slots <= 0:
             raise ValueError(f"slots {slots} is not a power of two")
-        self._shm = shm
+        self._map = block
+        self._buf = buf = memoryview(block)
         self.slots = slots
         self._mask = slots - 1
-        self._owner = owner
-        buf = shm.buf
         self._live = buf[_HEADER_BYTES : _HEADER_BYTES + 4 * slots].cast("i")
         self._released = buf[_HEADER_BYTES + 4 * slots : _HEADER_BYTES + 12 * slots].cast("d")
         self._plain = buf[_HEADER_BYTES + 12 * slots : _HEADER_BYTES + 20 * slots].cast("d")
@@ -76,26 +75,23 @@ class TupleHistory:
 
     @classmethod
     def create(cls, slots: int = HISTORY_SLOTS) -> TupleHistory:
-        # A new block reads as zeros (ftruncate); pages are allocated only once written.
-        shm = shared_memory.SharedMemory(create=True, size=_HEADER_BYTES + 20 * slots)
-        return cls(shm, slots, owner=True)
-
-    @property
-    def name(self) -> str:
-        return self._shm.name
+        # Anonymous shared memory, inherited by every worker forked later (no name, nothing
+        # for multiprocessing's resource tracker): it reads as zeros, and a page is
+        # allocated only once written.
+        if slots & (slots - 1) or slots <= 0:
+            raise ValueError(f"slots {slots} is not a power of two")
+        return cls(mmap.mmap(-1, _HEADER_BYTES + 20 * slots), slots)
 
     @property
     def block(self) -> memoryview:
         """The whole shared block (layout in the module docstring): the compiled engine's
         allocator reads and writes it in place, with the same slot hash (``_slot``)."""
-        buf = self._shm.buf
-        assert buf is not None
-        return buf
+        return self._buf
 
     @property
     def incarnations(self) -> int:
         """How many workers adopted this history so far."""
-        return int(_HEADER.unpack_from(self._shm.buf, 0)[0])
+        return int(_HEADER.unpack_from(self._buf, 0)[0])
 
     def _slot(self, key: Key) -> int:
         cip, port, tip, tport = key
@@ -136,7 +132,7 @@ class TupleHistory:
     def adopt(self, now: float, time_wait_s: float) -> int:
         """Take over from the previous incarnation: its live tuples count as released now.
         Returns the number of slots that keep a tuple out of use (0 for the first worker)."""
-        buf = self._shm.buf
+        buf = self._buf
         n = _HEADER.unpack_from(buf, 0)[0]
         _HEADER.pack_into(buf, 0, n + 1)
         self.inherited = 0
@@ -168,9 +164,5 @@ class TupleHistory:
         self._live.release()
         self._released.release()
         self._plain.release()
-        self._shm.close()
-        if self._owner:
-            try:
-                self._shm.unlink()
-            except FileNotFoundError:
-                pass
+        self._buf.release()
+        self._map.close()

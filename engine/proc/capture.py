@@ -75,10 +75,17 @@ _U64 = (1 << 64) - 1
 HEARTBEAT_INTERVAL_S = 0.5
 """The loop wakes at least this often to write its heartbeat."""
 RING_BYTES_PER_WORKER = RING_SLOTS * RING_SLOT_BYTES
-"""The largest derived ring (16 MiB): larger slots (a large -M) mean fewer of them."""
-RING_BYTES_MIN = 2 * 1024 * 1024
-"""The smallest derived ring of a live capture (1,024 slots of 2 KiB)."""
+"""The largest derived ring (12 MiB): larger slots (a large -M) mean fewer of them."""
 RING_SLOTS_MIN = 1024
+RING_BYTES_MIN = RING_SLOTS_MIN * RING_SLOT_BYTES
+"""The smallest derived ring of a live capture (1,024 slots of 1.5 KiB)."""
+LIVE_RINGS_BYTES = 4 * RING_BYTES_PER_WORKER
+"""What the live rings of all workers take together, at least (``ring_bytes``; -B if
+larger): 8,192 slots (12 MiB) per worker up to 4 workers.  Smaller rings did not hold the
+bench's loads on 2 CPUs (bench/run.sh ka-c50 and short-c10-1ip, 10 s each): 1,024 slots per
+worker (2 workers) replicated 99.8 % and 94.0 %; 2,048 (1 worker) 100 % and 96.6 %;
+4,096 replicated 98.9 % and 100 % with one worker, 100 % and 97.0 % with two (ring_full
+drops, and new sessions shed at 90 % fill); 8,192 slots dropped nothing."""
 _SRC_NO_OPTIONS = struct.Struct("!12xI4xH")  # IPv4 src address, then (IHL 5) the TCP src port
 _SLOT_ALIGN_BYTES = 64
 
@@ -133,9 +140,11 @@ def ring_bytes(cfg: Any) -> int:
     """The bytes of each worker's ring: --ring-size, else derived from the load (the rule is
     --ring-size's help in engine/core/config.py and docs/memory.md):
 
-    * live capture: the worker's share of the kernel buffer (-B / workers), between
-      RING_BYTES_MIN and RING_BYTES_PER_WORKER: the rings together take what the kernel
-      ring can, and a larger -B (a burstier load) gets larger rings;
+    * live capture: each worker's share of LIVE_RINGS_BYTES, or of -B if that is larger,
+      between RING_BYTES_MIN and RING_BYTES_PER_WORKER: a worker's ring holds what arrives
+      while that worker is off the CPU, the kernel's ring (-B) what arrives while the
+      capture process is, and a ring slot takes 1.5 KiB for what is mostly a 100-byte
+      packet, so the rings are sized in packets, not in -B's bytes;
     * offline replay: room for two read batches past the pause mark (the file waits while
       a ring is OFFLINE_PAUSE_FILL full), in default slots: 4,096 slots, 8 MiB.
     """
@@ -144,7 +153,7 @@ def ring_bytes(cfg: Any) -> int:
     if cfg.capture == "offline":
         slots = math.ceil(2 * BATCH_MAX_PACKETS / (1.0 - OFFLINE_PAUSE_FILL))
         return slots * RING_SLOT_BYTES
-    share = cfg.capture_buffer_bytes // max(1, cfg.workers)
+    share = max(LIVE_RINGS_BYTES, cfg.capture_buffer_bytes) // max(1, cfg.workers)
     return int(min(RING_BYTES_PER_WORKER, max(RING_BYTES_MIN, share)))
 
 

@@ -6,7 +6,6 @@ import ast
 import multiprocessing
 import time
 from collections import Counter
-from multiprocessing import shared_memory
 from pathlib import Path
 
 import numpy as np
@@ -110,14 +109,12 @@ def test_shape_and_attach_by_name(block):
     CounterBlock.attach(block.name).close()  # still there
 
 
-def test_attach_refuses_a_foreign_block():
-    shm = shared_memory.SharedMemory(create=True, size=4096)
-    try:
+def test_attach_refuses_a_foreign_block(tmp_path):
+    for size in (4096, 0):
+        foreign = tmp_path / f"block-{size}"
+        foreign.write_bytes(bytes(size))
         with pytest.raises(ValueError, match="not a tcpcopy-mp counter block"):
-            CounterBlock.attach(shm.name)
-    finally:
-        shm.close()
-        shm.unlink()
+            CounterBlock.attach(str(foreign))
 
 
 def test_creator_unlink_removes_the_name():

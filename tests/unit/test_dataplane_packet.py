@@ -449,14 +449,15 @@ def test_without_the_compiled_module_the_package_says_why() -> None:
 def test_parse_slots_reads_a_real_ring_in_place(captured: list[bytes]) -> None:
     """engine.io.ring.Ring written by its producer side, read by parse_slots straight from the
     shared memory: the same packets the consumer side pops, parsed the same."""
-    from multiprocessing import shared_memory
+    import mmap
 
     from engine.io import ring as ring_mod
 
     frames = captured[:300]
     buf, offsets, lengths = batch_of(frames)
     ring = ring_mod.Ring.create(slots=64, slot_bytes=2048)
-    shm = shared_memory.SharedMemory(name=ring.spec()[0])
+    block = mmap.mmap(ring.spec()[0], 0)  # a second mapping of the ring's memfd
+    shared = memoryview(block)
     view = b""
     try:
         recs = np.empty(64, D.PACKET_DTYPE)
@@ -468,13 +469,13 @@ def test_parse_slots_reads_a_real_ring_in_place(captured: list[bytes]) -> None:
             assert n == min(40, len(frames) - pushed)
             first = pushed  # counters only grow: the batch starts at slot counter `pushed`
             good = D.parse_slots(
-                shm.buf, ring_mod._HEADER_BYTES, 2048, ring_mod._SLOT_HEADER.size, 64, first,
+                shared, ring_mod._HEADER_BYTES, 2048, ring_mod._SLOT_HEADER.size, 64, first,
                 recs, n,
             )  # fmt: skip
             popped = ring.pop_packets(n)
             assert len(popped) == n
             assert good == sum(1 for _ts, data in popped if python_parse(data)[0] is None)
-            view = bytes(shm.buf)
+            view = bytes(shared)
             for k, (_ts, data) in enumerate(popped):
                 error, want = python_parse(data)
                 if error is None:
@@ -484,7 +485,8 @@ def test_parse_slots_reads_a_real_ring_in_place(captured: list[bytes]) -> None:
             pushed += n
     finally:
         del view
-        shm.close()
+        shared.release()
+        block.close()
         ring.close()
     with pytest.raises(ValueError, match="do not fit"):
         D.parse_slots(b"\0" * 4096, 128, 2048, 16, 2, 0, np.empty(1, D.PACKET_DTYPE), 1)

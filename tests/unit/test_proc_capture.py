@@ -81,7 +81,9 @@ def test_flow_worker_spreads_one_clients_ports_of_one_parity(step, workers):
 
 
 def test_slots_sized_from_mtu():
-    assert ring_slot_bytes(1500) == RING_SLOT_BYTES
+    assert ring_slot_bytes(1500) == RING_SLOT_BYTES == 1536  # 1500 + 16, in 64-byte steps
+    assert ring_slot_bytes(576) == RING_SLOT_BYTES
+    assert ring_slot_bytes(1521) == 1536 + 64
     big = ring_slot_bytes(9000)
     assert big - 16 >= 9000 and big % 64 == 0
     assert ring_slots(big) * big <= ring_slots(RING_SLOT_BYTES) * RING_SLOT_BYTES
@@ -276,7 +278,7 @@ def test_ring_source_comes_back_at_once_for_a_push_that_raced_its_pop(rings_fact
 def _cfg(**kw):
     from types import SimpleNamespace
 
-    base = {"ring_bytes": None, "capture": "raw", "capture_buffer_bytes": 64 << 20, "workers": 1}
+    base = {"ring_bytes": None, "capture": "raw", "capture_buffer_bytes": 16 << 20, "workers": 1}
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -284,15 +286,17 @@ def _cfg(**kw):
 def test_ring_size_derived_from_the_load():
     from engine.proc.capture import RING_BYTES_MIN, RING_BYTES_PER_WORKER, ring_bytes
 
-    # live: the worker's share of -B, between 2 and 16 MiB
-    assert ring_bytes(_cfg()) == RING_BYTES_PER_WORKER == 16 << 20
-    assert ring_bytes(_cfg(workers=8)) == 8 << 20
-    assert ring_bytes(_cfg(workers=64)) == RING_BYTES_MIN == 2 << 20
-    assert ring_bytes(_cfg(capture_buffer_bytes=4 << 20)) == 4 << 20
-    assert ring_bytes(_cfg(capture_buffer_bytes=1024 << 20, workers=2)) == 16 << 20
+    # live: the worker's share of 48 MiB (or of -B if larger), between 1.5 and 12 MiB
+    slot = RING_SLOT_BYTES
+    assert ring_bytes(_cfg()) == RING_BYTES_PER_WORKER == 8192 * slot == 12 << 20
+    assert ring_bytes(_cfg(workers=4)) == RING_BYTES_PER_WORKER
+    assert ring_bytes(_cfg(workers=8)) == 4096 * slot
+    assert ring_bytes(_cfg(workers=64)) == RING_BYTES_MIN == 1024 * slot
+    assert ring_bytes(_cfg(capture_buffer_bytes=1 << 20)) == RING_BYTES_PER_WORKER
+    assert ring_bytes(_cfg(capture_buffer_bytes=256 << 20, workers=32)) == 8 << 20
     # offline: two read batches past the pause mark
     assert ring_bytes(_cfg(capture="offline")) == 4096 * RING_SLOT_BYTES
     # --ring-size wins
     assert ring_bytes(_cfg(ring_bytes=3 << 20, capture="offline")) == 3 << 20
-    assert ring_slots(RING_SLOT_BYTES, 3 << 20) == 1536
+    assert ring_slots(RING_SLOT_BYTES, 3 << 20) == 2048
     assert ring_slots(RING_SLOT_BYTES, 1 << 20) == 1024  # never under RING_SLOTS_MIN

@@ -168,3 +168,74 @@ def test_first_packet_written_after_a_drop_is_marked_both_writers(ring):
     ring.push_frames(buf, starts, lengths, 5.0)
     ring.push_batch([(b"c", 6.0)])
     assert _marks(ring) == [0, 0, 0]
+
+
+_BLOCKS_IN_A_FRESH_PROCESS = """
+import os
+from multiprocessing import resource_tracker
+
+from engine.io.ring import Ring
+from engine.io.tuple_history import TupleHistory
+from metrics.counters import CounterBlock
+
+def rss_kb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+before = rss_kb()
+block = CounterBlock.create(workers=2)
+ring = Ring.create(slots=8192, slot_bytes=2048)
+history = TupleHistory.create()
+grown = rss_kb() - before
+print(resource_tracker._resource_tracker._fd is None)
+print(os.readlink(block.name))
+print(os.readlink(f"/proc/self/fd/{ring.spec()[0]}"))
+print(grown)
+"""
+
+
+def test_the_supervisor_blocks_have_no_name_no_tracker_and_map_no_ring_page():
+    """Counter block, ring and tuple history: memfd or anonymous shared memory (nothing in
+    /dev/shm, multiprocessing's resource tracker never started), and creating a 16 MiB ring
+    maps none of its pages in the creator (a child maps them when it attaches)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _BLOCKS_IN_A_FRESH_PROCESS],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout.splitlines()  # fmt: skip
+    no_tracker, counters, ring, grown_kb = out
+    assert no_tracker == "True"
+    assert counters.startswith("/memfd:tcpcopy-mp-counters")
+    assert ring.startswith("/memfd:tcpcopy-mp-ring")
+    assert int(grown_kb) < 4096  # the ring is 16,384 KiB
+
+
+def _attached_rss_kb(spec, conn) -> None:
+    before = _rss_kb()
+    ring = Ring.attach(spec)
+    conn.send(_rss_kb() - before)
+    ring.close()
+
+
+def _rss_kb() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def test_a_child_that_attaches_maps_the_whole_ring():
+    """The ring's pages are in the attaching child's footprint from its start (the -m
+    watchdog sees them before a flood touches them)."""
+    ring = Ring.create(slots=4096, slot_bytes=2048)  # 8 MiB
+    parent, child = mp.Pipe()
+    try:
+        proc = mp.get_context("fork").Process(target=_attached_rss_kb, args=(ring.spec(), child))
+        proc.start()
+        assert parent.poll(30)
+        grown_kb = parent.recv()
+        proc.join(30)
+        assert proc.exitcode == 0
+    finally:
+        ring.close()
+    assert grown_kb >= 8 * 1024
