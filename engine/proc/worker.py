@@ -58,7 +58,8 @@ which offers the engine/io/capture.py source interface:
 
 Every ``read_batch`` (so at least every RING_IDLE_POLL_S) also calls ``tick(now)``:
 ``WorkerProcess`` uses it to write its heartbeat and to flush its counters into its row of
-the shared CounterBlock every COUNTER_FLUSH_INTERVAL_S.  The watchdog's "shed" flag is the
+the shared CounterBlock every COUNTER_FLUSH_INTERVAL_S (the compiled table's own counters are
+not flushed: it counts straight into the row, ``CounterBlock.counting_row``).  The watchdog's "shed" flag is the
 capture process's to follow (engine/core/shed.py): it sheds whole sessions before they reach a
 ring, where a worker refusing its flows would cut sessions already admitted.  A worker
 follows it in two ways: while it is up, the SYNs already in its ring start no session
@@ -97,7 +98,7 @@ from engine.io.logs import LOGGER_NAME, RateLimiter, is_json, reopen_logs
 from engine.io.report import stats_lines
 from engine.io.ring import RING_IDLE_POLL_S, Ring
 from engine.io.sigloop import SignalPipe
-from metrics.counters import COUNTER_FLUSH_INTERVAL_S
+from metrics.counters import COUNTER_FLUSH_INTERVAL_S, ENGINE_FIRST
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -695,6 +696,15 @@ class WorkerProcess(Worker):
         self._released_at_trim = 0
         self._trim = _malloc_trim()
         source.tick = self.tick
+        # The compiled table counts straight into this row: flushes leave its slots alone.
+        self._table_counts_in_row = False
+        attach = getattr(self.table, "attach_counters", None)
+        if counters is not None and attach is not None:
+            names = self.table.counter_names  # type: ignore[attr-defined]
+            view = counters.counting_row(self.row, names)  # type: ignore[attr-defined]
+            if view is not None:
+                attach(view, ENGINE_FIRST)
+                self._table_counts_in_row = True
 
     def tick(self, now: float) -> None:
         control = self.control
@@ -744,7 +754,7 @@ class WorkerProcess(Worker):
         table = self.table
         self.block.from_counter(  # type: ignore[attr-defined]
             self.row,
-            table.counters,  # type: ignore[attr-defined]
+            {} if self._table_counts_in_row else table.counters,  # type: ignore[attr-defined]
             self.sender.counters,  # type: ignore[attr-defined]
             self.channels.counters,  # type: ignore[attr-defined]
             self.counters,
@@ -754,6 +764,14 @@ class WorkerProcess(Worker):
                 "channels_connected": self.channels.connected,  # type: ignore[attr-defined]
             },
         )
+
+    def close(self) -> None:
+        super().close()
+        if self._table_counts_in_row:
+            # The table lets go of the shared row (the block cannot close while it is held);
+            # its counts stay in the table, and a later flush writes them as any table's.
+            self._table_counts_in_row = False
+            self.table.close()  # type: ignore[attr-defined]
 
     def log_stats(self, now: float, final: bool = False) -> None:
         # The supervisor logs the aggregated stats line; a worker only publishes its row.
