@@ -67,6 +67,9 @@ __all__ = ["RING_IDLE_POLL_S", "RING_SLOTS", "RING_SLOT_BYTES", "Ring"]
 
 RING_SLOT_BYTES = 2048
 RING_SLOTS = 8192
+PEEK_SCALAR_MAX = 16
+"""``peek_slots`` reads the loss marks of up to this many slots one by one (a batch of a
+few packets, the common case below saturation), more with numpy (one pass)."""
 RING_IDLE_POLL_S = 0.05
 _SLOT_HEADER = struct.Struct("=IId")  # length u32, flags u32, timestamp f64
 SLOT_HEADER_BYTES = _SLOT_HEADER.size
@@ -116,6 +119,8 @@ class Ring:
         self._f64 = body[: (len(body) // 8) * 8].view(np.float64)
         self._slot_words32 = slot_bytes // 4
         self._slot_words64 = slot_bytes // 8
+        # The same u32 words for a few scalar reads (a numpy scalar costs microseconds).
+        self._w32 = self._buf[_HEADER_BYTES : _HEADER_BYTES + self._u32.size * 4].cast("I")
         self.dropped = 0  # producer side: full ring
         self.oversize = 0  # producer side: packet larger than a slot
         # Producer side: a full ring dropped packets and the next written one is not yet
@@ -341,11 +346,18 @@ class Ring:
         count = min(self._consumer_available(), max_items)
         if count <= 0:
             return tail % self.slots, 0
-        index = np.arange(tail, tail + count, dtype=np.int64) % self.slots
+        slots = self.slots
+        if count <= PEEK_SCALAR_MAX:
+            w32, words = self._w32, self._slot_words32
+            for k in range(tail, tail + count):
+                if w32[(k % slots) * words + 1] & SLOT_FLAG_LOSS_BEFORE:
+                    self.loss_marks += 1
+            return tail % slots, count
+        index = np.arange(tail, tail + count, dtype=np.int64) % slots
         marks = self._u32[index * self._slot_words32 + 1]
         if marks.any():
             self.loss_marks += int(np.count_nonzero(marks & SLOT_FLAG_LOSS_BEFORE))
-        return tail % self.slots, count
+        return tail % slots, count
 
     def release(self, count: int) -> None:
         """Hand ``count`` slots taken with ``peek_slots`` back to the producer."""
@@ -364,14 +376,16 @@ class Ring:
         # The numpy views export the block's buffer: drop them before SharedMemory.__del__
         # tries to close it (a ring that was never closed, e.g. in a test that failed).
         self._u32 = self._f64 = None  # type: ignore[assignment]
-        counters = getattr(self, "_counters", None)
-        if counters is not None:
-            counters.release()
+        for name in ("_counters", "_w32"):
+            view = getattr(self, name, None)
+            if view is not None:
+                view.release()
 
     def close(self) -> None:
         # The numpy views export the buffer: they must go before the block can be closed.
         self._u32 = self._f64 = None  # type: ignore[assignment]
         self._counters.release()  # a released view may be released again (__del__)
+        self._w32.release()
         self._buf = None  # type: ignore[assignment]
         self._shm.close()
         if self._owner:

@@ -59,15 +59,15 @@ which offers the engine/io/capture.py source interface:
 Every ``read_batch`` (so at least every RING_IDLE_POLL_S) also calls ``tick(now)``:
 ``WorkerProcess`` uses it to write its heartbeat and to flush its counters into its row of
 the shared CounterBlock every COUNTER_FLUSH_INTERVAL_S (the compiled table's own counters are
-not flushed: it counts straight into the row, ``CounterBlock.counting_row``).  The watchdog's "shed" flag is the
-capture process's to follow (engine/core/shed.py): it sheds whole sessions before they reach a
-ring, where a worker refusing its flows would cut sessions already admitted.  A worker
-follows it in two ways: while it is up, the SYNs already in its ring start no session
-(engine/core/table.py ``refuse_new``: the capture took them in before it began shedding, and at
-10 k SYNs/s a full ring is 8 k sessions, ~32 MB), and every SHED_SWEEP_INTERVAL_S it gives
-up its half-open sessions (the client sent a SYN and nothing after it: what a SYN flood
-leaves, ``shed_half_open``), which are the memory a flood holds.  The row's
-``active`` gauge is what the supervisor counts as lost if this process dies.  The stats
+not flushed: it counts straight into the row, ``CounterBlock.counting_row``).  The
+watchdog's "shed" flag is the capture process's to follow (engine/core/shed.py): it sheds
+whole sessions before they reach a ring, where a worker refusing its flows would cut sessions
+already admitted.  A worker follows it in two ways: while it is up, the SYNs already in its
+ring start no session (engine/core/table.py ``refuse_new``: the capture took them in before
+it began shedding, and at 10 k SYNs/s a full ring is 8 k sessions, ~32 MB), and every
+SHED_SWEEP_INTERVAL_S it gives up its half-open sessions (the client sent a SYN and nothing
+after it: what a SYN flood leaves, ``shed_half_open``), which are the memory a flood holds.
+The row's ``active`` gauge is what the supervisor counts as lost if this process dies.  The stats
 line is the supervisor's job, so ``log_stats`` only flushes.
 
 Memory given back.  Ended sessions are freed by Python, but glibc keeps the freed heap

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from engine.io.ring import SLOT_FLAG_LOSS_BEFORE, Ring
+from engine.io.ring import PEEK_SCALAR_MAX, SLOT_FLAG_LOSS_BEFORE, Ring
 
 
 @pytest.fixture
@@ -168,3 +168,32 @@ def test_first_packet_written_after_a_drop_is_marked_both_writers(ring):
     ring.push_frames(buf, starts, lengths, 5.0)
     ring.push_batch([(b"c", 6.0)])
     assert _marks(ring) == [0, 0, 0]
+
+
+@pytest.mark.parametrize("batch", [1, 3, PEEK_SCALAR_MAX, PEEK_SCALAR_MAX + 1, 40])
+def test_peek_slots_counts_the_marks_of_its_batch_across_the_wrap(batch):
+    """peek_slots reads a few slots' marks one by one and a larger batch with numpy: both
+    count exactly the marked packets they hand out, wherever the batch wraps."""
+    ring = Ring.create(slots=32, slot_bytes=64)
+    try:
+        ring.push_batch([(b"x", 0.0)] * 29)
+        ring.release(ring.peek_slots(29)[1])  # the next batches wrap around slot 0
+        marked = 0
+        for _ in range(6):
+            ring.push_batch([(b"y", 1.0)] * 40)  # fills the ring and drops the rest
+            taken = 0
+            while len(ring):
+                before = ring.loss_marks
+                first, count = ring.peek_slots(batch)
+                assert count == min(batch, 32 - taken)
+                words = ring._slot_words32
+                flags = [int(ring._u32[((first + k) % 32) * words + 1]) for k in range(count)]
+                marked += sum(1 for f in flags if f & SLOT_FLAG_LOSS_BEFORE)
+                assert ring.loss_marks - before == sum(
+                    1 for f in flags if f & SLOT_FLAG_LOSS_BEFORE
+                )
+                ring.release(count)
+                taken += count
+        assert marked == ring.loss_marks == 5  # every refill after the first follows a drop
+    finally:
+        ring.close()
