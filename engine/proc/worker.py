@@ -244,50 +244,55 @@ class Worker:
         gc.set_threshold(*GC_THRESHOLDS)
         next_freeze = now + GC_FREEZE_INTERVAL_S
         next_refusals = now
+        table, channels, sources, select = self.table, self.channels, self.sources, self.sel.select
+        drain_first = True
         while not self._stop:
-            deadline = min(
-                d
-                for d in (
-                    self.table.get_timer(),
-                    self.channels.get_timer(),
-                    next_stats,
-                    next_memory,
-                    self._tail_at,
-                    *(src.next_deadline() for src in self.sources),
-                )
-                if d is not None
-            )
-            timeout = max(0.0, deadline - now)
-            events = self.sel.select(timeout)
+            # The nearest deadline (None: no timer), without building a sequence per pass.
+            deadline = next_stats if next_stats < next_memory else next_memory
+            for d in (table.get_timer(), channels.get_timer(), self._tail_at):
+                if d is not None and d < deadline:
+                    deadline = d
+            for src in sources:
+                d = src.next_deadline()
+                if d is not None and d < deadline:
+                    deadline = d
+            events = select(deadline - now if deadline > now else 0.0)
             now = self.clock()
-            self._handle_signals()
+            if self._signals.pending:
+                self._handle_signals()
             # Responses first, drained at once: they open the request gate of held sessions,
             # so their round trip sets the replay's pace and must not wait behind a capture
             # batch.  Then the capture batches and timers, drained together.  Each drain is
-            # one sendmmsg (routes announced first).
+            # one sendmmsg (routes announced first).  When only capture batches woke us and
+            # the channels' timers did not run since the last drain, nothing can be waiting
+            # to leave before them: no first drain.
             captured = []
             for key, mask in events:
                 if type(key.data) is _SourceCallback:
                     captured.append((key, mask))
                 else:
+                    drain_first = True
                     key.data(mask, now)
-            self._flush(now)
+            if drain_first:
+                drain_first = False
+                self._flush(now)
             for key, mask in captured:
                 key.data(mask, now)
-            for src in self.sources:
+            for src in sources:
                 due = src.next_deadline()
                 if due is not None and due <= now:
                     self._read_source(src, now)
-            timer = self.table.get_timer()
+            timer = table.get_timer()
             if timer is not None and timer <= now:
-                self.table.handle_timer(now)
+                table.handle_timer(now)
             self._flush(now)
             if now >= next_refusals:
                 next_refusals = now + REFUSAL_CHECK_INTERVAL_S
                 self._log_refusals(now)
-            timer = self.channels.get_timer()
+            timer = channels.get_timer()
             if timer is not None and timer <= now:
-                self.channels.handle_timer(now)
+                channels.handle_timer(now)  # a reconnect may wake sessions (set_route_down)
+                drain_first = True
             if now >= next_stats:
                 next_stats = now + self.cfg.stats_interval_s
                 self.log_stats(now)
