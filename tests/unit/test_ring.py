@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from engine.io.ring import PEEK_SCALAR_MAX, SLOT_FLAG_LOSS_BEFORE, Ring
+from engine.io.ring import SLOT_FLAG_LOSS_BEFORE, Ring
 
 
 @pytest.fixture
@@ -170,10 +170,10 @@ def test_first_packet_written_after_a_drop_is_marked_both_writers(ring):
     assert _marks(ring) == [0, 0, 0]
 
 
-@pytest.mark.parametrize("batch", [1, 3, PEEK_SCALAR_MAX, PEEK_SCALAR_MAX + 1, 40])
+@pytest.mark.parametrize("batch", [1, 3, 5, 16, 31, 40])
 def test_peek_slots_counts_the_marks_of_its_batch_across_the_wrap(batch):
-    """peek_slots reads a few slots' marks one by one and a larger batch with numpy: both
-    count exactly the marked packets they hand out, wherever the batch wraps."""
+    """peek_slots counts exactly the marked packets of the batch it hands out, wherever the
+    batch starts and wraps (one strided read of the flags, two across the wrap)."""
     ring = Ring.create(slots=32, slot_bytes=64)
     try:
         ring.push_batch([(b"x", 0.0)] * 29)
