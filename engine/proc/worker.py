@@ -247,7 +247,7 @@ class Worker:
         table, channels, sources, select = self.table, self.channels, self.sources, self.sel.select
         drain_first = True
         while not self._stop:
-            # The nearest deadline (None: no timer), without building a sequence per pass.
+            # The nearest deadline (a None is no timer), without building a sequence per pass.
             deadline = next_stats if next_stats < next_memory else next_memory
             for d in (table.get_timer(), channels.get_timer(), self._tail_at):
                 if d is not None and d < deadline:
