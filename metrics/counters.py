@@ -22,11 +22,15 @@ counted (slot ``unmapped_keys``, names in ``RowWriter.unmapped``).
 
 Per-packet cost (measured here, CPython 3.11, per increment net of loop overhead):
 dict ``d[k] += 1`` ~85 ns, ``Counter[k] += 1`` ~210 ns, numpy ``row[i] += 1`` ~210 ns,
-``memoryview('q')[i] += 1`` ~105 ns, a ``w.add(i)`` method call ~180 ns.  The engine already
-counts into Counters (the sans-IO core must), so the cheapest path is to keep doing exactly
-that and *flush* the cumulative Counters into the row periodically (``RowWriter.flush``,
-~15 µs for ~100 keys): zero extra cost per packet.  ``RowWriter.add``/``set`` (memoryview
-element ops, twice as cheap as numpy's) are for gauges and rare events.
+``memoryview('q')[i] += 1`` ~105 ns, a ``w.add(i)`` method call ~180 ns.  The Python engine
+counts into Counters (the sans-IO core must), so the cheapest path for it is to keep doing
+exactly that and *flush* the cumulative Counters into the row periodically
+(``RowWriter.flush``, ~15 µs for ~100 keys): zero extra cost per packet.  The compiled session
+table counts in C: its counters are the first slots of every row (``ENGINE_KEYS``, in its
+order), and a worker running it hands it its row (``CounterBlock.counting_row``), so it
+increments them in place and is never flushed; it holds the row's seqlock (below) while a
+batch call counts.  ``RowWriter.add``/``set`` (memoryview element ops, twice as cheap as
+numpy's) are for gauges and rare events.
 
 Consistency.  Every slot has exactly one writing process, and aligned 8-byte stores do not
 tear (x86-64), so a single value is always whole.  A flush writes many slots, and derived
@@ -63,7 +67,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -78,6 +82,8 @@ __all__ = [
     "CAPTURE_ROW",
     "CHANNELS_CONNECTED",
     "DROP_REASONS",
+    "ENGINE_FIRST",
+    "ENGINE_KEYS",
     "HANDSHAKE_FAILURES",
     "KEYS",
     "OUTCOMES",
@@ -306,11 +312,6 @@ _SCHEMA: list[Slot] = [
     Slot("unmapped_keys", GAUGE, "distinct Counter keys of the last flush outside the schema"),
 ]
 
-SLOTS: tuple[Slot, ...] = tuple(_SCHEMA)
-KEYS: tuple[str, ...] = tuple(s.key for s in SLOTS)
-SLOT_INDEX: dict[str, int] = {k: i for i, k in enumerate(KEYS)}
-assert len(SLOT_INDEX) == len(SLOTS), "duplicate slot key"
-
 ALIASES: dict[str, str] = {
     "unsend dropped": "drop_unsent_at_end",
     "ring_oversize": "drop_ring_oversize",
@@ -318,6 +319,43 @@ ALIASES: dict[str, str] = {
     "sessions_active": "active",
 }
 """Counter keys stored under another slot."""
+
+ENGINE_KEYS: tuple[str, ...] = (
+    *("all clt", "c-resp", "client gap", "client gap abandoned", "client gap ring loss"),
+    *("client overlap", "client_bytes_acked", "client_bytes_captured", "client_truncated"),
+    *("clt cont", "conns", "fast retransmit", "fin", "for no syn", "obs del", "port reuse"),
+    *("reconnect", *("reconnect_refused_" + r for r in ("budget", "off", "unanswered"))),
+    *("reconnect_skipped_bytes", "recv packs after retransmission", "rel", "requests"),
+    *("requests_held", "reset", "resp", "resp fin", "resp retransmitted", "resp rst"),
+    *("retransmit", "rto", "send", "send ack", "send content", "send syn", "sessions refused"),
+    *("syn cnt", "syn retransmit", "total cont retransmit", "tuple_history_avoided"),
+    *("tuples_reused", "tuples_spilled", "tw", "unsend dropped", "window probe"),
+    *("gate_" + r for r in ("bytes", "nowait", "quiet", "max_wait")),
+    *("drop_" + r.value for r in DropReason),
+    "drop_shed",
+    *("ended_" + o.value for o in Outcome),
+    *("shed_sessions_memory", "shed_sessions_backlog", "response_decode_errors"),
+)
+"""The compiled session table's counters (engine/dataplane/counters.pxi EC_NAMES), in its
+order: Counter keys (ALIASES name the slot of the one stored under another key).  Their slots
+come first in every row (ENGINE_FIRST on, in this order), so the compiled table counts straight
+into its worker's row (``CounterBlock.counting_row``) instead of being flushed."""
+ENGINE_FIRST = 1
+
+
+def _arranged(schema: list[Slot]) -> list[Slot]:
+    """The schema with the engine's slots moved to ENGINE_FIRST on, in ENGINE_KEYS order."""
+    by_key = {s.key: s for s in schema}
+    engine = [by_key[ALIASES.get(k, k)] for k in ENGINE_KEYS]
+    moved = {s.key for s in engine}
+    return [schema[0], *engine, *(s for s in schema[1:] if s.key not in moved)]
+
+
+SLOTS: tuple[Slot, ...] = tuple(_arranged(_SCHEMA))
+KEYS: tuple[str, ...] = tuple(s.key for s in SLOTS)
+SLOT_INDEX: dict[str, int] = {k: i for i, k in enumerate(KEYS)}
+assert len(SLOT_INDEX) == len(SLOTS), "duplicate slot key"
+
 
 PREFIXES: tuple[tuple[str, str], ...] = (
     ("drop_", "drop_other"),
@@ -570,6 +608,19 @@ class CounterBlock:
             self._views.append(view)
             w = self._writers[row] = RowWriter(row, view)
         return w
+
+    def counting_row(self, row: int, names: Sequence[str]) -> memoryview | None:
+        """Row ``row`` as bytes, for a writer that counts in place: the compiled session
+        table, whose counters ``names`` are then the row's slots ENGINE_FIRST on, and which
+        holds the row's seqlock (slot 0) while a batch call counts.  None if ``names`` is
+        not ENGINE_KEYS (another build of the table: flush it instead).  The block cannot
+        close while the view is held."""
+        if tuple(names) != ENGINE_KEYS:
+            return None
+        if not 0 <= row < self.rows:
+            raise IndexError(f"no row {row} (block has {self.rows})")
+        stride = len(SLOTS) * SLOT_BYTES
+        return self._data[row * stride : (row + 1) * stride]
 
     def from_counter(self, row: int, *counters: Mapping[Any, int]) -> None:
         """Copy cumulative Counters into ``row`` (``RowWriter.flush``)."""

@@ -790,7 +790,7 @@ class FrameDecoder:
             self.frames += len(out)
         return out
 
-    def feed_records(self, data: bytes) -> bytes:
+    def feed_records(self, data: bytes | bytearray | memoryview) -> bytes:
         """Like ``feed`` but the complete records come back as one bytes, back to back
         (frame counts removed): what a batch call decodes in place (``len // record_bytes``
         records).  Same errors as ``feed``."""

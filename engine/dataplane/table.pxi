@@ -24,6 +24,15 @@ import numpy as _np
 from engine.core.events import RouteNeeded as _RouteNeeded
 
 
+cdef extern from *:
+    """
+    /* The counter row's seqlock (metrics/counters.py): the compiler keeps the counts between
+       its two stores (x86-64 keeps stores in order; elsewhere a release fence). */
+    static inline void tb_store_fence(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+    """
+    void tb_store_fence() noexcept nogil
+
+
 cdef double TB_REFUSED_IDLE_S = 60.0         # table.REFUSED_IDLE_S
 cdef double TB_HALF_OPEN_SHED_AGE_S = 1.0    # table.HALF_OPEN_SHED_AGE_S
 cdef double TB_LOSS_RECENT_S = 1.0           # table.LOSS_RECENT_S
@@ -187,7 +196,11 @@ cdef class Table:
     """engine/core/table.SessionTable's Python API over the C table (see table.pxi)."""
 
     cdef ECfg ecfg
-    cdef uint64_t c[EC_COUNT]
+    cdef uint64_t* c                     # the counters: c_own, or a row of the shared block
+    cdef uint64_t c_own[EC_COUNT]
+    cdef int64_t* c_seq                  # that row's seqlock (NULL: counting in c_own)
+    cdef int64_t c_seq_at
+    cdef object _counter_row
     cdef TAlloc alloc
     cdef bint alloc_ready
     cdef RwTransfer* transfers
@@ -241,6 +254,8 @@ cdef class Table:
 
     def __cinit__(self):
         eout_init(&self.out)
+        self.c = self.c_own
+        self.c_seq = NULL
         self.transfers = NULL
         self.pool = NULL
         self.heap = NULL
@@ -255,7 +270,7 @@ cdef class Table:
         cdef Py_ssize_t i
         ecfg_fill(&self.ecfg, config)
         self.config = config
-        memset(self.c, 0, sizeof(self.c))
+        memset(self.c_own, 0, sizeof(self.c_own))
         self.ntransfers = rw_fill_transfers(&self.transfers, config.transfers)
         self._pool = tuple(config.client_pool)
         self.npool = len(self._pool)
@@ -868,6 +883,37 @@ cdef class Table:
             else:
                 self.tb_schedule(e)
 
+    # -- counting in a shared row (attach_counters) -------------------------------------------
+
+    cdef inline void tb_count_begin(self) noexcept nogil:
+        """A batch call starts counting: the row's seqlock goes odd (metrics/counters.py)."""
+        if self.c_seq != NULL:
+            self.c_seq_at = (self.c_seq[0] | 1) + 2
+            self.c_seq[0] = self.c_seq_at
+            tb_store_fence()
+
+    cdef inline void tb_count_end(self) noexcept nogil:
+        """... and is done: every count of the call is stored before the seqlock goes even."""
+        if self.c_seq != NULL:
+            tb_store_fence()
+            self.c_seq[0] = self.c_seq_at + 1
+
+    cdef void tb_count_in(self, uint64_t* c) noexcept nogil:
+        """Every session counts in ``c`` from now on (its counts so far are there)."""
+        cdef TEntry* e = self.order_head
+        cdef size_t i
+        self.c = c
+        while e != NULL:
+            if e.s != NULL:
+                e.s.counters = c
+            e = e.next
+        for i in range(self.heap_n):
+            if self.heap[i].e.s != NULL:
+                self.heap[i].e.s.counters = c
+        for i in range(self.touched_n):
+            if self.touched[i].s != NULL:
+                self.touched[i].s.counters = c
+
     # -- Python API (table.SessionTable's) -----------------------------------------------------
 
     cdef void _check(self) except *:
@@ -879,17 +925,23 @@ cdef class Table:
         cdef dp_packet p
         cdef bytes buf = _packet_buffer(pkt, &p)
         cdef const uint8_t* b = buf
+        self.tb_count_begin()
         self.tb_receive_client(&p, b, now)
+        self.tb_count_end()
         self._check()
 
     def receive_response(self, pkt, double now):
         cdef dp_packet p
         cdef bytes buf = _packet_buffer(pkt, &p)
+        self.tb_count_begin()
         self.tb_receive_response(&p, buf, now)
+        self.tb_count_end()
         self._check()
 
     def handle_timer(self, double now):
+        self.tb_count_begin()
         self.tb_handle_timer(now)
+        self.tb_count_end()
         self._check()
 
     def get_timer(self):
@@ -906,7 +958,9 @@ cdef class Table:
         self.pend_at = 0
         self.pend_off = 0
         self.routes_n = 0
+        self.tb_count_begin()
         self.tb_drain_out()
+        self.tb_count_end()
         r = self.routes
         out_routes = [
             _RouteNeeded(r[i].cip, r[i].cport, r[i].tip, r[i].tport) for i in range(self.routes_n)
@@ -921,11 +975,45 @@ cdef class Table:
         return out_routes, packets
 
     def close(self):
-        """Let go of the tuple history's shared block (its ``close`` needs the export gone);
-        the table allocates without a history from then on."""
+        """Let go of the tuple history's and the counter row's shared blocks (their ``close``
+        needs the export gone): the table allocates without a history and counts in its own
+        array (its counts so far copied there) from then on."""
         memset(&self.alloc.history, 0, sizeof(RwHistory))
         self.has_history = False
         self._keep = None
+        self._detach_counters()
+
+    cdef void _detach_counters(self):
+        if self.c != self.c_own:
+            memcpy(self.c_own, self.c, sizeof(self.c_own))
+            self.tb_count_in(self.c_own)
+            self.c_seq = NULL
+            self._counter_row = None
+
+    counter_names = EC_NAMES
+    """The Counter key of each counter, in the order of the array the table counts in."""
+
+    def attach_counters(self, row, Py_ssize_t first):
+        """Count in place from now on: ``row`` (a writable buffer of int64 slots, slot 0 its
+        seqlock: a row of metrics/counters.py's shared block) holds the counters in slots
+        ``first`` .. ``first + len(counter_names) - 1``, in ``counter_names`` order.  The
+        counts so far are copied there; the seqlock is odd while a call counts.  Nothing is
+        flushed any more: the row says what ``counters`` says.  ``close`` lets go of it."""
+        cdef uint8_t[::1] b = _as_writable_bytes(row)
+        cdef uint8_t* base
+        if first < 1 or b.shape[0] < (first + EC_COUNT) * 8:
+            raise ValueError(f"counter row of {b.shape[0]} bytes has no slots {first}.."
+                             f"{first + EC_COUNT - 1}")
+        base = &b[0]
+        if <intptr_t>base % 8:
+            raise ValueError("counter row is not 8-byte aligned")
+        self._detach_counters()
+        self._counter_row = b
+        self.c_seq = <int64_t*>base
+        self.tb_count_begin()
+        memcpy(base + first * 8, self.c_own, sizeof(self.c_own))
+        self.tb_count_in(<uint64_t*>(base + first * 8))
+        self.tb_count_end()
 
     # -- batch calls (engine/io/batch.py is their specification) ------------------------------
 
@@ -949,6 +1037,7 @@ cdef class Table:
         if offs.shape[0] < n or lens.shape[0] < n:
             raise ValueError(f"{n} packets but {offs.shape[0]} offsets, {lens.shape[0]} lengths")
         with nogil:
+            self.tb_count_begin()
             for i in range(n):
                 off = offs[i]
                 length = lens[i]
@@ -956,6 +1045,7 @@ cdef class Table:
                     errors += 1
                     continue
                 errors += self.tb_client_ip(base + off, <size_t>length, now)
+            self.tb_count_end()
         self._check()
         return errors
 
@@ -971,6 +1061,7 @@ cdef class Table:
         if slot_bytes <= RING_SLOT_HEADER_BYTES or slots <= 0 or first < 0:
             raise ValueError(f"bad ring geometry: {slots} slots of {slot_bytes} bytes")
         with nogil:
+            self.tb_count_begin()
             for k in range(n):
                 off = ((first + k) % slots) * slot_bytes
                 if off + RING_SLOT_HEADER_BYTES > size:
@@ -983,6 +1074,7 @@ cdef class Table:
                     errors += 1
                     continue
                 errors += self.tb_client_ip(base + off + RING_SLOT_HEADER_BYTES, length, now)
+            self.tb_count_end()
         self._check()
         return errors
 
@@ -998,11 +1090,13 @@ cdef class Table:
             raise ValueError(f"record_bytes must be positive, not {record_bytes}")
         count = b.shape[0] // record_bytes
         with nogil:
+            self.tb_count_begin()
             for i in range(count):
                 if wr_decode_record(base + i * record_bytes, record_bytes, &p) < 0:
                     self.c[EC_RESPONSE_DECODE_ERRORS] += 1
                     continue
                 self.tb_receive_response(&p, base + i * record_bytes, now)
+            self.tb_count_end()
         self._check()
         return count * record_bytes
 
@@ -1022,7 +1116,9 @@ cdef class Table:
             self.pend_off = 0
             if self.touched_n:
                 self.routes_n = 0
+                self.tb_count_begin()
                 self.tb_drain_out()
+                self.tb_count_end()
                 r = self.routes
                 routes = [
                     _RouteNeeded(r[i].cip, r[i].cport, r[i].tip, r[i].tport)
@@ -1108,23 +1204,27 @@ cdef class Table:
             return
         self.route_down = d
         self.now = now
+        self.tb_count_begin()
         while e != NULL:
             if e.s.state < ST_LINGER:
                 sess_handle_route_down(e.s, d, now)
                 if not d:
                     self.tb_touch(e)
             e = e.next
+        self.tb_count_end()
         self._check()
 
     def end_input(self, double now):
         cdef TEntry* e = self.order_head
         cdef int ended = 0
         self.now = now
+        self.tb_count_begin()
         while e != NULL:
             if sess_end_input(e.s, now):
                 ended += 1
                 self.tb_touch(e)
             e = e.next
+        self.tb_count_end()
         self._check()
         return ended
 
@@ -1153,10 +1253,12 @@ cdef class Table:
         total = nu + na
         if limit is not None:
             total = min(total, <size_t>max(0, limit))
+        self.tb_count_begin()
         for k in range(total):
             e = unanswered[k] if k < nu else answered[k - nu]
             sess_shed_half_open(e.s, now)
             self.tb_touch(e)
+        self.tb_count_end()
         free(unanswered)
         free(answered)
         self._check()
@@ -1166,11 +1268,13 @@ cdef class Table:
         cdef TEntry* e = self.order_head
         cdef TEntry* nxt
         self.now = now
+        self.tb_count_begin()
         while e != NULL:
             nxt = e.next
             if e.s.state >= ST_LINGER and not e.gone:
                 self.tb_remove(e, now)
             e = nxt
+        self.tb_count_end()
         self._check()
 
     def note_capture_loss(self, double now):
@@ -1190,6 +1294,14 @@ cdef class Table:
             s = hm_get(&self.refused, k0, k1)
             if s != NULL:
                 hm_del(&self.refused, s)
+
+
+cdef uint8_t[::1] _as_writable_bytes(object buf):
+    """A writable byte view of a buffer (TypeError if it is read-only)."""
+    mv = memoryview(buf)
+    if mv.readonly:
+        raise TypeError("counter row: a writable buffer is needed")
+    return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
 
 
 cdef const uint8_t[::1] _as_bytes_view(object buf):

@@ -130,6 +130,8 @@ class Ring:
         self._f64 = body[: (len(body) // 8) * 8].view(np.float64)
         self._slot_words32 = slot_bytes // 4
         self._slot_words64 = slot_bytes // 8
+        # The same u32 words for strided reads of a batch's flags (peek_slots).
+        self._w32 = self._buf[_HEADER_BYTES : _HEADER_BYTES + self._u32.size * 4].cast("I")
         self.dropped = 0  # producer side: full ring
         self.oversize = 0  # producer side: packet larger than a slot
         # Producer side: a full ring dropped packets and the next written one is not yet
@@ -355,11 +357,18 @@ class Ring:
         count = min(self._consumer_available(), max_items)
         if count <= 0:
             return tail % self.slots, 0
-        index = np.arange(tail, tail + count, dtype=np.int64) % self.slots
-        marks = self._u32[index * self._slot_words32 + 1]
-        if marks.any():
-            self.loss_marks += int(np.count_nonzero(marks & SLOT_FLAG_LOSS_BEFORE))
-        return tail % self.slots, count
+        slots, words, w32 = self.slots, self._slot_words32, self._w32
+        first = tail % slots
+        # The flags words of the batch: one strided slice, two where it wraps (a numpy fancy
+        # index cost several microseconds per batch).
+        runs = [(first, min(first + count, slots))]
+        if first + count > slots:
+            runs.append((0, first + count - slots))
+        for start, end in runs:
+            flags = w32[start * words + 1 : (end - 1) * words + 2 : words].tolist()
+            if any(flags):
+                self.loss_marks += sum(1 for f in flags if f & SLOT_FLAG_LOSS_BEFORE)
+        return first, count
 
     def release(self, count: int) -> None:
         """Hand ``count`` slots taken with ``peek_slots`` back to the producer."""
@@ -378,14 +387,16 @@ class Ring:
         # The numpy views export the block's buffer: drop them before the mapping goes (a
         # ring that was never closed, e.g. in a test that failed).
         self._u32 = self._f64 = None  # type: ignore[assignment]
-        counters = getattr(self, "_counters", None)
-        if counters is not None:
-            counters.release()
+        for name in ("_counters", "_w32"):
+            view = getattr(self, name, None)
+            if view is not None:
+                view.release()
 
     def close(self) -> None:
         # The numpy views export the buffer: they must go before the block can be closed.
         self._u32 = self._f64 = None  # type: ignore[assignment]
         self._counters.release()  # a released view may be released again (__del__)
+        self._w32.release()
         if self._buf is not None:
             self._buf.release()
         self._buf = None  # type: ignore[assignment]

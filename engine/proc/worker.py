@@ -58,15 +58,16 @@ which offers the engine/io/capture.py source interface:
 
 Every ``read_batch`` (so at least every RING_IDLE_POLL_S) also calls ``tick(now)``:
 ``WorkerProcess`` uses it to write its heartbeat and to flush its counters into its row of
-the shared CounterBlock every COUNTER_FLUSH_INTERVAL_S.  The watchdog's "shed" flag is the
-capture process's to follow (engine/core/shed.py): it sheds whole sessions before they reach a
-ring, where a worker refusing its flows would cut sessions already admitted.  A worker
-follows it in two ways: while it is up, the SYNs already in its ring start no session
-(engine/core/table.py ``refuse_new``: the capture took them in before it began shedding, and at
-10 k SYNs/s a full ring is 8 k sessions, ~32 MB), and every SHED_SWEEP_INTERVAL_S it gives
-up its half-open sessions (the client sent a SYN and nothing after it: what a SYN flood
-leaves, ``shed_half_open``), which are the memory a flood holds.  The row's
-``active`` gauge is what the supervisor counts as lost if this process dies.  The stats
+the shared CounterBlock every COUNTER_FLUSH_INTERVAL_S (the compiled table's own counters are
+not flushed: it counts straight into the row, ``CounterBlock.counting_row``).  The
+watchdog's "shed" flag is the capture process's to follow (engine/core/shed.py): it sheds
+whole sessions before they reach a ring, where a worker refusing its flows would cut sessions
+already admitted.  A worker follows it in two ways: while it is up, the SYNs already in its
+ring start no session (engine/core/table.py ``refuse_new``: the capture took them in before
+it began shedding, and at 10 k SYNs/s a full ring is 8 k sessions, ~32 MB), and every
+SHED_SWEEP_INTERVAL_S it gives up its half-open sessions (the client sent a SYN and nothing
+after it: what a SYN flood leaves, ``shed_half_open``), which are the memory a flood holds.
+The row's ``active`` gauge is what the supervisor counts as lost if this process dies.  The stats
 line is the supervisor's job, so ``log_stats`` only flushes.
 
 Memory given back.  Ended sessions are freed by Python, but glibc keeps the freed heap
@@ -97,7 +98,7 @@ from engine.io.logs import LOGGER_NAME, RateLimiter, is_json, reopen_logs
 from engine.io.report import stats_lines
 from engine.io.ring import RING_IDLE_POLL_S, Ring
 from engine.io.sigloop import SignalPipe
-from metrics.counters import COUNTER_FLUSH_INTERVAL_S
+from metrics.counters import COUNTER_FLUSH_INTERVAL_S, ENGINE_FIRST
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -243,50 +244,55 @@ class Worker:
         gc.set_threshold(*GC_THRESHOLDS)
         next_freeze = now + GC_FREEZE_INTERVAL_S
         next_refusals = now
+        table, channels, sources, select = self.table, self.channels, self.sources, self.sel.select
+        drain_first = True
         while not self._stop:
-            deadline = min(
-                d
-                for d in (
-                    self.table.get_timer(),
-                    self.channels.get_timer(),
-                    next_stats,
-                    next_memory,
-                    self._tail_at,
-                    *(src.next_deadline() for src in self.sources),
-                )
-                if d is not None
-            )
-            timeout = max(0.0, deadline - now)
-            events = self.sel.select(timeout)
+            # The nearest deadline (a None is no timer), without building a sequence per pass.
+            deadline = next_stats if next_stats < next_memory else next_memory
+            for d in (table.get_timer(), channels.get_timer(), self._tail_at):
+                if d is not None and d < deadline:
+                    deadline = d
+            for src in sources:
+                d = src.next_deadline()
+                if d is not None and d < deadline:
+                    deadline = d
+            events = select(deadline - now if deadline > now else 0.0)
             now = self.clock()
-            self._handle_signals()
+            if self._signals.pending:
+                self._handle_signals()
             # Responses first, drained at once: they open the request gate of held sessions,
             # so their round trip sets the replay's pace and must not wait behind a capture
             # batch.  Then the capture batches and timers, drained together.  Each drain is
-            # one sendmmsg (routes announced first).
+            # one sendmmsg (routes announced first).  When only capture batches woke us and
+            # the channels' timers did not run since the last drain, nothing can be waiting
+            # to leave before them: no first drain.
             captured = []
             for key, mask in events:
                 if type(key.data) is _SourceCallback:
                     captured.append((key, mask))
                 else:
+                    drain_first = True
                     key.data(mask, now)
-            self._flush(now)
+            if drain_first:
+                drain_first = False
+                self._flush(now)
             for key, mask in captured:
                 key.data(mask, now)
-            for src in self.sources:
+            for src in sources:
                 due = src.next_deadline()
                 if due is not None and due <= now:
                     self._read_source(src, now)
-            timer = self.table.get_timer()
+            timer = table.get_timer()
             if timer is not None and timer <= now:
-                self.table.handle_timer(now)
+                table.handle_timer(now)
             self._flush(now)
             if now >= next_refusals:
                 next_refusals = now + REFUSAL_CHECK_INTERVAL_S
                 self._log_refusals(now)
-            timer = self.channels.get_timer()
+            timer = channels.get_timer()
             if timer is not None and timer <= now:
-                self.channels.handle_timer(now)
+                channels.handle_timer(now)  # a reconnect may wake sessions (set_route_down)
+                drain_first = True
             if now >= next_stats:
                 next_stats = now + self.cfg.stats_interval_s
                 self.log_stats(now)
@@ -695,6 +701,15 @@ class WorkerProcess(Worker):
         self._released_at_trim = 0
         self._trim = _malloc_trim()
         source.tick = self.tick
+        # The compiled table counts straight into this row: flushes leave its slots alone.
+        self._table_counts_in_row = False
+        attach = getattr(self.table, "attach_counters", None)
+        if counters is not None and attach is not None:
+            names = self.table.counter_names  # type: ignore[attr-defined]
+            view = counters.counting_row(self.row, names)  # type: ignore[attr-defined]
+            if view is not None:
+                attach(view, ENGINE_FIRST)
+                self._table_counts_in_row = True
 
     def tick(self, now: float) -> None:
         control = self.control
@@ -744,7 +759,7 @@ class WorkerProcess(Worker):
         table = self.table
         self.block.from_counter(  # type: ignore[attr-defined]
             self.row,
-            table.counters,  # type: ignore[attr-defined]
+            {} if self._table_counts_in_row else table.counters,  # type: ignore[attr-defined]
             self.sender.counters,  # type: ignore[attr-defined]
             self.channels.counters,  # type: ignore[attr-defined]
             self.counters,
@@ -754,6 +769,14 @@ class WorkerProcess(Worker):
                 "channels_connected": self.channels.connected,  # type: ignore[attr-defined]
             },
         )
+
+    def close(self) -> None:
+        super().close()
+        if self._table_counts_in_row:
+            # The table lets go of the shared row (the block cannot close while it is held);
+            # its counts stay in the table, and a later flush writes them as any table's.
+            self._table_counts_in_row = False
+            self.table.close()  # type: ignore[attr-defined]
 
     def log_stats(self, now: float, final: bool = False) -> None:
         # The supervisor logs the aggregated stats line; a worker only publishes its row.

@@ -46,6 +46,7 @@ from engine.core.table import SessionTable
 from engine.errors import DecodeError
 from engine.io.batch import PyBatchTable, SendBuffer, as_batch
 from engine.io.engines import compiled_table_class
+from metrics.counters import ALIASES, ENGINE_FIRST, ENGINE_KEYS, CounterBlock
 
 M32 = 0xFFFFFFFF
 ONLINE = (packet.ip_from_str("198.18.1.2"), 80)
@@ -443,7 +444,8 @@ def response_records(data: st.DataObject, w: World) -> tuple[list[bytes], str]:
     return [bytes(rec)], f"junk {key[1]} byte {where}"
 
 
-def run(data: st.DataObject, make_test: Any) -> None:
+def run(data: st.DataObject, make_test: Any, check: Any = None) -> None:
+    """Random steps for both tables, compared after each (and ``check(pair)`` if given)."""
     cfg = SessionConfig(
         transfers=XFER,
         client_pool=data.draw(st.sampled_from([(), POOL])),
@@ -508,6 +510,8 @@ def run(data: st.DataObject, make_test: Any) -> None:
                     _table_event(t, event, pair.now)
             w.observe(pair.drain(batch))
             pair.compare()
+            if check is not None:
+                check(pair)
     except AssertionError as exc:
         steps_text = "\n  ".join(log)
         raise AssertionError(f"{exc}\nafter steps:\n  {steps_text}\nconfig: {cfg}") from None
@@ -553,6 +557,48 @@ COMPILED, WHY_NOT = compiled_table_class()
 @given(st.data())
 def test_compiled_engine_matches_the_python_engine(data: st.DataObject) -> None:
     run(data, lambda cfg: as_batch(COMPILED(cfg)))
+
+
+@pytest.mark.skipif(COMPILED is None, reason=f"the compiled engine is not built: {WHY_NOT}")
+@settings(settings.get_profile(PROFILE))
+@given(st.data())
+def test_compiled_engine_counting_in_a_shared_row_matches_the_python_engine(
+    data: st.DataObject,
+) -> None:
+    """The compiled table counting straight into a worker's row of the shared counter block
+    (no flush): after every step the row holds what flushing the reference's Counter into a
+    row gives, slot for slot, and its seqlock is even (no call left it busy)."""
+    block = CounterBlock.create(workers=1)
+    ref_block = CounterBlock.create(workers=1)
+    tables: list[Any] = []
+    row = block.worker_row(0)
+
+    def make(cfg: SessionConfig) -> Any:
+        table = COMPILED(cfg)
+        view = block.counting_row(row, table.counter_names)
+        assert view is not None, "the compiled table's counters are not ENGINE_KEYS"
+        table.attach_counters(view, ENGINE_FIRST)
+        tables.append(table)
+        return as_batch(table)
+
+    def check(pair: Pair) -> None:
+        ref_block.from_counter(row, pair.ref.counters)
+        got = block.snapshot()["workers"][0]
+        want = ref_block.snapshot()["workers"][0]
+        for key in ENGINE_KEYS:
+            if key not in SHELL_KEYS:
+                slot = ALIASES.get(key, key)
+                assert got[slot] == want[slot], f"counter row: {slot}"
+        assert block.read()[row, 0] % 2 == 0, "counter row: seqlock left odd"
+
+    try:
+        run(data, make, check)
+    finally:
+        for table in tables:
+            table.close()
+        for b in (block, ref_block):
+            b.close()
+            b.unlink()
 
 
 def _two_ts_options_exchange(make_test: Any, batch: bool) -> None:

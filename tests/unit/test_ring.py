@@ -239,3 +239,32 @@ def test_a_child_that_attaches_maps_the_whole_ring():
     finally:
         ring.close()
     assert grown_kb >= 8 * 1024
+
+
+@pytest.mark.parametrize("batch", [1, 3, 5, 16, 31, 40])
+def test_peek_slots_counts_the_marks_of_its_batch_across_the_wrap(batch):
+    """peek_slots counts exactly the marked packets of the batch it hands out, wherever the
+    batch starts and wraps (one strided read of the flags, two across the wrap)."""
+    ring = Ring.create(slots=32, slot_bytes=64)
+    try:
+        ring.push_batch([(b"x", 0.0)] * 29)
+        ring.release(ring.peek_slots(29)[1])  # the next batches wrap around slot 0
+        marked = 0
+        for _ in range(6):
+            ring.push_batch([(b"y", 1.0)] * 40)  # fills the ring and drops the rest
+            taken = 0
+            while len(ring):
+                before = ring.loss_marks
+                first, count = ring.peek_slots(batch)
+                assert count == min(batch, 32 - taken)
+                words = ring._slot_words32
+                flags = [int(ring._u32[((first + k) % 32) * words + 1]) for k in range(count)]
+                marked += sum(1 for f in flags if f & SLOT_FLAG_LOSS_BEFORE)
+                assert ring.loss_marks - before == sum(
+                    1 for f in flags if f & SLOT_FLAG_LOSS_BEFORE
+                )
+                ring.release(count)
+                taken += count
+        assert marked == ring.loss_marks == 5  # every refill after the first follows a drop
+    finally:
+        ring.close()
