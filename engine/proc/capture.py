@@ -65,6 +65,7 @@ from engine.codec import packet
 from engine.core.shed import REASON_RING_FULL, FlowGate
 from engine.errors import DecodeError
 from engine.io.capture import BATCH_MAX_PACKETS, FrameBatch
+from engine.io.control import CAPTURE_SLOT
 from engine.io.logs import LOGGER_NAME, reopen_logs
 from engine.io.ring import RING_SLOT_BYTES, RING_SLOTS, SLOT_HEADER_BYTES, Ring, slot_layout
 from engine.io.sigloop import SignalPipe
@@ -286,15 +287,17 @@ class CaptureProcess:
                     self.control.mark_capture_done()  # type: ignore[attr-defined]
                 self.stop("offline capture is complete")
                 break
-            deadline = min(
-                [now + HEARTBEAT_INTERVAL_S, next_flush]
-                + [
-                    d
-                    for d in (src.next_deadline() for src in self.sources)  # type: ignore[attr-defined]
-                    if d is not None
-                ]
-            )
-            if self._paused_since is not None:
+            deadline = min(now + HEARTBEAT_INTERVAL_S, next_flush)
+            paused = self._paused_since is not None
+            for src in self.sources:
+                # A paused file waits for the rings, not for its schedule (its due time is
+                # past): it is looked at again after OFFLINE_PAUSE_POLL_S, not at once.
+                if paused and hasattr(src, "delay"):
+                    continue
+                due = src.next_deadline()  # type: ignore[attr-defined]
+                if due is not None and due < deadline:
+                    deadline = due
+            if paused:
                 deadline = min(deadline, now + OFFLINE_PAUSE_POLL_S)
             events = self.sel.select(max(0.0, deadline - now))
             now = self.clock()
@@ -461,8 +464,6 @@ class CaptureProcess:
 
     def _beat(self, now: float) -> None:
         if self.control is not None:
-            from engine.io.control import CAPTURE_SLOT
-
             self.control.beat(CAPTURE_SLOT, now)  # type: ignore[attr-defined]
 
     # -- data path --------------------------------------------------------------------------
