@@ -1163,15 +1163,16 @@ class PcapFileSource:
 
     # -- the compiled walk -------------------------------------------------------------------
 
-    def use_walker(self, walker: Any) -> bool:
+    def use_walker(self, walker: Any, buffer_bytes: int = FILE_BUFFER_BYTES) -> bool:
         """From now on the records are walked by ``walker`` (engine/dataplane/capture.pyx
         ``PcapWalker``, whose rings and gate are the capture process's): ``walk_into``
         replaces ``read_batch`` and the dispatch.  Only before ``start``, and only when the
-        opener gives PcapReaders (``walkable``); False otherwise (read_batch stays)."""
+        opener gives PcapReaders (``walkable``); False otherwise (read_batch stays).
+        ``buffer_bytes``: the file buffer (it grows if a record does not fit)."""
         if not self.walkable or self._started:
             return False
         self._walker = walker
-        self._buf = bytearray(FILE_BUFFER_BYTES)
+        self._buf = bytearray(max(1, buffer_bytes))
         self._end = 0
         return True
 
@@ -1239,8 +1240,8 @@ class PcapFileSource:
         """More of the file into the buffer after what the walker has not read; False at
         its end."""
         self._end = self._walker.compact(self._buf, self._end)
-        if self._end >= len(self._buf):  # cannot be: a record fits the buffer
-            raise RuntimeError("pcap walk: a record larger than the buffer")
+        if self._end >= len(self._buf):  # a record larger than the buffer: a larger one
+            self._buf.extend(bytes(len(self._buf)))
         got = self._reader.readinto(memoryview(self._buf)[self._end :])  # type: ignore[attr-defined]
         if not got:
             return False
