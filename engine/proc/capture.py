@@ -287,18 +287,7 @@ class CaptureProcess:
                     self.control.mark_capture_done()  # type: ignore[attr-defined]
                 self.stop("offline capture is complete")
                 break
-            deadline = min(now + HEARTBEAT_INTERVAL_S, next_flush)
-            paused = self._paused_since is not None
-            for src in self.sources:
-                # A paused file waits for the rings, not for its schedule (its due time is
-                # past): it is looked at again after OFFLINE_PAUSE_POLL_S, not at once.
-                if paused and hasattr(src, "delay"):
-                    continue
-                due = src.next_deadline()  # type: ignore[attr-defined]
-                if due is not None and due < deadline:
-                    deadline = due
-            if paused:
-                deadline = min(deadline, now + OFFLINE_PAUSE_POLL_S)
+            deadline = self._wake_at(now, next_flush)
             events = self.sel.select(max(0.0, deadline - now))
             now = self.clock()
             self._handle_signals()
@@ -316,6 +305,22 @@ class CaptureProcess:
         self.flush()
         log.info("capture exits: %s", self.exit_reason)
         return self.exit_code
+
+    def _wake_at(self, now: float, next_flush: float) -> float:
+        """When the loop must look again: the heartbeat, the next flush, the sources' due
+        times.  A paused file waits for the rings, not for its schedule (its due time is
+        past): it is looked at again after OFFLINE_PAUSE_POLL_S, not at once (no spin)."""
+        deadline = min(now + HEARTBEAT_INTERVAL_S, next_flush)
+        paused = self._paused_since is not None
+        for src in self.sources:
+            if paused and hasattr(src, "delay"):
+                continue
+            due = src.next_deadline()  # type: ignore[attr-defined]
+            if due is not None and due < deadline:
+                deadline = due
+        if paused:
+            deadline = min(deadline, now + OFFLINE_PAUSE_POLL_S)
+        return deadline
 
     def _check_input_errors(self) -> None:
         """A file source that met a broken file (engine/io/capture.py PcapFileSource.error):
