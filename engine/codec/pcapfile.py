@@ -22,7 +22,13 @@ from typing import BinaryIO
 
 from engine.errors import DecodeError
 
-__all__ = ["PCAP_GLOBAL_HEADER", "PCAP_RECORD_HEADER", "PcapReader", "open_pcap"]
+__all__ = [
+    "PCAP_GLOBAL_HEADER",
+    "PCAP_RECORD_HEADER",
+    "PcapReader",
+    "corrupt_record",
+    "open_pcap",
+]
 
 PCAP_GLOBAL_HEADER_BYTES = 24
 PCAP_RECORD_HEADER_BYTES = 16
@@ -92,10 +98,7 @@ class PcapReader:
                 return
             sec, frac, caplen, wire_len = rec.unpack(head)
             if caplen > PCAP_MAX_RECORD_BYTES or frac >= ticks:
-                raise DecodeError(
-                    f"{self.name}: corrupt record header at offset {self._offset} "
-                    f"(caplen {caplen}, sub-second {frac})"
-                )
+                raise DecodeError(corrupt_record(self.name, self._offset, caplen, frac))
             frame = read(caplen)
             if len(frame) < caplen:
                 self._cut(PCAP_RECORD_HEADER_BYTES + len(frame))
@@ -103,6 +106,25 @@ class PcapReader:
             self._offset += PCAP_RECORD_HEADER_BYTES + caplen
             self.records += 1
             yield sec + frac / ticks, max(wire_len, caplen), frame
+
+    @property
+    def big_endian(self) -> bool:
+        """The records' byte order (from the magic)."""
+        return self._order == ">"
+
+    def readinto(self, buf: bytearray | memoryview) -> int:
+        """The raw bytes of the records, from where the iteration would go on, for a caller
+        that walks them itself (engine/dataplane/capture.pyx ``PcapWalker``); 0 at the end.
+        It then keeps ``offset``, ``records`` and the cut with ``walked``."""
+        return self._stream.readinto(buf)  # type: ignore[attr-defined,no-any-return]
+
+    def walked(self, offset: int, records: int, cut_bytes: int = 0) -> None:
+        """What a caller that walked the records found: the end of the last whole record,
+        their number, and the bytes of a record cut by the end of the file (0: none)."""
+        self._offset = offset
+        self.records = records
+        if cut_bytes:
+            self._cut(cut_bytes)
 
     def close(self) -> None:
         """Close the stream the reader was given (it owns it); closing twice is harmless."""
@@ -123,6 +145,12 @@ class PcapReader:
         self.truncated_tail += 1
         self.truncated_at = self._offset
         self.truncated_bytes = got
+
+
+def corrupt_record(name: str, offset: int, caplen: int, frac: int) -> str:
+    """The one line for a record header that cannot be right (a caplen above libpcap's
+    bound, a sub-second field of a second or more) at byte ``offset``."""
+    return f"{name}: corrupt record header at offset {offset} (caplen {caplen}, sub-second {frac})"
 
 
 def open_pcap(path: str) -> PcapReader:

@@ -199,6 +199,11 @@ class SessionTable:
         return self.counters["tw"]
 
     @property
+    def sent(self) -> int:
+        """Packets sent so far (the ``send`` counter, read without copying the counters)."""
+        return self.counters["send"]
+
+    @property
     def unsend(self) -> int:
         """Captured client segments not yet sent, over all sessions (as of the last drain)."""
         return self._unsend

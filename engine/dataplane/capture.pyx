@@ -1,6 +1,6 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
-"""The capture process's per-packet path in C: TPACKET_V3 block walk, -x prefilter, flow hash,
-shed gate and the copy into the workers' rings.
+"""The capture process's per-packet path in C: TPACKET_V3 block walk and pcap record walk,
+-x prefilter, flow hash, shed gate and the copy into the workers' rings.
 
 Theory of operation
 -------------------
@@ -34,15 +34,25 @@ again), so every ring gets its packets in capture order.  The rings' producer st
 free slots, loss mark) is loaded from the Ring objects when ``step`` starts and written back
 when it returns; counters are C arrays added to the callers' Counters once per call.
 
+``PcapWalker`` (a BlockWalker: the same rings, rule, hash, gate and copy) walks the records
+of an offline replay's pcap file instead, from a buffer the caller fills with large reads:
+the record loop of engine/io/capture.py's ``PcapFileSource`` (engine/codec/pcapfile.py's
+header checks, ``packet.l2_offset``, ``TransferFilter.keep_with_pure_acks``), the schedule
+of its ``ReplayPacer`` (whose state it continues, call by call) and
+``CaptureProcess.dispatch``.  Those stay its specification
+(tests/unit/test_dataplane_pcapwalk.py holds the two equal on real and hostile files).
+
 Untrusted input: the block is the kernel's, but nothing here trusts it: every frame header
 and every packet is checked against the end of the block before it is read, and the ring
-copy against the slot size.  tests/fuzz/dataplane_asan.py fuzzes ``step`` under ASan.
+copy against the slot size; a pcap record header and its frame are checked against the
+end of the buffer's data.  tests/fuzz/dataplane_asan.py fuzzes ``step`` and ``walk`` under
+ASan.
 """
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, calloc, free
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memmove
 
 import numpy as np
 
@@ -51,7 +61,10 @@ from engine.core.shed import (
     SHED_RING_HIGH, SHED_RING_LOW,
 )
 
-__all__ = ["BlockWalker", "Gate", "flow_worker", "walk_counters"]
+__all__ = [
+    "WALK_BAD_RECORD", "WALK_FULL", "WALK_GATE", "WALK_MORE", "WALK_WAIT", "BlockWalker",
+    "Gate", "PcapWalker", "flow_worker", "walk_counters",
+]
 
 # -- constants ------------------------------------------------------------------------------
 
@@ -97,6 +110,10 @@ cdef enum:
     C_GATE_DROP_SHED
     C_GATE_SHED_RING
     C_GATE_SHED_MEMORY
+    C_OFF_RECORDS
+    C_OFF_BYTES_READ
+    C_OFF_PACKETS
+    C_OFF_L2_ERROR
     C_COUNT
 
 _SOURCE_NAMES = (
@@ -115,6 +132,13 @@ _FILTER_NAMES = (
     (C_FLT_PURE_ACK, "capture_pure_ack_dropped"),
     (C_FLT_PURE_ACK, "drop_pure_ack"),
     (C_FLT_ACCEPTED, "capture_accepted"),
+)
+_FILE_NAMES = (
+    (C_SRC_TRUNCATED, "capture_truncated"),
+    (C_OFF_RECORDS, "offline_records"),
+    (C_OFF_BYTES_READ, "offline_bytes_read"),
+    (C_OFF_PACKETS, "offline_packets"),
+    (C_OFF_L2_ERROR, "capture_l2_error"),
 )
 _GATE_NAMES = (
     (C_GATE_DROP_SHED, "drop_shed"),
@@ -842,6 +866,311 @@ cdef class BlockWalker:
         """Add what the steps counted to the source's, the prefilter's and the gate's
         Counters, and start again from zero."""
         _add_counts(self.counts, _SOURCE_NAMES, source_counters)
+        _add_counts(self.counts, _FILTER_NAMES, filter_counters)
+        for i in range(C_COUNT):
+            self.counts[i] = 0
+        self.gate.flush_counts()
+
+
+# -- the pcap record walk (offline replay) --------------------------------------------------
+
+cdef enum:
+    PCAP_RECORD_HEADER = 16
+    PCAP_MAX_RECORD = 262144       # engine/codec/pcapfile.PCAP_MAX_RECORD_BYTES
+    LINKTYPE_EN10MB = 1
+    LINKTYPE_LINUX_SLL = 113
+    LINKTYPE_LINUX_SLL2 = 276
+    ETHERTYPE_IPV4 = 0x0800
+    ETHERTYPE_VLAN = 0x8100
+
+# What PcapWalker.walk returns when it is not the worker of a packet to split (>= 0).
+cdef enum:
+    W_WAIT = -1        # the next packet is not due yet (``pending_due``)
+    W_MORE = -2        # the buffer ends inside (or before) the next record: fill it
+    W_FULL = -3        # the batch's packet limit is reached (the next packet is due)
+    W_BAD_RECORD = -4  # a record header that cannot be right (``bad_*``): stop the file
+    W_GATE = -5        # a first packet of the batch is due: update the gate, walk again
+
+WALK_WAIT = W_WAIT
+WALK_MORE = W_MORE
+WALK_FULL = W_FULL
+WALK_BAD_RECORD = W_BAD_RECORD
+WALK_GATE = W_GATE
+
+
+cdef inline uint32_t _le32(const uint8_t* p) noexcept nogil:
+    return (<uint32_t>p[3] << 24) | (<uint32_t>p[2] << 16) | (<uint32_t>p[1] << 8) | p[0]
+
+
+cdef inline Py_ssize_t _l2_offset(const uint8_t* f, Py_ssize_t n, int linktype) noexcept nogil:
+    """engine/codec/packet.l2_offset: the IPv4 header's offset in a frame, -1 for a frame it
+    refuses (too short, not IPv4)."""
+    cdef uint16_t etype
+    if linktype == LINKTYPE_EN10MB:
+        if n < 14:
+            return -1
+        etype = _be16(f + 12)
+        if etype == ETHERTYPE_VLAN:
+            if n < 18 or _be16(f + 16) != ETHERTYPE_IPV4:
+                return -1
+            return 18
+        return 14 if etype == ETHERTYPE_IPV4 else -1
+    if linktype == LINKTYPE_LINUX_SLL:
+        if n < 16 or _be16(f + 14) != ETHERTYPE_IPV4:
+            return -1
+        return 16
+    if linktype == LINKTYPE_LINUX_SLL2:
+        if n < 20 or _be16(f) != ETHERTYPE_IPV4:
+            return -1
+        return 20
+    if linktype == 101 or linktype == 12 or linktype == 14 or linktype == 228:
+        return 0
+    return -1
+
+
+cdef class PcapWalker(BlockWalker):
+    """Walks the records of a pcap file into the rings: the compiled twin of
+    engine/io/capture.py's ``PcapFileSource`` (its record loop, ``ReplayPacer.due`` and the
+    ``TransferFilter.keep_with_pure_acks`` rule) and of ``CaptureProcess.dispatch``.
+
+    Built as a ``BlockWalker`` (the same rings, gate, layout and hash; ``kernel_filtered``
+    False, ``drop_pure_acks`` False: the offline rule).  The caller owns the file and a
+    buffer it fills with large reads (``open_file`` per file, ``compact`` before a fill);
+    ``walk(buf, end, now, limit, pacer)`` reads the records from ``pos``:
+
+    * a record is parsed (header checked as PcapReader checks it), counted, and either left
+      out (cut short by the snaplen, link header refused, the -x rule) or becomes the
+      *pending* packet with its due time from the pacer's state (``pacer.state()`` is loaded
+      at the start of the call and stored at its end, so ReplayPacer stays the one schedule);
+    * the pending packet is emitted when it is due and the batch has room (``limit`` packets
+      since ``begin_batch``): hashed, gated, copied into its worker's ring (a packet larger
+      than -M is returned for the caller to split, as the block walk does).
+
+    It returns when the next packet is not due (WALK_WAIT), the batch is full (WALK_FULL),
+    the buffer ends before a whole record (WALK_MORE: a partial record stays for the next
+    fill), a record header is corrupt (WALK_BAD_RECORD, at ``bad_offset``), or the batch's
+    first packet is due (WALK_GATE, once per batch: the caller updates the gate first).
+    Like PcapFileSource, it always looks one kept packet ahead: the pending packet is found
+    before a call returns WALK_WAIT or WALK_FULL.
+
+    Untrusted input: every header and frame is checked against ``end`` (and ``end`` against
+    the buffer) before it is read.
+    """
+
+    cdef int linktype
+    cdef bint big_endian
+    cdef double ticks
+    cdef uint32_t ticks_u32
+    cdef readonly Py_ssize_t pos
+    cdef readonly int64_t base_offset     # file offset of buffer byte 0
+    cdef readonly int64_t records         # whole records of this file read
+    cdef readonly bint pending
+    cdef readonly double pending_due
+    cdef Py_ssize_t pending_ip            # from pos
+    cdef Py_ssize_t pending_length
+    cdef Py_ssize_t pending_record        # record bytes (header included)
+    cdef double pending_ts
+    cdef readonly Py_ssize_t emitted
+    cdef bint gated
+    cdef readonly double split_ts
+    cdef readonly int64_t bad_offset
+    cdef readonly uint32_t bad_caplen, bad_frac
+    # ReplayPacer's state during a call
+    cdef double p_accelerate, p_idle, p_start, p_first, p_prev, p_pass_skipped, p_last_offset
+    cdef double p_skipped_s
+    cdef bint p_has_first
+    cdef int64_t p_idle_gaps
+
+    def open_file(self, int linktype, bint big_endian, uint32_t ticks_per_s, int64_t offset):
+        """A new file whose records start at byte ``offset``; the buffer is empty."""
+        if ticks_per_s == 0:
+            raise ValueError("walker: ticks per second must be > 0")
+        self.linktype = linktype
+        self.big_endian = big_endian
+        self.ticks_u32 = ticks_per_s
+        self.ticks = ticks_per_s
+        self.pos = 0
+        self.base_offset = offset
+        self.records = 0
+        self.pending = False
+
+    def begin_batch(self):
+        """A new batch: ``limit`` counts from here, and its first packet asks for the gate."""
+        self.emitted = 0
+        self.gated = False
+
+    def shift_pending(self, double seconds):
+        """PcapFileSource.delay for the pending packet (the pacer's start is the caller's)."""
+        if self.pending:
+            self.pending_due += seconds
+
+    def compact(self, buf, Py_ssize_t end):
+        """Move the bytes from ``pos`` to ``end`` to the buffer's start (before a fill);
+        returns the new end."""
+        cdef Py_buffer view
+        cdef Py_ssize_t rest
+        if self.pending:
+            raise ValueError("walker: compact with a packet pending")
+        PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        try:
+            if end < self.pos or end > view.len:
+                raise ValueError("walker: end outside the buffer")
+            rest = end - self.pos
+            if rest and self.pos:
+                memmove(<uint8_t*>view.buf, <uint8_t*>view.buf + self.pos, rest)
+            self.base_offset += self.pos
+            self.pos = 0
+            return rest
+        finally:
+            PyBuffer_Release(&view)
+
+    # -- ReplayPacer.due ---------------------------------------------------------------------
+
+    cdef inline double _due(self, double ts) noexcept nogil:
+        cdef double gap, offset
+        if not self.p_has_first:
+            self.p_has_first = True
+            self.p_first = ts
+            self.p_prev = ts
+        gap = ts - self.p_prev
+        if self.p_idle > 0 and gap > self.p_idle:
+            self.p_pass_skipped += gap
+            self.p_skipped_s += gap
+            self.p_idle_gaps += 1
+        if ts > self.p_prev:
+            self.p_prev = ts
+        offset = ts - self.p_first - self.p_pass_skipped
+        if not offset > self.p_last_offset:
+            offset = self.p_last_offset
+        self.p_last_offset = offset
+        return self.p_start + offset / self.p_accelerate
+
+    cdef _load_pacer(self, pacer):
+        (self.p_accelerate, self.p_idle, self.p_start, first, self.p_prev,
+         self.p_pass_skipped, self.p_last_offset, self.p_skipped_s,
+         self.p_idle_gaps) = pacer.state()
+        self.p_has_first = first is not None
+        self.p_first = first if first is not None else 0.0
+        if not self.p_accelerate > 0:
+            raise ValueError("walker: accelerate must be > 0")
+
+    cdef _store_pacer(self, pacer):
+        pacer.load_state((
+            self.p_start, self.p_first if self.p_has_first else None, self.p_prev,
+            self.p_pass_skipped, self.p_last_offset, self.p_skipped_s, self.p_idle_gaps,
+        ))
+
+    # -- the walk ----------------------------------------------------------------------------
+
+    cdef Py_ssize_t _walk_records(self, const uint8_t* buf, Py_ssize_t end, double now,
+                                  Py_ssize_t limit) noexcept nogil:
+        cdef const uint8_t* h
+        cdef const uint8_t* ip
+        cdef uint32_t sec, frac, caplen, wire_len
+        cdef Py_ssize_t l2, n, ihl
+        cdef uint64_t key, worker, workers = self.n_rings
+        cdef uint8_t flag
+        cdef double ts
+        while True:
+            if not self.pending:
+                if end - self.pos < PCAP_RECORD_HEADER:
+                    return W_MORE
+                h = buf + self.pos
+                if self.big_endian:
+                    sec = _be32(h)
+                    frac = _be32(h + 4)
+                    caplen = _be32(h + 8)
+                    wire_len = _be32(h + 12)
+                else:
+                    sec = _le32(h)
+                    frac = _le32(h + 4)
+                    caplen = _le32(h + 8)
+                    wire_len = _le32(h + 12)
+                if caplen > PCAP_MAX_RECORD or frac >= self.ticks_u32:
+                    self.bad_offset = self.base_offset + self.pos
+                    self.bad_caplen = caplen
+                    self.bad_frac = frac
+                    return W_BAD_RECORD
+                if end - self.pos - PCAP_RECORD_HEADER < <Py_ssize_t>caplen:
+                    return W_MORE
+                self.records += 1
+                self.counts[C_OFF_RECORDS] += 1
+                self.counts[C_OFF_BYTES_READ] += PCAP_RECORD_HEADER + caplen
+                if wire_len > caplen:  # cut short by the capture's snaplen
+                    self.counts[C_SRC_TRUNCATED] += 1
+                    self.pos += PCAP_RECORD_HEADER + caplen
+                    continue
+                l2 = _l2_offset(h + PCAP_RECORD_HEADER, caplen, self.linktype)
+                if l2 < 0:
+                    self.counts[C_OFF_L2_ERROR] += 1
+                    self.pos += PCAP_RECORD_HEADER + caplen
+                    continue
+                n = <Py_ssize_t>caplen - l2
+                if not self._keep(h + PCAP_RECORD_HEADER + l2, n):
+                    self.pos += PCAP_RECORD_HEADER + caplen
+                    continue
+                ts = <double>sec + <double>frac / self.ticks
+                self.pending = True
+                self.pending_ip = PCAP_RECORD_HEADER + l2
+                self.pending_length = n
+                self.pending_record = PCAP_RECORD_HEADER + caplen
+                self.pending_ts = ts
+                self.pending_due = self._due(ts)
+            if self.pending_due > now:
+                return W_WAIT
+            if self.emitted >= limit:
+                return W_FULL
+            if not self.gated:
+                self.gated = True
+                return W_GATE
+            # emit the pending packet (CaptureProcess.dispatch)
+            self.pending = False
+            self.emitted += 1
+            self.counts[C_OFF_PACKETS] += 1
+            ip = buf + self.pos + self.pending_ip
+            n = self.pending_length
+            ts = self.pending_ts
+            self.pos += self.pending_record
+            ihl = (ip[0] & 0x0F) << 2  # the -x rule checked: IPv4, TCP, ports and flags there
+            key = (<uint64_t>_be32(ip + 12) << 16) | _be16(ip + ihl)
+            flag = ip[ihl + 13]
+            worker = _worker_of(key, self.multiplier, workers)
+            self.gate.begin(now)
+            if not self.gate.decide(key, flag, worker, now):
+                continue
+            if n > self.mtu:
+                self.split_start = ip - buf
+                self.split_length = n
+                self.split_ts = ts
+                return <Py_ssize_t>worker
+            self._push(&self.states[worker], ip, n, ts)
+
+    def walk(self, buf, Py_ssize_t end, double now, Py_ssize_t limit, pacer):
+        """Walk the records in ``buf[pos:end]`` (see the class); returns a WALK_* value or
+        the worker of a packet to split (``split_start``, ``split_length``, ``split_ts``)."""
+        cdef Py_buffer view
+        cdef Py_ssize_t result
+        if self.ticks_u32 == 0:
+            raise ValueError("walker: no file open")
+        PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+        try:
+            if end < self.pos or end > view.len:
+                raise ValueError("walker: end outside the buffer")
+            self._load_pacer(pacer)
+            self._load_rings()
+            try:
+                result = self._walk_records(<const uint8_t*>view.buf, end, now, limit)
+            finally:
+                self._store_rings()
+                self._store_pacer(pacer)
+        finally:
+            PyBuffer_Release(&view)
+        return result
+
+    def flush_file_counts(self, source_counters, filter_counters):
+        """Add what the walks counted to the source's, the prefilter's and the gate's
+        Counters, and start again from zero."""
+        _add_counts(self.counts, _FILE_NAMES, source_counters)
         _add_counts(self.counts, _FILTER_NAMES, filter_counters)
         for i in range(C_COUNT):
             self.counts[i] = 0

@@ -1158,6 +1158,11 @@ cdef class Table:
         return <int64_t>self.c[EC_TW]
 
     @property
+    def sent(self):
+        """SessionTable.sent: the ``send`` counter, without building ``counters``."""
+        return <int64_t>self.c[EC_SEND]
+
+    @property
     def unsend(self):
         return self.unsend_total
 

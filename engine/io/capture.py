@@ -27,6 +27,10 @@ shared-memory rings (engine/proc/capture.py, design §3) can drive any of them;
   is mapped by the process that reads it (`map_ring`), never by the supervisor that opened
   the socket.
 * `PcapFileSource`: offline replay (spec §3.16) paced by `ReplayPacer`, a pure schedule.
+  Where the data plane is compiled the capture process gives it a walker (`use_walker`):
+  the source then opens the files and fills a buffer with large reads, and
+  engine/dataplane/capture.pyx walks the records, paces them and copies them into the rings
+  (`walk_into`, one call per read); `read_batch` is its specification.
 
 What a live source hands on is decided by one rule (engine/codec/bpf.py): IPv4 TCP to a -x
 (dst ip, dst port), and not a pure ACK (spec §3.3 steps 1, 2, 8).  Live sockets get it as a
@@ -997,6 +1001,41 @@ class ReplayPacer:
         self._last_offset = offset
         return self.start + offset / self.accelerate
 
+    def state(self) -> tuple[float, float, float, float | None, float, float, float, float, int]:
+        """The schedule as plain numbers, for the compiled walk that continues it
+        (engine/dataplane/capture.pyx ``PcapWalker``): accelerate, idle threshold, then what
+        ``load_state`` takes back."""
+        return (
+            self.accelerate,
+            self.idle_threshold_s,
+            self.start,
+            self._first,
+            self._prev,
+            self._pass_skipped,
+            self._last_offset,
+            self.skipped_s,
+            self.idle_gaps,
+        )
+
+    def load_state(
+        self, state: tuple[float, float | None, float, float, float, float, int]
+    ) -> None:
+        """The schedule where the compiled walk left it (``state()`` without its first two)."""
+        (
+            self.start,
+            self._first,
+            self._prev,
+            self._pass_skipped,
+            self._last_offset,
+            self.skipped_s,
+            self.idle_gaps,
+        ) = state
+
+
+FILE_BUFFER_BYTES = 1 << 20
+"""The compiled walk's file buffer: filled with one read each time (a record is at most
+256 KiB and 16 bytes, so one always fits)."""
+
 
 def _files_bytes(paths: Sequence[str]) -> int:
     """Sum of the files' sizes; 0 (progress unknown) if any size cannot be read."""
@@ -1043,7 +1082,12 @@ class PcapFileSource:
         replays: int = 1,
         prefilter: TransferFilter | None = None,
         opener: Callable[[str], object] | None = None,
+        *,
+        walkable: bool | None = None,
     ) -> None:
+        # The compiled walk reads a PcapReader's bytes itself: the default opener's readers
+        # are, another opener says so (``walkable``).
+        self.walkable = opener is None if walkable is None else walkable
         if opener is None:
             from engine.codec.pcapfile import open_pcap
 
@@ -1056,6 +1100,7 @@ class PcapFileSource:
         # Offline keeps pure ACKs: a file is not read at line rate, and the captured
         # handshake ACK gives the request gate its exact origin (server-first protocols).
         self.keep = prefilter.keep_with_pure_acks if prefilter is not None else _keep_all
+        self.prefilter = prefilter
         self.opener = opener
         self.counters: Counter[str] = Counter()
         self.counters["offline_bytes_total"] = _files_bytes(self.paths) * self.replays_left
@@ -1067,6 +1112,10 @@ class PcapFileSource:
         self._linktype = packet.DLT_EN10MB
         self._pending: tuple[float, float, bytes] | None = None  # (due, ts, ip)
         self._started = False
+        # The compiled walk (use_walker): its walker, the file buffer and the end of its data.
+        self._walker: Any = None
+        self._buf = bytearray()
+        self._end = 0
 
     def fileno(self) -> int | None:
         return None
@@ -1080,6 +1129,8 @@ class PcapFileSource:
     def next_deadline(self) -> float | None:
         if self.exhausted or not self._started:
             return None
+        if self._walker is not None:
+            return self._walker.pending_due if self._walker.pending else None  # type: ignore[no-any-return]
         return self._pending[0] if self._pending is not None else None
 
     def delay(self, seconds: float) -> None:
@@ -1088,6 +1139,8 @@ class PcapFileSource:
         if seconds <= 0:
             return
         self.pacer.start += seconds
+        if self._walker is not None:
+            self._walker.shift_pending(seconds)
         if self._pending is not None:
             due, ts, ip = self._pending
             self._pending = (due + seconds, ts, ip)
@@ -1107,6 +1160,103 @@ class PcapFileSource:
 
     def close(self) -> None:
         self._close_reader()
+
+    # -- the compiled walk -------------------------------------------------------------------
+
+    def use_walker(self, walker: Any, buffer_bytes: int = FILE_BUFFER_BYTES) -> bool:
+        """From now on the records are walked by ``walker`` (engine/dataplane/capture.pyx
+        ``PcapWalker``, whose rings and gate are the capture process's): ``walk_into``
+        replaces ``read_batch`` and the dispatch.  Only before ``start``, and only when the
+        opener gives PcapReaders (``walkable``); False otherwise (read_batch stays).
+        ``buffer_bytes``: the file buffer (it grows if a record does not fit)."""
+        if not self.walkable or self._started:
+            return False
+        self._walker = walker
+        self._buf = bytearray(max(1, buffer_bytes))
+        self._end = 0
+        return True
+
+    def walk_into(
+        self,
+        now: float,
+        on_gate: Callable[[], object],
+        on_split: Callable[[int, bytes, float], object],
+    ) -> None:
+        """``read_batch`` and ``CaptureProcess.dispatch`` in one, compiled: the packets due
+        by ``now`` (at most BATCH_MAX_PACKETS) go into their workers' rings.  ``on_gate()``
+        runs before the first of them (the gate's update per batch); ``on_split(worker, ip,
+        ts)`` gets an admitted packet larger than -M."""
+        if not self._started:
+            self.start(now)
+        self._walker.begin_batch()
+        self._walk(now, BATCH_MAX_PACKETS, on_gate, on_split)
+        self._flush_walk()
+
+    def _flush_walk(self) -> None:
+        flt = self.prefilter
+        self._walker.flush_file_counts(self.counters, flt.counters if flt is not None else None)
+        self.counters["offline_idle_gaps"] = self.pacer.idle_gaps
+
+    def _walk(
+        self,
+        now: float,
+        limit: int,
+        on_gate: Callable[[], object] | None,
+        on_split: Callable[[int, bytes, float], object] | None,
+    ) -> None:
+        """Walk (opening, filling and ending files) until the next packet is not due, the
+        batch is full, or the replay is over; ``limit`` 0 only finds the next packet."""
+        from engine.dataplane.capture import WALK_BAD_RECORD, WALK_GATE, WALK_MORE
+
+        w = self._walker
+        while True:
+            if self._reader is None:
+                if not self._open_next(now):
+                    self.exhausted = True
+                    return
+                continue
+            status = w.walk(self._buf, self._end, now, limit, self.pacer)
+            if status >= 0:
+                start = w.split_start
+                if on_split is not None:
+                    on_split(status, bytes(self._buf[start : start + w.split_length]), w.split_ts)
+            elif status == WALK_GATE:
+                if on_gate is not None:
+                    on_gate()
+            elif status == WALK_MORE:
+                if not self._fill():
+                    self._end_of_file()
+            elif status == WALK_BAD_RECORD:
+                from engine.codec.pcapfile import corrupt_record
+
+                name = getattr(self._reader, "name", self.paths[self._file_index])
+                reason = corrupt_record(name, w.bad_offset, w.bad_caplen, w.bad_frac)
+                self._fail(f"{reason}; the replay stops there")
+                return
+            else:  # not due yet, or the batch is full
+                return
+
+    def _fill(self) -> bool:
+        """More of the file into the buffer after what the walker has not read; False at
+        its end."""
+        self._end = self._walker.compact(self._buf, self._end)
+        if self._end >= len(self._buf):  # a record larger than the buffer: a larger one
+            self._buf.extend(bytes(len(self._buf)))
+        got = self._reader.readinto(memoryview(self._buf)[self._end :])  # type: ignore[attr-defined]
+        if not got:
+            return False
+        self._end += got
+        return True
+
+    def _end_of_file(self) -> None:
+        """The file ends: what the walker read goes to the reader (a cut last record is told
+        as the Python path tells it), then the next file."""
+        w = self._walker
+        reader: Any = self._reader
+        reader.walked(w.base_offset + w.pos, w.records, self._end - w.pos)
+        self._note_cut_tail()
+        self._close_reader()
+        self._end = 0
 
     # -- internals --------------------------------------------------------------------------
 
@@ -1141,7 +1291,12 @@ class PcapFileSource:
         if self._linktype not in packet.LINKTYPES:
             self._fail(f"{path}: {unsupported_linktype(self._linktype)}")
             return False
-        self._iter = iter(reader)  # type: ignore[call-overload]
+        if self._walker is not None:
+            r: Any = reader
+            self._walker.open_file(self._linktype, r.big_endian, r.ticks_per_s, r.offset)
+            self._end = 0
+        else:
+            self._iter = iter(reader)  # type: ignore[call-overload]
         self.pacer.restart(now)
         return True
 
@@ -1169,6 +1324,11 @@ class PcapFileSource:
 
     def _advance(self, now: float) -> None:
         """Find the next replayable packet and its due time; mark exhaustion at the end."""
+        if self._walker is not None:
+            self._walker.begin_batch()
+            self._walk(now, 0, None, None)
+            self._flush_walk()
+            return
         self._pending = None
         while True:
             if self._iter is None:
@@ -1214,7 +1374,8 @@ def build_sources(cfg: Any, prefilter: object, opener: Any = None) -> list[objec
         if opener is None:
             return [PcapFileSource(cfg.pcap_files, pacer, cfg.replays, prefilter)]
         paths = list(cfg.pcap_files)
-        return [PcapFileSource(paths, pacer, cfg.replays, prefilter, opener=opener)]
+        # The kept files' opener (engine/io/privileges.py) gives PcapReaders too.
+        return [PcapFileSource(paths, pacer, cfg.replays, prefilter, opener=opener, walkable=True)]
     if cfg.capture == "packet":
         ports = sorted({t.online_port for t in cfg.session.transfers})
         devices = [d for d in cfg.interfaces if d != "any"] or [None]

@@ -22,7 +22,10 @@ straight from the kernel's block into the ring's slots.  Where engine.dataplane 
 choose) the blocks are walked in place instead by engine/dataplane/capture.pyx, one call per
 block: the frame walk, the -x rule, the flow hash, the shed gate (its ``Gate``, which also
 serves ``dispatch``) and the copy into the rings in C.  This module's path is its
-specification (tests/unit/test_dataplane_capture.py holds the two equal).
+specification (tests/unit/test_dataplane_capture.py holds the two equal).  A pcap file
+source is walked the same way (``PcapWalker``, through ``PcapFileSource.walk_into``: the
+record walk, the schedule, the -x rule, hash, gate and ring copy in C, ``dispatch`` its
+specification, tests/unit/test_dataplane_pcapwalk.py); with -F it stays on the Python path.
 
 Overload (engine/core/shed.py): before each batch the rings' fill levels and the memory
 watchdog's flag update a ``FlowGate``; a worker past SHED_RING_HIGH (or all workers while
@@ -62,6 +65,7 @@ from engine.codec import packet
 from engine.core.shed import REASON_RING_FULL, FlowGate
 from engine.errors import DecodeError
 from engine.io.capture import BATCH_MAX_PACKETS, FrameBatch
+from engine.io.control import CAPTURE_SLOT
 from engine.io.logs import LOGGER_NAME, reopen_logs
 from engine.io.ring import RING_SLOT_BYTES, RING_SLOTS, SLOT_HEADER_BYTES, Ring, slot_layout
 from engine.io.sigloop import SignalPipe
@@ -265,10 +269,12 @@ class CaptureProcess:
             map_ring = getattr(src, "map_ring", None)
             if map_ring is not None:
                 map_ring()
-        block_sources = [src for src in self.sources if hasattr(src, "ready_blocks")]
-        if block_sources:
-            walks = {"Python" if self._walker(src) is None else "compiled" for src in block_sources}
-            log.info("the %s block walk", " and ".join(sorted(walks)))
+        for kind, attr in (("block", "ready_blocks"), ("pcap", "use_walker")):
+            # (a file source is given its walker here, before it starts)
+            walked = [src for src in self.sources if hasattr(src, attr)]
+            if walked:
+                walks = {"Python" if self._walker(src) is None else "compiled" for src in walked}
+                log.info("the %s %s walk", " and ".join(sorted(walks)), kind)
         now = self.clock()
         for i, src in enumerate(self.sources):
             fd = src.fileno()  # type: ignore[attr-defined]
@@ -290,16 +296,7 @@ class CaptureProcess:
                     self.control.mark_capture_done()  # type: ignore[attr-defined]
                 self.stop("offline capture is complete")
                 break
-            deadline = min(
-                [now + HEARTBEAT_INTERVAL_S, next_flush]
-                + [
-                    d
-                    for d in (src.next_deadline() for src in self.sources)  # type: ignore[attr-defined]
-                    if d is not None
-                ]
-            )
-            if self._paused_since is not None:
-                deadline = min(deadline, now + OFFLINE_PAUSE_POLL_S)
+            deadline = self._wake_at(now, next_flush)
             events = self.sel.select(max(0.0, deadline - now))
             now = self.clock()
             self._handle_signals()
@@ -317,6 +314,22 @@ class CaptureProcess:
         self.flush()
         log.info("capture exits: %s", self.exit_reason)
         return self.exit_code
+
+    def _wake_at(self, now: float, next_flush: float) -> float:
+        """When the loop must look again: the heartbeat, the next flush, the sources' due
+        times.  A paused file waits for the rings, not for its schedule (its due time is
+        past): it is looked at again after OFFLINE_PAUSE_POLL_S, not at once (no spin)."""
+        deadline = min(now + HEARTBEAT_INTERVAL_S, next_flush)
+        paused = self._paused_since is not None
+        for src in self.sources:
+            if paused and hasattr(src, "delay"):
+                continue
+            due = src.next_deadline()  # type: ignore[attr-defined]
+            if due is not None and due < deadline:
+                deadline = due
+        if paused:
+            deadline = min(deadline, now + OFFLINE_PAUSE_POLL_S)
+        return deadline
 
     def _check_input_errors(self) -> None:
         """A file source that met a broken file (engine/io/capture.py PcapFileSource.error):
@@ -361,7 +374,10 @@ class CaptureProcess:
             return
         walker = self._walker(src)
         if walker is not None:
-            self._walk_blocks(src, walker, now)
+            if hasattr(src, "walk_into"):
+                src.walk_into(now, self._update_gate, self._push_split)
+            else:
+                self._walk_blocks(src, walker, now)
             return
         read_frames = getattr(src, "read_frames", None)
         if read_frames is None:
@@ -376,16 +392,34 @@ class CaptureProcess:
     # -- the compiled walk -------------------------------------------------------------------
 
     def _walker(self, src: object) -> Any:
-        """The compiled walker of a TPACKET_V3 source, or None (the Python path): no compiled
-        module, not a block source, or a prefilter rule the walk does not have (-F in
-        Python, a match without its -x pairs)."""
-        if self.dataplane is None or not hasattr(src, "ready_blocks"):
+        """The compiled walker of a TPACKET_V3 source or a pcap file source, or None (the
+        Python path): no compiled module, another source, or a prefilter rule the walk does
+        not have (-F in Python, a match without its -x pairs)."""
+        if self.dataplane is None:
             return None
         key = id(src)
         if key in self._walkers:
             return self._walkers[key]
         walker = None
         flt: Any = getattr(src, "prefilter", None)
+        if hasattr(src, "use_walker"):
+            if flt is not None and flt.transfers and flt.user_filter is None:
+                walker = self.dataplane.PcapWalker(
+                    self.rings,
+                    self.gate,
+                    self.mtu,
+                    slot_layout(),
+                    FLOW_HASH_MULTIPLIER,
+                    kernel_filtered=False,
+                    transfers=flt.transfers,
+                    drop_pure_acks=False,
+                )
+                if not src.use_walker(walker):
+                    walker = None
+            self._walkers[key] = walker
+            return walker
+        if not hasattr(src, "ready_blocks"):
+            return None
         kernel = bool(getattr(src, "kernel_filtered", False))
         if kernel or (flt is not None and flt.transfers and flt.user_filter is None):
             walker = self.dataplane.BlockWalker(
@@ -426,6 +460,13 @@ class CaptureProcess:
         finally:
             src.release()
 
+    def _push_split(self, worker: int, ip: bytes, ts: float) -> None:
+        """An admitted packet of the compiled pcap walk larger than -M: split here."""
+        pieces: list[tuple[bytes, float]] = []
+        self._split(ip, ts, pieces)
+        if pieces:
+            self.rings[worker].push_batch(pieces)
+
     def close(self) -> None:
         for src in self.sources:
             src.close()  # type: ignore[attr-defined]
@@ -437,8 +478,6 @@ class CaptureProcess:
 
     def _beat(self, now: float) -> None:
         if self.control is not None:
-            from engine.io.control import CAPTURE_SLOT
-
             self.control.beat(CAPTURE_SLOT, now)  # type: ignore[attr-defined]
 
     # -- data path --------------------------------------------------------------------------

@@ -357,7 +357,7 @@ class Worker:
         table = self.table
         if table.active == 0:  # type: ignore[attr-defined]
             return True
-        sent = table.counters.get("send", 0)  # type: ignore[attr-defined]
+        sent = table.sent  # type: ignore[attr-defined]
         if sent != self._tail_sent:  # a session still works: the tail starts again
             self._tail_sent = sent
             self._tail_at = now + self.cfg.offline_tail_s

@@ -188,7 +188,7 @@ class Tables:
             self.open()
 
 
-_STATE: dict[str, Tables] = {}
+_STATE: dict[str, Any] = {}
 
 
 def _tables(dataplane: Any, rng: random.Random, name: str) -> Tables:
@@ -307,4 +307,166 @@ def client_target(dataplane: Any, rng: random.Random, data: bytes) -> None:
     t.timers()
 
 
-TARGETS = {"records": records_target, "client": client_target}
+# -- pcap: the compiled record walk of an offline replay --------------------------------------
+
+PCAP_MAGICS = (0xA1B2C3D4, 0xA1B23C4D, 0xA1B2C3D4, 0x0A0D0D0A, 0x12345678)
+PCAP_LINKTYPES = (1, 1, 1, 113, 276, 101, 12, 14, 228, 9)
+
+
+def _pcap_frame(rng: random.Random, ip: bytes, linktype: int) -> bytes:
+    etype = rng.choice((0x0800,) * 6 + (0x86DD, 0x0806, rng.randrange(1 << 16)))
+    et = etype.to_bytes(2, "big")
+    if linktype == 1:
+        if rng.random() < 0.2:
+            return b"\x02" * 12 + b"\x81\x00\x00\x07" + et + ip
+        return b"\x02" * 12 + et + ip
+    if linktype == 113:
+        return bytes(14) + et + ip
+    if linktype == 276:
+        return et + bytes(18) + ip
+    return ip
+
+
+def pcap_file(rng: random.Random, data: bytes, pool: list[bytes]) -> bytes:
+    """A pcap file (either byte order, micro or nano seconds, any link type the reader
+    knows and some it does not) whose records carry the mutated packet and others, with
+    lying record headers now and then (caplen past the file or above the bound, a sub-second
+    field of a second, wire length below caplen), cut at a random place sometimes."""
+    import struct
+
+    order = rng.choice("<>")
+    magic = rng.choice(PCAP_MAGICS)
+    nano = magic == 0xA1B23C4D
+    linktype = rng.choice(PCAP_LINKTYPES)
+    out = bytearray(struct.pack(order + "IHHiIII", magic, 2, 4, 0, 0, 65535, linktype))
+    if rng.random() < 0.02:
+        out[4:6] = struct.pack(order + "H", rng.choice((1, 3)))
+    ticks = 10**9 if nano else 10**6
+    sec, frac = rng.randrange(1 << 31), 0
+    ips = [data] + [rng.choice(pool) for _ in range(rng.randrange(0, 12))]
+    rng.shuffle(ips)
+    for ip in ips:
+        frame = _pcap_frame(rng, ip, linktype)
+        step = rng.choice((0, 1, 10, 1000, 10**5, ticks, 3 * ticks, -1000))
+        frac += step
+        sec, frac = sec + frac // ticks, frac % ticks
+        caplen, wire, f = len(frame), len(frame) + rng.choice((0,) * 9 + (40,)), frac
+        lie = rng.random()
+        if lie < 0.02:
+            caplen = rng.choice((262_145, 1 << 31, (1 << 32) - 1, caplen + 1 + rng.randrange(64)))
+        elif lie < 0.04:
+            f = rng.choice((ticks, ticks + 1, (1 << 32) - 1))
+        elif lie < 0.06:
+            wire = rng.randrange(caplen + 1)
+        out += struct.pack(order + "IIII", sec & 0xFFFFFFFF, f, caplen, wire & 0xFFFFFFFF)
+        out += frame
+    if rng.random() < 0.2:
+        del out[rng.randrange(len(out) + 1) :]
+    return bytes(out)
+
+
+class PcapReplays:
+    """Two capture processes over their own rings: the compiled walk and the Python path;
+    each input is a new file source on both."""
+
+    def __init__(self) -> None:
+        import atexit
+        import logging
+
+        from engine.io.logs import LOGGER_NAME
+        from engine.io.ring import RING_SLOT_BYTES, Ring
+        from engine.proc.capture import CaptureProcess
+        from testbed.blocks import Control, make_filter
+
+        # A cut file's warning, once per input, is not what the run is about.
+        logging.getLogger(LOGGER_NAME).setLevel(logging.ERROR)
+        self.pool = [p for p in _seed_packets() if p and p[0] >> 4 == 4]
+        self.filters = [make_filter(drop_pure_acks=False) for _ in range(2)]
+        self.rings = [[Ring.create(32, RING_SLOT_BYTES) for _ in range(2)] for _ in range(2)]
+        self.clock = 0.0
+        self.procs = [
+            CaptureProcess(
+                [], rings, 576, control=Control(), clock=lambda: self.clock, compiled=compiled
+            )
+            for rings, compiled in zip(self.rings, (False, True), strict=True)
+        ]
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        for rings in self.rings:
+            for ring in rings:
+                ring.close()
+
+    def run(self, rng: random.Random, data: bytes) -> None:
+        from io import BytesIO
+
+        from engine.codec.pcapfile import PcapReader
+        from engine.io.capture import PcapFileSource, ReplayPacer
+
+        accelerate = rng.choice((1.0, 16.0, 1e6))
+        idle = rng.choice((0.0, 0.0, 0.5))
+        replays = rng.choice((1, 1, 2))
+        steps = [(rng.choice((0.0, 0.0005, 0.01, 1.0)), rng.choice((0, 2, 32)))
+                 for _ in range(rng.randrange(1, 12))] + [(1e7, 32)] * 3  # fmt: skip
+        start = self.clock = self.clock + 1.0
+        results = []
+        for proc, flt, compiled in zip(self.procs, self.filters, (False, True), strict=True):
+
+            def opener(path: str) -> PcapReader:
+                return PcapReader(BytesIO(data), path)
+
+            src = PcapFileSource(["f.pcap"], ReplayPacer(accelerate, idle), replays, flt,
+                                 opener=opener, walkable=True)  # fmt: skip
+            proc.sources = [src]
+            proc._walkers = {}
+            proc._paused_since = None
+            if compiled:
+                walker = proc._walker(src)
+                assert walker is not None
+                # A buffer of the file's size: a read past it meets a red zone.
+                src.use_walker(walker, max(1, len(data) - 24))
+            now = self.clock = start
+            src.start(now)
+            got: list[object] = []
+            for step, pops in steps:
+                now = self.clock = now + step
+                for _ in range(16):
+                    due = src.next_deadline()
+                    if due is None or due > now:
+                        break
+                    proc._read(src, now)
+                for ring in proc.rings:
+                    got.append(ring.pop_packets(pops))
+            for ring in proc.rings:
+                got.append(ring.pop_packets(ring.slots))
+            got += [
+                +src.counters,
+                +flt.counters,
+                +proc.counters,
+                src.error,
+                src.exhausted,
+                [(r.dropped, r.oversize, r.loss_marks) for r in proc.rings],
+            ]
+            results.append(got)
+            src.close()
+        assert results[0] == results[1], "the compiled pcap walk and the Python path differ"
+
+
+def pcap_target(dataplane: Any, rng: random.Random, data: bytes) -> None:
+    """``pcap``: a pcap file around the mutated packet (``pcap_file``) replayed by a capture
+    process through the compiled walk (engine/dataplane/capture.pyx ``PcapWalker``, its file
+    buffer exactly the records' size) and by one through PcapFileSource's Python path, on
+    the same clock: the same ring contents, drops, loss marks, counters and error."""
+    replays = _STATE.get("pcap")
+    if replays is None:
+        replays = _STATE["pcap"] = PcapReplays()
+    replays.run(rng, pcap_file(rng, data, replays.pool))
+
+
+def _seed_packets() -> list[bytes]:
+    from tests.fuzz.dataplane_asan import seeds
+
+    return seeds()
+
+
+TARGETS = {"records": records_target, "client": client_target, "pcap": pcap_target}

@@ -4,7 +4,9 @@ one sanitizer build of engine/dataplane/*.pyx (shared by the tests of this modul
 20,000 mutated TPACKET_V3 blocks through the compiled capture walk, compared with the Python
 walk; 30,000 inputs of intercept response records through the compiled session table's
 ``receive_records`` and 30,000 of captured client packets of live sessions through its
-``receive_client_ips`` (tests/fuzz/engine_targets.py), compared with the Python table.  The
+``receive_client_ips`` (tests/fuzz/engine_targets.py), compared with the Python table;
+30,000 pcap files around mutated packets through the compiled record walk of an offline
+replay (``--target pcap``), compared with PcapFileSource's Python path.  The
 long runs (>= 1 M inputs each) are the same script with ``--runs 1000000``
 (tests/fuzz/README.md)."""
 
@@ -71,3 +73,11 @@ def test_sanitizer_build_of_the_session_table_survives_30k_inputs(
     asan_build: Path, tmp_path: Path, target: str
 ) -> None:
     _run(asan_build, tmp_path, target, ENGINE_RUNS, "inputs")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sanitizer_build_of_the_pcap_walk_survives_30k_files(
+    asan_build: Path, tmp_path: Path
+) -> None:
+    _run(asan_build, tmp_path, "pcap", ENGINE_RUNS, "inputs")

@@ -41,6 +41,10 @@ class FakeTable:
     def active(self) -> int:
         return len(self.sessions)
 
+    @property
+    def sent(self) -> int:
+        return self.counters["send"]
+
     unsend = 0
 
     def receive_client(self, pkt, now):

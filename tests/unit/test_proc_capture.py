@@ -166,7 +166,12 @@ def test_tiny_ring_drops_are_counted_per_worker_and_capture_never_blocks(rings_f
 def test_offline_source_waits_for_a_busy_ring_and_shifts_its_schedule(rings_factory):
     """Offline backpressure: past OFFLINE_PAUSE_FILL the file is not read (nothing dropped,
     nothing shed); below OFFLINE_RESUME_FILL it resumes, its schedule moved by the wait."""
-    from engine.proc.capture import OFFLINE_PAUSE_FILL, OFFLINE_RESUME_FILL
+    from engine.proc.capture import (
+        HEARTBEAT_INTERVAL_S,
+        OFFLINE_PAUSE_FILL,
+        OFFLINE_PAUSE_POLL_S,
+        OFFLINE_RESUME_FILL,
+    )
 
     rings = rings_factory(1, slots=64)
     clock = [100.0]
@@ -178,6 +183,9 @@ def test_offline_source_waits_for_a_busy_ring_and_shifts_its_schedule(rings_fact
     proc._read(src, clock[0])
     assert len(rings[0]) == int(64 * OFFLINE_PAUSE_FILL)  # paused: the file was not read
     assert proc.counters["offline_paused"] == 1
+    # Paused, the loop polls the rings: the file's past due time does not wake it at once.
+    assert due_before is not None and due_before <= clock[0]
+    assert proc._wake_at(clock[0], clock[0] + 10) == clock[0] + OFFLINE_PAUSE_POLL_S
     clock[0] += 0.75
     rings[0].pop_batch(int(64 * (OFFLINE_PAUSE_FILL - OFFLINE_RESUME_FILL)) - 1)
     proc._read(src, clock[0])  # still at/over the resume mark: still paused
@@ -187,6 +195,9 @@ def test_offline_source_waits_for_a_busy_ring_and_shifts_its_schedule(rings_fact
     proc._read(src, clock[0])
     assert proc.counters["offline_paused_ms"] == 1000
     assert proc.counters["offline_paused"] == 1
+    due = src.next_deadline()  # running again: the loop wakes when the file is due
+    wake = min(due, clock[0] + HEARTBEAT_INTERVAL_S) if due is not None else None
+    assert wake is not None and proc._wake_at(clock[0], clock[0] + 10) == wake
     assert rings[0].dropped == 0 and proc.counters["shed_starts"] == 0
     # The schedule moved by the 1.0 s waited: the first packet was due at due_before.
     assert src.pacer.start == pytest.approx(100.0 + 1.0)
