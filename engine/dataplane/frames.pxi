@@ -28,7 +28,7 @@ cdef class FrameReader:
     cdef Py_ssize_t hold_n, hold_cap, error_pending
     cdef object error
 
-    def __cinit__(self, Table table, Py_ssize_t record_bytes=WR_RESPONSE_RECORD_BYTES,
+    def __cinit__(self, Table table not None, Py_ssize_t record_bytes=WR_RESPONSE_RECORD_BYTES,
                   bint combined=True, max_count=None):
         if record_bytes <= 0:
             raise ValueError(f"record_bytes must be positive, not {record_bytes}")
