@@ -317,3 +317,4 @@ cdef class TupleAllocator:
 
 
 include "table.pxi"      # SessionTable: flows, responses, timers, drain; class Table
+include "frames.pxi"     # FrameReader: an intercept connection's reads into the table

@@ -330,30 +330,74 @@ cdef enum:
     BLOCK_HEADER_BYTES = 16
 
 # -- the allocation counter (tests read it: no leaks, the memory of a session) --------------
+#
+# Blocks of up to CACHE_CLASSES * CACHE_STEP bytes (header included) are allocated rounded up
+# to a multiple of CACHE_STEP and, when freed, kept on a free list of their size class (at
+# most CACHE_MAX_BYTES over all classes) for the next allocation of that class: a session's
+# segments, control packets and event arrays come and go with every request, and in steady
+# state they then cost no malloc/free.  A kept block is not live: the counters below count
+# what the engine holds, as before.  Built with AddressSanitizer there are no classes: every
+# block is malloc'd at its exact size and freed (a read past it or of a freed block must
+# reach the sanitizer's poisoned memory, not a class's slack or a kept block).
+
+cdef enum:
+    CACHE_STEP = 64
+    CACHE_CLASSES = 32          # classes 1..31: blocks of 64 .. 1,984 bytes
+
+cdef extern from *:
+    """
+    #if defined(__SANITIZE_ADDRESS__)
+    #define E_CACHE_MAX_BYTES 0
+    #else
+    #define E_CACHE_MAX_BYTES (256 * 1024)
+    #endif
+    """
+    const size_t CACHE_MAX_BYTES "E_CACHE_MAX_BYTES"
 
 cdef size_t dp_live_blocks = 0
 cdef size_t dp_live_bytes = 0
+cdef size_t* e_cache[CACHE_CLASSES]     # free list heads (a kept block's p[0]: the next)
+cdef size_t e_cache_bytes = 0
 
 
 cdef void* e_alloc(size_t n) noexcept nogil:
-    """malloc with a size header, counted in dp_live_blocks / dp_live_bytes."""
-    global dp_live_blocks, dp_live_bytes
-    cdef size_t* p = <size_t*>malloc(n + BLOCK_HEADER_BYTES)
+    """malloc with a size header (p[0] the size asked for, p[1] the size class or 0), counted
+    in dp_live_blocks / dp_live_bytes; a block of a size class comes from its free list."""
+    global dp_live_blocks, dp_live_bytes, e_cache_bytes
+    cdef size_t c = (n + BLOCK_HEADER_BYTES + CACHE_STEP - 1) // CACHE_STEP
+    cdef size_t* p
+    if c < CACHE_CLASSES and CACHE_MAX_BYTES:
+        p = e_cache[c]
+        if p != NULL:
+            e_cache[c] = <size_t*>p[0]
+            e_cache_bytes -= c * CACHE_STEP
+        else:
+            p = <size_t*>malloc(c * CACHE_STEP)
+    else:
+        c = 0
+        p = <size_t*>malloc(n + BLOCK_HEADER_BYTES)
     if p == NULL:
         return NULL
     p[0] = n
+    p[1] = c
     dp_live_blocks += 1
     dp_live_bytes += n + BLOCK_HEADER_BYTES
     return <void*>((<char*>p) + BLOCK_HEADER_BYTES)
 
 
 cdef void e_free(void* q) noexcept nogil:
-    global dp_live_blocks, dp_live_bytes
+    global dp_live_blocks, dp_live_bytes, e_cache_bytes
     if q == NULL:
         return
     cdef size_t* p = <size_t*>((<char*>q) - BLOCK_HEADER_BYTES)
+    cdef size_t c = p[1]
     dp_live_blocks -= 1
     dp_live_bytes -= p[0] + BLOCK_HEADER_BYTES
+    if c and e_cache_bytes + c * CACHE_STEP <= CACHE_MAX_BYTES:
+        p[0] = <size_t>e_cache[c]
+        e_cache[c] = p
+        e_cache_bytes += c * CACHE_STEP
+        return
     free(p)
 
 
@@ -363,7 +407,20 @@ cdef void* e_realloc(void* q, size_t n) noexcept nogil:
         return e_alloc(n)
     cdef size_t* p = <size_t*>((<char*>q) - BLOCK_HEADER_BYTES)
     cdef size_t old = p[0]
-    cdef size_t* r = <size_t*>realloc(p, n + BLOCK_HEADER_BYTES)
+    cdef size_t* r
+    cdef void* moved
+    if p[1]:
+        if n + BLOCK_HEADER_BYTES <= p[1] * CACHE_STEP:
+            p[0] = n                # still fits its class
+            dp_live_bytes = dp_live_bytes - old + n
+            return q
+        moved = e_alloc(n)
+        if moved == NULL:
+            return NULL
+        memcpy(moved, q, old if old < n else n)
+        e_free(q)
+        return moved
+    r = <size_t*>realloc(p, n + BLOCK_HEADER_BYTES)
     if r == NULL:
         return NULL
     r[0] = n

@@ -1083,22 +1083,33 @@ cdef class Table:
         decoded in place and fed; returns the bytes consumed.  A record that does not decode
         is skipped and counted (``response_decode_errors``)."""
         cdef const uint8_t[::1] b = _as_bytes_view(buf)
-        cdef Py_ssize_t i, count
-        cdef dp_packet p
+        cdef Py_ssize_t count
         cdef const uint8_t* base = &b[0] if b.shape[0] else NULL
         if record_bytes <= 0:
             raise ValueError(f"record_bytes must be positive, not {record_bytes}")
         count = b.shape[0] // record_bytes
         with nogil:
             self.tb_count_begin()
-            for i in range(count):
-                if wr_decode_record(base + i * record_bytes, record_bytes, &p) < 0:
-                    self.c[EC_RESPONSE_DECODE_ERRORS] += 1
-                    continue
-                self.tb_receive_response(&p, base + i * record_bytes, now)
+            self.tb_receive_records(base, count, record_bytes, now)
             self.tb_count_end()
         self._check()
         return count * record_bytes
+
+    def frame_reader(self, Py_ssize_t record_bytes=WR_RESPONSE_RECORD_BYTES, bint combined=True):
+        """A FrameReader (frames.pxi) into this table: one call per intercept read."""
+        return FrameReader(self, record_bytes, combined)
+
+    cdef void tb_receive_records(self, const uint8_t* base, Py_ssize_t count,
+                                 Py_ssize_t record_bytes, double now) noexcept nogil:
+        """``count`` records of ``record_bytes`` back to back at ``base`` (inside a count
+        bracket): receive_records' loop, shared with FrameReader.feed."""
+        cdef Py_ssize_t i
+        cdef dp_packet p
+        for i in range(count):
+            if wr_decode_record(base + i * record_bytes, record_bytes, &p) < 0:
+                self.c[EC_RESPONSE_DECODE_ERRORS] += 1
+                continue
+            self.tb_receive_response(&p, base + i * record_bytes, now)
 
     def drain_into(self, sendbuf):
         """drain()'s routes, and its packets written back to back into ``sendbuf.data``

@@ -30,6 +30,11 @@ call: the compiled table must have the same effect as it (same packets out, same
         stays queued: the caller calls again until ``n`` is 0 (routes come with the first
         call that has them, always before the packets they announce).
 
+Optional: ``frame_reader(record_bytes, combined)`` -> a reader of one intercept connection's
+reads (engine/io/channel.py ``FrameReader``): ``feed(buf, n, now)`` walks the frames of
+``buf[:n]`` and feeds their records to the table in one call; its specification is
+channel.py ``RecordFeed`` (wire.FrameDecoder.feed_records, then ``receive_records``).
+
 Everything else (``counters``, ``active``, timers, ``live_routes`` ...) is the table's own.
 """
 

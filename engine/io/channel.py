@@ -10,9 +10,12 @@ and on reaching CONNECTED sends the 14-byte version handshake before anything el
 Every CLIENT_ADD goes to *every* intercept that has a connected connection, on one of its
 connections chosen round-robin (§1.2): intercept routes a flow's responses to the connection
 that delivered its latest CLIENT_ADD, so which one we pick does not matter, spreading them
-does.  Responses arrive as combined frames (`!H count` + 64-byte records, §1.4); the complete
-records of each read go to the session table back to back in one call (``on_records``), which
-decodes them where they lie.
+does.  Responses arrive as combined frames (`!H count` + 64-byte records, §1.4).  Each read
+lands in one preallocated buffer and goes to the connection's frame reader in one call: by
+default wire.py's FrameDecoder, whose complete records of the read go to ``on_records`` back
+to back (the session table decodes them where they lie); a compiled table's
+``frame_reader`` (engine/dataplane) walks the frames and the records in the read buffer
+itself, with the same errors and counts.
 
 Differences from C, on purpose (spec §1.7 QUIRKs):
 * A lost or refused connection is retried with exponential backoff (0.5 s doubling to 10 s),
@@ -59,6 +62,7 @@ import selectors
 import socket
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 from engine.codec import wire
 from engine.codec.wire import OUT_BUFFER_MAX_BYTES
@@ -88,6 +92,37 @@ RecordsHandler = Callable[[bytes, float, int], int]
 back to back (engine/io/batch.py ``receive_records``)."""
 
 
+class FrameReader(Protocol):
+    """A connection's reads in: ``feed(buf, n, now)`` takes ``buf[:n]`` and returns how many
+    records it handed on; a bad frame raises ``DecodeError`` (then, and on every later
+    feed: the connection is closed)."""
+
+    def feed(self, buf: memoryview | bytes, n: int, now: float) -> int: ...
+
+
+FrameReaderFactory = Callable[[int, bool], FrameReader]
+"""frame_reader(record_bytes, combined) -> a new connection's FrameReader."""
+
+
+class RecordFeed:
+    """The default FrameReader: wire.FrameDecoder, then ``on_records`` with the complete
+    records of the read (the specification of a compiled table's ``frame_reader``)."""
+
+    __slots__ = ("decoder", "on_records", "record_bytes")
+
+    def __init__(self, record_bytes: int, combined: bool, on_records: RecordsHandler) -> None:
+        self.decoder = wire.FrameDecoder(record_bytes=record_bytes, combined=combined)
+        self.on_records = on_records
+        self.record_bytes = record_bytes
+
+    def feed(self, buf: memoryview | bytes, n: int, now: float) -> int:
+        records = self.decoder.feed_records(buf[:n])
+        if not records:
+            return 0
+        self.on_records(records, now, self.record_bytes)
+        return len(records) // self.record_bytes
+
+
 class _Conn:
     """One TCP connection to one intercept (one of its -C slots)."""
 
@@ -111,7 +146,7 @@ class _Conn:
         self.sock: socket.socket | None = None
         self.state = IDLE
         self.out = bytearray()
-        self.decoder: wire.FrameDecoder | None = None
+        self.decoder: FrameReader | None = None
         self.handshake: wire.ExtendedClientHandshake | None = None  # AUTHENTICATING only
         # IDLE: reconnect time; CONNECTING: connect timeout; AUTHENTICATING: handshake timeout
         self.deadline: float | None = 0.0
@@ -141,7 +176,9 @@ class InterceptChannels:
     """All connections of one worker to all intercepts.
 
     `on_records(records, now, record_bytes)` receives the complete response records of each
-    read, back to back, in one call (it decodes them, and counts those that do not decode).
+    read, back to back, in one call (it decodes them, and counts those that do not decode);
+    with `frame_reader` (a compiled table's) each connection's reads go to a reader it makes
+    instead (module docstring), and `on_records` is not called.
 
     counters: channel_connects, channel_disconnects, channel_connect_failures,
     channel_frame_errors, channel_overflows, route_announced, route_unannounced,
@@ -169,6 +206,7 @@ class InterceptChannels:
         nonce_source: Callable[[int], bytes] = os.urandom,
         live_routes: Callable[[], Iterable[object]] | None = None,
         on_route_down: Callable[[bool, float], None] | None = None,
+        frame_reader: FrameReaderFactory | None = None,
     ) -> None:
         if not intercepts:
             raise ValueError("no intercept")
@@ -183,6 +221,7 @@ class InterceptChannels:
         self._fail_log = RateLimiter(CONNECT_FAIL_LOG_INTERVAL_S)
         self.live_routes = live_routes
         self.on_route_down = on_route_down
+        self.frame_reader = frame_reader
         self.route_down = False
         self._work_at: float | None = None  # a re-announce (or the route-down check) is due
         # Every read lands here (a recv of READ_BYTES allocated and shrank a new bytes object
@@ -391,7 +430,10 @@ class InterceptChannels:
         conn.state = CONNECTED
         conn.deadline = None
         conn.up_since = now
-        conn.decoder = wire.FrameDecoder(record_bytes=self.record_bytes, combined=self.combined)
+        if self.frame_reader is not None:
+            conn.decoder = self.frame_reader(self.record_bytes, self.combined)
+        else:
+            conn.decoder = RecordFeed(self.record_bytes, self.combined, self.on_records)
         conn.out.clear()
         self.counters["channel_connects"] += 1
         icpt = conn.owner
@@ -576,8 +618,7 @@ class InterceptChannels:
             except OSError as exc:
                 self._fail(conn, now, _err_name(exc))
                 return
-            # Into the one read buffer: what the decoder keeps, it copies before the next read.
-            data: bytes | memoryview = view[:n]
+            # Into the one read buffer: what the reader keeps, it copies before the next read.
             if not n:
                 if conn.state == AUTHENTICATING:
                     self.counters["channel_auth_failures"] += 1
@@ -587,25 +628,25 @@ class InterceptChannels:
                     self._fail(conn, now, "closed by intercept")
                 return
             drained = n < READ_BYTES
+            data: bytes | memoryview = view
             if conn.handshake is not None:
-                rest = self._authenticate(conn, bytes(data), now)
+                rest = self._authenticate(conn, bytes(view[:n]), now)
                 if rest is None:
                     if conn.state != AUTHENTICATING or drained:
                         return  # failed, or waiting for the rest of the handshake
                     continue
-                data = rest
+                data, n = rest, len(rest)
             decoder = conn.decoder
             assert decoder is not None
             try:
-                records = decoder.feed_records(data)
+                records = decoder.feed(data, n, now)
             except DecodeError as exc:
                 # spec §1.4: a bad frame count is fatal for that connection in C too.
                 self.counters["channel_frame_errors"] += 1
                 self._fail(conn, now, f"bad frame: {exc}")
                 return
             if records:
-                self.on_records(records, now, self.record_bytes)
-                self.counters["responses_received"] += len(records) // self.record_bytes
+                self.counters["responses_received"] += records
             if drained:
                 return
 

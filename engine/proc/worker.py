@@ -8,8 +8,9 @@ One `selectors` loop owns every file descriptor of the worker:
   read in place (``table.receive_slots``), or the packets of any other source packed into one
   buffer (``table.receive_client_ips``); a source without an fd (a paced file) has its next
   due time as one more timer;
-* intercept connections (channel.py) -> the complete response records of each read, back to
-  back -> one ``table.receive_records``;
+* intercept connections (channel.py) -> one call per read: the compiled table's frame reader
+  walks the frames and records in the read buffer (``table.frame_reader``); the Python
+  engine's gets the complete records of the read back to back (``table.receive_records``);
 * a self-pipe woken by signals (signal.set_wakeup_fd), so SIGTERM/SIGINT/SIGHUP interrupt the
   wait at once instead of at the next timer;
 * timers: the table's next deadline, the channel's reconnects, the offline pacing, the stats
@@ -173,6 +174,8 @@ class Worker:
                 secret=cfg.intercept_secret,
                 live_routes=self._live_routes,
                 on_route_down=self._on_route_down,
+                # A compiled table reads each connection's frames itself (one call per read).
+                frame_reader=getattr(self.table, "frame_reader", None),
             )
         else:
             self.channels = channels(self.sel, self._on_records)

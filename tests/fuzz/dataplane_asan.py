@@ -286,15 +286,16 @@ def _engine_target(name: str) -> Callable[[object, random.Random, bytes], None]:
 
 
 ENGINE_TARGETS: dict[str, Callable[[object, random.Random, bytes], None]] = {
-    name: _engine_target(name) for name in ("records", "client", "pcap")
+    name: _engine_target(name) for name in ("records", "client", "frames", "pcap")
 }
 """The session engine's compiled entry points (engine/dataplane/engine.pyx's Table), in
 tests/fuzz/engine_targets.py: name -> ``fuzz(dataplane, rng, data)``, fed mutated packets
 like the packet target (``fuzz_engine``); each name is a --target.  ``records``: intercept
-response records through ``receive_records``; ``client``: captured client packets of live
-sessions through ``receive_client_ips``, then ``drain_into`` and the timers; ``pcap``:
-pcap files around the packets through capture.pyx's record walk (``PcapWalker``), compared
-with PcapFileSource's Python path."""
+response records through ``receive_records``; ``frames``: an intercept connection's reads
+(framed streams, counts that lie) through ``Table.frame_reader``; ``client``: captured
+client packets of live sessions through ``receive_client_ips``, then ``drain_into`` and the
+timers; ``pcap``: pcap files around the packets through capture.pyx's record walk
+(``PcapWalker``), compared with PcapFileSource's Python path."""
 
 
 def fuzz_engine(build_dir: Path, name: str, runs: int, seed: int, artifacts: Path) -> int:

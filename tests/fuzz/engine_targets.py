@@ -14,6 +14,11 @@ records) or a plain one, cut at random read boundaries and fed through wire.py's
 left over, or an odd ``record_bytes``).  Both tables must consume the same bytes and count
 the same records that do not decode.  Then both drain and their timers run.
 
+``frames``: the same kind of stream, with counts made to lie, cut into reads that are each
+a heap block of exactly their size, through the compiled ``Table.frame_reader`` and through
+engine/io/channel.py's RecordFeed (wire.py's decoder, then ``receive_records``) into the
+Python table: the same record counts or the same error per read, the same held bytes.
+
 ``client``: captured client IPv4 packets of the live flows (SYN, data with options, ACK,
 FIN, RST) mutated (tests/fuzz/run_fuzz.py's mutations), with the mutated captured packet,
 in one exact-size buffer with some offsets and lengths out of range, through
@@ -271,6 +276,91 @@ def records_target(dataplane: Any, rng: random.Random, data: bytes) -> None:
     t.timers()
 
 
+def _hostile_stream(t: Tables, rng: random.Random, data: bytes, size: int,
+                    combined: bool) -> bytearray:  # fmt: skip
+    """Records answering the live sessions plus the mutated packet's, mutated, framed (or
+    not), then maybe a lying byte: what an intercept connection could deliver."""
+    with_payload = size == wire.PAYLOAD_RECORD_BYTES
+    recs = [wire.encode_response_record(packet.build(a), with_payload)
+            for a in t.answers(rng.randrange(1, 8))]  # fmt: skip
+    try:
+        recs.append(wire.encode_response_record(data, with_payload))
+    except Exception:
+        pass  # a captured packet too broken to make a record of: the others go
+    if not recs or rng.random() < 0.2:
+        recs.append(bytes(rng.randrange(256) for _ in range(size)))
+    recs = [_mutate_record(rng, r) for r in recs]
+    rng.shuffle(recs)
+    stream = bytearray()
+    if combined:
+        at, limit = 0, wire.max_records_per_frame(size)
+        while at < len(recs):
+            k = rng.randrange(1, limit + 1)
+            stream += wire.encode_frame(recs[at : at + k])
+            at += k
+    else:
+        stream += b"".join(recs)
+    for _ in range(rng.choice((0, 0, 0, 1, 2))):
+        at = rng.randrange(len(stream))
+        stream[at] = rng.choice((0, 1, 0xFF, rng.randrange(256), stream[at] ^ 0x80))
+    if rng.random() < 0.2:
+        stream += bytes(rng.randrange(1, 3))  # a count cut at the end
+    return stream
+
+
+def frames_target(dataplane: Any, rng: random.Random, data: bytes) -> None:
+    """A connection's reads through the compiled ``Table.frame_reader`` (frames.pxi) and
+    through channel.py's RecordFeed into the Python table: per read the same record count
+    or the same DecodeError, the same ``frames`` and ``pending_bytes``, the same records
+    that do not decode.  Each read is a heap block of exactly its size (sometimes with
+    ``n`` short of it), so a read past ``n`` or past the block is a report."""
+    import numpy as np
+
+    from engine.io.channel import RecordFeed
+
+    t = _tables(dataplane, rng, "frames")
+    if t.dut.active < 2:
+        t.open()
+    size = wire.PAYLOAD_RECORD_BYTES if rng.random() < 0.3 else wire.RESPONSE_RECORD_BYTES
+    combined = rng.random() < 0.8
+    stream = _hostile_stream(t, rng, data, size, combined)
+    dut = t.dut.frame_reader(size, combined)
+    ref = RecordFeed(size, combined, t.ref.receive_records)
+    pos = 0
+    while pos < len(stream):
+        cut = min(len(stream), pos + rng.choice((1, 2, 3, 7, 64, 66, 130, 1000, len(stream))))
+        chunk = bytes(stream[pos:cut])
+        pos = cut
+        extra = rng.choice((0, 0, 0, 1, 5))
+        block = np.empty(len(chunk) + extra, np.uint8)
+        block[: len(chunk)] = np.frombuffer(chunk, np.uint8)
+        if extra:
+            block[len(chunk) :] = 0xA5  # past n: must not be read as data
+        before = t.counts()
+        try:
+            want: int | str = ref.feed(chunk, len(chunk), t.now)
+        except DecodeError as exc:
+            want = f"error: {exc}"
+        try:
+            got: int | str = dut.feed(block, len(chunk), t.now)
+        except DecodeError as exc:
+            got = f"error: {exc}"
+        after = t.counts()
+        assert got == want, f"frame_reader: compiled {got!r}, RecordFeed {want!r}"
+        assert (dut.frames, dut.pending_bytes) == (
+            ref.decoder.frames,
+            ref.decoder.pending_bytes,
+        ), "frame_reader: frames/pending_bytes differ from wire.FrameDecoder's"
+        assert after[0] - before[0] == after[1] - before[1], (
+            f"records that do not decode: compiled {after[0] - before[0]}, "
+            f"Python {after[1] - before[1]}"
+        )
+        if isinstance(got, str):
+            break  # the worker closes the channel
+    t.drain()
+    t.timers()
+
+
 def client_target(dataplane: Any, rng: random.Random, data: bytes) -> None:
     t = _tables(dataplane, rng, "client")
     templates = []
@@ -469,4 +559,9 @@ def _seed_packets() -> list[bytes]:
     return seeds()
 
 
-TARGETS = {"records": records_target, "client": client_target, "pcap": pcap_target}
+TARGETS = {
+    "records": records_target,
+    "client": client_target,
+    "frames": frames_target,
+    "pcap": pcap_target,
+}

@@ -3,7 +3,8 @@ one sanitizer build of engine/dataplane/*.pyx (shared by the tests of this modul
 50,000 mutated packets through its Python entry points, compared with engine/codec/packet.py;
 20,000 mutated TPACKET_V3 blocks through the compiled capture walk, compared with the Python
 walk; 30,000 inputs of intercept response records through the compiled session table's
-``receive_records`` and 30,000 of captured client packets of live sessions through its
+``receive_records``, 30,000 of intercept reads (framed streams whose counts may lie) through
+its ``frame_reader`` and 30,000 of captured client packets of live sessions through its
 ``receive_client_ips`` (tests/fuzz/engine_targets.py), compared with the Python table;
 30,000 pcap files around mutated packets through the compiled record walk of an offline
 replay (``--target pcap``), compared with PcapFileSource's Python path.  The
@@ -68,7 +69,7 @@ def test_sanitizer_build_of_the_block_walk_survives_20k_blocks(
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-@pytest.mark.parametrize("target", ["records", "client"])
+@pytest.mark.parametrize("target", ["records", "client", "frames"])
 def test_sanitizer_build_of_the_session_table_survives_30k_inputs(
     asan_build: Path, tmp_path: Path, target: str
 ) -> None:
