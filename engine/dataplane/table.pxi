@@ -881,6 +881,8 @@ cdef class Table:
             if s.state == ST_FINISHED:
                 self.tb_remove(e, now)
             else:
+                if s.state == ST_LINGER and not s.lingering:
+                    e.s = sess_linger(s)    # ended: cut to what lingering reads
                 self.tb_schedule(e)
 
     # -- counting in a shared row (attach_counters) -------------------------------------------
