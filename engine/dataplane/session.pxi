@@ -171,11 +171,9 @@ ctypedef struct ESession:
     EEvent* events
     uint8_t caddr[16]           # addresses also 16-byte IPv4-mapped, for IPv6 later
     uint8_t taddr[16]
-    double created_at
     double now
     double ack_at
     double last_ack_at
-    double gap_at
     double linger_at
     int64_t snd_una
     int64_t snd_nxt
@@ -183,7 +181,6 @@ ctypedef struct ESession:
     int64_t reconnects
     int64_t rcv_data
     int64_t rcv_unacked
-    int64_t pend_held           # sum of (end - off) over the pending queue (TcpSession._held)
     uint32_t client_ip
     uint32_t target_ip
     uint32_t base
@@ -211,13 +208,16 @@ ctypedef struct ESession:
     uint8_t reconnected
     uint8_t graceful
     uint8_t route_down
-    uint8_t gap_held
-    uint8_t gap_fast
     uint8_t ack_due
     uint8_t error               # an illegal transition was attempted (Python raised)
     uint8_t lingering           # cut by sess_linger: nothing below linger_tail exists
     uint8_t linger_tail         # the last byte kept
     # -- the rest: a live session's
+    double created_at
+    double gap_at
+    int64_t pend_held           # sum of (end - off) over the pending queue (TcpSession._held)
+    uint8_t gap_held
+    uint8_t gap_fast
     uint32_t online_ip
     uint16_t online_port
     int64_t iss
@@ -2147,14 +2147,16 @@ cdef ESession* sess_linger(ESession* s) noexcept nogil:
     ip_id, the addresses and ports, rcv_nxt and the ack fields it resets); sess_owns_syn
     (has_syn, syn_seq, has_base, base, state); sess_is_later_data, sess_may_continue,
     may_reconnect and sess_continue_from (outcome, cap_end, cap_ack, restart_refused, cfg,
-    reconnected, rcv_data, reconnects, linger_at); sess_expedite_gap (gap_held, gap_fast,
-    gap_at); sess_next_event (the event fields); sess_unsend (0: lingering);
-    sess_held_bytes (pend_held, 0); sess_end_seq, sess_ts_last; the table's created_at and
-    identity fields; sess_free (lingering)."""
+    reconnected, rcv_data, reconnects, linger_at); sess_next_event (the event fields);
+    sess_unsend and sess_held_bytes (0: lingering); sess_expedite_gap (False: lingering,
+    end() cleared gap_at); sess_end_seq, sess_ts_last; the table's identity fields (its
+    shed_half_open asks sess_half_open, False once ended, before it reads created_at);
+    sess_free."""
     cdef ESession* r
     cdef size_t keep = <size_t>(<char*>&s.linger_tail - <char*>s) + 1
     if (s.lingering or s.state != ST_LINGER or s.error or s.ctl_n or s.ev_n
-            or s.pend_head != NULL or s.unacked_head != NULL or sess_unsend(s)):
+            or s.pend_head != NULL or s.unacked_head != NULL or sess_unsend(s)
+            or s.pend_held or tset(s.gap_at)):
         return s
     e_free(s.syn_pkt)
     e_free(s.third_pkt)
@@ -2378,6 +2380,8 @@ cdef bint sess_end_input(ESession* s, double now) noexcept nogil:
 
 cdef bint sess_expedite_gap(ESession* s, double due) noexcept nogil:
     """port of TcpSession.expedite_gap"""
+    if s.lingering:
+        return False            # ended: end() cleared gap_at
     cdef double at = s.gap_at
     if not s.gap_held or s.gap_fast or not tset(at) or at <= due:
         return False
@@ -2390,6 +2394,8 @@ cdef bint sess_expedite_gap(ESession* s, double due) noexcept nogil:
 cdef size_t sess_held_bytes(ESession* s) noexcept nogil:
     """port of TcpSession.held_bytes: the captured bytes not yet sent (end - off over the
     pending queue), kept as the queue changes."""
+    if s.lingering:
+        return 0                # nothing was held when it was cut (sess_linger)
     return <size_t>s.pend_held
 
 

@@ -477,7 +477,7 @@ def drained(table: Any, send: SendBuf) -> list[packet.TcpPacket]:
 
 
 LINGERING_SESSIONS = 100_000
-LINGERING_SESSION_MAX_BYTES = 800
+LINGERING_SESSION_MAX_BYTES = 720
 """What a lingering session holds all told in the compiled engine (its cut struct, table
 entry and flow, map slots, timer item, the allocator's tuple state), measured by malloc."""
 
