@@ -2138,7 +2138,7 @@ cdef ESession* sess_linger(ESession* s) noexcept nogil:
     (SYN, handshake ACK, FIN, the SYN as sent) are freed and the struct is shrunk to the
     fields before and including linger_tail.  Only once nothing is queued (no control
     packet, event, segment or unsent count): the table calls it after a drain.  Returns the
-    session, moved or not; the same one when it cannot be cut (then it stays whole).
+    cut session (a new block: s is freed), or s itself, whole, when it cannot be cut.
 
     What a lingering session's code reads, all in the kept fields: receive_client (state);
     receive_response and linger_response (counters, state, graceful, snd_nxt, base, rcv_nxt,
@@ -2165,9 +2165,15 @@ cdef ESession* sess_linger(ESession* s) noexcept nogil:
     e_free(s.syn_bytes)
     s.syn_pkt = s.third_pkt = s.fin_seg = s.rst_seg = NULL
     s.syn_bytes = NULL
-    s.lingering = 1
-    r = <ESession*>e_realloc(s, (keep + 7) & ~(<size_t>7))
-    return s if r == NULL else r
+    # A new block, not a realloc: the whole one goes back whole, for the next new session
+    # (a shrink in place would leave holes no session fits in).
+    r = <ESession*>e_alloc((keep + 7) & ~(<size_t>7))
+    if r == NULL:
+        return s
+    memcpy(r, s, keep)
+    r.lingering = 1
+    e_free(s)
+    return r
 
 
 cdef inline void after_input(ESession* s, double now) noexcept nogil:
