@@ -476,6 +476,7 @@ def drained(table: Any, send: SendBuf) -> list[packet.TcpPacket]:
         got += [packet.parse_ip(raw) for raw in send.packets(n)]
 
 
+BLOCK_HEADER_BYTES = 16  # engine/dataplane/session.pxi e_alloc's size header
 LINGERING_SESSIONS = 100_000
 LINGERING_SESSION_MAX_BYTES = 720
 """What a lingering session holds all told in the compiled engine (its cut struct, table
@@ -485,8 +486,9 @@ entry and flow, map slots, timer item, the allocator's tuple state), measured by
 def test_lingering_sessions_are_cut_to_what_lingering_reads():
     """100 k short connections (request, answer and the target's FIN: ACK, then RST) end
     and linger (to answer stray responses): the C heap they hold, measured by malloc
-    (compiled.heap_in_use), is at most LINGERING_SESSION_MAX_BYTES each; once their
-    linger is over and their tuples left quarantine, it is given back."""
+    (compiled.heap_in_use), is at most LINGERING_SESSION_MAX_BYTES each, each session a
+    block of the cut size; once their linger is over and their tuples left quarantine, the
+    indexes shrink and every session block is freed."""
     cfg = SessionConfig(transfers=XFER, time_wait_s=1.0)
     table = compiled.Table(cfg)
     send = SendBuf(1 << 22, 8192)
@@ -495,7 +497,7 @@ def test_lingering_sessions_are_cut_to_what_lingering_reads():
     def out() -> list[packet.TcpPacket]:
         return drained(table, send)
 
-    blocks_before = compiled.live_allocations()[0]
+    blocks_before, bytes_before = compiled.live_allocations()
     before = compiled.heap_in_use()
     for first in range(0, LINGERING_SESSIONS, batch):
         clients = [
@@ -529,9 +531,14 @@ def test_lingering_sessions_are_cut_to_what_lingering_reads():
     per_session = (compiled.heap_in_use() - before) / LINGERING_SESSIONS
     indexes = table.index_bytes
     assert per_session <= LINGERING_SESSION_MAX_BYTES, per_session
+    cut = compiled.lingering_session_bytes()
+    assert cut < compiled.session_struct_bytes() // 2
+    blocks, held = compiled.live_allocations()
+    assert blocks - blocks_before == LINGERING_SESSIONS  # one block each: its cut struct
+    assert held - bytes_before == LINGERING_SESSIONS * (cut + BLOCK_HEADER_BYTES)
     # A stray answer on a lingering tuple still gets its RST.
     stray = table.counters["drop_stray_response"]
-    table.receive_response(Target(client=(ORIG, 1024)).send(10), 0.5)
+    table.receive_response(Target(client=(ORIG, 1024)).send(10), 1.5)
     assert [p.flags for p in out()] == [0x14]
     assert table.counters["drop_stray_response"] == stray + 1
     now = 0.002 + cfg.linger_s
