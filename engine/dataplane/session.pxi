@@ -162,31 +162,69 @@ ctypedef struct ECtl:
 # -- the session (engine/core/session.TcpSession) -------------------------------------------
 
 ctypedef struct ESession:
-    # identity (the table reads these); addresses also 16-byte IPv4-mapped, for IPv6 later
+    # -- what an ended session reads while it lingers (and the table's identity fields):
+    # sess_linger cuts the struct after linger_tail, so every field below it is out of
+    # reach of a lingering session's code paths (see sess_linger for the list).
     const ECfg* cfg
     uint64_t* counters
-    uint8_t caddr[16]
+    ECtl* ctl
+    EEvent* events
+    uint8_t caddr[16]           # addresses also 16-byte IPv4-mapped, for IPv6 later
     uint8_t taddr[16]
-    uint32_t client_ip
-    uint32_t target_ip
-    uint32_t online_ip
-    uint16_t client_port
-    uint16_t target_port
-    uint16_t online_port
-    int state
-    int outcome
-    double created_at
-    # client stream
-    int64_t iss
+    double now
+    double ack_at
+    double last_ack_at
+    double linger_at
     int64_t snd_una
     int64_t snd_nxt
     int64_t cap_end
-    int64_t resync_end
     int64_t reconnects
+    int64_t rcv_data
+    int64_t rcv_unacked
+    uint32_t client_ip
+    uint32_t target_ip
+    uint32_t base
+    uint32_t cap_ack
+    uint32_t syn_seq
+    uint32_t rcv_nxt
+    uint32_t ts_val
+    uint32_t ts_recent
+    uint32_t ctl_n
+    uint32_t ctl_cap
+    uint32_t ev_head
+    uint32_t ev_n
+    uint32_t ev_cap
+    int state
+    int outcome
+    uint16_t client_port
+    uint16_t target_port
+    uint16_t ip_id
+    uint8_t has_base
+    uint8_t has_cap_ack
+    uint8_t has_syn
+    uint8_t has_ts_val
+    uint8_t ts_ok
+    uint8_t restart_refused
+    uint8_t reconnected
+    uint8_t graceful
+    uint8_t route_down
+    uint8_t ack_due
+    uint8_t error               # an illegal transition was attempted (Python raised)
+    uint8_t lingering           # cut by sess_linger: nothing below linger_tail exists
+    uint8_t linger_tail         # the last byte kept
+    # -- the rest: a live session's
+    double created_at
+    double gap_at
+    int64_t pend_held           # sum of (end - off) over the pending queue (TcpSession._held)
+    uint8_t gap_held
+    uint8_t gap_fast
+    uint32_t online_ip
+    uint16_t online_port
+    int64_t iss
+    int64_t resync_end
     ESeg* pend_head
     ESeg* pend_tail
     uint32_t pend_n
-    int64_t pend_held           # sum of (end - off) over the pending queue (TcpSession._held)
     ESeg* unacked_head          # sent data segments, oldest first; the FIN (fin_unacked)
     ESeg* unacked_tail          # is the queue's virtual tail
     ESeg* syn_pkt               # freed once its SYN is built (has_syn, syn_seq stay)
@@ -195,25 +233,14 @@ ctypedef struct ESession:
     ESeg* rst_seg
     uint8_t* syn_bytes          # the SYN as sent, while SYN_SENT
     uint32_t syn_len
-    uint32_t base
-    uint32_t cap_ack
     uint32_t resync_ack
-    uint32_t syn_seq
-    uint16_t ip_id
-    uint8_t has_base
-    uint8_t has_cap_ack
     uint8_t has_resync
     uint8_t resync_has_ack
-    uint8_t has_syn
     uint8_t has_third
     uint8_t fin_sent
     uint8_t fin_unacked
     uint8_t fake_syn
     uint8_t fake_wnd
-    uint8_t gap_held
-    uint8_t gap_fast
-    uint8_t reconnected
-    uint8_t restart_refused
     # handshake
     uint8_t syn_retx
     uint8_t syn_due
@@ -221,35 +248,20 @@ ctypedef struct ESession:
     uint8_t syn_ts
     uint8_t has_syn_wscale
     uint8_t syn_wscale
-    uint8_t ts_ok
-    uint8_t has_ts_val
     uint8_t snd_wscale
-    uint8_t ack_due
     uint8_t retx_due
     uint8_t probe_due
     uint8_t retx_answered
-    uint8_t graceful
-    uint8_t route_down
     uint8_t has_recover
-    uint8_t error               # an illegal transition was attempted (Python raised)
     double syn_sent_at
     double syn_rto
     double syn_at
     double handshake_at
-    double gap_at
     int64_t rcv_mss
     int64_t rcv_wnd_max
     # receive side
-    uint32_t rcv_nxt
-    uint32_t ts_val
-    uint32_t ts_recent
-    int64_t rcv_data
-    int64_t rcv_unacked
-    double ack_at
     double last_resp_at
     double last_resp_data_at
-    double last_ack_at
-    double now
     # window and retransmission (RttEstimator inline)
     int64_t snd_wnd
     double srtt
@@ -274,14 +286,6 @@ ctypedef struct ESession:
     int64_t g_rcv_data_at_req
     # end
     double fin_wait_at
-    double linger_at
-    ECtl* ctl
-    uint32_t ctl_n
-    uint32_t ctl_cap
-    EEvent* events
-    uint32_t ev_head
-    uint32_t ev_n
-    uint32_t ev_cap
 
 # -- constants (the Python names, units in the name) ----------------------------------------
 
@@ -1114,6 +1118,8 @@ cdef inline bint target_ended(int oc) noexcept nogil:
 
 cdef int sess_unsend(ESession* s) noexcept nogil:
     """port of TcpSession.unsend"""
+    if s.lingering:
+        return 0                # nothing was queued when it was cut (sess_linger)
     cdef int n = s.pend_n
     if s.fin_seg != NULL and not s.fin_sent:
         n += 1
@@ -2167,6 +2173,11 @@ cdef ESession* sess_new(const ECfg* cfg, uint64_t* counters, uint32_t cip, uint1
 cdef void sess_free(ESession* s) noexcept nogil:
     if s == NULL:
         return
+    if s.lingering:             # cut by sess_linger: its queues are gone with the tail
+        e_free(s.ctl)
+        e_free(s.events)
+        e_free(s)
+        return
     pend_clear(s)
     uq_clear(s)
     e_free(s.syn_pkt)
@@ -2177,6 +2188,49 @@ cdef void sess_free(ESession* s) noexcept nogil:
     e_free(s.ctl)
     e_free(s.events)
     e_free(s)
+
+
+cdef ESession* sess_linger(ESession* s) noexcept nogil:
+    """An ended session cut down to what it reads while it lingers: its captured packets
+    (SYN, handshake ACK, FIN, the SYN as sent) are freed and the struct is shrunk to the
+    fields before and including linger_tail.  Only once nothing is queued (no control
+    packet, event, segment or unsent count): the table calls it after a drain.  Returns the
+    cut session (a new block: s is freed), or s itself, whole, when it cannot be cut.
+
+    What a lingering session's code reads, all in the kept fields: receive_client (state);
+    receive_response and linger_response (counters, state, graceful, snd_nxt, base, rcv_nxt,
+    ctl); handle_timer, set_state to FINISHED and sess_timer (state, linger_at);
+    packets_to_send, emit_ctl and emit without a segment (ctl, ts_ok, ts_val, ts_recent, now,
+    ip_id, the addresses and ports, rcv_nxt and the ack fields it resets); sess_owns_syn
+    (has_syn, syn_seq, has_base, base, state); sess_is_later_data, sess_may_continue,
+    may_reconnect and sess_continue_from (outcome, cap_end, cap_ack, restart_refused, cfg,
+    reconnected, rcv_data, reconnects, linger_at); sess_next_event (the event fields);
+    sess_unsend and sess_held_bytes (0: lingering); sess_expedite_gap (False: lingering,
+    end() cleared gap_at); sess_end_seq, sess_ts_last; the table's identity fields (its
+    shed_half_open asks sess_half_open, False once ended, before it reads created_at);
+    sess_free."""
+    cdef ESession* r
+    cdef size_t keep = <size_t>(<char*>&s.linger_tail - <char*>s) + 1
+    if (s.lingering or s.state != ST_LINGER or s.error or s.ctl_n or s.ev_n
+            or s.pend_head != NULL or s.unacked_head != NULL or sess_unsend(s)
+            or s.pend_held or tset(s.gap_at)):
+        return s
+    e_free(s.syn_pkt)
+    e_free(s.third_pkt)
+    e_free(s.fin_seg)
+    e_free(s.rst_seg)
+    e_free(s.syn_bytes)
+    s.syn_pkt = s.third_pkt = s.fin_seg = s.rst_seg = NULL
+    s.syn_bytes = NULL
+    # A new block, not a realloc: the whole one goes back whole, for the next new session
+    # (a shrink in place would leave holes no session fits in).
+    r = <ESession*>e_alloc((keep + 7) & ~(<size_t>7))
+    if r == NULL:
+        return s
+    memcpy(r, s, keep)
+    r.lingering = 1
+    e_free(s)
+    return r
 
 
 cdef inline void after_input(ESession* s, double now) noexcept nogil:
@@ -2389,6 +2443,8 @@ cdef bint sess_end_input(ESession* s, double now) noexcept nogil:
 
 cdef bint sess_expedite_gap(ESession* s, double due) noexcept nogil:
     """port of TcpSession.expedite_gap"""
+    if s.lingering:
+        return False            # ended: end() cleared gap_at
     cdef double at = s.gap_at
     if not s.gap_held or s.gap_fast or not tset(at) or at <= due:
         return False
@@ -2401,6 +2457,8 @@ cdef bint sess_expedite_gap(ESession* s, double due) noexcept nogil:
 cdef size_t sess_held_bytes(ESession* s) noexcept nogil:
     """port of TcpSession.held_bytes: the captured bytes not yet sent (end - off over the
     pending queue), kept as the queue changes."""
+    if s.lingering:
+        return 0                # nothing was held when it was cut (sess_linger)
     return <size_t>s.pend_held
 
 

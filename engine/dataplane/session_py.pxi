@@ -15,9 +15,30 @@ def live_allocations():
     return dp_live_blocks, dp_live_bytes
 
 
+cdef extern from "<malloc.h>" nogil:
+    struct mallinfo2:
+        size_t uordblks
+        size_t hblkhd
+    mallinfo2 c_mallinfo2 "mallinfo2"()
+
+
+def heap_in_use():
+    """Bytes malloc has handed out and not taken back in this process (glibc's mallinfo2:
+    chunks in use, their headers included, and mmap'd blocks): what tests measure the
+    whole C state with, table entries and indexes included."""
+    cdef mallinfo2 m = c_mallinfo2()
+    return m.uordblks + m.hblkhd
+
+
 def session_struct_bytes():
     """sizeof(ESession)."""
     return sizeof(ESession)
+
+
+def lingering_session_bytes():
+    """The size an ended session is cut to while it lingers (sess_linger)."""
+    cdef ESession s
+    return ((<size_t>(<char*>&s.linger_tail - <char*>&s) + 1) + 7) & ~(<size_t>7)
 
 
 cdef object _pad4(bytes raw):

@@ -104,23 +104,24 @@ cdef int wr_decode_record(const uint8_t* rec, size_t n, dp_packet* p) noexcept n
 cdef struct TFlow
 
 
-cdef struct TEntry:
+cdef struct TEntry:             # 72 bytes: a malloc chunk of 80
     ESession* s
     TFlow* flow
     TEntry* prev                # the response map's order
     TEntry* next
     uint64_t fk0                # the flow key (hm_key4 of the original 4-tuple)
+    double sched                # NaN: None
+    int64_t held
     uint32_t fk1
     uint32_t heap_refs          # heap items that point here
-    double sched                # NaN: None
-    int64_t unsend
-    int64_t held
+    int32_t unsend
     uint8_t touched
     uint8_t gone
 
 
 cdef struct TFlow:
-    TEntry** items
+    TEntry** items              # &one for a single replica (no block of its own)
+    TEntry* one
     uint32_t n
     uint32_t cap
     uint8_t in_map
@@ -172,16 +173,20 @@ cdef TFlow* tb_flow_new(uint32_t cap) noexcept nogil:
     cdef TFlow* f = <TFlow*>calloc(1, sizeof(TFlow))
     if f == NULL:
         return NULL
-    f.items = <TEntry**>malloc((cap if cap else 1) * sizeof(TEntry*))
-    if f.items == NULL:
-        free(f)
-        return NULL
+    if cap <= 1:
+        f.items = &f.one
+    else:
+        f.items = <TEntry**>malloc(cap * sizeof(TEntry*))
+        if f.items == NULL:
+            free(f)
+            return NULL
     f.cap = cap if cap else 1
     return f
 
 
 cdef void tb_flow_free(TFlow* f) noexcept nogil:
-    free(f.items)
+    if f.items != &f.one:
+        free(f.items)
     free(f)
 
 
@@ -873,7 +878,7 @@ cdef class Table:
             u = sess_unsend(s)
             if u != e.unsend:
                 self.unsend_total += u - e.unsend
-                e.unsend = u
+                e.unsend = <int32_t>u
             h = <int64_t>sess_held_bytes(s)
             if h != e.held:
                 self.held_total += h - e.held
@@ -881,6 +886,8 @@ cdef class Table:
             if s.state == ST_FINISHED:
                 self.tb_remove(e, now)
             else:
+                if s.state == ST_LINGER and not s.lingering:
+                    e.s = sess_linger(s)    # ended: cut to what lingering reads
                 self.tb_schedule(e)
 
     # -- counting in a shared row (attach_counters) -------------------------------------------
@@ -1258,7 +1265,8 @@ cdef class Table:
             free(answered)
             raise MemoryError()
         while e != NULL:
-            if e.s.created_at <= cutoff and sess_half_open(e.s):
+            # half_open first: False once ended, and a lingering session has no created_at
+            if sess_half_open(e.s) and e.s.created_at <= cutoff:
                 if e.s.state > ST_SYN_SENT:
                     answered[na] = e
                     na += 1

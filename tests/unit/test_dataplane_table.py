@@ -465,3 +465,90 @@ def test_indexes_give_memory_back_after_a_flood():
     table.handle_timer(now + 10)
     after = table.index_bytes
     assert after * 50 < flooded, (flooded, after)
+
+
+def drained(table: Any, send: SendBuf) -> list[packet.TcpPacket]:
+    got = []
+    while True:
+        _routes, n = table.drain_into(send)
+        if not n:
+            return got
+        got += [packet.parse_ip(raw) for raw in send.packets(n)]
+
+
+BLOCK_HEADER_BYTES = 16  # engine/dataplane/session.pxi e_alloc's size header
+LINGERING_SESSIONS = 100_000
+LINGERING_SESSION_MAX_BYTES = 720
+"""What a lingering session holds all told in the compiled engine (its cut struct, table
+entry and flow, map slots, timer item, the allocator's tuple state), measured by malloc."""
+
+
+def test_lingering_sessions_are_cut_to_what_lingering_reads():
+    """100 k short connections (request, answer and the target's FIN: ACK, then RST) end
+    and linger (to answer stray responses): the C heap they hold, measured by malloc
+    (compiled.heap_in_use), is at most LINGERING_SESSION_MAX_BYTES each, each session a
+    block of the cut size; once their linger is over and their tuples left quarantine, the
+    indexes shrink and every session block is freed."""
+    cfg = SessionConfig(transfers=XFER, time_wait_s=1.0)
+    table = compiled.Table(cfg)
+    send = SendBuf(1 << 22, 8192)
+    batch = 2_000
+
+    def out() -> list[packet.TcpPacket]:
+        return drained(table, send)
+
+    blocks_before, bytes_before = compiled.live_allocations()
+    before = compiled.heap_in_use()
+    for first in range(0, LINGERING_SESSIONS, batch):
+        clients = [
+            Client(isn=7 * i, addr=(ORIG + i // 50_000, 1024 + i % 50_000), ts=5)
+            for i in range(first, first + batch)
+        ]
+        for c in clients:
+            table.receive_client(c.syn(), 0.0)
+        targets = {}
+        for p in out():
+            t = targets[p.src, p.sport] = Target(client=(p.src, p.sport))
+            t.observe(p)
+        for t in targets.values():
+            table.receive_response(t.synack(), 0.001)
+        for c in clients:
+            table.receive_client(c.ack(), 0.001)
+            table.receive_client(c.data(b"GET / HTTP/1.1\r\n\r\n"), 0.001)
+        for p in out():
+            targets[p.src, p.sport].observe(p)
+        for t in targets.values():
+            table.receive_response(t.send(200, fin=True), 0.002)
+        assert {p.flags for p in out()} == {0x10, 0x14}  # ACK, then RST|ACK
+    # A second on: the timers set before the end (SYN, RTO) have fired, each session waits
+    # on its linger deadline alone, as it does for most of its linger under load.
+    table.handle_timer(1.0)
+    assert out() == []
+    assert table.heap_size == LINGERING_SESSIONS
+    assert table.active == LINGERING_SESSIONS
+    assert table.lingering == LINGERING_SESSIONS
+    assert table.counters["ended_target_closed"] == LINGERING_SESSIONS
+    per_session = (compiled.heap_in_use() - before) / LINGERING_SESSIONS
+    indexes = table.index_bytes
+    assert per_session <= LINGERING_SESSION_MAX_BYTES, per_session
+    cut = compiled.lingering_session_bytes()
+    assert cut < compiled.session_struct_bytes() // 2
+    blocks, held = compiled.live_allocations()
+    assert blocks - blocks_before == LINGERING_SESSIONS  # one block each: its cut struct
+    assert held - bytes_before == LINGERING_SESSIONS * (cut + BLOCK_HEADER_BYTES)
+    # A stray answer on a lingering tuple still gets its RST.
+    stray = table.counters["drop_stray_response"]
+    table.receive_response(Target(client=(ORIG, 1024)).send(10), 1.5)
+    assert [p.flags for p in out()] == [0x14]
+    assert table.counters["drop_stray_response"] == stray + 1
+    now = 0.002 + cfg.linger_s
+    table.handle_timer(now)
+    out()
+    assert table.active == 0 and table.lingering == 0
+    c = Client(isn=1, addr=(ORIG + 99, 5000), ts=None)  # past the quarantine: tuples expire
+    table.receive_client(c.syn(), now + 10)
+    out()
+    table.handle_timer(now + 10)
+    assert table.index_bytes * 50 < indexes, (indexes, table.index_bytes)
+    table = None  # a table going away frees every session it still holds
+    assert compiled.live_allocations()[0] == blocks_before
