@@ -865,7 +865,10 @@ cdef class BlockWalker:
     def flush_counts(self, source_counters, filter_counters):
         """Add what the steps counted to the source's, the prefilter's and the gate's
         Counters, and start again from zero."""
-        _add_counts(self.counts, _SOURCE_NAMES, source_counters)
+        self._flush(_SOURCE_NAMES, source_counters, filter_counters)
+
+    def _flush(self, source_names, source_counters, filter_counters):
+        _add_counts(self.counts, source_names, source_counters)
         _add_counts(self.counts, _FILTER_NAMES, filter_counters)
         for i in range(C_COUNT):
             self.counts[i] = 0
@@ -1170,8 +1173,4 @@ cdef class PcapWalker(BlockWalker):
     def flush_file_counts(self, source_counters, filter_counters):
         """Add what the walks counted to the source's, the prefilter's and the gate's
         Counters, and start again from zero."""
-        _add_counts(self.counts, _FILE_NAMES, source_counters)
-        _add_counts(self.counts, _FILTER_NAMES, filter_counters)
-        for i in range(C_COUNT):
-            self.counts[i] = 0
-        self.gate.flush_counts()
+        self._flush(_FILE_NAMES, source_counters, filter_counters)

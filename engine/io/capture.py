@@ -1001,35 +1001,30 @@ class ReplayPacer:
         self._last_offset = offset
         return self.start + offset / self.accelerate
 
+    _SCHEDULE = (
+        "start",
+        "_first",
+        "_prev",
+        "_pass_skipped",
+        "_last_offset",
+        "skipped_s",
+        "idle_gaps",
+    )
+    """The schedule's moving parts, in the order ``state`` gives and ``load_state`` takes."""
+
     def state(self) -> tuple[float, float, float, float | None, float, float, float, float, int]:
         """The schedule as plain numbers, for the compiled walk that continues it
         (engine/dataplane/capture.pyx ``PcapWalker``): accelerate, idle threshold, then what
         ``load_state`` takes back."""
-        return (
-            self.accelerate,
-            self.idle_threshold_s,
-            self.start,
-            self._first,
-            self._prev,
-            self._pass_skipped,
-            self._last_offset,
-            self.skipped_s,
-            self.idle_gaps,
-        )
+        moving = tuple(getattr(self, name) for name in self._SCHEDULE)
+        return (self.accelerate, self.idle_threshold_s, *moving)  # type: ignore[return-value]
 
     def load_state(
         self, state: tuple[float, float | None, float, float, float, float, int]
     ) -> None:
         """The schedule where the compiled walk left it (``state()`` without its first two)."""
-        (
-            self.start,
-            self._first,
-            self._prev,
-            self._pass_skipped,
-            self._last_offset,
-            self.skipped_s,
-            self.idle_gaps,
-        ) = state
+        for name, value in zip(self._SCHEDULE, state, strict=True):
+            setattr(self, name, value)
 
 
 FILE_BUFFER_BYTES = 1 << 20

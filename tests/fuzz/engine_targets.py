@@ -234,28 +234,10 @@ def records_target(dataplane: Any, rng: random.Random, data: bytes) -> None:
         t.client([t.client_pkt(rng.choice(t.flows), ACK | PSH, seq_off=18, payload=b"y" * 30)])
     with_payload = rng.random() < 0.3
     size = wire.PAYLOAD_RECORD_BYTES if with_payload else wire.RESPONSE_RECORD_BYTES
-    recs = []
-    for a in t.answers(rng.randrange(1, 8)):
-        recs.append(wire.encode_response_record(packet.build(a), with_payload))
-    try:
-        recs.append(wire.encode_response_record(data, with_payload))
-    except Exception:
-        pass  # a captured packet too broken to make a record of: the others go
-    if not recs or rng.random() < 0.2:
-        recs.append(bytes(rng.randrange(256) for _ in range(size)))
-    recs = [_mutate_record(rng, r) for r in recs]
-    rng.shuffle(recs)
+    recs = _mutated_records(t, rng, data, size)
     combined = rng.random() < 0.7
     dec = wire.FrameDecoder(size, combined=combined)
-    stream = bytearray()
-    if combined:
-        at = 0
-        while at < len(recs):
-            k = rng.randrange(1, dec.max_count + 1)
-            stream += wire.encode_frame(recs[at : at + k])
-            at += k
-    else:
-        stream += b"".join(recs)
+    stream = _framed(rng, recs, size, combined)
     if rng.random() < 0.1 and stream:
         stream[rng.randrange(len(stream))] ^= 1 << rng.randrange(8)  # a count may lie
     pos = 0
@@ -276,10 +258,9 @@ def records_target(dataplane: Any, rng: random.Random, data: bytes) -> None:
     t.timers()
 
 
-def _hostile_stream(t: Tables, rng: random.Random, data: bytes, size: int,
-                    combined: bool) -> bytearray:  # fmt: skip
-    """Records answering the live sessions plus the mutated packet's, mutated, framed (or
-    not), then maybe a lying byte: what an intercept connection could deliver."""
+def _mutated_records(t: Tables, rng: random.Random, data: bytes, size: int) -> list[bytes]:
+    """Records of ``size`` bytes answering the live sessions, plus the mutated packet's (when
+    it makes one) or a random one, each mutated, in random order."""
     with_payload = size == wire.PAYLOAD_RECORD_BYTES
     recs = [wire.encode_response_record(packet.build(a), with_payload)
             for a in t.answers(rng.randrange(1, 8))]  # fmt: skip
@@ -291,15 +272,28 @@ def _hostile_stream(t: Tables, rng: random.Random, data: bytes, size: int,
         recs.append(bytes(rng.randrange(256) for _ in range(size)))
     recs = [_mutate_record(rng, r) for r in recs]
     rng.shuffle(recs)
+    return recs
+
+
+def _framed(rng: random.Random, recs: list[bytes], size: int, combined: bool) -> bytearray:
+    """The records as an intercept connection sends them: in frames of a random count
+    (combined) or back to back."""
+    if not combined:
+        return bytearray(b"".join(recs))
     stream = bytearray()
-    if combined:
-        at, limit = 0, wire.max_records_per_frame(size)
-        while at < len(recs):
-            k = rng.randrange(1, limit + 1)
-            stream += wire.encode_frame(recs[at : at + k])
-            at += k
-    else:
-        stream += b"".join(recs)
+    at, limit = 0, wire.max_records_per_frame(size)
+    while at < len(recs):
+        k = rng.randrange(1, limit + 1)
+        stream += wire.encode_frame(recs[at : at + k])
+        at += k
+    return stream
+
+
+def _hostile_stream(t: Tables, rng: random.Random, data: bytes, size: int,
+                    combined: bool) -> bytearray:  # fmt: skip
+    """Records answering the live sessions plus the mutated packet's, mutated, framed (or
+    not), then maybe a lying byte: what an intercept connection could deliver."""
+    stream = _framed(rng, _mutated_records(t, rng, data, size), size, combined)
     for _ in range(rng.choice((0, 0, 0, 1, 2))):
         at = rng.randrange(len(stream))
         stream[at] = rng.choice((0, 1, 0xFF, rng.randrange(256), stream[at] ^ 0x80))
