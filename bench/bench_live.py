@@ -1223,15 +1223,17 @@ TARGETS = {
     "ka-c10": (0.999, 1.0),
     "ka-c50": (0.999, 1.0),
     "ka-c200": (0.999, 1.0),
-    "ka-c50-5k-differ": (0.999, 1.0),
-    "short-c10-1ip": (0.99, None),
-    "short-c10-64ip": (0.999, None),
+    "short-c10-1ip": (0.99, 1.0),
+    "short-c10-64ip": (0.99, 1.0),
     "offline-ka": (0.999, 1.0),
     "offline-short": (0.999, 1.0),
 }
-"""Issue 9's targets by scenario: (replicated ratio, target req/s vs C or None); every
-scenario also wants CPU per 1,000 replicated requests within CPU_VS_C_MAX of C's."""
-CPU_VS_C_MAX = 2.0
+"""The compiled data plane's targets by scenario (issue 19): (replicated ratio, target req/s
+vs C); every one also wants CPU per 1,000 replicated requests at most CPU_VS_C_MAX of C's and
+a peak PSS at most PSS_VS_C_MAX x C's or PSS_FLOOR_MB, whichever is larger."""
+CPU_VS_C_MAX = 1.0
+PSS_VS_C_MAX = 2.0
+PSS_FLOOR_MB = 64.0
 
 
 def _fmt(value: Any, spec: str = "", suffix: str = "") -> str:
@@ -1278,7 +1280,16 @@ def compare(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                     )
                 if best.get("cpu_vs_c") is not None:
                     checks["cpu_vs_c"] = best["cpu_vs_c"] <= CPU_VS_C_MAX
-                entry["targets"] = {"min_ratio": min_ratio, "min_rate_vs_c": min_vs_c}
+                pss_bound = None
+                if c_run is not None and c_run.get("peak_pss_mb") is not None:
+                    pss_bound = max(PSS_VS_C_MAX * c_run["peak_pss_mb"], PSS_FLOOR_MB)
+                    if best.get("peak_pss_mb") is not None:
+                        checks["pss"] = best["peak_pss_mb"] <= pss_bound
+                entry["targets"] = {
+                    "min_ratio": min_ratio,
+                    "min_rate_vs_c": min_vs_c,
+                    "max_pss_mb": None if pss_bound is None else round(pss_bound, 1),
+                }
                 entry["met"] = checks
         if c_run is not None:
             entry["c_ratio"] = c_run.get("ratio")
@@ -1364,13 +1375,15 @@ def markdown(report: dict[str, Any]) -> str:
     comp = report.get("comparison") or {}
     rows = [(n, e) for n, e in comp.items() if e.get("met")]
     if rows:
-        lines += ["", "| issue 9 target | best workers | checks |", "|---|---:|---|"]
+        lines += ["", "| target (issue 19) | best workers | checks |", "|---|---:|---|"]
         for name, e in rows:
             t = e["targets"]
             want = f"≥ {100 * t['min_ratio']:g} %"
             if t["min_rate_vs_c"]:
                 want += f", ≥ {t['min_rate_vs_c']:g}x C's req/s"
             want += f", CPU ≤ {CPU_VS_C_MAX:g}x C"
+            if t.get("max_pss_mb") is not None:
+                want += f", PSS ≤ {t['max_pss_mb']:.0f} MB"
             checks = ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in e["met"].items())
             lines.append(f"| {name}: {want} | {e['best_workers']} | {checks} |")
     recs = report.get("recordings") or {}
