@@ -101,10 +101,10 @@ __all__ = [
 ]
 
 RING_BYTES = 2 << 20
-"""The default ring: 2 MiB of records (about 20,000 packets of 100 bytes)."""
+"""The default ring: 2 MiB of records (about 17,000 packets of 100 bytes)."""
 RING_MAX_PACKET = 1520
-"""The default largest packet: -M 1500 plus room for the link layer's slack (the capture
-splits anything larger than -M)."""
+"""The default largest packet, a record of 1,536 bytes: room for -M 1500 (the capture splits
+anything larger than -M; a larger -M raises it, engine/proc/capture.ring_max_packet)."""
 RING_IDLE_POLL_S = 0.05
 _RECORD_HEADER = struct.Struct("=IId")  # length u32, flags u32, timestamp f64
 RECORD_HEADER_BYTES = _RECORD_HEADER.size
