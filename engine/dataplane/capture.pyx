@@ -45,9 +45,9 @@ of its ``ReplayPacer`` (whose state it continues, call by call) and
 
 Untrusted input: the block is the kernel's, but nothing here trusts it: every frame header
 and every packet is checked against the end of the block before it is read, and the ring
-copy against the ring's largest packet and free bytes; a pcap record header and its frame are checked against the
-end of the buffer's data.  tests/fuzz/dataplane_asan.py fuzzes ``step`` and ``walk`` under
-ASan.
+copy against the ring's largest packet and its free bytes; a pcap record header and its
+frame are checked against the end of the buffer's data.  tests/fuzz/dataplane_asan.py
+fuzzes ``step`` and ``walk`` under ASan.
 """
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE

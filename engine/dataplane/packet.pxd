@@ -216,7 +216,8 @@ cdef inline int64_t dp_ring_step(const uint8_t* area, uint64_t capacity, uint64_
         memcpy(length, area, 4)
         if dp_ring_is_wrap(length[0]):
             return -1
-    size = DP_RING_HEADER_BYTES + ((<uint64_t>length[0] + DP_RING_ALIGN - 1) & ~(<uint64_t>DP_RING_ALIGN - 1))
+    size = DP_RING_HEADER_BYTES + (
+        (<uint64_t>length[0] + DP_RING_ALIGN - 1) & ~(<uint64_t>DP_RING_ALIGN - 1))
     if room < DP_RING_HEADER_BYTES or size > room or size > left:
         return -1
     memcpy(flags, area + pos + 4, 4)

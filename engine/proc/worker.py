@@ -628,10 +628,10 @@ class RingSource:
         (no copy); returns the packets that did not parse."""
         ring = self.ring
         ring.clear_wakeup()
-        pos, count, nbytes = ring.peek_records(self.batch_max)
+        pos, _count, nbytes = ring.peek_records(self.batch_max)
         self._after_read(now, nbytes)  # before the batch, as read_batch's caller sees it
         errors = 0
-        if count:
+        if nbytes:  # records, or a wrap mark alone
             if self._area is None:
                 self._area = ring.record_area
             try:
