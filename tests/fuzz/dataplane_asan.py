@@ -414,7 +414,10 @@ def fuzz_blocks(build_dir: Path, runs: int, seed: int, artifacts: Path) -> int:
     assert Path(dataplane.capture.__file__).parent == build_dir
     rng = random.Random(seed)
     pool = block_seeds(rng)
-    settings = {"block_bytes": BLOCK_BYTES, "workers": 3, "slots": 64, "mtu": 576}
+    settings = {
+        "block_bytes": BLOCK_BYTES, "workers": 3, "ring_bytes": 2048, "max_packet": 576,
+        "mtu": 576,
+    }  # fmt: skip
     walks = {}
     for kernel in (True, False):
         for host_only in (False, True):
