@@ -47,7 +47,7 @@ sys.path.insert(0, _TREE or str(Path(__file__).resolve().parent.parent))
 from engine.codec import packet  # noqa: E402
 from engine.io import capture  # noqa: E402
 from engine.io.capture import PacketSource, RawTcpSource, TransferFilter  # noqa: E402
-from engine.io.ring import RING_SLOT_BYTES, Ring  # noqa: E402
+from engine.io.ring import Ring, record_bytes  # noqa: E402
 from engine.proc.capture import CaptureProcess  # noqa: E402
 
 ONLINE_IP = "198.18.0.1"
@@ -111,10 +111,11 @@ def _proc_kw(kind: str) -> dict[str, bool]:
 def run(kind: str, packets: list[bytes], workers: int) -> dict[str, float]:
     wanted = sum(1 for p in packets if len(p) > 40)
     src = make_source(kind)
-    rings = [Ring.create(8192, RING_SLOT_BYTES) for _ in range(workers)]
+    rings = [Ring.create() for _ in range(workers)]
     for ring in rings:  # touch every page once: a live ring is warm after its first lap
-        ring.push_batch([(bytes(RING_SLOT_BYTES - 16), 0.0)] * ring.slots)
-        ring.pop_batch(ring.slots)
+        largest = ring.max_packet_bytes
+        ring.push_batch([(bytes(largest), 0.0)] * (ring.capacity // record_bytes(largest)))
+        ring.pop_batch(ring.capacity)
     proc = CaptureProcess([src], rings, 1500, **_proc_kw(kind))
     with_now = "now" in inspect.signature(proc.dispatch).parameters
     tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
@@ -184,7 +185,7 @@ def synthetic(packets: list[bytes], workers: int, repeat: int) -> list[dict[str,
         best: dict[str, object] = {}
         for _ in range(max(1, repeat)):
             buf = bytearray(block_bytes)
-            walk = Walk(compiled, buf, block_bytes=block_bytes, workers=workers, slots=8192,
+            walk = Walk(compiled, buf, block_bytes=block_bytes, workers=workers, ring_bytes=2 << 20,
                         mtu=1500, kernel_filtered=True, host_only=False)  # fmt: skip
             walk.proc.gate = type(walk.proc.gate)(workers, counters=walk.proc.counters,
                                                   enabled=False)  # fmt: skip

@@ -16,7 +16,7 @@ import numpy as np
 from engine.codec import packet
 from engine.io import capture
 from engine.io.capture import TP_STATUS_USER, TransferFilter
-from engine.io.ring import RING_SLOT_BYTES, Ring
+from engine.io.ring import RING_MAX_PACKET, Ring
 from engine.proc.capture import CaptureProcess
 
 BLOCK = 1 << 13
@@ -195,14 +195,15 @@ class Walk:
         *,
         block_bytes: int,
         workers: int,
-        slots: int,
+        ring_bytes: int,
         mtu: int,
         kernel_filtered: bool,
         host_only: bool,
         drop_pure_acks: bool = True,
+        max_packet: int = RING_MAX_PACKET,
     ) -> None:
         self.filter = make_filter(drop_pure_acks)
-        self.rings = [Ring.create(slots, RING_SLOT_BYTES) for _ in range(workers)]
+        self.rings = [Ring.create(ring_bytes, max_packet) for _ in range(workers)]
         self.clock = 0.0
         self.control = Control()
         self.src = BlockSource(

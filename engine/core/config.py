@@ -679,17 +679,16 @@ class ReplayConfig:
     )
     """--ring-size (MB in the flag): the shared-memory ring that carries a worker's share of
     the captured packets from the capture process to it (its pages are committed at start).
-    Derived when not given: live capture, the worker's share of 48 MB (or of -B if larger)
-    between 1.5 and 12 MB: 12 MB (8,192 slots of 1.5 KiB) per worker up to 4 workers, 6 MB
-    with 8, 1.5 MB from 32 on.  A worker's ring holds what arrives while that worker is off
-    the CPU (the kernel ring, -B, what arrives while the capture process is), and a slot
-    takes 1.5 KiB for what is mostly a packet of about 100 bytes, so rings are sized in
-    packets, not in -B's bytes: on 2 CPUs, 2,048 and 4,096 slots shed new sessions under
-    the benchmark's loads where 8,192 did not (docs/memory.md); offline replay, 6 MB
-    (4,096 slots of 1.5 KiB): the file waits while a ring is half full, so a ring only needs
-    room for two read batches of 1,024 packets past its pause mark.  Slots are sized from
-    -M (1.5 KiB up to -M 1520); a larger -M gives fewer, larger slots in the same bytes, never
-    fewer than 1,024 (docs/memory.md)."""
+    A packet takes its own length in it plus 16 bytes of header, padded to 8 bytes (about
+    120 bytes for a typical 100-byte packet; 2 MB hold some 17,000 of them, 1,365 of the
+    largest).  Derived when not given: live capture, the worker's share of 16 MB (or of -B
+    if larger) between 1 and 2 MB: 2 MB per worker up to 8 workers, 1 MB from 16 on.  A
+    worker's ring holds what arrives while that worker is off the CPU (the kernel ring, -B,
+    what arrives while the capture process is); on 2 CPUs, 2 MB replicated the benchmark's
+    loads with no ring drop with 1 and 2 workers (docs/memory.md); offline replay, 3 MB:
+    the file waits while a ring is half full, so a ring needs room for one read batch of
+    1,024 of the largest packets (-M) past its pause mark.  Never less than two of the
+    largest packets."""
     snaplen: int | None = option(
         None,
         short="-S",

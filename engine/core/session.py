@@ -948,7 +948,7 @@ class TcpSession:
 
     def expedite_gap(self, due: float) -> bool:
         """The capture reported that its ring dropped packets (engine/io/ring.py
-        SLOT_FLAG_LOSS_BEFORE): a hole now held in front of the captured stream is most
+        RECORD_FLAG_LOSS_BEFORE): a hole now held in front of the captured stream is most
         likely that loss, not a reordering, so it is given up at ``due`` instead of
         CLIENT_GAP_WAIT_S after it opened (a whole second in which this session's later
         requests queue up).  Once per hole; True if the deadline moved."""

@@ -11,7 +11,7 @@ Modules:
 - ``packet`` (packet.pxd / packet.pyx): IPv4/TCP parse in place with bounds checks, TCP
   options, link-layer offsets, the Internet checksum, and a builder into a caller's buffer
   (whole or split to an MTU); batch entry points over numpy arrays (``parse_batch``,
-  ``parse_slots`` on a shared-memory ring, ``build_batch``).
+  ``parse_records`` on a shared-memory ring, ``build_batch``).
 - ``capture`` (capture.pyx): the capture process's per-packet path: the TPACKET_V3 block
   walk, the -x prefilter, the flow hash, the shed gate (``Gate``) and the copy into the
   workers' rings (``BlockWalker``); engine/proc/capture.py uses it when it is here.
@@ -19,7 +19,7 @@ Modules:
   open-addressing hash map; rewrite.pxi, the -x/-c/-r/-n/-f rules and the TupleAllocator
   (engine/core/rewrite.py; it shares engine/io/tuple_history.py's block bit for bit);
   table.pxi, the session table (engine/core/table.py) as ``Table``, with the worker's batch
-  calls (``receive_client_ips``, ``receive_slots``, ``receive_records``, ``drain_into``);
+  calls (``receive_client_ips``, ``receive_ring``, ``receive_records``, ``drain_into``);
   counters.pxi and session.pxi, the session state machine (engine/core/session.py).
 """
 

@@ -22,16 +22,17 @@ This is the compiled twin of five pieces of Python that stay its specification:
   packet what FlowGate decides for a batch (its batch rules reduce to one decision per
   packet in order: a flow is fast or slow for the whole batch, and the last packet of a flow
   sets its state);
-* ``Ring.push_frames`` (engine/io/ring.py, whose ``slot_layout()`` the walker is given): a
-  slot's length, flags (loss mark on the first packet written after a drop) and timestamp,
-  then the data; a full ring drops and counts, a packet larger than a slot is counted.
+* ``Ring.push_frames`` (engine/io/ring.py, whose ``record_layout()`` the walker is given):
+  a record's length, flags (loss mark on the first packet written after a drop) and
+  timestamp, then the data, after a wrap mark when it does not fit before the end of the
+  area; a full ring drops and counts, a packet larger than the ring's largest is counted.
 
 ``BlockWalker.step`` walks one block from where it stopped: per packet only C types, no
 Python object and no Python call (every per-packet function is ``noexcept nogil``, so the
 compiler refuses any; tests/unit/test_dataplane_packet.py checks their ``cython -a`` score).  It stops early at a packet larger than -M (a GRO
 aggregate the caller splits in Python, engine/codec/packet.split_mtu, then calls ``step``
 again), so every ring gets its packets in capture order.  The rings' producer state (head,
-free slots, loss mark) is loaded from the Ring objects when ``step`` starts and written back
+free bytes, loss mark) is loaded from the Ring objects when ``step`` starts and written back
 when it returns; counters are C arrays added to the callers' Counters once per call.
 
 ``PcapWalker`` (a BlockWalker: the same rings, rule, hash, gate and copy) walks the records
@@ -44,9 +45,9 @@ of its ``ReplayPacer`` (whose state it continues, call by call) and
 
 Untrusted input: the block is the kernel's, but nothing here trusts it: every frame header
 and every packet is checked against the end of the block before it is read, and the ring
-copy against the slot size; a pcap record header and its frame are checked against the
-end of the buffer's data.  tests/fuzz/dataplane_asan.py fuzzes ``step`` and ``walk`` under
-ASan.
+copy against the ring's largest packet and its free bytes; a pcap record header and its
+frame are checked against the end of the buffer's data.  tests/fuzz/dataplane_asan.py
+fuzzes ``step`` and ``walk`` under ASan.
 """
 
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
@@ -549,8 +550,7 @@ cdef dict _table_dict(const FlowTable* t):
 cdef struct RingState:
     uint8_t* base
     Py_ssize_t size
-    uint64_t slots
-    uint64_t slot_bytes
+    uint64_t capacity
     uint64_t max_packet
     uint64_t head
     uint64_t start_head
@@ -570,7 +570,7 @@ cdef class BlockWalker:
     """Walks TPACKET_V3 blocks into the rings (module docstring).
 
     ``rings``: the producer side of every worker's ring (engine.io.ring.Ring), in worker
-    order; ``layout``: their geometry (engine.io.ring.slot_layout()); ``multiplier``: the
+    order; ``layout``: their geometry (engine.io.ring.record_layout()); ``multiplier``: the
     flow hash's (engine.proc.capture.FLOW_HASH_MULTIPLIER).  ``gate``: a ``Gate``.
     ``kernel_filtered``: the exact kernel program is attached (frames not IPv4/TCP are left out silently, and what is kept is counted on the source);
     otherwise ``transfers`` ((online ip, online port) pairs of the -x entries) and
@@ -597,9 +597,10 @@ cdef class BlockWalker:
     cdef uint64_t frame_count
     cdef Py_ssize_t frame_off
     cdef readonly Py_ssize_t split_start, split_length
-    # engine/io/ring.py's geometry (slot_layout) and engine/proc/capture.py's hash
+    # engine/io/ring.py's geometry (record_layout) and engine/proc/capture.py's hash
     cdef Py_ssize_t ring_header, slot_length_at, slot_flags_at, slot_ts_at, slot_data_at
-    cdef uint32_t flag_loss
+    cdef uint64_t record_align
+    cdef uint32_t flag_loss, record_wrap
     cdef uint64_t multiplier
 
     def __cinit__(self, rings, Gate gate not None, Py_ssize_t mtu, layout, multiplier, *,
@@ -628,6 +629,10 @@ cdef class BlockWalker:
         self.slot_ts_at = layout["ts_at"]
         self.slot_data_at = layout["data_at"]
         self.flag_loss = layout["flag_loss_before"]
+        self.record_align = layout["align"]
+        self.record_wrap = layout["wrap"]
+        if self.record_align < 8 or self.record_align & (self.record_align - 1):
+            raise ValueError("walker: record alignment must be a power of two >= 8")
         self.multiplier = multiplier
         self.rings = list(rings)
         self.gate = gate
@@ -668,15 +673,16 @@ cdef class BlockWalker:
                 s = &self.states[i]
                 s.base = <uint8_t*>self.views[i].buf
                 s.size = self.views[i].len
-                s.slots = ring.slots
-                s.slot_bytes = ring.slot_bytes
+                s.capacity = ring.capacity
                 s.max_packet = ring.max_packet_bytes
-                if self.ring_header + <Py_ssize_t>(s.slots * s.slot_bytes) > s.size:
+                if (self.ring_header + <Py_ssize_t>s.capacity > s.size
+                        or s.capacity % self.record_align
+                        or s.capacity < 2 * (<uint64_t>self.slot_data_at + s.max_packet)):
                     raise ValueError(f"walker: ring {i} is smaller than its geometry")
                 s.head = ring._head_mine
                 s.start_head = s.head
                 s.free = ring._producer_free()
-                s.was_empty = s.free == s.slots
+                s.was_empty = s.free == s.capacity
                 s.loss_pending = ring._loss_pending
                 s.dropped = 0
                 s.oversize = 0
@@ -705,26 +711,35 @@ cdef class BlockWalker:
 
     cdef inline void _push(self, RingState* s, const uint8_t* data, uint64_t n,
                            double ts) noexcept nogil:
-        """Ring.push_frames for one packet (engine/io/ring.py)."""
-        cdef uint8_t* slot
+        """Ring.push_frames for one packet (engine/io/ring.py ``_put``): a record, after a
+        wrap mark when it does not fit before the end of the area."""
+        cdef uint8_t* area = s.base + self.ring_header
         cdef uint32_t length32 = <uint32_t>n
         cdef uint32_t flags32
+        cdef uint64_t size, pos, room, need
         if n > s.max_packet:
             s.oversize += 1
             return
-        if s.free == 0:
+        size = <uint64_t>self.slot_data_at + (
+            (n + self.record_align - 1) & ~(self.record_align - 1))
+        pos = s.head % s.capacity
+        room = s.capacity - pos
+        need = size if size <= room else room + size
+        if need > s.free:
             s.dropped += 1
             s.loss_pending = True
             return
-        slot = s.base + self.ring_header + (s.head % s.slots) * s.slot_bytes
+        if size > room:
+            memcpy(area + pos + self.slot_length_at, &self.record_wrap, 4)
+            pos = 0
         flags32 = self.flag_loss if s.loss_pending else 0
         s.loss_pending = False
-        memcpy(slot + self.slot_length_at, &length32, 4)
-        memcpy(slot + self.slot_flags_at, &flags32, 4)
-        memcpy(slot + self.slot_ts_at, &ts, 8)
-        memcpy(slot + self.slot_data_at, data, n)
-        s.head += 1
-        s.free -= 1
+        memcpy(area + pos + self.slot_length_at, &length32, 4)
+        memcpy(area + pos + self.slot_flags_at, &flags32, 4)
+        memcpy(area + pos + self.slot_ts_at, &ts, 8)
+        memcpy(area + pos + self.slot_data_at, data, n)
+        s.head += need
+        s.free -= need
 
     # -- the -x rule (TransferFilter._keep) --------------------------------------------------
 

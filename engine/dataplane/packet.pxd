@@ -10,7 +10,8 @@ IPv4 address is stored IPv4-mapped (RFC 4291 §2.5.5.2: ten zero bytes, 0xFFFF, 
 address bytes in network order), so ``src[12:16]`` is the IPv4 address as it was on the wire.
 """
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.string cimport memcpy
 
 
 cdef enum:
@@ -172,3 +173,53 @@ cdef Py_ssize_t dp_build_split(
     const uint8_t* payload, size_t payload_len, size_t data_len, Py_ssize_t mtu,
     uint32_t* lengths, size_t max_pieces,
 ) noexcept nogil
+
+
+# A worker's ring of variable-length records (engine/io/ring.py): a record is [length u32 |
+# flags u32 | timestamp f64 | data | pad to 8 bytes]; a length of 0xFFFFFFFF is a wrap mark
+# (the rest of the area is skipped, the next record is at its start).
+cdef enum:
+    DP_RING_HEADER_BYTES = 16
+    DP_RING_ALIGN = 8
+    DP_RING_LOSS_BEFORE = 1
+
+
+cdef inline bint dp_ring_is_wrap(uint32_t length) noexcept nogil:
+    return length == <uint32_t>0xFFFFFFFF
+
+
+cdef inline int64_t dp_ring_step(const uint8_t* area, uint64_t capacity, uint64_t counter,
+                                 uint64_t left, uint64_t* at, uint32_t* length,
+                                 uint32_t* flags) noexcept nogil:
+    """engine/io/ring.py ``record_step``: the record at byte counter ``counter`` of a ring's
+    record area of ``capacity`` bytes, ``left`` published bytes from it.  Returns the bytes it
+    takes with the wrap mark before it, its data at ``area + *at``, its length and flags
+    (``dp_ring_is_wrap(*length)`` for a wrap mark that ends the published bytes); or -1 for a
+    header that does not fit the area or the published bytes."""
+    cdef uint64_t pos = counter % capacity
+    cdef uint64_t room = capacity - pos
+    cdef uint64_t skip = 0, size
+    flags[0] = 0
+    at[0] = 0
+    if room < 4:
+        return -1
+    memcpy(length, area + pos, 4)
+    if dp_ring_is_wrap(length[0]):
+        if pos == 0 or room > left:
+            return -1
+        if room == left:
+            return <int64_t>room
+        skip = room
+        left -= room
+        pos = 0
+        room = capacity
+        memcpy(length, area, 4)
+        if dp_ring_is_wrap(length[0]):
+            return -1
+    size = DP_RING_HEADER_BYTES + (
+        (<uint64_t>length[0] + DP_RING_ALIGN - 1) & ~(<uint64_t>DP_RING_ALIGN - 1))
+    if room < DP_RING_HEADER_BYTES or size > room or size > left:
+        return -1
+    memcpy(flags, area + pos + 4, 4)
+    at[0] = pos + DP_RING_HEADER_BYTES
+    return <int64_t>(skip + size)

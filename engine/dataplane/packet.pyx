@@ -24,15 +24,16 @@ arithmetic in its one corner case (all-zero words: checksum 0xFFFF; any other su
 
 The Python entry points at the bottom convert once per call and loop in C: ``parse_batch``
 parses N packets of one buffer (a pcap file read whole, a capture block) into a numpy
-structured array laid out exactly like ``dp_packet``; ``parse_slots`` does the same in place
-on the slots of a shared-memory ring (engine/io/ring.py's geometry, passed in); ``build_batch``
+structured array laid out exactly like ``dp_packet``; ``parse_records`` does the same in
+place on the records of a shared-memory ring (engine/io/ring.py, whose ``scan_records`` is
+here in C too); ``build_batch``
 writes the records back to the wire, one after the other, into one output buffer (what
 sendmmsg sends).  The single-packet functions (``parse_ip``, ``parse_options``,
 ``build_fields``, ``split_build``, ``checksum``) exist for tests, the benchmark and the
 fuzzers; they allocate the same Python objects engine/codec/packet.py does.
 """
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset
 
@@ -44,7 +45,8 @@ from engine.codec.packet import TcpOptions, TcpPacket
 __all__ = [
     "PACKET_DTYPE", "ERROR_NAMES", "DecodeError",
     "checksum", "tcp_checksum", "parse_options", "parse_ip", "decode_ip", "l2_offset",
-    "build_fields", "build_into", "parse_batch", "parse_slots", "build_batch", "split_build",
+    "build_fields", "build_into", "parse_batch", "scan_records", "parse_records",
+    "build_batch", "split_build",
 ]
 
 # -- constants (RFC 791, RFC 9293) ---------------------------------------------------------
@@ -695,42 +697,63 @@ def parse_batch(const uint8_t[::1] buf not None, const uint32_t[::1] offsets not
     return good
 
 
-def parse_slots(const uint8_t[::1] buf not None, Py_ssize_t base, Py_ssize_t slot_bytes,
-                Py_ssize_t slot_header_bytes, Py_ssize_t slots, uint64_t first, out,
-                Py_ssize_t count):
-    """Parse ``count`` packets in place from a ring of fixed-size slots (engine/io/ring.py's
-    geometry, which the caller passes): slot ``k`` of the batch is slot ``(first + k) %
-    slots``, at ``base + index * slot_bytes``; its header starts with the packet's length
-    (u32, host order) and its data follows ``slot_header_bytes`` later.  Records go to
-    ``out[0:count]`` (``offset`` is where the packet's data is in ``buf``); a length that
-    does not fit its slot is a ``range`` error.  Returns how many parsed without error."""
-    cdef Py_ssize_t k, good = 0
-    cdef size_t at, length, room
-    cdef uint32_t declared
-    cdef dp_packet* recs
-    cdef const uint8_t* b = _ptr(buf)
-    if slots < 1 or slot_header_bytes < 4 or slot_bytes <= slot_header_bytes or base < 0:
-        raise ValueError(f"bad ring geometry: slots={slots} slot_bytes={slot_bytes} "
-                         f"header={slot_header_bytes} base={base}")
-    if base > buf.shape[0] or slots > (buf.shape[0] - base) // slot_bytes or (
-            base + slots * slot_bytes > 0xFFFFFFFF):
-        raise ValueError(f"{slots} slots of {slot_bytes} bytes from {base} do not fit "
-                         f"the {buf.shape[0]}-byte buffer")
-    recs = _records(out, count)
-    room = <size_t>(slot_bytes - slot_header_bytes)
+def scan_records(const uint8_t[::1] area not None, uint64_t capacity, uint64_t tail,
+                 uint64_t avail, Py_ssize_t max_items):
+    """engine/io/ring.py ``scan_records`` in C (its specification): ``(count, nbytes, marks,
+    bad)`` for the records of a ring's record area from byte counter ``tail``, over at most
+    ``avail`` published bytes and ``max_items`` records."""
+    cdef Py_ssize_t count = 0, marks = 0
+    cdef uint64_t used = 0, at
+    cdef int64_t step
+    cdef uint32_t length, flags
+    cdef bint bad = False
+    cdef const uint8_t* b = _ptr(area)
+    if capacity < 8 or capacity > <uint64_t>area.shape[0]:
+        raise ValueError(f"ring of {capacity} bytes in a {area.shape[0]}-byte area")
     with nogil:
-        for k in range(count):
-            at = <size_t>base + <size_t>((first + <uint64_t>k) % <uint64_t>slots) * <size_t>slot_bytes
-            memcpy(&declared, b + at, 4)
-            at += <size_t>slot_header_bytes
-            length = declared
-            if length > room:
-                memset(&recs[k], 0, sizeof(dp_packet))
-                recs[k].error = DP_E_RANGE
-            elif dp_parse_ipv4_tcp(b + at, length, &recs[k]) == DP_OK:
+        while count < max_items and used < avail:
+            step = dp_ring_step(b, capacity, tail + used, avail - used, &at, &length, &flags)
+            if step < 0:
+                bad = True
+                break
+            used += <uint64_t>step
+            if dp_ring_is_wrap(length):
+                continue
+            count += 1
+            if flags & DP_RING_LOSS_BEFORE:
+                marks += 1
+    return count, used, marks, bad
+
+
+def parse_records(const uint8_t[::1] area not None, uint64_t capacity, uint64_t pos,
+                  uint64_t nbytes, out, Py_ssize_t count):
+    """Parse in place up to ``count`` packets of a ring's records (engine/io/ring.py's
+    layout) from byte ``pos`` of its record area over ``nbytes`` bytes (what ``peek_records``
+    hands out): record ``k`` goes to ``out[k]`` (``offset`` is where its data is in
+    ``area``).  Returns ``(records, good)``: the records walked (fewer than ``count`` where
+    the bytes end or a header does not fit) and how many parsed without error."""
+    cdef Py_ssize_t k = 0, good = 0
+    cdef uint64_t used = 0, at
+    cdef int64_t step
+    cdef uint32_t length, flags
+    cdef dp_packet* recs
+    cdef const uint8_t* b = _ptr(area)
+    if capacity < 8 or capacity > <uint64_t>area.shape[0] or capacity > 0xFFFFFFFF:
+        raise ValueError(f"ring of {capacity} bytes in a {area.shape[0]}-byte area")
+    recs = _records(out, count)
+    with nogil:
+        while k < count and used < nbytes:
+            step = dp_ring_step(b, capacity, pos + used, nbytes - used, &at, &length, &flags)
+            if step < 0:
+                break
+            used += <uint64_t>step
+            if dp_ring_is_wrap(length):
+                continue
+            if dp_parse_ipv4_tcp(b + at, length, &recs[k]) == DP_OK:
                 good += 1
             recs[k].offset = <uint32_t>at
-    return good
+            k += 1
+    return k, good
 
 
 def build_batch(records, const uint8_t[::1] buf not None, uint8_t[::1] out not None,

@@ -15,7 +15,7 @@
 # only, no Python object, no Python call.
 
 from libc.math cimport NAN
-from engine.dataplane.packet cimport dp_parse_ipv4_tcp, DP_OK
+from engine.dataplane.packet cimport dp_parse_ipv4_tcp, DP_OK, dp_ring_step, dp_ring_is_wrap
 
 import collections as _tb_collections
 
@@ -52,7 +52,6 @@ cdef enum:
     WR_TCP_AT = 20                   # the TCP header's offset in a record, whatever IHL says
     WR_MAX_TCP_HEADER_BYTES = 44
     WR_MAX_PAYLOAD_IN_RECORD = 128
-    RING_SLOT_HEADER_BYTES = 16      # engine/io/ring.py: length u32, flags u32, timestamp f64
 
 
 cdef int wr_decode_record(const uint8_t* rec, size_t n, dp_packet* p) noexcept nogil:
@@ -1056,31 +1055,28 @@ cdef class Table:
         self._check()
         return errors
 
-    def receive_slots(self, mem, Py_ssize_t slot_bytes, Py_ssize_t slots, Py_ssize_t first,
-                      Py_ssize_t n, double now):
-        """``n`` packets of a shared-memory ring read in place (engine/io/batch.py); returns
-        how many did not parse."""
+    def receive_ring(self, mem, uint64_t capacity, uint64_t pos, uint64_t nbytes, double now):
+        """The packets of ``nbytes`` bytes of a shared-memory ring's records from byte
+        ``pos`` read in place (engine/io/batch.py); returns how many did not parse."""
         cdef const uint8_t[::1] b = _as_bytes_view(mem)
-        cdef Py_ssize_t k, off, size = b.shape[0]
-        cdef uint32_t length
+        cdef uint64_t used = 0, at
+        cdef int64_t step
+        cdef uint32_t length, flags
         cdef int errors = 0
-        cdef const uint8_t* base = &b[0] if size else NULL
-        if slot_bytes <= RING_SLOT_HEADER_BYTES or slots <= 0 or first < 0:
-            raise ValueError(f"bad ring geometry: {slots} slots of {slot_bytes} bytes")
+        cdef const uint8_t* base = &b[0] if b.shape[0] else NULL
+        if capacity < 8 or capacity > <uint64_t>b.shape[0] or pos >= capacity:
+            raise ValueError(f"bad ring geometry: {capacity} bytes from {pos}")
         with nogil:
             self.tb_count_begin()
-            for k in range(n):
-                off = ((first + k) % slots) * slot_bytes
-                if off + RING_SLOT_HEADER_BYTES > size:
+            while used < nbytes:
+                step = dp_ring_step(base, capacity, pos + used, nbytes - used, &at, &length,
+                                    &flags)
+                if step < 0:
                     errors += 1
-                    continue
-                memcpy(&length, base + off, 4)
-                if length > slot_bytes - RING_SLOT_HEADER_BYTES or (
-                    off + RING_SLOT_HEADER_BYTES + length > size
-                ):
-                    errors += 1
-                    continue
-                errors += self.tb_client_ip(base + off + RING_SLOT_HEADER_BYTES, length, now)
+                    break
+                used += <uint64_t>step
+                if not dp_ring_is_wrap(length):
+                    errors += self.tb_client_ip(base + at, length, now)
             self.tb_count_end()
         self._check()
         return errors

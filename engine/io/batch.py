@@ -13,12 +13,14 @@ call: the compiled table must have the same effect as it (same packets out, same
         ``n`` captured IPv4 packets, packet ``i`` at ``buf[offsets[i]:offsets[i] +
         lengths[i]]``; returns how many did not parse (bounds included: a packet reaching
         past ``buf`` does not parse).  The worker counts them (``capture_parse_errors``).
-    receive_slots(mem, slot_bytes, slots, first, n, now) -> int
-        ``n`` packets of a shared-memory ring (engine/io/ring.py), read where they lie:
-        ``mem`` is the ring's slot area, slot ``(first + k) % slots`` starts at byte
-        ``((first + k) % slots) * slot_bytes`` and is ``[length u32 | flags u32 |
-        timestamp f64 | data]`` (native byte order); a length past the slot does not parse.
-        Returns how many did not parse.
+    receive_ring(mem, capacity, pos, nbytes, now) -> int
+        The packets of a shared-memory ring (engine/io/ring.py), read where they lie:
+        ``mem`` is the ring's record area of ``capacity`` bytes, and the records from byte
+        ``pos`` over ``nbytes`` bytes (``Ring.peek_records``) are ``[length u32 | flags u32
+        | timestamp f64 | data | pad to 8]`` (native byte order), with a wrap mark where one
+        did not fit before the end (``ring.record_step`` walks them).  A header that does
+        not fit the area or the bytes ends the walk and counts as one packet that did not
+        parse.  Returns how many did not parse.
     receive_records(buf, now, record_bytes=64) -> int
         Intercept response records back to back (frame counts already removed: wire.py
         FrameDecoder.feed_records); decodes ``len(buf) // record_bytes`` of them in place
@@ -41,21 +43,19 @@ Everything else (``counters``, ``active``, timers, ``live_routes`` ...) is the t
 from __future__ import annotations
 
 import mmap
-import struct
 from array import array
 from collections.abc import Sequence
 from typing import Any
 
 from engine.codec import packet, wire
 from engine.errors import DecodeError
+from engine.io.ring import RECORD_WRAP, record_step
 
 __all__ = ["BATCH_CALLS", "PyBatchTable", "SendBuffer", "as_batch"]
 
-BATCH_CALLS = ("receive_client_ips", "receive_slots", "receive_records", "drain_into")
+BATCH_CALLS = ("receive_client_ips", "receive_ring", "receive_records", "drain_into")
 """What a table must offer to be driven without an adapter."""
 
-SLOT_HEADER = struct.Struct("=IId")
-"""A ring slot's header (engine/io/ring.py): length u32, flags u32, timestamp f64."""
 
 SEND_BUFFER_BYTES = 4 << 20
 SEND_BUFFER_PACKETS = 4096
@@ -136,20 +136,20 @@ class PyBatchTable:
             receive(pkt, now)
         return errors
 
-    def receive_slots(
-        self, mem: Any, slot_bytes: int, slots: int, first: int, n: int, now: float
-    ) -> int:
+    def receive_ring(self, mem: Any, capacity: int, pos: int, nbytes: int, now: float) -> int:
         view = memoryview(mem)
+        if capacity < 8 or capacity > len(view) or not 0 <= pos < capacity:
+            raise ValueError(f"bad ring geometry: {capacity} bytes from {pos}")
         receive, parse = self.table.receive_client, packet.parse_ip
-        header, limit = SLOT_HEADER.size, slot_bytes - SLOT_HEADER.size
-        errors = 0
-        for k in range(n):
-            off = ((first + k) % slots) * slot_bytes
-            length = SLOT_HEADER.unpack_from(view, off)[0]
-            if length > limit:
+        errors = used = 0
+        while used < nbytes:
+            step, start, length, _flags = record_step(view, capacity, pos + used, nbytes - used)
+            if step < 0:
                 errors += 1
+                break
+            used += step
+            if length == RECORD_WRAP:
                 continue
-            start = off + header
             try:
                 pkt = parse(bytes(view[start : start + length]))
             except DecodeError:

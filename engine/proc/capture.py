@@ -6,7 +6,7 @@ One process owns the capture sources (capture.RawTcpSource / PacketSource, or
 PcapFileSource with its offline pacing) and their -x pre-filter.  Every accepted packet is
 
 1. split when it is larger than -M (GRO/TSO aggregates, spec §3.4: packet.split_mtu), so each
-   piece fits a ring slot (slots are sized from -M, ``ring_slot_bytes``);
+   piece fits a ring record (the ring's largest packet is -M, ``ring_max_packet``);
 2. given to worker ``flow_worker(client ip, client port, N)``: a stable hash of the *original*
    client, so every packet of a flow, and therefore every -n replica made of it (replicas are
    created inside the owning worker's session table), lives on one worker;
@@ -17,7 +17,7 @@ PcapFileSource with its offline pacing) and their -x pre-filter.  Every accepted
 Sources with ``read_frames`` (capture.TPacketSource) hand over whole kernel blocks as numpy
 arrays (``FrameBatch``): the worker index of every packet is computed vectorized
 (``flow_workers``), and each ring gets its packets with one ``Ring.push_frames``, copied
-straight from the kernel's block into the ring's slots.  Where engine.dataplane is compiled
+straight from the kernel's block into the ring's records.  Where engine.dataplane is compiled
 (``compiled=None``, the default: when ``engine.dataplane.AVAILABLE``; True or False to
 choose) the blocks are walked in place instead by engine/dataplane/capture.pyx, one call per
 block: the frame walk, the -x rule, the flow hash, the shed gate (its ``Gate``, which also
@@ -67,7 +67,7 @@ from engine.errors import DecodeError
 from engine.io.capture import BATCH_MAX_PACKETS, FrameBatch
 from engine.io.control import CAPTURE_SLOT
 from engine.io.logs import LOGGER_NAME, reopen_logs
-from engine.io.ring import RING_SLOT_BYTES, RING_SLOTS, SLOT_HEADER_BYTES, Ring, slot_layout
+from engine.io.ring import RING_BYTES, RING_MAX_PACKET, Ring, record_bytes, record_layout
 from engine.io.sigloop import SignalPipe
 from metrics.counters import COUNTER_FLUSH_INTERVAL_S
 
@@ -78,20 +78,17 @@ FLOW_HASH_MULTIPLIER = 0x9E3779B97F4A7C15
 _U64 = (1 << 64) - 1
 HEARTBEAT_INTERVAL_S = 0.5
 """The loop wakes at least this often to write its heartbeat."""
-RING_BYTES_PER_WORKER = RING_SLOTS * RING_SLOT_BYTES
-"""The largest derived ring (12 MiB): larger slots (a large -M) mean fewer of them."""
-RING_SLOTS_MIN = 1024
-RING_BYTES_MIN = RING_SLOTS_MIN * RING_SLOT_BYTES
-"""The smallest derived ring of a live capture (1,024 slots of 1.5 KiB)."""
-LIVE_RINGS_BYTES = 4 * RING_BYTES_PER_WORKER
+RING_BYTES_PER_WORKER = RING_BYTES
+"""The largest derived live ring (2 MiB of records: about 20,000 packets of 100 bytes)."""
+RING_BYTES_MIN = 1 << 20
+"""The smallest derived live ring (1 MiB)."""
+LIVE_RINGS_BYTES = 8 * RING_BYTES_PER_WORKER
 """What the live rings of all workers take together, at least (``ring_bytes``; -B if
-larger): 8,192 slots (12 MiB) per worker up to 4 workers.  Smaller rings did not hold the
-bench's loads on 2 CPUs (bench/run.sh ka-c50 and short-c10-1ip, 10 s each): 1,024 slots per
-worker (2 workers) replicated 99.8 % and 94.0 %; 2,048 (1 worker) 100 % and 96.6 %;
-4,096 replicated 98.9 % and 100 % with one worker, 100 % and 97.0 % with two (ring_full
-drops, and new sessions shed at 90 % fill); 8,192 slots dropped nothing."""
+larger): 2 MiB per worker up to 8 workers.  A ring holds what arrives while its worker is
+off the CPU; on 2 CPUs the bench's loads (bench/run.sh ka-c50 and short-c10-1ip, 10 s, 1
+and 2 workers) dropped nothing in 2 MiB, where 8,192 fixed 1.5 KiB slots (12 MiB) were the
+smallest that did (docs/memory.md has both tables)."""
 _SRC_NO_OPTIONS = struct.Struct("!12xI4xH")  # IPv4 src address, then (IHL 5) the TCP src port
-_SLOT_ALIGN_BYTES = 64
 
 
 OFFLINE_PAUSE_FILL = 0.5
@@ -128,16 +125,10 @@ def flow_workers(keys: np.ndarray, workers: int) -> np.ndarray:
         return (high * np.uint64(workers)) >> _SHIFT_32
 
 
-def ring_slot_bytes(mtu: int) -> int:
-    """Slot size that holds any packet of at most `mtu` bytes (never below RING_SLOT_BYTES)."""
-    need = mtu + SLOT_HEADER_BYTES
-    need = -(-need // _SLOT_ALIGN_BYTES) * _SLOT_ALIGN_BYTES
-    return max(RING_SLOT_BYTES, need)
-
-
-def ring_slots(slot_bytes: int, ring_bytes: int = RING_BYTES_PER_WORKER) -> int:
-    """Slots of ``slot_bytes`` in a ring of ``ring_bytes`` (never fewer than RING_SLOTS_MIN)."""
-    return max(RING_SLOTS_MIN, ring_bytes // slot_bytes)
+def ring_max_packet(mtu: int) -> int:
+    """The largest packet a ring takes: -M (the capture splits anything larger), never below
+    RING_MAX_PACKET."""
+    return max(RING_MAX_PACKET, mtu)
 
 
 def ring_bytes(cfg: Any) -> int:
@@ -147,18 +138,22 @@ def ring_bytes(cfg: Any) -> int:
     * live capture: each worker's share of LIVE_RINGS_BYTES, or of -B if that is larger,
       between RING_BYTES_MIN and RING_BYTES_PER_WORKER: a worker's ring holds what arrives
       while that worker is off the CPU, the kernel's ring (-B) what arrives while the
-      capture process is, and a ring slot takes 1.5 KiB for what is mostly a 100-byte
-      packet, so the rings are sized in packets, not in -B's bytes;
-    * offline replay: room for two read batches past the pause mark (the file waits while
-      a ring is OFFLINE_PAUSE_FILL full), in default slots: 4,096 slots, 8 MiB.
+      capture process is;
+    * offline replay: room for one read batch of the largest packets past the pause mark
+      (the file waits while a ring is OFFLINE_PAUSE_FILL full): 3 MiB with -M 1500.
+
+    Never less than two of the largest records (a ring must hold any packet after a wrap).
     """
+    largest = record_bytes(ring_max_packet(cfg.session.mtu))
     if cfg.ring_bytes:
-        return int(cfg.ring_bytes)
-    if cfg.capture == "offline":
-        slots = math.ceil(2 * BATCH_MAX_PACKETS / (1.0 - OFFLINE_PAUSE_FILL))
-        return slots * RING_SLOT_BYTES
-    share = max(LIVE_RINGS_BYTES, cfg.capture_buffer_bytes) // max(1, cfg.workers)
-    return int(min(RING_BYTES_PER_WORKER, max(RING_BYTES_MIN, share)))
+        size = int(cfg.ring_bytes)
+    elif cfg.capture == "offline":
+        size = math.ceil(BATCH_MAX_PACKETS * largest / (1.0 - OFFLINE_PAUSE_FILL))
+    else:
+        share = max(LIVE_RINGS_BYTES, cfg.capture_buffer_bytes) // max(1, cfg.workers)
+        size = min(RING_BYTES_PER_WORKER, max(RING_BYTES_MIN, share))
+    size = max(size, 2 * largest)
+    return -(-size // 64) * 64
 
 
 def _compiled_capture() -> Any:
@@ -408,7 +403,7 @@ class CaptureProcess:
                     self.rings,
                     self.gate,
                     self.mtu,
-                    slot_layout(),
+                    record_layout(),
                     FLOW_HASH_MULTIPLIER,
                     kernel_filtered=False,
                     transfers=flt.transfers,
@@ -426,7 +421,7 @@ class CaptureProcess:
                 self.rings,
                 self.gate,
                 self.mtu,
-                slot_layout(),
+                record_layout(),
                 FLOW_HASH_MULTIPLIER,
                 kernel_filtered=kernel,
                 host_only=bool(getattr(src, "host_only", False)),
@@ -532,7 +527,7 @@ class CaptureProcess:
 
     def dispatch_frames(self, batch: FrameBatch) -> None:
         """A kernel block's packets to the rings: workers and shedding for the whole batch as
-        arrays, then one ``push_frames`` per ring copying from the block into the slots.
+        arrays, then one ``push_frames`` per ring copying from the block into the records.
         The gate takes the rings' fill levels first, for every block (an empty one too)."""
         self._update_gate()
         count = len(batch.keys)

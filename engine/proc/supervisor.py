@@ -157,7 +157,7 @@ class Supervisor:
         heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
         stop_deadline_s: float = STOP_DEADLINE_S,
         watchdog_interval_s: float = WATCHDOG_INTERVAL_S,
-        ring_slots: int | None = None,
+        ring_capacity: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg
@@ -184,7 +184,7 @@ class Supervisor:
         self._rss_at_exact = 0
         self.memory_peak_bytes = 0
         self._shed_estimated = False  # the shed flag was raised by an estimate, unconfirmed
-        self.ring_slots = ring_slots
+        self.ring_capacity = ring_capacity
         self.clock = clock
         self.control: ControlBlock | None = None
         self.rings: list = []
@@ -217,7 +217,7 @@ class Supervisor:
         from engine.io.capture import build_sources
         from engine.io.ring import Ring
         from engine.io.tuple_history import TupleHistory
-        from engine.proc.capture import ring_bytes, ring_slot_bytes, ring_slots
+        from engine.proc.capture import ring_bytes, ring_max_packet
         from metrics.counters import CounterBlock
 
         cfg = self.cfg
@@ -226,16 +226,15 @@ class Supervisor:
             self.block = CounterBlock.create(workers=self.workers)
         self._start_exporter()  # first: a busy --metrics port fails before anything is built
         self.control = ControlBlock(self.workers)
-        slot_bytes = ring_slot_bytes(cfg.session.mtu)
-        slots = self.ring_slots or ring_slots(slot_bytes, ring_bytes(cfg))
-        self.rings = [Ring.create(slots, slot_bytes) for _ in range(self.workers)]
+        max_packet = ring_max_packet(cfg.session.mtu)
+        capacity = self.ring_capacity or ring_bytes(cfg)
+        self.rings = [Ring.create(capacity, max_packet) for _ in range(self.workers)]
         log.info(
-            "rings: %d x %d slots of %d bytes (%.1f MB each%s)",
+            "rings: %d x %.1f MB of records, packets up to %d bytes (%s)",
             self.workers,
-            slots,
-            slot_bytes,
-            slots * slot_bytes / BYTES_PER_MB,
-            ", --ring-size" if cfg.ring_bytes else ", derived from the load",
+            capacity / BYTES_PER_MB,
+            max_packet,
+            "--ring-size" if cfg.ring_bytes else "derived from the load",
         )
         self.histories = [TupleHistory.create() for _ in range(self.workers)]
         self.prefilter = capture.TransferFilter.for_transfers(

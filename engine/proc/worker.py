@@ -5,7 +5,7 @@ Theory of operation
 One `selectors` loop owns every file descriptor of the worker:
 
 * the source's fd (the ring's eventfd) -> one batch call per ring batch: the ring's slots
-  read in place (``table.receive_slots``), or the packets of any other source packed into one
+  read in place (``table.receive_ring``), or the packets of any other source packed into one
   buffer (``table.receive_client_ips``); a source without an fd (a paced file) has its next
   due time as one more timer;
 * intercept connections (channel.py) -> one call per read: the compiled table's frame reader
@@ -601,9 +601,9 @@ class RingSource:
         self._last_read = float("-inf")
         self._backlog = False
         self._loss_marks = 0
-        self._slots: memoryview | None = None  # the ring's slot area, for receive_into
+        self._area: memoryview | None = None  # the ring's record area, for receive_into
         # Called with `now` when a batch held a packet the capture marked "packets of this
-        # ring were dropped just before me" (ring.SLOT_FLAG_LOSS_BEFORE).
+        # ring were dropped just before me" (ring.RECORD_FLAG_LOSS_BEFORE).
         self.on_loss: Callable[[float], None] | None = None
 
     def fileno(self) -> int | None:
@@ -624,22 +624,22 @@ class RingSource:
         )
 
     def receive_into(self, table: object, now: float) -> int:
-        """``read_batch``'s batch handed to ``table.receive_slots`` where it lies in the ring
+        """``read_batch``'s batch handed to ``table.receive_ring`` where it lies in the ring
         (no copy); returns the packets that did not parse."""
         ring = self.ring
         ring.clear_wakeup()
-        first, count = ring.peek_slots(self.batch_max)
-        self._after_read(now, count)  # before the batch, as read_batch's caller sees it
+        pos, _count, nbytes = ring.peek_records(self.batch_max)
+        self._after_read(now, nbytes)  # before the batch, as read_batch's caller sees it
         errors = 0
-        if count:
-            if self._slots is None:
-                self._slots = ring.slot_area
+        if nbytes:  # records, or a wrap mark alone
+            if self._area is None:
+                self._area = ring.record_area
             try:
-                errors = table.receive_slots(  # type: ignore[attr-defined]
-                    self._slots, ring.slot_bytes, ring.slots, first, count, now
+                errors = table.receive_ring(  # type: ignore[attr-defined]
+                    self._area, ring.capacity, pos, nbytes, now
                 )
             finally:
-                ring.release(count)
+                ring.release(nbytes)
         return int(errors)
 
     def read_batch(self, now: float) -> list[tuple[float, bytes]]:
@@ -651,7 +651,7 @@ class RingSource:
         return items
 
     def _after_read(self, now: float, held: int = 0) -> None:
-        """What follows every read: loss marks, the backlog test, the tick; ``held`` slots
+        """What follows every read: loss marks, the backlog test, the tick; ``held`` bytes
         were taken in place and are not released yet (they are not a backlog)."""
         ring = self.ring
         self._last_read = now
@@ -669,9 +669,9 @@ class RingSource:
             self.tick(now)
 
     def close(self) -> None:
-        if self._slots is not None:
-            self._slots.release()
-            self._slots = None
+        if self._area is not None:
+            self._area.release()
+            self._area = None
         self.ring.close()
 
 

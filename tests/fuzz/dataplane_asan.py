@@ -24,7 +24,8 @@ Theory of operation
    it parses, through ``split_build`` at a random MTU compared with ``split_mtu``; every
    256 inputs the whole group goes through ``parse_batch`` (with some offsets and lengths
    pointing outside the buffer), ``build_batch`` into an output of exactly the needed size,
-   and ``parse_slots`` over the same packets laid out as a ring of random geometry.
+   and ``scan_records``/``parse_records`` over the same packets laid out as a ring's records
+   (random size and start, some lengths and wrap marks hostile).
 4. ``--target block`` (engine/dataplane/capture.pyx): TPACKET_V3 blocks built from the same
    captured packets (random pkttypes, frames cut short, aggregates larger than -M), then
    made to lie (tp_next_offset 0, unaligned or past the block; tp_snaplen past the block;
@@ -258,21 +259,34 @@ def _batch(D, np, rng: random.Random, group: list[bytes]) -> None:  # type: igno
     out = np.empty(max(need, 1), np.uint8)[:need]
     built = np.empty(len(group), np.int32)
     assert D.build_batch(recs, buf, out, built) == need
-    # The same group as ring slots (random geometry and slot lengths, some too large), read
-    # in place by parse_slots from a block that ends exactly at the last slot.
-    slot_bytes = rng.choice((64, 256, 2048))
-    header = rng.choice((4, 16))
-    slots = rng.randrange(1, 64)
-    ring = np.zeros(slots * slot_bytes, np.uint8)
-    first = rng.randrange(2**64 - 1024)
+    # The same group as a ring's records (engine/io/ring.py's layout, wrap marks and all) in
+    # an area of random size that ends exactly at its last byte, from a random start; some
+    # lengths are random and some wrap marks are where none belongs.  scan_records walks it
+    # as the consumer does and parse_records reads it in place, over what was published and
+    # over more than that.
+    capacity = rng.choice((64, 256, 2048, 8192)) + 8 * rng.randrange(8)
+    area = np.zeros(capacity, np.uint8)
+    start = rng.randrange(2**63) // 8 * 8
+    used = 0
     count = rng.randrange(len(group))
-    for k in range(min(count, slots)):
-        at = ((first + k) % slots) * slot_bytes
-        data = group[k][: slot_bytes - header]
-        length = len(data) if rng.random() < 0.9 else rng.randrange(2**32)
-        ring[at : at + 4] = np.frombuffer(length.to_bytes(4, sys.byteorder), np.uint8)
-        ring[at + header : at + header + len(data)] = np.frombuffer(data, np.uint8)
-    D.parse_slots(ring, 0, slot_bytes, header, slots, first, recs, count)
+    for k in range(count):
+        data = group[k][: rng.choice((capacity // 2 - 16, 1500))]
+        size = 16 + -(-len(data) // 8) * 8
+        pos = (start + used) % capacity
+        if size > capacity - pos:
+            area[pos : pos + 4] = np.frombuffer(b"\xff" * 4, np.uint8)
+            used += capacity - pos
+            pos = 0
+        if size > capacity or used + size > capacity:
+            break
+        length = len(data) if rng.random() < 0.9 else rng.choice((rng.randrange(2**32), 2**32 - 1))
+        area[pos : pos + 4] = np.frombuffer(length.to_bytes(4, sys.byteorder), np.uint8)
+        area[pos + 16 : pos + 16 + len(data)] = np.frombuffer(data, np.uint8)
+        used += size
+    avail = used if rng.random() < 0.7 else rng.randrange(capacity + 1)
+    _n, nbytes, _marks, _bad = D.scan_records(area, capacity, start, avail, len(group))
+    D.parse_records(area, capacity, start % capacity, nbytes, recs, len(group))
+    D.parse_records(area, capacity, rng.randrange(capacity), rng.randrange(2**40), recs, len(group))
 
 
 def _engine_target(name: str) -> Callable[[object, random.Random, bytes], None]:
@@ -400,7 +414,10 @@ def fuzz_blocks(build_dir: Path, runs: int, seed: int, artifacts: Path) -> int:
     assert Path(dataplane.capture.__file__).parent == build_dir
     rng = random.Random(seed)
     pool = block_seeds(rng)
-    settings = {"block_bytes": BLOCK_BYTES, "workers": 3, "slots": 64, "mtu": 576}
+    settings = {
+        "block_bytes": BLOCK_BYTES, "workers": 3, "ring_bytes": 2048, "max_packet": 576,
+        "mtu": 576,
+    }  # fmt: skip
     walks = {}
     for kernel in (True, False):
         for host_only in (False, True):

@@ -458,7 +458,7 @@ class PcapReplays:
         import logging
 
         from engine.io.logs import LOGGER_NAME
-        from engine.io.ring import RING_SLOT_BYTES, Ring
+        from engine.io.ring import Ring
         from engine.proc.capture import CaptureProcess
         from testbed.blocks import Control, make_filter
 
@@ -466,7 +466,7 @@ class PcapReplays:
         logging.getLogger(LOGGER_NAME).setLevel(logging.ERROR)
         self.pool = [p for p in _seed_packets() if p and p[0] >> 4 == 4]
         self.filters = [make_filter(drop_pure_acks=False) for _ in range(2)]
-        self.rings = [[Ring.create(32, RING_SLOT_BYTES) for _ in range(2)] for _ in range(2)]
+        self.rings = [[Ring.create(4096) for _ in range(2)] for _ in range(2)]
         self.clock = 0.0
         self.procs = [
             CaptureProcess(
@@ -522,7 +522,7 @@ class PcapReplays:
                 for ring in proc.rings:
                     got.append(ring.pop_packets(pops))
             for ring in proc.rings:
-                got.append(ring.pop_packets(ring.slots))
+                got.append(ring.pop_packets(ring.capacity))
             got += [
                 +src.counters,
                 +flt.counters,

@@ -36,6 +36,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from engine.io.ring import RING_BYTES, record_bytes
 from engine.proc.supervisor import STOP_DEADLINE_S
 from testbed import netns as tbm
 from tests.netns.conftest import SKIP_NO_NETNS
@@ -523,13 +524,16 @@ def test_conntrack_full_send_eperm(testbed: tbm.Testbed, tmp_path: Path) -> None
 
 # -- 5. a full ring ------------------------------------------------------------------------------
 
+RING_PACKETS = RING_BYTES // record_bytes(100)
+"""Packets of 100 bytes (most of these loads' packets are smaller) a derived ring holds."""
+
 
 @pytest.mark.timeout(240)
 def test_full_ring_drops_and_recovers(testbed: tbm.Testbed, tmp_path: Path) -> None:
     """The only worker is frozen (SIGSTOP, well under the 10 s heartbeat timeout) while wrk
-    bursts at the online server, so its ring (8192 slots; no ring size option is exposed)
-    fills: capture drops and counts (ring_dropped), never blocks; after SIGCONT the worker
-    drains its backlog and new connections replicate."""
+    bursts at the online server, so its ring (the derived 2 MiB: some 17,000 packets of
+    100 bytes) fills: capture drops and counts (ring_dropped), never blocks; after SIGCONT
+    the worker drains its backlog and new connections replicate."""
     tb = testbed
     tb.tcpcopy_workers = 1
     intercept, tcpcopy = tbm.start_pair(tb, tmp_path, ARGS)
@@ -563,7 +567,7 @@ def test_full_ring_drops_and_recovers(testbed: tbm.Testbed, tmp_path: Path) -> N
         same_worker=same_worker,
         **figures,
     )
-    assert burst > 8192 // 2, wrk.stdout  # at least ~2 captured packets per request
+    assert burst > RING_PACKETS // 2, wrk.stdout  # at least ~2 captured packets per request
     assert summary.get("ring_dropped", 0) > 0, figures
     # Logged, not only counted: the capture's rate-limited warnings add up to the drops.
     told = re.findall(r"worker 0: its ring was full: (\d+) captured packets", tcpcopy.output())

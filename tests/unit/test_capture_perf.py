@@ -18,7 +18,7 @@ import time
 
 from engine.codec import packet
 from engine.io.capture import RawTcpSource, TransferFilter
-from engine.io.ring import RING_SLOT_BYTES, Ring
+from engine.io.ring import Ring, record_bytes
 from engine.proc.capture import CaptureProcess, flow_worker
 from tests.paths import CONTROL_PCAP, ONLINE_HTTP_PCAP, TARGET_SIDE_PCAP
 
@@ -67,10 +67,11 @@ def make_source(rx: socket.socket, kernel_filter: bool) -> RawTcpSource:
 def pump(packets: list[bytes], kernel_filter: bool, workers: int = 2, rounds: int = 1):
     """Offer ``packets`` ``rounds`` times; returns (capture seconds, what each ring got)."""
     rx, tx = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    rings = [Ring.create(8192, RING_SLOT_BYTES) for _ in range(workers)]
+    rings = [Ring.create() for _ in range(workers)]
     for ring in rings:  # touch every page once: a live ring is warm after its first lap
-        ring.push_batch([(bytes(RING_SLOT_BYTES - 16), 0.0)] * ring.slots)
-        ring.pop_batch(ring.slots)
+        largest = ring.max_packet_bytes
+        ring.push_batch([(bytes(largest), 0.0)] * (ring.capacity // record_bytes(largest)))
+        ring.pop_batch(ring.capacity)
     got: list[list[bytes]] = [[] for _ in range(workers)]
     spent = 0.0
     try:

@@ -48,14 +48,14 @@ def run_walk(
     blocks: list[tuple[bytearray, float, bool]],
     *,
     pops: list[int] | None = None,
-    slots: int,
+    ring_bytes: int,
     **kw: Any,
 ) -> dict[str, Any]:
     """Every block (its bytes, the clock, the memory flag) read by a capture process through
     one walk, each followed by ``pops[i]`` packets taken from every ring (a consumer, so a
     ring that was full takes packets again); returns what came out."""
     buf = bytearray(max(len(b) for b, _t, _m in blocks))
-    walk = Walk(compiled, buf, slots=slots, **kw)
+    walk = Walk(compiled, buf, ring_bytes=ring_bytes, **kw)
     try:
         out: list[list[tuple[float, bytes]]] = [[] for _ in walk.rings]
         for i, (data, now, memory) in enumerate(blocks):
@@ -63,7 +63,7 @@ def run_walk(
             walk.read(now, memory)
             for got, popped in zip(out, walk.pop(pops[i] if pops else 0), strict=True):
                 got.extend(popped)
-        for got, popped in zip(out, walk.pop(slots), strict=True):
+        for got, popped in zip(out, walk.pop(ring_bytes), strict=True):
             got.extend(popped)
         return {"rings": out, **walk.state()}
     finally:
@@ -78,7 +78,7 @@ def both(blocks: list[tuple[bytearray, float, bool]], **kw: Any) -> dict[str, An
     return want
 
 
-SETTINGS = {"block_bytes": BLOCK, "workers": 3, "slots": 256, "mtu": 1500}
+SETTINGS = {"block_bytes": BLOCK, "workers": 3, "ring_bytes": 32768, "mtu": 1500}
 
 
 def one_block(frames: list[Frame]) -> bytearray:
@@ -154,7 +154,7 @@ def test_a_full_ring_drops_and_marks_the_same_packets():
     pkts = [Frame(eth(tcp_ip("198.19.0.1", 1000, PSH | ACK, bytes([i]) * 50))) for i in range(30)]
     out = both([(one_block(pkts), 1.0, False), (one_block(pkts[:5]), 2.0, False)],
                pops=[4, 0], kernel_filtered=True, host_only=False, block_bytes=BLOCK,
-               workers=1, slots=16, mtu=1500)  # fmt: skip
+               workers=1, ring_bytes=16 * 112, max_packet=512, mtu=1500)  # fmt: skip
     assert out["dropped"] == [14 + 1] and out["loss_marks"] == [1]
 
 
@@ -191,7 +191,8 @@ def test_the_shared_captures_through_both_walks():
     for kernel_filtered in (True, False):
         for workers in (1, 2, 4):
             out = both(blocks, kernel_filtered=kernel_filtered, host_only=False,
-                       block_bytes=BLOCK, workers=workers, slots=4096, mtu=1500)  # fmt: skip
+                       block_bytes=BLOCK, workers=workers, ring_bytes=1 << 20,
+                       mtu=1500)  # fmt: skip
             assert sum(len(r) for r in out["rings"]) > 0
 
 
@@ -238,7 +239,7 @@ def frames_strategy(draw: Any) -> Frame:
         max_size=8,
     ),
     workers=st.integers(1, 3),
-    slots=st.sampled_from((8, 16, 64)),
+    ring_bytes=st.sampled_from((3072, 4096, 8192)),
     mtu=st.sampled_from((576, 1500)),
     kernel_filtered=st.booleans(),
     host_only=st.booleans(),
@@ -246,7 +247,7 @@ def frames_strategy(draw: Any) -> Frame:
     seed=st.integers(0, 1 << 16),
 )
 def test_random_blocks_through_both_walks(
-    blocks, workers, slots, mtu, kernel_filtered, host_only, drop_pure_acks, seed
+    blocks, workers, ring_bytes, mtu, kernel_filtered, host_only, drop_pure_acks, seed
 ):
     rng = random.Random(seed)
     now = 0.0
@@ -259,7 +260,7 @@ def test_random_blocks_through_both_walks(
         corrupt(buf, heads, how, rng)
         now += step
         data.append((buf, now, memory))
-    both(data, pops=pops, block_bytes=BLOCK, workers=workers, slots=slots, mtu=mtu,
+    both(data, pops=pops, block_bytes=BLOCK, workers=workers, ring_bytes=ring_bytes, mtu=mtu,
          kernel_filtered=kernel_filtered, host_only=host_only,
          drop_pure_acks=drop_pure_acks)  # fmt: skip
 

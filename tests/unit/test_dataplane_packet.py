@@ -446,18 +446,20 @@ def test_without_the_compiled_module_the_package_says_why() -> None:
     assert "no compiled module here" in reason and "python3-dev" in reason
 
 
-def test_parse_slots_reads_a_real_ring_in_place(captured: list[bytes]) -> None:
-    """engine.io.ring.Ring written by its producer side, read by parse_slots straight from the
-    shared memory: the same packets the consumer side pops, parsed the same."""
+def test_parse_records_reads_a_real_ring_in_place(captured: list[bytes]) -> None:
+    """engine.io.ring.Ring written by its producer side, read by parse_records straight from
+    the shared memory (its record area, wrap marks and all): the same packets the consumer
+    side pops, parsed the same."""
     import mmap
 
     from engine.io import ring as ring_mod
 
     frames = captured[:300]
     buf, offsets, lengths = batch_of(frames)
-    ring = ring_mod.Ring.create(slots=64, slot_bytes=2048)
+    ring = ring_mod.Ring.create(8 << 10, 2048)  # wraps every few batches
     block = mmap.mmap(ring.spec()[0], 0)  # a second mapping of the ring's memfd
     shared = memoryview(block)
+    area = shared[ring_mod._HEADER_BYTES :]
     view = b""
     try:
         recs = np.empty(64, D.PACKET_DTYPE)
@@ -466,16 +468,18 @@ def test_parse_slots_reads_a_real_ring_in_place(captured: list[bytes]) -> None:
             n = ring.push_frames(
                 memoryview(buf), offsets[pushed : pushed + 40], lengths[pushed : pushed + 40], 1.0
             )
-            assert n == min(40, len(frames) - pushed)
-            first = pushed  # counters only grow: the batch starts at slot counter `pushed`
-            good = D.parse_slots(
-                shared, ring_mod._HEADER_BYTES, 2048, ring_mod._SLOT_HEADER.size, 64, first,
-                recs, n,
-            )  # fmt: skip
+            assert n > 0
+            peek = ring_mod.Ring.attach(ring.spec())
+            peek._tail_mine = ring._tail()
+            pos, count, nbytes = peek.peek_records(64)
+            peek.close()
+            assert count == n
+            walked, good = D.parse_records(area, ring.capacity, pos, nbytes, recs, count)
+            assert walked == n
             popped = ring.pop_packets(n)
             assert len(popped) == n
             assert good == sum(1 for _ts, data in popped if python_parse(data)[0] is None)
-            view = bytes(shared)
+            view = bytes(area)
             for k, (_ts, data) in enumerate(popped):
                 error, want = python_parse(data)
                 if error is None:
@@ -485,20 +489,23 @@ def test_parse_slots_reads_a_real_ring_in_place(captured: list[bytes]) -> None:
             pushed += n
     finally:
         del view
+        area.release()
         shared.release()
         block.close()
         ring.close()
-    with pytest.raises(ValueError, match="do not fit"):
-        D.parse_slots(b"\0" * 4096, 128, 2048, 16, 2, 0, np.empty(1, D.PACKET_DTYPE), 1)
+    with pytest.raises(ValueError, match="ring of"):
+        D.parse_records(b"\0" * 64, 128, 0, 16, np.empty(1, D.PACKET_DTYPE), 1)
 
 
-def test_a_slot_length_larger_than_its_slot_is_a_range_error() -> None:
-    ring = bytearray(4 * 256)
-    ring[0:4] = (300).to_bytes(4, sys.byteorder)  # slot 0 claims more than 256 - 16 bytes
+def test_a_record_header_that_does_not_fit_ends_the_walk() -> None:
+    ring = bytearray(256)
+    ring[0:4] = (300).to_bytes(4, sys.byteorder)  # record 0 claims more than the area
     recs = np.empty(2, D.PACKET_DTYPE)
-    assert D.parse_slots(ring, 0, 256, 16, 4, 4, recs, 2) == 0  # counters 4, 5 -> slots 0, 1
-    assert [int(e) for e in recs["error"]] == [10, 1]  # range; slot 1 is empty (0 bytes)
-    assert [int(o) for o in recs["offset"]] == [16, 256 + 16]
+    assert D.parse_records(ring, 256, 0, 256, recs, 2) == (0, 0)
+    ring[0:4] = (0).to_bytes(4, sys.byteorder)  # an empty packet, then a truncated one
+    ring[16:20] = (4).to_bytes(4, sys.byteorder)
+    assert D.parse_records(ring, 256, 0, 40, recs, 2) == (2, 0)
+    assert [int(e) for e in recs["error"]] == [1, 1]  # both too short for an IP header
 
 
 def test_batches_allocate_no_python_objects_per_packet(captured: list[bytes]) -> None:

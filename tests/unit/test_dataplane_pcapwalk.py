@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from engine import dataplane
 from engine.io.capture import PcapFileSource, ReplayPacer
-from engine.io.ring import RING_SLOT_BYTES, Ring
+from engine.io.ring import Ring
 from engine.proc.capture import CaptureProcess
 from testbed.blocks import ACK, FIN, PSH, RST, SYN, Control, make_filter, tcp_ip
 from tests.paths import CONTROL_PCAP, ONLINE_HTTP_PCAP, TARGET_SIDE_PCAP
@@ -78,11 +78,11 @@ class Replay:
         idle_s: float,
         replays: int,
         workers: int,
-        slots: int,
+        ring_bytes: int,
         mtu: int,
     ) -> None:
         self.filter = make_filter(drop_pure_acks=False)
-        self.rings = [Ring.create(slots, RING_SLOT_BYTES) for _ in range(workers)]
+        self.rings = [Ring.create(ring_bytes) for _ in range(workers)]
         self.pacer = ReplayPacer(accelerate, idle_s)
         self.src = PcapFileSource(paths, self.pacer, replays, self.filter)
         self.control = Control()
@@ -115,7 +115,7 @@ class Replay:
             for got, ring in zip(out, self.rings, strict=True):
                 got.extend(ring.pop_packets(pops))
         for got, ring in zip(out, self.rings, strict=True):
-            got.extend(ring.pop_packets(ring.slots))
+            got.extend(ring.pop_packets(ring.capacity))
         return {
             "rings": out,
             "deadlines": deadlines,
@@ -153,7 +153,14 @@ def both(paths: list[str], steps: list[tuple[float, int]], **kw: Any) -> dict[st
 
 
 STEPS = [(0.0, 0)] + [(0.05, 40)] * 400
-BASE = {"accelerate": 1.0, "idle_s": 0.0, "replays": 1, "workers": 2, "slots": 4096, "mtu": 1500}
+BASE = {
+    "accelerate": 1.0,
+    "idle_s": 0.0,
+    "replays": 1,
+    "workers": 2,
+    "ring_bytes": 1 << 20,
+    "mtu": 1500,
+}
 
 
 def test_the_shared_captures_replay_the_same():
@@ -168,7 +175,9 @@ def test_the_shared_captures_replay_the_same():
 def test_a_full_ring_pauses_the_file_and_both_delay_the_same(tmp_path: Path):
     """Small rings: the backpressure pauses the file (``delay``) mid-schedule."""
     paths = [str(ONLINE_HTTP_PCAP)] * 3
-    out = both(paths, [(0.0, 0)] + [(0.01, 3)] * 3000, **{**BASE, "slots": 16, "accelerate": 4.0})
+    out = both(
+        paths, [(0.0, 0)] + [(0.01, 3)] * 3000, **{**BASE, "ring_bytes": 4096, "accelerate": 4.0}
+    )
     assert out["proc"]["offline_paused"] > 0
     assert out["exhausted"]
 
@@ -299,7 +308,7 @@ def record_strategy(draw: Any) -> tuple[int, bytes, int]:
     idle_s=st.sampled_from((0.0, 0.0, 1.0)),
     replays=st.integers(1, 2),
     workers=st.integers(1, 3),
-    slots=st.sampled_from((8, 64, 4096)),
+    ring_bytes=st.sampled_from((3072, 8192, 1 << 20)),
     mtu=st.sampled_from((576, 1500)),
     steps=st.lists(
         st.tuples(st.sampled_from((0.0, 0.001, 0.02, 0.3, 2.0)), st.integers(0, 50)),
@@ -309,7 +318,7 @@ def record_strategy(draw: Any) -> tuple[int, bytes, int]:
     big=st.booleans(),
 )
 def test_random_files_replay_the_same(
-    tmp_path_factory, files, tail, accelerate, idle_s, replays, workers, slots, mtu, steps, big
+    tmp_path_factory, files, tail, accelerate, idle_s, replays, workers, ring_bytes, mtu, steps, big
 ):
     tmp = tmp_path_factory.mktemp("pcaps")
     paths = []
@@ -328,6 +337,6 @@ def test_random_files_replay_the_same(
     both(
         paths,
         [(0.0, 0), *steps, (1000.0, 0), *([(1000.0, 100)] * 20)],
-        accelerate=accelerate, idle_s=idle_s, replays=replays, workers=workers, slots=slots,
-        mtu=mtu,
+        accelerate=accelerate, idle_s=idle_s, replays=replays, workers=workers,
+        ring_bytes=ring_bytes, mtu=mtu,
     )  # fmt: skip

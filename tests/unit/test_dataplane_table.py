@@ -24,6 +24,8 @@ from engine.core.config import SessionConfig
 from engine.core.rewrite import TransferEntry
 from engine.core.table import SessionTable
 from engine.errors import DecodeError
+from engine.io.batch import PyBatchTable
+from engine.io.ring import RECORD_WRAP, record_bytes
 from tests.unit.engines import compiled
 from tests.unit.link import ONLINE, TARGET, Client, Target
 
@@ -259,24 +261,34 @@ def test_batch_calls_match_the_per_packet_calls():
     assert c.counters["response_decode_errors"] == 1
 
 
-def test_ring_slots_are_read_in_place():
+def test_ring_records_are_read_in_place_across_the_wrap():
+    """receive_ring in C and in PyBatchTable (its specification) over the same records: a
+    wrap mark before the third, and a header that does not fit ends the walk as one error."""
     cfg = SessionConfig(transfers=XFER)
     py, c = SessionTable(cfg), compiled.Table(cfg)
-    raws = captured([Client(isn=7, addr=(ORIG, 41000), ts=None)])
-    slot_bytes, slots = 1024, 4
-    mem = bytearray(slot_bytes * slots)
-    first = 2  # the batch wraps around the ring's end
+    raws = captured([Client(isn=7, addr=(ORIG, 41000), ts=None)])[:4]
+    capacity = 1024
+    sizes = [record_bytes(len(raw)) for raw in raws]
+    pos = capacity - sizes[0] - sizes[1] - 8  # two records, then 8 bytes too few: a wrap mark
+    mem = bytearray(capacity)
+    at = pos
     for k, raw in enumerate(raws):
-        off = ((first + k) % slots) * slot_bytes
-        length = len(raw) if k != 1 else slot_bytes  # slot 1 claims more than a slot holds
-        struct.pack_into("=IId", mem, off, length, 0, 0.0)
-        mem[off + 16 : off + 16 + len(raw)] = raw
-    for k, raw in enumerate(raws):
-        if k != 1:
-            py.receive_client(packet.parse_ip(raw), 1.0)
-    assert c.receive_slots(mem, slot_bytes, slots, first, len(raws), 1.0) == 1
+        if k == 2:
+            struct.pack_into("=I", mem, at, RECORD_WRAP)
+            at = 0
+        struct.pack_into("=IId", mem, at, len(raw), 0, 0.0)
+        mem[at + 16 : at + 16 + len(raw)] = raw
+        at += sizes[k]
+    struct.pack_into("=I", mem, at, capacity)  # a fifth header claims more than the area
+    nbytes = sum(sizes) + 8 + 16
+    for raw in raws:
+        py.receive_client(packet.parse_ip(raw), 1.0)
+    assert c.receive_ring(mem, capacity, pos, nbytes, 1.0) == 1
+    assert PyBatchTable(SessionTable(cfg)).receive_ring(mem, capacity, pos, nbytes, 1.0) == 1
     assert py.drain() == c.drain()
     assert nonzero(py.counters) == nonzero(c.counters)
+    with pytest.raises(ValueError, match="bad ring geometry"):
+        c.receive_ring(mem, capacity, capacity, 8, 1.0)
 
 
 # -- the per-packet code is C only ----------------------------------------------------------------

@@ -15,8 +15,7 @@ import pytest
 
 from engine.io.ring import Ring
 
-SLOTS = 256
-SLOT_BYTES = 64
+CAPACITY = 256 * 24 + 8  # 8-byte packets take 24 bytes: wrap marks now and then
 PACKETS = 2_000_000
 DEADLINE_S = 90.0  # bounded in time: a stuck side fails the test instead of hanging it
 BATCH = 200
@@ -64,7 +63,7 @@ def _consume(spec, deadline, stop, conn):
         for _ in range(4):
             length = len(ring)
             checks += 1
-            if not 0 <= length <= ring.slots:
+            if not 0 <= length <= ring.capacity:
                 bad_len += 1
         if not items and stop.is_set() and len(ring) == 0:
             break
@@ -99,7 +98,7 @@ def _observe(spec, stop, conn):
     while not stop.is_set():
         for _ in range(1000):
             length = len(ring)
-            if not 0 <= length <= ring.slots:
+            if not 0 <= length <= ring.capacity:
                 bad += 1
         reads += 1000
     conn.send((reads, bad))
@@ -108,9 +107,9 @@ def _observe(spec, stop, conn):
 
 
 @pytest.mark.slow
-def test_two_processes_millions_of_slots_wrap_and_overflow():
+def test_two_processes_millions_of_records_wrap_and_overflow():
     ctx = mp.get_context("fork")
-    ring = Ring.create(slots=SLOTS, slot_bytes=SLOT_BYTES)
+    ring = Ring.create(CAPACITY, 8)
     deadline = time.monotonic() + DEADLINE_S
     stop = ctx.Event()
     p_recv, p_send = ctx.Pipe(duplex=False)
@@ -148,21 +147,21 @@ def test_two_processes_millions_of_slots_wrap_and_overflow():
     assert seen["out_of_order"] == 0
     assert oversize == 0
     assert seen["popped"] + dropped == sent
-    assert seen["popped"] > SLOTS * 50  # wrapped around many times
+    assert seen["popped"] > 256 * 50  # wrapped around many times
     assert dropped > 0  # and overflowed
     assert seen["gaps"] == seen["loss_marks"]  # every hole was a counted, marked drop
 
 
 def test_hostile_counters_never_give_a_negative_or_overfull_ring():
-    """Whatever the other side writes into its counter, a length stays in [0, slots], the
-    producer never overwrites unread slots and never moves its head backwards."""
-    ring = Ring.create(slots=8, slot_bytes=64)
+    """Whatever the other side writes into its counter, a length stays in [0, capacity],
+    the producer never overwrites unread records and never moves its head backwards."""
+    ring = Ring.create(8 * 24, 8)  # eight 1-byte packets
     try:
         assert ring.push_batch([(b"a", 0.0)] * 5) == 5
         counters = ring._counters
         for hostile_tail in (0, 3, 5, 7, 2**63, 2**64 - 1):
             counters[8] = hostile_tail  # the tail word, as a broken consumer would write it
-            assert 0 <= len(ring) <= ring.slots
+            assert 0 <= len(ring) <= ring.capacity
             assert 0.0 <= ring.fill() <= 1.0
         counters[8] = 2**64 - 1  # tail beyond head: the producer takes the ring as full
         head = ring._head()
@@ -170,7 +169,7 @@ def test_hostile_counters_never_give_a_negative_or_overfull_ring():
         assert ring._head() == head
         counters[8] = 0  # a tail reset to 0 (what struct.pack_into showed for an instant)
         assert ring.push_batch([(b"c", 0.0)] * 10) == 3  # 8 - 5 free, never more
-        assert ring._head() == head + 3
+        assert ring._head() == head + 3 * 24
         # The consumer side: a head read as 0 gives nothing to pop, never a negative count.
         consumer = Ring.attach(ring.spec())
         try:

@@ -280,7 +280,7 @@ def _keepalive_with_hole(tl: TableLink, loss_noted: bool):
 
 @pytest.mark.parametrize("loss_noted", [True, False])
 def test_a_hole_after_a_reported_ring_loss_is_given_up_at_once(loss_noted):
-    # The capture marked the ring read (engine/io/ring.py SLOT_FLAG_LOSS_BEFORE): the hole is
+    # The capture marked the ring read (engine/io/ring.py RECORD_FLAG_LOSS_BEFORE): the hole is
     # that loss, so the session resynchronises after LOSS_GAP_WAIT_S, not a whole
     # CLIENT_GAP_WAIT_S; without the mark it still waits the second out (a reordering).
     tl = mk()

@@ -9,7 +9,7 @@ import pytest
 
 from engine.core.shed import REASON_MEMORY, REASON_RING_FULL, FlowGate
 from engine.io.control import ControlBlock
-from engine.io.ring import RING_SLOT_BYTES, Ring
+from engine.io.ring import Ring, record_bytes
 from engine.proc.capture import CaptureProcess
 from metrics.counters import CounterBlock
 
@@ -155,16 +155,16 @@ def _ip(sport: int, flags: int, payload: bytes = b"") -> bytes:
 
 
 def test_capture_sheds_new_sessions_of_a_filling_ring_and_counts_them():
-    rings = [Ring.create(16, RING_SLOT_BYTES)]
+    rings = [Ring.create(920, 256)]  # 15 of these packets fill 848 bytes: past 90 %
     block = CounterBlock.create(workers=1)
     control = ControlBlock(1)
     try:
         proc = CaptureProcess([], rings, 1500, counters=block, control=control, clock=lambda: 0.0)
         old = [_ip(1000, SYN), _ip(1000, PSH_ACK, b"GET /")]
         proc.dispatch([(0.0, p) for p in old])
-        filler = [_ip(2000 + i, SYN) for i in range(13)]  # 15 of 16 slots: past 90 %
+        filler = [_ip(2000 + i, SYN) for i in range(13)]
         proc.dispatch([(0.0, p) for p in filler])
-        assert len(rings[0]) == 15
+        assert len(rings[0]) == sum(record_bytes(len(p)) for p in old + filler) == 848
         later = [_ip(3000, SYN), _ip(3000, PSH_ACK, b"GET /"), _ip(1000, PSH_ACK, b"GET /2")]
         proc.dispatch([(0.0, p) for p in later])
         got = [data for data, _ts in rings[0].pop_batch(100)]

@@ -18,7 +18,7 @@ from engine.io.capture import (
     block_frames,
     parse_block,
 )
-from engine.io.ring import RING_SLOT_BYTES, Ring
+from engine.io.ring import Ring
 from engine.proc.capture import CaptureProcess, flow_worker, flow_workers
 
 BLOCK = 1 << 14
@@ -160,7 +160,7 @@ def test_dispatch_frames_puts_each_packet_on_its_flows_ring_in_order():
     make_block([(eth(p), PACKET_HOST) for p in pkts[:30]], buf, 0)
     make_block([(eth(p), PACKET_HOST) for p in pkts[30:]], buf, BLOCK)
     words, u8, u16, u32 = views(buf)
-    rings = [Ring.create(64, RING_SLOT_BYTES) for _ in range(3)]
+    rings = [Ring.create(1 << 16) for _ in range(3)]
     try:
         proc = CaptureProcess([], rings, 1500, clock=lambda: 0.0)
         for block in (0, BLOCK):
@@ -184,7 +184,7 @@ def test_dispatch_frames_splits_an_aggregate_larger_than_mtu_in_order():
     big = tcp_ip("198.19.0.1", 1000, 0x18, b"b" * 3000)
     after = tcp_ip("198.19.0.1", 1000, 0x18, b"c" * 10)
     make_block([(eth(p), PACKET_HOST) for p in (small, big, after)], buf, 0)
-    ring = Ring.create(64, RING_SLOT_BYTES)
+    ring = Ring.create(1 << 16)
     try:
         proc = CaptureProcess([], [ring], 1500, clock=lambda: 0.0)
         starts, lengths, keys, flags, _ok, _c = parse_block(*views(buf), 0)

@@ -81,7 +81,7 @@ class BatchOnlyTable:
         self.pending += [bytes(buf[offsets[i] : offsets[i] + lengths[i]]) for i in range(n)]
         return 0
 
-    def receive_slots(self, *args):
+    def receive_ring(self, *args):
         raise AssertionError("no ring here")
 
     def receive_records(self, buf, now, record_bytes=64):
