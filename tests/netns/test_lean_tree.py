@@ -47,6 +47,29 @@ def mapped(pid: int, names: tuple[str, ...]) -> set[str]:
 
 
 @pytest.mark.timeout(120)
+def test_the_python_engine_tree_replicates_with_numpy_where_it_runs(
+    testbed: tbm.Testbed, tmp_path: Path
+) -> None:
+    """--engine python: the Python block walk and FlowGate import numpy when they run (the
+    lazy imports work in the forked children); psutil and libcrypto stay out."""
+    tb = testbed
+    tb.set_mode(tbm.TRADITIONAL)
+    intercept = tb.start_intercept()
+    tcpcopy = tb.start_tcpcopy(
+        ["-x", tbm.TRANSFER_HTTP, "-c", "198.19.1.x", "--workers", "2", "--engine", "python"]
+    )
+    tb.wait_replicating(tcpcopy)
+    pids = tree(tcpcopy.pid)
+    found = {pid: mapped(pid, NUMPY_LIBRARIES + OTHER_LIBRARIES) for pid in pids}
+    assert tcpcopy.stop(signal.SIGTERM, timeout=20) == 0, tcpcopy.tail()
+    assert intercept.stop(signal.SIGTERM, timeout=20) == 0, intercept.tail()
+    assert len(pids) == 4, pids
+    assert all(not names & set(OTHER_LIBRARIES) for names in found.values()), found
+    children = pids[1:]  # the Python walk and FlowGate run in the capture process
+    assert any("_multiarray_umath" in found[pid] for pid in children), found
+
+
+@pytest.mark.timeout(120)
 def test_the_running_tree_maps_no_numpy_psutil_or_libcrypto(
     testbed: tbm.Testbed, tmp_path: Path
 ) -> None:
