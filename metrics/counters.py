@@ -36,9 +36,9 @@ Consistency.  Every slot has exactly one writing process, and aligned 8-byte sto
 tear (x86-64), so a single value is always whole.  A flush writes many slots, and derived
 series (sent{kind="ack"} = send - syn - data - fin - rst) or sums over rows must never go
 backwards, or Prometheus sees a counter reset and rate() spikes.  So slot 0 of every row is a
-sequence number (a seqlock): odd while its writer updates it.  ``read`` copies the whole
-matrix between two reads of the sequence column and keeps the rows that were not being
-written; busy rows are read again.  A row still busy after SNAPSHOT_WAIT_MAX_S (its writer died
+sequence number (a seqlock): odd while its writer updates it.  ``read`` copies each row between two
+reads of its sequence slot and keeps the rows that were not being written; busy rows are read
+again.  A row still busy after SNAPSHOT_WAIT_MAX_S (its writer died
 or stalled mid-flush) keeps the values of its last consistent read, so per row a reader never
 sees a half flush nor a value going backwards.  This relies on stores (and loads) not being
 reordered with each other: true on x86-64 (TSO).
@@ -69,8 +69,6 @@ import time
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
-
-import numpy as np
 
 from engine.core.events import DropReason, Outcome
 
@@ -384,7 +382,7 @@ SESSIONS_LOST = SLOT_INDEX["sessions_lost"]
 UNMAPPED_KEYS = SLOT_INDEX["unmapped_keys"]
 
 _KIND_COLUMNS = {
-    kind: np.array([i for i, s in enumerate(SLOTS) if s.kind == kind], dtype=np.intp)
+    kind: tuple(i for i, s in enumerate(SLOTS) if s.kind == kind)
     for kind in (COUNTER, GAUGE, PER_RING)
 }
 
@@ -505,10 +503,10 @@ class CounterBlock:
         self._owner_pid = os.getpid() if fd is not None else None
         size = self.rows * len(SLOTS) * SLOT_BYTES
         self._data = self._buf[HEADER_BYTES : HEADER_BYTES + size]
-        self._array = np.ndarray((self.rows, len(SLOTS)), dtype=np.int64, buffer=self._data)
+        self._cells = self._data.cast("q")  # the matrix, row-major (rows x slots, int64)
         self._writers: dict[int, RowWriter] = {}
         self._views: list[memoryview] = []
-        self._last_good = np.zeros((self.rows, len(SLOTS)), dtype=np.int64)
+        self._last_good = [[0] * len(SLOTS) for _ in range(self.rows)]
         # read() and retire() exclude each other in this process: the supervisor retires a
         # row in its main loop while its HTTP thread may be reading.
         self._lock = threading.Lock()
@@ -565,7 +563,7 @@ class CounterBlock:
         for view in self._views:
             view.release()
         self._views.clear()
-        del self._array
+        self._cells.release()
         self._data.release()
         self._buf.release()
         self._buf = None
@@ -627,28 +625,34 @@ class CounterBlock:
         self.writer(row).flush(*counters)
 
     # -- reading (supervisor) ------------------------------------------------------------
-    def read(self) -> np.ndarray:
-        """A copy of the matrix (rows x slots, int64), every row consistent (the seqlock).
+    def read(self) -> list[list[int]]:
+        """A copy of the matrix (a list of rows, each a list of the slots' int64 values),
+        every row consistent (the seqlock).
 
         A row caught mid-flush is read again; one still busy after SNAPSHOT_WAIT_MAX_S (its
         writer died or is stopped mid-flush) keeps the values of the last consistent read,
         so what a reader sees per row never goes backwards.
         """
+        stride = len(SLOTS)
         with self._lock:
-            a = self._array
+            cells = self._cells
             out = self._last_good
-            pending = np.ones(self.rows, dtype=bool)
+            pending = list(range(self.rows))
             deadline = time.monotonic() + SNAPSHOT_WAIT_MAX_S
             attempt = 0
             while True:
-                before = a[:, SEQ].copy()
-                copy = a.copy()
-                after = a[:, SEQ].copy()
-                good = (before == after) & (before & 1 == 0)
-                out[good] = copy[good]
-                pending &= ~good
-                if not pending.any() or time.monotonic() > deadline:
-                    return out.copy()
+                busy = []
+                for r in pending:
+                    base = r * stride
+                    before = cells[base + SEQ]
+                    copy = cells[base : base + stride].tolist()
+                    if before & 1 == 0 and cells[base + SEQ] == before:
+                        out[r] = copy
+                    else:
+                        busy.append(r)
+                pending = busy
+                if not pending or time.monotonic() > deadline:
+                    return [row[:] for row in out]
                 attempt += 1
                 if attempt > SNAPSHOT_SPINS_BEFORE_SLEEP:
                     time.sleep(SNAPSHOT_SLEEP_S)
@@ -664,10 +668,10 @@ class CounterBlock:
             return dict(zip(keys, vector[1:], strict=True))
 
         return {
-            "totals": row(data.sum(axis=0).tolist()),
-            "capture": row(data[self.capture_row].tolist()),
-            "workers": [row(data[1 + i].tolist()) for i in range(self.workers)],
-            "supervisor": row(data[self.supervisor_row].tolist()),
+            "totals": row([sum(column) for column in zip(*data, strict=True)]),
+            "capture": row(data[self.capture_row]),
+            "workers": [row(data[1 + i]) for i in range(self.workers)],
+            "supervisor": row(data[self.supervisor_row]),
         }
 
     def retire(self, row: int) -> dict[str, int]:
@@ -685,18 +689,22 @@ class CounterBlock:
             return self._retire(row, sup)
 
     def _retire(self, row: int, sup: int) -> dict[str, int]:
-        a = self._array
-        dead = a[row].tolist()
-        seq_dead = (int(a[row, SEQ]) | 1) + 2
-        seq_sup = (int(a[sup, SEQ]) | 1) + 2
-        a[row, SEQ] = seq_dead
-        a[sup, SEQ] = seq_sup
-        counters = _KIND_COLUMNS[COUNTER]
-        a[sup, counters] += a[row, counters]
-        a[sup, SESSIONS_LOST] += max(0, dead[ACTIVE])
-        a[row, counters] = 0
-        a[row, _KIND_COLUMNS[GAUGE]] = 0
+        cells = self._cells
+        stride = len(SLOTS)
+        dead_at = row * stride
+        sup_at = sup * stride
+        dead = cells[dead_at : dead_at + stride].tolist()
+        seq_dead = (dead[SEQ] | 1) + 2
+        seq_sup = (cells[sup_at + SEQ] | 1) + 2
+        cells[dead_at + SEQ] = seq_dead
+        cells[sup_at + SEQ] = seq_sup
+        for i in _KIND_COLUMNS[COUNTER]:
+            cells[sup_at + i] += cells[dead_at + i]
+            cells[dead_at + i] = 0
+        cells[sup_at + SESSIONS_LOST] += max(0, dead[ACTIVE])
+        for i in _KIND_COLUMNS[GAUGE]:
+            cells[dead_at + i] = 0
         self._writers.pop(row, None)  # its unmapped-key memory belonged to the dead process
-        a[row, SEQ] = seq_dead + 1
-        a[sup, SEQ] = seq_sup + 1
+        cells[dead_at + SEQ] = seq_dead + 1
+        cells[sup_at + SEQ] = seq_sup + 1
         return dict(zip(KEYS[1:], dead[1:], strict=True))

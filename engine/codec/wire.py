@@ -45,8 +45,6 @@ every later ``feed``: the caller closes the connection (as C tcpcopy does, spec 
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -309,8 +307,19 @@ class ProofMismatch(DecodeError):
 
 def ext_mac(secret: bytes, server_nonce: bytes, client_nonce: bytes, context: bytes) -> bytes:
     """HMAC-SHA256(secret, server_nonce || client_nonce || context) (fixed-size nonces, so
-    the concatenation is unambiguous)."""
+    the concatenation is unambiguous).  hashlib and hmac are imported here, by the process
+    that authenticates a channel: the others never map OpenSSL's libcrypto."""
+    import hashlib
+    import hmac
+
     return hmac.new(secret, server_nonce + client_nonce + context, hashlib.sha256).digest()
+
+
+def _same_mac(mac: bytes, expected: bytes) -> bool:
+    """A comparison in constant time (hmac.compare_digest)."""
+    import hmac
+
+    return hmac.compare_digest(mac, expected)
 
 
 def encode_challenge(server_nonce: bytes) -> bytes:
@@ -392,7 +401,7 @@ class ExtendedClientHandshake:
             return out
         mac = self._take(EXT_KIND_ACCEPT)
         expected = ext_mac(self.secret, self.server_nonce, self.client_nonce, EXT_INTERCEPT_CONTEXT)
-        if not hmac.compare_digest(mac, expected):
+        if not _same_mac(mac, expected):
             raise ProofMismatch(
                 "the intercept's proof does not verify: it does not hold our secret"
             )
@@ -554,7 +563,7 @@ class InterceptStreamDecoder:
                 return []
             assert self.secret is not None
             expected = ext_mac(self.secret, self.server_nonce, client_nonce, EXT_TCPCOPY_CONTEXT)
-            if not hmac.compare_digest(mac, expected):
+            if not _same_mac(mac, expected):
                 self._refuse(REFUSE_BAD_PROOF, "wrong secret (HMAC does not verify)")
                 return []
             self.client_nonce = client_nonce

@@ -24,8 +24,10 @@ A flow is *known* from its first admitted packet until its FIN/RST (the last one
 batch) or ``SHED_IDLE_S`` without a packet.  Flows are keyed as the dispatcher hashes them:
 ``client ip << 16 | client port`` (engine/proc/capture.py).
 
-Cost.  The gate sees whole batches as numpy arrays.  With no worker shedding and no shed
-flow alive, a batch costs one ``dict.update`` of its keys (C loop) and a lookup per FIN/RST;
+Cost.  The gate sees whole batches as numpy arrays (numpy is imported when a FlowGate is
+made: the compiled gate, engine/dataplane/capture.pyx ``Gate``, needs none).  With no worker
+shedding and no shed flow alive, a batch costs one ``dict.update`` of its keys (C loop) and
+a lookup per FIN/RST;
 packets of shedding workers or of shed flows are decided as arrays when their flow cannot
 change state in the batch (known or shed, no SYN/FIN/RST, nothing unknown: keep-alive
 traffic); the others go through the per-packet Python loop, in order.
@@ -36,8 +38,10 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from itertools import repeat
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = [
     "REASON_MEMORY",
@@ -115,6 +119,8 @@ class FlowGate:
         self.shed: dict[int, float] = {}
         self._ring_shedding = [False] * workers
         self._memory = False
+        import numpy as np
+
         self.reason = np.zeros(workers, dtype=np.int8)  # per worker: _NONE, _RING, _MEMORY
         self._next_expire = float("-inf")
 
@@ -154,6 +160,11 @@ class FlowGate:
     ) -> np.ndarray | None:
         """For a batch (flow keys u64, TCP flags u8, worker index per packet, in capture
         order): the mask of packets to hand on, or None when every packet goes in."""
+        import numpy as np
+
+        keys = np.asarray(keys, dtype=np.uint64)  # also from array("Q") and the like
+        flags = np.asarray(flags, dtype=np.uint8)
+        workers = np.asarray(workers, dtype=np.intp)
         if now >= self._next_expire:
             self.expire(now)
         count = len(keys)
@@ -232,6 +243,8 @@ class FlowGate:
         flows already known or shed with no SYN, FIN or RST and no unknown packet in the
         batch (a keep-alive flow of a shedding worker).  Returns the indexes left for the
         per-packet loop: every packet of the other flows, in order."""
+        import numpy as np
+
         known, shed = self.known, self.shed
         slow_keys = [key_list[i] for i in slow_idx.tolist()]
         n = len(slow_keys)

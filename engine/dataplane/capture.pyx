@@ -55,7 +55,7 @@ from libc.stdint cimport int8_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, calloc, free
 from libc.string cimport memcpy, memmove
 
-import numpy as np
+from array import array
 
 from engine.core.shed import (
     EXPIRE_INTERVAL_S, REASON_MEMORY, REASON_RING_FULL, SHED_FLOWS_MAX, SHED_IDLE_S,
@@ -430,7 +430,7 @@ cdef class Gate:
 
     @property
     def reason(self):
-        return np.array([self.reasons[i] for i in range(self.workers)], dtype=np.int8)
+        return array("b", [self.reasons[i] for i in range(self.workers)])
 
     @property
     def known(self):
@@ -512,10 +512,12 @@ cdef class Gate:
             self.counts[i] = 0
 
     def admit(self, keys, flags, workers, double now):
-        """FlowGate.admit: the mask of packets to hand on, or None when every one goes in."""
-        cdef const uint64_t[::1] k64 = np.ascontiguousarray(keys, dtype=np.uint64)
-        cdef const uint8_t[::1] f8 = np.ascontiguousarray(flags, dtype=np.uint8)
-        cdef const uint64_t[::1] w = np.ascontiguousarray(workers, dtype=np.uint64)
+        """FlowGate.admit: the mask of packets to hand on (a memoryview of bools), or None
+        when every one goes in.  ``keys`` and ``workers`` are buffers of uint64 (numpy
+        arrays, ``array("Q")``), ``flags`` of uint8; anything else goes through numpy."""
+        cdef const uint64_t[::1] k64 = _contiguous(keys, "uint64")
+        cdef const uint8_t[::1] f8 = _contiguous(flags, "uint8")
+        cdef const uint64_t[::1] w = _contiguous(workers, "uint64")
         cdef Py_ssize_t i, n = k64.shape[0]
         cdef uint64_t wn = self.workers
         cdef bint all_in = True
@@ -527,14 +529,31 @@ cdef class Gate:
         self.begin(now)
         if n == 0:
             return None
-        keep = np.ones(n, dtype=bool)
-        cdef uint8_t[::1] k = keep.view(np.uint8)
+        keep = bytearray(b"\x01") * n
+        cdef uint8_t[::1] k = keep
         for i in range(n):
             if not self.decide(k64[i], f8[i], w[i], now):
                 k[i] = 0
                 all_in = False
         self.flush_counts()
-        return None if all_in else keep
+        return None if all_in else memoryview(keep).cast("?")
+
+
+cdef object _contiguous(object values, str dtype):
+    """``values`` as they are when they are a C-contiguous buffer of ``dtype`` (uint8:
+    format B, uint64: Q or L), else converted by numpy (imported only then)."""
+    cdef const uint8_t[::1] u8
+    cdef const uint64_t[::1] u64
+    try:
+        if dtype == "uint8":
+            u8 = values
+        else:
+            u64 = values
+        return values
+    except (TypeError, ValueError, BufferError):
+        import numpy as np
+
+        return np.ascontiguousarray(values, dtype=dtype)
 
 
 cdef dict _table_dict(const FlowTable* t):

@@ -37,8 +37,6 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset
 
-import numpy as np
-
 from engine.errors import DecodeError
 from engine.codec.packet import TcpOptions, TcpPacket
 
@@ -428,6 +426,8 @@ cdef Py_ssize_t _at(void* field):
 
 def _packet_dtype():
     """The numpy dtype of ``dp_packet``: the C compiler's own offsets, host byte order."""
+    import numpy as np
+
     o = &_layout.opts
     spec = [
         ("src", "u1", (16,), _at(&_layout.src[0])), ("dst", "u1", (16,), _at(&_layout.dst[0])),
@@ -456,9 +456,20 @@ def _packet_dtype():
     })
 
 
-PACKET_DTYPE = _packet_dtype()
-"""One ``dp_packet`` as a numpy record: ``np.empty(n, PACKET_DTYPE)`` is what ``parse_batch``
-fills (addresses are 16 bytes, IPv4-mapped; see packet.pxd)."""
+_PACKET_DTYPE = None
+
+
+def __getattr__(name):
+    """``PACKET_DTYPE``, one ``dp_packet`` as a numpy record: ``np.empty(n, PACKET_DTYPE)``
+    is what ``parse_batch`` fills (addresses are 16 bytes, IPv4-mapped; see packet.pxd).
+    Made at its first use: numpy is imported by the batch API only, never by the worker or
+    the capture process."""
+    global _PACKET_DTYPE
+    if name == "PACKET_DTYPE":
+        if _PACKET_DTYPE is None:
+            _PACKET_DTYPE = _packet_dtype()
+        return _PACKET_DTYPE
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 cdef inline const uint8_t* _ptr(const uint8_t[::1] view) noexcept nogil:
@@ -636,7 +647,7 @@ def split_build(src, dst, sport, dport, seq, ack, flags, window, opts, payload, 
     pieces = pieces if pieces else 1
     cap = pieces * hdrs + total
     out = bytearray(cap if cap else 1)
-    lengths = np.empty(pieces, np.uint32)
+    lengths = memoryview(bytearray(4 * pieces)).cast("I")
     n = dp_build_split(&out[0], cap, &f, _ptr(o), o.shape[0], _ptr(io), io.shape[0], _ptr(pl),
                        total, <size_t>data_len, mtu, &lengths[0], pieces)
     if n == -DP_E_SPLIT_TRUNCATED:
@@ -652,7 +663,10 @@ def split_build(src, dst, sport, dport, seq, ack, flags, window, opts, payload, 
 
 cdef dp_packet* _records(object out, Py_ssize_t count) except NULL:
     cdef uint8_t[::1] raw
-    if not isinstance(out, np.ndarray) or out.dtype != PACKET_DTYPE or out.ndim != 1:
+    import numpy as np
+
+    if not isinstance(out, np.ndarray) or out.dtype != __getattr__("PACKET_DTYPE") \
+            or out.ndim != 1:
         raise TypeError("out must be a 1-d numpy array of PACKET_DTYPE")
     if not out.flags.c_contiguous or not out.flags.writeable:
         raise ValueError("out must be C-contiguous and writeable")

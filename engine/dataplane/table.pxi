@@ -19,8 +19,6 @@ from engine.dataplane.packet cimport dp_parse_ipv4_tcp, DP_OK, dp_ring_step, dp_
 
 import collections as _tb_collections
 
-import numpy as _np
-
 from engine.core.events import RouteNeeded as _RouteNeeded
 
 
@@ -1034,8 +1032,8 @@ cdef class Table:
         """``n`` captured IPv4 packets, packet i at buf[offsets[i]:offsets[i] + lengths[i]];
         returns how many did not parse (one reaching past buf does not)."""
         cdef const uint8_t[::1] b = _as_bytes_view(buf)
-        cdef const int64_t[::1] offs = _np.ascontiguousarray(offsets[:n], dtype=_np.int64)
-        cdef const int64_t[::1] lens = _np.ascontiguousarray(lengths[:n], dtype=_np.int64)
+        cdef const int64_t[::1] offs = _tb_int64s(offsets, n)
+        cdef const int64_t[::1] lens = _tb_int64s(lengths, n)
         cdef Py_ssize_t i, size = b.shape[0]
         cdef int64_t off, length
         cdef int errors = 0
@@ -1332,3 +1330,30 @@ cdef const uint8_t[::1] _as_bytes_view(object buf):
     if mv.format != "B":
         mv = mv.cast("B")
     return mv
+
+
+cdef object _tb_int64s(object values, Py_ssize_t n):
+    """The first ``n`` of ``values`` as a C-contiguous int64 buffer: ``values`` itself when
+    it is one, a copy when it is a buffer of uint32 (``array("I")``, what the worker
+    passes), else numpy's conversion (numpy is imported only then)."""
+    cdef const int64_t[::1] i64
+    cdef const uint32_t[::1] u32
+    cdef int64_t[::1] out
+    cdef Py_ssize_t i
+    try:
+        i64 = values
+        return values
+    except (TypeError, ValueError, BufferError):
+        pass
+    try:
+        u32 = values
+    except (TypeError, ValueError, BufferError):
+        import numpy as np
+
+        return np.ascontiguousarray(values[:n], dtype=np.int64)
+    n = min(n, u32.shape[0])
+    copy = memoryview(bytearray(8 * n)).cast("q")
+    out = copy
+    for i in range(n):
+        out[i] = u32[i]
+    return copy

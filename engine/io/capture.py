@@ -57,9 +57,8 @@ import socket
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
-
-import numpy as np
+from functools import cache
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from engine.codec import bpf, packet
 from engine.codec.bpf import PACKET_OUTGOING
@@ -67,6 +66,9 @@ from engine.codec.link import ARPHRD_ETHER, ETH_P_8021AD, ETH_P_8021Q, ETH_P_IP
 from engine.codec.pcapfile import PCAP_GLOBAL_HEADER_BYTES, PCAP_RECORD_HEADER_BYTES
 from engine.errors import DecodeError
 from engine.io.logs import LOGGER_NAME
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -497,12 +499,20 @@ class FrameBatch(NamedTuple):
     ts: float
 
 
-_FRAME_WORDS = np.arange(5, dtype=np.int64)  # tp_next_offset .. tp_len (u32 words 0-4)
-_IP_BYTES = np.array([0, 9, 12, 13, 14, 15], dtype=np.int64)  # version/IHL, protocol, src
-_TCP_BYTES = np.array([0, 1, 13], dtype=np.int64)  # source port, flags
-_SRC_WEIGHTS = np.array([1 << 40, 1 << 32, 1 << 24, 1 << 16], dtype=np.int64)
-_PORT_WEIGHTS = np.array([1 << 8, 1], dtype=np.int64)
-_MAC_NET_WORDS = np.array([_FRAME_MAC, _FRAME_NET], dtype=np.int64)  # u16 words
+@cache
+def _gathers() -> tuple[np.ndarray, ...]:
+    """The index and weight arrays of the Python block walk (numpy is imported by that walk
+    only: the compiled walk, engine/dataplane/capture.pyx, needs none of this)."""
+    import numpy as np
+
+    return (
+        np.arange(5, dtype=np.int64),  # tp_next_offset .. tp_len (u32 words 0-4)
+        np.array([0, 9, 12, 13, 14, 15], dtype=np.int64),  # version/IHL, protocol, src
+        np.array([0, 1, 13], dtype=np.int64),  # source port, flags
+        np.array([1 << 40, 1 << 32, 1 << 24, 1 << 16], dtype=np.int64),  # src address
+        np.array([1 << 8, 1], dtype=np.int64),  # src port
+        np.array([_FRAME_MAC, _FRAME_NET], dtype=np.int64),  # u16 words
+    )
 
 
 def frame_fields(
@@ -514,8 +524,11 @@ def frame_fields(
 
     A few numpy gathers per block, whatever its packet count (each numpy call costs about a
     microsecond, so the fields are taken as matrices, not one call per field)."""
-    head = u32.take((frames >> 2)[:, None] + _FRAME_WORDS).astype(np.int64)
-    macnet = u16.take((frames >> 1)[:, None] + _MAC_NET_WORDS).astype(np.int64)
+    import numpy as np
+
+    frame_words, mac_net_words = _gathers()[0], _gathers()[5]
+    head = u32.take((frames >> 2)[:, None] + frame_words).astype(np.int64)
+    macnet = u16.take((frames >> 1)[:, None] + mac_net_words).astype(np.int64)
     snaplen = head[:, _FRAME_SNAPLEN]
     mac, net = macnet[:, 0], macnet[:, 1]
     inside = (net >= mac) & (net <= mac + snaplen) & (frames + mac + snaplen <= end)
@@ -534,13 +547,16 @@ def ip_flow_fields(
     exact kernel filter lets none of them through; the others are read as zeros).  Reads
     past the buffer are clipped (``take(mode="clip")``), never raised.
     """
-    ip = u8.take(starts[:, None] + _IP_BYTES, mode="clip")
+    import numpy as np
+
+    _, ip_bytes, tcp_bytes, src_weights, port_weights, _ = _gathers()
+    ip = u8.take(starts[:, None] + ip_bytes, mode="clip")
     b0 = ip[:, 0]
     ihl = (b0 & 0x0F).astype(np.int64) << 2
     ok = (b0 >> 4 == 4) & (ihl >= 20) & (lengths >= ihl + 14) & (ip[:, 1] == 6)
-    tcp = u8.take((starts + ihl)[:, None] + _TCP_BYTES, mode="clip")
+    tcp = u8.take((starts + ihl)[:, None] + tcp_bytes, mode="clip")
     # ip << 16 | port as two small matrix products (the key fits 48 bits of an int64).
-    keys = ip[:, 2:].astype(np.int64) @ _SRC_WEIGHTS + tcp[:, :2].astype(np.int64) @ _PORT_WEIGHTS
+    keys = ip[:, 2:].astype(np.int64) @ src_weights + tcp[:, :2].astype(np.int64) @ port_weights
     flags = tcp[:, 2]
     if not ok.all():
         keys = np.where(ok, keys, 0)
@@ -581,6 +597,9 @@ class TPacketSource(_LiveSource):
         self.host_only = host_only
         sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
         self._mm: mmap.mmap | None = None
+        self._u8: Any = None  # numpy views of the ring: made by the Python walk only
+        self._u16: Any = None
+        self._u32: Any = None
         try:
             if device is not None:
                 _device_hatype(device)
@@ -624,9 +643,6 @@ class TPacketSource(_LiveSource):
             mmap.PROT_READ | mmap.PROT_WRITE,
         )
         self._view = memoryview(self._mm)
-        self._u8 = np.frombuffer(self._mm, dtype=np.uint8)
-        self._u16 = self._u8.view(np.uint16)
-        self._u32 = self._u8.view(np.uint32)
         self._words = memoryview(self._mm).cast("I")
 
     @property
@@ -696,6 +712,12 @@ class TPacketSource(_LiveSource):
         return [self._parse_block(block, now) for block in self.ready_blocks()]
 
     def _parse_block(self, block: int, now: float) -> FrameBatch:
+        if self._u8 is None:
+            import numpy as np
+
+            self._u8 = np.frombuffer(self._mm, dtype=np.uint8)
+            self._u16 = self._u8.view(np.uint16)
+            self._u32 = self._u8.view(np.uint32)
         starts, lengths, keys, flags, ok, truncated = parse_block(
             self._words,
             self._u8,
@@ -723,6 +745,8 @@ class TPacketSource(_LiveSource):
 
     def _python_filter(self, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Without an exact kernel program: TransferFilter.keep on every frame (it counts)."""
+        import numpy as np
+
         view, keep = self._view, self.keep
         return np.fromiter(
             (
@@ -765,7 +789,7 @@ class TPacketSource(_LiveSource):
 
     def close(self) -> None:
         self._held.clear()
-        self._u8 = self._u16 = self._u32 = None  # type: ignore[assignment]
+        self._u8 = self._u16 = self._u32 = None
         for name in ("_words", "_view"):
             v = getattr(self, name, None)
             if v is not None:
@@ -787,6 +811,8 @@ def walk_frames(words: memoryview, block: int, end: int) -> tuple[np.ndarray, bo
     block is kernel memory, but nothing read from it is trusted (the compiled walk,
     engine/dataplane/capture.pyx, applies the same rules).
     """
+    import numpy as np
+
     end = min(end, len(words) * 4)
     offsets: list[int] = []
     if block < 0 or block + _BLOCK_HEADER_NEED > end:
@@ -836,6 +862,8 @@ def parse_block(
     default: up to the buffer's end, or whose IP header is not within them) is read up to
     its first bad frame and counted once in ``counters`` as capture_block_errors.
     """
+    import numpy as np
+
     end = len(words) * 4
     if block_bytes is not None:
         end = min(end, block + block_bytes)

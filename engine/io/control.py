@@ -3,8 +3,8 @@
 Theory of operation
 -------------------
 The supervisor creates one ControlBlock before it forks anything; the capture process and
-every worker inherit it through fork (anonymous shared memory from multiprocessing's heap:
-no name to unlink, nothing left behind when the tree dies).  Slots are numbered like the
+every worker inherit it through fork (one page of anonymous shared memory: no name to
+unlink, nothing left behind when the tree dies).  Slots are numbered like the
 rows of metrics.counters.CounterBlock: slot 0 is the capture process, slot 1 + i worker i.
 
 * ``capture_done``: set by the capture process once an offline replay has read its last
@@ -21,9 +21,7 @@ aligned 8-byte stores do not tear, so no lock is needed.
 
 from __future__ import annotations
 
-import multiprocessing
-
-_FORK = multiprocessing.get_context("fork")
+import mmap
 
 _CAPTURE_DONE = 0
 _SHED = 1
@@ -39,8 +37,11 @@ class ControlBlock:
         if workers < 1:
             raise ValueError(f"control block: bad worker count {workers}")
         self.workers = workers
-        self._flags = _FORK.RawArray("q", _FLAGS)
-        self._beats = _FORK.RawArray("d", workers + 1)
+        # Flags (i64) then heartbeats (f64), all 8-byte aligned; zeros until written.
+        self._map = mmap.mmap(-1, 8 * (_FLAGS + workers + 1))
+        block = memoryview(self._map)
+        self._flags = block[: 8 * _FLAGS].cast("q")
+        self._beats = block[8 * _FLAGS :].cast("d")
 
     @staticmethod
     def worker_slot(worker: int) -> int:

@@ -16,8 +16,6 @@ import sys
 import time
 from collections.abc import Callable
 
-import orjson
-
 LOGGER_NAME = "tcpcopy"
 NOTICE = 25
 """syslog's notice, between info and warn (intercept-mp's start, stop and rule lines)."""
@@ -71,6 +69,8 @@ class JsonFormatter(logging.Formatter):
         )
         if record.exc_info:
             obj["exc"] = self.formatException(record.exc_info)
+        import orjson  # imported by JSON logging only
+
         return orjson.dumps(obj, default=str).decode()
 
 
@@ -232,6 +232,8 @@ class RateLimiter:
 
 def json_bytes(values: dict[str, object]) -> bytes:
     """One JSON object and a newline, keys sorted (--summary-json's form)."""
+    import orjson
+
     return orjson.dumps(values, default=str, option=orjson.OPT_SORT_KEYS) + b"\n"
 
 

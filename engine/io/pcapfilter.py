@@ -19,7 +19,6 @@ runs the same program on the packet through libpcap's interpreter (``pcap_offlin
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 from collections.abc import Sequence
 
 from engine.errors import ConfigError
@@ -59,6 +58,8 @@ _lib: ctypes.CDLL | None = None
 def _libpcap() -> ctypes.CDLL:
     global _lib
     if _lib is None:
+        import ctypes.util  # (subprocess, shutil, tempfile: only with -F)
+
         name = ctypes.util.find_library("pcap") or "libpcap.so.0.8"
         try:
             lib = ctypes.CDLL(name)

@@ -339,12 +339,14 @@ def program_paths() -> list[tuple[str, int]]:
     """What a process of ours reads or execs after the drop: the interpreter, the standard
     library, the installed packages (orjson's directory) and the project's own code."""
     import sysconfig
-
-    import orjson
+    from importlib.util import find_spec
 
     rx = os.R_OK | os.X_OK
     paths = [(sys.executable, os.X_OK), (sysconfig.get_paths()["stdlib"], rx)]
-    paths.append((os.path.dirname(os.path.dirname(os.path.abspath(orjson.__file__))), rx))
+    # orjson's location without importing it (JSON logs import it when they need it).
+    spec = find_spec("orjson")
+    if spec is not None and spec.origin:
+        paths.append((os.path.dirname(os.path.dirname(os.path.abspath(spec.origin))), rx))
     paths.append((os.path.dirname(os.path.dirname(os.path.abspath(__file__))), rx))
     return paths
 

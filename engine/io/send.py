@@ -31,7 +31,6 @@ as the capture splits GRO aggregates (spec §3.4), counted in ``send_split``.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import logging
@@ -725,6 +724,8 @@ def _ctypes_sendmmsg(sockaddr: bytes | None = None) -> BatchFn | None:
 
     Every packet goes to its own daddr (an IPPROTO_RAW socket), or with ``sockaddr`` every
     one to that raw address (an AF_PACKET socket's struct sockaddr_ll)."""
+    import ctypes.util  # (subprocess, shutil, tempfile: only for this fallback)
+
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name or "libc.so.6", use_errno=True)

@@ -55,11 +55,10 @@ import selectors
 import signal
 import struct
 import time
+from array import array
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from engine.codec import packet
 from engine.core.shed import REASON_RING_FULL, FlowGate
@@ -70,6 +69,9 @@ from engine.io.logs import LOGGER_NAME, reopen_logs
 from engine.io.ring import RING_BYTES, RING_MAX_PACKET, Ring, record_bytes, record_layout
 from engine.io.sigloop import SignalPipe
 from metrics.counters import COUNTER_FLUSH_INTERVAL_S
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(LOGGER_NAME)
 
@@ -113,16 +115,16 @@ def flow_worker(client_ip: int, client_port: int, workers: int) -> int:
     return (high * workers) >> 32
 
 
-_MULTIPLIER_U64 = np.uint64(FLOW_HASH_MULTIPLIER)
-_SHIFT_32 = np.uint64(32)
-
-
 def flow_workers(keys: np.ndarray, workers: int) -> np.ndarray:
     """``flow_worker`` for an array of flow keys (client ip << 16 | client port, uint64):
-    the same numbers (uint64 products wrap modulo 2^64 like the ``& _U64`` above)."""
+    the same numbers (uint64 products wrap modulo 2^64 like the ``& _U64`` above).  The
+    Python block walk's (numpy is imported here, not by the compiled walk's path)."""
+    import numpy as np
+
+    shift = np.uint64(32)
     with np.errstate(over="ignore"):
-        high = (keys * _MULTIPLIER_U64) >> _SHIFT_32
-        return (high * np.uint64(workers)) >> _SHIFT_32
+        high = (keys * np.uint64(FLOW_HASH_MULTIPLIER)) >> shift
+        return (high * np.uint64(workers)) >> shift
 
 
 def ring_max_packet(mtu: int) -> int:
@@ -481,8 +483,8 @@ class CaptureProcess:
         """Hash each (already pre-filtered) IPv4/TCP packet to its worker's ring.
 
         The path of the sources that hand over bytes (recv sockets, pcap files): per packet
-        one struct unpack for the common 20-byte IP header; the hash and the shedding
-        decision are taken for the whole batch (``flow_workers``, ``FlowGate.admit``).
+        one struct unpack for the common 20-byte IP header; the shedding decision is taken
+        for the whole batch (``FlowGate.admit``, the compiled ``Gate.admit``).
         ``now`` is the monotonic time of the batch (the packets' stamps may be file times).
         """
         if not batch:
@@ -508,12 +510,15 @@ class CaptureProcess:
                 src_port = ip[ihl] << 8 | ip[ihl + 1]
                 add_flags(ip[ihl + 13])
             add_key(src_ip << 16 | src_port)
-        key_arr = np.array(keys, dtype=np.uint64)
-        worker_arr = flow_workers(key_arr, n) if n > 1 else np.zeros(len(keys), dtype=np.uint64)
-        admit = self.gate.admit(key_arr, np.array(flags, dtype=np.uint8), worker_arr, now)
+        if n > 1:  # flow_worker of each key, inline
+            mult = FLOW_HASH_MULTIPLIER
+            worker_list = [((((k * mult) & _U64) >> 32) * n) >> 32 for k in keys]
+        else:
+            worker_list = [0] * len(keys)
+        admit = self.gate.admit(array("Q", keys), array("B", flags), array("Q", worker_list), now)
         out: list[list[tuple[bytes, float]]] = [[] for _ in range(n)]
-        mask = admit.tolist() if admit is not None else None
-        for i, ((ts, ip), w) in enumerate(zip(batch, worker_arr.tolist(), strict=True)):
+        mask = bytes(admit) if admit is not None else None  # one byte (0/1) per packet
+        for i, ((ts, ip), w) in enumerate(zip(batch, worker_list, strict=True)):
             if mask is not None and not mask[i]:
                 continue
             dest = out[w]
@@ -529,6 +534,8 @@ class CaptureProcess:
         """A kernel block's packets to the rings: workers and shedding for the whole batch as
         arrays, then one ``push_frames`` per ring copying from the block into the records.
         The gate takes the rings' fill levels first, for every block (an empty one too)."""
+        import numpy as np
+
         self._update_gate()
         count = len(batch.keys)
         if count == 0:
@@ -539,6 +546,7 @@ class CaptureProcess:
         starts, lengths = batch.starts, batch.lengths
         admit = self.gate.admit(batch.keys, batch.flags, workers, self.clock())
         if admit is not None:
+            admit = np.frombuffer(admit, dtype=bool)  # FlowGate's array or Gate's memoryview
             starts, lengths, workers = starts[admit], lengths[admit], workers[admit]
         if len(starts) == 0:
             return

@@ -589,7 +589,7 @@ def test_compiled_engine_counting_in_a_shared_row_matches_the_python_engine(
             if key not in SHELL_KEYS:
                 slot = ALIASES.get(key, key)
                 assert got[slot] == want[slot], f"counter row: {slot}"
-        assert block.read()[row, 0] % 2 == 0, "counter row: seqlock left odd"
+        assert block.read()[row][0] % 2 == 0, "counter row: seqlock left odd"
 
     try:
         run(data, make, check)
