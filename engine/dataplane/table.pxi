@@ -105,7 +105,7 @@ cdef struct TFlow
 
 
 cdef struct TEntry:             # 72 bytes: a malloc chunk of 80
-    ESession* s
+    ESession* s                 # frozen: an ELinger* (tb_lr), the session kept as a record
     TFlow* flow
     TEntry* prev                # the response map's order
     TEntry* next
@@ -117,6 +117,24 @@ cdef struct TEntry:             # 72 bytes: a malloc chunk of 80
     int32_t unsend
     uint8_t touched
     uint8_t gone
+    uint8_t frozen
+
+
+cdef inline ELinger* tb_lr(const TEntry* e) noexcept nogil:
+    return <ELinger*>e.s
+
+
+cdef inline int tb_state(const TEntry* e) noexcept nogil:
+    return (<ELinger*>e.s).state if e.frozen else e.s.state
+
+
+cdef inline void tb_free_session(TEntry* e) noexcept nogil:
+    if e.frozen:
+        lr_free(<ELinger*>e.s)
+        e.frozen = 0
+    else:
+        sess_free(e.s)
+    e.s = NULL
 
 
 cdef struct TFlow:
@@ -339,7 +357,7 @@ cdef class Table:
                 e = <TEntry*><intptr_t>seen.slots[i].k0
                 if e.flow != NULL:
                     hm_put(&flows, <uint64_t><intptr_t>e.flow, 0, &created)
-                sess_free(e.s)
+                tb_free_session(e)
                 free(e)
         for i in range(flows.cap):
             if flows.slots[i].used:
@@ -382,6 +400,47 @@ cdef class Table:
         self.touched[self.touched_n] = e
         self.touched_n += 1
         return 0
+
+    cdef ESession* tb_thaw(self, TEntry* e) noexcept nogil:
+        """The session of a frozen entry back (sess_thaw); NULL: no memory."""
+        cdef ESession* s
+        if not e.frozen:
+            return e.s
+        s = sess_thaw(tb_lr(e), &self.ecfg, self.c)
+        if s == NULL:
+            self.oom = True
+            return NULL
+        lr_free(tb_lr(e))
+        e.s = s
+        e.frozen = 0
+        return s
+
+    cdef void tb_freeze(self, TEntry* e) noexcept nogil:
+        """A lingering session with nothing queued kept as its record (sess_freeze), or
+        else cut to what lingering reads (sess_linger)."""
+        cdef ESession* s = e.s
+        cdef ELinger* r = sess_freeze(s)
+        if r != NULL:
+            sess_free(s)
+            e.s = <ESession*>r
+            e.frozen = 1
+        elif not s.lingering:
+            e.s = sess_linger(s)
+
+    cdef bint tb_linger_response(self, TEntry* e, const dp_packet* p) noexcept nogil:
+        """receive_response of a frozen entry when it queues no packet (a stray RST, or a
+        segment without data, SYN or FIN on a gracefully ended session): counted, True;
+        False: the session must answer (thawed by the caller)."""
+        cdef uint8_t flags = p.flags
+        if not flags & TB_RST and not (
+            tb_lr(e).bits & LB_GRACEFUL and not p.data_len and not flags & (TB_SYN | TB_FIN)
+        ):
+            return False
+        self.c[EC_RESP] += 1
+        if flags & TB_RST:
+            self.c[EC_RESP_RST] += 1
+            self.c[EC_DROP_NO_TRANSFER + DR_STRAY_RESPONSE] += 1
+        return True
 
     cdef void tb_maybe_free(self, TEntry* e) noexcept nogil:
         if e.gone and e.heap_refs == 0 and not e.touched:
@@ -600,7 +659,9 @@ cdef class Table:
                 return
             self.c[EC_SYN_CNT] += 1
         if flow != NULL:
-            if flags & TB_SYN and not sess_owns_syn(flow.items[0].s, p.seq):
+            e = flow.items[0]
+            if flags & TB_SYN and not (lr_owns_syn(tb_lr(e), p.seq) if e.frozen
+                                       else sess_owns_syn(e.s, p.seq)):
                 # spec §3.6 drops this SYN; it is a new connection reusing the port.  The old
                 # sessions run on by their fake tuples until they end.
                 self.c[EC_PORT_REUSE] += 1
@@ -613,6 +674,14 @@ cdef class Table:
                 self.c[EC_CLT_CONT] += 1
             for i in range(flow.n):
                 e = flow.items[i]
+                if e.frozen:
+                    if not lr_is_later_data(tb_lr(e), p):
+                        # receive_client of an ended session: the drop counted, no more
+                        self.c[EC_DROP_NO_TRANSFER + DR_SESSION_CLOSED] += 1
+                        self.tb_touch(e)
+                        continue
+                    if self.tb_thaw(e) == NULL:
+                        continue
                 s = e.s
                 if s.state == ST_LINGER and p.data_len and sess_is_later_data(s, p):
                     # spec §3.6: new traffic on a lingering tuple starts a new (faked) session
@@ -665,7 +734,10 @@ cdef class Table:
             self.c[EC_DROP_UNKNOWN_RESPONSE] += 1
             return
         e = <TEntry*><intptr_t>slot.a
-        sess_receive_response_buf(e.s, p, buf, now)
+        if e.frozen and not self.tb_linger_response(e, p) and self.tb_thaw(e) == NULL:
+            return
+        if not e.frozen:
+            sess_receive_response_buf(e.s, p, buf, now)
         self.tb_touch(e)
 
     cdef void tb_heap_pop(self) noexcept nogil:
@@ -692,7 +764,10 @@ cdef class Table:
                 self.tb_maybe_free(e)
                 continue  # stale: rescheduled earlier meanwhile, or removed
             e.sched = NAN
-            sess_handle_timer(e.s, now)
+            if e.frozen:
+                lr_handle_timer(tb_lr(e), now)
+            else:
+                sess_handle_timer(e.s, now)
             self.tb_touch(e)
         self.tb_shrink()
 
@@ -729,7 +804,7 @@ cdef class Table:
 
     cdef int tb_schedule(self, TEntry* e) noexcept nogil:
         """table._schedule."""
-        cdef double t = sess_timer(e.s)
+        cdef double t = tb_lr(e).linger_at if e.frozen else sess_timer(e.s)
         cdef size_t cap
         cdef THeapItem* h
         if tset(t) and (not tset(e.sched) or t < e.sched):
@@ -773,8 +848,10 @@ cdef class Table:
     cdef void tb_remove(self, TEntry* e, double now) noexcept nogil:
         """table._remove: out of the maps, the tuple quarantined, the session freed."""
         cdef ESession* s = e.s
+        cdef ELinger* r = tb_lr(e)
         cdef uint64_t k0
-        cdef uint32_t k1, i, j
+        cdef uint32_t k1, i, j, cip, tip
+        cdef uint16_t cport, tport
         cdef hslot* slot
         cdef TFlow* flow
         cdef uint32_t end_seq = 0, ts_last = 0
@@ -790,7 +867,11 @@ cdef class Table:
         e.unsend = 0
         self.held_total -= e.held
         e.held = 0
-        hm_key4(s.client_ip, s.client_port, s.target_ip, s.target_port, &k0, &k1)
+        if e.frozen:
+            cip, cport, tip, tport = r.client_ip, r.client_port, r.target_ip, r.target_port
+        else:
+            cip, cport, tip, tport = s.client_ip, s.client_port, s.target_ip, s.target_port
+        hm_key4(cip, cport, tip, tport, &k0, &k1)
         slot = hm_get(&self.by_resp, k0, k1)
         if slot != NULL and <TEntry*><intptr_t>slot.a == e:
             hm_del(&self.by_resp, slot)
@@ -819,13 +900,16 @@ cdef class Table:
             tb_flow_free(flow)
         e.flow = NULL
         # The target keeps the tuple in TIME_WAIT: quarantine it (design §9).
-        has_end = sess_end_seq(s, &end_seq)
-        has_ts = sess_ts_last(s, &ts_last)
-        if ta_release(&self.alloc, s.client_ip, s.client_port, s.target_ip, s.target_port, now,
-                      has_end, end_seq, has_ts, ts_last) < 0:
+        if e.frozen:
+            has_end = lr_end_seq(r, &end_seq)
+            has_ts = lr_ts_last(r, &ts_last)
+        else:
+            has_end = sess_end_seq(s, &end_seq)
+            has_ts = sess_ts_last(s, &ts_last)
+        if ta_release(&self.alloc, cip, cport, tip, tport, now, has_end, end_seq, has_ts,
+                      ts_last) < 0:
             self.oom = True
-        sess_free(s)
-        e.s = NULL
+        tb_free_session(e)
         self.tb_maybe_free(e)
 
     cdef int tb_route(self, const EEvent* ev) noexcept nogil:
@@ -868,6 +952,12 @@ cdef class Table:
             if e.gone:
                 self.tb_maybe_free(e)
                 continue
+            if e.frozen:    # nothing queued, no event: it ended, or it lingers on
+                if tb_lr(e).state == ST_FINISHED:
+                    self.tb_remove(e, now)
+                else:
+                    self.tb_schedule(e)
+                continue
             s = e.s
             if sess_packets_to_send(s, now, &self.out) < 0:
                 self.oom = True
@@ -886,8 +976,8 @@ cdef class Table:
             if s.state == ST_FINISHED:
                 self.tb_remove(e, now)
             else:
-                if s.state == ST_LINGER and not s.lingering:
-                    e.s = sess_linger(s)    # ended: cut to what lingering reads
+                if s.state == ST_LINGER:
+                    self.tb_freeze(e)       # ended: kept as what lingering reads
                 self.tb_schedule(e)
 
     # -- counting in a shared row (attach_counters) -------------------------------------------
@@ -911,14 +1001,14 @@ cdef class Table:
         cdef size_t i
         self.c = c
         while e != NULL:
-            if e.s != NULL:
+            if e.s != NULL and not e.frozen:
                 e.s.counters = c
             e = e.next
         for i in range(self.heap_n):
-            if self.heap[i].e.s != NULL:
+            if self.heap[i].e.s != NULL and not self.heap[i].e.frozen:
                 self.heap[i].e.s.counters = c
         for i in range(self.touched_n):
-            if self.touched[i].s != NULL:
+            if self.touched[i].s != NULL and not self.touched[i].frozen:
                 self.touched[i].s.counters = c
 
     # -- Python API (table.SessionTable's) -----------------------------------------------------
@@ -1214,7 +1304,7 @@ cdef class Table:
         cdef TEntry* e = self.order_head
         out = []
         while e != NULL:
-            if e.s.state < ST_LINGER:
+            if not e.frozen and e.s.state < ST_LINGER:
                 out.append(_RouteNeeded(e.s.client_ip, e.s.client_port, e.s.target_ip,
                                         e.s.target_port))
             e = e.next
@@ -1229,7 +1319,7 @@ cdef class Table:
         self.now = now
         self.tb_count_begin()
         while e != NULL:
-            if e.s.state < ST_LINGER:
+            if not e.frozen and e.s.state < ST_LINGER:
                 sess_handle_route_down(e.s, d, now)
                 if not d:
                     self.tb_touch(e)
@@ -1243,7 +1333,7 @@ cdef class Table:
         self.now = now
         self.tb_count_begin()
         while e != NULL:
-            if sess_end_input(e.s, now):
+            if not e.frozen and sess_end_input(e.s, now):
                 ended += 1
                 self.tb_touch(e)
             e = e.next
@@ -1266,7 +1356,7 @@ cdef class Table:
             raise MemoryError()
         while e != NULL:
             # half_open first: False once ended, and a lingering session has no created_at
-            if sess_half_open(e.s) and e.s.created_at <= cutoff:
+            if not e.frozen and sess_half_open(e.s) and e.s.created_at <= cutoff:
                 if e.s.state > ST_SYN_SENT:
                     answered[na] = e
                     na += 1
@@ -1295,7 +1385,7 @@ cdef class Table:
         self.tb_count_begin()
         while e != NULL:
             nxt = e.next
-            if e.s.state >= ST_LINGER and not e.gone:
+            if tb_state(e) >= ST_LINGER and not e.gone:
                 self.tb_remove(e, now)
             e = nxt
         self.tb_count_end()
