@@ -1,10 +1,12 @@
 # The session table in C (included by engine.pyx): a port of engine/core/table.py
 # (SessionTable), which is the specification; read its theory of operation.  Here:
 #
-# * flows: hmap original 4-tuple -> TFlow (the replica list); responses: hmap fake tuple ->
-#   TEntry; refused flows: hmap original 4-tuple -> last packet time (slot.d).  The entries
-#   are also linked in the order they entered the response map, the order in which the Python
-#   table's dict iterates (end_input, shed_half_open, live_routes, ... visit them so).
+# * flows: hmap original 4-tuple -> TFlow (the replica list); responses: the tuple allocator's
+#   own slot of the fake tuple (alloc.state, RW_LIVE while a session has it) -> TEntry in
+#   slot.a, so one slot serves both; refused flows: hmap original 4-tuple -> last packet time
+#   (slot.d).  The entries are also linked in the order they entered the response map, the
+#   order in which the Python table's dict iterates (end_input, shed_half_open, live_routes,
+#   ... visit them so).
 # * the timer heap: (deadline, seq, entry) items with lazy invalidation, compacted past twice
 #   the table plus TB_HEAP_SLACK items, as table.py does.  An entry removed from the table
 #   frees its session at once; the small TEntry stays until no heap item refers to it.
@@ -240,7 +242,7 @@ cdef class Table:
     cdef int64_t backlog_max
     cdef bint has_history
     cdef hmap flows
-    cdef hmap by_resp
+    cdef size_t nresp                    # entries reachable by their fake tuple (alloc.state)
     cdef hmap refused
     cdef TEntry* order_head
     cdef TEntry* order_tail
@@ -369,7 +371,6 @@ cdef class Table:
         free(self.draining)
         free(self.routes)
         hm_free(&self.flows)
-        hm_free(&self.by_resp)
         hm_free(&self.refused)
         free(self.transfers)
         free(self.pool)
@@ -522,7 +523,7 @@ cdef class Table:
         hm_key4(gip, gport, tip, tport, &k0, &k1)
         slot = NULL
         if s != NULL and e != NULL:
-            slot = hm_put(&self.by_resp, k0, k1, &created)
+            slot = hm_get(&self.alloc.state, k0, k1)  # the allocator's: RW_LIVE, a = 0
         if slot == NULL:
             sess_free(s)
             free(e)
@@ -537,6 +538,7 @@ cdef class Table:
         e.fk1 = fk1
         e.sched = NAN
         slot.a = <int64_t><intptr_t>e
+        self.nresp += 1
         e.prev = self.order_tail
         if self.order_tail != NULL:
             self.order_tail.next = e
@@ -570,7 +572,7 @@ cdef class Table:
         if not self.ramp_done and not self.has_ramp_start:
             self.has_ramp_start = True
             self.ramp_start = now
-        if self.max_sessions and <int64_t>self.by_resp.n + replicas > self.max_sessions:
+        if self.max_sessions and <int64_t>self.nresp + replicas > self.max_sessions:
             self.c[EC_SESSIONS_REFUSED] += 1
             self.c[EC_DROP_SESSION_LIMIT] += 1
             return
@@ -609,7 +611,7 @@ cdef class Table:
         cdef TEntry* e
         cdef TFlow* alone
         cdef int tindex
-        if self.max_sessions and <int64_t>self.by_resp.n >= self.max_sessions:
+        if self.max_sessions and <int64_t>self.nresp >= self.max_sessions:
             self.c[EC_SESSIONS_REFUSED] += 1
             self.c[EC_DROP_SESSION_LIMIT] += 1
             return NULL
@@ -729,8 +731,8 @@ cdef class Table:
         cdef TEntry* e
         self.now = now
         hm_key4(tb_ip4(p.dst), p.dport, tb_ip4(p.src), p.sport, &k0, &k1)
-        slot = hm_get(&self.by_resp, k0, k1)
-        if slot == NULL:
+        slot = hm_get(&self.alloc.state, k0, k1)
+        if slot == NULL or not slot.flags & RW_LIVE or slot.a == 0:
             self.c[EC_DROP_UNKNOWN_RESPONSE] += 1
             return
         e = <TEntry*><intptr_t>slot.a
@@ -777,7 +779,6 @@ cdef class Table:
         cdef size_t cap
         cdef THeapItem* h
         hm_shrink(&self.flows)
-        hm_shrink(&self.by_resp)
         hm_shrink(&self.refused)
         hm_shrink(&self.alloc.state)
         hm_shrink(&self.alloc.groups)
@@ -858,7 +859,7 @@ cdef class Table:
         cdef bint has_end, has_ts
         e.gone = 1
         e.heap_refs += 1  # pinned: the compaction may drop its last item
-        if self.heap_n > 2 * self.by_resp.n + TB_HEAP_SLACK:
+        if self.heap_n > 2 * self.nresp + TB_HEAP_SLACK:
             self.tb_compact()
         e.heap_refs -= 1
         self.c[EC_REL] += 1
@@ -872,9 +873,10 @@ cdef class Table:
         else:
             cip, cport, tip, tport = s.client_ip, s.client_port, s.target_ip, s.target_port
         hm_key4(cip, cport, tip, tport, &k0, &k1)
-        slot = hm_get(&self.by_resp, k0, k1)
-        if slot != NULL and <TEntry*><intptr_t>slot.a == e:
-            hm_del(&self.by_resp, slot)
+        slot = hm_get(&self.alloc.state, k0, k1)
+        if slot != NULL and slot.flags & RW_LIVE and <TEntry*><intptr_t>slot.a == e:
+            slot.a = 0              # ta_release below quarantines the tuple
+            self.nresp -= 1
             if e.prev != NULL:
                 e.prev.next = e.next
             else:
@@ -1259,7 +1261,7 @@ cdef class Table:
 
     @property
     def active(self):
-        return self.by_resp.n
+        return self.nresp
 
     @property
     def lingering(self):
@@ -1291,7 +1293,7 @@ cdef class Table:
     def index_bytes(self):
         """Bytes of the table's C indexes (flow, response and refused maps, the allocator's
         maps, the timer heap): what grows with a flood and shrinks after it."""
-        return ((self.flows.cap + self.by_resp.cap + self.refused.cap + self.alloc.state.cap
+        return ((self.flows.cap + self.refused.cap + self.alloc.state.cap
                  + self.alloc.groups.cap) * sizeof(hslot) + self.heap_cap * sizeof(THeapItem))
 
     @staticmethod
@@ -1344,7 +1346,7 @@ cdef class Table:
     def shed_half_open(self, double now, limit=None):
         cdef double cutoff = now - TB_HALF_OPEN_SHED_AGE_S
         cdef TEntry* e = self.order_head
-        cdef size_t n = self.by_resp.n, nu = 0, na = 0, k, total
+        cdef size_t n = self.nresp, nu = 0, na = 0, k, total
         cdef TEntry** unanswered
         cdef TEntry** answered
         self.now = now
