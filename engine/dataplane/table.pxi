@@ -1,7 +1,8 @@
 # The session table in C (included by engine.pyx): a port of engine/core/table.py
 # (SessionTable), which is the specification; read its theory of operation.  Here:
 #
-# * flows: hmap original 4-tuple -> TFlow (the replica list); responses: the tuple allocator's
+# * flows: hmap original 4-tuple -> TFlow (the replica list), or with one replica (-n 1) the
+#   entry itself (slot.a: the TEntry pointer | 1, TB_ONE; its in_map flag); responses: the tuple allocator's
 #   own slot of the fake tuple (alloc.state, RW_LIVE while a session has it) -> TEntry in
 #   slot.a, so one slot serves both; refused flows: hmap original 4-tuple -> last packet time
 #   (slot.d).  The entries are also linked in the order they entered the response map, the
@@ -120,6 +121,19 @@ cdef struct TEntry:             # 72 bytes: a malloc chunk of 80
     uint8_t touched
     uint8_t gone
     uint8_t frozen
+    uint8_t in_map              # no flow of its own (flow NULL): the flow map's slot is it
+
+
+cdef enum:
+    TB_ONE = 1                  # a flow map slot.a that is an entry, not a TFlow
+
+
+cdef inline void tb_unmap(int64_t a) noexcept nogil:
+    """What a flow map slot held is out of it."""
+    if a & TB_ONE:
+        (<TEntry*><intptr_t>(a & ~(<int64_t>TB_ONE))).in_map = 0
+    else:
+        (<TFlow*><intptr_t>a).in_map = 0
 
 
 cdef inline ELinger* tb_lr(const TEntry* e) noexcept nogil:
@@ -352,7 +366,7 @@ cdef class Table:
         for i in range(self.touched_n):
             hm_put(&seen, <uint64_t><intptr_t>self.touched[i], 0, &created)
         for i in range(self.flows.cap):
-            if self.flows.slots[i].used:
+            if self.flows.slots[i].used and not self.flows.slots[i].a & TB_ONE:
                 hm_put(&flows, <uint64_t>self.flows.slots[i].a, 0, &created)
         for i in range(seen.cap):
             if seen.slots[i].used:
@@ -552,8 +566,11 @@ cdef class Table:
         """table._new_flow."""
         cdef int percent, replicas = self.replicas
         cdef uint32_t src, ip0, i
-        cdef TFlow* flow
+        cdef TFlow* flow = NULL
         cdef TEntry* e
+        cdef TEntry* one = NULL
+        cdef TEntry** items
+        cdef uint32_t n
         cdef hslot* slot
         cdef bint created
         if tindex < 0:
@@ -576,40 +593,53 @@ cdef class Table:
             self.c[EC_SESSIONS_REFUSED] += 1
             self.c[EC_DROP_SESSION_LIMIT] += 1
             return
-        flow = tb_flow_new(replicas)
-        if flow == NULL:
-            self.oom = True
-            return
-        for i in range(<uint32_t>replicas):
-            e = self.tb_create(fk0, fk1, flow, i, p, buf, now, tindex)
-            if e != NULL:
-                flow.items[flow.n] = e
-                flow.n += 1
-        if flow.n == 0:
-            tb_flow_free(flow)
-            return
+        if replicas == 1:
+            one = self.tb_create(fk0, fk1, NULL, 0, p, buf, now, tindex)
+            if one == NULL:
+                return
+            items = &one
+            n = 1
+        else:
+            flow = tb_flow_new(replicas)
+            if flow == NULL:
+                self.oom = True
+                return
+            for i in range(<uint32_t>replicas):
+                e = self.tb_create(fk0, fk1, flow, i, p, buf, now, tindex)
+                if e != NULL:
+                    flow.items[flow.n] = e
+                    flow.n += 1
+            if flow.n == 0:
+                tb_flow_free(flow)
+                return
+            items = flow.items
+            n = flow.n
         slot = hm_put(&self.flows, fk0, fk1, &created)
         if slot == NULL:
             self.oom = True  # the sessions stay reachable by their responses; the flow is lost
         else:
             if not created:  # (never: the callers found no flow, or took it out)
-                (<TFlow*><intptr_t>slot.a).in_map = 0
-            slot.a = <int64_t><intptr_t>flow
-            flow.in_map = 1
+                tb_unmap(slot.a)
+            if flow != NULL:
+                slot.a = <int64_t><intptr_t>flow
+                flow.in_map = 1
+            else:
+                slot.a = <int64_t><intptr_t>one | TB_ONE
+                one.in_map = 1
         self.c[EC_ALL_CLT] += 1
         if p.data_len:
             self.c[EC_CLT_CONT] += 1
-        for i in range(flow.n):
-            e = flow.items[i]
+        for i in range(n):
+            e = items[i]
             sess_receive_client(e.s, p, buf, now)
             self.tb_touch(e)
 
-    cdef TEntry* tb_replace(self, TFlow* flow, uint32_t i, const dp_packet* p,
+    cdef TEntry* tb_replace(self, TFlow* flow, TEntry* old, uint32_t i, const dp_packet* p,
                             const uint8_t* buf, double now) noexcept nogil:
-        """table._replace: a new session in replica slot i; the lingering one is detached."""
-        cdef TEntry* old = flow.items[i]
+        """table._replace: a new session in replica slot i (of flow, or the flow map's slot
+        when flow is NULL: old is its one entry); the lingering one is detached."""
         cdef TEntry* e
-        cdef TFlow* alone
+        cdef hslot* slot
         cdef int tindex
         if self.max_sessions and <int64_t>self.nresp >= self.max_sessions:
             self.c[EC_SESSIONS_REFUSED] += 1
@@ -618,18 +648,18 @@ cdef class Table:
         tindex = rw_match_transfer(self.transfers, self.ntransfers, tb_ip4(p.dst), p.dport)
         if tindex < 0:
             return NULL
-        alone = tb_flow_new(1)
-        if alone == NULL:
-            self.oom = True
-            return NULL
         e = self.tb_create(old.fk0, old.fk1, flow, i, p, buf, now, tindex)
         if e == NULL:
-            tb_flow_free(alone)
             return NULL
-        alone.items[0] = old
-        alone.n = 1
-        old.flow = alone  # its removal must not touch the live flow
-        flow.items[i] = e
+        if flow != NULL:
+            flow.items[i] = e
+        elif old.in_map:
+            slot = hm_get(&self.flows, old.fk0, old.fk1)
+            if slot != NULL and slot.a == (<int64_t><intptr_t>old | TB_ONE):
+                slot.a = <int64_t><intptr_t>e | TB_ONE
+                e.in_map = 1
+        old.flow = NULL  # alone: its removal must not touch the live flow
+        old.in_map = 0
         return e
 
     cdef void tb_receive_client(self, const dp_packet* p, const uint8_t* buf,
@@ -642,6 +672,9 @@ cdef class Table:
         cdef TFlow* flow = NULL
         cdef uint8_t flags = p.flags
         cdef TEntry* e
+        cdef TEntry* one = NULL
+        cdef TEntry** items = NULL
+        cdef uint32_t n = 0
         cdef TEntry* fresh
         cdef ESession* s
         cdef int tindex
@@ -650,7 +683,14 @@ cdef class Table:
         hm_key4(tb_ip4(p.src), p.sport, tb_ip4(p.dst), p.dport, &fk0, &fk1)
         fs = hm_get(&self.flows, fk0, fk1)
         if fs != NULL:
-            flow = <TFlow*><intptr_t>fs.a
+            if fs.a & TB_ONE:
+                one = <TEntry*><intptr_t>(fs.a & ~(<int64_t>TB_ONE))
+                items = &one
+                n = 1
+            else:
+                flow = <TFlow*><intptr_t>fs.a
+                items = flow.items
+                n = flow.n
         if self.refused.n:
             r = hm_get(&self.refused, fk0, fk1)
             if r != NULL and self.tb_still_refused(r, flags, now):
@@ -660,22 +700,22 @@ cdef class Table:
                 self.c[EC_DROP_CLIENT_SYN_ACK] += 1
                 return
             self.c[EC_SYN_CNT] += 1
-        if flow != NULL:
-            e = flow.items[0]
+        if items != NULL:
+            e = items[0]
             if flags & TB_SYN and not (lr_owns_syn(tb_lr(e), p.seq) if e.frozen
                                        else sess_owns_syn(e.s, p.seq)):
                 # spec §3.6 drops this SYN; it is a new connection reusing the port.  The old
                 # sessions run on by their fake tuples until they end.
                 self.c[EC_PORT_REUSE] += 1
+                tb_unmap(fs.a)
                 hm_del(&self.flows, fs)
-                flow.in_map = 0
                 self.tb_new_flow(fk0, fk1, p, buf, now, -1)
                 return
             self.c[EC_ALL_CLT] += 1
             if p.data_len:
                 self.c[EC_CLT_CONT] += 1
-            for i in range(flow.n):
-                e = flow.items[i]
+            for i in range(n):
+                e = items[i]
                 if e.frozen:
                     if not lr_is_later_data(tb_lr(e), p):
                         # receive_client of an ended session: the drop counted, no more
@@ -689,7 +729,7 @@ cdef class Table:
                     # spec §3.6: new traffic on a lingering tuple starts a new (faked) session
                     if not sess_may_continue(s, p, now):
                         continue
-                    fresh = self.tb_replace(flow, i, p, buf, now)
+                    fresh = self.tb_replace(flow, e, i, p, buf, now)
                     if fresh == NULL:
                         continue
                     sess_continue_from(fresh.s, s)
@@ -887,13 +927,20 @@ cdef class Table:
                 self.order_tail = e.prev
             e.prev = e.next = NULL
         flow = e.flow
-        for i in range(flow.n):
-            if flow.items[i] == e:
-                for j in range(i + 1, flow.n):
-                    flow.items[j - 1] = flow.items[j]
-                flow.n -= 1
-                break
-        if flow.n == 0:
+        if flow == NULL:            # one replica: the flow map's slot, if it is still there
+            if e.in_map:
+                slot = hm_get(&self.flows, e.fk0, e.fk1)
+                if slot != NULL and slot.a == (<int64_t><intptr_t>e | TB_ONE):
+                    hm_del(&self.flows, slot)
+                e.in_map = 0
+        else:
+            for i in range(flow.n):
+                if flow.items[i] == e:
+                    for j in range(i + 1, flow.n):
+                        flow.items[j - 1] = flow.items[j]
+                    flow.n -= 1
+                    break
+        if flow != NULL and flow.n == 0:
             if flow.in_map:
                 slot = hm_get(&self.flows, e.fk0, e.fk1)
                 if slot != NULL and <TFlow*><intptr_t>slot.a == flow:
