@@ -2,12 +2,15 @@
 # (SessionTable), which is the specification; read its theory of operation.  Here:
 #
 # * flows: hmap original 4-tuple -> TFlow (the replica list), or with one replica (-n 1) the
-#   entry itself (slot.a: the TEntry pointer | 1, TB_ONE; its in_map flag); responses: the tuple allocator's
-#   own slot of the fake tuple (alloc.state, RW_LIVE while a session has it) -> TEntry in
-#   slot.a, so one slot serves both; refused flows: hmap original 4-tuple -> last packet time
-#   (slot.d).  The entries are also linked in the order they entered the response map, the
-#   order in which the Python table's dict iterates (end_input, shed_half_open, live_routes,
-#   ... visit them so).
+#   entry itself (slot.a: the TEntry pointer | TB_ONE; the entry's in_map flag); responses:
+#   the tuple allocator's own slot of the fake tuple (alloc.state, RW_LIVE while a session
+#   has it) -> TEntry in slot.a, so one slot serves both; refused flows: hmap original
+#   4-tuple -> last packet time (slot.d).  The entries are also linked in the order they
+#   entered the response map, the order in which the Python table's dict iterates
+#   (end_input, shed_half_open, live_routes, ... visit them so).
+# * a lingering session with nothing queued is frozen: its entry holds an ELinger record
+#   (session.pxi sess_freeze) instead of the session; the timer, late client packets, stray
+#   RSTs and the removal are handled from the record, anything else thaws it (tb_thaw).
 # * the timer heap: (deadline, seq, entry) items with lazy invalidation, compacted past twice
 #   the table plus TB_HEAP_SLACK items, as table.py does.  An entry removed from the table
 #   frees its session at once; the small TEntry stays until no heap item refers to it.
