@@ -181,6 +181,65 @@ def test_a_whole_flow_matches_byte_for_byte():
     assert len(sent) == 1
 
 
+def test_lingering_sessions_answer_as_the_specification():
+    """What a lingering session meets, kept as its record in the compiled table (one block
+    of lingering_record_bytes each once drained): a late client ACK, a stray RST, stray
+    data (a RST back), the target's FIN again, later data on the tuple (a new session), a
+    graceful end's late segments, and its deadline; the same packets, counters and timers
+    as the specification after every step."""
+    pair = Pair(SessionConfig(transfers=XFER, linger_s=2.0))
+    blocks, held = compiled.live_allocations()
+    ca = Client(isn=11, addr=(ORIG + 1, 4001), ts=3)
+    cb = Client(isn=22, addr=(ORIG + 2, 4002), ts=None)
+    for c in (ca, cb):
+        for p in (c.syn(), c.ack(), c.data(b"GET / HTTP/1.1\r\n\r\n")):
+            pair.both("receive_client", p, 0.0)
+    pair.drain()
+    ta, tb = (pair.targets[k] for k in pair.order)
+    for t in (ta, tb):
+        pair.both("receive_response", t.synack(), 0.001)
+        pair.drain()
+        pair.both("receive_response", t.send(100), 0.002)
+        pair.drain()
+    pair.both("receive_response", ta.send(0, fin=True), 0.003)  # the target ends flow a
+    pair.both("receive_client", cb.fin(read=100), 0.003)  # the client ends flow b
+    pair.drain()
+    pair.both("receive_response", tb.fin(), 0.004)
+    pair.drain()
+    pair.check()
+    assert pair.c.lingering == pair.py.lingering == 2
+    record = compiled.lingering_record_bytes()
+    assert compiled.live_allocations() == (blocks + 2, held + 2 * record)
+    steps = [
+        ("receive_client", ca.ack(read=101)),
+        ("receive_response", ta.rst()),
+        ("receive_response", ta.send(10)),
+        ("receive_response", ta.fin()),
+        ("receive_response", tb.ack()),
+        ("receive_response", tb.fin()),
+        ("receive_response", tb.send(5)),
+        ("receive_client", cb.ack(read=101)),
+        ("receive_client", ca.data(b"GET /2 HTTP/1.1\r\n\r\n", read=101)),
+    ]
+    now = 0.01
+    for name, p in steps:
+        now += 0.01
+        pair.both(name, p, now)
+        pair.drain()
+        pair.check()
+    while (t := pair.py.get_timer()) is not None and t <= 10.0:
+        assert pair.c.get_timer() == t
+        pair.both("handle_timer", t)
+        pair.drain()
+        pair.check()
+    assert pair.c.lingering == pair.py.lingering
+    pair.both("forget_ended", 10.0)
+    pair.drain()
+    pair.check()
+    pair.c = None
+    assert compiled.live_allocations()[0] == blocks
+
+
 # -- the batch calls: the same effect as the per-packet calls they loop over ---------------------
 
 
