@@ -8,7 +8,9 @@ functions work on C types only; the classes at the end of each part are the Pyth
 ``Session``: TcpSession's, for tests).
 """
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t, intptr_t
+from libc.stdint cimport (
+    int8_t, uint8_t, uint16_t, uint32_t, uint64_t, int32_t, int64_t, intptr_t,
+)
 
 include "counters.pxi"   # EC_* counter indices, EC_NAMES
 include "session.pxi"    # the session state machine (and its test wrapper, Session)

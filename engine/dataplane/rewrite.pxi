@@ -196,7 +196,8 @@ cdef bint th_reusable(RwHistory* h, uint32_t cip, uint16_t port, uint32_t tip, u
 
 # -- TupleAllocator (rewrite.TupleAllocator) -------------------------------------------------------
 
-# _state: one slot per occupied tuple.  flags: RW_LIVE (the Python None), or else quarantined
+# _state: one slot per occupied tuple.  flags: RW_LIVE (the Python None; slot.a is 0, or the
+# session table's entry for the tuple: table.pxi looks responses up here), or else quarantined
 # since slot.d; RW_CLOSED: _closed holds (end_seq, ts_last) for it, end_seq in the low 32 bits
 # of slot.a (RW_CLOSED_END: not -1), ts_last in its high 32 bits (RW_CLOSED_TS: not None).
 cdef enum:
@@ -473,6 +474,7 @@ cdef int64_t ta_reuse(TAlloc* a, uint32_t cip, uint32_t tip, uint16_t tport, uin
             ):
                 continue
             s.flags = RW_LIVE
+            s.a = 0                 # a live tuple's slot.a: its session table's entry
             a.live_n += 1
         elif not ta_busy(a, busy, cip, <uint16_t>port, tip, tport):
             # Free after all: the claim's look is bounded while the history is asked.

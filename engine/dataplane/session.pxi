@@ -2233,6 +2233,217 @@ cdef ESession* sess_linger(ESession* s) noexcept nogil:
     return r
 
 
+# -- a lingering session frozen: what lingering reads, in a record of its own ---------------
+#
+# Once a lingering session has nothing queued, the table keeps it as an ELinger (sess_freeze)
+# and frees the session: the record answers what lingering asks most (the timer, a late
+# client packet or a stray RST, the tuple's release), and sess_thaw gives back the cut
+# session (what sess_linger keeps) for the rest, which the session's own code then handles.
+# Left out, as nothing a lingering session does reads them: now (packets_to_send sets it
+# first), the ACK timer fields emit() writes (ack_at, last_ack_at, rcv_unacked), rcv_data
+# but for whether it is 0 (may_reconnect), and the queues (empty).
+
+cdef enum:
+    LB_HAS_BASE = 1
+    LB_HAS_CAP_ACK = 2
+    LB_HAS_SYN = 4
+    LB_HAS_TS_VAL = 8
+    LB_TS_OK = 16
+    LB_RESTART_REFUSED = 32
+    LB_RECONNECTED = 64
+    LB_GRACEFUL = 128
+    LB_ROUTE_DOWN = 256
+    LB_RCV_DATA = 512           # rcv_data != 0
+
+
+ctypedef struct ELinger:        # 88 bytes, one malloc chunk of 96
+    double linger_at
+    int64_t snd_nxt
+    int64_t snd_una
+    int64_t cap_end
+    int64_t reconnects
+    uint32_t client_ip
+    uint32_t target_ip
+    uint32_t base
+    uint32_t cap_ack
+    uint32_t syn_seq
+    uint32_t rcv_nxt
+    uint32_t ts_val
+    uint32_t ts_recent
+    uint16_t client_port
+    uint16_t target_port
+    uint16_t ip_id
+    int8_t state
+    int8_t outcome
+    uint16_t bits
+
+
+cdef inline ELinger* lr_alloc() noexcept nogil:
+    """A record, counted with the engine's blocks (no size header: a chunk of its own)."""
+    global dp_live_blocks, dp_live_bytes
+    cdef ELinger* r = <ELinger*>malloc(sizeof(ELinger))
+    if r != NULL:
+        dp_live_blocks += 1
+        dp_live_bytes += sizeof(ELinger)
+    return r
+
+
+cdef inline void lr_free(ELinger* r) noexcept nogil:
+    global dp_live_blocks, dp_live_bytes
+    if r == NULL:
+        return
+    dp_live_blocks -= 1
+    dp_live_bytes -= sizeof(ELinger)
+    free(r)
+
+
+cdef ELinger* sess_freeze(ESession* s) noexcept nogil:
+    """The record of a lingering session with nothing queued (the conditions of sess_linger,
+    and no ACK owed); NULL when it cannot be frozen (or no memory): the session stays."""
+    cdef ELinger* r
+    cdef uint16_t bits = 0
+    if (s.state != ST_LINGER or s.error or s.ctl_n or s.ev_n or s.ack_due
+            or s.outcome < -128 or s.outcome > 127):
+        return NULL
+    if not s.lingering and (s.pend_head != NULL or s.unacked_head != NULL or sess_unsend(s)
+                            or s.pend_held or tset(s.gap_at)):
+        return NULL
+    r = lr_alloc()
+    if r == NULL:
+        return NULL
+    r.linger_at = s.linger_at
+    r.snd_nxt = s.snd_nxt
+    r.snd_una = s.snd_una
+    r.cap_end = s.cap_end
+    r.reconnects = s.reconnects
+    r.client_ip = s.client_ip
+    r.target_ip = s.target_ip
+    r.base = s.base
+    r.cap_ack = s.cap_ack
+    r.syn_seq = s.syn_seq
+    r.rcv_nxt = s.rcv_nxt
+    r.ts_val = s.ts_val
+    r.ts_recent = s.ts_recent
+    r.client_port = s.client_port
+    r.target_port = s.target_port
+    r.ip_id = s.ip_id
+    r.state = <int8_t>s.state
+    r.outcome = <int8_t>s.outcome
+    if s.has_base:
+        bits |= LB_HAS_BASE
+    if s.has_cap_ack:
+        bits |= LB_HAS_CAP_ACK
+    if s.has_syn:
+        bits |= LB_HAS_SYN
+    if s.has_ts_val:
+        bits |= LB_HAS_TS_VAL
+    if s.ts_ok:
+        bits |= LB_TS_OK
+    if s.restart_refused:
+        bits |= LB_RESTART_REFUSED
+    if s.reconnected:
+        bits |= LB_RECONNECTED
+    if s.graceful:
+        bits |= LB_GRACEFUL
+    if s.route_down:
+        bits |= LB_ROUTE_DOWN
+    if s.rcv_data:
+        bits |= LB_RCV_DATA
+    r.bits = bits
+    return r
+
+
+cdef ESession* sess_thaw(const ELinger* r, const ECfg* cfg, uint64_t* counters) noexcept nogil:
+    """The cut session (sess_linger's block) a record was made from; NULL: no memory."""
+    cdef ESession tmp
+    cdef size_t keep = <size_t>(<char*>&tmp.linger_tail - <char*>&tmp) + 1
+    cdef ESession* s = <ESession*>e_alloc((keep + 7) & ~(<size_t>7))
+    cdef uint16_t bits = r.bits
+    if s == NULL:
+        return NULL
+    memset(s, 0, keep)
+    s.cfg = cfg
+    s.counters = counters
+    s.caddr[10] = 0xFF
+    s.caddr[11] = 0xFF
+    put32(s.caddr + 12, r.client_ip)
+    s.taddr[10] = 0xFF
+    s.taddr[11] = 0xFF
+    put32(s.taddr + 12, r.target_ip)
+    s.ack_at = NAN
+    s.linger_at = r.linger_at
+    s.snd_nxt = r.snd_nxt
+    s.snd_una = r.snd_una
+    s.cap_end = r.cap_end
+    s.reconnects = r.reconnects
+    s.rcv_data = 1 if bits & LB_RCV_DATA else 0
+    s.client_ip = r.client_ip
+    s.target_ip = r.target_ip
+    s.base = r.base
+    s.cap_ack = r.cap_ack
+    s.syn_seq = r.syn_seq
+    s.rcv_nxt = r.rcv_nxt
+    s.ts_val = r.ts_val
+    s.ts_recent = r.ts_recent
+    s.client_port = r.client_port
+    s.target_port = r.target_port
+    s.ip_id = r.ip_id
+    s.state = r.state
+    s.outcome = r.outcome
+    s.has_base = 1 if bits & LB_HAS_BASE else 0
+    s.has_cap_ack = 1 if bits & LB_HAS_CAP_ACK else 0
+    s.has_syn = 1 if bits & LB_HAS_SYN else 0
+    s.has_ts_val = 1 if bits & LB_HAS_TS_VAL else 0
+    s.ts_ok = 1 if bits & LB_TS_OK else 0
+    s.restart_refused = 1 if bits & LB_RESTART_REFUSED else 0
+    s.reconnected = 1 if bits & LB_RECONNECTED else 0
+    s.graceful = 1 if bits & LB_GRACEFUL else 0
+    s.route_down = 1 if bits & LB_ROUTE_DOWN else 0
+    s.lingering = 1
+    return s
+
+
+cdef inline bint lr_owns_syn(const ELinger* r, uint32_t seq) noexcept nogil:
+    """sess_owns_syn of the record's session"""
+    if r.bits & LB_HAS_SYN:
+        return r.syn_seq == seq
+    return (r.bits & LB_HAS_BASE) != 0 and r.base == seq and r.state == ST_CLOSED
+
+
+cdef inline bint lr_is_later_data(const ELinger* r, const dp_packet* p) noexcept nogil:
+    """sess_is_later_data of the record's session (coff as the session computes it)"""
+    cdef int64_t nxt = r.snd_nxt, d
+    if r.state != ST_LINGER or not p.data_len or not r.bits & LB_HAS_BASE:
+        return False
+    d = <uint32_t>(p.seq - r.base - <uint32_t>nxt)
+    if d >= SEQ_HALF:
+        d -= SEQ_SPACE
+    return nxt + d >= r.cap_end
+
+
+cdef inline void lr_handle_timer(ELinger* r, double now) noexcept nogil:
+    """sess_handle_timer of a lingering session"""
+    if tset(r.linger_at) and now >= r.linger_at:
+        r.linger_at = NAN
+        r.state = ST_FINISHED
+
+
+cdef inline bint lr_end_seq(const ELinger* r, uint32_t* out) noexcept nogil:
+    """sess_end_seq"""
+    if not r.bits & LB_HAS_BASE:
+        return False
+    out[0] = <uint32_t>(<int64_t>r.base + (r.snd_nxt if r.snd_nxt > r.snd_una else r.snd_una))
+    return True
+
+
+cdef inline bint lr_ts_last(const ELinger* r, uint32_t* out) noexcept nogil:
+    """sess_ts_last"""
+    if not r.bits & LB_TS_OK or not r.bits & LB_HAS_TS_VAL:
+        return False
+    out[0] = r.ts_val
+    return True
+
+
 cdef inline void after_input(ESession* s, double now) noexcept nogil:
     """What TcpSession's try/except does: an internal error aborts the session."""
     if s.error == 1:

@@ -35,6 +35,11 @@ def session_struct_bytes():
     return sizeof(ESession)
 
 
+def lingering_record_bytes():
+    """sizeof(ELinger): what the table keeps of a lingering session (sess_freeze)."""
+    return sizeof(ELinger)
+
+
 def lingering_session_bytes():
     """The size an ended session is cut to while it lingers (sess_linger)."""
     cdef ESession s

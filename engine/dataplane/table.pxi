@@ -1,10 +1,16 @@
 # The session table in C (included by engine.pyx): a port of engine/core/table.py
 # (SessionTable), which is the specification; read its theory of operation.  Here:
 #
-# * flows: hmap original 4-tuple -> TFlow (the replica list); responses: hmap fake tuple ->
-#   TEntry; refused flows: hmap original 4-tuple -> last packet time (slot.d).  The entries
-#   are also linked in the order they entered the response map, the order in which the Python
-#   table's dict iterates (end_input, shed_half_open, live_routes, ... visit them so).
+# * flows: hmap original 4-tuple -> TFlow (the replica list), or with one replica (-n 1) the
+#   entry itself (slot.a: the TEntry pointer | TB_ONE; the entry's in_map flag); responses:
+#   the tuple allocator's own slot of the fake tuple (alloc.state, RW_LIVE while a session
+#   has it) -> TEntry in slot.a, so one slot serves both; refused flows: hmap original
+#   4-tuple -> last packet time (slot.d).  The entries are also linked in the order they
+#   entered the response map, the order in which the Python table's dict iterates
+#   (end_input, shed_half_open, live_routes, ... visit them so).
+# * a lingering session with nothing queued is frozen: its entry holds an ELinger record
+#   (session.pxi sess_freeze) instead of the session; the timer, late client packets, stray
+#   RSTs and the removal are handled from the record, anything else thaws it (tb_thaw).
 # * the timer heap: (deadline, seq, entry) items with lazy invalidation, compacted past twice
 #   the table plus TB_HEAP_SLACK items, as table.py does.  An entry removed from the table
 #   frees its session at once; the small TEntry stays until no heap item refers to it.
@@ -102,7 +108,7 @@ cdef struct TFlow
 
 
 cdef struct TEntry:             # 72 bytes: a malloc chunk of 80
-    ESession* s
+    ESession* s                 # frozen: an ELinger* (tb_lr), the session kept as a record
     TFlow* flow
     TEntry* prev                # the response map's order
     TEntry* next
@@ -114,6 +120,37 @@ cdef struct TEntry:             # 72 bytes: a malloc chunk of 80
     int32_t unsend
     uint8_t touched
     uint8_t gone
+    uint8_t frozen
+    uint8_t in_map              # no flow of its own (flow NULL): the flow map's slot is it
+
+
+cdef enum:
+    TB_ONE = 1                  # a flow map slot.a that is an entry, not a TFlow
+
+
+cdef inline void tb_unmap(int64_t a) noexcept nogil:
+    """What a flow map slot held is out of it."""
+    if a & TB_ONE:
+        (<TEntry*><intptr_t>(a & ~(<int64_t>TB_ONE))).in_map = 0
+    else:
+        (<TFlow*><intptr_t>a).in_map = 0
+
+
+cdef inline ELinger* tb_lr(const TEntry* e) noexcept nogil:
+    return <ELinger*>e.s
+
+
+cdef inline int tb_state(const TEntry* e) noexcept nogil:
+    return (<ELinger*>e.s).state if e.frozen else e.s.state
+
+
+cdef inline void tb_free_session(TEntry* e) noexcept nogil:
+    if e.frozen:
+        lr_free(<ELinger*>e.s)
+        e.frozen = 0
+    else:
+        sess_free(e.s)
+    e.s = NULL
 
 
 cdef struct TFlow:
@@ -219,7 +256,7 @@ cdef class Table:
     cdef int64_t backlog_max
     cdef bint has_history
     cdef hmap flows
-    cdef hmap by_resp
+    cdef size_t nresp                    # entries reachable by their fake tuple (alloc.state)
     cdef hmap refused
     cdef TEntry* order_head
     cdef TEntry* order_tail
@@ -329,14 +366,14 @@ cdef class Table:
         for i in range(self.touched_n):
             hm_put(&seen, <uint64_t><intptr_t>self.touched[i], 0, &created)
         for i in range(self.flows.cap):
-            if self.flows.slots[i].used:
+            if self.flows.slots[i].used and not self.flows.slots[i].a & TB_ONE:
                 hm_put(&flows, <uint64_t>self.flows.slots[i].a, 0, &created)
         for i in range(seen.cap):
             if seen.slots[i].used:
                 e = <TEntry*><intptr_t>seen.slots[i].k0
                 if e.flow != NULL:
                     hm_put(&flows, <uint64_t><intptr_t>e.flow, 0, &created)
-                sess_free(e.s)
+                tb_free_session(e)
                 free(e)
         for i in range(flows.cap):
             if flows.slots[i].used:
@@ -348,7 +385,6 @@ cdef class Table:
         free(self.draining)
         free(self.routes)
         hm_free(&self.flows)
-        hm_free(&self.by_resp)
         hm_free(&self.refused)
         free(self.transfers)
         free(self.pool)
@@ -379,6 +415,47 @@ cdef class Table:
         self.touched[self.touched_n] = e
         self.touched_n += 1
         return 0
+
+    cdef ESession* tb_thaw(self, TEntry* e) noexcept nogil:
+        """The session of a frozen entry back (sess_thaw); NULL: no memory."""
+        cdef ESession* s
+        if not e.frozen:
+            return e.s
+        s = sess_thaw(tb_lr(e), &self.ecfg, self.c)
+        if s == NULL:
+            self.oom = True
+            return NULL
+        lr_free(tb_lr(e))
+        e.s = s
+        e.frozen = 0
+        return s
+
+    cdef void tb_freeze(self, TEntry* e) noexcept nogil:
+        """A lingering session with nothing queued kept as its record (sess_freeze), or
+        else cut to what lingering reads (sess_linger)."""
+        cdef ESession* s = e.s
+        cdef ELinger* r = sess_freeze(s)
+        if r != NULL:
+            sess_free(s)
+            e.s = <ESession*>r
+            e.frozen = 1
+        elif not s.lingering:
+            e.s = sess_linger(s)
+
+    cdef bint tb_linger_response(self, TEntry* e, const dp_packet* p) noexcept nogil:
+        """receive_response of a frozen entry when it queues no packet (a stray RST, or a
+        segment without data, SYN or FIN on a gracefully ended session): counted, True;
+        False: the session must answer (thawed by the caller)."""
+        cdef uint8_t flags = p.flags
+        if not flags & TB_RST and not (
+            tb_lr(e).bits & LB_GRACEFUL and not p.data_len and not flags & (TB_SYN | TB_FIN)
+        ):
+            return False
+        self.c[EC_RESP] += 1
+        if flags & TB_RST:
+            self.c[EC_RESP_RST] += 1
+            self.c[EC_DROP_NO_TRANSFER + DR_STRAY_RESPONSE] += 1
+        return True
 
     cdef void tb_maybe_free(self, TEntry* e) noexcept nogil:
         if e.gone and e.heap_refs == 0 and not e.touched:
@@ -460,7 +537,7 @@ cdef class Table:
         hm_key4(gip, gport, tip, tport, &k0, &k1)
         slot = NULL
         if s != NULL and e != NULL:
-            slot = hm_put(&self.by_resp, k0, k1, &created)
+            slot = hm_get(&self.alloc.state, k0, k1)  # the allocator's: RW_LIVE, a = 0
         if slot == NULL:
             sess_free(s)
             free(e)
@@ -475,6 +552,7 @@ cdef class Table:
         e.fk1 = fk1
         e.sched = NAN
         slot.a = <int64_t><intptr_t>e
+        self.nresp += 1
         e.prev = self.order_tail
         if self.order_tail != NULL:
             self.order_tail.next = e
@@ -488,8 +566,11 @@ cdef class Table:
         """table._new_flow."""
         cdef int percent, replicas = self.replicas
         cdef uint32_t src, ip0, i
-        cdef TFlow* flow
+        cdef TFlow* flow = NULL
         cdef TEntry* e
+        cdef TEntry* one = NULL
+        cdef TEntry** items
+        cdef uint32_t n
         cdef hslot* slot
         cdef bint created
         if tindex < 0:
@@ -508,64 +589,77 @@ cdef class Table:
         if not self.ramp_done and not self.has_ramp_start:
             self.has_ramp_start = True
             self.ramp_start = now
-        if self.max_sessions and <int64_t>self.by_resp.n + replicas > self.max_sessions:
+        if self.max_sessions and <int64_t>self.nresp + replicas > self.max_sessions:
             self.c[EC_SESSIONS_REFUSED] += 1
             self.c[EC_DROP_SESSION_LIMIT] += 1
             return
-        flow = tb_flow_new(replicas)
-        if flow == NULL:
-            self.oom = True
-            return
-        for i in range(<uint32_t>replicas):
-            e = self.tb_create(fk0, fk1, flow, i, p, buf, now, tindex)
-            if e != NULL:
-                flow.items[flow.n] = e
-                flow.n += 1
-        if flow.n == 0:
-            tb_flow_free(flow)
-            return
+        if replicas == 1:
+            one = self.tb_create(fk0, fk1, NULL, 0, p, buf, now, tindex)
+            if one == NULL:
+                return
+            items = &one
+            n = 1
+        else:
+            flow = tb_flow_new(replicas)
+            if flow == NULL:
+                self.oom = True
+                return
+            for i in range(<uint32_t>replicas):
+                e = self.tb_create(fk0, fk1, flow, i, p, buf, now, tindex)
+                if e != NULL:
+                    flow.items[flow.n] = e
+                    flow.n += 1
+            if flow.n == 0:
+                tb_flow_free(flow)
+                return
+            items = flow.items
+            n = flow.n
         slot = hm_put(&self.flows, fk0, fk1, &created)
         if slot == NULL:
             self.oom = True  # the sessions stay reachable by their responses; the flow is lost
         else:
             if not created:  # (never: the callers found no flow, or took it out)
-                (<TFlow*><intptr_t>slot.a).in_map = 0
-            slot.a = <int64_t><intptr_t>flow
-            flow.in_map = 1
+                tb_unmap(slot.a)
+            if flow != NULL:
+                slot.a = <int64_t><intptr_t>flow
+                flow.in_map = 1
+            else:
+                slot.a = <int64_t><intptr_t>one | TB_ONE
+                one.in_map = 1
         self.c[EC_ALL_CLT] += 1
         if p.data_len:
             self.c[EC_CLT_CONT] += 1
-        for i in range(flow.n):
-            e = flow.items[i]
+        for i in range(n):
+            e = items[i]
             sess_receive_client(e.s, p, buf, now)
             self.tb_touch(e)
 
-    cdef TEntry* tb_replace(self, TFlow* flow, uint32_t i, const dp_packet* p,
+    cdef TEntry* tb_replace(self, TFlow* flow, TEntry* old, uint32_t i, const dp_packet* p,
                             const uint8_t* buf, double now) noexcept nogil:
-        """table._replace: a new session in replica slot i; the lingering one is detached."""
-        cdef TEntry* old = flow.items[i]
+        """table._replace: a new session in replica slot i (of flow, or the flow map's slot
+        when flow is NULL: old is its one entry); the lingering one is detached."""
         cdef TEntry* e
-        cdef TFlow* alone
+        cdef hslot* slot
         cdef int tindex
-        if self.max_sessions and <int64_t>self.by_resp.n >= self.max_sessions:
+        if self.max_sessions and <int64_t>self.nresp >= self.max_sessions:
             self.c[EC_SESSIONS_REFUSED] += 1
             self.c[EC_DROP_SESSION_LIMIT] += 1
             return NULL
         tindex = rw_match_transfer(self.transfers, self.ntransfers, tb_ip4(p.dst), p.dport)
         if tindex < 0:
             return NULL
-        alone = tb_flow_new(1)
-        if alone == NULL:
-            self.oom = True
-            return NULL
         e = self.tb_create(old.fk0, old.fk1, flow, i, p, buf, now, tindex)
         if e == NULL:
-            tb_flow_free(alone)
             return NULL
-        alone.items[0] = old
-        alone.n = 1
-        old.flow = alone  # its removal must not touch the live flow
-        flow.items[i] = e
+        if flow != NULL:
+            flow.items[i] = e
+        elif old.in_map:
+            slot = hm_get(&self.flows, old.fk0, old.fk1)
+            if slot != NULL and slot.a == (<int64_t><intptr_t>old | TB_ONE):
+                slot.a = <int64_t><intptr_t>e | TB_ONE
+                e.in_map = 1
+        old.flow = NULL  # alone: its removal must not touch the live flow
+        old.in_map = 0
         return e
 
     cdef void tb_receive_client(self, const dp_packet* p, const uint8_t* buf,
@@ -578,6 +672,9 @@ cdef class Table:
         cdef TFlow* flow = NULL
         cdef uint8_t flags = p.flags
         cdef TEntry* e
+        cdef TEntry* one = NULL
+        cdef TEntry** items = NULL
+        cdef uint32_t n = 0
         cdef TEntry* fresh
         cdef ESession* s
         cdef int tindex
@@ -586,7 +683,14 @@ cdef class Table:
         hm_key4(tb_ip4(p.src), p.sport, tb_ip4(p.dst), p.dport, &fk0, &fk1)
         fs = hm_get(&self.flows, fk0, fk1)
         if fs != NULL:
-            flow = <TFlow*><intptr_t>fs.a
+            if fs.a & TB_ONE:
+                one = <TEntry*><intptr_t>(fs.a & ~(<int64_t>TB_ONE))
+                items = &one
+                n = 1
+            else:
+                flow = <TFlow*><intptr_t>fs.a
+                items = flow.items
+                n = flow.n
         if self.refused.n:
             r = hm_get(&self.refused, fk0, fk1)
             if r != NULL and self.tb_still_refused(r, flags, now):
@@ -596,26 +700,36 @@ cdef class Table:
                 self.c[EC_DROP_CLIENT_SYN_ACK] += 1
                 return
             self.c[EC_SYN_CNT] += 1
-        if flow != NULL:
-            if flags & TB_SYN and not sess_owns_syn(flow.items[0].s, p.seq):
+        if items != NULL:
+            e = items[0]
+            if flags & TB_SYN and not (lr_owns_syn(tb_lr(e), p.seq) if e.frozen
+                                       else sess_owns_syn(e.s, p.seq)):
                 # spec §3.6 drops this SYN; it is a new connection reusing the port.  The old
                 # sessions run on by their fake tuples until they end.
                 self.c[EC_PORT_REUSE] += 1
+                tb_unmap(fs.a)
                 hm_del(&self.flows, fs)
-                flow.in_map = 0
                 self.tb_new_flow(fk0, fk1, p, buf, now, -1)
                 return
             self.c[EC_ALL_CLT] += 1
             if p.data_len:
                 self.c[EC_CLT_CONT] += 1
-            for i in range(flow.n):
-                e = flow.items[i]
+            for i in range(n):
+                e = items[i]
+                if e.frozen:
+                    if not lr_is_later_data(tb_lr(e), p):
+                        # receive_client of an ended session: the drop counted, no more
+                        self.c[EC_DROP_NO_TRANSFER + DR_SESSION_CLOSED] += 1
+                        self.tb_touch(e)
+                        continue
+                    if self.tb_thaw(e) == NULL:
+                        continue
                 s = e.s
                 if s.state == ST_LINGER and p.data_len and sess_is_later_data(s, p):
                     # spec §3.6: new traffic on a lingering tuple starts a new (faked) session
                     if not sess_may_continue(s, p, now):
                         continue
-                    fresh = self.tb_replace(flow, i, p, buf, now)
+                    fresh = self.tb_replace(flow, e, i, p, buf, now)
                     if fresh == NULL:
                         continue
                     sess_continue_from(fresh.s, s)
@@ -657,12 +771,15 @@ cdef class Table:
         cdef TEntry* e
         self.now = now
         hm_key4(tb_ip4(p.dst), p.dport, tb_ip4(p.src), p.sport, &k0, &k1)
-        slot = hm_get(&self.by_resp, k0, k1)
-        if slot == NULL:
+        slot = hm_get(&self.alloc.state, k0, k1)
+        if slot == NULL or not slot.flags & RW_LIVE or slot.a == 0:
             self.c[EC_DROP_UNKNOWN_RESPONSE] += 1
             return
         e = <TEntry*><intptr_t>slot.a
-        sess_receive_response_buf(e.s, p, buf, now)
+        if e.frozen and not self.tb_linger_response(e, p) and self.tb_thaw(e) == NULL:
+            return
+        if not e.frozen:
+            sess_receive_response_buf(e.s, p, buf, now)
         self.tb_touch(e)
 
     cdef void tb_heap_pop(self) noexcept nogil:
@@ -689,7 +806,10 @@ cdef class Table:
                 self.tb_maybe_free(e)
                 continue  # stale: rescheduled earlier meanwhile, or removed
             e.sched = NAN
-            sess_handle_timer(e.s, now)
+            if e.frozen:
+                lr_handle_timer(tb_lr(e), now)
+            else:
+                sess_handle_timer(e.s, now)
             self.tb_touch(e)
         self.tb_shrink()
 
@@ -699,7 +819,6 @@ cdef class Table:
         cdef size_t cap
         cdef THeapItem* h
         hm_shrink(&self.flows)
-        hm_shrink(&self.by_resp)
         hm_shrink(&self.refused)
         hm_shrink(&self.alloc.state)
         hm_shrink(&self.alloc.groups)
@@ -726,7 +845,7 @@ cdef class Table:
 
     cdef int tb_schedule(self, TEntry* e) noexcept nogil:
         """table._schedule."""
-        cdef double t = sess_timer(e.s)
+        cdef double t = tb_lr(e).linger_at if e.frozen else sess_timer(e.s)
         cdef size_t cap
         cdef THeapItem* h
         if tset(t) and (not tset(e.sched) or t < e.sched):
@@ -770,15 +889,17 @@ cdef class Table:
     cdef void tb_remove(self, TEntry* e, double now) noexcept nogil:
         """table._remove: out of the maps, the tuple quarantined, the session freed."""
         cdef ESession* s = e.s
+        cdef ELinger* r = tb_lr(e)
         cdef uint64_t k0
-        cdef uint32_t k1, i, j
+        cdef uint32_t k1, i, j, cip, tip
+        cdef uint16_t cport, tport
         cdef hslot* slot
         cdef TFlow* flow
         cdef uint32_t end_seq = 0, ts_last = 0
         cdef bint has_end, has_ts
         e.gone = 1
         e.heap_refs += 1  # pinned: the compaction may drop its last item
-        if self.heap_n > 2 * self.by_resp.n + TB_HEAP_SLACK:
+        if self.heap_n > 2 * self.nresp + TB_HEAP_SLACK:
             self.tb_compact()
         e.heap_refs -= 1
         self.c[EC_REL] += 1
@@ -787,10 +908,15 @@ cdef class Table:
         e.unsend = 0
         self.held_total -= e.held
         e.held = 0
-        hm_key4(s.client_ip, s.client_port, s.target_ip, s.target_port, &k0, &k1)
-        slot = hm_get(&self.by_resp, k0, k1)
-        if slot != NULL and <TEntry*><intptr_t>slot.a == e:
-            hm_del(&self.by_resp, slot)
+        if e.frozen:
+            cip, cport, tip, tport = r.client_ip, r.client_port, r.target_ip, r.target_port
+        else:
+            cip, cport, tip, tport = s.client_ip, s.client_port, s.target_ip, s.target_port
+        hm_key4(cip, cport, tip, tport, &k0, &k1)
+        slot = hm_get(&self.alloc.state, k0, k1)
+        if slot != NULL and slot.flags & RW_LIVE and <TEntry*><intptr_t>slot.a == e:
+            slot.a = 0              # ta_release below quarantines the tuple
+            self.nresp -= 1
             if e.prev != NULL:
                 e.prev.next = e.next
             else:
@@ -801,13 +927,20 @@ cdef class Table:
                 self.order_tail = e.prev
             e.prev = e.next = NULL
         flow = e.flow
-        for i in range(flow.n):
-            if flow.items[i] == e:
-                for j in range(i + 1, flow.n):
-                    flow.items[j - 1] = flow.items[j]
-                flow.n -= 1
-                break
-        if flow.n == 0:
+        if flow == NULL:            # one replica: the flow map's slot, if it is still there
+            if e.in_map:
+                slot = hm_get(&self.flows, e.fk0, e.fk1)
+                if slot != NULL and slot.a == (<int64_t><intptr_t>e | TB_ONE):
+                    hm_del(&self.flows, slot)
+                e.in_map = 0
+        else:
+            for i in range(flow.n):
+                if flow.items[i] == e:
+                    for j in range(i + 1, flow.n):
+                        flow.items[j - 1] = flow.items[j]
+                    flow.n -= 1
+                    break
+        if flow != NULL and flow.n == 0:
             if flow.in_map:
                 slot = hm_get(&self.flows, e.fk0, e.fk1)
                 if slot != NULL and <TFlow*><intptr_t>slot.a == flow:
@@ -816,13 +949,16 @@ cdef class Table:
             tb_flow_free(flow)
         e.flow = NULL
         # The target keeps the tuple in TIME_WAIT: quarantine it (design §9).
-        has_end = sess_end_seq(s, &end_seq)
-        has_ts = sess_ts_last(s, &ts_last)
-        if ta_release(&self.alloc, s.client_ip, s.client_port, s.target_ip, s.target_port, now,
-                      has_end, end_seq, has_ts, ts_last) < 0:
+        if e.frozen:
+            has_end = lr_end_seq(r, &end_seq)
+            has_ts = lr_ts_last(r, &ts_last)
+        else:
+            has_end = sess_end_seq(s, &end_seq)
+            has_ts = sess_ts_last(s, &ts_last)
+        if ta_release(&self.alloc, cip, cport, tip, tport, now, has_end, end_seq, has_ts,
+                      ts_last) < 0:
             self.oom = True
-        sess_free(s)
-        e.s = NULL
+        tb_free_session(e)
         self.tb_maybe_free(e)
 
     cdef int tb_route(self, const EEvent* ev) noexcept nogil:
@@ -865,6 +1001,12 @@ cdef class Table:
             if e.gone:
                 self.tb_maybe_free(e)
                 continue
+            if e.frozen:    # nothing queued, no event: it ended, or it lingers on
+                if tb_lr(e).state == ST_FINISHED:
+                    self.tb_remove(e, now)
+                else:
+                    self.tb_schedule(e)
+                continue
             s = e.s
             if sess_packets_to_send(s, now, &self.out) < 0:
                 self.oom = True
@@ -883,8 +1025,8 @@ cdef class Table:
             if s.state == ST_FINISHED:
                 self.tb_remove(e, now)
             else:
-                if s.state == ST_LINGER and not s.lingering:
-                    e.s = sess_linger(s)    # ended: cut to what lingering reads
+                if s.state == ST_LINGER:
+                    self.tb_freeze(e)       # ended: kept as what lingering reads
                 self.tb_schedule(e)
 
     # -- counting in a shared row (attach_counters) -------------------------------------------
@@ -908,14 +1050,14 @@ cdef class Table:
         cdef size_t i
         self.c = c
         while e != NULL:
-            if e.s != NULL:
+            if e.s != NULL and not e.frozen:
                 e.s.counters = c
             e = e.next
         for i in range(self.heap_n):
-            if self.heap[i].e.s != NULL:
+            if self.heap[i].e.s != NULL and not self.heap[i].e.frozen:
                 self.heap[i].e.s.counters = c
         for i in range(self.touched_n):
-            if self.touched[i].s != NULL:
+            if self.touched[i].s != NULL and not self.touched[i].frozen:
                 self.touched[i].s.counters = c
 
     # -- Python API (table.SessionTable's) -----------------------------------------------------
@@ -1163,7 +1305,7 @@ cdef class Table:
 
     @property
     def active(self):
-        return self.by_resp.n
+        return self.nresp
 
     @property
     def lingering(self):
@@ -1195,7 +1337,7 @@ cdef class Table:
     def index_bytes(self):
         """Bytes of the table's C indexes (flow, response and refused maps, the allocator's
         maps, the timer heap): what grows with a flood and shrinks after it."""
-        return ((self.flows.cap + self.by_resp.cap + self.refused.cap + self.alloc.state.cap
+        return ((self.flows.cap + self.refused.cap + self.alloc.state.cap
                  + self.alloc.groups.cap) * sizeof(hslot) + self.heap_cap * sizeof(THeapItem))
 
     @staticmethod
@@ -1208,7 +1350,7 @@ cdef class Table:
         cdef TEntry* e = self.order_head
         out = []
         while e != NULL:
-            if e.s.state < ST_LINGER:
+            if not e.frozen and e.s.state < ST_LINGER:
                 out.append(_RouteNeeded(e.s.client_ip, e.s.client_port, e.s.target_ip,
                                         e.s.target_port))
             e = e.next
@@ -1223,7 +1365,7 @@ cdef class Table:
         self.now = now
         self.tb_count_begin()
         while e != NULL:
-            if e.s.state < ST_LINGER:
+            if not e.frozen and e.s.state < ST_LINGER:
                 sess_handle_route_down(e.s, d, now)
                 if not d:
                     self.tb_touch(e)
@@ -1237,7 +1379,7 @@ cdef class Table:
         self.now = now
         self.tb_count_begin()
         while e != NULL:
-            if sess_end_input(e.s, now):
+            if not e.frozen and sess_end_input(e.s, now):
                 ended += 1
                 self.tb_touch(e)
             e = e.next
@@ -1248,7 +1390,7 @@ cdef class Table:
     def shed_half_open(self, double now, limit=None):
         cdef double cutoff = now - TB_HALF_OPEN_SHED_AGE_S
         cdef TEntry* e = self.order_head
-        cdef size_t n = self.by_resp.n, nu = 0, na = 0, k, total
+        cdef size_t n = self.nresp, nu = 0, na = 0, k, total
         cdef TEntry** unanswered
         cdef TEntry** answered
         self.now = now
@@ -1260,7 +1402,7 @@ cdef class Table:
             raise MemoryError()
         while e != NULL:
             # half_open first: False once ended, and a lingering session has no created_at
-            if sess_half_open(e.s) and e.s.created_at <= cutoff:
+            if not e.frozen and sess_half_open(e.s) and e.s.created_at <= cutoff:
                 if e.s.state > ST_SYN_SENT:
                     answered[na] = e
                     na += 1
@@ -1289,7 +1431,7 @@ cdef class Table:
         self.tb_count_begin()
         while e != NULL:
             nxt = e.next
-            if e.s.state >= ST_LINGER and not e.gone:
+            if tb_state(e) >= ST_LINGER and not e.gone:
                 self.tb_remove(e, now)
             e = nxt
         self.tb_count_end()

@@ -183,6 +183,65 @@ def test_a_whole_flow_matches_byte_for_byte():
     assert len(sent) == 1
 
 
+def test_lingering_sessions_answer_as_the_specification():
+    """What a lingering session meets, kept as its record in the compiled table (one block
+    of lingering_record_bytes each once drained): a late client ACK, a stray RST, stray
+    data (a RST back), the target's FIN again, later data on the tuple (a new session), a
+    graceful end's late segments, and its deadline; the same packets, counters and timers
+    as the specification after every step."""
+    pair = Pair(SessionConfig(transfers=XFER, linger_s=2.0))
+    blocks, held = compiled.live_allocations()
+    ca = Client(isn=11, addr=(ORIG + 1, 4001), ts=3)
+    cb = Client(isn=22, addr=(ORIG + 2, 4002), ts=None)
+    for c in (ca, cb):
+        for p in (c.syn(), c.ack(), c.data(b"GET / HTTP/1.1\r\n\r\n")):
+            pair.both("receive_client", p, 0.0)
+    pair.drain()
+    ta, tb = (pair.targets[k] for k in pair.order)
+    for t in (ta, tb):
+        pair.both("receive_response", t.synack(), 0.001)
+        pair.drain()
+        pair.both("receive_response", t.send(100), 0.002)
+        pair.drain()
+    pair.both("receive_response", ta.send(0, fin=True), 0.003)  # the target ends flow a
+    pair.both("receive_client", cb.fin(read=100), 0.003)  # the client ends flow b
+    pair.drain()
+    pair.both("receive_response", tb.fin(), 0.004)
+    pair.drain()
+    pair.check()
+    assert pair.c.lingering == pair.py.lingering == 2
+    record = compiled.lingering_record_bytes()
+    assert compiled.live_allocations() == (blocks + 2, held + 2 * record)
+    steps = [
+        ("receive_client", ca.ack(read=101)),
+        ("receive_response", ta.rst()),
+        ("receive_response", ta.send(10)),
+        ("receive_response", ta.fin()),
+        ("receive_response", tb.ack()),
+        ("receive_response", tb.fin()),
+        ("receive_response", tb.send(5)),
+        ("receive_client", cb.ack(read=101)),
+        ("receive_client", ca.data(b"GET /2 HTTP/1.1\r\n\r\n", read=101)),
+    ]
+    now = 0.01
+    for name, p in steps:
+        now += 0.01
+        pair.both(name, p, now)
+        pair.drain()
+        pair.check()
+    while (t := pair.py.get_timer()) is not None and t <= 10.0:
+        assert pair.c.get_timer() == t
+        pair.both("handle_timer", t)
+        pair.drain()
+        pair.check()
+    assert pair.c.lingering == pair.py.lingering
+    pair.both("forget_ended", 10.0)
+    pair.drain()
+    pair.check()
+    pair.c = None
+    assert compiled.live_allocations()[0] == blocks
+
+
 # -- the batch calls: the same effect as the per-packet calls they loop over ---------------------
 
 
@@ -490,17 +549,19 @@ def drained(table: Any, send: SendBuf) -> list[packet.TcpPacket]:
 
 BLOCK_HEADER_BYTES = 16  # engine/dataplane/session.pxi e_alloc's size header
 LINGERING_SESSIONS = 100_000
-LINGERING_SESSION_MAX_BYTES = 720
-"""What a lingering session holds all told in the compiled engine (its cut struct, table
-entry and flow, map slots, timer item, the allocator's tuple state), measured by malloc."""
+LINGERING_SESSION_MAX_BYTES = 400
+"""What a lingering session holds all told in the compiled engine (its record, table entry
+and flow, map slots, timer item, the allocator's tuple state), measured by malloc."""
+LINGERING_RECORD_MAX_BYTES = 88
+"""What the table keeps of a lingering session's own state (session.pxi ELinger)."""
 
 
-def test_lingering_sessions_are_cut_to_what_lingering_reads():
+def test_lingering_sessions_are_kept_as_what_lingering_reads():
     """100 k short connections (request, answer and the target's FIN: ACK, then RST) end
     and linger (to answer stray responses): the C heap they hold, measured by malloc
     (compiled.heap_in_use), is at most LINGERING_SESSION_MAX_BYTES each, each session a
-    block of the cut size; once their linger is over and their tuples left quarantine, the
-    indexes shrink and every session block is freed."""
+    record of LINGERING_RECORD_MAX_BYTES at most; once their linger is over and their
+    tuples left quarantine, the indexes shrink and every record is freed."""
     cfg = SessionConfig(transfers=XFER, time_wait_s=1.0)
     table = compiled.Table(cfg)
     send = SendBuf(1 << 22, 8192)
@@ -543,11 +604,11 @@ def test_lingering_sessions_are_cut_to_what_lingering_reads():
     per_session = (compiled.heap_in_use() - before) / LINGERING_SESSIONS
     indexes = table.index_bytes
     assert per_session <= LINGERING_SESSION_MAX_BYTES, per_session
-    cut = compiled.lingering_session_bytes()
-    assert cut < compiled.session_struct_bytes() // 2
+    record = compiled.lingering_record_bytes()
+    assert record <= LINGERING_RECORD_MAX_BYTES
     blocks, held = compiled.live_allocations()
-    assert blocks - blocks_before == LINGERING_SESSIONS  # one block each: its cut struct
-    assert held - bytes_before == LINGERING_SESSIONS * (cut + BLOCK_HEADER_BYTES)
+    assert blocks - blocks_before == LINGERING_SESSIONS  # one block each: its record
+    assert held - bytes_before == LINGERING_SESSIONS * record
     # A stray answer on a lingering tuple still gets its RST.
     stray = table.counters["drop_stray_response"]
     table.receive_response(Target(client=(ORIG, 1024)).send(10), 1.5)
