@@ -1061,28 +1061,38 @@ cdef class Table:
         """``n`` packets of a shared-memory ring read in place (engine/io/batch.py); returns
         how many did not parse."""
         cdef const uint8_t[::1] b = _as_bytes_view(mem)
-        cdef Py_ssize_t k, off, size = b.shape[0]
-        cdef uint32_t length
-        cdef int errors = 0
+        cdef Py_ssize_t size = b.shape[0]
+        cdef int errors
         cdef const uint8_t* base = &b[0] if size else NULL
         if slot_bytes <= RING_SLOT_HEADER_BYTES or slots <= 0 or first < 0:
             raise ValueError(f"bad ring geometry: {slots} slots of {slot_bytes} bytes")
         with nogil:
             self.tb_count_begin()
-            for k in range(n):
-                off = ((first + k) % slots) * slot_bytes
-                if off + RING_SLOT_HEADER_BYTES > size:
-                    errors += 1
-                    continue
-                memcpy(&length, base + off, 4)
-                if length > slot_bytes - RING_SLOT_HEADER_BYTES or (
-                    off + RING_SLOT_HEADER_BYTES + length > size
-                ):
-                    errors += 1
-                    continue
-                errors += self.tb_client_ip(base + off + RING_SLOT_HEADER_BYTES, length, now)
+            errors = self.tb_receive_slots(base, size, slot_bytes, slots, first, n, now)
             self.tb_count_end()
         self._check()
+        return errors
+
+    cdef int tb_receive_slots(self, const uint8_t* base, Py_ssize_t size, Py_ssize_t slot_bytes,
+                              Py_ssize_t slots, Py_ssize_t first, Py_ssize_t n,
+                              double now) noexcept nogil:
+        """receive_slots' loop (inside a count bracket; geometry checked by the caller),
+        shared with the worker's Pump (pump.pxi)."""
+        cdef Py_ssize_t k, off
+        cdef uint32_t length
+        cdef int errors = 0
+        for k in range(n):
+            off = ((first + k) % slots) * slot_bytes
+            if off + RING_SLOT_HEADER_BYTES > size:
+                errors += 1
+                continue
+            memcpy(&length, base + off, 4)
+            if length > slot_bytes - RING_SLOT_HEADER_BYTES or (
+                off + RING_SLOT_HEADER_BYTES + length > size
+            ):
+                errors += 1
+                continue
+            errors += self.tb_client_ip(base + off + RING_SLOT_HEADER_BYTES, length, now)
         return errors
 
     def receive_records(self, buf, double now, Py_ssize_t record_bytes=WR_RESPONSE_RECORD_BYTES):
