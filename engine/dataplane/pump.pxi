@@ -9,7 +9,7 @@
 # entries (``tb_receive_slots``, ``tb_handle_timer``, ``tb_drain_out``), and one sendmmsg
 # per 256 packets straight from the table's output buffer.  It hands control back to Python
 # for what is Python's: routes to announce before their packets leave (``PUMP_ROUTES``: the
-# caller announces ``take_routes()`` and calls ``resume``), and a packet the kernel refused
+# caller announces ``take_routes()`` and calls ``drain``), and a packet the kernel refused
 # (``PUMP_SEND_ERROR``: the caller's sender sends the rest from the send buffer and counts,
 # logs the refusal, as it does for every other send).
 
@@ -95,7 +95,7 @@ cdef enum:
 PUMP_DONE = PM_DONE
 """Everything read, timed out, drained and sent."""
 PUMP_ROUTES = PM_ROUTES
-"""Routes to announce (``take_routes``) before the drain's packets leave: then ``resume``."""
+"""Routes to announce (``take_routes``) before the drain's packets leave: then ``drain``."""
 PUMP_SEND_ERROR = PM_SEND_ERROR
 """The kernel refused a packet: the rest of the drain is the caller's (``drain_into``)."""
 
@@ -218,7 +218,7 @@ cdef class Pump:
     cdef int pm_drain_send(self, uint64_t* packets, uint64_t* nbytes) noexcept nogil:
         """Table.drain_into and the sender's send_buffer in one: the table's output buffer
         sent as it is.  Returns PUMP_DONE, or PUMP_ROUTES / PUMP_SEND_ERROR (the drain's
-        packets left queued from ``pend_at`` on, for ``resume`` / ``drain_into``)."""
+        packets left queued from ``pend_at`` on, for ``drain`` / ``drain_into``)."""
         cdef uint32_t at
         while True:
             if self.table.pend_at >= self.table.out.n:
@@ -289,8 +289,10 @@ cdef class Pump:
                 ring.loss_marks += self.marks
         return self.pm_finish(status, packets, nbytes)
 
-    def resume(self):
-        """After PUMP_ROUTES, once they are announced: the drain sent on."""
+    def drain(self):
+        """The table drained and sent (Table.drain_into and the sender's send_buffer in one:
+        the worker's flush after responses), or after PUMP_ROUTES, once they are announced,
+        the drain sent on."""
         cdef int status
         cdef uint64_t packets = 0, nbytes = 0
         if self._block is None:

@@ -38,8 +38,10 @@ raw sender on its sendmmsg path (the normal worker process), what follows the re
 a wake-up (the ring's batches, the table's due timers, the drain and its sendmmsg) is one
 call, ``Pump.run`` (engine/dataplane/pump.pxi): the same steps in the same order as the
 loop's Python, without a Python call between them.  It comes back for routes to announce
-(announced here, then ``resume`` sends the drain) and for a packet the kernel refused (the
-sender sends the rest of the drain and counts the refusal).  The Python steps stay the
+(announced here, then ``Pump.drain`` sends the drain) and for a packet the kernel refused
+(the sender sends the rest of the drain and counts the refusal).  Every other flush (after
+the responses, the offline tail's RSTs, the shed half-open sessions) is ``Pump.drain``: the
+table's drain and its sendmmsg in one call.  The Python steps stay the
 specification and run for every other source, table and sender, or with
 TCPCOPY_MP_PUMP=0 (for comparisons).
 
@@ -458,11 +460,17 @@ class Worker:
         errors = pump.errors  # type: ignore[attr-defined]
         if errors:
             self.counters["capture_parse_errors"] += errors
+        if status:
+            self._pump_back(pump, status, now)
+
+    def _pump_back(self, pump: object, status: int, now: float) -> None:
+        """What a pump call handed back: routes to announce before its drain goes on, a
+        refused packet for the sender (which sends the rest and counts the refusal)."""
         while status == PUMP_ROUTES:
             self._send(pump.take_routes(), 0, now)  # type: ignore[attr-defined]
-            status = pump.resume()  # type: ignore[attr-defined]
+            status = pump.drain()  # type: ignore[attr-defined]
         if status == PUMP_SEND_ERROR:
-            self._flush(now)  # the sender sends the rest and counts the refusal
+            self._flush_python(now)
 
     def _read_source(self, src: object, now: float) -> None:
         """One batch of ``src`` into the table: in place when the source can (a ring)."""
@@ -512,6 +520,16 @@ class Worker:
         )
 
     def _flush(self, now: float) -> None:
+        """The table drained and sent: in one compiled call when the pump is there."""
+        pump = self._pump
+        if pump is not None:
+            status = pump.drain()  # type: ignore[attr-defined]
+            if status:
+                self._pump_back(pump, status, now)
+            return
+        self._flush_python(now)
+
+    def _flush_python(self, now: float) -> None:
         sendbuf = self.sendbuf
         while True:
             routes, n = self.table.drain_into(sendbuf)
