@@ -368,8 +368,11 @@ class Worker:
     def _offline_done(self, now: float) -> bool:
         """The input ended and every session finished, or the tail ran out (module
         docstring, "Offline tail"): then the sessions still open are ended and counted."""
-        if not self.sources or not all(getattr(s, "exhausted", False) for s in self.sources):
+        if not self.sources:
             return False
+        for src in self.sources:  # once per wake-up: a loop, not all() over a generator
+            if not getattr(src, "exhausted", False):
+                return False
         for src in self.sources:
             error = getattr(src, "error", None)
             if error and not self._input_error:
