@@ -20,7 +20,9 @@ Modules:
   (engine/core/rewrite.py; it shares engine/io/tuple_history.py's block bit for bit);
   table.pxi, the session table (engine/core/table.py) as ``Table``, with the worker's batch
   calls (``receive_client_ips``, ``receive_ring``, ``receive_records``, ``drain_into``);
-  counters.pxi and session.pxi, the session state machine (engine/core/session.py).
+  counters.pxi and session.pxi, the session state machine (engine/core/session.py);
+  pump.pxi, ``Pump``: a worker wake-up's ring batches, timers, drain and sendmmsg in one
+  call (engine/proc/worker.py's loop is its specification).
 """
 
 from __future__ import annotations

@@ -320,3 +320,4 @@ cdef class TupleAllocator:
 
 include "table.pxi"      # SessionTable: flows, responses, timers, drain; class Table
 include "frames.pxi"     # FrameReader: an intercept connection's reads into the table
+include "pump.pxi"       # Pump: a worker wake-up's ring batches, timers, drain and sendmmsg

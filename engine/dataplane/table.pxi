@@ -21,7 +21,10 @@
 # only, no Python object, no Python call.
 
 from libc.math cimport NAN
-from engine.dataplane.packet cimport dp_parse_ipv4_tcp, DP_OK, dp_ring_step, dp_ring_is_wrap
+from engine.dataplane.packet cimport (
+    dp_parse_ipv4_tcp, DP_OK, dp_ring_step, dp_ring_is_wrap, DP_RING_HEADER_BYTES, DP_RING_ALIGN,
+    DP_RING_LOSS_BEFORE,
+)
 
 import collections as _tb_collections
 
@@ -1199,26 +1202,33 @@ cdef class Table:
         """The packets of ``nbytes`` bytes of a shared-memory ring's records from byte
         ``pos`` read in place (engine/io/batch.py); returns how many did not parse."""
         cdef const uint8_t[::1] b = _as_bytes_view(mem)
-        cdef uint64_t used = 0, at
-        cdef int64_t step
-        cdef uint32_t length, flags
-        cdef int errors = 0
+        cdef int errors
         cdef const uint8_t* base = &b[0] if b.shape[0] else NULL
         if capacity < 8 or capacity > <uint64_t>b.shape[0] or pos >= capacity:
             raise ValueError(f"bad ring geometry: {capacity} bytes from {pos}")
         with nogil:
             self.tb_count_begin()
-            while used < nbytes:
-                step = dp_ring_step(base, capacity, pos + used, nbytes - used, &at, &length,
-                                    &flags)
-                if step < 0:
-                    errors += 1
-                    break
-                used += <uint64_t>step
-                if not dp_ring_is_wrap(length):
-                    errors += self.tb_client_ip(base + at, length, now)
+            errors = self.tb_receive_ring(base, capacity, pos, nbytes, now)
             self.tb_count_end()
         self._check()
+        return errors
+
+    cdef int tb_receive_ring(self, const uint8_t* base, uint64_t capacity, uint64_t pos,
+                             uint64_t nbytes, double now) noexcept nogil:
+        """receive_ring's walk (inside a count bracket; geometry checked by the caller),
+        shared with the worker's Pump (pump.pxi)."""
+        cdef uint64_t used = 0, at
+        cdef int64_t step
+        cdef uint32_t length, flags
+        cdef int errors = 0
+        while used < nbytes:
+            step = dp_ring_step(base, capacity, pos + used, nbytes - used, &at, &length, &flags)
+            if step < 0:
+                errors += 1
+                break
+            used += <uint64_t>step
+            if not dp_ring_is_wrap(length):
+                errors += self.tb_client_ip(base + at, length, now)
         return errors
 
     def receive_records(self, buf, double now, Py_ssize_t record_bytes=WR_RESPONSE_RECORD_BYTES):

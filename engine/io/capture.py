@@ -452,6 +452,7 @@ SOL_PACKET = 263
 PACKET_RX_RING = 5
 PACKET_STATISTICS = 6
 PACKET_VERSION = 10
+PACKET_IGNORE_OUTGOING = 23
 TPACKET_V3 = 2
 TP_STATUS_KERNEL = 0
 TP_STATUS_USER = 1
@@ -938,7 +939,18 @@ def bind_packet_socket(sock: socket.socket, device: str | None) -> None:
 
     Python's AF_PACKET address takes an interface *name* and "" is refused (ENODEV), so
     "every device" (ifindex 0) is bound through libc with a struct sockaddr_ll.
+
+    Frames the host sends are never replayed (the program and the block walk leave them
+    out), so the kernel is first told not to hand them to this socket at all
+    (PACKET_IGNORE_OUTGOING, Linux 4.20): otherwise each packet the workers send, and each
+    answer of the online server, is cloned into the tap, filtered and dropped one by one, a
+    cost the sender pays inside its sendmmsg.  Older kernels refuse the option; the program's
+    test then does the same job.
     """
+    try:
+        sock.setsockopt(SOL_PACKET, PACKET_IGNORE_OUTGOING, 1)
+    except OSError:
+        pass
     if device is not None:
         sock.bind((device, ETH_P_ALL))
         return

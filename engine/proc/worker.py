@@ -33,6 +33,18 @@ keep-alive connection: they wait for client packets that will never come) are th
 with a RST, counted as ``ended_offline_end`` and logged in one line, so a replay always
 ends with its summary.
 
+The compiled wake-up.  With the compiled table, a worker's ring as its one source and the
+raw sender on its sendmmsg path (the normal worker process), what follows the responses in
+a wake-up (the ring's batches, the table's due timers, the drain and its sendmmsg) is one
+call, ``Pump.run`` (engine/dataplane/pump.pxi): the same steps in the same order as the
+loop's Python, without a Python call between them.  It comes back for routes to announce
+(announced here, then ``Pump.drain`` sends the drain) and for a packet the kernel refused
+(the sender sends the rest of the drain and counts the refusal).  Every other flush (after
+the responses, the offline tail's RSTs, the shed half-open sessions) is ``Pump.drain``: the
+table's drain and its sendmmsg in one call.  The Python steps stay the
+specification and run for every other source, table and sender, or with
+TCPCOPY_MP_PUMP=0 (for comparisons).
+
 `now` is time.monotonic() read once per wake-up.  Nothing here decides TCP behaviour; that
 is the pure core's job, which this loop only feeds and drains.
 
@@ -98,7 +110,8 @@ from engine.io.batch import SendBuffer, as_batch
 from engine.io.channel import InterceptChannels
 from engine.io.logs import LOGGER_NAME, RateLimiter, is_json, reopen_logs
 from engine.io.report import stats_lines
-from engine.io.ring import RING_IDLE_POLL_S, Ring
+from engine.io.ring import RING_IDLE_POLL_S, Ring, record_layout
+from engine.io.send import RawSender
 from engine.io.sigloop import SignalPipe
 from metrics.counters import COUNTER_FLUSH_INTERVAL_S, ENGINE_FIRST
 
@@ -118,6 +131,11 @@ Sessions, segments and packets are allocated by the hundred thousand and form no
 start-up); collecting the young generation every 700 allocations cost 8 % of the engine's
 rate on short connections and 11 % on keep-alive sessions with a backlog of held requests
 (same-process micro-benchmarks, gc defaults vs these)."""
+PUMP_ENV = "TCPCOPY_MP_PUMP"
+"""Set to 0: the wake-up path in Python even where the compiled one applies (comparisons)."""
+PUMP_ROUTES = 1
+PUMP_SEND_ERROR = 2
+"""engine/dataplane/pump.pxi's statuses (its PUMP_ROUTES, PUMP_SEND_ERROR)."""
 GC_FREEZE_INTERVAL_S = 1.0
 REFUSAL_LOG_INTERVAL_S = 10.0
 """At most one log line per this interval about reconnects the sessions refused."""
@@ -201,6 +219,7 @@ class Worker:
         self._no_tuple_log = RateLimiter(NO_TUPLE_LOG_INTERVAL_S)
         self._refusals_logged = 0
         self._refusal_log = RateLimiter(REFUSAL_LOG_INTERVAL_S)
+        self._pump: object | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -249,6 +268,7 @@ class Worker:
         next_freeze = now + GC_FREEZE_INTERVAL_S
         next_refusals = now
         table, channels, sources, select = self.table, self.channels, self.sources, self.sel.select
+        pump = self._pump = self._make_pump()
         drain_first = True
         while not self._stop:
             # The nearest deadline (a None is no timer), without building a sequence per pass.
@@ -273,23 +293,17 @@ class Worker:
             captured = []
             for key, mask in events:
                 if type(key.data) is _SourceCallback:
-                    captured.append((key, mask))
+                    captured.append(key.data.src)
                 else:
                     drain_first = True
                     key.data(mask, now)
             if drain_first:
                 drain_first = False
                 self._flush(now)
-            for key, mask in captured:
-                key.data(mask, now)
-            for src in sources:
-                due = src.next_deadline()
-                if due is not None and due <= now:
-                    self._read_source(src, now)
-            timer = table.get_timer()
-            if timer is not None and timer <= now:
-                table.handle_timer(now)
-            self._flush(now)
+            if pump is not None:
+                self._pump_wakeup(pump, now, bool(captured))
+            else:
+                self._capture_wakeup(captured, now)
             if now >= next_refusals:
                 next_refusals = now + REFUSAL_CHECK_INTERVAL_S
                 self._log_refusals(now)
@@ -317,6 +331,9 @@ class Worker:
 
     def close(self) -> None:
         self.channels.close()
+        if self._pump is not None:
+            self._pump.close()  # type: ignore[attr-defined]
+            self._pump = None
         for src in self.sources:
             src.close()
         close = getattr(self.sender, "close", None)
@@ -351,8 +368,11 @@ class Worker:
     def _offline_done(self, now: float) -> bool:
         """The input ended and every session finished, or the tail ran out (module
         docstring, "Offline tail"): then the sessions still open are ended and counted."""
-        if not self.sources or not all(getattr(s, "exhausted", False) for s in self.sources):
+        if not self.sources:
             return False
+        for src in self.sources:  # once per wake-up: a loop, not all() over a generator
+            if not getattr(src, "exhausted", False):
+                return False
         for src in self.sources:
             error = getattr(src, "error", None)
             if error and not self._input_error:
@@ -381,6 +401,79 @@ class Worker:
         return True
 
     # -- data path --------------------------------------------------------------------------
+
+    def _make_pump(self) -> object | None:
+        """The compiled wake-up path (module docstring, "The compiled wake-up") when every
+        part it replaces is the one it was written for, else None (the loop above)."""
+        if os.environ.get(PUMP_ENV, "1") == "0" or len(self.sources) != 1:
+            return None
+        src, sender = self.sources[0], self.sender
+        if type(src) is not RingSource or type(sender) is not RawSender:
+            return None
+        if sender.batch_path != "fastio":
+            return None
+        try:
+            from engine.dataplane.engine import Pump, Table
+        except ImportError:
+            return None
+        table = self.table
+        if type(table) is not Table:
+            return None
+        on_loss = src.on_loss
+        if on_loss is not None and on_loss != table.note_capture_loss:
+            return None
+        return Pump(
+            table,
+            src.ring,
+            record_layout(),
+            sender.sock.fileno(),
+            sender.counters,
+            src.batch_max,
+            on_loss is not None,
+        )
+
+    def _capture_wakeup(self, fired: Sequence[object], now: float) -> None:
+        """What the loop does after the responses: a batch of each source whose fd woke us
+        (``fired``), one of each source now due, the table's due timers, one drain (the
+        specification of ``_pump_wakeup``)."""
+        for src in fired:
+            self._read_source(src, now)
+        for src in self.sources:
+            due = src.next_deadline()  # type: ignore[attr-defined]
+            if due is not None and due <= now:
+                self._read_source(src, now)
+        table = self.table
+        timer = table.get_timer()
+        if timer is not None and timer <= now:
+            table.handle_timer(now)
+        self._flush(now)
+
+    def _pump_wakeup(self, pump: object, now: float, fired: bool) -> None:
+        """What the loop does after the responses, in one compiled call: the ring's batches
+        (two when its eventfd fired and a backlog remains, one when its deadline is due),
+        the table's timers, the drain and its send; back here for routes to announce and a
+        refused packet."""
+        src = self.sources[0]
+        if fired:
+            reads = 2
+        else:
+            due = src.next_deadline()
+            reads = 1 if due is not None and due <= now else 0
+        status = src.pump(pump, now, reads)  # type: ignore[attr-defined]
+        errors = pump.errors  # type: ignore[attr-defined]
+        if errors:
+            self.counters["capture_parse_errors"] += errors
+        if status:
+            self._pump_back(pump, status, now)
+
+    def _pump_back(self, pump: object, status: int, now: float) -> None:
+        """What a pump call handed back: routes to announce before its drain goes on, a
+        refused packet for the sender (which sends the rest and counts the refusal)."""
+        while status == PUMP_ROUTES:
+            self._send(pump.take_routes(), 0, now)  # type: ignore[attr-defined]
+            status = pump.drain()  # type: ignore[attr-defined]
+        if status == PUMP_SEND_ERROR:
+            self._flush_python(now)
 
     def _read_source(self, src: object, now: float) -> None:
         """One batch of ``src`` into the table: in place when the source can (a ring)."""
@@ -430,6 +523,16 @@ class Worker:
         )
 
     def _flush(self, now: float) -> None:
+        """The table drained and sent: in one compiled call when the pump is there."""
+        pump = self._pump
+        if pump is not None:
+            status = pump.drain()  # type: ignore[attr-defined]
+            if status:
+                self._pump_back(pump, status, now)
+            return
+        self._flush_python(now)
+
+    def _flush_python(self, now: float) -> None:
         sendbuf = self.sendbuf
         while True:
             routes, n = self.table.drain_into(sendbuf)
@@ -645,6 +748,20 @@ class RingSource:
             finally:
                 ring.release(nbytes)
         return int(errors)
+
+    def pump(self, pump: object, now: float, reads: int) -> int:
+        """``reads`` batches (0-2: a second one only while a backlog remains), the table's
+        due timers, its drain and the send, in one compiled call (engine/dataplane/pump.pxi):
+        ``receive_into``'s bookkeeping around it, done once.  Returns the pump's status."""
+        if reads:
+            self._last_read = now
+            if self.tick is not None:
+                self.tick(now)  # before the batch, as receive_into does
+        status = int(pump.run(now, reads))  # type: ignore[attr-defined]
+        if reads:
+            self._backlog = bool(pump.backlog)  # type: ignore[attr-defined]
+            self._loss_marks = self.ring.loss_marks  # the pump noted a loss on the table
+        return status
 
     def read_batch(self, now: float) -> list[tuple[float, bytes]]:
         ring = self.ring

@@ -1,0 +1,239 @@
+"""engine/dataplane/pump.pxi: a worker's wake-up in one compiled call against the Python steps
+it replaces (engine/proc/worker.py ``_capture_wakeup``, the specification).
+
+Two worlds, each a compiled table, a ring and a raw sender in a namespace of its own with only
+``lo`` and 198.18.0.1/32 (the target: what is sent there is read back by a raw TCP socket),
+get the same script on the same clock: client packets pushed into the ring (a ring that
+overflows, so a loss mark; a packet that does not parse), wake-ups fired by the eventfd or by
+the ring's deadline, and the target's answers to what it received fed back as response
+records.  One -x entry leads to 198.18.9.9, which has no route: its packets are refused
+(ENETUNREACH), the pump's hand-back to the sender.  Both worlds must put the same packets on
+the wire, wake-up by wake-up, announce the same routes before them and end with the same
+counters.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import subprocess
+
+import pytest
+
+from engine.codec import packet, wire
+from engine.core.config import ReplayConfig, SessionConfig
+from engine.core.rewrite import TransferEntry
+from engine.io import send
+from engine.io.engines import build_table, compiled_table_class
+from engine.io.ring import Ring
+from engine.proc.worker import PUMP_ENV, RingSource, Worker
+from testbed import netns as tbm
+from tests.unit.link import Client, Target
+from tests.unit.test_io_worker import FakeChannels
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)"),
+    pytest.mark.skipif(compiled_table_class()[0] is None, reason="compiled engine not built"),
+]
+
+LOCAL = packet.ip_from_str("198.18.0.1")
+NOROUTE = packet.ip_from_str("198.18.9.9")
+ONLINE_IP = packet.ip_from_str("198.18.1.2")
+CLIENT_IP = packet.ip_from_str("198.19.7.1")
+_seq = itertools.count()
+
+
+@pytest.fixture
+def ns():
+    name = f"tc{os.getpid()}-{950 + next(_seq)}-pm"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        for cmd in (
+            ["ip", "link", "set", "lo", "up"],
+            ["ip", "addr", "add", "198.18.0.1/32", "dev", "lo"],
+        ):
+            subprocess.run(["ip", "netns", "exec", name, *cmd], check=True)
+        yield name
+    finally:
+        tbm.delete_netns(name)
+
+
+class World:
+    """A worker (compiled table, ring, raw sender, fake channels) and the target's socket."""
+
+    def __init__(self, ns: str, pump: bool) -> None:
+        def make():
+            rx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+            rx.setsockopt(socket.SOL_SOCKET, send._SO_RCVBUFFORCE, 16 * 1024 * 1024)
+            rx.settimeout(2.0)
+            return send.RawSender(batch_path="fastio"), rx
+
+        self.sender, self.rx = tbm.in_netns(ns, make)
+        session = SessionConfig(
+            transfers=(
+                TransferEntry(ONLINE_IP, 80, LOCAL, 8080),
+                TransferEntry(ONLINE_IP, 81, NOROUTE, 8080),
+            )
+        )
+        cfg = ReplayConfig(session=session, intercepts=(("198.18.0.1", 36524),))
+        self.table = build_table("compiled", session)
+        self.producer = Ring.create(capacity=4096)
+        self.src = RingSource(Ring.attach(self.producer.spec()), None, batch_max=16)
+        self.src.on_loss = self.table.note_capture_loss
+        self.log: list[tuple[str, int]] = []
+        self.worker = Worker(
+            cfg,
+            self.table,
+            [self.src],
+            self.sender,
+            channels=lambda sel, on_records: FakeChannels(self.log),
+            memory_rss=lambda: 0,
+        )
+        self.pump = self.worker._pump = self.worker._make_pump() if pump else None
+        self.targets: dict[tuple[int, int], Target] = {}
+        self.wire: list[bytes] = []
+        self._got = 0
+
+    def wakeup(self, now: float, fired: bool) -> None:
+        self.log.append(("wakeup", 0))
+        if self.pump is not None:
+            self.worker._pump_wakeup(self.pump, now, fired)
+        else:
+            self.worker._capture_wakeup([self.src] if fired else [], now)
+        for kind, port in self.received():
+            self.log.append((kind, port))
+
+    def received(self) -> list[tuple[str, int]]:
+        """What reached the target since the last call (as many as were sent)."""
+        want = self.sender.counters["send_packets"] - self._got
+        out = []
+        while len(out) < want:
+            raw = self.rx.recv(65536)
+            p = packet.parse_ip(raw)
+            if p.dst != LOCAL:
+                continue
+            out.append(raw)
+        self._got += len(out)
+        self.wire += out
+        return [("pkt", packet.parse_ip(raw).sport) for raw in out]
+
+    def answer(self, now: float, new: list[bytes]) -> None:
+        """The target's answers to the packets in ``new``, as the intercept's records, then
+        the drain the loop makes after responses."""
+        records = []
+        for raw in new:
+            p = packet.parse_ip(raw)
+            key = (p.src, p.sport)
+            target = self.targets.get(key)
+            if target is None:
+                target = self.targets[key] = Target(addr=(LOCAL, 8080), client=key)
+            target.observe(p)
+            if p.flags & packet.SYN:
+                answers = [target.synack()]
+            elif p.payload:
+                answers = [target.ack(), target.send(300)]
+            elif p.flags & packet.FIN:
+                answers = [target.ack(), target.fin()]
+            else:
+                answers = []
+            records += [wire.encode_response_record(packet.build(a)) for a in answers]
+        if records:
+            self.table.receive_records(b"".join(records), now)
+            self.worker._flush(now)
+            for kind, port in self.received():
+                self.log.append((kind, port))
+
+    def close(self) -> None:
+        self.worker.close()
+        self.producer.close()
+        self.rx.close()
+
+
+def _script() -> list[list[bytes]]:
+    """Per step, the client packets the capture pushes into the ring."""
+    clients = [
+        Client(
+            isn=1000 + 7919 * i,
+            addr=(CLIENT_IP, 40000 + i),
+            online=(ONLINE_IP, 81 if i % 5 == 4 else 80),
+            ts=500 + i,
+        )
+        for i in range(20)
+    ]
+    get = b"GET /x HTTP/1.1\r\nHost: t\r\n\r\n"
+    steps: list[list[bytes]] = [[] for _ in range(24)]
+    steps[0] = [packet.build(c.syn()) for c in clients[:10]] + [b"\x45\x00\x00\x14"]
+    steps[1] = [packet.build(c.ack()) for c in clients[:10]]
+    steps[1] += [packet.build(c.data(get)) for c in clients[:10]]
+    steps[2] = [packet.build(c.syn()) for c in clients[10:]]  # 10
+    # More than the 4 KiB ring holds: the overflow is dropped and the next push marks a loss.
+    steps[3] = [packet.build(c.ack(300)) for c in clients[:10]]
+    steps[3] += [packet.build(c.data(get * 2, 300)) for c in clients[10:] for _ in range(6)]
+    steps[4] = [packet.build(c.data(get, 300)) for c in clients[:10]]
+    steps[8] = [packet.build(c.fin(600)) for c in clients[:10]]
+    steps[9] = [packet.build(c.data(get)) for c in clients[10:]]
+    return steps
+
+
+def _run(ns: str, pump: bool) -> World:
+    w = World(ns, pump)
+    if pump:
+        assert w.pump is not None
+    try:
+        t0 = 1000.0
+        for k, pushed in enumerate(_script()):
+            now = t0 + 0.25 * k
+            if pushed:
+                w.producer.push_batch([(p, now) for p in pushed])
+            # Some wake-ups by the eventfd, the others by the ring's deadline alone.
+            before = len(w.wire)
+            w.wakeup(now, fired=k % 3 != 2)
+            w.answer(now + 0.01, w.wire[before:])
+        return w
+    except BaseException:
+        w.close()
+        raise
+
+
+def test_the_pump_does_what_the_python_wakeup_does(ns: str) -> None:
+    py = _run(ns, pump=False)
+    try:
+        cp = _run(ns, pump=True)
+        try:
+            assert cp.wire == py.wire
+            assert cp.log == py.log
+            assert len(cp.wire) > 60
+            for name in ("table", "sender", "worker"):
+                a = getattr(cp, name).counters
+                b = getattr(py, name).counters
+                assert {k: v for k, v in a.items() if v} == {k: v for k, v in b.items() if v}
+            c = cp.sender.counters
+            assert c["send_error_ENETUNREACH"] > 0  # the pump handed refusals back
+            assert cp.worker.counters["capture_parse_errors"] == 1
+            assert cp.producer.dropped > 0 and cp.src.ring.loss_marks > 0
+            assert cp.src.ring.loss_marks == py.src.ring.loss_marks
+            t = cp.table.counters
+            # Handshakes, released requests, retransmissions by timer, closes: all went through.
+            assert t["ended_closed"] > 0 and t["rto"] > 0 and t["requests"] > 0
+            assert cp.table.active == py.table.active
+            assert len(cp.src.ring) == len(py.src.ring)
+            assert cp.src._backlog == py.src._backlog
+        finally:
+            cp.close()
+    finally:
+        py.close()
+
+
+def test_the_switch_and_the_parts_select_the_python_steps(ns: str, monkeypatch) -> None:
+    w = World(ns, pump=True)
+    try:
+        assert w.pump is not None
+        monkeypatch.setenv(PUMP_ENV, "0")
+        assert w.worker._make_pump() is None
+        monkeypatch.delenv(PUMP_ENV)
+        w.src.on_loss = lambda now: None  # not the table's: the pump would skip it
+        assert w.worker._make_pump() is None
+    finally:
+        w.close()
