@@ -2256,12 +2256,12 @@ cdef enum:
     LB_RCV_DATA = 512           # rcv_data != 0
 
 
-ctypedef struct ELinger:        # 80 bytes, kept in the table's entry (table.pxi TBody)
+ctypedef struct ELinger:        # 88 bytes, one malloc chunk of 96
     double linger_at
     int64_t snd_nxt
     int64_t snd_una
     int64_t cap_end
-    int32_t reconnects          # a session with more is not frozen
+    int64_t reconnects
     uint32_t client_ip
     uint32_t target_ip
     uint32_t base
@@ -2278,23 +2278,44 @@ ctypedef struct ELinger:        # 80 bytes, kept in the table's entry (table.pxi
     uint16_t bits
 
 
-cdef int sess_freeze(ESession* s, ELinger* r) noexcept nogil:
-    """*r: the record of a lingering session with nothing queued (the conditions of
-    sess_linger, and no ACK owed); 0, or -1 (r untouched) when it cannot be frozen: the
-    session stays.  r may overlap where the caller kept s (not s's own block)."""
+cdef inline ELinger* lr_alloc() noexcept nogil:
+    """A record, counted with the engine's blocks (no size header: a chunk of its own)."""
+    global dp_live_blocks, dp_live_bytes
+    cdef ELinger* r = <ELinger*>malloc(sizeof(ELinger))
+    if r != NULL:
+        dp_live_blocks += 1
+        dp_live_bytes += sizeof(ELinger)
+    return r
+
+
+cdef inline void lr_free(ELinger* r) noexcept nogil:
+    global dp_live_blocks, dp_live_bytes
+    if r == NULL:
+        return
+    dp_live_blocks -= 1
+    dp_live_bytes -= sizeof(ELinger)
+    free(r)
+
+
+cdef ELinger* sess_freeze(ESession* s) noexcept nogil:
+    """The record of a lingering session with nothing queued (the conditions of sess_linger,
+    and no ACK owed); NULL when it cannot be frozen (or no memory): the session stays."""
+    cdef ELinger* r
     cdef uint16_t bits = 0
     if (s.state != ST_LINGER or s.error or s.ctl_n or s.ev_n or s.ack_due
-            or s.outcome < -128 or s.outcome > 127
-            or s.reconnects < -0x80000000 or s.reconnects > 0x7FFFFFFF):
-        return -1
+            or s.outcome < -128 or s.outcome > 127):
+        return NULL
     if not s.lingering and (s.pend_head != NULL or s.unacked_head != NULL or sess_unsend(s)
                             or s.pend_held or tset(s.gap_at)):
-        return -1
+        return NULL
+    r = lr_alloc()
+    if r == NULL:
+        return NULL
     r.linger_at = s.linger_at
     r.snd_nxt = s.snd_nxt
     r.snd_una = s.snd_una
     r.cap_end = s.cap_end
-    r.reconnects = <int32_t>s.reconnects
+    r.reconnects = s.reconnects
     r.client_ip = s.client_ip
     r.target_ip = s.target_ip
     r.base = s.base
@@ -2329,7 +2350,7 @@ cdef int sess_freeze(ESession* s, ELinger* r) noexcept nogil:
     if s.rcv_data:
         bits |= LB_RCV_DATA
     r.bits = bits
-    return 0
+    return r
 
 
 cdef ESession* sess_thaw(const ELinger* r, const ECfg* cfg, uint64_t* counters) noexcept nogil:

@@ -108,30 +108,21 @@ cdef int wr_decode_record(const uint8_t* rec, size_t n, dp_packet* p) noexcept n
 cdef struct TFlow
 
 
-cdef struct TLive:              # what a live entry holds
-    ESession* s                 # NULL once removed (gone)
-    int64_t held
-    int32_t unsend
-
-
-cdef union TBody:
-    TLive l                     # not frozen
-    ELinger r                   # frozen: the session kept as its record (tb_lr)
-
-
-cdef struct TEntry:             # 136 bytes: a malloc chunk of 144
+cdef struct TEntry:             # 72 bytes: a malloc chunk of 80
+    ESession* s                 # frozen: an ELinger* (tb_lr), the session kept as a record
     TFlow* flow
     TEntry* prev                # the response map's order
     TEntry* next
     uint64_t fk0                # the flow key (hm_key4 of the original 4-tuple)
     double sched                # NaN: None
+    int64_t held
     uint32_t fk1
     uint32_t heap_refs          # heap items that point here
+    int32_t unsend
     uint8_t touched
     uint8_t gone
     uint8_t frozen
     uint8_t in_map              # no flow of its own (flow NULL): the flow map's slot is it
-    TBody b
 
 
 cdef enum:
@@ -146,20 +137,21 @@ cdef inline void tb_unmap(int64_t a) noexcept nogil:
         (<TFlow*><intptr_t>a).in_map = 0
 
 
-cdef inline ELinger* tb_lr(TEntry* e) noexcept nogil:
-    return &e.b.r
+cdef inline ELinger* tb_lr(const TEntry* e) noexcept nogil:
+    return <ELinger*>e.s
 
 
-cdef inline int tb_state(TEntry* e) noexcept nogil:
-    return e.b.r.state if e.frozen else e.b.l.s.state
+cdef inline int tb_state(const TEntry* e) noexcept nogil:
+    return (<ELinger*>e.s).state if e.frozen else e.s.state
 
 
 cdef inline void tb_free_session(TEntry* e) noexcept nogil:
     if e.frozen:
+        lr_free(<ELinger*>e.s)
         e.frozen = 0
     else:
-        sess_free(e.b.l.s)
-    memset(&e.b, 0, sizeof(TBody))
+        sess_free(e.s)
+    e.s = NULL
 
 
 cdef struct TFlow:
@@ -596,25 +588,27 @@ cdef class Table:
         """The session of a frozen entry back (sess_thaw); NULL: no memory."""
         cdef ESession* s
         if not e.frozen:
-            return e.b.l.s
+            return e.s
         s = sess_thaw(tb_lr(e), &self.ecfg, self.c)
         if s == NULL:
             self.oom = True
             return NULL
-        memset(&e.b, 0, sizeof(TBody))
-        e.b.l.s = s
+        lr_free(tb_lr(e))
+        e.s = s
         e.frozen = 0
         return s
 
     cdef void tb_freeze(self, TEntry* e) noexcept nogil:
         """A lingering session with nothing queued kept as its record (sess_freeze), or
         else cut to what lingering reads (sess_linger)."""
-        cdef ESession* s = e.b.l.s
-        if e.b.l.held == 0 and e.b.l.unsend == 0 and sess_freeze(s, &e.b.r) == 0:
-            sess_free(s)        # e.b.l is e.b.r now
+        cdef ESession* s = e.s
+        cdef ELinger* r = sess_freeze(s)
+        if r != NULL:
+            sess_free(s)
+            e.s = <ESession*>r
             e.frozen = 1
         elif not s.lingering:
-            e.b.l.s = sess_linger(s)
+            e.s = sess_linger(s)
 
     cdef bint tb_linger_response(self, TEntry* e, const dp_packet* p) noexcept nogil:
         """receive_response of a frozen entry when it queues no packet (a stray RST, or a
@@ -720,7 +714,7 @@ cdef class Table:
             return NULL
         if self.route_down:
             sess_handle_route_down(s, True, now)
-        e.b.l.s = s
+        e.s = s
         e.flow = flow
         e.fk0 = fk0
         e.fk1 = fk1
@@ -804,7 +798,7 @@ cdef class Table:
             self.c[EC_CLT_CONT] += 1
         for i in range(n):
             e = items[i]
-            sess_receive_client(e.b.l.s, p, buf, now)
+            sess_receive_client(e.s, p, buf, now)
             self.tb_touch(e)
 
     cdef TEntry* tb_replace(self, TFlow* flow, TEntry* old, uint32_t i, const dp_packet* p,
@@ -875,7 +869,7 @@ cdef class Table:
         if items != NULL:
             e = items[0]
             if flags & TB_SYN and not (lr_owns_syn(tb_lr(e), p.seq) if e.frozen
-                                       else sess_owns_syn(e.b.l.s, p.seq)):
+                                       else sess_owns_syn(e.s, p.seq)):
                 # spec §3.6 drops this SYN; it is a new connection reusing the port.  The old
                 # sessions run on by their fake tuples until they end.
                 self.c[EC_PORT_REUSE] += 1
@@ -896,7 +890,7 @@ cdef class Table:
                         continue
                     if self.tb_thaw(e) == NULL:
                         continue
-                s = e.b.l.s
+                s = e.s
                 if s.state == ST_LINGER and p.data_len and sess_is_later_data(s, p):
                     # spec §3.6: new traffic on a lingering tuple starts a new (faked) session
                     if not sess_may_continue(s, p, now):
@@ -904,9 +898,9 @@ cdef class Table:
                     fresh = self.tb_replace(flow, e, i, p, buf, now)
                     if fresh == NULL:
                         continue
-                    sess_continue_from(fresh.b.l.s, s)
+                    sess_continue_from(fresh.s, s)
                     e = fresh
-                    s = fresh.b.l.s
+                    s = fresh.s
                 sess_receive_client(s, p, buf, now)
                 self.tb_touch(e)
             return
@@ -951,7 +945,7 @@ cdef class Table:
         if e.frozen and not self.tb_linger_response(e, p) and self.tb_thaw(e) == NULL:
             return
         if not e.frozen:
-            sess_receive_response_buf(e.b.l.s, p, buf, now)
+            sess_receive_response_buf(e.s, p, buf, now)
         self.tb_touch(e)
 
     cdef void tb_heap_pop(self) noexcept nogil:
@@ -981,7 +975,7 @@ cdef class Table:
             if e.frozen:
                 lr_handle_timer(tb_lr(e), now)
             else:
-                sess_handle_timer(e.b.l.s, now)
+                sess_handle_timer(e.s, now)
             self.tb_touch(e)
         self.tb_shrink()
 
@@ -1017,7 +1011,7 @@ cdef class Table:
 
     cdef int tb_schedule(self, TEntry* e) noexcept nogil:
         """table._schedule."""
-        cdef double t = tb_lr(e).linger_at if e.frozen else sess_timer(e.b.l.s)
+        cdef double t = tb_lr(e).linger_at if e.frozen else sess_timer(e.s)
         cdef size_t cap
         cdef THeapItem* h
         if tset(t) and (not tset(e.sched) or t < e.sched):
@@ -1060,7 +1054,7 @@ cdef class Table:
 
     cdef void tb_remove(self, TEntry* e, double now) noexcept nogil:
         """table._remove: out of the maps, the tuple quarantined, the session freed."""
-        cdef ESession* s = NULL if e.frozen else e.b.l.s
+        cdef ESession* s = e.s
         cdef ELinger* r = tb_lr(e)
         cdef uint64_t k0
         cdef uint32_t k1, i, j, cip, tip
@@ -1076,11 +1070,10 @@ cdef class Table:
         e.heap_refs -= 1
         self.c[EC_REL] += 1
         self.c[EC_TW] -= 1
-        if not e.frozen:
-            self.unsend_total -= e.b.l.unsend
-            e.b.l.unsend = 0
-            self.held_total -= e.b.l.held
-            e.b.l.held = 0
+        self.unsend_total -= e.unsend
+        e.unsend = 0
+        self.held_total -= e.held
+        e.held = 0
         if e.frozen:
             cip, cport, tip, tport = r.client_ip, r.client_port, r.target_ip, r.target_port
         else:
@@ -1176,7 +1169,7 @@ cdef class Table:
                 else:
                     self.tb_schedule(e)
                 continue
-            s = e.b.l.s
+            s = e.s
             if sess_packets_to_send(s, now, &self.out) < 0:
                 self.oom = True
             if loss_recent:
@@ -1184,13 +1177,13 @@ cdef class Table:
             while sess_next_event(s, &ev):
                 self.tb_route(&ev)
             u = sess_unsend(s)
-            if u != e.b.l.unsend:
-                self.unsend_total += u - e.b.l.unsend
-                e.b.l.unsend = <int32_t>u
+            if u != e.unsend:
+                self.unsend_total += u - e.unsend
+                e.unsend = <int32_t>u
             h = <int64_t>sess_held_bytes(s)
-            if h != e.b.l.held:
-                self.held_total += h - e.b.l.held
-                e.b.l.held = h
+            if h != e.held:
+                self.held_total += h - e.held
+                e.held = h
             if s.state == ST_FINISHED:
                 self.tb_remove(e, now)
             else:
@@ -1219,15 +1212,15 @@ cdef class Table:
         cdef size_t i
         self.c = c
         while e != NULL:
-            if not e.frozen and e.b.l.s != NULL:
-                e.b.l.s.counters = c
+            if e.s != NULL and not e.frozen:
+                e.s.counters = c
             e = e.next
         for i in range(self.heap_n):
-            if not self.heap[i].e.frozen and self.heap[i].e.b.l.s != NULL:
-                self.heap[i].e.b.l.s.counters = c
+            if self.heap[i].e.s != NULL and not self.heap[i].e.frozen:
+                self.heap[i].e.s.counters = c
         for i in range(self.touched_n):
-            if not self.touched[i].frozen and self.touched[i].b.l.s != NULL:
-                self.touched[i].b.l.s.counters = c
+            if self.touched[i].s != NULL and not self.touched[i].frozen:
+                self.touched[i].s.counters = c
 
     # -- Python API (table.SessionTable's) -----------------------------------------------------
 
@@ -1519,9 +1512,9 @@ cdef class Table:
         cdef TEntry* e = self.order_head
         out = []
         while e != NULL:
-            if not e.frozen and e.b.l.s.state < ST_LINGER:
-                out.append(_RouteNeeded(e.b.l.s.client_ip, e.b.l.s.client_port, e.b.l.s.target_ip,
-                                        e.b.l.s.target_port))
+            if not e.frozen and e.s.state < ST_LINGER:
+                out.append(_RouteNeeded(e.s.client_ip, e.s.client_port, e.s.target_ip,
+                                        e.s.target_port))
             e = e.next
         return out
 
@@ -1534,8 +1527,8 @@ cdef class Table:
         self.now = now
         self.tb_count_begin()
         while e != NULL:
-            if not e.frozen and e.b.l.s.state < ST_LINGER:
-                sess_handle_route_down(e.b.l.s, d, now)
+            if not e.frozen and e.s.state < ST_LINGER:
+                sess_handle_route_down(e.s, d, now)
                 if not d:
                     self.tb_touch(e)
             e = e.next
@@ -1548,7 +1541,7 @@ cdef class Table:
         self.now = now
         self.tb_count_begin()
         while e != NULL:
-            if not e.frozen and sess_end_input(e.b.l.s, now):
+            if not e.frozen and sess_end_input(e.s, now):
                 ended += 1
                 self.tb_touch(e)
             e = e.next
@@ -1571,8 +1564,8 @@ cdef class Table:
             raise MemoryError()
         while e != NULL:
             # half_open first: False once ended, and a lingering session has no created_at
-            if not e.frozen and sess_half_open(e.b.l.s) and e.b.l.s.created_at <= cutoff:
-                if e.b.l.s.state > ST_SYN_SENT:
+            if not e.frozen and sess_half_open(e.s) and e.s.created_at <= cutoff:
+                if e.s.state > ST_SYN_SENT:
                     answered[na] = e
                     na += 1
                 else:
@@ -1585,7 +1578,7 @@ cdef class Table:
         self.tb_count_begin()
         for k in range(total):
             e = unanswered[k] if k < nu else answered[k - nu]
-            sess_shed_half_open(e.b.l.s, now)
+            sess_shed_half_open(e.s, now)
             self.tb_touch(e)
         self.tb_count_end()
         free(unanswered)
