@@ -1,8 +1,9 @@
 # The session table in C (included by engine.pyx): a port of engine/core/table.py
 # (SessionTable), which is the specification; read its theory of operation.  Here:
 #
-# * flows: hmap original 4-tuple -> TFlow (the replica list), or with one replica (-n 1) the
-#   entry itself (slot.a: the TEntry pointer | TB_ONE; the entry's in_map flag); responses:
+# * flows: the flow index (TIndex, 8-byte slots keyed by what they point to) original
+#   4-tuple -> TFlow (the replica list), or with one replica (-n 1) the entry itself (the
+#   TEntry pointer | TB_ONE; the entry's in_map flag); responses:
 #   the tuple allocator's own slot of the fake tuple (alloc.state, RW_LIVE while a session
 #   has it) -> TEntry in slot.a, so one slot serves both; refused flows: hmap original
 #   4-tuple -> last packet time (slot.d).  The entries are also linked in the order they
@@ -159,6 +160,8 @@ cdef inline void tb_free_session(TEntry* e) noexcept nogil:
 cdef struct TFlow:
     TEntry** items              # &one for a single replica (no block of its own)
     TEntry* one
+    uint64_t fk0                # its key in the flow index
+    uint32_t fk1
     uint32_t n
     uint32_t cap
     uint8_t in_map
@@ -227,6 +230,171 @@ cdef void tb_flow_free(TFlow* f) noexcept nogil:
     free(f)
 
 
+# The flow index: original 4-tuple -> a TFlow, or with one replica the entry itself (| TB_ONE).
+# A slot is 8 bytes, the value alone: its key is read from what it points to (the entry's or
+# the flow's fk0/fk1), and the top TX_TAG_BITS bits hold the top bits of the key's hash, so
+# a probe reads a pointed-to key only when they match.  Linear probing with backward-shift
+# deletion as in hmap.pxi (the same hash, growth at 70 % load, shrinking under 1/8).
+
+cdef enum:
+    TX_TAG_SHIFT = 57
+
+
+cdef uint64_t TX_VALUE_MASK = (<uint64_t>1 << TX_TAG_SHIFT) - 1
+
+
+ctypedef struct TIndex:
+    uint64_t* slots             # 0: empty; else tag << TX_TAG_SHIFT | value
+    size_t cap                  # a power of two; 0 before the first tx_put
+    size_t n
+
+
+cdef inline void tx_key(uint64_t v, uint64_t* k0, uint32_t* k1) noexcept nogil:
+    cdef int64_t a = <int64_t>(v & TX_VALUE_MASK)
+    cdef TEntry* e
+    cdef TFlow* f
+    if a & TB_ONE:
+        e = <TEntry*><intptr_t>(a & ~(<int64_t>TB_ONE))
+        k0[0] = e.fk0
+        k1[0] = e.fk1
+    else:
+        f = <TFlow*><intptr_t>a
+        k0[0] = f.fk0
+        k1[0] = f.fk1
+
+
+cdef inline uint64_t tx_tag(uint64_t h) noexcept nogil:
+    return (h >> TX_TAG_SHIFT) << TX_TAG_SHIFT
+
+
+cdef void tx_free(TIndex* m) noexcept nogil:
+    free(m.slots)
+    m.slots = NULL
+    m.cap = 0
+    m.n = 0
+
+
+cdef size_t tx_find(const TIndex* m, uint64_t k0, uint32_t k1) noexcept nogil:
+    """The slot of the key, or m.cap when absent."""
+    cdef size_t mask, i
+    cdef uint64_t h, tag, v, j0
+    cdef uint32_t j1
+    if m.cap == 0:
+        return 0
+    h = hm_hash(k0, k1)
+    tag = tx_tag(h)
+    mask = m.cap - 1
+    i = <size_t>h & mask
+    while True:
+        v = m.slots[i]
+        if v == 0:
+            return m.cap
+        if v & ~TX_VALUE_MASK == tag:
+            tx_key(v, &j0, &j1)
+            if j0 == k0 and j1 == k1:
+                return i
+        i = (i + 1) & mask
+
+
+cdef inline int64_t tx_get(const TIndex* m, uint64_t k0, uint32_t k1) noexcept nogil:
+    """The key's value, 0 when absent."""
+    cdef size_t i = tx_find(m, k0, k1)
+    return <int64_t>(m.slots[i] & TX_VALUE_MASK) if i < m.cap else 0
+
+
+cdef int tx_resize(TIndex* m, size_t cap) noexcept nogil:
+    cdef uint64_t* old = m.slots
+    cdef size_t old_cap = m.cap, j, i, mask = cap - 1
+    cdef uint64_t k0
+    cdef uint32_t k1
+    cdef uint64_t* fresh = <uint64_t*>calloc(cap, sizeof(uint64_t))
+    if fresh == NULL:
+        return -1
+    for j in range(old_cap):
+        if old[j]:
+            tx_key(old[j], &k0, &k1)
+            i = <size_t>hm_hash(k0, k1) & mask
+            while fresh[i]:
+                i = (i + 1) & mask
+            fresh[i] = old[j]
+    free(old)
+    m.slots = fresh
+    m.cap = cap
+    return 0
+
+
+cdef int tx_put(TIndex* m, uint64_t k0, uint32_t k1, int64_t a, int64_t* old) noexcept nogil:
+    """The key's value set to a (whose own key it must be); *old: what it replaced, 0 if
+    nothing.  -1: no memory (nothing changed)."""
+    cdef size_t mask, i
+    cdef uint64_t h
+    i = tx_find(m, k0, k1)
+    if i < m.cap:
+        old[0] = <int64_t>(m.slots[i] & TX_VALUE_MASK)
+        m.slots[i] = (m.slots[i] & ~TX_VALUE_MASK) | <uint64_t>a
+        return 0
+    old[0] = 0
+    if (m.n + 1) * 10 > m.cap * 7:
+        if tx_resize(m, m.cap * 2 if m.cap else HM_MIN_CAP) < 0:
+            return -1
+    h = hm_hash(k0, k1)
+    mask = m.cap - 1
+    i = <size_t>h & mask
+    while m.slots[i]:
+        i = (i + 1) & mask
+    m.slots[i] = tx_tag(h) | <uint64_t>a
+    m.n += 1
+    return 0
+
+
+cdef bint tx_del(TIndex* m, uint64_t k0, uint32_t k1, int64_t a) noexcept nogil:
+    """The key's slot removed if it holds a (the run after it shifted back); False: it did
+    not (absent, or another value).  a need not be readable any more: the slot is found by
+    its value, the key giving where to look."""
+    cdef size_t mask, i, j, home
+    cdef uint64_t h, v, j0
+    cdef uint32_t j1
+    if m.cap == 0:
+        return False
+    h = hm_hash(k0, k1)
+    mask = m.cap - 1
+    i = <size_t>h & mask
+    while True:
+        v = m.slots[i]
+        if v == 0:
+            return False
+        if v == (tx_tag(h) | <uint64_t>a):
+            break
+        i = (i + 1) & mask
+    j = i
+    while True:
+        j = (j + 1) & mask
+        if not m.slots[j]:
+            break
+        tx_key(m.slots[j], &j0, &j1)
+        home = <size_t>hm_hash(j0, j1) & mask
+        # Move j back to i unless its home lies cyclically in (i, j].
+        if (j > i and (home <= i or home > j)) or (j < i and (home <= i and home > j)):
+            m.slots[i] = m.slots[j]
+            i = j
+    m.slots[i] = 0
+    m.n -= 1
+    return True
+
+
+cdef int tx_shrink(TIndex* m) noexcept nogil:
+    """hm_shrink for the flow index."""
+    cdef size_t cap = m.cap
+    if cap <= HM_MIN_CAP or m.n * 8 >= cap:
+        return 0
+    while cap > HM_MIN_CAP and m.n * 10 <= (cap // 2) * 4:
+        cap //= 2
+    if m.n == 0:
+        tx_free(m)
+        return 0
+    return tx_resize(m, cap)
+
+
 cdef inline bint tb_opt_tsval_of(const dp_packet* p, const uint8_t* buf) noexcept nogil:
     """tsval(pkt.options) is not None."""
     cdef uint32_t v
@@ -258,7 +426,7 @@ cdef class Table:
     cdef bint fake_handshake
     cdef int64_t backlog_max
     cdef bint has_history
-    cdef hmap flows
+    cdef TIndex flows
     cdef size_t nresp                    # entries reachable by their fake tuple (alloc.state)
     cdef hmap refused
     cdef TEntry* order_head
@@ -369,8 +537,8 @@ cdef class Table:
         for i in range(self.touched_n):
             hm_put(&seen, <uint64_t><intptr_t>self.touched[i], 0, &created)
         for i in range(self.flows.cap):
-            if self.flows.slots[i].used and not self.flows.slots[i].a & TB_ONE:
-                hm_put(&flows, <uint64_t>self.flows.slots[i].a, 0, &created)
+            if self.flows.slots[i] and not self.flows.slots[i] & TB_ONE:
+                hm_put(&flows, self.flows.slots[i] & TX_VALUE_MASK, 0, &created)
         for i in range(seen.cap):
             if seen.slots[i].used:
                 e = <TEntry*><intptr_t>seen.slots[i].k0
@@ -387,7 +555,7 @@ cdef class Table:
         free(self.touched)
         free(self.draining)
         free(self.routes)
-        hm_free(&self.flows)
+        tx_free(&self.flows)
         hm_free(&self.refused)
         free(self.transfers)
         free(self.pool)
@@ -574,8 +742,7 @@ cdef class Table:
         cdef TEntry* one = NULL
         cdef TEntry** items
         cdef uint32_t n
-        cdef hslot* slot
-        cdef bint created
+        cdef int64_t was
         if tindex < 0:
             tindex = rw_match_transfer(self.transfers, self.ntransfers, tb_ip4(p.dst), p.dport)
             if tindex < 0:
@@ -607,6 +774,8 @@ cdef class Table:
             if flow == NULL:
                 self.oom = True
                 return
+            flow.fk0 = fk0
+            flow.fk1 = fk1
             for i in range(<uint32_t>replicas):
                 e = self.tb_create(fk0, fk1, flow, i, p, buf, now, tindex)
                 if e != NULL:
@@ -617,17 +786,15 @@ cdef class Table:
                 return
             items = flow.items
             n = flow.n
-        slot = hm_put(&self.flows, fk0, fk1, &created)
-        if slot == NULL:
+        if tx_put(&self.flows, fk0, fk1, <int64_t><intptr_t>flow if flow != NULL
+                  else <int64_t><intptr_t>one | TB_ONE, &was) < 0:
             self.oom = True  # the sessions stay reachable by their responses; the flow is lost
         else:
-            if not created:  # (never: the callers found no flow, or took it out)
-                tb_unmap(slot.a)
+            if was:  # (never: the callers found no flow, or took it out)
+                tb_unmap(was)
             if flow != NULL:
-                slot.a = <int64_t><intptr_t>flow
                 flow.in_map = 1
             else:
-                slot.a = <int64_t><intptr_t>one | TB_ONE
                 one.in_map = 1
         self.c[EC_ALL_CLT] += 1
         if p.data_len:
@@ -642,7 +809,7 @@ cdef class Table:
         """table._replace: a new session in replica slot i (of flow, or the flow map's slot
         when flow is NULL: old is its one entry); the lingering one is detached."""
         cdef TEntry* e
-        cdef hslot* slot
+        cdef int64_t was
         cdef int tindex
         if self.max_sessions and <int64_t>self.nresp >= self.max_sessions:
             self.c[EC_SESSIONS_REFUSED] += 1
@@ -657,9 +824,8 @@ cdef class Table:
         if flow != NULL:
             flow.items[i] = e
         elif old.in_map:
-            slot = hm_get(&self.flows, old.fk0, old.fk1)
-            if slot != NULL and slot.a == (<int64_t><intptr_t>old | TB_ONE):
-                slot.a = <int64_t><intptr_t>e | TB_ONE
+            if tx_get(&self.flows, old.fk0, old.fk1) == (<int64_t><intptr_t>old | TB_ONE):
+                tx_put(&self.flows, old.fk0, old.fk1, <int64_t><intptr_t>e | TB_ONE, &was)
                 e.in_map = 1
         old.flow = NULL  # alone: its removal must not touch the live flow
         old.in_map = 0
@@ -670,7 +836,7 @@ cdef class Table:
         """table.SessionTable.receive_client: an original captured client packet."""
         cdef uint64_t fk0
         cdef uint32_t fk1, i
-        cdef hslot* fs
+        cdef int64_t fa
         cdef hslot* r
         cdef TFlow* flow = NULL
         cdef uint8_t flags = p.flags
@@ -684,14 +850,14 @@ cdef class Table:
         cdef bint created
         self.now = now
         hm_key4(tb_ip4(p.src), p.sport, tb_ip4(p.dst), p.dport, &fk0, &fk1)
-        fs = hm_get(&self.flows, fk0, fk1)
-        if fs != NULL:
-            if fs.a & TB_ONE:
-                one = <TEntry*><intptr_t>(fs.a & ~(<int64_t>TB_ONE))
+        fa = tx_get(&self.flows, fk0, fk1)
+        if fa:
+            if fa & TB_ONE:
+                one = <TEntry*><intptr_t>(fa & ~(<int64_t>TB_ONE))
                 items = &one
                 n = 1
             else:
-                flow = <TFlow*><intptr_t>fs.a
+                flow = <TFlow*><intptr_t>fa
                 items = flow.items
                 n = flow.n
         if self.refused.n:
@@ -710,8 +876,8 @@ cdef class Table:
                 # spec §3.6 drops this SYN; it is a new connection reusing the port.  The old
                 # sessions run on by their fake tuples until they end.
                 self.c[EC_PORT_REUSE] += 1
-                tb_unmap(fs.a)
-                hm_del(&self.flows, fs)
+                tb_unmap(fa)
+                tx_del(&self.flows, fk0, fk1, fa)
                 self.tb_new_flow(fk0, fk1, p, buf, now, -1)
                 return
             self.c[EC_ALL_CLT] += 1
@@ -821,7 +987,7 @@ cdef class Table:
         empty (no slot pointer is held here; a failed shrink leaves things as they were)."""
         cdef size_t cap
         cdef THeapItem* h
-        hm_shrink(&self.flows)
+        tx_shrink(&self.flows)
         hm_shrink(&self.refused)
         hm_shrink(&self.alloc.state)
         hm_shrink(&self.alloc.groups)
@@ -932,9 +1098,7 @@ cdef class Table:
         flow = e.flow
         if flow == NULL:            # one replica: the flow map's slot, if it is still there
             if e.in_map:
-                slot = hm_get(&self.flows, e.fk0, e.fk1)
-                if slot != NULL and slot.a == (<int64_t><intptr_t>e | TB_ONE):
-                    hm_del(&self.flows, slot)
+                tx_del(&self.flows, e.fk0, e.fk1, <int64_t><intptr_t>e | TB_ONE)
                 e.in_map = 0
         else:
             for i in range(flow.n):
@@ -945,9 +1109,7 @@ cdef class Table:
                     break
         if flow != NULL and flow.n == 0:
             if flow.in_map:
-                slot = hm_get(&self.flows, e.fk0, e.fk1)
-                if slot != NULL and <TFlow*><intptr_t>slot.a == flow:
-                    hm_del(&self.flows, slot)
+                tx_del(&self.flows, e.fk0, e.fk1, <int64_t><intptr_t>flow)
                 flow.in_map = 0
             tb_flow_free(flow)
         e.flow = NULL
@@ -1347,8 +1509,8 @@ cdef class Table:
     def index_bytes(self):
         """Bytes of the table's C indexes (flow, response and refused maps, the allocator's
         maps, the timer heap): what grows with a flood and shrinks after it."""
-        return ((self.flows.cap + self.refused.cap + self.alloc.state.cap
-                 + self.alloc.groups.cap) * sizeof(hslot) + self.heap_cap * sizeof(THeapItem))
+        return ((self.refused.cap + self.alloc.state.cap + self.alloc.groups.cap) * sizeof(hslot)
+                + self.flows.cap * sizeof(uint64_t) + self.heap_cap * sizeof(THeapItem))
 
     @staticmethod
     def set_heap_slack(size_t slack):
