@@ -235,6 +235,8 @@ cdef void tb_flow_free(TFlow* f) noexcept nogil:
 # the flow's fk0/fk1), and the top TX_TAG_BITS bits hold the top bits of the key's hash, so
 # a probe reads a pointed-to key only when they match.  Linear probing with backward-shift
 # deletion as in hmap.pxi (the same hash, growth at 70 % load, shrinking under 1/8).
+# User-space pointers on Linux (x86-64, arm64) leave bits 57-63 clear; where they do not (a
+# tagged-pointer malloc), tx_put refuses the value as it refuses one it has no memory for.
 
 cdef enum:
     TX_TAG_SHIFT = 57
@@ -325,9 +327,11 @@ cdef int tx_resize(TIndex* m, size_t cap) noexcept nogil:
 
 cdef int tx_put(TIndex* m, uint64_t k0, uint32_t k1, int64_t a, int64_t* old) noexcept nogil:
     """The key's value set to a (whose own key it must be); *old: what it replaced, 0 if
-    nothing.  -1: no memory (nothing changed)."""
+    nothing.  -1: no memory, or a pointer with bits in the tag's place (nothing changed)."""
     cdef size_t mask, i
     cdef uint64_t h
+    if <uint64_t>a & ~TX_VALUE_MASK:
+        return -1
     i = tx_find(m, k0, k1)
     if i < m.cap:
         old[0] = <int64_t>(m.slots[i] & TX_VALUE_MASK)
