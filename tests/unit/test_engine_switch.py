@@ -187,3 +187,16 @@ def test_bad_records_are_counted_over_a_table_whose_counters_are_a_snapshot() ->
     assert table.receive_records(b"\x00" * 128, 1.0) == 128
     assert table.counters["response_decode_errors"] == 2
     assert table.counters["response_decode_errors"] == 2  # not added twice
+
+
+def test_the_worker_reads_the_pumps_statuses_by_their_values() -> None:
+    """worker.py names the compiled pump's statuses without importing the compiled module
+    (it must load where nothing is built): the values must be the pump's."""
+    dataplane = pytest.importorskip("engine.dataplane.engine")
+    from engine.proc import worker
+
+    assert (worker.PUMP_ROUTES, worker.PUMP_SEND_ERROR) == (
+        dataplane.PUMP_ROUTES,
+        dataplane.PUMP_SEND_ERROR,
+    )
+    assert 0 not in (worker.PUMP_ROUTES, worker.PUMP_SEND_ERROR)  # 0 is PUMP_DONE
