@@ -886,7 +886,11 @@ def tree_memory_bytes(pid: int | None = None) -> int:
 
 
 def _descendants(pid: int) -> list[int]:
-    """Every descendant of ``pid`` (/proc/PID/task/TID/children of each of its threads)."""
+    """Every descendant of ``pid``: /proc/PID/task/TID/children of each of its threads, or,
+    on a kernel built without those files (CONFIG_PROC_CHILDREN), each process's parent read
+    from /proc/*/stat."""
+    if not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"):
+        return _descendants_by_stat(pid)
     found: list[int] = []
     todo = [pid]
     while todo:
@@ -903,6 +907,27 @@ def _descendants(pid: int) -> list[int]:
                 continue
             found.extend(kids)
             todo.extend(kids)
+    return found
+
+
+def _descendants_by_stat(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+            ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])  # after "(comm)": state ppid
+        except (OSError, ValueError, IndexError):
+            continue  # it exited meanwhile
+        children.setdefault(ppid, []).append(int(name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found.extend(kids)
+        todo.extend(kids)
     return found
 
 
