@@ -749,6 +749,10 @@ def finish_result(result: dict[str, Any], rep: Replicator, out_file: Path) -> No
         summary = tbm.read_summary(out_file)
         result["drops"] = ours_drops(summary)
         result["tcpcopy_counters"] = ours_counters(summary)
+        # intercept-mp's NFQUEUE drops: target responses lost before they were read
+        ic = tbm.read_summary(out_file.parent / f"intercept-b{result['run']:02d}.json")
+        if ic and ic.get("queue_dropped"):
+            result["drops"]["intercept_queue"] = int(ic["queue_dropped"])
     else:
         parsed = cref.parse_log(out_file)
         result["drops"] = dict(sorted(parsed["warnings"].items(), key=lambda kv: -kv[1]))
@@ -1369,7 +1373,8 @@ def markdown(report: dict[str, Any]) -> str:
         "span of the target's access-log timestamps (offline). \"vs C\": that rate over C's; "
         "\"CPU vs C\": the replicator's CPU per 1,000 replicated requests over C's. RSS sums "
         "every process of the replicator (shared pages once per process), PSS splits shared "
-        "pages. Drops: tcpcopy-mp's `--summary-json` (drop reasons, `ring_full`); C: its log's "
+        "pages. Drops: tcpcopy-mp's `--summary-json` (drop reasons, `ring_full`) and "
+        "intercept-mp's (`intercept_queue`: responses the target's NFQUEUE dropped); C: its log's "
         "warning lines by message.",
     ]
     comp = report.get("comparison") or {}

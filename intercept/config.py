@@ -166,11 +166,16 @@ class InterceptOptions:
         long="--queue-maxlen",
         parse=Converter(_int_in(0, 2**31 - 1, "queue length"), "integer ≥ 0", "int"),
         metavar="N",
-        help="NFQUEUE max length (<= 1024 keeps the kernel default)",
+        help="NFQUEUE max length (8192; <= 1024: the kernel's 1024, as C)",
         section=_NFQ,
-        shown_default="kernel default",
+        shown_default=8192,
     )
-    """-q: NFQUEUE maximum length; <= 1024 keeps the kernel's default."""
+    """-q: NFQUEUE maximum length in packets.  Without it 8192, not the kernel's 1024: the
+    replayed packets come in batches and the target answers each batch at once, so a short
+    pause of intercept-mp would overflow 1024 and lose responses (each stalls its session
+    until a retransmission).  A value <= 1024 gives the kernel's default, 1024, as C does
+    (it ignores such values).  Queued packets hold their buffers in the kernel until the
+    verdict: about 20 MB when 8192 are waiting."""
     queue_num: int = option(
         0,
         long="--queue-num",

@@ -22,9 +22,14 @@ is a few struct unpacks instead of a library Packet object and a verdict syscall
   the one given (the kernel's nfqnl_recv_verdict_batch), so a read batch costs one verdict
   message per run of equal verdicts: one DROP for a batch of responses, plus one ACCEPT per
   run of pass-list packets.  Verdicts go out before the records are routed, as before.
-``-q``: C ignores values <= 1024 (the kernel default); we keep that, so a C command line
-behaves the same (spec §2.1).  The rule helpers below print the exact rule a user needs and
-add/remove it for ``--install-rule``, tagged with a comment so we only ever delete ours.
+``-q``: without it the queue holds QUEUE_MAXLEN packets, not the kernel's 1024: tcpcopy-mp
+sends a batch of packets in one sendmmsg, the target answers all of them at once, and a queue
+of 1024 overflows whenever intercept-mp is off the CPU for ~10 ms at 100,000 responses/s; each
+response lost there (a SYN-ACK mostly) stalls its session until a retransmission, 1 s later.
+C ignores -q values <= 1024 (the kernel default); so do we: such a value gives the kernel's
+1024, and a C command line behaves as it does with C (spec §2.1).  The rule helpers below print
+the exact rule a user needs and add/remove it for ``--install-rule``, tagged with a comment so
+we only ever delete ours.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from intercept.errors import RuleError
 
 __all__ = [
     "COPY_RANGE_BYTES",
+    "QUEUE_MAXLEN",
     "QUEUE_MAXLEN_DEFAULT",
     "RULE_COMMENT",
     "NfqueueSource",
@@ -59,6 +65,10 @@ log = logging.getLogger("intercept.sources.nfqueue")
 #: response that carries IP options; 120 = REP_RCV_BUF_SIZE - 14 never does).
 COPY_RANGE_BYTES = 120
 QUEUE_MAXLEN_DEFAULT = 1024  # the kernel's default; C ignores -q values <= this (spec §2.1)
+QUEUE_MAXLEN = 8192
+"""The queue's length without -q.  A queued packet holds its buffer in the target's kernel until
+the verdict (one MTU-sized segment at most: the queue does not take GSO packets whole), so a
+full queue is about 20 MB there, and only while intercept-mp is behind."""
 #: Netlink receive buffer (C asks for 16 MiB; needs root for SO_RCVBUFFORCE, as we are).
 SOCK_RCVBUF_BYTES = 16 * 1024 * 1024
 BATCH_MAX_PACKETS = 256
@@ -173,11 +183,12 @@ class NfqueueSource:
         self.counters = counters  # the server's counters, which these sources add to
         self.queue_num = queue_num
         self.pass_ips = frozenset(ip.to_bytes(4, "big") for ip in pass_ips)
-        maxlen = QUEUE_MAXLEN_DEFAULT
+        maxlen = QUEUE_MAXLEN
         if queue_maxlen is not None and queue_maxlen > QUEUE_MAXLEN_DEFAULT:
             maxlen = queue_maxlen
         elif queue_maxlen is not None:
-            log.info("-q %d <= %d: kernel default queue length kept", queue_maxlen, maxlen)
+            maxlen = QUEUE_MAXLEN_DEFAULT
+            log.info("-q %d <= %d: the kernel's default queue length", queue_maxlen, maxlen)
         self.queue_maxlen = maxlen
         self._kernel_dropped_base: int | None = None
         self._nfq = NetfilterQueue()

@@ -312,6 +312,77 @@ def test_nfqueue_routes_drops_and_flushes_delayed(pair: Pair) -> None:
     assert "intercept-mp" not in rules, "the NFQUEUE rules were not removed at exit"
 
 
+BURST = 3000
+"""Responses the target sends while intercept-mp is stopped: more than the kernel's queue
+length (1024), fewer than intercept-mp's own (8192)."""
+
+
+def send_syns(ns: str, dst: str, dport: int, count: int) -> None:
+    """``count`` raw SYNs from distinct fake clients, from one socket."""
+    pkts = [
+        build(TcpPacket(src=ip_from_str(f"198.19.{2 + i // 250}.{1 + i % 250}"),
+                        dst=ip_from_str(dst), sport=41000 + i % 1000, dport=dport, seq=i,
+                        flags=SYN, window=64240, options=build_options(mss=1460)))
+        for i in range(count)
+    ]  # fmt: skip
+
+    def send() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as s:
+            for pkt in pkts:
+                s.sendto(pkt, (dst, 0))
+
+    in_netns(ns, send)
+
+
+@pytest.mark.parametrize(
+    ("queue_args", "held"), [([], BURST), (["-q", "1024"], 1024)], ids=["default", "q1024"]
+)
+def test_nfqueue_holds_a_burst_while_intercept_is_stopped(
+    pair: Pair, queue_args: list[str], held: int
+) -> None:
+    """The target answers a burst while intercept-mp is off the CPU (here: stopped): the
+    queue keeps every response by default; with -q <= 1024 (C's meaning: the kernel's
+    default) it keeps 1024 and the kernel drops the rest, counted as queue_dropped."""
+    # SYN-ACKs, one per SYN (RSTs would not do: the kernel sends them from one socket whose
+    # send buffer the queued ones fill); none sent again, so the count is exact.
+    sh("ip", "netns", "exec", pair.target, "sysctl", "-qw", "net.ipv4.tcp_synack_retries=0")
+    pair.start_http()
+    proc, log, summary = start_intercept(
+        pair, pair.target,
+        ["--queue-num", "0", "--install-rule", str(HTTP_PORT), "-b", TARGET_IP, *queue_args],
+    )  # fmt: skip
+
+    def queue() -> tuple[int, int]:
+        """(waiting, dropped) of NFQUEUE 0 in the target."""
+        out = sh("ip", "netns", "exec", pair.target, "cat",
+                 "/proc/net/netfilter/nfnetlink_queue").stdout  # fmt: skip
+        for line in out.splitlines():
+            cols = line.split()
+            if cols and cols[0] == "0":
+                return int(cols[2]), int(cols[5]) + int(cols[6])
+        return 0, 0
+
+    _, dropped0 = queue()
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        send_syns(pair.peer, TARGET_IP, HTTP_PORT, BURST)
+        try:
+            wait_until(lambda: sum(queue()) - dropped0 == BURST, READY_S)
+        except TimeoutError:
+            raise AssertionError(f"(waiting, dropped) {queue()}, before {dropped0}") from None
+        waiting, dropped = queue()
+        assert (waiting, dropped - dropped0) == (held, BURST - held)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+    wait_until(lambda: queue()[0] == 0, READY_S, what="intercept-mp's verdicts")
+    assert pair.leaked_to_peer() == 0
+    values = stop_and_summary(proc, log, summary)
+    assert values["packets_captured"] == held
+    assert values["queue_dropped"] == BURST - held
+    if queue_args:
+        assert "-q 1024 <= 1024: the kernel's default queue length" in read(log)
+
+
 def test_old_client_is_disconnected_and_version_mismatch_warned(pair: Pair) -> None:
     proc, log, summary = start_intercept(pair, pair.target, ["--queue-num", "3", "-b", TARGET_IP])
     sock = netns_socket(pair.peer)
