@@ -577,6 +577,8 @@ def ours_drops(summary: dict | None) -> dict[str, int]:
     }
     if summary.get("ring_dropped"):
         out["ring_full"] = int(summary["ring_dropped"])
+    if summary.get("capture_kernel_dropped"):  # the kernel's packet ring was full
+        out["kernel_ring_full"] = int(summary["capture_kernel_dropped"])
     for key in ("sessions_lost", "sessions refused"):
         if summary.get(key):
             out[key.replace(" ", "_")] = int(summary[key])
@@ -1373,7 +1375,8 @@ def markdown(report: dict[str, Any]) -> str:
         "span of the target's access-log timestamps (offline). \"vs C\": that rate over C's; "
         "\"CPU vs C\": the replicator's CPU per 1,000 replicated requests over C's. RSS sums "
         "every process of the replicator (shared pages once per process), PSS splits shared "
-        "pages. Drops: tcpcopy-mp's `--summary-json` (drop reasons, `ring_full`) and "
+        "pages. Drops: tcpcopy-mp's `--summary-json` (drop reasons, `ring_full`, "
+        "`kernel_ring_full`: the capture's packet ring) and "
         "intercept-mp's (`intercept_queue`: responses the target's NFQUEUE dropped); C: its log's "
         "warning lines by message.",
     ]
