@@ -47,7 +47,8 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -270,10 +271,43 @@ def cleanup_stale_namespaces() -> list[str]:
     return removed
 
 
+_scratch_seq = itertools.count(900)
+
+
+@contextmanager
+def scratch_netns(*commands: Sequence[str]) -> Iterator[str]:
+    """A network namespace of its own for one test (named like the testbed's, so a crashed
+    run's is found by cleanup_stale_namespaces): made, set up by running each of ``commands``
+    inside it, and deleted on the way out, also when the set-up fails.  Yields its name."""
+    name = f"tc{os.getpid()}-{next(_scratch_seq)}-sw"
+    _sh(["ip", "netns", "add", name])
+    try:
+        for cmd in commands:
+            _sh(["ip", "netns", "exec", name, *cmd])
+        yield name
+    finally:
+        delete_netns(name)
+
+
+def raw_tcp_receiver(ns: str, timeout: float = 2.0) -> socket.socket:
+    """A raw IPPROTO_TCP socket in ``ns`` that sees every TCP packet arriving there, with a
+    16 MiB receive buffer (forced: a burst of sends must not overflow it) and ``timeout``."""
+
+    def make() -> socket.socket:
+        rx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+        rx.setsockopt(socket.SOL_SOCKET, _SO_RCVBUFFORCE, 16 * 1024 * 1024)
+        rx.settimeout(timeout)
+        return rx
+
+    result: socket.socket = in_netns(ns, make)
+    return result
+
+
 # ---------------------------------------------------------------------------------------------
 # doing things inside a namespace from this process (a thread that setns()es, then exits)
 
 _CLONE_NEWNET = 0x40000000
+_SO_RCVBUFFORCE = 33  # asm-generic/socket.h
 _libc = ctypes.CDLL(None, use_errno=True)
 
 

@@ -10,10 +10,8 @@ than the device's MTU.
 
 from __future__ import annotations
 
-import itertools
 import os
 import socket
-import subprocess
 
 import pytest
 
@@ -33,24 +31,17 @@ UNKNOWN = "198.18.0.77"
 PEER_MAC = "02:00:00:00:0a:02"
 SRC_MAC = "02:00:00:00:0a:01"
 MTU = 1000
-_seq = itertools.count()
 
 
 @pytest.fixture
 def ns():
-    name = f"tc{os.getpid()}-{950 + next(_seq)}-sw"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        for cmd in (
-            ["ip", "link", "add", "lk0", "type", "veth", "peer", "name", "lk1"],
-            ["ip", "link", "set", "lk0", "address", SRC_MAC, "mtu", str(MTU), "up"],
-            ["ip", "link", "set", "lk1", "address", PEER_MAC, "mtu", str(MTU), "up"],
-            ["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"],
-        ):
-            subprocess.run(["ip", "netns", "exec", name, *cmd], check=True)
+    with tbm.scratch_netns(
+        ["ip", "link", "add", "lk0", "type", "veth", "peer", "name", "lk1"],
+        ["ip", "link", "set", "lk0", "address", SRC_MAC, "mtu", str(MTU), "up"],
+        ["ip", "link", "set", "lk1", "address", PEER_MAC, "mtu", str(MTU), "up"],
+        ["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"],
+    ) as name:
         yield name
-    finally:
-        tbm.delete_netns(name)
 
 
 def _pkt(sport: int, dst: str = TARGET, payload: bytes = b"x") -> bytes:

@@ -9,10 +9,8 @@ same counters as the per-packet ``send``.
 
 from __future__ import annotations
 
-import itertools
 import os
 import socket
-import subprocess
 
 import pytest
 
@@ -29,22 +27,14 @@ pytestmark = [
 
 LOCAL = "198.18.0.1"
 NOROUTE = "198.18.9.9"
-_seq = itertools.count()
 
 
 @pytest.fixture
 def ns():
-    name = f"tc{os.getpid()}-{900 + next(_seq)}-sw"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        for cmd in (
-            ["ip", "link", "set", "lo", "up"],
-            ["ip", "addr", "add", f"{LOCAL}/32", "dev", "lo"],
-        ):
-            subprocess.run(["ip", "netns", "exec", name, *cmd], check=True)
+    with tbm.scratch_netns(
+        ["ip", "link", "set", "lo", "up"], ["ip", "addr", "add", f"{LOCAL}/32", "dev", "lo"]
+    ) as name:
         yield name
-    finally:
-        tbm.delete_netns(name)
 
 
 def _pkt(dst: str, sport: int, payload: bytes = b"x") -> bytes:
@@ -64,13 +54,7 @@ def _pkt(dst: str, sport: int, payload: bytes = b"x") -> bytes:
 
 
 def _open(ns: str, path: str | None) -> tuple[send.RawSender, socket.socket]:
-    def make():
-        rx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
-        rx.setsockopt(socket.SOL_SOCKET, send._SO_RCVBUFFORCE, 16 * 1024 * 1024)
-        rx.settimeout(2.0)
-        return send.RawSender(batch_path=path), rx
-
-    return tbm.in_netns(ns, make)
+    return tbm.in_netns(ns, lambda: send.RawSender(batch_path=path)), tbm.raw_tcp_receiver(ns)
 
 
 def _received_sports(rx: socket.socket, n: int) -> list[int]:
