@@ -468,6 +468,9 @@ before the kernel drops: at low rates each block carries one timeout's worth of 
 the ring holds blocks x TPACKET_RETIRE_MS (128 x 8 ms = 1 s with the default -B 16); a
 2 ms timeout lost packets on this shared 2-CPU machine under load (0.5 s)."""
 TPACKET_BLOCKS_PER_READ = 8
+TPACKET_ENV = "TCPCOPY_MP_TPACKET"
+"""Set to 0: the live capture reads packet by packet (recv), as where the kernel has no
+TPACKET_V3 ring (tests of that path, comparisons)."""
 """Blocks read per read_frames call before the loop looks at its timers again."""
 _TPACKET_REQ3 = struct.Struct("7I")
 _TPACKET_STATS_V3 = struct.Struct("3I")
@@ -906,16 +909,21 @@ def open_live_source(
     host_only: bool = False,
 ) -> _LiveSource:
     """The live capture source: TPACKET_V3 when the kernel offers it, else (logged once)
-    the recv path (PacketSource, or RawTcpSource for ``host_only``)."""
+    the recv path (PacketSource, or RawTcpSource for ``host_only``).  TPACKET_ENV=0 in the
+    environment selects the recv path where the ring would work (tests, comparisons)."""
     global _fallback_logged
-    try:
-        return TPacketSource(device, prefilter, buffer_bytes, bpf_ports, host_only=host_only)
-    except OSError as exc:
-        if exc.errno == errno.ENODEV:
-            raise
-        if not _fallback_logged:
-            _fallback_logged = True
-            log.warning("capture: no TPACKET_V3 ring (%s); reading packet by packet", exc)
+    if os.environ.get(TPACKET_ENV) == "0":
+        reason: object = f"{TPACKET_ENV}=0"
+    else:
+        try:
+            return TPacketSource(device, prefilter, buffer_bytes, bpf_ports, host_only=host_only)
+        except OSError as exc:
+            if exc.errno == errno.ENODEV:
+                raise
+            reason = exc
+    if not _fallback_logged:
+        _fallback_logged = True
+        log.warning("capture: no TPACKET_V3 ring (%s); reading packet by packet", reason)
     if host_only:
         return RawTcpSource(prefilter, buffer_bytes)
     return PacketSource(device, prefilter, buffer_bytes, bpf_ports)

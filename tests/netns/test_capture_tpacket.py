@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from engine.io.capture import TPACKET_ENV
 from testbed import netns as tbm
 from tests.netns.conftest import SKIP_NO_NETNS
 from tests.netns.test_faults import RING_PACKETS, workers_of
@@ -63,26 +64,36 @@ def children_named(pid: int, name: str) -> list[int]:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("capture", ["default", "packet"])
+@pytest.mark.parametrize("capture", ["default", "packet", "default-recv", "packet-recv"])
 def test_tpacket_capture_replicates_exactly(
-    testbed: tbm.Testbed, tmp_path: Path, capture: str
+    testbed: tbm.Testbed, tmp_path: Path, capture: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Each live capture replicates the standard load exactly: the TPACKET_V3 ring, and the
+    recv path a kernel without that ring gets (selected here by TCPCOPY_MP_TPACKET=0), both
+    through the same rings of records to the compiled workers."""
     testbed.tcpcopy_workers = 2
     args = list(ARGS)
-    if capture == "packet":
+    if capture.startswith("packet"):
         args += ["--capture", "packet", "-i", tbm.ONLINE_CLIENT_IFACE]
+    ring = not capture.endswith("-recv")
+    if not ring:
+        monkeypatch.setenv(TPACKET_ENV, "0")  # the child processes inherit it
     _, tcpcopy = tbm.start_pair(testbed, tmp_path, args)
     run_standard_load(testbed)
     seen = wait_counts(testbed, {"/ka/": KEEPALIVE_REQUESTS, "/sc/": SHORT_CONNECTIONS})
     # The kernel ring is mapped by the capture process only, not by the supervisor.
     assert packet_ring_mappings(tcpcopy.pid) == 0
     (capture_pid,) = children_named(tcpcopy.pid, "tcmp-capture")
-    assert packet_ring_mappings(capture_pid) == 1
+    assert packet_ring_mappings(capture_pid) == int(ring)
     summary = tbm.stop_tcpcopy(testbed, tcpcopy, tmp_path)
     assert seen == {"/ka/": KEEPALIVE_REQUESTS, "/sc/": SHORT_CONNECTIONS}, tbm.diag(testbed)
     assert_exact(testbed, "/ka/", KEEPALIVE_REQUESTS)
     assert_exact(testbed, "/sc/", SHORT_CONNECTIONS)
-    assert summary["capture_blocks"] > 0, summary  # the mmap ring, not the recv fallback
+    if ring:
+        assert summary["capture_blocks"] > 0, summary  # the mmap ring, not the recv path
+    else:
+        assert summary["capture_blocks"] == 0, summary
+        assert "no TPACKET_V3 ring (TCPCOPY_MP_TPACKET=0)" in tcpcopy.output()
     assert summary["capture_kernel_dropped"] == 0, summary
     assert summary["ring_dropped"] == 0 and summary["drop_shed"] == 0, summary
     assert testbed.client_leak_packets() == 0
