@@ -651,22 +651,24 @@ class ReplayConfig:
     resolved once, at start.  Example: `not src net 10.1.0.0/16` leaves that subnet's
     clients out of the copy."""
     capture_buffer_bytes: int = option(
-        16 * 1024 * 1024,
+        8 * 1024 * 1024,
         short="-B",
         long="--buffer",
         parse=Int(1, 4096),
         unit="MB",
         metavar="MB",
-        help="capture buffer in MB (16)",
+        help="capture buffer in MB (8)",
         section=_CAPT,
-        shown_default=16,
+        shown_default=8,
     )
     """-B (MB in the flag): the capture's kernel buffer: the TPACKET_V3 ring (blocks of
     128 KiB; mapped in the capture process only, so its pages are in that process's memory),
     or SO_RCVBUF of the socket it falls back to.  It holds what arrives while the capture
-    process is off the CPU: 16 MB (C TCPCopy's default) is 128 blocks, at least 1 s of
-    packets at low rates (a block is handed over 8 ms after its first packet) and about
-    80,000 packets of 100 bytes (a frame takes about 200 bytes of the ring) at high ones."""
+    process is off the CPU: 8 MB is 64 blocks, at least 1 s of packets at low rates (a
+    block is handed over 16 ms after its first packet) and about 40,000 packets of 100
+    bytes (a frame takes about 200 bytes of the ring) at high ones.  C's -B (16 MB) sizes
+    the buffer of its pcap build; its default build reads a raw socket whose buffer the
+    kernel caps at net.core.rmem_max (about 0.4 MB of packets by default)."""
     ring_bytes: int | None = option(
         None,
         long="--ring-size",
