@@ -17,13 +17,13 @@ cdef extern from *:
        reach 112 bits, and the result reads bits up to 65 of their xor: 128-bit arithmetic. */
     static inline uint64_t th_slot_of(uint32_t cip, uint16_t port, uint32_t tip, uint16_t tport,
                                       uint64_t mask) {
-        unsigned __int128 a = (unsigned __int128)(((uint64_t)cip << 16) | port)
+        unsigned __int128 a = (unsigned __int128)((uint64_t)cip << 16)
             * (unsigned __int128)0x9E3779B97F4A7C15ULL;
         unsigned __int128 b = (unsigned __int128)(((uint64_t)tip << 16) | tport)
             * (unsigned __int128)0xC2B2AE3D27D4EB4FULL;
         unsigned __int128 h = a ^ b;
         h ^= h >> 31;
-        return (uint64_t)((h ^ (h >> 17)) & mask);
+        return ((uint64_t)(h ^ (h >> 17)) + port) & mask;
     }
     """
     uint64_t th_slot_of(uint32_t cip, uint16_t port, uint32_t tip, uint16_t tport,

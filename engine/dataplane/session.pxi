@@ -13,7 +13,7 @@
 # A None of the Python code is NaN for a time (tset() tests it) and a has_* flag otherwise.
 
 cimport cython
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, free, realloc
 from libc.string cimport memcpy, memset, memmove
 from libc.math cimport NAN, fabs
@@ -181,6 +181,7 @@ ctypedef struct ESession:
     int64_t reconnects
     int64_t rcv_data
     int64_t rcv_unacked
+    int64_t tb_held             # the table's: sess_held_bytes when it last looked
     uint32_t client_ip
     uint32_t target_ip
     uint32_t base
@@ -2256,12 +2257,8 @@ cdef enum:
     LB_RCV_DATA = 512           # rcv_data != 0
 
 
-ctypedef struct ELinger:        # 88 bytes, one malloc chunk of 96
+ctypedef struct ELinger:        # 64 bytes: one slot of the table's slab (table.pxi TSlab)
     double linger_at
-    int64_t snd_nxt
-    int64_t snd_una
-    int64_t cap_end
-    int64_t reconnects
     uint32_t client_ip
     uint32_t target_ip
     uint32_t base
@@ -2270,52 +2267,44 @@ ctypedef struct ELinger:        # 88 bytes, one malloc chunk of 96
     uint32_t rcv_nxt
     uint32_t ts_val
     uint32_t ts_recent
+    int32_t snd_nxt             # the session's int64 offsets; one that does not fit
+    int32_t snd_una             # keeps the session unfrozen (sess_freezable)
+    int32_t cap_end
     uint16_t client_port
     uint16_t target_port
     uint16_t ip_id
-    int8_t state
+    int16_t reconnects
     int8_t outcome
+    uint8_t state
     uint16_t bits
 
 
-cdef inline ELinger* lr_alloc() noexcept nogil:
-    """A record, counted with the engine's blocks (no size header: a chunk of its own)."""
-    global dp_live_blocks, dp_live_bytes
-    cdef ELinger* r = <ELinger*>malloc(sizeof(ELinger))
-    if r != NULL:
-        dp_live_blocks += 1
-        dp_live_bytes += sizeof(ELinger)
-    return r
+cdef inline bint lr_fits32(int64_t v) noexcept nogil:
+    return -2147483648 <= v <= 2147483647
 
 
-cdef inline void lr_free(ELinger* r) noexcept nogil:
-    global dp_live_blocks, dp_live_bytes
-    if r == NULL:
-        return
-    dp_live_blocks -= 1
-    dp_live_bytes -= sizeof(ELinger)
-    free(r)
-
-
-cdef ELinger* sess_freeze(ESession* s) noexcept nogil:
-    """The record of a lingering session with nothing queued (the conditions of sess_linger,
-    and no ACK owed); NULL when it cannot be frozen (or no memory): the session stays."""
-    cdef ELinger* r
-    cdef uint16_t bits = 0
+cdef bint sess_freezable(ESession* s) noexcept nogil:
+    """A lingering session with nothing queued (the conditions of sess_linger, and no ACK
+    owed) whose numbers fit a record's fields."""
     if (s.state != ST_LINGER or s.error or s.ctl_n or s.ev_n or s.ack_due
-            or s.outcome < -128 or s.outcome > 127):
-        return NULL
+            or s.outcome < -128 or s.outcome > 127 or s.reconnects < 0
+            or s.reconnects > 32767 or not lr_fits32(s.snd_nxt) or not lr_fits32(s.snd_una)
+            or not lr_fits32(s.cap_end)):
+        return False
     if not s.lingering and (s.pend_head != NULL or s.unacked_head != NULL or sess_unsend(s)
                             or s.pend_held or tset(s.gap_at)):
-        return NULL
-    r = lr_alloc()
-    if r == NULL:
-        return NULL
+        return False
+    return True
+
+
+cdef void sess_freeze(ESession* s, ELinger* r) noexcept nogil:
+    """The record of a session sess_freezable says can be frozen, written to *r."""
+    cdef uint16_t bits = 0
     r.linger_at = s.linger_at
-    r.snd_nxt = s.snd_nxt
-    r.snd_una = s.snd_una
-    r.cap_end = s.cap_end
-    r.reconnects = s.reconnects
+    r.snd_nxt = <int32_t>s.snd_nxt
+    r.snd_una = <int32_t>s.snd_una
+    r.cap_end = <int32_t>s.cap_end
+    r.reconnects = <int16_t>s.reconnects
     r.client_ip = s.client_ip
     r.target_ip = s.target_ip
     r.base = s.base
@@ -2327,7 +2316,7 @@ cdef ELinger* sess_freeze(ESession* s) noexcept nogil:
     r.client_port = s.client_port
     r.target_port = s.target_port
     r.ip_id = s.ip_id
-    r.state = <int8_t>s.state
+    r.state = <uint8_t>s.state
     r.outcome = <int8_t>s.outcome
     if s.has_base:
         bits |= LB_HAS_BASE
@@ -2350,7 +2339,6 @@ cdef ELinger* sess_freeze(ESession* s) noexcept nogil:
     if s.rcv_data:
         bits |= LB_RCV_DATA
     r.bits = bits
-    return r
 
 
 cdef ESession* sess_thaw(const ELinger* r, const ECfg* cfg, uint64_t* counters) noexcept nogil:

@@ -22,6 +22,8 @@
 # only, no Python object, no Python call.
 
 from libc.math cimport NAN
+from libc.stdint cimport uintptr_t
+from posix.stdlib cimport posix_memalign
 from engine.dataplane.packet cimport (
     dp_parse_ipv4_tcp, DP_OK, dp_ring_step, dp_ring_is_wrap, DP_RING_HEADER_BYTES, DP_RING_ALIGN,
     DP_RING_LOSS_BEFORE,
@@ -108,20 +110,160 @@ cdef int wr_decode_record(const uint8_t* rec, size_t n, dp_packet* p) noexcept n
     return 0
 
 
+# The slab: the table's entries and lingering records, 64 bytes each, in chunks of
+# SB_CHUNK_BYTES aligned to their size (an object's chunk is its address with the low bits
+# cleared), the first slot of each its header; no malloc chunk header per object.  A chunk
+# hands out its never-used slots in order, then what was freed (a list through the slots);
+# chunks with a free slot are on a list, and a chunk all free goes back to malloc (one is
+# kept).  Built with AddressSanitizer every object is a malloc of its own (reads past one or
+# of a freed one must reach the sanitizer).
+
+cdef extern from *:
+    """
+    #if defined(__SANITIZE_ADDRESS__)
+    #define SB_PLAIN 1
+    #else
+    #define SB_PLAIN 0
+    #endif
+    """
+    const int SB_PLAIN
+
+
+cdef enum:
+    SB_OBJ = 64
+    SB_CHUNK_BYTES = 65536
+    SB_PER_CHUNK = SB_CHUNK_BYTES // SB_OBJ - 1
+
+
+cdef struct SbChunk:            # the chunk's slot 0
+    void* free_head             # freed slots (each slot's first word: the next)
+    SbChunk* prev               # the list of chunks with a free slot
+    SbChunk* next
+    uint32_t used               # slots handed out
+    uint32_t fresh              # slots 1..fresh handed out at least once
+    uint8_t listed
+
+
+ctypedef struct TSlab:
+    SbChunk* partial
+    SbChunk* spare              # an empty chunk kept
+    size_t chunks
+
+
+cdef inline void sb_unlist(TSlab* b, SbChunk* c) noexcept nogil:
+    if c.prev != NULL:
+        c.prev.next = c.next
+    else:
+        b.partial = c.next
+    if c.next != NULL:
+        c.next.prev = c.prev
+    c.prev = c.next = NULL
+    c.listed = 0
+
+
+cdef inline void sb_list(TSlab* b, SbChunk* c) noexcept nogil:
+    c.prev = NULL
+    c.next = b.partial
+    if b.partial != NULL:
+        b.partial.prev = c
+    b.partial = c
+    c.listed = 1
+
+
+cdef void* sb_alloc(TSlab* b) noexcept nogil:
+    """A zeroed 64-byte object; NULL: no memory."""
+    cdef SbChunk* c = b.partial
+    cdef void* o
+    cdef void* mem
+    if SB_PLAIN:
+        return calloc(1, SB_OBJ)
+    if c == NULL:
+        c = b.spare
+        b.spare = NULL
+        if c == NULL:
+            if posix_memalign(&mem, SB_CHUNK_BYTES, SB_CHUNK_BYTES) != 0:
+                return NULL
+            c = <SbChunk*>mem
+            memset(c, 0, sizeof(SbChunk))
+            b.chunks += 1
+        sb_list(b, c)
+    if c.free_head != NULL:
+        o = c.free_head
+        c.free_head = (<void**>o)[0]
+    else:
+        c.fresh += 1
+        o = <char*>c + <size_t>c.fresh * SB_OBJ
+    c.used += 1
+    if c.used == SB_PER_CHUNK:
+        sb_unlist(b, c)
+    memset(o, 0, SB_OBJ)
+    return o
+
+
+cdef void sb_free(TSlab* b, void* o) noexcept nogil:
+    cdef SbChunk* c
+    if o == NULL:
+        return
+    if SB_PLAIN:
+        free(o)
+        return
+    c = <SbChunk*>(<uintptr_t>o & ~(<uintptr_t>(SB_CHUNK_BYTES - 1)))
+    (<void**>o)[0] = c.free_head
+    c.free_head = o
+    c.used -= 1
+    if not c.listed:
+        sb_list(b, c)
+    if c.used == 0:
+        sb_unlist(b, c)
+        c.free_head = NULL
+        c.fresh = 0
+        if b.spare == NULL:
+            b.spare = c
+        else:
+            free(c)
+            b.chunks -= 1
+
+
+cdef void sb_release(TSlab* b) noexcept nogil:
+    """The spare chunk back to malloc (the others go as their last object is freed)."""
+    if b.spare != NULL:
+        free(b.spare)
+        b.spare = NULL
+        b.chunks -= 1
+
+
+cdef inline ELinger* lr_alloc(TSlab* b) noexcept nogil:
+    """A record, counted with the engine's blocks."""
+    global dp_live_blocks, dp_live_bytes
+    cdef ELinger* r = <ELinger*>sb_alloc(b)
+    if r != NULL:
+        dp_live_blocks += 1
+        dp_live_bytes += sizeof(ELinger)
+    return r
+
+
+cdef inline void lr_free(TSlab* b, ELinger* r) noexcept nogil:
+    global dp_live_blocks, dp_live_bytes
+    if r == NULL:
+        return
+    dp_live_blocks -= 1
+    dp_live_bytes -= sizeof(ELinger)
+    sb_free(b, r)
+
+
 cdef struct TFlow
 
 
-cdef struct TEntry:             # 72 bytes: a malloc chunk of 80
+cdef struct TEntry:             # 64 bytes: a slot of the slab
     ESession* s                 # frozen: an ELinger* (tb_lr), the session kept as a record
     TFlow* flow
     TEntry* prev                # the response map's order
     TEntry* next
     uint64_t fk0                # the flow key (hm_key4 of the original 4-tuple)
     double sched                # NaN: None
-    int64_t held
     uint32_t fk1
     uint32_t heap_refs          # heap items that point here
-    int32_t unsend
+    int32_t unsend              # (and s.tb_held: sess_held_bytes when the table last looked)
     uint8_t touched
     uint8_t gone
     uint8_t frozen
@@ -140,6 +282,11 @@ cdef inline void tb_unmap(int64_t a) noexcept nogil:
         (<TFlow*><intptr_t>a).in_map = 0
 
 
+if sizeof(TEntry) > SB_OBJ or sizeof(ELinger) > SB_OBJ:
+    raise ImportError(f"an entry ({sizeof(TEntry)} bytes) or a lingering record "
+                      f"({sizeof(ELinger)}) does not fit a slab slot of {SB_OBJ}")
+
+
 cdef inline ELinger* tb_lr(const TEntry* e) noexcept nogil:
     return <ELinger*>e.s
 
@@ -148,9 +295,9 @@ cdef inline int tb_state(const TEntry* e) noexcept nogil:
     return (<ELinger*>e.s).state if e.frozen else e.s.state
 
 
-cdef inline void tb_free_session(TEntry* e) noexcept nogil:
+cdef inline void tb_free_session(TSlab* b, TEntry* e) noexcept nogil:
     if e.frozen:
-        lr_free(<ELinger*>e.s)
+        lr_free(b, <ELinger*>e.s)
         e.frozen = 0
     else:
         sess_free(e.s)
@@ -417,6 +564,7 @@ cdef class Table:
     cdef object _counter_row
     cdef TAlloc alloc
     cdef bint alloc_ready
+    cdef TSlab slab                      # the entries and the lingering records
     cdef RwTransfer* transfers
     cdef int ntransfers
     cdef uint32_t* pool
@@ -479,6 +627,7 @@ cdef class Table:
         self.order_head = NULL
         self.order_tail = NULL
         self.alloc_ready = False
+        memset(&self.slab, 0, sizeof(TSlab))
 
     def __init__(self, config, tuple_history=None):
         cdef Py_ssize_t i
@@ -548,8 +697,8 @@ cdef class Table:
                 e = <TEntry*><intptr_t>seen.slots[i].k0
                 if e.flow != NULL:
                     hm_put(&flows, <uint64_t><intptr_t>e.flow, 0, &created)
-                tb_free_session(e)
-                free(e)
+                tb_free_session(&self.slab, e)
+                sb_free(&self.slab, e)
         for i in range(flows.cap):
             if flows.slots[i].used:
                 tb_flow_free(<TFlow*><intptr_t>flows.slots[i].k0)
@@ -563,6 +712,7 @@ cdef class Table:
         hm_free(&self.refused)
         free(self.transfers)
         free(self.pool)
+        sb_release(&self.slab)
         if self.alloc_ready:
             ta_free(&self.alloc)
         eout_free(&self.out)
@@ -600,7 +750,7 @@ cdef class Table:
         if s == NULL:
             self.oom = True
             return NULL
-        lr_free(tb_lr(e))
+        lr_free(&self.slab, tb_lr(e))
         e.s = s
         e.frozen = 0
         return s
@@ -609,8 +759,9 @@ cdef class Table:
         """A lingering session with nothing queued kept as its record (sess_freeze), or
         else cut to what lingering reads (sess_linger)."""
         cdef ESession* s = e.s
-        cdef ELinger* r = sess_freeze(s)
+        cdef ELinger* r = lr_alloc(&self.slab) if sess_freezable(s) else NULL
         if r != NULL:
+            sess_freeze(s, r)
             sess_free(s)
             e.s = <ESession*>r
             e.frozen = 1
@@ -634,7 +785,7 @@ cdef class Table:
 
     cdef void tb_maybe_free(self, TEntry* e) noexcept nogil:
         if e.gone and e.heap_refs == 0 and not e.touched:
-            free(e)
+            sb_free(&self.slab, e)
 
     cdef uint32_t tb_source(self, uint32_t src) noexcept nogil:
         """table._source: -H."""
@@ -708,14 +859,14 @@ cdef class Table:
             self.c[EC_DROP_NO_TUPLE] += 1
             return NULL
         s = sess_new(&self.ecfg, self.c, gip, gport, tip, tport, tb_ip4(p.dst), p.dport, now)
-        e = <TEntry*>calloc(1, sizeof(TEntry))
+        e = <TEntry*>sb_alloc(&self.slab)
         hm_key4(gip, gport, tip, tport, &k0, &k1)
         slot = NULL
         if s != NULL and e != NULL:
             slot = hm_get(&self.alloc.state, k0, k1)  # the allocator's: RW_LIVE, a = 0
         if slot == NULL:
             sess_free(s)
-            free(e)
+            sb_free(&self.slab, e)
             ta_release(&self.alloc, gip, gport, tip, tport, now, False, 0, False, 0)
             self.oom = True
             return NULL
@@ -1079,8 +1230,9 @@ cdef class Table:
         self.c[EC_TW] -= 1
         self.unsend_total -= e.unsend
         e.unsend = 0
-        self.held_total -= e.held
-        e.held = 0
+        if not e.frozen:
+            self.held_total -= s.tb_held
+            s.tb_held = 0
         if e.frozen:
             cip, cport, tip, tport = r.client_ip, r.client_port, r.target_ip, r.target_port
         else:
@@ -1127,7 +1279,7 @@ cdef class Table:
         if ta_release(&self.alloc, cip, cport, tip, tport, now, has_end, end_seq, has_ts,
                       ts_last) < 0:
             self.oom = True
-        tb_free_session(e)
+        tb_free_session(&self.slab, e)
         self.tb_maybe_free(e)
 
     cdef int tb_route(self, const EEvent* ev) noexcept nogil:
@@ -1188,9 +1340,9 @@ cdef class Table:
                 self.unsend_total += u - e.unsend
                 e.unsend = <int32_t>u
             h = <int64_t>sess_held_bytes(s)
-            if h != e.held:
-                self.held_total += h - e.held
-                e.held = h
+            if h != s.tb_held:
+                self.held_total += h - s.tb_held
+                s.tb_held = h
             if s.state == ST_FINISHED:
                 self.tb_remove(e, now)
             else:
@@ -1515,6 +1667,11 @@ cdef class Table:
         maps, the timer heap): what grows with a flood and shrinks after it."""
         return ((self.refused.cap + self.alloc.state.cap + self.alloc.groups.cap) * sizeof(hslot)
                 + self.flows.cap * sizeof(uint64_t) + self.heap_cap * sizeof(THeapItem))
+
+    @property
+    def slab_bytes(self):
+        """Bytes of the slab's chunks (the entries and the lingering records)."""
+        return self.slab.chunks * SB_CHUNK_BYTES
 
     @staticmethod
     def set_heap_slack(size_t slack):

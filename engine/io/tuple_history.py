@@ -25,6 +25,10 @@ was claimed), raises released[h] and, for a connection without timestamps, plain
 store is one aligned machine word written by the only live writer, so a SIGKILL between two
 stores leaves at worst one count that is too high: a false "busy", which costs one port skip.
 
+The slot of a tuple is a hash of its addresses and target port plus its client port, so the
+ports a worker cycles through towards one target lie side by side in each array: at a high
+connection rate they keep a few pages of the block resident, not every page of it.
+
 A new incarnation calls ``adopt(now, time_wait_s)``: every slot still counted live (tuples of
 the dead worker) becomes "released now", the counts restart from zero, and for the next
 ``time_wait_s`` the allocator asks ``busy(key, since)`` before it claims a tuple.  Hash
@@ -92,10 +96,13 @@ class TupleHistory:
         return int(_HEADER.unpack_from(self._buf, 0)[0])
 
     def _slot(self, key: Key) -> int:
+        # A hash of the addresses and the target port, plus the client port: the ports of one
+        # (client ip, target) sit side by side, so the few thousand a worker cycles through
+        # touch a few pages of each array, not every page (and never collide with each other).
         cip, port, tip, tport = key
-        h = ((cip << 16 | port) * 0x9E3779B97F4A7C15) ^ ((tip << 16 | tport) * 0xC2B2AE3D27D4EB4F)
+        h = ((cip << 16) * 0x9E3779B97F4A7C15) ^ ((tip << 16 | tport) * 0xC2B2AE3D27D4EB4F)
         h ^= h >> 31
-        return (h ^ (h >> 17)) & self._mask
+        return ((h ^ (h >> 17)) + port) & self._mask
 
     # -- the allocator's side (engine/core/rewrite.py TupleAllocator) ----------------------------
 

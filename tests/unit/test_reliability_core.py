@@ -216,6 +216,22 @@ def test_free_tuples_are_mostly_not_busy(history):
     assert false_busy < 150  # 200 of 4096 slots used: about 5 % expected
 
 
+def test_the_ports_of_one_target_touch_a_few_pages_of_the_block():
+    # A worker cycles through its ports towards one target: side by side in each array, they
+    # touch (ports * 20 bytes) / 4 KiB pages of the block, not nearly all of its 5 MiB.
+    h = TupleHistory.create()
+    try:
+        for port in range(32768, 32768 + 20000):
+            h.record_live((CIP, port, TIP, TPORT))
+            h.record_released((CIP, port, TIP, TPORT), 1.0, True)
+        block = bytes(h.block)
+        pages = sum(1 for at in range(0, len(block), 4096) if any(block[at : at + 4096]))
+        assert pages <= 20000 * 20 // 4096 + 4
+        assert all(h.busy((CIP, port, TIP, TPORT), 0.5) for port in range(32768, 52768))
+    finally:
+        h.close()
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_allocator_over_a_real_history_after_a_restart(engine, history):
     rw = rewrite_module(engine)
