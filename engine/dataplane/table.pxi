@@ -4,8 +4,9 @@
 # * flows: the flow index (TIndex, 8-byte slots keyed by what they point to) original
 #   4-tuple -> TFlow (the replica list), or with one replica (-n 1) the entry itself (the
 #   TEntry pointer | TB_ONE; the entry's in_map flag); responses:
-#   the tuple allocator's own slot of the fake tuple (alloc.state, RW_LIVE while a session
-#   has it) -> TEntry in slot.a, so one slot serves both; refused flows: hmap original
+#   the tuple allocator's own 8-byte slot of the fake tuple (alloc.state, rewrite.pxi TState):
+#   while a session has the tuple, the slot is its TEntry (| TS_ENTRY), so one slot serves
+#   both; refused flows: hmap original
 #   4-tuple -> last packet time (slot.d).  The entries are also linked in the order they
 #   entered the response map, the order in which the Python table's dict iterates
 #   (end_input, shed_half_open, live_routes, ... visit them so).
@@ -291,6 +292,18 @@ cdef inline ELinger* tb_lr(const TEntry* e) noexcept nogil:
     return <ELinger*>e.s
 
 
+cdef void tb_entry_tuple(const TEntry* e, uint64_t* k0, uint32_t* k1) noexcept nogil:
+    """The key of the fake tuple the entry has (rewrite.pxi TState: what its slot reads)."""
+    cdef const ELinger* r
+    cdef const ESession* s
+    if e.frozen:
+        r = <const ELinger*>e.s
+        hm_key4(r.client_ip, r.client_port, r.target_ip, r.target_port, k0, k1)
+    else:
+        s = e.s
+        hm_key4(s.client_ip, s.client_port, s.target_ip, s.target_port, k0, k1)
+
+
 cdef inline int tb_state(const TEntry* e) noexcept nogil:
     return (<ELinger*>e.s).state if e.frozen else e.s.state
 
@@ -385,11 +398,7 @@ cdef void tb_flow_free(TFlow* f) noexcept nogil:
 # User-space pointers on Linux (x86-64, arm64) leave bits 57-63 clear; where they do not (a
 # tagged-pointer malloc), tx_put refuses the value as it refuses one it has no memory for.
 
-cdef enum:
-    TX_TAG_SHIFT = 57
-
-
-cdef uint64_t TX_VALUE_MASK = (<uint64_t>1 << TX_TAG_SHIFT) - 1
+# (TX_TAG_SHIFT, TX_VALUE_MASK: hmap.pxi; the tuple allocator's state is such an index too.)
 
 
 ctypedef struct TIndex:
@@ -827,8 +836,7 @@ cdef class Table:
         cdef int rc
         cdef ESession* s
         cdef TEntry* e
-        cdef hslot* slot
-        cdef bint created
+        cdef size_t slot
         cdef uint64_t k0
         cdef uint32_t k1
         ip = rw_choose_client_ip(src, self.pool, self.npool, i) if self.npool else src
@@ -861,10 +869,10 @@ cdef class Table:
         s = sess_new(&self.ecfg, self.c, gip, gport, tip, tport, tb_ip4(p.dst), p.dport, now)
         e = <TEntry*>sb_alloc(&self.slab)
         hm_key4(gip, gport, tip, tport, &k0, &k1)
-        slot = NULL
+        slot = self.alloc.state.cap
         if s != NULL and e != NULL:
-            slot = hm_get(&self.alloc.state, k0, k1)  # the allocator's: RW_LIVE, a = 0
-        if slot == NULL:
+            slot = ts_find(&self.alloc.state, k0, k1)  # the allocator's record: RW_LIVE, a = 0
+        if slot == self.alloc.state.cap or not ts_hold(&self.alloc.state, slot, e):
             sess_free(s)
             sb_free(&self.slab, e)
             ta_release(&self.alloc, gip, gport, tip, tport, now, False, 0, False, 0)
@@ -877,7 +885,6 @@ cdef class Table:
         e.fk0 = fk0
         e.fk1 = fk1
         e.sched = NAN
-        slot.a = <int64_t><intptr_t>e
         self.nresp += 1
         e.prev = self.order_tail
         if self.order_tail != NULL:
@@ -1089,17 +1096,18 @@ cdef class Table:
                                   double now) noexcept nogil:
         """table.SessionTable.receive_response: a decoded response record (buf + p.offset:
         its IP header, whose TCP options the session reads as tcpseq.tsval does)."""
-        cdef uint64_t k0
+        cdef uint64_t k0, v
         cdef uint32_t k1
-        cdef hslot* slot
+        cdef size_t slot
         cdef TEntry* e
         self.now = now
         hm_key4(tb_ip4(p.dst), p.dport, tb_ip4(p.src), p.sport, &k0, &k1)
-        slot = hm_get(&self.alloc.state, k0, k1)
-        if slot == NULL or not slot.flags & RW_LIVE or slot.a == 0:
+        slot = ts_find(&self.alloc.state, k0, k1)
+        v = self.alloc.state.slots[slot] & TX_VALUE_MASK if slot < self.alloc.state.cap else 0
+        if not v & TS_ENTRY:        # none, quarantined or no session's (yet)
             self.c[EC_DROP_UNKNOWN_RESPONSE] += 1
             return
-        e = <TEntry*><intptr_t>slot.a
+        e = <TEntry*><uintptr_t>(v & ~(<uint64_t>TS_ENTRY))
         if e.frozen and not self.tb_linger_response(e, p) and self.tb_thaw(e) == NULL:
             return
         if not e.frozen:
@@ -1144,7 +1152,7 @@ cdef class Table:
         cdef THeapItem* h
         tx_shrink(&self.flows)
         hm_shrink(&self.refused)
-        hm_shrink(&self.alloc.state)
+        ts_shrink(&self.alloc.state)
         hm_shrink(&self.alloc.groups)
         cap = self.heap_cap
         while cap > 256 and self.heap_n * 8 < cap:
@@ -1217,7 +1225,7 @@ cdef class Table:
         cdef uint64_t k0
         cdef uint32_t k1, i, j, cip, tip
         cdef uint16_t cport, tport
-        cdef hslot* slot
+        cdef size_t slot
         cdef TFlow* flow
         cdef uint32_t end_seq = 0, ts_last = 0
         cdef bint has_end, has_ts
@@ -1238,10 +1246,10 @@ cdef class Table:
         else:
             cip, cport, tip, tport = s.client_ip, s.client_port, s.target_ip, s.target_port
         hm_key4(cip, cport, tip, tport, &k0, &k1)
-        slot = hm_get(&self.alloc.state, k0, k1)
-        if slot != NULL and slot.flags & RW_LIVE and <TEntry*><intptr_t>slot.a == e:
-            slot.a = 0              # ta_release below quarantines the tuple
-            self.nresp -= 1
+        slot = ts_find(&self.alloc.state, k0, k1)
+        if (slot < self.alloc.state.cap and self.alloc.state.slots[slot] & TX_VALUE_MASK
+                == <uint64_t><uintptr_t>e | TS_ENTRY):
+            self.nresp -= 1         # ta_release below makes it a record, quarantined
             if e.prev != NULL:
                 e.prev.next = e.next
             else:
@@ -1665,8 +1673,10 @@ cdef class Table:
     def index_bytes(self):
         """Bytes of the table's C indexes (flow, response and refused maps, the allocator's
         maps, the timer heap): what grows with a flood and shrinks after it."""
-        return ((self.refused.cap + self.alloc.state.cap + self.alloc.groups.cap) * sizeof(hslot)
-                + self.flows.cap * sizeof(uint64_t) + self.heap_cap * sizeof(THeapItem))
+        return ((self.refused.cap + self.alloc.groups.cap) * sizeof(hslot)
+                + (self.flows.cap + self.alloc.state.cap) * sizeof(uint64_t)
+                + self.alloc.state.records * sizeof(TTuple)
+                + self.heap_cap * sizeof(THeapItem))
 
     @property
     def slab_bytes(self):

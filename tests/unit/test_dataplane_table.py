@@ -549,7 +549,7 @@ def drained(table: Any, send: SendBuf) -> list[packet.TcpPacket]:
 
 BLOCK_HEADER_BYTES = 16  # engine/dataplane/session.pxi e_alloc's size header
 LINGERING_SESSIONS = 100_000
-LINGERING_SESSION_MAX_BYTES = 290
+LINGERING_SESSION_MAX_BYTES = 225
 """What a lingering session holds all told in the compiled engine (its record, table entry
 and flow, map slots, timer item, the allocator's tuple state), measured by malloc."""
 LINGERING_RECORD_MAX_BYTES = 64
