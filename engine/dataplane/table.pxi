@@ -23,6 +23,7 @@
 # only, no Python object, no Python call.
 
 from libc.math cimport NAN
+from libc.stdlib cimport qsort
 from libc.stdint cimport uintptr_t
 from posix.stdlib cimport posix_memalign
 from engine.dataplane.packet cimport (
@@ -176,8 +177,11 @@ cdef void* sb_alloc(TSlab* b) noexcept nogil:
     cdef SbChunk* c = b.partial
     cdef void* o
     cdef void* mem
-    if SB_PLAIN:
-        return calloc(1, SB_OBJ)
+    if SB_PLAIN:                # aligned as a slot is (the timer heap's items rely on it)
+        if posix_memalign(&mem, SB_OBJ, SB_OBJ) != 0:
+            return NULL
+        memset(mem, 0, SB_OBJ)
+        return mem
     if c == NULL:
         c = b.spare
         b.spare = NULL
@@ -327,10 +331,37 @@ cdef struct TFlow:
     uint8_t in_map
 
 
-ctypedef struct THeapItem:
+# A timer heap item is 16 bytes: the deadline and one word holding the entry's address
+# (entries are slab slots, 64-byte aligned: its low TH_ENTRY_SHIFT bits are clear) above a
+# TH_SEQ_BITS sequence number, which orders items of the same deadline by when they were
+# pushed.  When the numbers run out, the items are renumbered in their order (tb_renumber).
+cdef enum:
+    TH_SEQ_BITS = 23
+    TH_ENTRY_SHIFT = 6
+
+
+cdef uint64_t TH_SEQ_MASK = (<uint64_t>1 << TH_SEQ_BITS) - 1
+cdef uint64_t TB_SEQ_LIMIT = TH_SEQ_MASK    # the last sequence number (Table.set_seq_limit)
+
+
+ctypedef struct THeapItem:      # 16 bytes
     double t
-    uint64_t seq
-    TEntry* e
+    uint64_t ref                # entry address >> TH_ENTRY_SHIFT << TH_SEQ_BITS | seq
+
+
+cdef inline TEntry* th_entry(const THeapItem* h) noexcept nogil:
+    return <TEntry*><uintptr_t>((h.ref >> TH_SEQ_BITS) << TH_ENTRY_SHIFT)
+
+
+cdef int th_order(const void* a, const void* b) noexcept nogil:
+    """qsort's comparison: by deadline, then sequence number."""
+    cdef const THeapItem* x = <const THeapItem*>a
+    cdef const THeapItem* y = <const THeapItem*>b
+    if x.t != y.t:
+        return -1 if x.t < y.t else 1
+    if x.ref & TH_SEQ_MASK != y.ref & TH_SEQ_MASK:
+        return -1 if x.ref & TH_SEQ_MASK < y.ref & TH_SEQ_MASK else 1
+    return 0
 
 
 cdef inline uint32_t tb_ip4(const uint8_t* a) noexcept nogil:
@@ -338,7 +369,7 @@ cdef inline uint32_t tb_ip4(const uint8_t* a) noexcept nogil:
 
 
 cdef inline bint tb_heap_less(const THeapItem* a, const THeapItem* b) noexcept nogil:
-    return a.t < b.t or (a.t == b.t and a.seq < b.seq)
+    return a.t < b.t or (a.t == b.t and (a.ref & TH_SEQ_MASK) < (b.ref & TH_SEQ_MASK))
 
 
 cdef void tb_sift_down(THeapItem* h, size_t n, size_t i) noexcept nogil:
@@ -695,7 +726,7 @@ cdef class Table:
             hm_put(&seen, <uint64_t><intptr_t>e, 0, &created)
             e = e.next
         for i in range(self.heap_n):
-            hm_put(&seen, <uint64_t><intptr_t>self.heap[i].e, 0, &created)
+            hm_put(&seen, <uint64_t><intptr_t>th_entry(&self.heap[i]), 0, &created)
         for i in range(self.touched_n):
             hm_put(&seen, <uint64_t><intptr_t>self.touched[i], 0, &created)
         for i in range(self.flows.cap):
@@ -1115,7 +1146,7 @@ cdef class Table:
         self.tb_touch(e)
 
     cdef void tb_heap_pop(self) noexcept nogil:
-        cdef TEntry* e = self.heap[0].e
+        cdef TEntry* e = th_entry(&self.heap[0])
         self.heap_n -= 1
         if self.heap_n:
             self.heap[0] = self.heap[self.heap_n]
@@ -1130,7 +1161,7 @@ cdef class Table:
         self.now = now
         while self.heap_n and self.heap[0].t <= now:
             t = self.heap[0].t
-            e = self.heap[0].e
+            e = th_entry(&self.heap[0])
             e.heap_refs += 1  # kept while it is looked at
             self.tb_heap_pop()
             e.heap_refs -= 1
@@ -1169,7 +1200,7 @@ cdef class Table:
         if self.touched_n:
             return self.now
         while self.heap_n:
-            e = self.heap[0].e
+            e = th_entry(&self.heap[0])
             if e.sched == self.heap[0].t and not e.gone:
                 return self.heap[0].t
             self.tb_heap_pop()
@@ -1180,7 +1211,15 @@ cdef class Table:
         cdef double t = tb_lr(e).linger_at if e.frozen else sess_timer(e.s)
         cdef size_t cap
         cdef THeapItem* h
+        cdef uintptr_t addr = <uintptr_t>e
         if tset(t) and (not tset(e.sched) or t < e.sched):
+            if (addr & ((1 << TH_ENTRY_SHIFT) - 1)
+                    or <uint64_t>addr >> (64 - TH_SEQ_BITS + TH_ENTRY_SHIFT)):
+                self.oom = True     # an address the item cannot hold (never on Linux)
+                return -1
+            if self.heap_seq >= TB_SEQ_LIMIT and self.tb_renumber() < 0:
+                self.oom = True
+                return -1
             if self.heap_n == self.heap_cap:
                 cap = self.heap_cap * 2 if self.heap_cap else 256
                 h = <THeapItem*>realloc(self.heap, cap * sizeof(THeapItem))
@@ -1192,11 +1231,24 @@ cdef class Table:
             e.sched = t
             self.heap_seq += 1
             self.heap[self.heap_n].t = t
-            self.heap[self.heap_n].seq = self.heap_seq
-            self.heap[self.heap_n].e = e
+            self.heap[self.heap_n].ref = (
+                (<uint64_t>addr >> TH_ENTRY_SHIFT) << TH_SEQ_BITS | self.heap_seq)
             e.heap_refs += 1
             self.heap_n += 1
             tb_sift_up(self.heap, self.heap_n - 1)
+        return 0
+
+    cdef int tb_renumber(self) noexcept nogil:
+        """The sequence numbers ran out: the items sorted (a sorted array is a heap) and
+        numbered again from 1 in that order, which keeps every item's place; -1: too many
+        items for the numbers (nothing changed)."""
+        cdef size_t i
+        if self.heap_n >= TH_SEQ_MASK:
+            return -1
+        qsort(self.heap, self.heap_n, sizeof(THeapItem), th_order)
+        for i in range(self.heap_n):
+            self.heap[i].ref = (self.heap[i].ref & ~TH_SEQ_MASK) | <uint64_t>(i + 1)
+        self.heap_seq = self.heap_n
         return 0
 
     cdef void tb_compact(self) noexcept nogil:
@@ -1204,7 +1256,7 @@ cdef class Table:
         cdef size_t i, j = 0
         cdef TEntry* e
         for i in range(self.heap_n):
-            e = self.heap[i].e
+            e = th_entry(&self.heap[i])
             if e.sched == self.heap[i].t and not e.gone:
                 self.heap[j] = self.heap[i]
                 j += 1
@@ -1383,8 +1435,9 @@ cdef class Table:
                 e.s.counters = c
             e = e.next
         for i in range(self.heap_n):
-            if self.heap[i].e.s != NULL and not self.heap[i].e.frozen:
-                self.heap[i].e.s.counters = c
+            e = th_entry(&self.heap[i])
+            if e.s != NULL and not e.frozen:
+                e.s.counters = c
         for i in range(self.touched_n):
             if self.touched[i].s != NULL and not self.touched[i].frozen:
                 self.touched[i].s.counters = c
@@ -1682,6 +1735,13 @@ cdef class Table:
     def slab_bytes(self):
         """Bytes of the slab's chunks (the entries and the lingering records)."""
         return self.slab.chunks * SB_CHUNK_BYTES
+
+    @staticmethod
+    def set_seq_limit(limit=None):
+        """Tests: the timer heap's last sequence number before they are renumbered (None:
+        as built, 2 ** TH_SEQ_BITS - 1)."""
+        global TB_SEQ_LIMIT
+        TB_SEQ_LIMIT = TH_SEQ_MASK if limit is None else min(max(int(limit), 1), TH_SEQ_MASK)
 
     @staticmethod
     def set_heap_slack(size_t slack):
