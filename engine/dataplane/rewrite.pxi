@@ -416,12 +416,12 @@ cdef void ts_free(TState* m) noexcept nogil:
 
 
 cdef int ts_shrink(TState* m) noexcept nogil:
-    """hm_shrink for the tuple state (the spare record goes too)."""
+    """hm_shrink for the tuple state (the spare record goes too when it shrinks)."""
     cdef size_t cap = m.cap
-    free(m.spare)
-    m.spare = NULL
     if cap <= HM_MIN_CAP or m.n * 8 >= cap:
         return 0
+    free(m.spare)
+    m.spare = NULL
     while cap > HM_MIN_CAP and m.n * 10 <= (cap // 2) * 4:
         cap //= 2
     if m.n == 0:

@@ -296,7 +296,7 @@ cdef inline ELinger* tb_lr(const TEntry* e) noexcept nogil:
     return <ELinger*>e.s
 
 
-cdef void tb_entry_tuple(const TEntry* e, uint64_t* k0, uint32_t* k1) noexcept nogil:
+cdef inline void tb_entry_tuple(const TEntry* e, uint64_t* k0, uint32_t* k1) noexcept nogil:
     """The key of the fake tuple the entry has (rewrite.pxi TState: what its slot reads)."""
     cdef const ELinger* r
     cdef const ESession* s
