@@ -902,6 +902,7 @@ cdef class Table:
         hm_key4(gip, gport, tip, tport, &k0, &k1)
         slot = self.alloc.state.cap
         if s != NULL and e != NULL:
+            e.s = s                 # the tuple's key, once the slot points here
             slot = ts_find(&self.alloc.state, k0, k1)  # the allocator's record: RW_LIVE, a = 0
         if slot == self.alloc.state.cap or not ts_hold(&self.alloc.state, slot, e):
             sess_free(s)
