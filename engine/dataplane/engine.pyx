@@ -263,7 +263,7 @@ cdef class TupleAllocator:
         cdef uint32_t k1
         ta_expire(self.a, now)
         hm_key4(client_ip, port, target_ip, target_port, &k0, &k1)
-        return hm_get(&self.a.state, k0, k1) == NULL
+        return ts_find(&self.a.state, k0, k1) == self.a.state.cap
 
     def allocate(self, uint32_t client_ip, int64_t preferred_port, uint32_t target_ip,
                  uint16_t target_port, double now, fallback_ips=(), syn=None):
@@ -308,13 +308,16 @@ cdef class TupleAllocator:
         """{(client ip, port, target ip, target port): None (live) or its release time}: the
         Python allocator's ``_state`` (for tests)."""
         cdef size_t i
-        cdef hslot* s
+        cdef TTuple* t
+        cdef uint64_t k0
+        cdef uint32_t k1
         out = {}
         for i in range(self.a.state.cap):
-            s = &self.a.state.slots[i]
-            if s.used:
-                out[(<uint32_t>(s.k0 >> 32), s.k1 >> 16, <uint32_t>(s.k0 & 0xFFFFFFFFu),
-                     s.k1 & 0xFFFF)] = None if s.flags & RW_LIVE else s.d
+            if self.a.state.slots[i]:
+                ts_key(self.a.state.slots[i], &k0, &k1)
+                t = ts_rec(self.a.state.slots[i])
+                out[(<uint32_t>(k0 >> 32), k1 >> 16, <uint32_t>(k0 & 0xFFFFFFFFu),
+                     k1 & 0xFFFF)] = None if ts_live(self.a.state.slots[i]) else t.d
         return out
 
 

@@ -34,6 +34,15 @@ cdef enum:
     HM_MIN_CAP = 16
 
 
+# Indexes of 8-byte slots (table.pxi TIndex, rewrite.pxi TState): a pointer with the top bits
+# of its key's hash in bits TX_TAG_SHIFT and up (clear in Linux user-space pointers).
+cdef enum:
+    TX_TAG_SHIFT = 57
+
+
+cdef uint64_t TX_VALUE_MASK = (<uint64_t>1 << TX_TAG_SHIFT) - 1
+
+
 cdef inline uint64_t hm_mix(uint64_t z) noexcept nogil:
     # splitmix64's finaliser (the same mix as rewrite.py's _mix64, without the increment)
     z = (z ^ (z >> 30)) * <uint64_t>0xBF58476D1CE4E5B9

@@ -8,6 +8,7 @@
 # 0x01020304), as in rewrite.py.
 
 from libc.math cimport isnan
+from libc.stdint cimport uintptr_t
 
 
 cdef extern from *:
@@ -196,15 +197,238 @@ cdef bint th_reusable(RwHistory* h, uint32_t cip, uint16_t port, uint32_t tip, u
 
 # -- TupleAllocator (rewrite.TupleAllocator) -------------------------------------------------------
 
-# _state: one slot per occupied tuple.  flags: RW_LIVE (the Python None; slot.a is 0, or the
-# session table's entry for the tuple: table.pxi looks responses up here), or else quarantined
-# since slot.d; RW_CLOSED: _closed holds (end_seq, ts_last) for it, end_seq in the low 32 bits
-# of slot.a (RW_CLOSED_END: not -1), ts_last in its high 32 bits (RW_CLOSED_TS: not None).
+# _state: one 8-byte slot per occupied tuple (TState), as the session table's flow index
+# (table.pxi TIndex): a pointer, the top bits of its key's hash in its top bits, the key read
+# from what it points to.  With TS_ENTRY set it is the session table's entry that has the tuple
+# (live: the Python None; table.pxi looks responses up here; the key is the entry's session's or
+# record's, tb_entry_tuple).  Else a TTuple, the allocator's own record of the tuple: flags
+# RW_LIVE (live, not or not yet any table entry's: t.a is 0), or else quarantined since t.d;
+# RW_CLOSED: _closed holds (end_seq, ts_last) for it, end_seq in the low 32 bits of t.a
+# (RW_CLOSED_END: not -1), ts_last in its high 32 bits (RW_CLOSED_TS: not None).
 cdef enum:
     RW_LIVE = 1
     RW_CLOSED = 2
     RW_CLOSED_TS = 4
     RW_CLOSED_END = 8
+
+cdef enum:
+    TS_ENTRY = 1                # a _state slot's value that is a table entry, not a TTuple
+
+
+ctypedef struct TTuple:         # 32 bytes
+    uint64_t k0                 # hm_key4 of the tuple
+    uint32_t k1
+    uint8_t flags
+    double d
+    int64_t a
+
+
+ctypedef struct TState:
+    uint64_t* slots             # 0: empty; else tag << TX_TAG_SHIFT | pointer
+    size_t cap                  # a power of two; 0 before the first insert
+    size_t n
+    size_t records              # TTuple records in the slots
+    TTuple* spare               # a freed record kept for the next one
+
+
+cdef struct TEntry
+
+
+cdef inline void ts_key(uint64_t v, uint64_t* k0, uint32_t* k1) noexcept nogil:
+    cdef uint64_t q = v & TX_VALUE_MASK
+    cdef TTuple* t
+    if q & TS_ENTRY:
+        tb_entry_tuple(<TEntry*><uintptr_t>(q & ~(<uint64_t>TS_ENTRY)), k0, k1)
+    else:
+        t = <TTuple*><uintptr_t>q
+        k0[0] = t.k0
+        k1[0] = t.k1
+
+
+cdef inline TTuple* ts_rec(uint64_t v) noexcept nogil:
+    """The slot's record; NULL: a table entry has the tuple (live)."""
+    cdef uint64_t q = v & TX_VALUE_MASK
+    return NULL if q & TS_ENTRY else <TTuple*><uintptr_t>q
+
+
+cdef inline bint ts_live(uint64_t v) noexcept nogil:
+    cdef TTuple* t = ts_rec(v)
+    return t == NULL or (t.flags & RW_LIVE) != 0
+
+
+cdef size_t ts_find(const TState* m, uint64_t k0, uint32_t k1) noexcept nogil:
+    """The slot of the key, or m.cap when absent."""
+    cdef size_t mask, i
+    cdef uint64_t h, tag, v, j0
+    cdef uint32_t j1
+    if m.cap == 0:
+        return 0
+    h = hm_hash(k0, k1)
+    tag = (h >> TX_TAG_SHIFT) << TX_TAG_SHIFT
+    mask = m.cap - 1
+    i = <size_t>h & mask
+    while True:
+        v = m.slots[i]
+        if v == 0:
+            return m.cap
+        if v & ~TX_VALUE_MASK == tag:
+            ts_key(v, &j0, &j1)
+            if j0 == k0 and j1 == k1:
+                return i
+        i = (i + 1) & mask
+
+
+cdef int ts_resize(TState* m, size_t cap) noexcept nogil:
+    cdef uint64_t* old = m.slots
+    cdef size_t old_cap = m.cap, j, i, mask = cap - 1
+    cdef uint64_t k0
+    cdef uint32_t k1
+    cdef uint64_t* fresh = <uint64_t*>calloc(cap, sizeof(uint64_t))
+    if fresh == NULL:
+        return -1
+    for j in range(old_cap):
+        if old[j]:
+            ts_key(old[j], &k0, &k1)
+            i = <size_t>hm_hash(k0, k1) & mask
+            while fresh[i]:
+                i = (i + 1) & mask
+            fresh[i] = old[j]
+    free(old)
+    m.slots = fresh
+    m.cap = cap
+    return 0
+
+
+cdef TTuple* ts_new_rec(TState* m) noexcept nogil:
+    """A record to fill (not yet counted); NULL: no memory, or a pointer with bits in the
+    tag's place."""
+    cdef TTuple* t = m.spare
+    if t != NULL:
+        m.spare = NULL
+        return t
+    t = <TTuple*>malloc(sizeof(TTuple))
+    if t != NULL and <uint64_t><uintptr_t>t & (~TX_VALUE_MASK | <uint64_t>TS_ENTRY):
+        free(t)
+        return NULL
+    return t
+
+
+cdef TTuple* ts_put(TState* m, uint64_t k0, uint32_t k1, bint* created) noexcept nogil:
+    """hm_put: the key's record, made (zeroed but for the key) when absent, or made of the
+    table entry's slot (RW_LIVE, a = 0: the entry no longer has the tuple); NULL: no memory
+    (nothing changed)."""
+    cdef size_t mask, i
+    cdef uint64_t h
+    cdef TTuple* t
+    i = ts_find(m, k0, k1)
+    if i < m.cap:
+        created[0] = False
+        t = ts_rec(m.slots[i])
+        if t != NULL:
+            return t
+        t = ts_new_rec(m)
+        if t == NULL:
+            return NULL
+        t.flags = RW_LIVE
+    else:
+        created[0] = True
+        t = ts_new_rec(m)
+        if t == NULL:
+            return NULL
+        if (m.n + 1) * 10 > m.cap * 7:
+            if ts_resize(m, m.cap * 2 if m.cap else HM_MIN_CAP) < 0:
+                if m.spare == NULL:
+                    m.spare = t
+                else:
+                    free(t)
+                return NULL
+        h = hm_hash(k0, k1)
+        mask = m.cap - 1
+        i = <size_t>h & mask
+        while m.slots[i]:
+            i = (i + 1) & mask
+        m.slots[i] = (h >> TX_TAG_SHIFT) << TX_TAG_SHIFT
+        m.n += 1
+        t.flags = 0
+    t.k0 = k0
+    t.k1 = k1
+    t.d = 0.0
+    t.a = 0
+    m.slots[i] = (m.slots[i] & ~TX_VALUE_MASK) | <uint64_t><uintptr_t>t
+    m.records += 1
+    return t
+
+
+cdef inline void ts_drop_rec(TState* m, TTuple* t) noexcept nogil:
+    m.records -= 1
+    if m.spare == NULL:
+        m.spare = t
+    else:
+        free(t)
+
+
+cdef bint ts_hold(TState* m, size_t i, const TEntry* e) noexcept nogil:
+    """Slot i's tuple (a record) given to the table entry e, whose key is the tuple's; False:
+    a pointer with bits in the tag's place (nothing changed)."""
+    cdef uint64_t v = <uint64_t><uintptr_t>e | TS_ENTRY
+    cdef TTuple* t = ts_rec(m.slots[i])
+    if v & ~TX_VALUE_MASK or t == NULL:
+        return False
+    m.slots[i] = (m.slots[i] & ~TX_VALUE_MASK) | v
+    ts_drop_rec(m, t)
+    return True
+
+
+cdef void ts_del(TState* m, size_t i) noexcept nogil:
+    """hm_del: slot i removed (its record, if any, freed), the run after it shifted back."""
+    cdef size_t mask = m.cap - 1, j = i, home
+    cdef uint64_t j0
+    cdef uint32_t j1
+    cdef TTuple* t = ts_rec(m.slots[i])
+    if t != NULL:
+        ts_drop_rec(m, t)
+    while True:
+        j = (j + 1) & mask
+        if not m.slots[j]:
+            break
+        ts_key(m.slots[j], &j0, &j1)
+        home = <size_t>hm_hash(j0, j1) & mask
+        # Move j back to i unless its home lies cyclically in (i, j].
+        if (j > i and (home <= i or home > j)) or (j < i and (home <= i and home > j)):
+            m.slots[i] = m.slots[j]
+            i = j
+    m.slots[i] = 0
+    m.n -= 1
+
+
+cdef void ts_free(TState* m) noexcept nogil:
+    """Everything freed: the records (not the table entries the slots point to)."""
+    cdef size_t i
+    cdef TTuple* t
+    for i in range(m.cap):
+        if m.slots[i]:
+            t = ts_rec(m.slots[i])
+            if t != NULL:
+                free(t)
+    free(m.slots)
+    free(m.spare)
+    memset(m, 0, sizeof(TState))
+
+
+cdef int ts_shrink(TState* m) noexcept nogil:
+    """hm_shrink for the tuple state (the spare record goes too when it shrinks)."""
+    cdef size_t cap = m.cap
+    if cap <= HM_MIN_CAP or m.n * 8 >= cap:
+        return 0
+    free(m.spare)
+    m.spare = NULL
+    while cap > HM_MIN_CAP and m.n * 10 <= (cap // 2) * 4:
+        cap //= 2
+    if m.n == 0:
+        ts_free(m)
+        return 0
+    return ts_resize(m, cap)
+
 
 # _groups: (client ip, 0, target ip, target port) -> occupied (slot.a), cursor (slot.d, an
 # integer), spill (slot.aux: an index into spill_order, < 4096).
@@ -234,7 +458,7 @@ ctypedef struct TAlloc:
     uint32_t first
     uint32_t slots
     bint strict
-    hmap state
+    TState state
     hmap groups
     hmap pool_at                 # pool address -> its index (for spill_order)
     uint32_t* pool
@@ -301,7 +525,7 @@ cdef int ta_init(TAlloc* a, double time_wait_s, uint32_t worker_index, uint32_t 
 
 
 cdef void ta_free(TAlloc* a) noexcept nogil:
-    hm_free(&a.state)
+    ts_free(&a.state)
     hm_free(&a.groups)
     hm_free(&a.pool_at)
     free(a.pool)
@@ -345,8 +569,9 @@ cdef void ta_expire(TAlloc* a, double now) noexcept nogil:
     """_expire."""
     cdef double horizon
     cdef RwExpiry* e
-    cdef hslot* s
+    cdef TTuple* s
     cdef hslot* g
+    cdef size_t i
     cdef uint64_t gk0
     cdef uint32_t gk1
     if now > a.clock:
@@ -356,10 +581,11 @@ cdef void ta_expire(TAlloc* a, double now) noexcept nogil:
         e = &a.expiry[a.exp_head]
         a.exp_head = (a.exp_head + 1) % a.exp_cap
         a.exp_count -= 1
-        s = hm_get(&a.state, e.k0, e.k1)
+        i = ts_find(&a.state, e.k0, e.k1)
+        s = ts_rec(a.state.slots[i]) if i < a.state.cap else NULL
         # Skip stale entries: the tuple was released again later (or already expired).
         if s != NULL and not (s.flags & RW_LIVE) and s.d == e.t:
-            hm_del(&a.state, s)
+            ts_del(&a.state, i)
             # group key: (client ip, 0, target ip, target port)
             gk0 = e.k0
             gk1 = e.k1 & 0xFFFF
@@ -389,12 +615,13 @@ cdef int64_t ta_claim(TAlloc* a, uint32_t cip, uint32_t start, uint32_t tip, uin
     cdef uint32_t port = ta_port_at(a, start), index, probes, k
     cdef uint64_t k0
     cdef uint32_t k1
-    cdef hslot* s
+    cdef TTuple* s
     cdef hslot* g
     cdef bint created
     hm_key4(cip, <uint16_t>port, tip, tport, &k0, &k1)
-    if hm_get(&a.state, k0, k1) == NULL and not ta_busy(a, busy, cip, <uint16_t>port, tip, tport):
-        s = hm_put(&a.state, k0, k1, &created)
+    if (ts_find(&a.state, k0, k1) == a.state.cap
+            and not ta_busy(a, busy, cip, <uint16_t>port, tip, tport)):
+        s = ts_put(&a.state, k0, k1, &created)
         if s == NULL:
             return -2
         s.flags = RW_LIVE
@@ -415,10 +642,10 @@ cdef int64_t ta_claim(TAlloc* a, uint32_t cip, uint32_t start, uint32_t tip, uin
         port = ta_port_at(a, index)
         index = index + 1 if index + 1 < a.slots else 0
         hm_key4(cip, <uint16_t>port, tip, tport, &k0, &k1)
-        if hm_get(&a.state, k0, k1) == NULL and not ta_busy(
+        if ts_find(&a.state, k0, k1) == a.state.cap and not ta_busy(
             a, busy, cip, <uint16_t>port, tip, tport
         ):
-            s = hm_put(&a.state, k0, k1, &created)
+            s = ts_put(&a.state, k0, k1, &created)
             if s == NULL:
                 return -2
             s.flags = RW_LIVE
@@ -438,7 +665,8 @@ cdef int64_t ta_reuse(TAlloc* a, uint32_t cip, uint32_t tip, uint16_t tport, uin
     cdef RwHistory* h = &a.history
     cdef bint inherited = h.kind != 0 and syn_ts and h.inherited and now < h.inherited_until
     cdef hslot* g
-    cdef hslot* s
+    cdef TTuple* s
+    cdef size_t i
     cdef uint64_t k0
     cdef uint32_t k1, index, port, k, probes, ts_last
     cdef int64_t end_seq
@@ -459,10 +687,11 @@ cdef int64_t ta_reuse(TAlloc* a, uint32_t cip, uint32_t tip, uint16_t tport, uin
         port = ta_port_at(a, index)
         index = index + 1 if index + 1 < a.slots else 0
         hm_key4(cip, <uint16_t>port, tip, tport, &k0, &k1)
-        s = hm_get(&a.state, k0, k1)
+        i = ts_find(&a.state, k0, k1)
         reused[0] = True
-        if s != NULL:
-            if not (s.flags & RW_CLOSED):
+        if i < a.state.cap:
+            s = ts_rec(a.state.slots[i])
+            if s == NULL or not (s.flags & RW_CLOSED):
                 continue  # live, or released without what the test needs
             end_seq = -1
             if s.flags & RW_CLOSED_END:
@@ -479,7 +708,7 @@ cdef int64_t ta_reuse(TAlloc* a, uint32_t cip, uint32_t tip, uint16_t tport, uin
         elif not ta_busy(a, busy, cip, <uint16_t>port, tip, tport):
             # Free after all: the claim's look is bounded while the history is asked.
             reused[0] = False
-            s = hm_put(&a.state, k0, k1, &created)
+            s = ts_put(&a.state, k0, k1, &created)
             if s == NULL:
                 return -2
             s.flags = RW_LIVE
@@ -488,7 +717,7 @@ cdef int64_t ta_reuse(TAlloc* a, uint32_t cip, uint32_t tip, uint16_t tport, uin
             g.a += 1
         elif inherited and th_reusable(h, cip, <uint16_t>port, tip, tport, since,
                                        now - 1.0 / RW_TS_CLOCK_HZ):
-            s = hm_put(&a.state, k0, k1, &created)
+            s = ts_put(&a.state, k0, k1, &created)
             if s == NULL:
                 return -2
             s.flags = RW_LIVE
@@ -527,9 +756,9 @@ cdef int ta_allocate(TAlloc* a, uint32_t cip, int64_t preferred, uint32_t tip, u
         preferred += RW_PORT_MIN_UNPRIVILEGED
     start = ta_index_near(a, preferred)
     hm_key4(cip, <uint16_t>ta_port_at(a, start), tip, tport, &k0, &k1)
-    s = hm_get(&a.state, k0, k1)
-    if s != NULL:
-        if s.flags & RW_LIVE:
+    i = ts_find(&a.state, k0, k1)
+    if i < a.state.cap:
+        if ts_live(a.state.slots[i]):
             a.stats.collisions += 1
         else:
             a.stats.quarantine_hits += 1
@@ -598,14 +827,14 @@ cdef int ta_release(TAlloc* a, uint32_t cip, int64_t port, uint32_t tip, uint16_
     """TupleAllocator.release; -1: no memory."""
     cdef uint64_t k0
     cdef uint32_t k1
-    cdef hslot* s
+    cdef TTuple* s
     cdef hslot* g
     cdef bint created, was_live
     ta_expire(a, now)
     if not ta_owns_port(a, port):
         return 0
     hm_key4(cip, <uint16_t>port, tip, tport, &k0, &k1)
-    s = hm_put(&a.state, k0, k1, &created)
+    s = ts_put(&a.state, k0, k1, &created)
     if s == NULL:
         return -1
     was_live = not created and (s.flags & RW_LIVE)

@@ -4,8 +4,9 @@
 # * flows: the flow index (TIndex, 8-byte slots keyed by what they point to) original
 #   4-tuple -> TFlow (the replica list), or with one replica (-n 1) the entry itself (the
 #   TEntry pointer | TB_ONE; the entry's in_map flag); responses:
-#   the tuple allocator's own slot of the fake tuple (alloc.state, RW_LIVE while a session
-#   has it) -> TEntry in slot.a, so one slot serves both; refused flows: hmap original
+#   the tuple allocator's own 8-byte slot of the fake tuple (alloc.state, rewrite.pxi TState):
+#   while a session has the tuple, the slot is its TEntry (| TS_ENTRY), so one slot serves
+#   both; refused flows: hmap original
 #   4-tuple -> last packet time (slot.d).  The entries are also linked in the order they
 #   entered the response map, the order in which the Python table's dict iterates
 #   (end_input, shed_half_open, live_routes, ... visit them so).
@@ -22,6 +23,7 @@
 # only, no Python object, no Python call.
 
 from libc.math cimport NAN
+from libc.stdlib cimport qsort
 from libc.stdint cimport uintptr_t
 from posix.stdlib cimport posix_memalign
 from engine.dataplane.packet cimport (
@@ -175,8 +177,11 @@ cdef void* sb_alloc(TSlab* b) noexcept nogil:
     cdef SbChunk* c = b.partial
     cdef void* o
     cdef void* mem
-    if SB_PLAIN:
-        return calloc(1, SB_OBJ)
+    if SB_PLAIN:                # aligned as a slot is (the timer heap's items rely on it)
+        if posix_memalign(&mem, SB_OBJ, SB_OBJ) != 0:
+            return NULL
+        memset(mem, 0, SB_OBJ)
+        return mem
     if c == NULL:
         c = b.spare
         b.spare = NULL
@@ -291,6 +296,18 @@ cdef inline ELinger* tb_lr(const TEntry* e) noexcept nogil:
     return <ELinger*>e.s
 
 
+cdef inline void tb_entry_tuple(const TEntry* e, uint64_t* k0, uint32_t* k1) noexcept nogil:
+    """The key of the fake tuple the entry has (rewrite.pxi TState: what its slot reads)."""
+    cdef const ELinger* r
+    cdef const ESession* s
+    if e.frozen:
+        r = <const ELinger*>e.s
+        hm_key4(r.client_ip, r.client_port, r.target_ip, r.target_port, k0, k1)
+    else:
+        s = e.s
+        hm_key4(s.client_ip, s.client_port, s.target_ip, s.target_port, k0, k1)
+
+
 cdef inline int tb_state(const TEntry* e) noexcept nogil:
     return (<ELinger*>e.s).state if e.frozen else e.s.state
 
@@ -314,10 +331,37 @@ cdef struct TFlow:
     uint8_t in_map
 
 
-ctypedef struct THeapItem:
+# A timer heap item is 16 bytes: the deadline and one word holding the entry's address
+# (entries are slab slots, 64-byte aligned: its low TH_ENTRY_SHIFT bits are clear) above a
+# TH_SEQ_BITS sequence number, which orders items of the same deadline by when they were
+# pushed.  When the numbers run out, the items are renumbered in their order (tb_renumber).
+cdef enum:
+    TH_SEQ_BITS = 23
+    TH_ENTRY_SHIFT = 6
+
+
+cdef uint64_t TH_SEQ_MASK = (<uint64_t>1 << TH_SEQ_BITS) - 1
+cdef uint64_t TB_SEQ_LIMIT = TH_SEQ_MASK    # the last sequence number (Table.set_seq_limit)
+
+
+ctypedef struct THeapItem:      # 16 bytes
     double t
-    uint64_t seq
-    TEntry* e
+    uint64_t ref                # entry address >> TH_ENTRY_SHIFT << TH_SEQ_BITS | seq
+
+
+cdef inline TEntry* th_entry(const THeapItem* h) noexcept nogil:
+    return <TEntry*><uintptr_t>((h.ref >> TH_SEQ_BITS) << TH_ENTRY_SHIFT)
+
+
+cdef int th_order(const void* a, const void* b) noexcept nogil:
+    """qsort's comparison: by deadline, then sequence number."""
+    cdef const THeapItem* x = <const THeapItem*>a
+    cdef const THeapItem* y = <const THeapItem*>b
+    if x.t != y.t:
+        return -1 if x.t < y.t else 1
+    if x.ref & TH_SEQ_MASK != y.ref & TH_SEQ_MASK:
+        return -1 if x.ref & TH_SEQ_MASK < y.ref & TH_SEQ_MASK else 1
+    return 0
 
 
 cdef inline uint32_t tb_ip4(const uint8_t* a) noexcept nogil:
@@ -325,7 +369,7 @@ cdef inline uint32_t tb_ip4(const uint8_t* a) noexcept nogil:
 
 
 cdef inline bint tb_heap_less(const THeapItem* a, const THeapItem* b) noexcept nogil:
-    return a.t < b.t or (a.t == b.t and a.seq < b.seq)
+    return a.t < b.t or (a.t == b.t and (a.ref & TH_SEQ_MASK) < (b.ref & TH_SEQ_MASK))
 
 
 cdef void tb_sift_down(THeapItem* h, size_t n, size_t i) noexcept nogil:
@@ -385,11 +429,7 @@ cdef void tb_flow_free(TFlow* f) noexcept nogil:
 # User-space pointers on Linux (x86-64, arm64) leave bits 57-63 clear; where they do not (a
 # tagged-pointer malloc), tx_put refuses the value as it refuses one it has no memory for.
 
-cdef enum:
-    TX_TAG_SHIFT = 57
-
-
-cdef uint64_t TX_VALUE_MASK = (<uint64_t>1 << TX_TAG_SHIFT) - 1
+# (TX_TAG_SHIFT, TX_VALUE_MASK: hmap.pxi; the tuple allocator's state is such an index too.)
 
 
 ctypedef struct TIndex:
@@ -686,7 +726,7 @@ cdef class Table:
             hm_put(&seen, <uint64_t><intptr_t>e, 0, &created)
             e = e.next
         for i in range(self.heap_n):
-            hm_put(&seen, <uint64_t><intptr_t>self.heap[i].e, 0, &created)
+            hm_put(&seen, <uint64_t><intptr_t>th_entry(&self.heap[i]), 0, &created)
         for i in range(self.touched_n):
             hm_put(&seen, <uint64_t><intptr_t>self.touched[i], 0, &created)
         for i in range(self.flows.cap):
@@ -827,8 +867,7 @@ cdef class Table:
         cdef int rc
         cdef ESession* s
         cdef TEntry* e
-        cdef hslot* slot
-        cdef bint created
+        cdef size_t slot
         cdef uint64_t k0
         cdef uint32_t k1
         ip = rw_choose_client_ip(src, self.pool, self.npool, i) if self.npool else src
@@ -861,10 +900,11 @@ cdef class Table:
         s = sess_new(&self.ecfg, self.c, gip, gport, tip, tport, tb_ip4(p.dst), p.dport, now)
         e = <TEntry*>sb_alloc(&self.slab)
         hm_key4(gip, gport, tip, tport, &k0, &k1)
-        slot = NULL
+        slot = self.alloc.state.cap
         if s != NULL and e != NULL:
-            slot = hm_get(&self.alloc.state, k0, k1)  # the allocator's: RW_LIVE, a = 0
-        if slot == NULL:
+            e.s = s                 # the tuple's key, once the slot points here
+            slot = ts_find(&self.alloc.state, k0, k1)  # the allocator's record: RW_LIVE, a = 0
+        if slot == self.alloc.state.cap or not ts_hold(&self.alloc.state, slot, e):
             sess_free(s)
             sb_free(&self.slab, e)
             ta_release(&self.alloc, gip, gport, tip, tport, now, False, 0, False, 0)
@@ -877,7 +917,6 @@ cdef class Table:
         e.fk0 = fk0
         e.fk1 = fk1
         e.sched = NAN
-        slot.a = <int64_t><intptr_t>e
         self.nresp += 1
         e.prev = self.order_tail
         if self.order_tail != NULL:
@@ -1089,17 +1128,18 @@ cdef class Table:
                                   double now) noexcept nogil:
         """table.SessionTable.receive_response: a decoded response record (buf + p.offset:
         its IP header, whose TCP options the session reads as tcpseq.tsval does)."""
-        cdef uint64_t k0
+        cdef uint64_t k0, v
         cdef uint32_t k1
-        cdef hslot* slot
+        cdef size_t slot
         cdef TEntry* e
         self.now = now
         hm_key4(tb_ip4(p.dst), p.dport, tb_ip4(p.src), p.sport, &k0, &k1)
-        slot = hm_get(&self.alloc.state, k0, k1)
-        if slot == NULL or not slot.flags & RW_LIVE or slot.a == 0:
+        slot = ts_find(&self.alloc.state, k0, k1)
+        v = self.alloc.state.slots[slot] & TX_VALUE_MASK if slot < self.alloc.state.cap else 0
+        if not v & TS_ENTRY:        # none, quarantined or no session's (yet)
             self.c[EC_DROP_UNKNOWN_RESPONSE] += 1
             return
-        e = <TEntry*><intptr_t>slot.a
+        e = <TEntry*><uintptr_t>(v & ~(<uint64_t>TS_ENTRY))
         if e.frozen and not self.tb_linger_response(e, p) and self.tb_thaw(e) == NULL:
             return
         if not e.frozen:
@@ -1107,7 +1147,7 @@ cdef class Table:
         self.tb_touch(e)
 
     cdef void tb_heap_pop(self) noexcept nogil:
-        cdef TEntry* e = self.heap[0].e
+        cdef TEntry* e = th_entry(&self.heap[0])
         self.heap_n -= 1
         if self.heap_n:
             self.heap[0] = self.heap[self.heap_n]
@@ -1122,7 +1162,7 @@ cdef class Table:
         self.now = now
         while self.heap_n and self.heap[0].t <= now:
             t = self.heap[0].t
-            e = self.heap[0].e
+            e = th_entry(&self.heap[0])
             e.heap_refs += 1  # kept while it is looked at
             self.tb_heap_pop()
             e.heap_refs -= 1
@@ -1144,7 +1184,7 @@ cdef class Table:
         cdef THeapItem* h
         tx_shrink(&self.flows)
         hm_shrink(&self.refused)
-        hm_shrink(&self.alloc.state)
+        ts_shrink(&self.alloc.state)
         hm_shrink(&self.alloc.groups)
         cap = self.heap_cap
         while cap > 256 and self.heap_n * 8 < cap:
@@ -1161,7 +1201,7 @@ cdef class Table:
         if self.touched_n:
             return self.now
         while self.heap_n:
-            e = self.heap[0].e
+            e = th_entry(&self.heap[0])
             if e.sched == self.heap[0].t and not e.gone:
                 return self.heap[0].t
             self.tb_heap_pop()
@@ -1172,7 +1212,15 @@ cdef class Table:
         cdef double t = tb_lr(e).linger_at if e.frozen else sess_timer(e.s)
         cdef size_t cap
         cdef THeapItem* h
+        cdef uintptr_t addr = <uintptr_t>e
         if tset(t) and (not tset(e.sched) or t < e.sched):
+            if (addr & ((1 << TH_ENTRY_SHIFT) - 1)
+                    or <uint64_t>addr >> (64 - TH_SEQ_BITS + TH_ENTRY_SHIFT)):
+                self.oom = True     # an address the item cannot hold (never on Linux)
+                return -1
+            if self.heap_seq >= TB_SEQ_LIMIT and self.tb_renumber() < 0:
+                self.oom = True
+                return -1
             if self.heap_n == self.heap_cap:
                 cap = self.heap_cap * 2 if self.heap_cap else 256
                 h = <THeapItem*>realloc(self.heap, cap * sizeof(THeapItem))
@@ -1184,11 +1232,24 @@ cdef class Table:
             e.sched = t
             self.heap_seq += 1
             self.heap[self.heap_n].t = t
-            self.heap[self.heap_n].seq = self.heap_seq
-            self.heap[self.heap_n].e = e
+            self.heap[self.heap_n].ref = (
+                (<uint64_t>addr >> TH_ENTRY_SHIFT) << TH_SEQ_BITS | self.heap_seq)
             e.heap_refs += 1
             self.heap_n += 1
             tb_sift_up(self.heap, self.heap_n - 1)
+        return 0
+
+    cdef int tb_renumber(self) noexcept nogil:
+        """The sequence numbers ran out: the items sorted (a sorted array is a heap) and
+        numbered again from 1 in that order, which keeps every item's place; -1: too many
+        items for the numbers (nothing changed)."""
+        cdef size_t i
+        if self.heap_n >= TH_SEQ_MASK:
+            return -1
+        qsort(self.heap, self.heap_n, sizeof(THeapItem), th_order)
+        for i in range(self.heap_n):
+            self.heap[i].ref = (self.heap[i].ref & ~TH_SEQ_MASK) | <uint64_t>(i + 1)
+        self.heap_seq = self.heap_n
         return 0
 
     cdef void tb_compact(self) noexcept nogil:
@@ -1196,7 +1257,7 @@ cdef class Table:
         cdef size_t i, j = 0
         cdef TEntry* e
         for i in range(self.heap_n):
-            e = self.heap[i].e
+            e = th_entry(&self.heap[i])
             if e.sched == self.heap[i].t and not e.gone:
                 self.heap[j] = self.heap[i]
                 j += 1
@@ -1217,7 +1278,7 @@ cdef class Table:
         cdef uint64_t k0
         cdef uint32_t k1, i, j, cip, tip
         cdef uint16_t cport, tport
-        cdef hslot* slot
+        cdef size_t slot
         cdef TFlow* flow
         cdef uint32_t end_seq = 0, ts_last = 0
         cdef bint has_end, has_ts
@@ -1238,10 +1299,10 @@ cdef class Table:
         else:
             cip, cport, tip, tport = s.client_ip, s.client_port, s.target_ip, s.target_port
         hm_key4(cip, cport, tip, tport, &k0, &k1)
-        slot = hm_get(&self.alloc.state, k0, k1)
-        if slot != NULL and slot.flags & RW_LIVE and <TEntry*><intptr_t>slot.a == e:
-            slot.a = 0              # ta_release below quarantines the tuple
-            self.nresp -= 1
+        slot = ts_find(&self.alloc.state, k0, k1)
+        if (slot < self.alloc.state.cap and self.alloc.state.slots[slot] & TX_VALUE_MASK
+                == <uint64_t><uintptr_t>e | TS_ENTRY):
+            self.nresp -= 1         # ta_release below makes it a record, quarantined
             if e.prev != NULL:
                 e.prev.next = e.next
             else:
@@ -1375,8 +1436,9 @@ cdef class Table:
                 e.s.counters = c
             e = e.next
         for i in range(self.heap_n):
-            if self.heap[i].e.s != NULL and not self.heap[i].e.frozen:
-                self.heap[i].e.s.counters = c
+            e = th_entry(&self.heap[i])
+            if e.s != NULL and not e.frozen:
+                e.s.counters = c
         for i in range(self.touched_n):
             if self.touched[i].s != NULL and not self.touched[i].frozen:
                 self.touched[i].s.counters = c
@@ -1665,13 +1727,22 @@ cdef class Table:
     def index_bytes(self):
         """Bytes of the table's C indexes (flow, response and refused maps, the allocator's
         maps, the timer heap): what grows with a flood and shrinks after it."""
-        return ((self.refused.cap + self.alloc.state.cap + self.alloc.groups.cap) * sizeof(hslot)
-                + self.flows.cap * sizeof(uint64_t) + self.heap_cap * sizeof(THeapItem))
+        return ((self.refused.cap + self.alloc.groups.cap) * sizeof(hslot)
+                + (self.flows.cap + self.alloc.state.cap) * sizeof(uint64_t)
+                + self.alloc.state.records * sizeof(TTuple)
+                + self.heap_cap * sizeof(THeapItem))
 
     @property
     def slab_bytes(self):
         """Bytes of the slab's chunks (the entries and the lingering records)."""
         return self.slab.chunks * SB_CHUNK_BYTES
+
+    @staticmethod
+    def set_seq_limit(limit=None):
+        """Tests: the timer heap's last sequence number before they are renumbered (None:
+        as built, 2 ** TH_SEQ_BITS - 1)."""
+        global TB_SEQ_LIMIT
+        TB_SEQ_LIMIT = TH_SEQ_MASK if limit is None else min(max(int(limit), 1), TH_SEQ_MASK)
 
     @staticmethod
     def set_heap_slack(size_t slack):
