@@ -135,7 +135,11 @@ PUMP_ENV = "TCPCOPY_MP_PUMP"
 """Set to 0: the wake-up path in Python even where the compiled one applies (comparisons)."""
 PUMP_ROUTES = 1
 PUMP_SEND_ERROR = 2
-"""engine/dataplane/pump.pxi's statuses (its PUMP_ROUTES, PUMP_SEND_ERROR)."""
+PUMP_WAIT_EVENTS = 3
+PUMP_WAIT_DUE = 4
+PUMP_WAIT_READ_END = 5
+PUMP_WAIT_FRAME_ERROR = 6
+"""engine/dataplane/pump.pxi's statuses (its PUMP_ROUTES, ..., PUMP_WAIT_FRAME_ERROR)."""
 GC_FREEZE_INTERVAL_S = 1.0
 REFUSAL_LOG_INTERVAL_S = 10.0
 """At most one log line per this interval about reconnects the sessions refused."""
@@ -220,6 +224,7 @@ class Worker:
         self._refusals_logged = 0
         self._refusal_log = RateLimiter(REFUSAL_LOG_INTERVAL_S)
         self._pump: object | None = None
+        self._reader_type: type = type(None)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -269,19 +274,32 @@ class Worker:
         next_refusals = now
         table, channels, sources, select = self.table, self.channels, self.sources, self.sel.select
         pump = self._pump = self._make_pump()
+        wait_fd = self._wait_fd(pump)
         drain_first = True
         while not self._stop:
             # The nearest deadline (a None is no timer), without building a sequence per pass.
             deadline = next_stats if next_stats < next_memory else next_memory
-            for d in (table.get_timer(), channels.get_timer(), self._tail_at):
+            for d in (channels.get_timer(), self._tail_at):
                 if d is not None and d < deadline:
                     deadline = d
             for src in sources:
                 d = src.next_deadline()
                 if d is not None and d < deadline:
                     deadline = d
-            events = select(deadline - now if deadline > now else 0.0)
-            now = self.clock()
+            if wait_fd >= 0 and not drain_first and deadline > now and self._may_wait():
+                # The compiled wait (module docstring): back here for Python's work only.
+                if next_refusals < deadline:
+                    deadline = next_refusals
+                if next_freeze < deadline:
+                    deadline = next_freeze
+                events, drain_first = self._wait(pump, wait_fd, deadline, select)
+                now = self.clock()
+            else:
+                d = table.get_timer()
+                if d is not None and d < deadline:
+                    deadline = d
+                events = select(deadline - now if deadline > now else 0.0)
+                now = self.clock()
             if self._signals.pending:
                 self._handle_signals()
             # Responses first, drained at once: they open the request gate of held sessions,
@@ -431,6 +449,55 @@ class Worker:
             src.batch_max,
             on_loss is not None,
         )
+
+    def _wait_fd(self, pump: object | None) -> int:
+        """The selector's epoll fd for the compiled wait (module docstring, "The compiled
+        wait"), or -1: the loop's select."""
+        if pump is None or self.clock is not time.monotonic:
+            return -1
+        if type(self.sel) is not selectors.EpollSelector:
+            return -1
+        if not hasattr(self.channels, "compiled_reads"):
+            return -1
+        from engine.dataplane.engine import FrameReader
+
+        self._reader_type = FrameReader
+        return self.sel.fileno()
+
+    def _may_wait(self) -> bool:
+        """Not once the input may have ended: the loop then looks at every wake-up whether
+        the replay is over (``_offline_done``)."""
+        for src in self.sources:
+            control = getattr(src, "control", None)
+            if control is not None and control.capture_done:  # type: ignore[attr-defined]
+                return False
+        return True
+
+    def _wait(
+        self, pump: object, epfd: int, deadline: float, select: Callable
+    ) -> tuple[list, bool]:
+        """One compiled wait (``Pump.wait``) until ``deadline`` or Python's work; returns the
+        events for the loop and whether a drain must come first (records were read and not
+        drained)."""
+        channels = self.channels
+        fds, readers = channels.compiled_reads(self._reader_type)  # type: ignore[attr-defined]
+        status = pump.wait(epfd, deadline, fds, readers)  # type: ignore[attr-defined]
+        responses = pump.responses  # type: ignore[attr-defined]
+        if responses:
+            channels.counters["responses_received"] += responses  # type: ignore[attr-defined]
+        if status == PUMP_WAIT_EVENTS:
+            return select(0.0), False
+        if status == PUMP_WAIT_DUE or status == 0:
+            return [], False
+        now = self.clock()
+        if status == PUMP_WAIT_READ_END:
+            channels.read_failed(pump.wait_fd, pump.wait_errno, now)  # type: ignore[attr-defined]
+            return [], True
+        if status == PUMP_WAIT_FRAME_ERROR:
+            channels.frame_failed(pump.wait_fd, pump.wait_error, now)  # type: ignore[attr-defined]
+            return [], True
+        self._pump_back(pump, status, now)
+        return [], False
 
     def _capture_wakeup(self, fired: Sequence[object], now: float) -> None:
         """What the loop does after the responses: a batch of each source whose fd woke us
