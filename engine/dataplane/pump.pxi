@@ -415,7 +415,7 @@ cdef class Pump:
                 return 0
         return 0
 
-    def wait(self, int epfd, double deadline, fds, readers):
+    def wait(self, int epfd, double deadline, fds, readers, at=None):
         """The worker's loop between its Python deadlines (worker.py "The compiled wait"):
         waits on the selector's epoll ``epfd`` until ``deadline`` (time.monotonic), reading
         the connections ``fds`` (connected intercepts, response records into ``readers[i]``,
@@ -431,13 +431,16 @@ cdef class Pump:
         * PUMP_ROUTES / PUMP_SEND_ERROR: a drain's hand-back (``drain``'s).
 
         ``responses``: the records read (the channel's ``responses_received``); ``waits``:
-        the epoll waits made."""
+        the epoll waits made.  ``at``: a fixed clock (a test's scripted time) read instead
+        of time.monotonic; the wait then ends (PUMP_WAIT_DUE) at its first timeout."""
         cdef epoll_event evs[PM_WAIT_FDS]
         cdef int cfds[PM_WAIT_FDS]
         cdef int nfd = len(fds), n, i, j, k, status = PM_DONE
         cdef double now, until, timer
         cdef uint64_t packets = 0, nbytes = 0
         cdef list rd = list(readers)
+        cdef bint fixed = at is not None
+        cdef double fixed_at = at if fixed else 0.0
         if self._block is None:
             raise ValueError("the pump is closed")
         if nfd > PM_WAIT_FDS or len(rd) != nfd:
@@ -456,7 +459,7 @@ cdef class Pump:
         self.wait_errno = 0
         self.wait_error = None
         while True:
-            now = pump_now()
+            now = fixed_at if fixed else pump_now()
             until = deadline
             timer = self.table.tb_get_timer()
             if tset(timer) and timer < until:
@@ -464,9 +467,12 @@ cdef class Pump:
             with nogil:
                 n = pump_epoll_wait(epfd, evs, PM_WAIT_FDS, until - now)
             self.waits += 1
-            now = pump_now()
+            now = fixed_at if fixed else pump_now()
             if n < 0:
                 status = PM_WAIT_EVENTS  # EINTR: a signal, the caller's to handle
+                break
+            if fixed and n == 0:
+                status = PM_WAIT_DUE
                 break
             # Every event must be a connection's read, or none is taken.
             for i in range(n):

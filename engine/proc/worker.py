@@ -474,14 +474,19 @@ class Worker:
         return True
 
     def _wait(
-        self, pump: object, epfd: int, deadline: float, select: Callable
+        self,
+        pump: object,
+        epfd: int,
+        deadline: float,
+        select: Callable,
+        at: float | None = None,
     ) -> tuple[list, bool]:
         """One compiled wait (``Pump.wait``) until ``deadline`` or Python's work; returns the
         events for the loop and whether a drain must come first (records were read and not
-        drained)."""
+        drained).  ``at``: Pump.wait's fixed clock (tests)."""
         channels = self.channels
         fds, readers = channels.compiled_reads(self._reader_type)  # type: ignore[attr-defined]
-        status = pump.wait(epfd, deadline, fds, readers)  # type: ignore[attr-defined]
+        status = pump.wait(epfd, deadline, fds, readers, at)  # type: ignore[attr-defined]
         responses = pump.responses  # type: ignore[attr-defined]
         if responses:
             channels.counters["responses_received"] += responses  # type: ignore[attr-defined]
@@ -489,7 +494,7 @@ class Worker:
             return select(0.0), False
         if status == PUMP_WAIT_DUE or status == 0:
             return [], False
-        now = self.clock()
+        now = self.clock() if at is None else at
         if status == PUMP_WAIT_READ_END:
             channels.read_failed(pump.wait_fd, pump.wait_errno, now)  # type: ignore[attr-defined]
             return [], True
