@@ -143,6 +143,7 @@ cdef enum:
     PM_WAIT_DUE = 4
     PM_WAIT_READ_END = 5
     PM_WAIT_FRAME_ERROR = 6
+    PM_WAIT_RING = 7
     PM_WAIT_FDS = 64        # the connections and events one wait handles
     PM_READ_BYTES = 65536   # engine/io/channel.py READ_BYTES
     PM_READS_PER_EVENT = 64  # ... and its READS_PER_EVENT_MAX
@@ -161,6 +162,9 @@ PUMP_WAIT_READ_END = PM_WAIT_READ_END
 """``wait``: a connection's read found its end or an error (``wait_fd``, ``wait_errno``)."""
 PUMP_WAIT_FRAME_ERROR = PM_WAIT_FRAME_ERROR
 """``wait``: a connection's frames did not decode (``wait_fd``, ``wait_error``)."""
+PUMP_WAIT_RING = PM_WAIT_RING
+"""``wait``: the ring's eventfd fired (not consumed), the connections' reads of that wait
+done and drained: the caller's wake-up on its ring."""
 PUMP_READ_BYTES = PM_READ_BYTES
 PUMP_READS_PER_EVENT = PM_READS_PER_EVENT
 
@@ -422,9 +426,11 @@ cdef class Pump:
         their FrameReaders) itself, draining and sending after them, and running the table's
         timers when due, as the loop does.  Returns to the caller for everything else, with:
 
-        * PUMP_WAIT_EVENTS: an event that is not a connection's read (the ring's eventfd, a
-          signal, a writable socket, another fd), or an interrupted wait; that wait's events
-          are not consumed (the caller's selector sees them again);
+        * PUMP_WAIT_RING: the ring's eventfd fired (not read), with connection reads or
+          alone: those read and drained first, as the loop's responses before its ring;
+        * PUMP_WAIT_EVENTS: an event that is neither a connection's read nor the ring's (a
+          signal, a writable or failing socket, another fd), or an interrupted wait; that
+          wait's events are not consumed (the caller's selector sees them again);
         * PUMP_WAIT_DUE: ``deadline`` came;
         * PUMP_WAIT_READ_END / PUMP_WAIT_FRAME_ERROR: a connection failed (``wait_fd``): what
           it read before is in the table, not drained;
@@ -436,6 +442,7 @@ cdef class Pump:
         cdef epoll_event evs[PM_WAIT_FDS]
         cdef int cfds[PM_WAIT_FDS]
         cdef int nfd = len(fds), n, i, j, k, status = PM_DONE
+        cdef bint ring = False
         cdef double now, until, timer
         cdef uint64_t packets = 0, nbytes = 0
         cdef list rd = list(readers)
@@ -474,11 +481,15 @@ cdef class Pump:
             if fixed and n == 0:
                 status = PM_WAIT_DUE
                 break
-            # Every event must be a connection's read, or none is taken.
+            # Every event must be a connection's read or the ring's, or none is taken.
+            ring = False
             for i in range(n):
                 if evs[i].events != EPOLLIN:
                     status = PM_WAIT_EVENTS
                     break
+                if evs[i].data.fd == self.efd:
+                    ring = True
+                    continue
                 for j in range(nfd):
                     if cfds[j] == evs[i].data.fd:
                         break
@@ -487,9 +498,11 @@ cdef class Pump:
                     break
             if status:
                 break
-            if n:
+            if n > <int>ring:
                 # The loop's responses, then its drain after them.
                 for i in range(n):
+                    if evs[i].data.fd == self.efd:
+                        continue
                     for j in range(nfd):
                         if cfds[j] == evs[i].data.fd:
                             break
@@ -502,6 +515,9 @@ cdef class Pump:
                     status = self.pm_drain_send(&packets, &nbytes)
                 if status:
                     break
+            if ring:
+                status = PM_WAIT_RING
+                break
             if now >= deadline:
                 status = PM_WAIT_DUE
                 break

@@ -45,6 +45,26 @@ table's drain and its sendmmsg in one call.  The Python steps stay the
 specification and run for every other source, table and sender, or with
 TCPCOPY_MP_PUMP=0 (for comparisons).
 
+The compiled wait.  With the pump, the loop's own epoll selector and the real intercept
+channels, the loop does not call select itself between its Python deadlines: ``Pump.wait``
+waits on the selector's epoll fd until the nearest of them (the stats line, the memory
+check, the channels' timers, the offline tail, the ring's own deadline, the refusal log, the
+collector's freeze) and does itself, without coming back here, what the loop would do for a
+wake-up on the intercept connections alone: each connected connection read as
+channel.py ``_read`` reads it (its frames into the table through its FrameReader), the drain
+and its sendmmsg after them, then the table's due timers and the drain again, as
+``_pump_wakeup`` does when no ring batch is due; and a timeout of the table's timer alone
+runs the timers and the drain.  The ring's eventfd ends it after that wait's connection
+reads and their drain, as the loop's wake-up on its ring (its batches then read here, by
+``_pump_wakeup``).  It comes back for everything else, consuming nothing of it: a signal, a
+writable or failing socket, any other fd (the loop's select then sees those events as it
+would have), a connection's end, error or bad frame (handled
+here as ``_read`` handles them), routes to announce and a refused packet (the pump's
+hand-backs), and its deadline.  So under a steady flow of responses the worker's user-space
+time per wake-up is the pump's, not this loop's.  Not once the input may have ended (the
+capture marked its replay done): the loop then checks at each wake-up whether the replay is
+over.
+
 `now` is time.monotonic() read once per wake-up.  Nothing here decides TCP behaviour; that
 is the pure core's job, which this loop only feeds and drains.
 
@@ -139,6 +159,7 @@ PUMP_WAIT_EVENTS = 3
 PUMP_WAIT_DUE = 4
 PUMP_WAIT_READ_END = 5
 PUMP_WAIT_FRAME_ERROR = 6
+PUMP_WAIT_RING = 7
 """engine/dataplane/pump.pxi's statuses (its PUMP_ROUTES, ..., PUMP_WAIT_FRAME_ERROR)."""
 GC_FREEZE_INTERVAL_S = 1.0
 REFUSAL_LOG_INTERVAL_S = 10.0
@@ -225,6 +246,7 @@ class Worker:
         self._refusal_log = RateLimiter(REFUSAL_LOG_INTERVAL_S)
         self._pump: object | None = None
         self._reader_type: type = type(None)
+        self._ring_events: list = []
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -462,6 +484,11 @@ class Worker:
         from engine.dataplane.engine import FrameReader
 
         self._reader_type = FrameReader
+        # The loop's event for the ring (PUMP_WAIT_RING): the wake-up on it, as select's.
+        key = self.sel.get_map().get(self.sources[0].fileno())  # type: ignore[attr-defined]
+        if key is None:
+            return -1
+        self._ring_events = [(key, selectors.EVENT_READ)]
         return self.sel.fileno()
 
     def _may_wait(self) -> bool:
@@ -490,6 +517,8 @@ class Worker:
         responses = pump.responses  # type: ignore[attr-defined]
         if responses:
             channels.counters["responses_received"] += responses  # type: ignore[attr-defined]
+        if status == PUMP_WAIT_RING:
+            return self._ring_events, False
         if status == PUMP_WAIT_EVENTS:
             return select(0.0), False
         if status == PUMP_WAIT_DUE or status == 0:

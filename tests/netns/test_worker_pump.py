@@ -35,8 +35,10 @@ from engine.proc.worker import (
     PUMP_ENV,
     PUMP_WAIT_DUE,
     PUMP_WAIT_EVENTS,
+    PUMP_WAIT_RING,
     RingSource,
     Worker,
+    _SourceCallback,
 )
 from testbed import netns as tbm
 from tests.unit.link import Client, Target
@@ -288,7 +290,9 @@ class Intercept:
         self.port = self.sock.getsockname()[1]
 
     def accept(self, w: World, ns: str) -> list[socket.socket]:
-        tbm.in_netns(ns, lambda: w.worker.channels.start(0.0))
+        worker = w.worker
+        worker.sel.register(w.src.fileno(), selectors.EVENT_READ, _SourceCallback(worker, w.src))
+        tbm.in_netns(ns, lambda: worker.channels.start(0.0))
         conns = [self.sock.accept()[0] for _ in range(2)]
         w.worker._wait_for_intercept(0.0)
         assert w.worker.channels.connected == 2
@@ -318,6 +322,7 @@ def _steps(w: World, events: list, at: float) -> None:
     table's due timers, the drain."""
     worker = w.worker
     for key, mask in events:
+        assert type(key.data) is not _SourceCallback  # the script reads its ring itself
         key.data(mask, at)
     worker._flush(at)
     table = worker.table
@@ -421,29 +426,35 @@ def test_the_wait_does_what_the_loop_does(ns: str) -> None:
 
 
 def test_the_wait_hands_back_what_is_not_a_connection_read(ns: str) -> None:
-    """The ring's eventfd (or any fd but a connection's read) ends the wait, not consumed;
-    the deadline ends it too."""
+    """The ring's eventfd ends the wait (the loop's wake-up on its ring), any fd but a
+    connection's read too, neither consumed; the deadline ends it too."""
     icpt = Intercept(ns)
     w = World(ns, pump=True, port=icpt.port)
     conns: list[socket.socket] = []
+    a, b = socket.socketpair()
     try:
         conns = icpt.accept(w, ns)
         worker = w.worker
-        worker.sel.register(w.src.fileno(), selectors.EVENT_READ, None)
         epfd = worker._wait_fd(w.pump)
+        assert epfd >= 0
         fds, readers = worker.channels.compiled_reads(worker._reader_type)
         assert len(fds) == 2
         deadline = time.monotonic() + 0.05
         assert w.pump.wait(epfd, deadline, fds, readers) == PUMP_WAIT_DUE
         assert time.monotonic() >= deadline
-        w.producer.push_batch([(b"\x45\x00\x00\x14", 1.0)])
         far = time.monotonic() + 30.0
-        assert w.pump.wait(epfd, far, fds, readers) == PUMP_WAIT_EVENTS
+        w.producer.push_batch([(b"\x45\x00\x00\x14", 1.0)])
+        assert w.pump.wait(epfd, far, fds, readers) == PUMP_WAIT_RING
         assert w.pump.waits == 1 and len(w.src.ring) > 0  # nothing of it taken
-        keys = [key.fd for key, _mask in worker.sel.select(0.0)]
-        assert keys == [w.src.fileno()]
+        events, drain_first = worker._wait(w.pump, epfd, far, worker.sel.select)
+        assert [key.fd for key, _ in events] == [w.src.fileno()] and not drain_first
+        w.src.receive_into(w.table, 1.0)  # the ring read: its eventfd cleared
+        worker.sel.register(b, selectors.EVENT_READ, None)
+        a.send(b"x")
+        assert w.pump.wait(epfd, far, fds, readers) == PUMP_WAIT_EVENTS
+        assert [key.fd for key, _ in worker.sel.select(0.0)] == [b.fileno()]
     finally:
         w.close()
-        for c in conns:
+        for c in (*conns, a, b):
             c.close()
         icpt.close()
