@@ -208,6 +208,8 @@ cdef class Pump:
     cdef readonly int wait_errno
     cdef readonly object wait_error
     cdef readonly int64_t waits
+    cdef readonly double sent_at
+    cdef readonly int64_t sent_mark
 
     def __dealloc__(self):
         free(self.rbuf)
@@ -419,7 +421,7 @@ cdef class Pump:
                 return 0
         return 0
 
-    def wait(self, int epfd, double deadline, fds, readers, at=None):
+    def wait(self, int epfd, double deadline, fds, readers, at=None, bint until_idle=False):
         """The worker's loop between its Python deadlines (worker.py "The compiled wait"):
         waits on the selector's epoll ``epfd`` until ``deadline`` (time.monotonic), reading
         the connections ``fds`` (connected intercepts, response records into ``readers[i]``,
@@ -437,14 +439,19 @@ cdef class Pump:
         * PUMP_ROUTES / PUMP_SEND_ERROR: a drain's hand-back (``drain``'s).
 
         ``responses``: the records read (the channel's ``responses_received``); ``waits``:
-        the epoll waits made.  ``at``: a fixed clock (a test's scripted time) read instead
-        of time.monotonic; the wait then ends (PUMP_WAIT_DUE) at its first timeout."""
+        the epoll waits made; ``sent_at``: the clock of the last step whose drain or timers
+        changed the table's ``sent`` count (what the offline tail watches), ``sent_mark``
+        that count then (-1: none did).  ``until_idle``: the wait also ends (PUMP_WAIT_DUE)
+        after a step that left the table with no session (an offline replay's input ended).
+        ``at``: a fixed clock (a test's scripted time) read instead of time.monotonic; the
+        wait then ends (PUMP_WAIT_DUE) at its first timeout."""
         cdef epoll_event evs[PM_WAIT_FDS]
         cdef int cfds[PM_WAIT_FDS]
         cdef int nfd = len(fds), n, i, j, k, status = PM_DONE
         cdef bint ring = False
         cdef double now, until, timer
         cdef uint64_t packets = 0, nbytes = 0
+        cdef int64_t sent
         cdef list rd = list(readers)
         cdef bint fixed = at is not None
         cdef double fixed_at = at if fixed else 0.0
@@ -462,6 +469,9 @@ cdef class Pump:
                 raise MemoryError()
         self.responses = 0
         self.waits = 0
+        self.sent_mark = -1
+        self.sent_at = 0.0
+        sent = <int64_t>self.table.c[EC_SEND]
         self.wait_fd = -1
         self.wait_errno = 0
         self.wait_error = None
@@ -513,6 +523,10 @@ cdef class Pump:
                     break
                 with nogil:
                     status = self.pm_drain_send(&packets, &nbytes)
+                if <int64_t>self.table.c[EC_SEND] != sent:
+                    sent = <int64_t>self.table.c[EC_SEND]
+                    self.sent_mark = sent
+                    self.sent_at = now
                 if status:
                     break
             if ring:
@@ -529,7 +543,14 @@ cdef class Pump:
                     self.table.tb_handle_timer(now)
                     self.table.tb_count_end()
                 status = self.pm_drain_send(&packets, &nbytes)
+            if <int64_t>self.table.c[EC_SEND] != sent:
+                sent = <int64_t>self.table.c[EC_SEND]
+                self.sent_mark = sent
+                self.sent_at = now
             if status:
+                break
+            if until_idle and self.table.nresp == 0:
+                status = PM_WAIT_DUE
                 break
         return self.pm_finish(status, packets, nbytes)
 

@@ -61,9 +61,10 @@ writable or failing socket, any other fd (the loop's select then sees those even
 would have), a connection's end, error or bad frame (handled
 here as ``_read`` handles them), routes to announce and a refused packet (the pump's
 hand-backs), and its deadline.  So under a steady flow of responses the worker's user-space
-time per wake-up is the pump's, not this loop's.  Not once the input may have ended (the
-capture marked its replay done): the loop then checks at each wake-up whether the replay is
-over.
+time per wake-up is the pump's, not this loop's.  Once the input ended (an offline replay's
+"Offline tail" below), it also comes back after a step that left the table empty, and notes
+when its steps last sent (``Pump.sent_at``): the tail then starts from that wake-up, as it
+starts from the loop's wake-up that sent.
 
 `now` is time.monotonic() read once per wake-up.  Nothing here decides TCP behaviour; that
 is the pure core's job, which this loop only feeds and drains.
@@ -247,6 +248,7 @@ class Worker:
         self._pump: object | None = None
         self._reader_type: type = type(None)
         self._ring_events: list = []
+        self._wait_sent: tuple[int, float] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -308,7 +310,7 @@ class Worker:
                 d = src.next_deadline()
                 if d is not None and d < deadline:
                     deadline = d
-            if wait_fd >= 0 and not drain_first and deadline > now and self._may_wait():
+            if wait_fd >= 0 and not drain_first and deadline > now:
                 # The compiled wait (module docstring): back here for Python's work only.
                 if next_refusals < deadline:
                     deadline = next_refusals
@@ -424,7 +426,10 @@ class Worker:
         sent = table.sent  # type: ignore[attr-defined]
         if sent != self._tail_sent:  # a session still works: the tail starts again
             self._tail_sent = sent
-            self._tail_at = now + self.cfg.offline_tail_s
+            at = now
+            if self._wait_sent is not None and self._wait_sent[0] == sent:
+                at = self._wait_sent[1]  # sent last by a compiled wait's step, then
+            self._tail_at = at + self.cfg.offline_tail_s
         if self._tail_at is None or now < self._tail_at:
             return False
         ended = table.end_input(now)  # type: ignore[attr-defined]
@@ -491,14 +496,9 @@ class Worker:
         self._ring_events = [(key, selectors.EVENT_READ)]
         return self.sel.fileno()
 
-    def _may_wait(self) -> bool:
-        """Not once the input may have ended: the loop then looks at every wake-up whether
-        the replay is over (``_offline_done``)."""
-        for src in self.sources:
-            control = getattr(src, "control", None)
-            if control is not None and control.capture_done:  # type: ignore[attr-defined]
-                return False
-        return True
+    def _exhausted(self) -> bool:
+        """Every source's input ended (``_offline_done``'s first test)."""
+        return bool(self.sources) and all(getattr(s, "exhausted", False) for s in self.sources)
 
     def _wait(
         self,
@@ -513,7 +513,13 @@ class Worker:
         drained).  ``at``: Pump.wait's fixed clock (tests)."""
         channels = self.channels
         fds, readers = channels.compiled_reads(self._reader_type)  # type: ignore[attr-defined]
-        status = pump.wait(epfd, deadline, fds, readers, at)  # type: ignore[attr-defined]
+        idle = self._exhausted()  # the replay is over once the table is empty
+        status = pump.wait(epfd, deadline, fds, readers, at, idle)  # type: ignore[attr-defined]
+        mark = pump.sent_mark  # type: ignore[attr-defined]
+        if mark >= 0:
+            # When the wait's steps last sent: the offline tail starts there, as it starts
+            # at the loop's wake-up that sent (``_offline_done``).
+            self._wait_sent = (mark, pump.sent_at)  # type: ignore[attr-defined]
         responses = pump.responses  # type: ignore[attr-defined]
         if responses:
             channels.counters["responses_received"] += responses  # type: ignore[attr-defined]
