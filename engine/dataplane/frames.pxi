@@ -80,15 +80,20 @@ cdef class FrameReader:
         """The first ``n`` bytes of ``buf`` (a read) after what is held: every complete frame
         into the table; returns the number of records fed."""
         cdef const uint8_t[::1] b = _as_bytes_view(buf)
-        cdef const uint8_t* data
+        if self.error is not None:
+            raise self.error
+        if n < 0 or n > b.shape[0]:
+            raise ValueError(f"feed: {n} bytes of a {b.shape[0]}-byte buffer")
+        return self.fr_feed(&b[0] if n else NULL, n, now)
+
+    cdef Py_ssize_t fr_feed(self, const uint8_t* data, Py_ssize_t n, double now) except -1:
+        """``feed`` on ``n`` bytes at ``data`` (the worker's compiled wait loop reads into
+        its own buffer and feeds from there); raises DecodeError as ``feed`` does."""
         cdef Py_ssize_t size = self.record_bytes, taken = 0, p, h0, need, count, end
         cdef Py_ssize_t frames = 0, records = 0
         cdef bint held_frame = False
         if self.error is not None:
             raise self.error
-        if n < 0 or n > b.shape[0]:
-            raise ValueError(f"feed: {n} bytes of a {b.shape[0]}-byte buffer")
-        data = &b[0] if n else NULL
         h0 = self.hold_n
         if not self.combined:
             if h0:

@@ -650,6 +650,51 @@ class InterceptChannels:
             if drained:
                 return
 
+    # -- the worker's compiled wait (engine/proc/worker.py, "The compiled wait") -----------
+
+    def compiled_reads(self, reader_type: type) -> tuple[list[int], list[object]]:
+        """The connections a compiled wait may read itself, as ``_read`` would (connected,
+        authenticated, their reader a ``reader_type``): their fds and readers."""
+        fds: list[int] = []
+        readers: list[object] = []
+        for icpt in self.intercepts:
+            for conn in icpt.conns:
+                if (
+                    conn.state == CONNECTED
+                    and conn.sock is not None
+                    and conn.handshake is None
+                    and type(conn.decoder) is reader_type
+                ):
+                    fds.append(conn.sock.fileno())
+                    readers.append(conn.decoder)
+        return fds, readers
+
+    def read_failed(self, fd: int, err: int, now: float) -> None:
+        """A compiled wait's read of connection ``fd`` found its end (``err`` 0) or the error
+        ``err``: what ``_read`` does then."""
+        conn = self._conn_of(fd)
+        if conn is None:
+            return
+        if err:
+            self._fail(conn, now, errno.errorcode.get(err, os.strerror(err)))
+        else:
+            self._fail(conn, now, "closed by intercept")
+
+    def frame_failed(self, fd: int, exc: Exception, now: float) -> None:
+        """A compiled wait's read of connection ``fd`` held a bad frame: as ``_read``."""
+        conn = self._conn_of(fd)
+        if conn is None:
+            return
+        self.counters["channel_frame_errors"] += 1
+        self._fail(conn, now, f"bad frame: {exc}")
+
+    def _conn_of(self, fd: int) -> _Conn | None:
+        for icpt in self.intercepts:
+            for conn in icpt.conns:
+                if conn.sock is not None and conn.sock.fileno() == fd:
+                    return conn
+        return None
+
     def _on_event(self, conn: _Conn, mask: int, now: float) -> None:
         if conn.state == CONNECTING:
             assert conn.sock is not None

@@ -45,6 +45,27 @@ table's drain and its sendmmsg in one call.  The Python steps stay the
 specification and run for every other source, table and sender, or with
 TCPCOPY_MP_PUMP=0 (for comparisons).
 
+The compiled wait.  With the pump, the loop's own epoll selector and the real intercept
+channels, the loop does not call select itself between its Python deadlines: ``Pump.wait``
+waits on the selector's epoll fd until the nearest of them (the stats line, the memory
+check, the channels' timers, the offline tail, the ring's own deadline, the refusal log, the
+collector's freeze) and does itself, without coming back here, what the loop would do for a
+wake-up on the intercept connections alone: each connected connection read as
+channel.py ``_read`` reads it (its frames into the table through its FrameReader), the drain
+and its sendmmsg after them, then the table's due timers and the drain again, as
+``_pump_wakeup`` does when no ring batch is due; and a timeout of the table's timer alone
+runs the timers and the drain.  The ring's eventfd ends it after that wait's connection
+reads and their drain, as the loop's wake-up on its ring (its batches then read here, by
+``_pump_wakeup``).  It comes back for everything else, consuming nothing of it: a signal, a
+writable or failing socket, any other fd (the loop's select then sees those events as it
+would have), a connection's end, error or bad frame (handled
+here as ``_read`` handles them), routes to announce and a refused packet (the pump's
+hand-backs), and its deadline.  So under a steady flow of responses the worker's user-space
+time per wake-up is the pump's, not this loop's.  Once the input ended (an offline replay's
+"Offline tail" below), it also comes back after a step that left the table empty, and notes
+when its steps last sent (``Pump.sent_at``): the tail then starts from that wake-up, as it
+starts from the loop's wake-up that sent.
+
 `now` is time.monotonic() read once per wake-up.  Nothing here decides TCP behaviour; that
 is the pure core's job, which this loop only feeds and drains.
 
@@ -135,7 +156,12 @@ PUMP_ENV = "TCPCOPY_MP_PUMP"
 """Set to 0: the wake-up path in Python even where the compiled one applies (comparisons)."""
 PUMP_ROUTES = 1
 PUMP_SEND_ERROR = 2
-"""engine/dataplane/pump.pxi's statuses (its PUMP_ROUTES, PUMP_SEND_ERROR)."""
+PUMP_WAIT_EVENTS = 3
+PUMP_WAIT_DUE = 4
+PUMP_WAIT_READ_END = 5
+PUMP_WAIT_FRAME_ERROR = 6
+PUMP_WAIT_RING = 7
+"""engine/dataplane/pump.pxi's statuses (its PUMP_ROUTES, ..., PUMP_WAIT_FRAME_ERROR)."""
 GC_FREEZE_INTERVAL_S = 1.0
 REFUSAL_LOG_INTERVAL_S = 10.0
 """At most one log line per this interval about reconnects the sessions refused."""
@@ -220,6 +246,9 @@ class Worker:
         self._refusals_logged = 0
         self._refusal_log = RateLimiter(REFUSAL_LOG_INTERVAL_S)
         self._pump: object | None = None
+        self._reader_type: type = type(None)
+        self._ring_events: list = []
+        self._wait_sent: tuple[int, float] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -269,19 +298,32 @@ class Worker:
         next_refusals = now
         table, channels, sources, select = self.table, self.channels, self.sources, self.sel.select
         pump = self._pump = self._make_pump()
+        wait_fd = self._wait_fd(pump)
         drain_first = True
         while not self._stop:
             # The nearest deadline (a None is no timer), without building a sequence per pass.
             deadline = next_stats if next_stats < next_memory else next_memory
-            for d in (table.get_timer(), channels.get_timer(), self._tail_at):
+            for d in (channels.get_timer(), self._tail_at):
                 if d is not None and d < deadline:
                     deadline = d
             for src in sources:
                 d = src.next_deadline()
                 if d is not None and d < deadline:
                     deadline = d
-            events = select(deadline - now if deadline > now else 0.0)
-            now = self.clock()
+            if wait_fd >= 0 and not drain_first and deadline > now:
+                # The compiled wait (module docstring): back here for Python's work only.
+                if next_refusals < deadline:
+                    deadline = next_refusals
+                if next_freeze < deadline:
+                    deadline = next_freeze
+                events, drain_first = self._wait(pump, wait_fd, deadline, select)
+                now = self.clock()
+            else:
+                d = table.get_timer()
+                if d is not None and d < deadline:
+                    deadline = d
+                events = select(deadline - now if deadline > now else 0.0)
+                now = self.clock()
             if self._signals.pending:
                 self._handle_signals()
             # Responses first, drained at once: they open the request gate of held sessions,
@@ -384,7 +426,10 @@ class Worker:
         sent = table.sent  # type: ignore[attr-defined]
         if sent != self._tail_sent:  # a session still works: the tail starts again
             self._tail_sent = sent
-            self._tail_at = now + self.cfg.offline_tail_s
+            at = now
+            if self._wait_sent is not None and self._wait_sent[0] == sent:
+                at = self._wait_sent[1]  # sent last by a compiled wait's step, then
+            self._tail_at = at + self.cfg.offline_tail_s
         if self._tail_at is None or now < self._tail_at:
             return False
         ended = table.end_input(now)  # type: ignore[attr-defined]
@@ -431,6 +476,68 @@ class Worker:
             src.batch_max,
             on_loss is not None,
         )
+
+    def _wait_fd(self, pump: object | None) -> int:
+        """The selector's epoll fd for the compiled wait (module docstring, "The compiled
+        wait"), or -1: the loop's select."""
+        if pump is None or self.clock is not time.monotonic:
+            return -1
+        if type(self.sel) is not selectors.EpollSelector:
+            return -1
+        if not hasattr(self.channels, "compiled_reads"):
+            return -1
+        from engine.dataplane.engine import FrameReader
+
+        self._reader_type = FrameReader
+        # The loop's event for the ring (PUMP_WAIT_RING): the wake-up on it, as select's.
+        key = self.sel.get_map().get(self.sources[0].fileno())  # type: ignore[attr-defined]
+        if key is None:
+            return -1
+        self._ring_events = [(key, selectors.EVENT_READ)]
+        return self.sel.fileno()
+
+    def _exhausted(self) -> bool:
+        """Every source's input ended (``_offline_done``'s first test)."""
+        return bool(self.sources) and all(getattr(s, "exhausted", False) for s in self.sources)
+
+    def _wait(
+        self,
+        pump: object,
+        epfd: int,
+        deadline: float,
+        select: Callable,
+        at: float | None = None,
+    ) -> tuple[list, bool]:
+        """One compiled wait (``Pump.wait``) until ``deadline`` or Python's work; returns the
+        events for the loop and whether a drain must come first (records were read and not
+        drained).  ``at``: Pump.wait's fixed clock (tests)."""
+        channels = self.channels
+        fds, readers = channels.compiled_reads(self._reader_type)  # type: ignore[attr-defined]
+        idle = self._exhausted()  # the replay is over once the table is empty
+        status = pump.wait(epfd, deadline, fds, readers, at, idle)  # type: ignore[attr-defined]
+        mark = pump.sent_mark  # type: ignore[attr-defined]
+        if mark >= 0:
+            # When the wait's steps last sent: the offline tail starts there, as it starts
+            # at the loop's wake-up that sent (``_offline_done``).
+            self._wait_sent = (mark, pump.sent_at)  # type: ignore[attr-defined]
+        responses = pump.responses  # type: ignore[attr-defined]
+        if responses:
+            channels.counters["responses_received"] += responses  # type: ignore[attr-defined]
+        if status == PUMP_WAIT_RING:
+            return self._ring_events, False
+        if status == PUMP_WAIT_EVENTS:
+            return select(0.0), False
+        if status == PUMP_WAIT_DUE or status == 0:
+            return [], False
+        now = self.clock() if at is None else at
+        if status == PUMP_WAIT_READ_END:
+            channels.read_failed(pump.wait_fd, pump.wait_errno, now)  # type: ignore[attr-defined]
+            return [], True
+        if status == PUMP_WAIT_FRAME_ERROR:
+            channels.frame_failed(pump.wait_fd, pump.wait_error, now)  # type: ignore[attr-defined]
+            return [], True
+        self._pump_back(pump, status, now)
+        return [], False
 
     def _capture_wakeup(self, fired: Sequence[object], now: float) -> None:
         """What the loop does after the responses: a batch of each source whose fd woke us

@@ -16,18 +16,30 @@ from __future__ import annotations
 
 import itertools
 import os
+import select
+import selectors
 import socket
 import subprocess
+import time
 
 import pytest
 
 from engine.codec import packet, wire
 from engine.core.config import ReplayConfig, SessionConfig
 from engine.core.rewrite import TransferEntry
+from engine.errors import DecodeError
 from engine.io import send
 from engine.io.engines import build_table, compiled_table_class
 from engine.io.ring import Ring
-from engine.proc.worker import PUMP_ENV, RingSource, Worker
+from engine.proc.worker import (
+    PUMP_ENV,
+    PUMP_WAIT_DUE,
+    PUMP_WAIT_EVENTS,
+    PUMP_WAIT_RING,
+    RingSource,
+    Worker,
+    _SourceCallback,
+)
 from testbed import netns as tbm
 from tests.unit.link import Client, Target
 from tests.unit.test_io_worker import FakeChannels
@@ -63,7 +75,7 @@ def ns():
 class World:
     """A worker (compiled table, ring, raw sender, fake channels) and the target's socket."""
 
-    def __init__(self, ns: str, pump: bool) -> None:
+    def __init__(self, ns: str, pump: bool, port: int = 0) -> None:
         def make():
             rx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
             rx.setsockopt(socket.SOL_SOCKET, send._SO_RCVBUFFORCE, 16 * 1024 * 1024)
@@ -77,7 +89,12 @@ class World:
                 TransferEntry(ONLINE_IP, 81, NOROUTE, 8080),
             )
         )
-        cfg = ReplayConfig(session=session, intercepts=(("198.18.0.1", 36524),))
+        # ``port``: real intercept channels to a listener there (two connections), in ns.
+        cfg = ReplayConfig(
+            session=session,
+            intercepts=(("198.18.0.3" if port else "198.18.0.1", port or 36524),),
+            connections=2,
+        )
         self.table = build_table("compiled", session)
         self.producer = Ring.create(capacity=4096)
         self.src = RingSource(Ring.attach(self.producer.spec()), None, batch_max=16)
@@ -88,7 +105,7 @@ class World:
             self.table,
             [self.src],
             self.sender,
-            channels=lambda sel, on_records: FakeChannels(self.log),
+            channels=None if port else (lambda sel, on_records: FakeChannels(self.log)),
             memory_rss=lambda: 0,
         )
         self.pump = self.worker._pump = self.worker._make_pump() if pump else None
@@ -122,6 +139,15 @@ class World:
     def answer(self, now: float, new: list[bytes]) -> None:
         """The target's answers to the packets in ``new``, as the intercept's records, then
         the drain the loop makes after responses."""
+        records = self.records_for(new)
+        if records:
+            self.table.receive_records(b"".join(records), now)
+            self.worker._flush(now)
+            for kind, port in self.received():
+                self.log.append((kind, port))
+
+    def records_for(self, new: list[bytes]) -> list[bytes]:
+        """The target's answers to the packets in ``new``, as the intercept's records."""
         records = []
         for raw in new:
             p = packet.parse_ip(raw)
@@ -139,11 +165,7 @@ class World:
             else:
                 answers = []
             records += [wire.encode_response_record(packet.build(a)) for a in answers]
-        if records:
-            self.table.receive_records(b"".join(records), now)
-            self.worker._flush(now)
-            for kind, port in self.received():
-                self.log.append((kind, port))
+        return records
 
     def close(self) -> None:
         self.worker.close()
@@ -237,3 +259,202 @@ def test_the_switch_and_the_parts_select_the_python_steps(ns: str, monkeypatch) 
         assert w.worker._make_pump() is None
     finally:
         w.close()
+
+
+# The compiled wait (Pump.wait): the intercept connections read, drained and sent, the table's
+# timers run, between the loop's Python deadlines.  Its specification is the loop's steps for
+# a wake-up on the connections: the callbacks (channel.py ``_read``), the drain, the table's
+# due timers and the drain again.
+
+
+class Intercept:
+    """A listener in ``ns`` standing in for the intercept: accepts a world's connections and
+    writes frames of response records to them."""
+
+    ADDR = "198.18.0.3"  # not the target's: the raw socket there sees none of this
+
+    def __init__(self, ns: str) -> None:
+        subprocess.run(
+            ["ip", "netns", "exec", ns, "ip", "addr", "add", f"{self.ADDR}/32", "dev", "lo"],
+            check=True,
+        )
+
+        def make():
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((self.ADDR, 0))
+            s.listen(8)
+            return s
+
+        self.sock = tbm.in_netns(ns, make)
+        self.sock.settimeout(5.0)
+        self.port = self.sock.getsockname()[1]
+
+    def accept(self, w: World, ns: str) -> list[socket.socket]:
+        worker = w.worker
+        worker.sel.register(w.src.fileno(), selectors.EVENT_READ, _SourceCallback(worker, w.src))
+        tbm.in_netns(ns, lambda: worker.channels.start(0.0))
+        conns = [self.sock.accept()[0] for _ in range(2)]
+        w.worker._wait_for_intercept(0.0)
+        assert w.worker.channels.connected == 2
+        return conns
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _frames(records: list[bytes]) -> bytes:
+    """The records in frames of up to 7 (the caller cuts the bytes across two reads: what a
+    reader holds in between)."""
+    out = b""
+    for i in range(0, len(records), 7):
+        part = records[i : i + 7]
+        out += len(part).to_bytes(2, "big") + b"".join(part)
+    return out
+
+
+def _readable(w: World) -> None:
+    socks = [c.sock for i in w.worker.channels.intercepts for c in i.conns if c.sock]
+    select.select(socks, [], [], 2.0)
+
+
+def _steps(w: World, events: list, at: float) -> None:
+    """The loop's steps for a wake-up on the connections: the callbacks, the drain, the
+    table's due timers, the drain."""
+    worker = w.worker
+    for key, mask in events:
+        assert type(key.data) is not _SourceCallback  # the script reads its ring itself
+        key.data(mask, at)
+    worker._flush(at)
+    table = worker.table
+    timer = table.get_timer()
+    if timer is not None and timer <= at:
+        table.handle_timer(at)
+    worker._flush(at)
+
+
+def _respond(w: World, at: float, wait: bool) -> None:
+    """The loop's wake-up on the connections at ``at``: by Pump.wait (and what it hands
+    back to the loop), or by its steps."""
+    worker = w.worker
+    _readable(w)
+    if wait:
+        epfd = worker._wait_fd(w.pump)
+        assert epfd >= 0
+        events, drain_first = worker._wait(w.pump, epfd, at + 0.05, worker.sel.select, at)
+        if events or drain_first:
+            _steps(w, events, at)
+    else:
+        _steps(w, worker.sel.select(1.0), at)
+    w.log += [(kind, port) for kind, port in w.received()]
+
+
+def _run_wait(ns: str, icpt: Intercept, wait: bool) -> tuple[World, list[socket.socket]]:
+    w = World(ns, pump=True, port=icpt.port)
+    conns: list[socket.socket] = []
+    try:
+        conns = icpt.accept(w, ns)
+        t0 = 1000.0
+        for k, pushed in enumerate(_script()):
+            now = t0 + 0.25 * k
+            if pushed:
+                w.producer.push_batch([(p, now) for p in pushed])
+            before = len(w.wire)
+            w.wakeup(now, fired=k % 3 != 2)
+            records = w.records_for(w.wire[before:])
+            if records:
+                data = _frames(records)
+                cut = len(data) // 3
+                conns[k % 2].sendall(data[:cut])
+                _respond(w, now + 0.01, wait)
+                conns[k % 2].sendall(data[cut:])
+                _respond(w, now + 0.02, wait)
+        # A bad frame on one connection, the other closed by the intercept: both end.
+        conns[0].sendall(b"\x00\x00")
+        _respond(w, t0 + 10.0, wait)
+        if wait:
+            assert isinstance(w.pump.wait_error, DecodeError)
+        conns[1].setblocking(False)
+        try:
+            while conns[1].recv(65536):  # what it was sent: the close is then a FIN
+                pass
+        except BlockingIOError:
+            pass
+        conns[1].close()
+        _respond(w, t0 + 10.1, wait)
+        if wait:
+            assert w.pump.wait_fd >= 0 and w.pump.wait_errno == 0  # the end, read by the wait
+        return w, conns
+    except BaseException:
+        w.close()
+        for c in conns:
+            c.close()
+        raise
+
+
+def test_the_wait_does_what_the_loop_does(ns: str) -> None:
+    icpt = Intercept(ns)
+    try:
+        py, py_conns = _run_wait(ns, icpt, wait=False)
+        try:
+            cp, cp_conns = _run_wait(ns, icpt, wait=True)
+            try:
+                assert cp.wire == py.wire
+                assert cp.log == py.log
+                assert len(cp.wire) > 60
+                for name in ("table", "sender", "worker"):
+                    a = getattr(cp, name).counters
+                    b = getattr(py, name).counters
+                    assert {k: v for k, v in a.items() if v} == {k: v for k, v in b.items() if v}
+                a, b = cp.worker.channels.counters, py.worker.channels.counters
+                assert a == b
+                assert a["responses_received"] > 30
+                assert a["channel_frame_errors"] == 1 and a["channel_disconnects"] == 2
+                assert cp.worker.channels.connected == py.worker.channels.connected == 0
+                t = cp.table.counters
+                assert t["ended_closed"] > 0 and t["rto"] > 0 and t["requests"] > 0
+                assert cp.table.active == py.table.active
+            finally:
+                cp.close()
+                for c in cp_conns:
+                    c.close()
+        finally:
+            py.close()
+            for c in py_conns:
+                c.close()
+    finally:
+        icpt.close()
+
+
+def test_the_wait_hands_back_what_is_not_a_connection_read(ns: str) -> None:
+    """The ring's eventfd ends the wait (the loop's wake-up on its ring), any fd but a
+    connection's read too, neither consumed; the deadline ends it too."""
+    icpt = Intercept(ns)
+    w = World(ns, pump=True, port=icpt.port)
+    conns: list[socket.socket] = []
+    a, b = socket.socketpair()
+    try:
+        conns = icpt.accept(w, ns)
+        worker = w.worker
+        epfd = worker._wait_fd(w.pump)
+        assert epfd >= 0
+        fds, readers = worker.channels.compiled_reads(worker._reader_type)
+        assert len(fds) == 2
+        deadline = time.monotonic() + 0.05
+        assert w.pump.wait(epfd, deadline, fds, readers) == PUMP_WAIT_DUE
+        assert time.monotonic() >= deadline
+        far = time.monotonic() + 30.0
+        w.producer.push_batch([(b"\x45\x00\x00\x14", 1.0)])
+        assert w.pump.wait(epfd, far, fds, readers) == PUMP_WAIT_RING
+        assert w.pump.waits == 1 and len(w.src.ring) > 0  # nothing of it taken
+        events, drain_first = worker._wait(w.pump, epfd, far, worker.sel.select)
+        assert [key.fd for key, _ in events] == [w.src.fileno()] and not drain_first
+        w.src.receive_into(w.table, 1.0)  # the ring read: its eventfd cleared
+        worker.sel.register(b, selectors.EVENT_READ, None)
+        a.send(b"x")
+        assert w.pump.wait(epfd, far, fds, readers) == PUMP_WAIT_EVENTS
+        assert [key.fd for key, _ in worker.sel.select(0.0)] == [b.fileno()]
+    finally:
+        w.close()
+        for c in (*conns, a, b):
+            c.close()
+        icpt.close()
