@@ -14,13 +14,13 @@ counters.
 
 from __future__ import annotations
 
-import itertools
 import os
 import select
 import selectors
 import socket
 import subprocess
 import time
+from typing import Any
 
 import pytest
 
@@ -54,35 +54,22 @@ LOCAL = packet.ip_from_str("198.18.0.1")
 NOROUTE = packet.ip_from_str("198.18.9.9")
 ONLINE_IP = packet.ip_from_str("198.18.1.2")
 CLIENT_IP = packet.ip_from_str("198.19.7.1")
-_seq = itertools.count()
 
 
 @pytest.fixture
 def ns():
-    name = f"tc{os.getpid()}-{950 + next(_seq)}-pm"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        for cmd in (
-            ["ip", "link", "set", "lo", "up"],
-            ["ip", "addr", "add", "198.18.0.1/32", "dev", "lo"],
-        ):
-            subprocess.run(["ip", "netns", "exec", name, *cmd], check=True)
+    with tbm.scratch_netns(
+        ["ip", "link", "set", "lo", "up"], ["ip", "addr", "add", "198.18.0.1/32", "dev", "lo"]
+    ) as name:
         yield name
-    finally:
-        tbm.delete_netns(name)
 
 
 class World:
     """A worker (compiled table, ring, raw sender, fake channels) and the target's socket."""
 
     def __init__(self, ns: str, pump: bool, port: int = 0) -> None:
-        def make():
-            rx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
-            rx.setsockopt(socket.SOL_SOCKET, send._SO_RCVBUFFORCE, 16 * 1024 * 1024)
-            rx.settimeout(2.0)
-            return send.RawSender(batch_path="fastio"), rx
-
-        self.sender, self.rx = tbm.in_netns(ns, make)
+        self.sender = tbm.in_netns(ns, lambda: send.RawSender(batch_path="fastio"))
+        self.rx = tbm.raw_tcp_receiver(ns)
         session = SessionConfig(
             transfers=(
                 TransferEntry(ONLINE_IP, 80, LOCAL, 8080),
@@ -219,18 +206,24 @@ def _run(ns: str, pump: bool) -> World:
         raise
 
 
+def assert_same_outcome(cp: Any, py: Any) -> None:
+    """The compiled run and the Python run sent the same packets in the same order, logged the
+    same and counted the same (the table's, the sender's and the worker's counters)."""
+    assert cp.wire == py.wire
+    assert cp.log == py.log
+    assert len(cp.wire) > 60
+    for name in ("table", "sender", "worker"):
+        a = getattr(cp, name).counters
+        b = getattr(py, name).counters
+        assert {k: v for k, v in a.items() if v} == {k: v for k, v in b.items() if v}
+
+
 def test_the_pump_does_what_the_python_wakeup_does(ns: str) -> None:
     py = _run(ns, pump=False)
     try:
         cp = _run(ns, pump=True)
         try:
-            assert cp.wire == py.wire
-            assert cp.log == py.log
-            assert len(cp.wire) > 60
-            for name in ("table", "sender", "worker"):
-                a = getattr(cp, name).counters
-                b = getattr(py, name).counters
-                assert {k: v for k, v in a.items() if v} == {k: v for k, v in b.items() if v}
+            assert_same_outcome(cp, py)
             c = cp.sender.counters
             assert c["send_error_ENETUNREACH"] > 0  # the pump handed refusals back
             assert cp.worker.counters["capture_parse_errors"] == 1
@@ -398,13 +391,7 @@ def test_the_wait_does_what_the_loop_does(ns: str) -> None:
         try:
             cp, cp_conns = _run_wait(ns, icpt, wait=True)
             try:
-                assert cp.wire == py.wire
-                assert cp.log == py.log
-                assert len(cp.wire) > 60
-                for name in ("table", "sender", "worker"):
-                    a = getattr(cp, name).counters
-                    b = getattr(py, name).counters
-                    assert {k: v for k, v in a.items() if v} == {k: v for k, v in b.items() if v}
+                assert_same_outcome(cp, py)
                 a, b = cp.worker.channels.counters, py.worker.channels.counters
                 assert a == b
                 assert a["responses_received"] > 30
