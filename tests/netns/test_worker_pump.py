@@ -20,6 +20,7 @@ import selectors
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -186,20 +187,26 @@ def _script() -> list[list[bytes]]:
     return steps
 
 
+def _drive(w: World, t0: float = 1000.0) -> Iterator[tuple[int, float, list[bytes]]]:
+    """The script's steps 0.25 s apart: each step's packets into the ring, the worker's
+    wake-up (some by the eventfd, the others by the ring's deadline alone); yields the step,
+    its clock and what that wake-up sent."""
+    for k, pushed in enumerate(_script()):
+        now = t0 + 0.25 * k
+        if pushed:
+            w.producer.push_batch([(p, now) for p in pushed])
+        before = len(w.wire)
+        w.wakeup(now, fired=k % 3 != 2)
+        yield k, now, w.wire[before:]
+
+
 def _run(ns: str, pump: bool) -> World:
     w = World(ns, pump)
     if pump:
         assert w.pump is not None
     try:
-        t0 = 1000.0
-        for k, pushed in enumerate(_script()):
-            now = t0 + 0.25 * k
-            if pushed:
-                w.producer.push_batch([(p, now) for p in pushed])
-            # Some wake-ups by the eventfd, the others by the ring's deadline alone.
-            before = len(w.wire)
-            w.wakeup(now, fired=k % 3 != 2)
-            w.answer(now + 0.01, w.wire[before:])
+        for _k, now, sent in _drive(w):
+            w.answer(now + 0.01, sent)
         return w
     except BaseException:
         w.close()
@@ -347,13 +354,8 @@ def _run_wait(ns: str, icpt: Intercept, wait: bool) -> tuple[World, list[socket.
     try:
         conns = icpt.accept(w, ns)
         t0 = 1000.0
-        for k, pushed in enumerate(_script()):
-            now = t0 + 0.25 * k
-            if pushed:
-                w.producer.push_batch([(p, now) for p in pushed])
-            before = len(w.wire)
-            w.wakeup(now, fired=k % 3 != 2)
-            records = w.records_for(w.wire[before:])
+        for k, now, sent in _drive(w, t0):
+            records = w.records_for(sent)
             if records:
                 data = _frames(records)
                 cut = len(data) // 3
