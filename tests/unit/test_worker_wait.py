@@ -206,3 +206,38 @@ def test_the_wait_ends_on_its_deadline_the_ring_and_other_fds() -> None:
         w.close()
         a.close()
         b.close()
+
+
+def _quickack(sock: socket.socket) -> int:
+    """1: the kernel ACKs at once (quick-ACK mode); 0: it delays its ACKs."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK)
+
+
+@pytest.mark.parametrize("wait", [False, True], ids=["loop", "wait"])
+def test_a_read_puts_the_connection_back_in_delayed_ack_mode(wait: bool) -> None:
+    """channel.py "Acknowledgements": after every read that got bytes, TCP_QUICKACK is 0, so
+    the kernel does not ACK each small frame as it is read (the loop's ``_read`` and the
+    compiled wait alike)."""
+    w = World()
+    try:
+        worker = w.worker
+        socks = [c.sock for i in worker.channels.intercepts for c in i.conns if c.sock]
+        assert len(socks) == 2
+        # A fresh connection starts in quick-ACK mode: the test can see the change.
+        assert [_quickack(s) for s in socks] == [1, 1]
+        at = 1000.0
+        for k, conn in enumerate(w.conns):
+            conn.sendall((1).to_bytes(2, "big") + _record(6000 + k))
+        w.readable()
+        if wait:
+            events, _ = worker._wait(worker._pump, w.epfd, at + 0.02, worker.sel.select, at)
+            assert events == []
+        else:
+            for key, mask in worker.sel.select(0.0):
+                key.data(mask, at)
+        assert worker.channels.counters["responses_received"] >= 1
+        read = [s for s in socks if _quickack(s) == 0]
+        assert read, "no connection left in delayed-ACK mode after its read"
+        assert worker.channels.counters["responses_received"] == len(read)
+    finally:
+        w.close()
