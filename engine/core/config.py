@@ -48,6 +48,15 @@ CONNECTIONS_MAX = 16
 """-C upper bound (C: 11, MAX_CONN_NUM); intercept keeps up to 16 per tcpcopy (spec §1.6)."""
 
 
+def worker_connections(connections: int, workers: int, index: int) -> int:
+    """Worker ``index``'s share of -C, the connections per intercept of the whole tcpcopy-mp
+    (C's are those of its one process): spread as evenly as they go, the lower indexes
+    taking the remainder, and at least one per worker (a worker's responses come back on
+    its own connections).  2 over 1 worker: 2; over 2: 1 and 1; 3 over 2: 2 and 1."""
+    share, extra = divmod(max(connections, 1), max(workers, 1))
+    return max(1, share + (1 if index < extra else 0))
+
+
 # --------------------------------------------------------------------------------------------
 # Value parsers: text of a flag (or a TOML value made text) -> value, ConfigError(where, ...)
 
@@ -593,10 +602,13 @@ class ReplayConfig:
         long="--connections",
         parse=Int(),
         metavar="N",
-        help="connections per intercept, 1-16 (2)",
+        help="connections per intercept, 1-16 (2), spread over the workers (at least one each)",
         section=_REPL,
     )
-    """-C: connections per intercept (clamped to 1..16)."""
+    """-C: connections per intercept of the whole tcpcopy-mp, as C's per process (clamped to
+    1..16), spread over the workers by ``worker_connections``: each worker has at least
+    one, so --workers above -C makes --workers connections.  Fewer connections per worker
+    mean fewer, larger reads: intercept writes one segment per connection per loop pass."""
     secret_file: str | None = option(
         None,
         long="--secret-file",

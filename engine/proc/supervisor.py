@@ -80,7 +80,7 @@ from collections.abc import Callable
 from typing import Any
 
 from engine import EXIT_RUNTIME, PROG
-from engine.core.config import BYTES_PER_MB, ReplayConfig
+from engine.core.config import BYTES_PER_MB, ReplayConfig, worker_connections
 from engine.io import notify
 from engine.io.control import CAPTURE_SLOT, ControlBlock
 from engine.io.engines import build_table, resolve_engine
@@ -342,7 +342,10 @@ class Supervisor:
                 cfg.capture,
                 self.workers,
                 len(cfg.intercepts),
-                cfg.connections,
+                sum(
+                    worker_connections(cfg.connections, self.workers, i)
+                    for i in range(self.workers)
+                ),
                 len(cfg.session.transfers),
                 "y" if len(cfg.session.transfers) == 1 else "ies",
             )
@@ -699,7 +702,9 @@ class Supervisor:
             close = getattr(sender, "close", None)
             if i != index and close is not None:
                 close()
-        cfg = self.cfg
+        # -C is the whole tree's (C's per process): this worker keeps its share of it.
+        share = worker_connections(self.cfg.connections, self.workers, index)
+        cfg = dataclasses.replace(self.cfg, connections=share)
         session = dataclasses.replace(cfg.session, worker_index=index, worker_count=self.workers)
         history = self.histories[index] if self.histories else None
         if history is not None:

@@ -169,7 +169,12 @@ def test_prometheus_sees_fidelity_loss_unsend_and_queue_drops(testbed: tbm.Testb
     queue_dropped = query(tb, "intercept_queue_dropped_total")
     assert len(queue_dropped) == 1 and queue_dropped[0]["metric"]["job"] == "intercept"
     assert float(queue_dropped[0]["value"][1]) >= 0
-    assert scalar(query(tb, "intercept_channels_connected")) >= 1
+    # -C 2 (the default) is the whole tcpcopy-mp's, spread over its 2 workers: one each.
+    per_worker = query(tb, "tcpcopy_channels_connected")
+    assert sorted((s["metric"]["worker"], float(s["value"][1])) for s in per_worker) == [
+        (str(i), 1.0) for i in range(WORKERS)
+    ]
+    assert scalar(query(tb, "intercept_channels_connected")) == WORKERS
 
     assert tb.client_leak_packets() == 0
     assert tcpcopy.stop(timeout=20) == 0, tcpcopy.tail()

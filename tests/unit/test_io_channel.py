@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import pytest
 
 from engine.codec import packet, wire
+from engine.core.config import CONNECTIONS_MAX, worker_connections
 from engine.io.channel import BACKOFF_MAX_S, BACKOFF_MIN_S, InterceptChannels, per_record
 
 DEADLINE_S = 5.0
@@ -225,3 +226,21 @@ def test_unreachable_intercept_backs_off_and_counts_unannounced_routes():
     finally:
         chans.close()
         sel.close()
+
+
+@pytest.mark.parametrize(
+    ("connections", "workers", "shares"),
+    [(2, 1, [2]), (2, 2, [1, 1]), (3, 2, [2, 1]), (2, 8, [1] * 8), (16, 3, [6, 5, 5])],
+)
+def test_minus_c_is_spread_over_the_workers(connections: int, workers: int, shares: list) -> None:
+    """-C counts the whole tcpcopy-mp's connections per intercept (C's per process): the
+    workers share them, each keeping at least one."""
+    assert [worker_connections(connections, workers, i) for i in range(workers)] == shares
+
+
+def test_every_minus_c_and_worker_count_gives_max_of_both() -> None:
+    for connections in range(1, CONNECTIONS_MAX + 1):
+        for workers in range(1, 20):
+            shares = [worker_connections(connections, workers, i) for i in range(workers)]
+            assert sum(shares) == max(connections, workers), (connections, workers, shares)
+            assert max(shares) - min(shares) <= 1 and min(shares) >= 1
