@@ -41,12 +41,14 @@ import struct
 import subprocess
 import warnings
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from typing import NamedTuple, Protocol
 
 from engine.io.logs import NOTICE
 from intercept.errors import RuleError
 
 __all__ = [
     "COPY_RANGE_BYTES",
+    "CompiledPath",
     "QUEUE_MAXLEN",
     "QUEUE_MAXLEN_DEFAULT",
     "RULE_COMMENT",
@@ -164,6 +166,26 @@ def _recv_batch_fallback(sock: socket.socket, limit: int, bufsize: int) -> list[
     return out
 
 
+class ResponseTable(Protocol):
+    """What the source uses of engine.dataplane.responses.ResponseTable."""
+
+    entries_seen: int
+    last_id: int
+    packets: int
+
+    def recv(self, fd: int) -> int: ...
+
+    def receive_datagrams(self, datagrams: list[bytes]) -> int: ...
+
+
+class CompiledPath(NamedTuple):
+    """The compiled response path (intercept/cli.py builds it): the route table that reads
+    and routes a batch, and the server's ``receive_response_batch`` that takes it."""
+
+    table: ResponseTable
+    receive: Callable[[ResponseTable, float], None]
+
+
 class NfqueueSource:
     """An NFQUEUE bound to ``queue_num`` pushing responses into ``receive``; a ``PacketSource``."""
 
@@ -175,6 +197,7 @@ class NfqueueSource:
         *,
         pass_ips: Iterable[int] = (),
         queue_maxlen: int | None = None,
+        compiled: CompiledPath | None = None,
     ) -> None:
         from netfilterqueue import COPY_PACKET, NetfilterQueue  # optional dependency (live)
 
@@ -183,6 +206,9 @@ class NfqueueSource:
         self.counters = counters  # the server's counters, which these sources add to
         self.queue_num = queue_num
         self.pass_ips = frozenset(ip.to_bytes(4, "big") for ip in pass_ips)
+        if compiled is not None and self.pass_ips:
+            raise ValueError("the compiled response path has no -x pass list")
+        self.compiled = compiled
         maxlen = QUEUE_MAXLEN
         if queue_maxlen is not None and queue_maxlen > QUEUE_MAXLEN_DEFAULT:
             maxlen = queue_maxlen
@@ -228,6 +254,9 @@ class NfqueueSource:
         return self._backlog
 
     def on_readable(self, now: float) -> None:
+        if self.compiled is not None:
+            self._on_readable_compiled(self.compiled.table, now)
+            return
         try:
             msgs = self._recv()
         except OSError as e:
@@ -278,6 +307,38 @@ class NfqueueSource:
                 self.counters["pass_accepted"] += passed
         if responses:
             self.receive(responses, now)
+
+    def _on_readable_compiled(self, table: ResponseTable, now: float) -> None:
+        try:
+            n = table.recv(self._sock.fileno())
+        except OSError as e:
+            log.error("NFQUEUE %d recv failed: %s", self.queue_num, e.strerror or e)
+            self._backlog = False
+            return
+        if n < 0:  # -ENOBUFS, as on_readable's
+            self.counters["queue_overruns"] += 1
+            self._backlog = True
+            return
+        self._backlog = n >= BATCH_MAX_PACKETS
+        if n:
+            self._compiled_batch(now)
+
+    def receive_messages_compiled(self, msgs: list[bytes], now: float) -> None:
+        """``receive_messages`` through the compiled path (the batch ``recv`` would read)."""
+        assert self.compiled is not None
+        self.compiled.table.receive_datagrams(msgs)
+        self._compiled_batch(now)
+
+    def _compiled_batch(self, now: float) -> None:
+        # receive_messages without a pass list: one DROP verdict up to the last packet
+        # message, then the records, already encoded and routed per connection in C.
+        assert self.compiled is not None
+        table = self.compiled.table
+        if not table.entries_seen:
+            return
+        self._send_verdicts([verdict_batch_message(self.queue_num, NF_DROP, table.last_id)])
+        if table.packets:
+            self.compiled.receive(table, now)
 
     def _send_verdicts(self, verdicts: list[bytes]) -> None:
         try:
