@@ -246,3 +246,87 @@ def test_lru_touch_by_routed_batch_and_eviction() -> None:
         assert len(r) == 0 and r.routes_of(ch) == []
     finally:
         side.close()
+
+
+# --- --engine -----------------------------------------------------------------------------------
+
+
+def _exit_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    from intercept.cli import parse_args
+
+    with pytest.raises(SystemExit) as exc:
+        parse_args(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("argv", "why"),
+    [
+        (["-F", "tcp", "--engine", "compiled"], "pcap mode"),
+        (["--queue-num", "1", "-x", "198.18.0.9", "--engine", "compiled"], "-x"),
+        (["--queue-num", "1", "-D", "198.18.0.1-198.18.0.2", "--engine", "compiled"], "-D"),
+    ],
+)
+def test_engine_compiled_refused_where_it_does_not_apply(capsys, argv, why) -> None:
+    err = _exit_line(capsys, argv)
+    assert err.startswith("intercept-mp: --engine: compiled covers NFQUEUE mode") and why in err
+
+
+def test_engine_compiled_refused_when_not_built(capsys, monkeypatch) -> None:
+    import intercept.fastroute as fr
+
+    monkeypatch.setattr(fr, "compiled_available", lambda: (False, "not built (test)"))
+    err = _exit_line(capsys, ["--queue-num", "1", "--engine", "compiled"])
+    assert "--engine: the compiled response path is not available: not built (test)" in err
+
+
+@pytest.fixture
+def keep_signals():
+    """_Lifecycle installs its SIGTERM/SIGINT handlers: put the test runner's back."""
+    import signal
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize(
+    ("argv", "engine", "router"),
+    [
+        (["--queue-num", "1"], "compiled", CompiledRouter),
+        (["--queue-num", "1", "--engine", "compiled"], "compiled", CompiledRouter),
+        (["--queue-num", "1", "--engine", "python"], "python", Router),
+        (["--queue-num", "1", "-x", "198.18.0.9"], "python", Router),
+        (["-F", "tcp"], "python", Router),
+    ],
+)
+def test_engine_choice_builds_its_router(keep_signals, argv, engine, router) -> None:
+    import logging
+
+    from intercept.cli import _Lifecycle, parse_args
+
+    life = _Lifecycle(parse_args(argv), logging.getLogger("test.intercept"))
+    try:
+        assert life.engine == engine and type(life.server.router) is router
+    finally:
+        life.server.close()
+
+
+def test_engine_auto_falls_back_with_a_notice(keep_signals, monkeypatch, caplog) -> None:
+    import logging
+
+    import intercept.fastroute as fr
+    from intercept.cli import _Lifecycle, parse_args
+
+    monkeypatch.setattr(fr, "compiled_available", lambda: (False, "not built (test)"))
+    with caplog.at_level(logging.INFO, logger="test.intercept"):
+        life = _Lifecycle(parse_args(["--queue-num", "1"]), logging.getLogger("test.intercept"))
+    try:
+        assert life.engine == "python" and type(life.server.router) is Router
+        assert "python response path runs: not built (test)" in caplog.text
+    finally:
+        life.server.close()
