@@ -48,10 +48,10 @@ from intercept.errors import RuleError
 
 __all__ = [
     "COPY_RANGE_BYTES",
-    "CompiledPath",
     "QUEUE_MAXLEN",
     "QUEUE_MAXLEN_DEFAULT",
     "RULE_COMMENT",
+    "CompiledPath",
     "NfqueueSource",
     "RuleError",
     "install_rules",

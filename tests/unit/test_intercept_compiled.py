@@ -183,8 +183,14 @@ def test_compiled_path_matches_python_path(steps, combine, out_max, limit, dnat)
             cc.step(step, float(t))
             assert cc.state() == py.state()
         c = py.server.counters
-        for name in ("responses_dropped_slow", "responses_forwarded", "responses_delayed",
-                     "responses_delayed_flushed", "packets_invalid", "responses_unrouted"):
+        for name in (
+            "responses_dropped_slow",
+            "responses_forwarded",
+            "responses_delayed",
+            "responses_delayed_flushed",
+            "packets_invalid",
+            "responses_unrouted",
+        ):
             if c[name]:
                 event(name)
         if py.server.router.stats["route_evicted"]:
