@@ -22,6 +22,11 @@ frame at the end of the pass.  So a record never waits longer than the pass that
 (well under C's 2 ms), frames are as large as the burst allows, and no timer or adaptive
 threshold is needed; ``-n`` only caps the frame size.
 
+The compiled response path (``--engine``, intercept/fastroute.py) hands a whole NFQUEUE read
+batch in already encoded and routed (``receive_response_batch``): per connection, its
+records are queued frame by frame (``_queue_records``) with the same bound, framing and
+counters as record by record.
+
 Slow peers.  Frames go into the channel's output buffer and are written with non-blocking
 ``send``; what the kernel does not take waits for EVENT_WRITE.  The buffer is bounded
 (``OUT_BUFFER_MAX_BYTES``): records for a channel whose buffer is full are dropped and

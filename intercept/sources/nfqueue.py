@@ -22,6 +22,12 @@ is a few struct unpacks instead of a library Packet object and a verdict syscall
   the one given (the kernel's nfqnl_recv_verdict_batch), so a read batch costs one verdict
   message per run of equal verdicts: one DROP for a batch of responses, plus one ACCEPT per
   run of pass-list packets.  Verdicts go out before the records are routed, as before.
+The compiled path (``--engine``, intercept/fastroute.py): with ``compiled`` (a
+``CompiledPath``: the route table of engine/dataplane/responses.pyx and the server's
+``receive_response_batch``) the read, the parse, the record encode and the routing of a
+batch run in one C call (``ResponseTable.recv``); Python sends the one DROP verdict and takes
+the records per connection.  It has no pass list (-x keeps this module's path); the result
+is the one described above, packet for packet (tests/unit/test_intercept_compiled.py).
 ``-q``: without it the queue holds QUEUE_MAXLEN packets, not the kernel's 1024: tcpcopy-mp
 sends a batch of packets in one sendmmsg, the target answers all of them at once, and a queue
 of 1024 overflows whenever intercept-mp is off the CPU for ~10 ms at 100,000 responses/s; each
