@@ -37,6 +37,8 @@ bytes, or the datagrams given), and are emptied when the next batch starts.
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 
+import os
+
 include "hmap.pxi"
 
 cdef extern from *:
@@ -540,7 +542,7 @@ cdef class ResponseTable:
                 return 0
             if -r == ENOBUFS:
                 return r
-            raise OSError(-r, "recvmmsg failed")
+            raise OSError(-r, os.strerror(-r))
         if self.nomem:
             raise MemoryError()
         return r

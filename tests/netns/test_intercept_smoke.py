@@ -249,14 +249,24 @@ def stop_and_summary(proc: Proc, log: Path, summary: Path) -> dict:
     return orjson.loads(summary.read_bytes())
 
 
-def test_nfqueue_routes_drops_and_flushes_delayed(pair: Pair) -> None:
+@pytest.mark.parametrize("engine", ["python", "compiled"])
+def test_nfqueue_routes_drops_and_flushes_delayed(pair: Pair, engine: str) -> None:
+    """The python response path with the -x pass list; the compiled one (no -x there)."""
+    if engine == "compiled":
+        from intercept.fastroute import compiled_available
+
+        built, why = compiled_available()
+        if not built:
+            pytest.skip(why)
+    pass_list = ["-x", PEER_IP] if engine == "python" else []
     pair.start_http()
     proc, log, summary = start_intercept(
         pair,
         pair.target,
-        ["--queue-num", "0", "--install-rule", f"{HTTP_PORT},{CLOSED_PORT}", "-x", PEER_IP,
-         "-b", TARGET_IP],
+        ["--queue-num", "0", "--install-rule", f"{HTTP_PORT},{CLOSED_PORT}", *pass_list,
+         "-b", TARGET_IP, "--engine", engine],
     )  # fmt: skip
+    assert f", engine {engine}" in read(log)
     rules = sh("ip", "netns", "exec", pair.target, "iptables-save", "-t", "filter").stdout
     for port in (HTTP_PORT, CLOSED_PORT):
         assert re.search(rf"--sport {port} .*intercept-mp.*-j NFQUEUE --queue-num 0", rules)
@@ -273,7 +283,8 @@ def test_nfqueue_routes_drops_and_flushes_delayed(pair: Pair) -> None:
         assert synack.options  # MSS at least: the TCP options travel in the record
 
         # 2. The pass list: the peer's own connection is ACCEPTed and works end to end.
-        assert http_get(pair.peer).endswith(b"hello\n")
+        if pass_list:
+            assert http_get(pair.peer).endswith(b"hello\n")
 
         # 3. Delayed RST: the response is queued before its CLIENT_ADD exists.
         _, last_id = pair.queue_state()
@@ -305,8 +316,10 @@ def test_nfqueue_routes_drops_and_flushes_delayed(pair: Pair) -> None:
     assert values["routes_added"] == 3
     assert values["responses_delayed"] >= 2
     assert values["responses_delayed_flushed"] >= 2
-    assert values["pass_accepted"] >= 2  # SYN-ACK, data and FIN of the HTTP exchange
+    if pass_list:
+        assert values["pass_accepted"] >= 2  # SYN-ACK, data and FIN of the HTTP exchange
     assert values["responses_forwarded"] >= 3
+    assert values["engine"] == engine
     assert values["channels_accepted"] == 1
     rules = sh("ip", "netns", "exec", pair.target, "iptables-save", "-t", "filter").stdout
     assert "intercept-mp" not in rules, "the NFQUEUE rules were not removed at exit"
@@ -378,6 +391,7 @@ def test_nfqueue_holds_a_burst_while_intercept_is_stopped(
     assert pair.leaked_to_peer() == 0
     values = stop_and_summary(proc, log, summary)
     assert values["packets_captured"] == held
+    assert values["engine"] in ("compiled", "python")  # auto: compiled when built
     assert values["queue_dropped"] == BURST - held
     if queue_args:
         assert "-q 1024 <= 1024: the kernel's default queue length" in read(log)

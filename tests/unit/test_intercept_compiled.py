@@ -336,3 +336,85 @@ def test_engine_auto_falls_back_with_a_notice(keep_signals, monkeypatch, caplog)
         assert "python response path runs: not built (test)" in caplog.text
     finally:
         life.server.close()
+
+
+# --- the read: recvmmsg on a datagram socket ------------------------------------------------
+
+
+class _DgramQueue:
+    """A unix datagram socketpair standing in for the netlink socket: the test writes
+    datagrams into one end, the source reads the other; verdicts are recorded."""
+
+    def __init__(self) -> None:
+        self.reader, self.writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.reader.setblocking(False)
+        self.sent: list[bytes] = []
+
+    def fileno(self) -> int:
+        return self.reader.fileno()
+
+    def send(self, data: bytes) -> int:
+        self.sent.append(bytes(data))
+        return len(data)
+
+    def close(self) -> None:
+        self.reader.close()
+        self.writer.close()
+
+
+def test_recv_reads_up_to_its_batch_and_matches_the_list_entry() -> None:
+    from engine.dataplane.responses import ResponseTable
+
+    q = _DgramQueue()
+    grams = [
+        _packet_msg(k, response(CLIENTS[0], PORTS[0], TARGETS[0], 0x18, k, 0))
+        + _packet_msg(100 + k, None)
+        for k in range(5)
+    ]
+    try:
+        table = ResponseTable(recv_max=3)
+        table.add(CLIENTS[0], PORTS[0], TARGETS[0], TPORT, 1)
+        ref = ResponseTable()
+        ref.add(CLIENTS[0], PORTS[0], TARGETS[0], TPORT, 1)
+        assert table.recv(q.fileno()) == 0  # nothing waiting: EAGAIN is no error
+        for g in grams:
+            q.writer.send(g)
+        seen = []
+        for want in (3, 2, 0):
+            assert table.recv(q.fileno()) == want
+            seen.append((table.entries_seen, table.last_id, table.packets, table.take_slots()))
+        ref.receive_datagrams(grams[:3])
+        assert seen[0] == (6, 102, 3, ref.take_slots()) and ref.routed == 3
+        ref.receive_datagrams(grams[3:])
+        assert seen[1] == (4, 104, 2, ref.take_slots())
+        assert seen[2] == (0, -1, 0, [])
+    finally:
+        q.close()
+    with pytest.raises(OSError):
+        table.recv(q.fileno())  # closed: EBADF
+
+
+def test_source_reads_through_the_compiled_path() -> None:
+    side = Side(True, 16, 1 << 20, None, False)
+    q = _DgramQueue()
+    try:
+        src = side.source
+        src._sock = q
+        src._backlog = False
+        ch = side.channels[1]
+        side.server.router.add_route(CLIENTS[0], PORTS[0], TARGETS[0], TPORT, ch, 0.0)
+        for k in range(nq.BATCH_MAX_PACKETS + 1):
+            pkt = response(CLIENTS[0], PORTS[0], TARGETS[0], 0x18, k, 0)
+            q.writer.send(_packet_msg(k, pkt))
+        src.on_readable(1.0)
+        assert src.has_backlog  # a full batch: more may wait
+        src.on_readable(1.0)
+        assert not src.has_backlog
+        assert [v[-4:] for v in q.sent] == [(255).to_bytes(4, "big"), (256).to_bytes(4, "big")]
+        assert side.server.counters["responses_forwarded"] == nq.BATCH_MAX_PACKETS + 1
+        q.reader.close()
+        src.on_readable(1.0)  # recvmmsg fails (EBADF): logged, not raised
+        assert not src.has_backlog
+    finally:
+        q.writer.close()
+        side.close()
