@@ -159,22 +159,19 @@ def parse_args(argv: Sequence[str] | None = None) -> InterceptOptions:
         secret=secret,
         allow_compat=a.allow_compat,
         max_routes_per_conn=a.max_routes_per_conn or None,
-        engine=_check_engine(parser, a.engine, mode, a.pass_ips, a.docker_map),
+        engine=_check_engine(parser, a.engine, mode),
         metrics=a.metrics,
         user=a.user,
         group=a.group,
     )
 
 
-def _check_engine(
-    parser: argparse.ArgumentParser, engine: str, mode: str, pass_ips: object, docker: object
-) -> str:
+def _check_engine(parser: argparse.ArgumentParser, engine: str, mode: str) -> str:
     """--engine compiled where the compiled response path cannot run: one line, exit 2."""
     if engine != "compiled":
         return engine
-    if mode != "nfqueue" or pass_ips or docker:
-        why = "pcap mode" if mode != "nfqueue" else ("-x" if pass_ips else "-D")
-        parser.error(f"--engine: compiled covers NFQUEUE mode without -x and -D, not {why}")
+    if mode != "nfqueue":
+        parser.error("--engine: compiled is the NFQUEUE response path, not for the pcap mode")
     from intercept.fastroute import compiled_available
 
     built, why = compiled_available()
@@ -187,8 +184,8 @@ def resolve_engine(opts: InterceptOptions) -> tuple[str, str]:
     """("compiled" | "python", why auto did not take the compiled path or "")."""
     if opts.engine == "python":
         return "python", ""
-    if opts.mode != "nfqueue" or opts.pass_ips or opts.docker_map:
-        return "python", ""  # auto: the compiled path does not cover it (no notice)
+    if opts.mode != "nfqueue":
+        return "python", ""  # auto: the compiled path is NFQUEUE's (no notice)
     from intercept.fastroute import compiled_available
 
     built, why = compiled_available()
@@ -276,6 +273,8 @@ class _Lifecycle:
                 recv_max=nfqueue.BATCH_MAX_PACKETS,
                 recv_bytes=nfqueue.NETLINK_RECV_BYTES,
             )
+            if opts.docker_map:
+                router.table.set_docker(*opts.docker_map)  # the server's -D, done in C
         else:
             router = Router(max_routes_per_conn=opts.max_routes_per_conn)
         self.server = InterceptServer(

@@ -303,10 +303,10 @@ class InterceptOptions:
     )
     """--engine: how NFQUEUE mode handles the target's responses.  ``compiled``: the
     Cython extension engine.dataplane.responses reads, parses, encodes and routes a read
-    batch in C (intercept/fastroute.py), the fast path; it covers NFQUEUE mode without -x
-    and -D, and asking for it elsewhere, or when it is not built, is a configuration error.
+    batch in C (intercept/fastroute.py), the fast path, -x and -D included; asking for it in
+    the pcap mode, or when it is not built, is a configuration error.
     ``python``: the pure-Python path (intercept/sources/nfqueue.py, intercept/router.py),
-    the specification.  ``auto``: compiled where it applies and is built, else python (a
+    the specification.  ``auto``: compiled in NFQUEUE mode when built, else python (a
     logged notice names why when it is not built).  The start line, the exit line and
     --summary-json (``engine``) name the path that runs."""
     log_path: str | None = option(

@@ -151,6 +151,7 @@ class ResponseBatch(Protocol):
     routed: int
     unrouted: int
     delayed_count: int
+    docker_rewritten: int
 
     def take_slots(self) -> list[tuple[int, bytes]]: ...
 
@@ -438,6 +439,8 @@ class InterceptServer:
         c["packets_captured"] += n
         c["responses_total"] += n - invalid
         c["responses_forwarded"] += forwarded
+        if table.docker_rewritten:
+            c["docker_rewritten"] += table.docker_rewritten
         if invalid:
             c["packets_invalid"] += invalid
         if delayed:

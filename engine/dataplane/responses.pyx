@@ -25,7 +25,10 @@ buffers and runs the batch; ``receive_datagrams`` runs it on a list of bytes (te
 A batch counts its packet messages (``entries``, the last one's id in ``last_id``: the
 caller's DROP verdict), the payloads (``packets``), the invalid ones, routed and unrouted
 records; unrouted SYN or RST records go to the delayed buffer (the caller hands them to the
-router's delay table).  Per packet only C types and no Python call (``cython -a``); Python
+router's delay table).  With a pass list (-x, ``set_pass``) a packet to one of its addresses
+is ACCEPTed and not routed, as NfqueueSource.receive_messages does, and the batch's verdicts
+are its runs of equal verdicts (``verdict_runs``); with -D (``set_docker``) a response to
+its first address is encoded as if sent to the second, as InterceptServer does.  Per packet only C types and no Python call (``cython -a``); Python
 takes the results once per batch: ``take_slots()`` (one bytes per touched slot, in the order
 they were first touched) and ``take_delayed()``.
 
@@ -94,6 +97,9 @@ cdef enum:
     NLA_TYPE_MASK = 0x3FFF
     SYN_RST = 0x02 | 0x04
     RECV_MAX = 1024
+    PASS_MAX = 64               # -x addresses (the flag takes 32)
+    NF_DROP = 0
+    NF_ACCEPT = 1
 
 
 ctypedef struct rentry:
@@ -102,6 +108,11 @@ ctypedef struct rentry:
     int32_t slot                # -1: free (next is the free list's link)
     int32_t prev
     int32_t next
+
+
+ctypedef struct vrun:           # a run of equal verdicts: one NFQNL_MSG_VERDICT_BATCH
+    uint32_t verdict
+    uint32_t last_id
 
 
 ctypedef struct rslot:
@@ -174,6 +185,12 @@ cdef class ResponseTable:
     cdef size_t bufsize
     cdef unsigned int recv_max
     cdef bint nomem
+    cdef uint32_t pass_ips[PASS_MAX]
+    cdef int npass
+    cdef bint docker
+    cdef uint32_t docker_from, docker_to
+    cdef vrun* runs
+    cdef size_t nruns, runs_cap
     cdef readonly int64_t limit
     cdef readonly bint dnat
     # the last batch
@@ -184,6 +201,8 @@ cdef class ResponseTable:
     cdef readonly int64_t routed
     cdef readonly int64_t unrouted
     cdef readonly int64_t delayed_count
+    cdef readonly int64_t pass_accepted
+    cdef readonly int64_t docker_rewritten
     # over the table's life
     cdef readonly int64_t evicted
 
@@ -219,6 +238,7 @@ cdef class ResponseTable:
         free(self.msgs)
         free(self.iov)
         free(self.lens)
+        free(self.runs)
 
     # --- routes ------------------------------------------------------------------------------
 
@@ -434,6 +454,9 @@ cdef class ResponseTable:
         self.routed = 0
         self.unrouted = 0
         self.delayed_count = 0
+        self.pass_accepted = 0
+        self.docker_rewritten = 0
+        self.nruns = 0
         self.nomem = False
 
     cdef int _push(self, uint8_t** buf, size_t* length, size_t* cap,
@@ -456,10 +479,21 @@ cdef class ResponseTable:
         cdef uint8_t rec[RECORD_BYTES]
         cdef int32_t slot
         cdef rslot* s
+        cdef bint rewrite
         self.packets += 1
+        # -D (InterceptServer.receive_ip_packets): daddr rewritten before the encode, whose
+        # checks do not read it, so the record's copy is rewritten instead
+        rewrite = self.docker and n >= IP_HDR and _be32(p + 16) == self.docker_from
+        if rewrite:
+            self.docker_rewritten += 1
         if encode_record(p, n, rec) < 0:
             self.invalid += 1
             return
+        if rewrite:
+            rec[16] = <uint8_t>(self.docker_to >> 24)
+            rec[17] = <uint8_t>(self.docker_to >> 16)
+            rec[18] = <uint8_t>(self.docker_to >> 8)
+            rec[19] = <uint8_t>self.docker_to
         slot = self._route(rec)
         if slot >= 0:
             self.routed += 1
@@ -474,6 +508,38 @@ cdef class ResponseTable:
             self._push(&self.delayed, &self.delayed_len, &self.delayed_cap, rec)
         else:
             self.unrouted += 1
+
+    cdef void _verdict(self, int64_t pid, const uint8_t* pay, size_t paylen) noexcept nogil:
+        # NfqueueSource.receive_messages with a pass list: ACCEPT a daddr of -x, DROP (and
+        # route) the rest; one verdict message per run of equal verdicts
+        cdef uint32_t verdict = NF_DROP, daddr
+        cdef int i
+        cdef size_t n
+        cdef vrun* grown
+        if pay != NULL and paylen >= IP_HDR:
+            daddr = _be32(pay + 16)
+            for i in range(self.npass):
+                if self.pass_ips[i] == daddr:
+                    verdict = NF_ACCEPT
+                    break
+        if verdict == NF_ACCEPT:
+            self.pass_accepted += 1
+        elif pay != NULL:
+            self._payload(pay, paylen)
+        if self.nruns and self.runs[self.nruns - 1].verdict == verdict:
+            self.runs[self.nruns - 1].last_id = <uint32_t>pid
+            return
+        if self.nruns == self.runs_cap:
+            n = self.runs_cap * 2 if self.runs_cap else 64
+            grown = <vrun*>realloc(self.runs, n * sizeof(vrun))
+            if grown == NULL:
+                self.nomem = True
+                return
+            self.runs = grown
+            self.runs_cap = n
+        self.runs[self.nruns].verdict = verdict
+        self.runs[self.nruns].last_id = <uint32_t>pid
+        self.nruns += 1
 
     cdef void _datagram(self, const uint8_t* buf, size_t n) noexcept nogil:
         # parse_queue_messages, rule for rule
@@ -507,7 +573,9 @@ cdef class ResponseTable:
                 if pid >= 0:
                     self.entries_seen += 1
                     self.last_id = pid
-                    if pay != NULL:
+                    if self.npass:
+                        self._verdict(pid, pay, paylen)
+                    elif pay != NULL:
                         self._payload(pay, paylen)
             pos += (<size_t>mlen + 3) & ~(<size_t>3)
 
@@ -546,6 +614,32 @@ cdef class ResponseTable:
         if self.nomem:
             raise MemoryError()
         return r
+
+    def set_pass(self, ips):
+        """-x: packets to these addresses (ints) are ACCEPTed, not routed; then the verdicts
+        of a batch are ``verdict_runs()`` instead of one DROP up to ``last_id``."""
+        cdef list values = [int(ip) for ip in ips]
+        cdef int i
+        if len(values) > PASS_MAX:
+            raise ValueError(f"at most {PASS_MAX} pass addresses, not {len(values)}")
+        for i in range(len(values)):
+            self.pass_ips[i] = <uint32_t>values[i]
+        self.npass = len(values)
+
+    def set_docker(self, uint32_t daddr_from, uint32_t daddr_to):
+        """-D A-B: responses to A are encoded (and routed) as if sent to B."""
+        self.docker = True
+        self.docker_from = daddr_from
+        self.docker_to = daddr_to
+
+    @property
+    def has_pass_list(self):
+        return self.npass > 0
+
+    def verdict_runs(self):
+        """[(verdict, last packet id)] of the last batch with a pass list, in order."""
+        cdef size_t i
+        return [(self.runs[i].verdict, self.runs[i].last_id) for i in range(self.nruns)]
 
     def take_slots(self):
         """[(slot, records)] of the last batch, in the order the slots were first touched;

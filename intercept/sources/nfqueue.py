@@ -25,9 +25,9 @@ is a few struct unpacks instead of a library Packet object and a verdict syscall
 The compiled path (``--engine``, intercept/fastroute.py): with ``compiled`` (a
 ``CompiledPath``: the route table of engine/dataplane/responses.pyx and the server's
 ``receive_response_batch``) the read, the parse, the record encode and the routing of a
-batch run in one C call (``ResponseTable.recv``); Python sends the one DROP verdict and takes
-the records per connection.  It has no pass list (-x keeps this module's path); the result
-is the one described above, packet for packet (tests/unit/test_intercept_compiled.py).
+batch run in one C call (``ResponseTable.recv``), the -x pass list and its verdict runs
+included; Python sends the verdicts and takes the records per connection.  The result is
+the one described above, packet for packet (tests/unit/test_intercept_compiled.py).
 ``-q``: without it the queue holds QUEUE_MAXLEN packets, not the kernel's 1024: tcpcopy-mp
 sends a batch of packets in one sendmmsg, the target answers all of them at once, and a queue
 of 1024 overflows whenever intercept-mp is off the CPU for ~10 ms at 100,000 responses/s; each
@@ -178,8 +178,14 @@ class ResponseTable(Protocol):
     entries_seen: int
     last_id: int
     packets: int
+    pass_accepted: int
+    has_pass_list: bool
 
     def recv(self, fd: int) -> int: ...
+
+    def set_pass(self, ips: Iterable[int]) -> None: ...
+
+    def verdict_runs(self) -> list[tuple[int, int]]: ...
 
     def receive_datagrams(self, datagrams: list[bytes]) -> int: ...
 
@@ -212,9 +218,9 @@ class NfqueueSource:
         self.counters = counters  # the server's counters, which these sources add to
         self.queue_num = queue_num
         self.pass_ips = frozenset(ip.to_bytes(4, "big") for ip in pass_ips)
-        if compiled is not None and self.pass_ips:
-            raise ValueError("the compiled response path has no -x pass list")
         self.compiled = compiled
+        if compiled is not None and self.pass_ips:
+            compiled.table.set_pass(pass_ips)
         maxlen = QUEUE_MAXLEN
         if queue_maxlen is not None and queue_maxlen > QUEUE_MAXLEN_DEFAULT:
             maxlen = queue_maxlen
@@ -336,13 +342,21 @@ class NfqueueSource:
         self._compiled_batch(now)
 
     def _compiled_batch(self, now: float) -> None:
-        # receive_messages without a pass list: one DROP verdict up to the last packet
-        # message, then the records, already encoded and routed per connection in C.
+        # receive_messages: the verdicts (one DROP up to the last packet message, or the
+        # runs of -x), then the records, already encoded and routed per connection in C.
         assert self.compiled is not None
         table = self.compiled.table
         if not table.entries_seen:
             return
-        self._send_verdicts([verdict_batch_message(self.queue_num, NF_DROP, table.last_id)])
+        queue = self.queue_num
+        if table.has_pass_list:
+            self._send_verdicts(
+                [verdict_batch_message(queue, v, i) for v, i in table.verdict_runs()]
+            )
+            if table.pass_accepted:
+                self.counters["pass_accepted"] += table.pass_accepted
+        else:
+            self._send_verdicts([verdict_batch_message(queue, NF_DROP, table.last_id)])
         if table.packets:
             self.compiled.receive(table, now)
 

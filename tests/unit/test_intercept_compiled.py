@@ -26,6 +26,7 @@ pytestmark = pytest.mark.skipif(not ok, reason=why)
 TARGETS = [ip_from_str("198.18.2.3"), ip_from_str("198.18.2.4")]
 CLIENTS = [ip_from_str("198.19.1.5"), ip_from_str("198.19.7.1")]
 PORTS = [40000, 40001, 40002]
+DOCKER_FROM = ip_from_str("198.19.9.9")  # -D DOCKER_FROM-CLIENTS[0]
 TPORT = 8080
 CHANNELS = 3
 
@@ -45,7 +46,7 @@ def payloads(draw: st.DrawFn) -> bytes | None:
     if kind == 1:
         return draw(st.binary(max_size=80))  # garbage
     pkt = response(
-        draw(st.sampled_from(CLIENTS)),
+        draw(st.sampled_from([*CLIENTS, DOCKER_FROM])),
         draw(st.sampled_from(PORTS)),
         draw(st.sampled_from(TARGETS)),
         draw(st.sampled_from([0x10, 0x18, 0x02 | 0x10, 0x04, 0x01 | 0x10, 0x02])),
@@ -63,7 +64,7 @@ def payloads(draw: st.DrawFn) -> bytes | None:
 @st.composite
 def datagrams(draw: st.DrawFn) -> bytes:
     out = b""
-    for _ in range(draw(st.integers(0, 12))):
+    for _ in range(draw(st.integers(1, 16))):
         kind = draw(st.integers(0, 12))
         if kind == 0:  # NLMSG_ERROR
             out += struct.pack("=IHHII", 36, 2, 0, 0, 0) + bytes(20)
@@ -98,12 +99,21 @@ steps = st.lists(
 
 
 class Side:
-    def __init__(self, compiled: bool, combine: int, out_max: int, limit: int | None,
-                 dnat: bool) -> None:  # fmt: skip
+    def __init__(
+        self,
+        compiled: bool,
+        combine: int,
+        out_max: int,
+        limit: int | None,
+        dnat: bool,
+        pass_ips: tuple[int, ...] = (),
+        docker: bool = False,
+    ) -> None:
         cls = CompiledRouter if compiled else Router
+        docker_map = (DOCKER_FROM, CLIENTS[0]) if docker else None
         self.server = InterceptServer(
             cls(max_routes_per_conn=limit, dnat=dnat), combine=combine,
-            out_buffer_max_bytes=out_max,
+            out_buffer_max_bytes=out_max, docker_map=docker_map,
         )  # fmt: skip
         self.peers = []
         self.channels = []
@@ -116,14 +126,19 @@ class Side:
         src = nq.NfqueueSource.__new__(nq.NfqueueSource)
         src.counters = self.server.counters
         src.queue_num = 3
-        src.pass_ips = frozenset()
+        src.pass_ips = frozenset(ip.to_bytes(4, "big") for ip in pass_ips)
         src._sock = _FakeSock()
         src.receive = self.server.receive_ip_packets
         src.compiled = None
         if compiled:
+            # what intercept/cli.py and NfqueueSource.__init__ do for the compiled path
             router = self.server.router
             assert isinstance(router, CompiledRouter)
             src.compiled = nq.CompiledPath(router.table, self.server.receive_response_batch)
+            if pass_ips:
+                router.table.set_pass(pass_ips)
+            if docker_map:
+                router.table.set_docker(*docker_map)
         self.source = src
 
     def step(self, step: tuple, now: float) -> None:
@@ -166,17 +181,25 @@ class Side:
             p.close()
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(
-    st.tuples(st.lists(adds, min_size=2, max_size=8), steps).map(lambda t: t[0] + t[1]),
+    st.tuples(
+        st.lists(adds, min_size=4, max_size=12),
+        steps,
+        st.tuples(st.just("batch"), st.lists(datagrams(), min_size=1, max_size=6)),
+    ).map(lambda t: [*t[0], *t[1], t[2]]),
     st.sampled_from([1, 3, 16]),
     st.sampled_from([200, 300, 700, 1 << 20]),
     st.sampled_from([None, 1, 2, 100]),
     st.booleans(),
+    st.sampled_from([(), (CLIENTS[1],), (ip_from_str("198.18.0.1"), CLIENTS[1], DOCKER_FROM)]),
+    st.booleans(),
 )
-def test_compiled_path_matches_python_path(steps, combine, out_max, limit, dnat) -> None:
-    py = Side(False, combine, out_max, limit, dnat)
-    cc = Side(True, combine, out_max, limit, dnat)
+def test_compiled_path_matches_python_path(
+    steps, combine, out_max, limit, dnat, pass_ips, docker
+) -> None:
+    py = Side(False, combine, out_max, limit, dnat, pass_ips, docker)
+    cc = Side(True, combine, out_max, limit, dnat, pass_ips, docker)
     try:
         for t, step in enumerate(steps):
             py.step(step, float(t))
@@ -190,6 +213,8 @@ def test_compiled_path_matches_python_path(steps, combine, out_max, limit, dnat)
             "responses_delayed_flushed",
             "packets_invalid",
             "responses_unrouted",
+            "pass_accepted",
+            "docker_rewritten",
         ):
             if c[name]:
                 event(name)
@@ -268,17 +293,12 @@ def _exit_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     return err
 
 
-@pytest.mark.parametrize(
-    ("argv", "why"),
-    [
-        (["-F", "tcp", "--engine", "compiled"], "pcap mode"),
-        (["--queue-num", "1", "-x", "198.18.0.9", "--engine", "compiled"], "-x"),
-        (["--queue-num", "1", "-D", "198.18.0.1-198.18.0.2", "--engine", "compiled"], "-D"),
-    ],
-)
-def test_engine_compiled_refused_where_it_does_not_apply(capsys, argv, why) -> None:
-    err = _exit_line(capsys, argv)
-    assert err.startswith("intercept-mp: --engine: compiled covers NFQUEUE mode") and why in err
+def test_engine_compiled_refused_in_pcap_mode(capsys) -> None:
+    err = _exit_line(capsys, ["-F", "tcp", "--engine", "compiled"])
+    assert (
+        err
+        == "intercept-mp: --engine: compiled is the NFQUEUE response path, not for the pcap mode\n"
+    )
 
 
 def test_engine_compiled_refused_when_not_built(capsys, monkeypatch) -> None:
@@ -306,7 +326,11 @@ def keep_signals():
         (["--queue-num", "1"], "compiled", CompiledRouter),
         (["--queue-num", "1", "--engine", "compiled"], "compiled", CompiledRouter),
         (["--queue-num", "1", "--engine", "python"], "python", Router),
-        (["--queue-num", "1", "-x", "198.18.0.9"], "python", Router),
+        (
+            ["--queue-num", "1", "-x", "198.18.0.9", "-D", "198.19.0.1-198.19.0.2"],
+            "compiled",
+            CompiledRouter,
+        ),
         (["-F", "tcp"], "python", Router),
     ],
 )
