@@ -8,8 +8,10 @@ messages, and then the datagram bytes themselves are mutated (flips, u16/u32 pok
 lengths, a truncated tail), each datagram a bytes object of exactly its size.  The compiled
 table and the Python specification (intercept/sources/nfqueue.py's parser,
 wire.encode_response_record, intercept/router.py's Router with connections named by the
-table's slots) must agree: packet messages, the last id, packets, invalid, routed, unrouted,
-each slot's records, the delayed SYN/RST records, the routes and their LRU order.  Between
+table's slots, the source's -x pass list and the server's -D rewrite, set now and then on the
+input's own destination) must agree: packet messages, the last id, the verdict runs,
+packets, invalid, routed, unrouted, passed, rewritten, each slot's records, the delayed
+SYN/RST records, the routes and their LRU order.  Between
 inputs routes are added (for the tuples of the packets just seen, so responses route),
 moved, and slots removed; the per-slot limit is small so evictions happen all the time.
 """
@@ -82,7 +84,9 @@ def _datagrams(rng: random.Random, data: bytes, recent: list[bytes]) -> list[byt
     return out
 
 
-def _reference(router: Any, msgs: list[bytes], now: float) -> dict[str, Any]:
+def _reference(
+    router: Any, msgs: list[bytes], now: float, pass_ips: frozenset[bytes], docker: Any
+) -> dict[str, Any]:
     from engine.codec import wire
     from engine.errors import DecodeError
     from intercept.sources import nfqueue as nq
@@ -91,11 +95,24 @@ def _reference(router: Any, msgs: list[bytes], now: float) -> dict[str, Any]:
     slots: dict[int, bytearray] = {}
     order: list[int] = []
     delayed = bytearray()
-    invalid = routed = unrouted = packets = 0
-    for _pid, payload in entries:
-        if payload is None:
+    invalid = routed = unrouted = packets = passed = rewritten = 0
+    runs: list[tuple[int, int]] = []
+    for pid, payload in entries:
+        verdict = nq.NF_DROP
+        if pass_ips and payload is not None and payload[16:20] in pass_ips:
+            verdict = nq.NF_ACCEPT  # NfqueueSource.receive_messages' pass list
+            passed += 1
+        if pass_ips:
+            if runs and runs[-1][0] == verdict:
+                runs[-1] = (verdict, pid)
+            else:
+                runs.append((verdict, pid))
+        if payload is None or verdict == nq.NF_ACCEPT:
             continue
         packets += 1
+        if docker is not None and payload[16:20] == docker[0]:
+            payload = payload[:16] + docker[1] + payload[20:]  # InterceptServer's -D
+            rewritten += 1
         try:
             rec = wire.encode_response_record(payload)
         except DecodeError:
@@ -122,6 +139,9 @@ def _reference(router: Any, msgs: list[bytes], now: float) -> dict[str, Any]:
         "unrouted": unrouted,
         "slots": [(s, bytes(slots[s])) for s in order],
         "delayed": bytes(delayed),
+        "runs": runs,
+        "passed": passed,
+        "rewritten": rewritten,
     }
 
 
@@ -130,15 +150,26 @@ def responses_target(dataplane: Any, rng: random.Random, data: bytes) -> None:
 
     st = _state
     if not st or st["n"] % RESET_EVERY == 0 or rng.random() < 0.001:
-        st["table"] = dataplane.responses.ResponseTable(limit=LIMIT, dnat=rng.random() < 0.3)
-        st["router"] = Router(max_routes_per_conn=LIMIT, dnat=st["table"].dnat)
+        table = dataplane.responses.ResponseTable(limit=LIMIT, dnat=rng.random() < 0.3)
+        st["table"] = table
+        st["router"] = Router(max_routes_per_conn=LIMIT, dnat=table.dnat)
         st["recent"] = []
         st["n"] = 0
+        # -x and -D now and then, on this input's daddr so that they apply
+        daddr = data[16:20] if len(data) >= 20 else b"\xc6\x13\x01\x05"
+        other = bytes(rng.randrange(256) for _ in range(4))
+        pass_ips = [daddr, other][: rng.randrange(3)] if rng.random() < 0.4 else []
+        st["pass"] = frozenset(pass_ips)
+        table.set_pass([int.from_bytes(ip, "big") for ip in pass_ips])
+        st["docker"] = None
+        if rng.random() < 0.3:
+            st["docker"] = (daddr if rng.random() < 0.7 else other, other)
+            table.set_docker(*(int.from_bytes(ip, "big") for ip in st["docker"]))
     st["n"] += 1
     table, router, recent = st["table"], st["router"], st["recent"]
     now = float(st["n"])
     msgs = _datagrams(rng, data, recent)
-    want = _reference(router, msgs, now)
+    want = _reference(router, msgs, now, st["pass"], st["docker"])
     got_n = table.receive_datagrams(msgs)
     got = {
         "entries": got_n,
@@ -149,6 +180,9 @@ def responses_target(dataplane: Any, rng: random.Random, data: bytes) -> None:
         "unrouted": table.unrouted,
         "slots": table.take_slots(),
         "delayed": table.take_delayed(),
+        "runs": table.verdict_runs(),
+        "passed": table.pass_accepted,
+        "rewritten": table.docker_rewritten,
     }
     assert table.entries_seen == got_n and table.delayed_count * 64 == len(got["delayed"])
     assert got == want, f"compiled {got} != python {want}"
