@@ -39,7 +39,13 @@ LAYERS: tuple[Layer, ...] = (
     Layer("io", ("engine.io", "intercept.config"), False),
     Layer(
         "proc",
-        ("engine.proc", "intercept.sources", "intercept.server", "intercept.exporter"),
+        (
+            "engine.proc",
+            "intercept.sources",
+            "intercept.server",
+            "intercept.exporter",
+            "intercept.fastroute",
+        ),
         False,
     ),
     Layer("app", ("engine.app",), False),

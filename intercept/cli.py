@@ -159,10 +159,37 @@ def parse_args(argv: Sequence[str] | None = None) -> InterceptOptions:
         secret=secret,
         allow_compat=a.allow_compat,
         max_routes_per_conn=a.max_routes_per_conn or None,
+        engine=_check_engine(parser, a.engine, mode),
         metrics=a.metrics,
         user=a.user,
         group=a.group,
     )
+
+
+def _check_engine(parser: argparse.ArgumentParser, engine: str, mode: str) -> str:
+    """--engine compiled where the compiled response path cannot run: one line, exit 2."""
+    if engine != "compiled":
+        return engine
+    if mode != "nfqueue":
+        parser.error("--engine: compiled is the NFQUEUE response path, not for the pcap mode")
+    from intercept.fastroute import compiled_available
+
+    built, why = compiled_available()
+    if not built:
+        parser.error(f"--engine: the compiled response path is not available: {why}")
+    return engine
+
+
+def resolve_engine(opts: InterceptOptions) -> tuple[str, str]:
+    """("compiled" | "python", why auto did not take the compiled path or "")."""
+    if opts.engine == "python":
+        return "python", ""
+    if opts.mode != "nfqueue":
+        return "python", ""  # auto: the compiled path is NFQUEUE's (no notice)
+    from intercept.fastroute import compiled_available
+
+    built, why = compiled_available()
+    return ("compiled", "") if built else ("python", why)
 
 
 _LEVELS = {"debug": 10, "info": 20, "notice": NOTICE, "warn": 30, "error": 40}
@@ -233,8 +260,25 @@ class _Lifecycle:
 
         self.opts = opts
         self.log = log
+        self.engine, why = resolve_engine(opts)
+        if why:
+            log.log(NOTICE, "--engine auto: the python response path runs: %s", why)
+        router: Router
+        if self.engine == "compiled":
+            from intercept.fastroute import CompiledRouter
+            from intercept.sources import nfqueue
+
+            router = CompiledRouter(
+                max_routes_per_conn=opts.max_routes_per_conn,
+                recv_max=nfqueue.BATCH_MAX_PACKETS,
+                recv_bytes=nfqueue.NETLINK_RECV_BYTES,
+            )
+            if opts.docker_map:
+                router.table.set_docker(*opts.docker_map)  # the server's -D, done in C
+        else:
+            router = Router(max_routes_per_conn=opts.max_routes_per_conn)
         self.server = InterceptServer(
-            Router(max_routes_per_conn=opts.max_routes_per_conn),
+            router,
             bind_ip=opts.bind,
             port=opts.port,
             combine=opts.combine,
@@ -274,6 +318,10 @@ class _Lifecycle:
         if opts.mode == "nfqueue":
             from intercept.sources import nfqueue
 
+            compiled = None
+            if self.engine == "compiled":
+                table = self.server.router.table  # type: ignore[attr-defined]
+                compiled = nfqueue.CompiledPath(table, self.server.receive_response_batch)
             try:
                 self.source = nfqueue.NfqueueSource(
                     self.server.receive_ip_packets,
@@ -281,6 +329,7 @@ class _Lifecycle:
                     opts.queue_num,
                     pass_ips=opts.pass_ips,
                     queue_maxlen=opts.queue_maxlen,
+                    compiled=compiled,
                 )
             except (OSError, RuntimeError) as e:
                 raise StartError(
@@ -367,21 +416,22 @@ class _Lifecycle:
         host, port = self.address
         log.log(
             NOTICE,
-            "%s started: %s mode on %s, listening on %s:%d, %s",
+            "%s started: %s mode on %s, listening on %s:%d, %s, engine %s",
             version_string(),
             opts.mode,
             source.name if source else "-",
             host,
             port,
             _auth_mode(opts),
+            self.engine,
         )
         notify.ready(f"{opts.mode} mode on {source.name if source else '-'}, port {port}")
         reason = server.run()
         notify.stopping(f"stopping ({reason})")
-        log.log(NOTICE, "%s stopping (%s)", PROG, reason)
+        log.log(NOTICE, "%s stopping (%s), engine %s", PROG, reason, self.engine)
         server.log_final_stats()
         if opts.summary_json:
-            _write_summary(opts.summary_json, server, log)
+            _write_summary(opts.summary_json, server, log, self.engine)
         return 0
 
     def close(self) -> None:
@@ -408,11 +458,13 @@ def _auth_mode(opts: InterceptOptions) -> str:
     return "extended peers must prove --secret-file; compat peers refused"
 
 
-def _write_summary(path: str, server, log: logging.Logger) -> None:
-    """The final counters (+ the router's, prefixed ``router_``) as one flat JSON object."""
+def _write_summary(path: str, server, log: logging.Logger, engine: str = "python") -> None:
+    """The final counters (+ the router's, prefixed ``router_``, and the response path,
+    ``engine``) as one flat JSON object."""
     import orjson
 
     values: dict[str, object] = dict(server.counters)
+    values["engine"] = engine
     values.update({f"router_{k}": v for k, v in server.router.stats.items()})
     values["router_routes"] = len(server.router)
     from engine.io.privileges import write_kept

@@ -293,6 +293,22 @@ class InterceptOptions:
     )
     """--max-routes-per-conn: routes kept per tcpcopy connection, least recently used
     evicted; 0 = no limit (None in the field)."""
+    engine: str = option(
+        "auto",
+        long="--engine",
+        parse=Choice("auto", "compiled", "python"),
+        help="NFQUEUE response path: auto (compiled if built, else python), compiled, python",
+        section=_PROC,
+        cli_default="auto",
+    )
+    """--engine: how NFQUEUE mode handles the target's responses.  ``compiled``: the
+    Cython extension engine.dataplane.responses reads, parses, encodes and routes a read
+    batch in C (intercept/fastroute.py), the fast path, -x and -D included; asking for it in
+    the pcap mode, or when it is not built, is a configuration error.
+    ``python``: the pure-Python path (intercept/sources/nfqueue.py, intercept/router.py),
+    the specification.  ``auto``: compiled in NFQUEUE mode when built, else python (a
+    logged notice names why when it is not built).  The start line, the exit line and
+    --summary-json (``engine``) name the path that runs."""
     log_path: str | None = option(
         None,
         short="-l",

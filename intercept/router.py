@@ -170,6 +170,9 @@ class Router:
             evicted, _ = keys.popitem(last=False)
             del self._routes[evicted]
             self.stats["route_evicted"] += 1
+        return self._take_delayed(key, now)
+
+    def _take_delayed(self, key: RouteKey, now: float) -> list[bytes]:
         # router_add ends with delay_table_snd (§1.5): flush this tuple's waiting records.
         delayed = self._delayed.pop(key, None)
         if delayed is None:
@@ -201,6 +204,12 @@ class Router:
         else:
             self.stats["unrouted"] += 1
         return None
+
+    def delay_record(self, record: bytes, now: float) -> None:
+        """An unrouted SYN/RST record found by a batch router (engine/dataplane/responses):
+        into the delay table as ``route`` puts it."""
+        saddr, daddr, sport, dport = _RECORD_TUPLE.unpack_from(record, 0)
+        self._delay((daddr, dport, 0 if self.dnat else saddr, sport), bytes(record), now)
 
     def _delay(self, key: RouteKey, record: bytes, now: float) -> None:
         if self._delayed_count >= self.max_delayed_records:

@@ -16,11 +16,16 @@ One process, one ``selectors`` loop, nothing blocks (design §3; C uses one epol
 Batching (spec §2.4).  C keeps one aggregation buffer per fd, flushes it from a 2 ms timer
 or when it holds ``cur_combined_num`` records, and adapts that threshold so that records of
 one loop pass travel together.  We get the same effect more directly: records queued during
-a loop pass wait in the channel's ``pending`` list; a full list (``combine`` records, at most
+a loop pass wait in the channel's ``pending`` buffer; a full one (``combine`` records, at most
 COMB_MAX = 16) becomes a frame at once (C's NUM_DRIVEN), and whatever is left becomes a
 frame at the end of the pass.  So a record never waits longer than the pass that produced it
 (well under C's 2 ms), frames are as large as the burst allows, and no timer or adaptive
 threshold is needed; ``-n`` only caps the frame size.
+
+The compiled response path (``--engine``, intercept/fastroute.py) hands a whole NFQUEUE read
+batch in already encoded and routed (``receive_response_batch``): per connection, its
+records are queued frame by frame (``_queue_records``) with the same bound, framing and
+counters as record by record.
 
 Slow peers.  Frames go into the channel's output buffer and are written with non-blocking
 ``send``; what the kernel does not take waits for EVENT_WRITE.  The buffer is bounded
@@ -99,6 +104,7 @@ BAD_RECORDS_MAX = 100
 """Records of an unknown type one connection may send before it is closed (module
 docstring, "Garbage from an accepted peer")."""
 _SYN_RST = 0x02 | 0x04
+_RECORD_BYTES = wire.RESPONSE_RECORD_BYTES  # intercept sends 64-byte records only
 _RECORD_FLAGS_OFFSET = 20 + 13  # TCP is at offset 20 in a record (spec §1.3)
 
 
@@ -135,6 +141,21 @@ def new_counters() -> dict[str, int]:
         "queue_overruns": 0,  # NFQUEUE: ENOBUFS episodes on the netlink socket
         "capture_dropped": 0,  # pcap: reader thread backlog full
     }
+
+
+class ResponseBatch(Protocol):
+    """What ``receive_response_batch`` reads of engine.dataplane.responses.ResponseTable."""
+
+    packets: int
+    invalid: int
+    routed: int
+    unrouted: int
+    delayed_count: int
+    docker_rewritten: int
+
+    def take_slots(self) -> list[tuple[int, bytes]]: ...
+
+    def take_delayed(self) -> bytes: ...
 
 
 class PacketSource(Protocol):
@@ -193,7 +214,7 @@ class Channel:
         self.peer = peer
         self.decoder = decoder or wire.InterceptStreamDecoder(None, bytes(wire.EXT_NONCE_BYTES))
         self.outbuf = bytearray()
-        self.pending: list[bytes] = []
+        self.pending = bytearray()  # this pass's records, back to back (< combine of them)
         self.want_write = False
         self.closed = False
         self.version_checked = False
@@ -319,7 +340,8 @@ class InterceptServer:
         c = self.counters
         encode, route = wire.encode_response_record, self.router.route
         docker_from, docker_to = self._docker_from, self._docker_to
-        out_max, combine, dirty = self.out_buffer_max_bytes, self.combine, self._dirty
+        out_max, dirty = self.out_buffer_max_bytes, self._dirty
+        combine_bytes = self.combine * _RECORD_BYTES
         debug = log.isEnabledFor(logging.DEBUG)
         n = invalid = delayed = unrouted = slow = forwarded = 0
         for packet in packets:
@@ -345,12 +367,12 @@ class InterceptServer:
                 unrouted += 1
                 continue
             pending = ch.pending
-            if len(ch.outbuf) + (len(pending) + 1) * len(record) > out_max:
+            if len(ch.outbuf) + len(pending) + len(record) > out_max:
                 slow += 1
                 continue
-            pending.append(record)
+            pending += record
             forwarded += 1
-            if len(pending) >= combine:
+            if len(pending) >= combine_bytes:
                 self._frame_pending(ch)  # NUM_DRIVEN (spec §2.4)
             dirty[ch] = None
         c["packets_captured"] += n
@@ -371,23 +393,101 @@ class InterceptServer:
             c["responses_unrouted"] += 1
             return
         pending = ch.pending
-        if len(ch.outbuf) + (len(pending) + 1) * len(record) > self.out_buffer_max_bytes:
+        if len(ch.outbuf) + len(pending) + len(record) > self.out_buffer_max_bytes:
             c["responses_dropped_slow"] += 1
             return
-        pending.append(record)
+        pending += record
         c["responses_forwarded"] += 1
-        if len(pending) >= self.combine:
+        if len(pending) >= self.combine * _RECORD_BYTES:
             self._frame_pending(ch)  # NUM_DRIVEN (spec §2.4)
         self._dirty[ch] = None
 
+    def receive_response_batch(self, table: ResponseBatch, now: float) -> None:
+        """``receive_ip_packets`` for a batch the compiled response path
+        (engine/dataplane/responses, intercept/fastroute.py) has already parsed, encoded and
+        routed: the same counters, router stats and channel bytes, with Python per channel
+        and per frame instead of per record."""
+        c = self.counters
+        router = self.router
+        n = table.packets
+        invalid = table.invalid
+        rstats = router.stats
+        if table.routed:
+            rstats["routed"] += table.routed
+        unrouted = table.unrouted
+        if unrouted:
+            rstats["unrouted"] += unrouted
+        forwarded = slow = 0
+        conn_at = router.conn_at  # type: ignore[attr-defined]
+        dirty = self._dirty
+        for slot, records in table.take_slots():
+            ch = conn_at[slot]
+            count = len(records) // _RECORD_BYTES
+            if ch.closed:
+                unrouted += count
+                continue
+            queued = self._queue_records(ch, records)
+            if queued:
+                forwarded += queued
+                dirty[ch] = None
+            slow += count - queued
+        delayed = table.delayed_count
+        if delayed:
+            records = table.take_delayed()
+            for i in range(0, len(records), _RECORD_BYTES):
+                router.delay_record(records[i : i + _RECORD_BYTES], now)
+        c["packets_captured"] += n
+        c["responses_total"] += n - invalid
+        c["responses_forwarded"] += forwarded
+        if table.docker_rewritten:
+            c["docker_rewritten"] += table.docker_rewritten
+        if invalid:
+            c["packets_invalid"] += invalid
+        if delayed:
+            c["responses_delayed"] += delayed
+        if unrouted:
+            c["responses_unrouted"] += unrouted
+        if slow:
+            c["responses_dropped_slow"] += slow
+
+    def _queue_records(self, ch: Channel, records: bytes) -> int:
+        """Queue 64-byte records (back to back) to an open channel as that many
+        ``_queue_record`` calls would, frame by frame; returns how many were queued (the
+        rest are dropped as slow).  Once one is dropped, so is every later one: nothing
+        leaves ``pending`` for ``outbuf`` before ``combine`` records are pending."""
+        pending = ch.pending
+        out_max = self.out_buffer_max_bytes
+        combine_bytes = self.combine * _RECORD_BYTES
+        size = len(records)
+        pos = 0
+        while pos < size:
+            take = min(combine_bytes - len(pending), size - pos)
+            # the j-th record of this run fits while outbuf + pending + j records <= out_max
+            room = (out_max - len(ch.outbuf) - len(pending)) // _RECORD_BYTES * _RECORD_BYTES
+            if room < take:
+                if room > 0:
+                    pending += records[pos : pos + room]
+                    pos += room
+                break
+            pending += records[pos : pos + take]
+            pos += take
+            if len(pending) >= combine_bytes:
+                self._frame_pending(ch)  # NUM_DRIVEN (spec §2.4)
+        return pos // _RECORD_BYTES
+
     def _frame_pending(self, ch: Channel) -> None:
         pending = ch.pending
-        step = self.combine
-        for i in range(0, len(pending), step):
+        step = self.combine * _RECORD_BYTES
+        size = len(pending)
+        count_of = wire.FRAME_COUNT.pack
+        frames = 0
+        for i in range(0, size, step):
             chunk = pending[i : i + step]
-            ch.outbuf += wire.encode_frame(chunk)
-            self.counters["frames_sent"] += 1
-            self.counters["records_sent"] += len(chunk)
+            ch.outbuf += count_of(len(chunk) // _RECORD_BYTES)
+            ch.outbuf += chunk
+            frames += 1
+        self.counters["frames_sent"] += frames
+        self.counters["records_sent"] += size // _RECORD_BYTES
         pending.clear()
 
     def _flush(self) -> None:

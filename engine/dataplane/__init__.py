@@ -23,6 +23,9 @@ Modules:
   counters.pxi and session.pxi, the session state machine (engine/core/session.py);
   pump.pxi, ``Pump``: a worker wake-up's ring batches, timers, drain and sendmmsg in one
   call (engine/proc/worker.py's loop is its specification).
+- ``responses`` (responses.pyx): intercept-mp's NFQUEUE response path: the netlink read
+  batch, the response record encode and the route table (``ResponseTable``), used through
+  intercept/fastroute.py with ``--engine`` auto or compiled.
 """
 
 from __future__ import annotations

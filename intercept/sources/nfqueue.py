@@ -22,6 +22,12 @@ is a few struct unpacks instead of a library Packet object and a verdict syscall
   the one given (the kernel's nfqnl_recv_verdict_batch), so a read batch costs one verdict
   message per run of equal verdicts: one DROP for a batch of responses, plus one ACCEPT per
   run of pass-list packets.  Verdicts go out before the records are routed, as before.
+The compiled path (``--engine``, intercept/fastroute.py): with ``compiled`` (a
+``CompiledPath``: the route table of engine/dataplane/responses.pyx and the server's
+``receive_response_batch``) the read, the parse, the record encode and the routing of a
+batch run in one C call (``ResponseTable.recv``), the -x pass list and its verdict runs
+included; Python sends the verdicts and takes the records per connection.  The result is
+the one described above, packet for packet (tests/unit/test_intercept_compiled.py).
 ``-q``: without it the queue holds QUEUE_MAXLEN packets, not the kernel's 1024: tcpcopy-mp
 sends a batch of packets in one sendmmsg, the target answers all of them at once, and a queue
 of 1024 overflows whenever intercept-mp is off the CPU for ~10 ms at 100,000 responses/s; each
@@ -41,6 +47,7 @@ import struct
 import subprocess
 import warnings
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from typing import NamedTuple, Protocol
 
 from engine.io.logs import NOTICE
 from intercept.errors import RuleError
@@ -50,6 +57,7 @@ __all__ = [
     "QUEUE_MAXLEN",
     "QUEUE_MAXLEN_DEFAULT",
     "RULE_COMMENT",
+    "CompiledPath",
     "NfqueueSource",
     "RuleError",
     "install_rules",
@@ -164,6 +172,32 @@ def _recv_batch_fallback(sock: socket.socket, limit: int, bufsize: int) -> list[
     return out
 
 
+class ResponseTable(Protocol):
+    """What the source uses of engine.dataplane.responses.ResponseTable."""
+
+    entries_seen: int
+    last_id: int
+    packets: int
+    pass_accepted: int
+    has_pass_list: bool
+
+    def recv(self, fd: int) -> int: ...
+
+    def set_pass(self, ips: Iterable[int]) -> None: ...
+
+    def verdict_runs(self) -> list[tuple[int, int]]: ...
+
+    def receive_datagrams(self, datagrams: list[bytes]) -> int: ...
+
+
+class CompiledPath(NamedTuple):
+    """The compiled response path (intercept/cli.py builds it): the route table that reads
+    and routes a batch, and the server's ``receive_response_batch`` that takes it."""
+
+    table: ResponseTable
+    receive: Callable[[ResponseTable, float], None]
+
+
 class NfqueueSource:
     """An NFQUEUE bound to ``queue_num`` pushing responses into ``receive``; a ``PacketSource``."""
 
@@ -175,6 +209,7 @@ class NfqueueSource:
         *,
         pass_ips: Iterable[int] = (),
         queue_maxlen: int | None = None,
+        compiled: CompiledPath | None = None,
     ) -> None:
         from netfilterqueue import COPY_PACKET, NetfilterQueue  # optional dependency (live)
 
@@ -183,6 +218,9 @@ class NfqueueSource:
         self.counters = counters  # the server's counters, which these sources add to
         self.queue_num = queue_num
         self.pass_ips = frozenset(ip.to_bytes(4, "big") for ip in pass_ips)
+        self.compiled = compiled
+        if compiled is not None and self.pass_ips:
+            compiled.table.set_pass(pass_ips)
         maxlen = QUEUE_MAXLEN
         if queue_maxlen is not None and queue_maxlen > QUEUE_MAXLEN_DEFAULT:
             maxlen = queue_maxlen
@@ -228,6 +266,9 @@ class NfqueueSource:
         return self._backlog
 
     def on_readable(self, now: float) -> None:
+        if self.compiled is not None:
+            self._on_readable_compiled(self.compiled.table, now)
+            return
         try:
             msgs = self._recv()
         except OSError as e:
@@ -278,6 +319,46 @@ class NfqueueSource:
                 self.counters["pass_accepted"] += passed
         if responses:
             self.receive(responses, now)
+
+    def _on_readable_compiled(self, table: ResponseTable, now: float) -> None:
+        try:
+            n = table.recv(self._sock.fileno())
+        except OSError as e:
+            log.error("NFQUEUE %d recv failed: %s", self.queue_num, e.strerror or e)
+            self._backlog = False
+            return
+        if n < 0:  # -ENOBUFS, as on_readable's
+            self.counters["queue_overruns"] += 1
+            self._backlog = True
+            return
+        self._backlog = n >= BATCH_MAX_PACKETS
+        if n:
+            self._compiled_batch(now)
+
+    def receive_messages_compiled(self, msgs: list[bytes], now: float) -> None:
+        """``receive_messages`` through the compiled path (the batch ``recv`` would read)."""
+        assert self.compiled is not None
+        self.compiled.table.receive_datagrams(msgs)
+        self._compiled_batch(now)
+
+    def _compiled_batch(self, now: float) -> None:
+        # receive_messages: the verdicts (one DROP up to the last packet message, or the
+        # runs of -x), then the records, already encoded and routed per connection in C.
+        assert self.compiled is not None
+        table = self.compiled.table
+        if not table.entries_seen:
+            return
+        queue = self.queue_num
+        if table.has_pass_list:
+            self._send_verdicts(
+                [verdict_batch_message(queue, v, i) for v, i in table.verdict_runs()]
+            )
+            if table.pass_accepted:
+                self.counters["pass_accepted"] += table.pass_accepted
+        else:
+            self._send_verdicts([verdict_batch_message(queue, NF_DROP, table.last_id)])
+        if table.packets:
+            self.compiled.receive(table, now)
 
     def _send_verdicts(self, verdicts: list[bytes]) -> None:
         try:

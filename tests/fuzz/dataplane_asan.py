@@ -300,7 +300,7 @@ def _engine_target(name: str) -> Callable[[object, random.Random, bytes], None]:
 
 
 ENGINE_TARGETS: dict[str, Callable[[object, random.Random, bytes], None]] = {
-    name: _engine_target(name) for name in ("records", "client", "frames", "pcap")
+    name: _engine_target(name) for name in ("records", "client", "frames", "pcap", "responses")
 }
 """The session engine's compiled entry points (engine/dataplane/engine.pyx's Table), in
 tests/fuzz/engine_targets.py: name -> ``fuzz(dataplane, rng, data)``, fed mutated packets
@@ -309,7 +309,10 @@ response records through ``receive_records``; ``frames``: an intercept connectio
 (framed streams, counts that lie) through ``Table.frame_reader``; ``client``: captured
 client packets of live sessions through ``receive_client_ips``, then ``drain_into`` and the
 timers; ``pcap``: pcap files around the packets through capture.pyx's record walk
-(``PcapWalker``), compared with PcapFileSource's Python path."""
+(``PcapWalker``), compared with PcapFileSource's Python path; ``responses``: netlink read
+batches around the packets through intercept-mp's compiled NFQUEUE response path
+(responses.pyx's ``ResponseTable``), compared with the Python parser, record encode and
+Router (tests/fuzz/responses_target.py)."""
 
 
 def fuzz_engine(build_dir: Path, name: str, runs: int, seed: int, artifacts: Path) -> int:

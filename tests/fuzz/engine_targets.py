@@ -40,6 +40,7 @@ from engine.core.rewrite import TransferEntry
 from engine.core.table import SessionTable
 from engine.errors import DecodeError
 from engine.io.batch import PyBatchTable, SendBuffer
+from tests.fuzz.responses_target import responses_target
 
 ONLINE = (packet.ip_from_str("198.18.1.2"), 80)
 TARGET = (packet.ip_from_str("198.18.2.3"), 8080)
@@ -554,6 +555,7 @@ def _seed_packets() -> list[bytes]:
 
 
 TARGETS = {
+    "responses": responses_target,
     "records": records_target,
     "client": client_target,
     "frames": frames_target,

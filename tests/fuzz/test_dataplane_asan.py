@@ -7,7 +7,9 @@ walk; 30,000 inputs of intercept response records through the compiled session t
 its ``frame_reader`` and 30,000 of captured client packets of live sessions through its
 ``receive_client_ips`` (tests/fuzz/engine_targets.py), compared with the Python table;
 30,000 pcap files around mutated packets through the compiled record walk of an offline
-replay (``--target pcap``), compared with PcapFileSource's Python path.  The
+replay (``--target pcap``), compared with PcapFileSource's Python path; 30,000 netlink read
+batches through intercept-mp's compiled response path (``--target responses``), compared
+with the Python parser, record encode and Router.  The
 long runs (>= 1 M inputs each) are the same script with ``--runs 1000000``
 (tests/fuzz/README.md)."""
 
@@ -82,3 +84,11 @@ def test_sanitizer_build_of_the_pcap_walk_survives_30k_files(
     asan_build: Path, tmp_path: Path
 ) -> None:
     _run(asan_build, tmp_path, "pcap", ENGINE_RUNS, "inputs")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sanitizer_build_of_the_response_path_survives_30k_batches(
+    asan_build: Path, tmp_path: Path
+) -> None:
+    _run(asan_build, tmp_path, "responses", ENGINE_RUNS, "inputs")

@@ -249,14 +249,23 @@ def stop_and_summary(proc: Proc, log: Path, summary: Path) -> dict:
     return orjson.loads(summary.read_bytes())
 
 
-def test_nfqueue_routes_drops_and_flushes_delayed(pair: Pair) -> None:
+@pytest.mark.parametrize("engine", ["python", "compiled"])
+def test_nfqueue_routes_drops_and_flushes_delayed(pair: Pair, engine: str) -> None:
+    """Both response paths (--engine): routed, pass list, delayed RST and SYN-ACK."""
+    if engine == "compiled":
+        from intercept.fastroute import compiled_available
+
+        built, why = compiled_available()
+        if not built:
+            pytest.skip(why)
     pair.start_http()
     proc, log, summary = start_intercept(
         pair,
         pair.target,
         ["--queue-num", "0", "--install-rule", f"{HTTP_PORT},{CLOSED_PORT}", "-x", PEER_IP,
-         "-b", TARGET_IP],
+         "-b", TARGET_IP, "--engine", engine],
     )  # fmt: skip
+    assert f", engine {engine}" in read(log)
     rules = sh("ip", "netns", "exec", pair.target, "iptables-save", "-t", "filter").stdout
     for port in (HTTP_PORT, CLOSED_PORT):
         assert re.search(rf"--sport {port} .*intercept-mp.*-j NFQUEUE --queue-num 0", rules)
@@ -307,6 +316,7 @@ def test_nfqueue_routes_drops_and_flushes_delayed(pair: Pair) -> None:
     assert values["responses_delayed_flushed"] >= 2
     assert values["pass_accepted"] >= 2  # SYN-ACK, data and FIN of the HTTP exchange
     assert values["responses_forwarded"] >= 3
+    assert values["engine"] == engine
     assert values["channels_accepted"] == 1
     rules = sh("ip", "netns", "exec", pair.target, "iptables-save", "-t", "filter").stdout
     assert "intercept-mp" not in rules, "the NFQUEUE rules were not removed at exit"
@@ -378,6 +388,9 @@ def test_nfqueue_holds_a_burst_while_intercept_is_stopped(
     assert pair.leaked_to_peer() == 0
     values = stop_and_summary(proc, log, summary)
     assert values["packets_captured"] == held
+    from intercept.fastroute import compiled_available
+
+    assert values["engine"] == ("compiled" if compiled_available()[0] else "python")  # auto
     assert values["queue_dropped"] == BURST - held
     if queue_args:
         assert "-q 1024 <= 1024: the kernel's default queue length" in read(log)

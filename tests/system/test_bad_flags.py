@@ -95,6 +95,7 @@ INTERCEPT_BAD: dict[str, tuple[str, ...]] = {
     "--docker-map": ("198.18.0.1", "198.18.0.1-x"),
     "--secret-file": ("/nonexistent-secret",),
     "--max-routes-per-conn": ("-1", "many"),
+    "--engine": ("fast", "", "C"),
     "--log": (NO_DIR,),
     "--log-format": ("xml",),
     "--log-level": ("loud",),

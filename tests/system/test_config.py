@@ -164,6 +164,7 @@ INTERCEPT_EXPECT: dict[str, Check] = {
     "secret_file": (lambda o: o.secret, lambda v, t: SECRET),
     "allow_compat": (lambda o: o.allow_compat, lambda v, t: v),
     "max_routes_per_conn": (lambda o: o.max_routes_per_conn, lambda v, t: v or None),
+    "engine": (lambda o: o.engine, lambda v, t: v),
     "log": (lambda o: o.log_path, lambda v, t: v),
     "log_format": (lambda o: o.log_format, lambda v, t: v),
     "log_level": (lambda o: o.log_level, lambda v, t: v),

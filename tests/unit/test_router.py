@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 
 from engine.codec.wire import ClientStreamDecoder, FrameDecoder, encode_response_record
 from engine.errors import DecodeError
-from intercept.router import Router, route_key_c
+from intercept.fastroute import CompiledRouter, compiled_available
+from intercept.router import Router as PyRouter
+from intercept.router import route_key_c
 from tests.unit.test_wire import control_streams, ip, make_packet
 
 SYN, RST, ACK, PSH = 0x02, 0x04, 0x10, 0x08
@@ -32,6 +34,17 @@ def response(
         src=target[0], sport=target[1], dst=client[0], dport=client[1], flags=flags, seq=seq
     )
     return encode_response_record(pkt, with_payload)
+
+
+@pytest.fixture(params=["python", "compiled"], scope="module")
+def router_cls(request: pytest.FixtureRequest) -> type[PyRouter]:
+    """Every test runs on the specification and on its compiled twin."""
+    if request.param == "python":
+        return PyRouter
+    ok, why = compiled_available()
+    if not ok:
+        pytest.skip(why)
+    return CompiledRouter
 
 
 # --- the C route key (documentation of the QUIRK we do not copy) ------------------------------
@@ -63,13 +76,13 @@ def test_route_key_c_matches_spec_formula(case):
     assert 0 <= route_key_c(*ints) < 2**32
 
 
-def test_c_key_collisions_do_not_mix_routes():
+def test_c_key_collisions_do_not_mix_routes(router_cls):
     # Adding 1 to the first byte of the client ip and taking 1 from the first byte of the
     # target ip keeps C's LE-raw sum: two tuples, one 32-bit key.
     a = (ip("198.19.1.10"), 40000, ip("198.18.2.3"), 8080)
     b = (ip("199.19.1.10"), 40000, ip("197.18.2.3"), 8080)
     assert route_key_c(*a) == route_key_c(*b)
-    router = Router()
+    router = router_cls()
     router.add_route(*a, conn="A", now=0)
     router.add_route(*b, conn="B", now=0)
     assert router.route(response(ACK, ("198.19.1.10", 40000), ("198.18.2.3", 8080)), 1) == "A"
@@ -79,8 +92,8 @@ def test_c_key_collisions_do_not_mix_routes():
 # --- routing ----------------------------------------------------------------------------------
 
 
-def test_latest_client_add_wins():
-    router = Router()
+def test_latest_client_add_wins(router_cls):
+    router = router_cls()
     assert router.add_route(*TUPLE, conn="A", now=0) == []
     assert router.route(response(ACK), 1) == "A"
     assert router.add_route(*TUPLE, conn="B", now=2) == []
@@ -93,8 +106,8 @@ def test_latest_client_add_wins():
     assert router.remove_connection("A") == 0
 
 
-def test_route_needs_the_exact_tuple():
-    router = Router()
+def test_route_needs_the_exact_tuple(router_cls):
+    router = router_cls()
     router.add_route(*TUPLE, conn="A", now=0)
     assert router.route(response(ACK, client=("198.19.1.10", 40001)), 1) is None
     assert router.route(response(ACK, client=("198.19.1.11", 40000)), 1) is None
@@ -103,24 +116,24 @@ def test_route_needs_the_exact_tuple():
     assert router.stats["unrouted"] == 4 and router.stats["routed"] == 0
 
 
-def test_dnat_leaves_the_target_ip_out():
-    router = Router(dnat=True)
+def test_dnat_leaves_the_target_ip_out(router_cls):
+    router = router_cls(dnat=True)
     router.add_route(*TUPLE, conn="A", now=0)
     assert router.route(response(ACK, target=("198.18.9.9", 8080)), 1) == "A"
     assert router.route(response(ACK, target=("198.18.9.9", 8081)), 1) is None
     assert router.lookup(TUPLE[0], TUPLE[1], 12345, TUPLE[3]) == "A"
 
 
-def test_unrouted_non_syn_rst_dropped_and_counted():
-    router = Router()
+def test_unrouted_non_syn_rst_dropped_and_counted(router_cls):
+    router = router_cls()
     for flags in (ACK, ACK | PSH, ACK | 0x01):
         assert router.route(response(flags), 0) is None
     assert router.stats["unrouted"] == 3 and router.stats["delayed"] == 0
     assert router.add_route(*TUPLE, conn="A", now=1) == []
 
 
-def test_delayed_syn_rst_flushed_in_order_on_add():
-    router = Router()
+def test_delayed_syn_rst_flushed_in_order_on_add(router_cls):
+    router = router_cls()
     synack1 = response(SYN | ACK, seq=1)
     rst = response(RST, seq=2)
     synack2 = response(SYN | ACK, seq=3, with_payload=True)
@@ -142,8 +155,8 @@ def test_delayed_syn_rst_flushed_in_order_on_add():
     assert router.stats["delayed_expired"] == 0
 
 
-def test_delayed_list_lives_30s_from_its_creation():
-    router = Router()
+def test_delayed_list_lives_30s_from_its_creation(router_cls):
+    router = router_cls()
     first, second = response(SYN | ACK, seq=1), response(RST, seq=2)
     router.route(first, 100.0)
     router.route(second, 120.0)  # joins the list created at 100
@@ -153,16 +166,16 @@ def test_delayed_list_lives_30s_from_its_creation():
     assert router.add_route(*TUPLE, conn="A", now=130.1) == []
 
 
-def test_expired_list_not_flushed_even_without_expire_call():
-    router = Router(delay_s=30.0)
+def test_expired_list_not_flushed_even_without_expire_call(router_cls):
+    router = router_cls(delay_s=30.0)
     router.route(response(SYN | ACK), 0.0)
     assert router.add_route(*TUPLE, conn="A", now=30.0) == []
     assert router.stats["delayed_expired"] == 1 and router.delayed_records == 0
     assert router.expire(1000.0) == 0
 
 
-def test_late_record_starts_a_fresh_list():
-    router = Router(delay_s=10.0)
+def test_late_record_starts_a_fresh_list(router_cls):
+    router = router_cls(delay_s=10.0)
     old, new = response(SYN | ACK, seq=1), response(SYN | ACK, seq=2)
     router.route(old, 0.0)
     router.route(new, 15.0)  # the list from t=0 is dead: `new` starts another
@@ -171,8 +184,8 @@ def test_late_record_starts_a_fresh_list():
     assert router.add_route(*TUPLE, conn="A", now=24.0) == [new]
 
 
-def test_delay_buffer_bound():
-    router = Router(max_delayed_records=2)
+def test_delay_buffer_bound(router_cls):
+    router = router_cls(max_delayed_records=2)
     a = response(SYN | ACK, client=("198.19.1.1", 1000))
     b = response(SYN | ACK, client=("198.19.1.2", 1000))
     c = response(SYN | ACK, client=("198.19.1.3", 1000))
@@ -185,8 +198,8 @@ def test_delay_buffer_bound():
     assert router.add_route(ip("198.19.1.3"), 1000, ip(TARGET[0]), 8080, "A", 31) == [c]
 
 
-def test_remove_connection():
-    router = Router()
+def test_remove_connection(router_cls):
+    router = router_cls()
     other = (ip("198.19.1.11"), 40000, ip(TARGET[0]), 8080)
     router.add_route(*TUPLE, conn="A", now=0)
     router.add_route(*other, conn="A", now=0)
@@ -199,16 +212,16 @@ def test_remove_connection():
     assert router.add_route(*TUPLE, conn="C", now=2) == [response(SYN | ACK)]
 
 
-def test_moved_route_leaves_no_empty_connection_behind():
-    router = Router()
+def test_moved_route_leaves_no_empty_connection_behind(router_cls):
+    router = router_cls()
     router.add_route(*TUPLE, conn="A", now=0)
     router.add_route(*TUPLE, conn="B", now=1)
     assert router.remove_connection("A") == 0
     assert router.route(response(ACK), 2) == "B"
 
 
-def test_per_connection_route_limit_evicts_least_recently_used():
-    router = Router(max_routes_per_conn=2)
+def test_per_connection_route_limit_evicts_least_recently_used(router_cls):
+    router = router_cls(max_routes_per_conn=2)
     keys = [(ip("198.19.1.10"), port, ip(TARGET[0]), 8080) for port in (1, 2, 3, 4)]
     router.add_route(*keys[0], conn="A", now=0)
     router.add_route(*keys[1], conn="A", now=1)
@@ -224,24 +237,24 @@ def test_per_connection_route_limit_evicts_least_recently_used():
     assert router.lookup(*keys[2]) is None
 
 
-def test_bad_arguments():
+def test_bad_arguments(router_cls):
     with pytest.raises(ValueError):
-        Router(max_routes_per_conn=0)
+        router_cls(max_routes_per_conn=0)
     with pytest.raises(ValueError):
-        Router().add_route(*TUPLE, conn=None, now=0)
+        router_cls().add_route(*TUPLE, conn=None, now=0)
     with pytest.raises(DecodeError):
-        Router().route(bytes(33), 0)
+        router_cls().route(bytes(33), 0)
 
 
-def test_falsy_connection_ids_route():
-    router = Router()
+def test_falsy_connection_ids_route(router_cls):
+    router = router_cls()
     router.add_route(*TUPLE, conn=0, now=0)
     assert router.route(response(ACK), 1) == 0 and router.stats["routed"] == 1
 
 
 @given(st.binary(max_size=200), st.floats(0, 1e6))
-def test_route_any_bytes(data, now):
-    router = Router()
+def test_route_any_bytes(router_cls, data, now):
+    router = router_cls()
     try:
         assert router.route(data, now) is None
     except DecodeError:
@@ -253,7 +266,7 @@ def test_route_any_bytes(data, now):
 # --- golden: the real capture replayed through the router ------------------------------------
 
 
-def test_golden_capture_every_response_routed_to_its_connection():
+def test_golden_capture_every_response_routed_to_its_connection(router_cls):
     """Replay both connections of the C capture in time order: each CLIENT_ADD adds a route for
     the connection that sent it, and every response record intercept sent on a connection must
     route to that connection at that moment."""
@@ -263,7 +276,7 @@ def test_golden_capture_every_response_routed_to_its_connection():
             for order, (ts, chunk) in enumerate(dirs[direction]):
                 events.append((ts, direction == "i2c", order, conn, direction, chunk))
     events.sort()
-    router = Router()
+    router = router_cls()
     clients = {}
     frames = {}
     routed = 0
