@@ -41,9 +41,11 @@ reordered); sent ones move to ``_unacked`` until the target acknowledges them.  
 FIN and RST are kept apart (``_fin_seg``, ``_rst_seg``): they are sent only after the data in
 front of them.  ``receive_*`` and ``handle_timer`` only change state (deadlines, due flags, the
 ``_ctl`` queue of small control packets described as tuples); every packet is built in
-``packets_to_send``, which walks: queued control packets, the handshake, retransmission,
-window probe, new data (through the request gate, flow control and gap/overlap checks), then
-FIN/RST, then a pure ACK if one is still owed.  A hole in the captured stream (a segment the
+``packets_to_send``, which walks: queued control packets, retransmission, window probe, new
+data (through the request gate, flow control and gap/overlap checks), then FIN/RST, the
+handshake's third packet if nothing of that step carried its ACK (the first request usually
+does: C sends both, we spare the target one packet per connection), then a pure ACK if one is
+still owed.  A hole in the captured stream (a segment the
 capture lost) holds the pump for at most CLIENT_GAP_WAIT_S; then the session reconnects from
 the next captured request (``_abandon_gap``, ``_skip_to_request``).
 
@@ -1255,8 +1257,10 @@ class TcpSession:
             self._emit_ctl(out)
         st = self.state
         if st is _ESTABLISHED or st is _FIN_WAIT:
-            if self._need_third:
-                self._send_third(out)
+            # The handshake's ACK goes out on its own only when no segment of this step
+            # carries it: the first request (or the FIN) acks the SYN-ACK just as well.
+            third_owed = self._need_third
+            mark = len(out)
             if self._retx_due:
                 self._retransmit(now, out)
             if self._probe_due:
@@ -1265,6 +1269,11 @@ class TcpSession:
                 self._emit(out, ACK, self._seq(self._snd_una - 1), self._rcv_nxt, b"", None)
                 c["window probe"] += 1
             self._send_new(now, out)
+            if third_owed:
+                if len(out) > mark:
+                    self._need_third = False
+                else:
+                    self._send_third(out)
             st = self.state
             if (st is _ESTABLISHED or st is _FIN_WAIT) and (
                 self._ack_due or (self._ack_at is not None and now >= self._ack_at)

@@ -1540,12 +1540,16 @@ cdef void send_new(ESession* s, double now, EOut* out) noexcept nogil:
 cdef void packets_to_send(ESession* s, double now, EOut* out) noexcept nogil:
     """port of TcpSession._packets_to_send"""
     cdef int st
+    cdef bint third_owed
+    cdef uint32_t mark
     if s.ctl_n:
         emit_ctl(s, out)
     st = s.state
     if st == ST_ESTABLISHED or st == ST_FIN_WAIT:
-        if s.need_third:
-            send_third(s, out)
+        # The handshake's ACK goes out on its own only when no segment of this step carries
+        # it: the first request (or the FIN) acks the SYN-ACK just as well.
+        third_owed = s.need_third
+        mark = out.n
         if s.retx_due:
             retransmit(s, now, out)
         if s.probe_due:
@@ -1554,6 +1558,14 @@ cdef void packets_to_send(ESession* s, double now, EOut* out) noexcept nogil:
             emit(s, out, F_ACK, sseq(s, s.snd_una - 1), s.rcv_nxt, NULL, 0, NULL, OPT_FAKED)
             cnt(s, EC_WINDOW_PROBE, 1)
         send_new(s, now, out)
+        if third_owed:
+            if out.n != mark:
+                s.need_third = 0
+                if s.third_pkt != NULL:
+                    e_free(s.third_pkt)  # carried, never sent (has_third stays)
+                    s.third_pkt = NULL
+            else:
+                send_third(s, out)
         st = s.state
         if (st == ST_ESTABLISHED or st == ST_FIN_WAIT) and (
                 s.ack_due or (tset(s.ack_at) and now >= s.ack_at)):

@@ -128,8 +128,31 @@ def test_faked_handshake_for_midstream_flow_uses_mss_option_and_65535():
     assert syn.ip_id == req.ip_id - 2
     assert counters(link)["for no syn"] == 1
     out = link.respond(t.synack())
-    assert [p.flags for p in out] == [ACK, PSH | ACK]
-    a, d = out
+    # The request goes at once and acks the SYN-ACK itself: no faked third ACK before it.
+    assert [p.flags for p in out] == [PSH | ACK]
+    (d,) = out
+    # The faked SYN had no TS option: timestamps are not in effect, the capture's are kept.
+    assert (d.seq, d.ack, d.payload, d.window, d.options) == (
+        req.seq,
+        t.isn + 1,
+        REQ1,
+        65535,
+        req.options,
+    )
+
+
+def test_faked_third_ack_goes_alone_when_the_request_cannot():
+    """A zero window in the SYN-ACK holds the request: the faked third ACK (spec §3.11) then
+    goes out on its own, MSS-less, window 65535, the IP id after the faked SYN's."""
+    c = Client(ts=100)
+    link = mk(SessionConfig(mss=1400))
+    t = link.target
+    req = c.data(REQ1)
+    (syn,) = link.client(req)
+    assert syn.flags == SYN
+    out = link.respond(t.synack(window=0))
+    assert [p.flags for p in out] == [ACK]
+    (a,) = out
     assert (a.seq, a.ack, a.window, a.options, a.ip_id) == (
         req.seq,
         t.isn + 1,
@@ -137,8 +160,7 @@ def test_faked_handshake_for_midstream_flow_uses_mss_option_and_65535():
         b"",
         req.ip_id - 1,
     )
-    # The faked SYN had no TS option: timestamps are not in effect, the capture's are kept.
-    assert (d.seq, d.payload, d.window, d.options) == (req.seq, REQ1, 65535, req.options)
+    assert counters(link)["send content"] == 0
 
 
 def test_no_fake_handshake_drops_midstream_flow():
@@ -520,8 +542,9 @@ def test_captured_gap_never_filled_reconnects_from_the_next_segment():
     link.target = t2 = Target(isn=777)
     t2.observe(syn)
     out = link.respond(t2.synack())
-    # The gate starts over: the first request goes at once, each later one after its answer.
-    assert [(p.flags, p.payload) for p in out] == [(ACK, b""), (PSH | ACK, reqs[3].payload)]
+    # The gate starts over: the first request goes at once (acking the SYN-ACK itself),
+    # each later one after its answer.
+    assert [(p.flags, p.payload) for p in out] == [(PSH | ACK, reqs[3].payload)]
     for req in reqs[4:]:
         link.now += 0.001
         assert [p.payload for p in link.respond(t2.send(300)) if p.payload] == [req.payload]
@@ -605,7 +628,8 @@ def test_reordered_capture_is_sent_in_order():
     p1, p2, p3 = c.data(b"1" * 5), c.data(b"2" * 5), c.data(b"3" * 5)
     link.client(p3, p1, third, p2, p2)
     out = link.respond(link.target.synack())
-    assert [p.payload for p in out] == [b"", b"1" * 5, b"2" * 5, b"3" * 5]
+    # The captured third ACK is not sent: the first segment carries the same ack.
+    assert [p.payload for p in out] == [b"1" * 5, b"2" * 5, b"3" * 5]
     assert counters(link)[drop_key(DropReason.CLIENT_RETRANSMIT)] == 1
 
 
@@ -768,8 +792,8 @@ def test_target_fin_with_unsent_data_reconnects():
     link.target = t2
     t2.observe(syn)
     out = link.respond(t2.synack())
-    assert [(p.flags, p.payload) for p in out] == [(ACK, b""), (PSH | ACK, REQ2)]
-    assert out[1].window == 65535
+    assert [(p.flags, p.payload) for p in out] == [(PSH | ACK, REQ2)]
+    assert out[0].window == 65535 and out[0].ack == t2.isn + 1
 
 
 def test_target_rst_with_unsent_data_reconnects_else_ends():
@@ -1325,7 +1349,7 @@ def test_pending_segment_covered_by_an_earlier_one_is_skipped_at_send_time():
     prefix = c._pkt(big.seq, big.ack, PSH | ACK, b"B" * 100)
     link.client(big, prefix)  # both wait for the handshake
     out = link.respond(link.target.synack())
-    assert [p.payload for p in out] == [b"", b"B" * 150]
+    assert [p.payload for p in out] == [b"B" * 150]
     assert counters(link)["total cont retransmit"] == 1
 
 
