@@ -663,21 +663,21 @@ class ReplayConfig:
     resolved once, at start.  Example: `not src net 10.1.0.0/16` leaves that subnet's
     clients out of the copy."""
     capture_buffer_bytes: int = option(
-        8 * 1024 * 1024,
+        4 * 1024 * 1024,
         short="-B",
         long="--buffer",
         parse=Int(1, 4096),
         unit="MB",
         metavar="MB",
-        help="capture buffer in MB (8)",
+        help="capture buffer in MB (4)",
         section=_CAPT,
-        shown_default=8,
+        shown_default=4,
     )
     """-B (MB in the flag): the capture's kernel buffer: the TPACKET_V3 ring (blocks of
     128 KiB; mapped in the capture process only, so its pages are in that process's memory),
     or SO_RCVBUF of the socket it falls back to.  It holds what arrives while the capture
-    process is off the CPU: 8 MB is 64 blocks, at least 1 s of packets at low rates (a
-    block is handed over 16 ms after its first packet) and about 40,000 packets of 100
+    process is off the CPU: 4 MB is 32 blocks, at least 1 s of packets at low rates (a
+    block is handed over 32 ms after its first packet) and about 20,000 packets of 100
     bytes (a frame takes about 200 bytes of the ring) at high ones.  C's -B (16 MB) sizes
     the buffer of its pcap build; its default build reads a raw socket whose buffer the
     kernel caps at net.core.rmem_max (about 0.4 MB of packets by default)."""

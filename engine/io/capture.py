@@ -461,12 +461,13 @@ TPACKET_BLOCK_BYTES = 1 << 17
 64 KiB GRO aggregate (a frame larger than a block would be cut short)."""
 TPACKET_FRAME_BYTES = 1 << 11
 """tp_frame_size: only a sizing unit for TPACKET_V3 (frames are packed by their real size)."""
-TPACKET_RETIRE_MS = 16
+TPACKET_RETIRE_MS = 32
 """A block that is not full is handed over this long after its first frame: the capture's
-added latency at low load.  It also sets how long the capture process may be off the CPU
-before the kernel drops: at low rates each block carries one timeout's worth of packets, so
-the ring holds blocks x TPACKET_RETIRE_MS (64 x 16 ms = 1 s with the default -B 8); 0.5 s
-lost packets on a shared 2-CPU machine under load (with the capture's walk in Python)."""
+added latency at low load (a replay's timing is the captured one, this only shifts it).  It
+also sets how long the capture process may be off the CPU before the kernel drops: at low
+rates each block carries one timeout's worth of packets, so the ring holds blocks x
+TPACKET_RETIRE_MS (32 x 32 ms = 1 s with the default -B 4); 0.5 s lost packets on a shared
+2-CPU machine under load (with the capture's walk in Python)."""
 TPACKET_BLOCKS_PER_READ = 8
 TPACKET_ENV = "TCPCOPY_MP_TPACKET"
 """Set to 0: the live capture reads packet by packet (recv), as where the kernel has no
