@@ -695,11 +695,12 @@ class ReplayConfig:
     the captured packets from the capture process to it (its pages are committed at start).
     A packet takes its own length in it plus 16 bytes of header, padded to 8 bytes (about
     120 bytes for a typical 100-byte packet; 2 MB hold some 17,000 of them, 1,365 of the
-    largest).  Derived when not given: live capture, the worker's share of 16 MB (or of -B
-    if larger) between 1 and 2 MB: 2 MB per worker up to 8 workers, 1 MB from 16 on.  A
-    worker's ring holds what arrives while that worker is off the CPU (the kernel ring, -B,
-    what arrives while the capture process is); on 2 CPUs, 2 MB replicated the benchmark's
-    loads with no ring drop with 1 and 2 workers (docs/memory.md); offline replay, 3 MB:
+    largest).  Derived when not given: live capture, the worker's share of 2 MB (or of half
+    of -B if larger) between 1 and 2 MB: 2 MB for one worker, 1 MB each for more (with -B
+    4).  A worker's ring holds what arrives while that worker is off the CPU (the kernel
+    ring, -B, what arrives while the capture process is), and each of N workers gets 1/N of
+    the packets; on 2 CPUs the benchmark's loads dropped nothing in one 2 MB ring nor in two
+    of 1 MB (docs/memory.md); offline replay, 3 MB:
     the file waits while a ring is half full, so a ring needs room for one read batch of
     1,024 of the largest packets (-M) past its pause mark.  Never less than two of the
     largest packets."""

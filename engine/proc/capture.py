@@ -84,12 +84,14 @@ RING_BYTES_PER_WORKER = RING_BYTES
 """The largest derived live ring (2 MiB of records: about 20,000 packets of 100 bytes)."""
 RING_BYTES_MIN = 1 << 20
 """The smallest derived live ring (1 MiB)."""
-LIVE_RINGS_BYTES = 8 * RING_BYTES_PER_WORKER
-"""What the live rings of all workers take together, at least (``ring_bytes``; -B if
-larger): 2 MiB per worker up to 8 workers.  A ring holds what arrives while its worker is
-off the CPU; on 2 CPUs the bench's loads (bench/run.sh ka-c50 and short-c10-1ip, 10 s, 1
-and 2 workers) dropped nothing in 2 MiB, where 8,192 fixed 1.5 KiB slots (12 MiB) were the
-smallest that did (docs/memory.md has both tables)."""
+LIVE_RINGS_BYTES = RING_BYTES_PER_WORKER
+"""What the live rings of all workers take together, at least (``ring_bytes``; half of -B
+if larger), each ring kept between RING_BYTES_MIN and RING_BYTES_PER_WORKER: 2 MiB for one
+worker, 1 MiB each for two or more with the default -B 4.  A ring holds what arrives while
+its worker is off the CPU, and each of N workers gets 1/N of the packets.  On 2 CPUs the
+bench's loads (bench/run.sh, 10 s) dropped nothing in one 2 MiB ring (ka-c50,
+short-c10-1ip) nor in two 1 MiB rings (ka-c10, ka-c50, short-c10-1ip, short-c10-64ip),
+where 8,192 fixed 1.5 KiB slots (12 MiB) were the smallest that did (docs/memory.md)."""
 _SRC_NO_OPTIONS = struct.Struct("!12xI4xH")  # IPv4 src address, then (IHL 5) the TCP src port
 
 
@@ -137,10 +139,10 @@ def ring_bytes(cfg: Any) -> int:
     """The bytes of each worker's ring: --ring-size, else derived from the load (the rule is
     --ring-size's help in engine/core/config.py and docs/memory.md):
 
-    * live capture: each worker's share of LIVE_RINGS_BYTES, or of -B if that is larger,
-      between RING_BYTES_MIN and RING_BYTES_PER_WORKER: a worker's ring holds what arrives
-      while that worker is off the CPU, the kernel's ring (-B) what arrives while the
-      capture process is;
+    * live capture: each worker's share of LIVE_RINGS_BYTES, or of half of -B if that is
+      larger, between RING_BYTES_MIN and RING_BYTES_PER_WORKER: a worker's ring holds what
+      arrives while that worker is off the CPU, the kernel's ring (-B) what arrives while
+      the capture process is;
     * offline replay: room for one read batch of the largest packets past the pause mark
       (the file waits while a ring is OFFLINE_PAUSE_FILL full): 3 MiB with -M 1500.
 
@@ -152,7 +154,7 @@ def ring_bytes(cfg: Any) -> int:
     elif cfg.capture == "offline":
         size = math.ceil(BATCH_MAX_PACKETS * largest / (1.0 - OFFLINE_PAUSE_FILL))
     else:
-        share = max(LIVE_RINGS_BYTES, cfg.capture_buffer_bytes) // max(1, cfg.workers)
+        share = max(LIVE_RINGS_BYTES, cfg.capture_buffer_bytes // 2) // max(1, cfg.workers)
         size = min(RING_BYTES_PER_WORKER, max(RING_BYTES_MIN, share))
     size = max(size, 2 * largest)
     return -(-size // 64) * 64

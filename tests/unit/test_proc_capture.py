@@ -303,7 +303,7 @@ def test_ring_source_comes_back_at_once_for_a_push_that_raced_its_pop(rings_fact
 def _cfg(**kw):
     from types import SimpleNamespace
 
-    base = {"ring_bytes": None, "capture": "raw", "capture_buffer_bytes": 16 << 20, "workers": 1}
+    base = {"ring_bytes": None, "capture": "raw", "capture_buffer_bytes": 4 << 20, "workers": 1}
     mtu = kw.pop("mtu", 1500)
     base.update(kw)
     return SimpleNamespace(session=SimpleNamespace(mtu=mtu), **base)
@@ -312,12 +312,15 @@ def _cfg(**kw):
 def test_ring_size_derived_from_the_load():
     from engine.proc.capture import RING_BYTES_MIN, RING_BYTES_PER_WORKER
 
-    # live: the worker's share of 16 MiB (or of -B if larger), between 1 and 2 MiB
+    # live: the worker's share of 2 MiB (or of half of -B if larger), between 1 and 2 MiB
     assert ring_bytes(_cfg()) == RING_BYTES_PER_WORKER == 2 << 20
-    assert ring_bytes(_cfg(workers=8)) == RING_BYTES_PER_WORKER
-    assert ring_bytes(_cfg(workers=12)) == (16 << 20) // 12 // 64 * 64 + 64
-    assert ring_bytes(_cfg(workers=64)) == RING_BYTES_MIN == 1 << 20
+    assert ring_bytes(_cfg(workers=2)) == RING_BYTES_MIN == 1 << 20
+    assert ring_bytes(_cfg(workers=64)) == RING_BYTES_MIN
     assert ring_bytes(_cfg(capture_buffer_bytes=1 << 20)) == RING_BYTES_PER_WORKER
+    assert ring_bytes(_cfg(capture_buffer_bytes=64 << 20, workers=8)) == RING_BYTES_PER_WORKER
+    assert ring_bytes(_cfg(capture_buffer_bytes=64 << 20, workers=24)) == (
+        (32 << 20) // 24 // 64 * 64 + 64
+    )
     assert ring_bytes(_cfg(capture_buffer_bytes=256 << 20, workers=32)) == 2 << 20
     # offline: one read batch of the largest packets past the pause mark
     assert ring_bytes(_cfg(capture="offline")) == 2 * 1024 * record_bytes(1520) == 3 << 20
