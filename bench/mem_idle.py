@@ -5,7 +5,7 @@
     sudo .venv/bin/python bench/mem_idle.py --tree=/path/to/other/checkout   # a "before"
 
 tcpcopy-mp runs in a network namespace of its own (``unshare -n``, lo up; nothing leaves
-it) with the default live capture (the TPACKET_V3 ring, -B 8) and -x 80-198.18.0.2:80; no
+it) with the default live capture (the TPACKET_V3 ring, -B 4) and -x 80-198.18.0.2:80; no
 intercept answers, which costs nothing at idle.  RSS counts a page shared by forked
 processes once per process; PSS splits it between them, so the PSS sum is the tree's real
 footprint (the kernel's packet ring included once, wherever it is mapped).
