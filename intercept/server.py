@@ -375,6 +375,13 @@ class InterceptServer:
             if len(pending) >= combine_bytes:
                 self._frame_pending(ch)  # NUM_DRIVEN (spec §2.4)
             dirty[ch] = None
+        self._count_batch(n, invalid, forwarded, delayed, unrouted, slow)
+
+    def _count_batch(
+        self, n: int, invalid: int, forwarded: int, delayed: int, unrouted: int, slow: int
+    ) -> None:
+        """A read batch's counters, once per batch (both response paths)."""
+        c = self.counters
         c["packets_captured"] += n
         c["responses_total"] += n - invalid
         c["responses_forwarded"] += forwarded
@@ -436,19 +443,9 @@ class InterceptServer:
             records = table.take_delayed()
             for i in range(0, len(records), _RECORD_BYTES):
                 router.delay_record(records[i : i + _RECORD_BYTES], now)
-        c["packets_captured"] += n
-        c["responses_total"] += n - invalid
-        c["responses_forwarded"] += forwarded
         if table.docker_rewritten:
             c["docker_rewritten"] += table.docker_rewritten
-        if invalid:
-            c["packets_invalid"] += invalid
-        if delayed:
-            c["responses_delayed"] += delayed
-        if unrouted:
-            c["responses_unrouted"] += unrouted
-        if slow:
-            c["responses_dropped_slow"] += slow
+        self._count_batch(n, invalid, forwarded, delayed, unrouted, slow)
 
     def _queue_records(self, ch: Channel, records: bytes) -> int:
         """Queue 64-byte records (back to back) to an open channel as that many
