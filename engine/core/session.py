@@ -1258,8 +1258,13 @@ class TcpSession:
         st = self.state
         if st is _ESTABLISHED or st is _FIN_WAIT:
             # The handshake's ACK goes out on its own only when no segment of this step
-            # carries it: the first request (or the FIN) acks the SYN-ACK just as well.
+            # carries it: the first request (or the FIN) acks the SYN-ACK just as well.  A
+            # captured RST waiting is no carrier: the target must see the connection made
+            # before it is reset, as the online server did.
             third_owed = self._need_third
+            if third_owed and self._rst_seg is not None:
+                self._send_third(out)
+                third_owed = False
             mark = len(out)
             if self._retx_due:
                 self._retransmit(now, out)

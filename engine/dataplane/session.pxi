@@ -1547,8 +1547,12 @@ cdef void packets_to_send(ESession* s, double now, EOut* out) noexcept nogil:
     st = s.state
     if st == ST_ESTABLISHED or st == ST_FIN_WAIT:
         # The handshake's ACK goes out on its own only when no segment of this step carries
-        # it: the first request (or the FIN) acks the SYN-ACK just as well.
+        # it: the first request (or the FIN) acks the SYN-ACK just as well.  A captured RST
+        # waiting is no carrier: the target must see the connection made before the reset.
         third_owed = s.need_third
+        if third_owed and s.rst_seg != NULL:
+            send_third(s, out)
+            third_owed = 0
         mark = out.n
         if s.retx_due:
             retransmit(s, now, out)

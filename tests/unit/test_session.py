@@ -141,6 +141,19 @@ def test_faked_handshake_for_midstream_flow_uses_mss_option_and_65535():
     )
 
 
+def test_a_captured_reset_after_the_handshake_follows_the_third_ack():
+    """A connection the client reset right after its handshake (a health check, a probe):
+    the third ACK is not left to the RST, so the target sees the connection made, then
+    reset, as the online server did."""
+    c = Client()
+    link = mk()
+    link.client(c.syn())
+    link.client(c.ack(), c.rst())
+    out = link.respond(link.target.synack())
+    assert [(p.flags, p.payload) for p in out] == [(ACK, b""), (RST | ACK, b"")]
+    assert out[0].ack == out[1].ack == link.target.isn + 1
+
+
 def test_faked_third_ack_goes_alone_when_the_request_cannot():
     """A zero window in the SYN-ACK holds the request: the faked third ACK (spec §3.11) then
     goes out on its own, MSS-less, window 65535, the IP id after the faked SYN's."""
