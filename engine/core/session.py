@@ -45,9 +45,10 @@ front of them.  ``receive_*`` and ``handle_timer`` only change state (deadlines,
 data (through the request gate, flow control and gap/overlap checks), then FIN/RST, the
 handshake's third packet if nothing of that step carried its ACK (the first request usually
 does: C sends both, we spare the target one packet per connection; a captured RST does not
-carry it, the third packet then goes first), then a pure ACK if one is still owed.  A hole in the captured stream (a segment the
-capture lost) holds the pump for at most CLIENT_GAP_WAIT_S; then the session reconnects from
-the next captured request (``_abandon_gap``, ``_skip_to_request``).
+carry it, the third packet then goes first), then a pure ACK if one is still owed.  A hole
+in the captured stream (a segment the capture lost) holds the pump for at most
+CLIENT_GAP_WAIT_S; then the session reconnects from the next captured request
+(``_abandon_gap``, ``_skip_to_request``).
 
 The request gate (replaces C's "response complete" timer heuristic, spec §3.7 step 6c, §3.9
 DELAY_ACK, §6 item 6), per exchange.  An exchange is the target's answer to the previous
