@@ -160,6 +160,7 @@ def parse_args(argv: Sequence[str] | None = None) -> InterceptOptions:
         allow_compat=a.allow_compat,
         max_routes_per_conn=a.max_routes_per_conn or None,
         engine=_check_engine(parser, a.engine, mode),
+        sched=a.sched,
         metrics=a.metrics,
         user=a.user,
         group=a.group,
@@ -291,18 +292,35 @@ class _Lifecycle:
         self.installed: list[int] = []
         self.pid_written = False
         self.exporter: Any = None
+        self.sched = "normal"  # the policy set_sched leaves
         # Until the loop installs its own handlers, a SIGTERM/SIGINT still ends us cleanly
         # (the iptables rule removed): the stop is remembered and run() returns at once.
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: self.server.request_stop(f"signal {signum}"))
 
     def start(self) -> None:
+        self.set_sched()
         self.listen()
         self.open_source()
         self.install_rules()
         self.detach()
         self.drop_privileges()
         self.start_exporter()
+
+    def set_sched(self) -> None:
+        """--sched, before any thread or fork (both inherit it): engine/io/sched.py."""
+        from engine.io import sched
+
+        applied = sched.apply(self.opts.sched)
+        self.sched = applied.policy
+        if applied.note:
+            self.log.log(
+                logging.WARNING if applied.refused else logging.INFO,
+                "--sched %s: %s; intercept-mp runs under the %s policy",
+                self.opts.sched,
+                applied.note,
+                applied.policy,
+            )
 
     def listen(self) -> None:
         opts = self.opts
@@ -416,7 +434,7 @@ class _Lifecycle:
         host, port = self.address
         log.log(
             NOTICE,
-            "%s started: %s mode on %s, listening on %s:%d, %s, engine %s",
+            "%s started: %s mode on %s, listening on %s:%d, %s, engine %s, sched %s",
             version_string(),
             opts.mode,
             source.name if source else "-",
@@ -424,6 +442,7 @@ class _Lifecycle:
             port,
             _auth_mode(opts),
             self.engine,
+            self.sched,
         )
         notify.ready(f"{opts.mode} mode on {source.name if source else '-'}, port {port}")
         reason = server.run()
@@ -431,7 +450,7 @@ class _Lifecycle:
         log.log(NOTICE, "%s stopping (%s), engine %s", PROG, reason, self.engine)
         server.log_final_stats()
         if opts.summary_json:
-            _write_summary(opts.summary_json, server, log, self.engine)
+            _write_summary(opts.summary_json, server, log, self.engine, self.sched)
         return 0
 
     def close(self) -> None:
@@ -458,13 +477,16 @@ def _auth_mode(opts: InterceptOptions) -> str:
     return "extended peers must prove --secret-file; compat peers refused"
 
 
-def _write_summary(path: str, server, log: logging.Logger, engine: str = "python") -> None:
-    """The final counters (+ the router's, prefixed ``router_``, and the response path,
-    ``engine``) as one flat JSON object."""
+def _write_summary(
+    path: str, server, log: logging.Logger, engine: str = "python", sched: str = "normal"
+) -> None:
+    """The final counters (+ the router's, prefixed ``router_``, the response path,
+    ``engine``, and the scheduling policy, ``sched``) as one flat JSON object."""
     import orjson
 
     values: dict[str, object] = dict(server.counters)
     values["engine"] = engine
+    values["sched"] = sched
     values.update({f"router_{k}": v for k, v in server.router.stats.items()})
     values["router_routes"] = len(server.router)
     from engine.io.privileges import write_kept

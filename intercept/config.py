@@ -309,6 +309,21 @@ class InterceptOptions:
     the specification.  ``auto``: compiled in NFQUEUE mode when built, else python (a
     logged notice names why when it is not built).  The start line, the exit line and
     --summary-json (``engine``) name the path that runs."""
+    sched: str = option(
+        "batch",
+        long="--sched",
+        parse=Choice("batch", "inherit"),
+        help="CPU scheduling policy: batch (SCHED_BATCH, default) or inherit",
+        section=_PROC,
+        cli_default="batch",
+    )
+    """--sched: intercept-mp's CPU scheduling policy (engine/io/sched.py).  ``batch``: under
+    the normal policy it switches to SCHED_BATCH, so being woken by a response never
+    preempts the target's server that is still answering: the server finishes its burst and
+    one loop pass reads and frames it, which means fewer, fuller frames (fewer wake-ups of
+    tcpcopy-mp too).  Its fair share of the CPU is unchanged (so is its nice value).  Started
+    under another policy (``chrt``), it keeps it.  ``inherit``: the policy it was started
+    with.  The start line and --summary-json (``sched``) say which policy runs."""
     log_path: str | None = option(
         None,
         short="-l",

@@ -327,6 +327,7 @@ def build_config(args: argparse.Namespace) -> ReplayConfig:
         offline_tail_s=offline_tail_s,
         workers=workers,
         engine=engine,
+        sched=v.get("sched"),
         metrics=metrics,
         log_path=args.log,
         log_format=log_format,

@@ -818,6 +818,21 @@ class ReplayConfig:
     python with a logged notice naming why.  ``compiled`` when it is not built is a
     configuration error.  The start log line, the exit line, --summary-json (``engine``) and
     /metrics (``tcpcopy_build_info``) name the engine that runs."""
+    sched: str = option(
+        "batch",
+        long="--sched",
+        parse=Choice("batch", "inherit"),
+        help="workers' CPU scheduling policy: batch (SCHED_BATCH) or inherit",
+        section=_PROC,
+    )
+    """--sched: the workers' CPU scheduling policy (engine/io/sched.py).  ``batch``: a worker
+    running under the normal policy switches to SCHED_BATCH, so its wake-ups (a frame of
+    responses, a ring batch) never preempt the task running on that CPU, the production
+    server first of all; it still gets its fair share (the nice value is unchanged), and it
+    reads more per wake-up.  A worker started under another policy (``chrt``) keeps it.
+    ``inherit``: the policy tcpcopy-mp was started with.  The capture process and the
+    supervisor keep the policy they were started with.  A refused switch is logged by the
+    worker, which then runs as started."""
     metrics: tuple[str, int] | None = option(
         None,
         long="--metrics",

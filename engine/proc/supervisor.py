@@ -336,11 +336,12 @@ class Supervisor:
                     self.engine_notice,
                 )
             log.info(
-                "tcpcopy-mp starts: %s engine, capture %s, %d worker(s), %d intercept(s) x %d "
-                "connection(s), -x %d entr%s",
+                "tcpcopy-mp starts: %s engine, capture %s, %d worker(s) (--sched %s), "
+                "%d intercept(s) x %d connection(s), -x %d entr%s",
                 self.engine,
                 cfg.capture,
                 self.workers,
+                cfg.sched,
                 len(cfg.intercepts),
                 sum(
                     worker_connections(cfg.connections, self.workers, i)
@@ -693,9 +694,21 @@ class Supervisor:
         return proc.run()
 
     def _worker_main(self, index: int) -> int:
+        from engine.io import sched
         from engine.io.ring import Ring
         from engine.proc.worker import RingSource, WorkerProcess
 
+        # First, so that any thread the worker starts inherits it (engine/io/sched.py).
+        applied = sched.apply(self.cfg.sched)
+        if applied.note:
+            log.log(
+                logging.WARNING if applied.refused else logging.INFO,
+                "worker %d: --sched %s: %s; it runs under the %s policy",
+                index,
+                self.cfg.sched,
+                applied.note,
+                applied.policy,
+            )
         for src in self.sources:
             src.close()
         for i, sender in enumerate(self.senders):
@@ -825,6 +838,7 @@ class Supervisor:
             out["supervisor"] = _nonzero(snap["supervisor"])
         out["workers"] = self.workers
         out["engine"] = self.engine
+        out["sched"] = self.cfg.sched
         out["capture_restarts"] = self.capture_restarts
         out["shedding"] = bool(self.control is not None and self.control.shed)
         out["uptime_s"] = round(self.clock() - self.started_at, 3) if self.started_at else 0.0

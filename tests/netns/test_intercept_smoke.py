@@ -240,6 +240,11 @@ def http_get(ns: str) -> bytes:
     return b"".join(chunks)
 
 
+def thread_policies(pid: int) -> set[int]:
+    """The scheduling policies of every thread of ``pid``."""
+    return {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
 def stop_and_summary(proc: Proc, log: Path, summary: Path) -> dict:
     rc = proc.stop(signal.SIGTERM, timeout=10)
     assert rc == 0, f"intercept-mp exit status {rc}: {read(log)}"
@@ -265,7 +270,8 @@ def test_nfqueue_routes_drops_and_flushes_delayed(pair: Pair, engine: str) -> No
         ["--queue-num", "0", "--install-rule", f"{HTTP_PORT},{CLOSED_PORT}", "-x", PEER_IP,
          "-b", TARGET_IP, "--engine", engine],
     )  # fmt: skip
-    assert f", engine {engine}" in read(log)
+    assert f", engine {engine}, sched batch" in read(log)
+    assert thread_policies(proc.pid) == {os.SCHED_BATCH}  # --sched's default
     rules = sh("ip", "netns", "exec", pair.target, "iptables-save", "-t", "filter").stdout
     for port in (HTTP_PORT, CLOSED_PORT):
         assert re.search(rf"--sport {port} .*intercept-mp.*-j NFQUEUE --queue-num 0", rules)
@@ -317,6 +323,7 @@ def test_nfqueue_routes_drops_and_flushes_delayed(pair: Pair, engine: str) -> No
     assert values["pass_accepted"] >= 2  # SYN-ACK, data and FIN of the HTTP exchange
     assert values["responses_forwarded"] >= 3
     assert values["engine"] == engine
+    assert values["sched"] == "batch"
     assert values["channels_accepted"] == 1
     rules = sh("ip", "netns", "exec", pair.target, "iptables-save", "-t", "filter").stdout
     assert "intercept-mp" not in rules, "the NFQUEUE rules were not removed at exit"
@@ -397,7 +404,10 @@ def test_nfqueue_holds_a_burst_while_intercept_is_stopped(
 
 
 def test_old_client_is_disconnected_and_version_mismatch_warned(pair: Pair) -> None:
-    proc, log, summary = start_intercept(pair, pair.target, ["--queue-num", "3", "-b", TARGET_IP])
+    proc, log, summary = start_intercept(
+        pair, pair.target, ["--queue-num", "3", "-b", TARGET_IP, "--sched", "inherit"]
+    )
+    assert thread_policies(proc.pid) == {os.sched_getscheduler(0)}  # as started
     sock = netns_socket(pair.peer)
     with sock:
         sock.settimeout(STREAM_S)
@@ -414,6 +424,9 @@ def test_old_client_is_disconnected_and_version_mismatch_warned(pair: Pair) -> N
     values = stop_and_summary(proc, log, summary)
     assert values["channels_old_client"] == 1
     assert values["channels_accepted"] == 2
+    assert values["sched"] == {os.SCHED_OTHER: "normal", os.SCHED_BATCH: "batch"}.get(
+        os.sched_getscheduler(0)
+    )
 
 
 def test_pcap_mode_captures_routes_and_rewrites(pair: Pair) -> None:
@@ -427,6 +440,8 @@ def test_pcap_mode_captures_routes_and_rewrites(pair: Pair) -> None:
     ctl = Control(pair.peer, PEER_IP)
     try:
         ctl.add("198.19.1.5", 40000, TARGET_IP, HTTP_PORT)
+        # the pcap reader threads started after --sched: they inherit SCHED_BATCH
+        assert thread_policies(proc.pid) == {os.SCHED_BATCH}
         send_syn(pair.peer, "198.19.1.5", 40000, TARGET_IP, HTTP_PORT, seq=1000)
         synack = ctl.wait_record(reply_to("198.19.1.5", 40000, SYN | ACK), "the SYN-ACK")
         assert synack.ack == 1001 and synack.src == ip_from_str(TARGET_IP)

@@ -422,6 +422,27 @@ def test_silent_worker_is_killed_and_restarted(start):
     assert run.summary()["worker_restarts"] == 1
 
 
+@pytest.mark.parametrize("choice", ["batch", "inherit"])
+def test_workers_run_under_the_sched_policy_and_the_others_as_started(start, choice):
+    started = os.sched_getscheduler(0)  # what the forked supervisor starts with
+    want = os.SCHED_BATCH if choice == "batch" and started == os.SCHED_OTHER else started
+    run = start(["-a", "0.05", "-T", "100000", "--sched", choice])
+    snap = lambda: run.block.snapshot()["workers"]  # noqa: E731
+
+    # Both workers in their loop (they hold sessions): past their start, where the policy is set.
+    wait_for(lambda: all(row["active"] > 0 for row in snap()), 30, "both workers busy", run)
+    workers = [p for i in range(WORKERS) for p in run.named(f"tcmp-worker{i}")]
+    assert len(workers) == WORKERS
+    assert [os.sched_getscheduler(p.pid) for p in workers] == [want] * WORKERS
+    (capture,) = run.named("tcmp-capture")
+    assert os.sched_getscheduler(capture.pid) == started
+    assert os.sched_getscheduler(run.proc.pid) == started
+    os.kill(run.proc.pid, signal.SIGTERM)
+    assert run.wait_exit(20) == 0, run.log_text()
+    assert run.summary()["sched"] == choice
+    assert f"worker(s) (--sched {choice})" in run.log_text()
+
+
 def test_memory_watchdog_sheds_then_stops_with_one_clear_line(start):
     limit_mb = 100
     usage = FORK.RawValue("q", 95 * 1024 * 1024)  # 95 %: shed from the first check
