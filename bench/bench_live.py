@@ -1037,6 +1037,7 @@ def run_offline(ctx: Context, scenario: Scenario, rep: Replicator) -> dict[str, 
         )
         expected = rec["requests"]
         cpu_at_first: dict[int, float] | None = None
+        cpu_at_end: dict[int, float] | None = None
         first_at = last_change = None
         last = 0
         with MemSampler(proc.pid) as mem:
@@ -1066,6 +1067,9 @@ def run_offline(ctx: Context, scenario: Scenario, rep: Replicator) -> dict[str, 
                 time.sleep(0.1)
             wall_s = time.monotonic() - t0
             icpu1, host1 = tree_cpu(intercept.pid), host_busy_s()
+            # The replay's window ends here, as a live run's does (its shutdown is not in it).
+            if not exited and cpu_at_first is not None:
+                cpu_at_end = tree_cpu(proc.pid)
             self_exit = exited
             if not exited:
                 proc.send_signal(signal.SIGTERM)
@@ -1075,7 +1079,15 @@ def run_offline(ctx: Context, scenario: Scenario, rep: Replicator) -> dict[str, 
                     rc, cpu_total = reap(proc, 10)
         n_target = target.count()
         span = target.span_s()
-        cpu = None if cpu_total is None else cpu_total - sum((cpu_at_first or {}).values())
+        if cpu_at_end is not None and cpu_at_first is not None:
+            cpu: float | None = cpu_delta(cpu_at_first, cpu_at_end)
+        else:  # it ended by itself first: its whole life's rusage, less its start-up
+            cpu = None if cpu_total is None else cpu_total - sum((cpu_at_first or {}).values())
+        exit_cpu = (
+            None
+            if cpu_total is None or cpu_at_end is None
+            else max(0.0, cpu_total - sum(cpu_at_end.values()))
+        )
         ic_cpu = cpu_delta(icpu0, icpu1)
         result.update(
             online_requests=expected,
@@ -1088,6 +1100,7 @@ def run_offline(ctx: Context, scenario: Scenario, rep: Replicator) -> dict[str, 
             startup_s=round(first_at - t0, 2) if first_at is not None else None,
             tcpcopy_cpu_s=None if cpu is None else round(cpu, 3),
             tcpcopy_cpu_total_s=None if cpu_total is None else round(cpu_total, 3),
+            tcpcopy_cpu_exit_s=None if exit_cpu is None else round(exit_cpu, 3),
             intercept_cpu_s=round(ic_cpu, 3),
             host_cpu_busy_pct=round(
                 100 * (host1 - host0) / (wall_s * (psutil.cpu_count() or 1)), 1
