@@ -450,7 +450,7 @@ class _Lifecycle:
         log.log(NOTICE, "%s stopping (%s), engine %s", PROG, reason, self.engine)
         server.log_final_stats()
         if opts.summary_json:
-            _write_summary(opts.summary_json, server, log, self.engine, self.sched)
+            _write_summary(opts.summary_json, server, log, self.engine, opts.sched, self.sched)
         return 0
 
     def close(self) -> None:
@@ -478,15 +478,22 @@ def _auth_mode(opts: InterceptOptions) -> str:
 
 
 def _write_summary(
-    path: str, server, log: logging.Logger, engine: str = "python", sched: str = "normal"
+    path: str,
+    server,
+    log: logging.Logger,
+    engine: str = "python",
+    sched: str = "batch",
+    policy: str = "normal",
 ) -> None:
     """The final counters (+ the router's, prefixed ``router_``, the response path,
-    ``engine``, and the scheduling policy, ``sched``) as one flat JSON object."""
+    ``engine``, --sched, ``sched``, and the policy it ran under, ``sched_policy``) as one
+    flat JSON object."""
     import orjson
 
     values: dict[str, object] = dict(server.counters)
     values["engine"] = engine
     values["sched"] = sched
+    values["sched_policy"] = policy
     values.update({f"router_{k}": v for k, v in server.router.stats.items()})
     values["router_routes"] = len(server.router)
     from engine.io.privileges import write_kept

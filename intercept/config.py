@@ -323,7 +323,8 @@ class InterceptOptions:
     one loop pass reads and frames it, which means fewer, fuller frames (fewer wake-ups of
     tcpcopy-mp too).  Its fair share of the CPU is unchanged (so is its nice value).  Started
     under another policy (``chrt``), it keeps it.  ``inherit``: the policy it was started
-    with.  The start line and --summary-json (``sched``) say which policy runs."""
+    with.  The start line and --summary-json (``sched``: this option, ``sched_policy``: the
+    policy it ran under) say which policy runs."""
     log_path: str | None = option(
         None,
         short="-l",

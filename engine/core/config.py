@@ -832,7 +832,8 @@ class ReplayConfig:
     reads more per wake-up.  A worker started under another policy (``chrt``) keeps it.
     ``inherit``: the policy tcpcopy-mp was started with.  The capture process and the
     supervisor keep the policy they were started with.  A refused switch is logged by the
-    worker, which then runs as started."""
+    worker, which then runs as started.  The start line and --summary-json (``sched``) name
+    this option."""
     metrics: tuple[str, int] | None = option(
         None,
         long="--metrics",

@@ -323,7 +323,7 @@ def test_nfqueue_routes_drops_and_flushes_delayed(pair: Pair, engine: str) -> No
     assert values["pass_accepted"] >= 2  # SYN-ACK, data and FIN of the HTTP exchange
     assert values["responses_forwarded"] >= 3
     assert values["engine"] == engine
-    assert values["sched"] == "batch"
+    assert values["sched"] == "batch" and values["sched_policy"] == "batch"
     assert values["channels_accepted"] == 1
     rules = sh("ip", "netns", "exec", pair.target, "iptables-save", "-t", "filter").stdout
     assert "intercept-mp" not in rules, "the NFQUEUE rules were not removed at exit"
@@ -424,7 +424,8 @@ def test_old_client_is_disconnected_and_version_mismatch_warned(pair: Pair) -> N
     values = stop_and_summary(proc, log, summary)
     assert values["channels_old_client"] == 1
     assert values["channels_accepted"] == 2
-    assert values["sched"] == {os.SCHED_OTHER: "normal", os.SCHED_BATCH: "batch"}.get(
+    assert values["sched"] == "inherit"
+    assert values["sched_policy"] == {os.SCHED_OTHER: "normal", os.SCHED_BATCH: "batch"}.get(
         os.sched_getscheduler(0)
     )
 
