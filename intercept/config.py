@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from engine.codec import wire
 from engine.codec.packet import ip_from_str
-from engine.core.config import Choice, Converter, Text, option, schema_fields
+from engine.core.config import SCHED_CHOICES, Choice, Converter, Text, option, schema_fields
 from engine.errors import ConfigError, DecodeError
 
 MAX_PASS_IPS = 32  # spec §4.2 -x
@@ -312,7 +312,7 @@ class InterceptOptions:
     sched: str = option(
         "batch",
         long="--sched",
-        parse=Choice("batch", "inherit"),
+        parse=Choice(*SCHED_CHOICES),
         help="CPU scheduling policy: batch (SCHED_BATCH, default) or inherit",
         section=_PROC,
         cli_default="batch",

@@ -307,6 +307,10 @@ _REPL = "replication"
 _CAPT = "capture"
 _OFFL = "offline"
 _PROC = "process and reporting"
+
+SCHED_CHOICES = ("batch", "inherit")
+"""--sched of both programs (engine/io/sched.py applies it)."""
+
 TCPCOPY_SECTIONS = (_REPL, _CAPT, _OFFL, _PROC)
 
 
@@ -821,7 +825,7 @@ class ReplayConfig:
     sched: str = option(
         "batch",
         long="--sched",
-        parse=Choice("batch", "inherit"),
+        parse=Choice(*SCHED_CHOICES),
         help="workers' CPU scheduling policy: batch (SCHED_BATCH) or inherit",
         section=_PROC,
     )

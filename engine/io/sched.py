@@ -27,9 +27,9 @@ from __future__ import annotations
 import os
 from typing import NamedTuple
 
-__all__ = ["SCHED_CHOICES", "Applied", "apply", "policy_name"]
+from engine.core.config import SCHED_CHOICES
 
-SCHED_CHOICES = ("batch", "inherit")
+__all__ = ["SCHED_CHOICES", "Applied", "apply", "policy_name"]
 
 _NAMES = {
     os.SCHED_OTHER: "normal",
